@@ -1,0 +1,156 @@
+"""The ModelRunner protocol and the shapes that cross it.
+
+Every runner takes a ``GenerateRequest`` and yields ``GenerateChunk``s; the daemon and
+``mlxctl run`` depend on these shapes only, never on a runner's library.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from modelstore.model import LocalModel
+
+DoneReason = Literal["stop", "length", "cancelled"]
+
+
+class CancelToken:
+    """A thread-safe flag: the HTTP side sets it, the generation thread polls it every token."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+@dataclass
+class GenerateRequest:
+    """One generation: ``prompt`` already rendered (``prompts.py``), or ``prompt_tokens``."""
+
+    prompt: str | None = None
+    prompt_tokens: list[int] | None = None
+    max_tokens: int | None = None
+    temperature: float = 0.8
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    repetition_context_size: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None
+    """Top-n alternatives to report per token; ``None`` reports none, 0 the chosen token only."""
+    add_special_tokens: bool = True
+    """Whether tokenizing ``prompt`` adds BOS; a chat template usually writes its own."""
+    logits_processors: list[Any] = field(default_factory=list)
+    """Extra ``(tokens, logits) -> logits`` callables, e.g. a JSON grammar (the daemon's job)."""
+    cancel: CancelToken = field(default_factory=CancelToken)
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)
+
+
+@dataclass
+class GenerationStats:
+    """The stats Ollama reports; durations in nanoseconds."""
+
+    prompt_eval_count: int = 0
+    prompt_eval_duration: int = 0
+    eval_count: int = 0
+    eval_duration: int = 0
+    load_duration: int = 0
+    total_duration: int = 0
+    cached_prompt_tokens: int = 0
+    """How many prompt tokens came from the prompt cache instead of being recomputed."""
+    time_to_first_token: int = 0
+
+
+@dataclass
+class GenerateChunk:
+    """New text since the last chunk; the last chunk has ``done`` set and carries the stats."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    done: bool = False
+    done_reason: DoneReason | None = None
+    stats: GenerationStats | None = None
+
+
+@dataclass
+class RunnerOptions:
+    """Load-time options; a ModelSpec's parameters fill these, flags override."""
+
+    context_length: int | None = None
+    n_gpu_layers: int | None = None
+    n_threads: int | None = None
+    max_parallel: int | None = None
+    prompt_cache_entries: int = 8
+    prompt_cache_bytes: int = 1 << 30
+
+
+@dataclass
+class LoadedModelInfo:
+    """What a runner loaded: shown by ``/api/ps``, ``mlxctl ps`` and ``--verbose``."""
+
+    runner: str
+    format: str
+    architecture: str | None
+    parameter_count: int | None
+    quantization: str | None
+    context_length: int
+    memory_bytes: int
+    max_parallel: int
+    load_duration_ns: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class ModelRunner(Protocol):
+    """What every runner implements. All methods may be called from the asyncio loop."""
+
+    name: str
+
+    @property
+    def max_parallel(self) -> int:
+        """How many generations it serves at once; the scheduler never exceeds it."""
+        ...
+
+    async def load(self, model: LocalModel, options: RunnerOptions) -> LoadedModelInfo: ...
+
+    async def unload(self) -> None: ...
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]: ...
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def detokenize(self, token_ids: list[int]) -> str: ...
+
+    async def embed(self, texts: list[str]) -> list[list[float]]: ...
+
+    def describe(self) -> LoadedModelInfo: ...
+
+    @property
+    def chat_template(self) -> str | None:
+        """The tokenizer's own chat template (HF config or GGUF metadata), if any."""
+        ...
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """``bos_token`` / ``eos_token`` strings, for rendering the chat template."""
+        ...

@@ -1,0 +1,76 @@
+"""The one error hierarchy of the project.
+
+Every error a user can meet carries a stable, machine-readable ``code``: the CLI prints it, the
+daemon puts it in the JSON error body, and ``mlxserve.server.errors`` maps it to an HTTP status.
+It lives in ``modelstore`` because that is the lowest layer: runners and the daemon subclass
+these classes but ``modelstore`` never imports them.
+"""
+
+from __future__ import annotations
+
+
+class MlxserveError(Exception):
+    """Base of every error the project raises on purpose."""
+
+    code = "internal_error"
+
+    def __init__(self, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict[str, object]:
+        body: dict[str, object] = {"code": self.code, "message": self.message}
+        if self.details:
+            body["details"] = self.details
+        return body
+
+
+class InvalidReferenceError(MlxserveError):
+    """A model reference that does not match the grammar (see ``modelstore.reference``)."""
+
+    code = "invalid_reference"
+
+
+class InvalidDigestError(MlxserveError):
+    code = "invalid_digest"
+
+
+class ModelNotFoundError(MlxserveError):
+    code = "model_not_found"
+
+
+class BlobNotFoundError(MlxserveError):
+    code = "blob_not_found"
+
+
+class DigestMismatchError(MlxserveError):
+    """Bytes whose sha256 is not the digest they were stored or served under."""
+
+    code = "digest_mismatch"
+
+
+class CorruptStoreError(MlxserveError):
+    """A manifest or blob on disk that fails verification."""
+
+    code = "corrupt_store"
+
+
+class InvalidManifestError(MlxserveError):
+    code = "invalid_manifest"
+
+
+class ImportSourceError(MlxserveError):
+    """A path given to ``import`` that is not a model folder, a GGUF file or a packed archive."""
+
+    code = "invalid_import_source"
+
+
+class SpecValidationError(MlxserveError):
+    """A ModelSpec that fails its schema or its semantic checks; ``details['errors']`` lists all."""
+
+    code = "invalid_modelspec"
+
+
+class StoreLockedError(MlxserveError):
+    code = "store_locked"

@@ -1,0 +1,56 @@
+"""What the store hands to whoever runs a model: files under their source names, plus metadata.
+
+A runner never reads blobs by digest: the store materialises a model as a folder of hard links
+(or symlinks) named as in the source (``config.json``, ``model.safetensors``, ``x.gguf``) so that
+``mlx_lm.load`` and ``llama_cpp.Llama`` open it as they would any local model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+ModelFormat = Literal["mlx", "gguf"]
+
+GENERATION_PARAMETERS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "max_tokens",
+    "stop",
+)
+"""Default generation parameters a ModelSpec may set; a request overrides each."""
+
+RUNNER_PARAMETERS = ("context_length", "n_gpu_layers", "n_threads")
+"""Load-time parameters a ModelSpec may set (``RunnerOptions``)."""
+
+
+@dataclass
+class LocalModel:
+    """A stored model, verified and materialised for a runner.
+
+    ``path`` is the folder (HF layout for MLX models); ``weights`` lists the weight files in it
+    (the single ``.gguf`` for GGUF models). ``chat_template`` is the ModelSpec's override, or
+    ``None`` to use the tokenizer's own.
+    """
+
+    name: str
+    manifest_digest: str
+    path: Path
+    format: ModelFormat
+    weights: list[Path]
+    architecture: str | None = None
+    quantization: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    chat_template: str | None = None
+    system: str | None = None
+    license: str | None = None
+    description: str | None = None
+    size_bytes: int = 0
+    blob_digests: list[str] = field(default_factory=list)
