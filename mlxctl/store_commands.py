@@ -1,0 +1,224 @@
+"""Store commands: ``import``, ``list``, ``show``, ``rm``, ``cp``, ``verify``, ``gc``.
+
+They work on the store directly (no daemon) and import nothing heavier than ``gguf``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+from mlxctl.output import byte_progress, console, human_age, human_size, print_json
+from modelstore import mediatypes
+from modelstore.draft import GENERATED_LAYERS
+from modelstore.store import ModelStore, StoredModel
+
+EXIT_VERIFY_FAILED = 1
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+def short_digest(digest: str) -> str:
+    return digest.removeprefix("sha256:")[:12]
+
+
+@click.command("import")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--name", "-n", help="Name to store it under (an archive names itself).")
+@click.option("--copy", "force_copy", is_flag=True, help="Copy files even where a link would do.")
+@json_option
+def import_command(path: Path, name: str | None, force_copy: bool, as_json: bool) -> None:
+    """Add a model to the store: an HF-style folder, a .gguf file or a packed archive.
+
+    \b
+    Examples:
+      mlxctl import ./Qwen2.5-0.5B-Instruct --name qwen2.5:0.5b
+      mlxctl import ./model.Q4_0.gguf --name mymodel:q4
+      mlxctl import smollm2.tar
+    """
+    from modelstore.importer import import_path, source_size
+
+    store = ModelStore()
+    with byte_progress(f"importing {path.name}", source_size(path)) as progress:
+        result = import_path(store, path, name, allow_link=not force_copy, progress=progress)
+    models, hows = result.models, {k: str(v) for k, v in result.files.items()}
+    if as_json:
+        print_json(
+            [{"name": m.name, "digest": m.manifest_digest, "size": m.size, "files": hows}
+             for m in models]
+        )
+        return
+    for model in models:
+        linked = sum(1 for how in hows.values() if how == "hardlink")
+        note = f", {linked} file(s) hard-linked" if linked else ""
+        console.print(
+            f"imported [bold]{model.name}[/] ({human_size(model.size)}, "
+            f"{short_digest(model.manifest_digest)}{note})"
+        )
+
+
+def _summary(store: ModelStore, model: StoredModel) -> dict[str, Any]:
+    config = store.config(model)
+    return {
+        "name": model.name,
+        "digest": model.manifest_digest,
+        "size": model.size,
+        "format": config.format,
+        "architecture": config.architecture,
+        "quantization": config.quantization,
+        "modified_at": model.modified,
+    }
+
+
+@click.command("list")
+@json_option
+def list_command(as_json: bool) -> None:
+    """List the models in the store."""
+    store = ModelStore()
+    rows = [_summary(store, model) for model in store.list()]
+    if as_json:
+        print_json({"models": rows})
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("NAME", "ID", "SIZE", "FORMAT", "QUANT", "MODIFIED"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["name"],
+            short_digest(row["digest"]),
+            human_size(row["size"]),
+            row["format"],
+            row["quantization"] or "",
+            human_age(row["modified_at"]),
+        )
+    console.print(table)
+
+
+def _show_data(store: ModelStore, model: StoredModel) -> dict[str, Any]:
+    import json
+
+    data = _summary(store, model)
+    config = store.config(model)
+    data.update(
+        context_length=config.context_length,
+        parameter_count=config.parameter_count,
+        description=config.description,
+        license=config.license,
+        source=config.source,
+    )
+    params = store.text_layer(model, mediatypes.PARAMS)
+    data["parameters"] = json.loads(params) if params else {}
+    data["system"] = store.text_layer(model, mediatypes.SYSTEM_PROMPT)
+    data["template"] = store.text_layer(model, mediatypes.CHAT_TEMPLATE)
+    layers = []
+    for layer in model.manifest.layers:
+        path = store.blobs.path(layer.digest)
+        links = path.stat().st_nlink if path.exists() else 0
+        layers.append(
+            {
+                "title": layer.title,
+                "media_type": layer.media_type,
+                "digest": layer.digest,
+                "size": layer.size,
+                "storage": "hardlink" if links > 1 else ("missing" if links == 0 else "copy"),
+            }
+        )
+    data["layers"] = layers
+    return data
+
+
+@click.command("show")
+@click.argument("name")
+@json_option
+def show_command(name: str, as_json: bool) -> None:
+    """Show a model's details, parameters and files (and whether each is a hard link)."""
+    store = ModelStore()
+    data = _show_data(store, store.resolve(name))
+    if as_json:
+        print_json(data)
+        return
+    facts = Table(box=None, show_header=False)
+    facts.add_column(style="bold")
+    facts.add_column()
+    for key in ("name", "digest", "format", "architecture", "quantization", "parameter_count",
+                "context_length", "license", "description"):
+        if data.get(key) is not None:
+            facts.add_row(key.replace("_", " "), str(data[key]))
+    facts.add_row("size", human_size(data["size"]))
+    console.print(facts)
+    if data["parameters"]:
+        console.print("\n[bold]parameters[/]")
+        for key, value in data["parameters"].items():
+            console.print(f"  {key:<20} {value}")
+    if data["system"]:
+        console.print(f"\n[bold]system[/]\n  {data['system']}")
+    files = Table(box=None, header_style="bold", title="files", title_justify="left")
+    for column in ("FILE", "TYPE", "SIZE", "STORED AS", "DIGEST"):
+        files.add_column(column)
+    generated = set(GENERATED_LAYERS.values())
+    for layer in data["layers"]:
+        kind = layer["media_type"].removeprefix("application/vnd.mlxserve.model.")
+        title = layer["title"] + (" (from spec)" if layer["title"] in generated else "")
+        files.add_row(title, kind, human_size(layer["size"]), layer["storage"],
+                      short_digest(layer["digest"]))
+    console.print()
+    console.print(files)
+
+
+@click.command("rm")
+@click.argument("names", nargs=-1, required=True)
+def rm_command(names: tuple[str, ...]) -> None:
+    """Remove models (their blobs stay until `mlxctl gc` if nothing else uses them)."""
+    store = ModelStore()
+    for name in names:
+        model = store.remove(name)
+        console.print(f"deleted '{model.name}'")
+
+
+@click.command("cp")
+@click.argument("source")
+@click.argument("target")
+def cp_command(source: str, target: str) -> None:
+    """Give a model another name (no blob is copied)."""
+    model = ModelStore().copy(source, target)
+    console.print(f"copied '{source}' to '{model.name}'")
+
+
+@click.command("verify")
+@json_option
+def verify_command(as_json: bool) -> None:
+    """Re-hash every blob; exit 1 and name each bad blob and the models it breaks."""
+    store = ModelStore()
+    total = sum(store.blobs.size(d) for d in store.referenced_blobs() if store.blobs.exists(d))
+    with byte_progress("verifying", total) as progress:
+        problems = store.verify((lambda _d, n: progress(n)) if progress else None)
+    if as_json:
+        print_json(
+            {"ok": not problems, "problems": [p.__dict__ for p in problems]}
+        )
+    elif problems:
+        for problem in problems:
+            click.echo(
+                f"BAD {problem.digest}: {problem.problem}; breaks {', '.join(problem.models)}",
+                err=True,
+            )
+    else:
+        console.print(f"ok: every blob matches its digest ({human_size(total)} checked)")
+    if problems:
+        sys.exit(EXIT_VERIFY_FAILED)
+
+
+@click.command("gc")
+@json_option
+def gc_command(as_json: bool) -> None:
+    """Remove blobs no model uses, and leftovers of interrupted writes."""
+    result = ModelStore().gc()
+    if as_json:
+        print_json({"removed": result.removed_blobs, "freed_bytes": result.freed_bytes})
+    else:
+        console.print(
+            f"removed {len(result.removed_blobs)} blob(s), freed {human_size(result.freed_bytes)}"
+        )

@@ -1,0 +1,215 @@
+"""Content-addressed blob files: ``blobs/sha256/<hex>``, written atomically, verified always.
+
+A blob becomes visible only by ``os.replace`` of a fully written, fsynced temporary file whose
+sha256 matched; a crash at any point leaves at most a file in ``tmp/`` that ``gc`` removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from modelstore.errors import BlobNotFoundError, DigestMismatchError
+from modelstore.reference import validate_digest
+
+CHUNK_SIZE = 4 << 20
+ProgressCallback = Callable[[int], None]
+"""Called with the number of bytes just processed."""
+
+
+class StoredHow(StrEnum):
+    """How a blob got into the store; ``show`` reports it."""
+
+    EXISTING = "existing"
+    HARDLINK = "hardlink"
+    COPY = "copy"
+    WRITTEN = "written"
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def hash_file(path: Path, progress: ProgressCallback | None = None) -> tuple[str, int]:
+    """The digest and size of a file, read in chunks."""
+    hasher = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK_SIZE):
+            hasher.update(chunk)
+            size += len(chunk)
+            if progress:
+                progress(len(chunk))
+    return "sha256:" + hasher.hexdigest(), size
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class BlobWrite:
+    digest: str
+    size: int
+    how: StoredHow
+
+
+class BlobStore:
+    """The ``blobs/`` half of the store; knows nothing about manifests or names."""
+
+    def __init__(self, root: Path) -> None:
+        self.dir = root / "blobs" / "sha256"
+        self.tmp_dir = root / "tmp"
+
+    def path(self, digest: str) -> Path:
+        return self.dir / validate_digest(digest).removeprefix("sha256:")
+
+    def exists(self, digest: str) -> bool:
+        return self.path(digest).is_file()
+
+    def size(self, digest: str) -> int:
+        try:
+            return self.path(digest).stat().st_size
+        except FileNotFoundError:
+            raise BlobNotFoundError(f"blob {digest} is not in the store", digest=digest) from None
+
+    def link_count(self, digest: str) -> int:
+        return self.path(digest).stat().st_nlink
+
+    def digests(self) -> list[str]:
+        if not self.dir.is_dir():
+            return []
+        return sorted("sha256:" + p.name for p in self.dir.iterdir() if len(p.name) == 64)
+
+    def _temp_path(self) -> Path:
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        return self.tmp_dir / f"blob-{os.getpid()}-{uuid.uuid4().hex}.partial"
+
+    def _publish(self, temp: Path, digest: str) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.replace(temp, self.path(digest))
+        _fsync_dir(self.dir)
+
+    def write_chunks(
+        self,
+        chunks: Iterable[bytes],
+        expected_digest: str | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> BlobWrite:
+        """Stream ``chunks`` into a blob, hashing as it writes; reject a wrong digest."""
+        if expected_digest is not None and self.exists(expected_digest):
+            for _ in chunks:
+                pass
+            return BlobWrite(expected_digest, self.size(expected_digest), StoredHow.EXISTING)
+        temp = self._temp_path()
+        hasher = hashlib.sha256()
+        size = 0
+        try:
+            with open(temp, "wb") as handle:
+                for chunk in chunks:
+                    handle.write(chunk)
+                    hasher.update(chunk)
+                    size += len(chunk)
+                    if progress:
+                        progress(len(chunk))
+                handle.flush()
+                os.fsync(handle.fileno())
+            digest = "sha256:" + hasher.hexdigest()
+            if expected_digest is not None and digest != expected_digest:
+                raise DigestMismatchError(
+                    f"content hashes to {digest}, expected {expected_digest}",
+                    expected=expected_digest,
+                    actual=digest,
+                )
+            if self.exists(digest):
+                temp.unlink()
+                return BlobWrite(digest, size, StoredHow.EXISTING)
+            self._publish(temp, digest)
+            return BlobWrite(digest, size, StoredHow.WRITTEN)
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def write_bytes(self, data: bytes) -> BlobWrite:
+        return self.write_chunks([data])
+
+    def import_file(
+        self,
+        source: Path,
+        *,
+        allow_link: bool = True,
+        progress: ProgressCallback | None = None,
+    ) -> BlobWrite:
+        """Add a file: hard-linked when on the same file system, else copied while hashing.
+
+        A hard link is hashed *after* linking, so what gets published is what the link holds.
+        It shares its inode with the source: editing the source in place would change the blob,
+        which ``verify`` then reports (``show`` says which blobs are links).
+        """
+        if allow_link:
+            temp = self._temp_path()
+            try:
+                os.link(source, temp)
+            except OSError:
+                temp = None
+            if temp is not None:
+                try:
+                    digest, size = hash_file(temp, progress)
+                    if self.exists(digest):
+                        return BlobWrite(digest, size, StoredHow.EXISTING)
+                    self._publish(temp, digest)
+                    return BlobWrite(digest, size, StoredHow.HARDLINK)
+                finally:
+                    temp.unlink(missing_ok=True)
+
+        def read_source() -> Iterable[bytes]:
+            with open(source, "rb") as handle:
+                while chunk := handle.read(CHUNK_SIZE):
+                    yield chunk
+
+        result = self.write_chunks(read_source(), progress=progress)
+        how = StoredHow.COPY if result.how is StoredHow.WRITTEN else result.how
+        return BlobWrite(result.digest, result.size, how)
+
+    def read_bytes(self, digest: str, *, verify: bool = True) -> bytes:
+        try:
+            data = self.path(digest).read_bytes()
+        except FileNotFoundError:
+            raise BlobNotFoundError(f"blob {digest} is not in the store", digest=digest) from None
+        if verify and sha256_digest(data) != digest:
+            raise DigestMismatchError(
+                f"blob {digest} is corrupt (its content hashes to {sha256_digest(data)})",
+                digest=digest,
+            )
+        return data
+
+    def verify(self, digest: str, progress: ProgressCallback | None = None) -> bool:
+        actual, _ = hash_file(self.path(digest), progress)
+        return actual == digest
+
+    def remove(self, digest: str) -> int:
+        path = self.path(digest)
+        size = path.stat().st_size
+        path.unlink()
+        return size
+
+    def clean_temp(self) -> int:
+        """Remove temporary files left by crashed writers (call with the gc lock held)."""
+        removed = 0
+        if self.tmp_dir.is_dir():
+            for leftover in self.tmp_dir.iterdir():
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+                removed += 1
+        return removed

@@ -1,0 +1,86 @@
+"""A model before it is stored: its config and the files or texts that become its layers.
+
+Every way a model comes in (an HF folder, a GGUF file, a ModelSpec) produces a ``ModelDraft``;
+``ModelStore.commit`` writes one into the store and ``ocilayout.pack`` writes one into an
+archive, so both give the same manifest for the same inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from modelstore import mediatypes
+
+ModelFormat = Literal["mlx", "gguf"]
+
+
+@dataclass
+class ModelConfig:
+    """The manifest's config blob. No timestamps: the same model must hash the same."""
+
+    format: ModelFormat
+    architecture: str | None = None
+    quantization: str | None = None
+    context_length: int | None = None
+    parameter_count: int | None = None
+    description: str | None = None
+    license: str | None = None
+    source: dict[str, str] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        body = {k: v for k, v in asdict(self).items() if v not in (None, {}, "")}
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ModelConfig:
+        body = json.loads(data)
+        known = {name: body[name] for name in cls.__dataclass_fields__ if name in body}
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class LayerSource:
+    """One layer: a file on disk (``path``) or a small text we generated (``data``)."""
+
+    media_type: str
+    title: str
+    path: Path | None = None
+    data: bytes | None = None
+
+
+@dataclass
+class ModelDraft:
+    config: ModelConfig
+    layers: list[LayerSource] = field(default_factory=list)
+
+    def replace_layer(self, media_type: str, title: str, data: bytes) -> None:
+        """Set a generated layer (template, params, ...), replacing one of the same type."""
+        self.layers = [layer for layer in self.layers if layer.media_type != media_type]
+        self.layers.append(LayerSource(media_type, title, data=data))
+
+    def total_source_bytes(self) -> int:
+        return sum(
+            layer.path.stat().st_size if layer.path else len(layer.data or b"")
+            for layer in self.layers
+        )
+
+
+TEMPLATE_TITLE = "mlxserve.template.jinja"
+PARAMS_TITLE = "mlxserve.params.json"
+SYSTEM_TITLE = "mlxserve.system.txt"
+LICENSE_TITLE = "mlxserve.license.txt"
+"""Titles of generated layers; prefixed so they never collide with a model's own files."""
+
+GENERATED_LAYERS = {
+    mediatypes.CHAT_TEMPLATE: TEMPLATE_TITLE,
+    mediatypes.PARAMS: PARAMS_TITLE,
+    mediatypes.SYSTEM_PROMPT: SYSTEM_TITLE,
+    mediatypes.LICENSE: LICENSE_TITLE,
+}
+
+
+def params_bytes(parameters: dict[str, Any]) -> bytes:
+    return json.dumps(parameters, sort_keys=True, separators=(",", ":")).encode()

