@@ -38,9 +38,8 @@ def mini_hf_folder(tmp_path: Path) -> Path:
         {"model.embed_tokens.weight": rng.standard_normal((32, 8), dtype=np.float32)},
         str(folder / "model.safetensors"),
     )
-    (folder / "config.json").write_text(
-        json.dumps({"model_type": "llama", "max_position_embeddings": 128, "torch_dtype": "float32"})
-    )
+    config = {"model_type": "llama", "max_position_embeddings": 128, "torch_dtype": "float32"}
+    (folder / "config.json").write_text(json.dumps(config))
     (folder / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {}}))
     (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ x }}"}))
     return folder
