@@ -1,0 +1,265 @@
+"""``mlxctl run``: one answer, or an interactive chat, streamed as it is generated.
+
+With no daemon running the model runs in this process (``--local`` forces that); heavy
+libraries are imported only here, when a model actually runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import click
+
+from modelstore.default_model import DEFAULT_MODEL
+from modelstore.errors import InvalidReferenceError, MlxserveError
+from modelstore.reference import parse_reference
+
+CHAT_HELP = """\
+Commands:
+  /bye                      leave
+  /clear                    forget the conversation
+  /set parameter NAME VALUE set temperature, top_p, top_k, min_p, seed, max_tokens, ...
+  /set system TEXT          set the system prompt
+  /show parameters          print the parameters in use
+  /?                        this help
+Ctrl-C stops the current answer; Ctrl-D leaves."""
+SETTABLE = {
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "min_p": float,
+    "repetition_penalty": float,
+    "presence_penalty": float,
+    "frequency_penalty": float,
+    "seed": int,
+    "max_tokens": int,
+    "stop": str,
+}
+
+
+def split_model_and_prompt(model: str | None, prompt: str | None) -> tuple[str, str | None]:
+    """``mlxctl run "a question"`` means the default model: a prompt is never a valid name."""
+    if model is None:
+        return DEFAULT_MODEL, prompt
+    if prompt is None:
+        try:
+            parse_reference(model)
+        except InvalidReferenceError:
+            return DEFAULT_MODEL, model
+    return model, prompt
+
+
+@dataclass
+class ChatState:
+    overrides: dict[str, Any]
+    system: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Session:
+    """One loaded model and the event loop it streams on."""
+
+    def __init__(self, name: str, runner: str | None, as_json: bool, verbose: bool) -> None:
+        self.name, self.runner_name = name, runner
+        self.as_json, self.verbose = as_json, verbose
+        self.loop = asyncio.new_event_loop()
+        self.loaded: Any = None
+
+    def load(self) -> None:
+        from mlxserve.inference import LoadedModel
+        from modelstore.default_model import ensure_default_model
+        from modelstore.store import ModelStore
+
+        store = ModelStore()
+        if self.name == DEFAULT_MODEL:
+            ensure_default_model(store)
+        self.loaded = self.loop.run_until_complete(
+            LoadedModel.load(store, self.name, self.runner_name)
+        )
+
+    def answer(self, request: Any) -> str:
+        """Stream one answer to stdout; Ctrl-C cancels it and keeps what was said."""
+        pieces: list[str] = []
+        task = self.loop.create_task(self._stream(request, pieces))
+        try:
+            self.loop.run_until_complete(task)
+        except KeyboardInterrupt:
+            request.cancel.cancel()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, KeyboardInterrupt):
+                self.loop.run_until_complete(task)
+            click.echo("\n[stopped]", err=True)
+        return "".join(pieces)
+
+    async def _stream(self, request: Any, pieces: list[str]) -> None:
+        from mlxserve.api.types import GenerateResponse
+
+        async for chunk in self.loaded.generate(request):
+            if self.as_json:
+                line = GenerateResponse.from_chunk(str(self.loaded.model.name), chunk)
+                sys.stdout.write(json.dumps(line.to_dict(), ensure_ascii=False) + "\n")
+            elif chunk.text:
+                sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+            pieces.append(chunk.text)
+            if chunk.done:
+                if not self.as_json:
+                    sys.stdout.write("\n")
+                    sys.stdout.flush()
+                if self.verbose and chunk.stats:
+                    self._report(chunk.stats, chunk.done_reason)
+
+    def _report(self, stats: Any, reason: str | None) -> None:
+        def rate(count: int, ns: int) -> str:
+            return f"{count / (ns / 1e9):.2f} tokens/s" if ns else "-"
+
+        info = self.loaded.info
+        evaluated = stats.prompt_eval_count - stats.cached_prompt_tokens
+        click.echo(
+            "\n".join(
+                [
+                    f"runner:               {info.runner} ({info.format})",
+                    f"load duration:        {info.load_duration_ns / 1e9:.3f}s",
+                    f"prompt eval count:    {stats.prompt_eval_count} token(s) "
+                    f"({stats.cached_prompt_tokens} from cache)",
+                    f"prompt eval rate:     {rate(evaluated, stats.prompt_eval_duration)}",
+                    f"eval count:           {stats.eval_count} token(s)",
+                    f"eval rate:            {rate(stats.eval_count, stats.eval_duration)}",
+                    f"total duration:       {stats.total_duration / 1e9:.3f}s",
+                    f"done reason:          {reason}",
+                ]
+            ),
+            err=True,
+        )
+
+    def close(self) -> None:
+        if self.loaded is not None:
+            self.loop.run_until_complete(self.loaded.unload())
+        self.loop.close()
+
+
+def chat_turn(session: Session, state: ChatState, text: str) -> None:
+    messages = list(state.history)
+    if state.system:
+        messages.insert(0, {"role": "system", "content": state.system})
+    messages.append({"role": "user", "content": text})
+    request = session.loaded.chat_request(messages, state.overrides)
+    reply = session.answer(request)
+    state.history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+
+
+def handle_command(line: str, state: ChatState) -> bool:
+    """Apply a ``/`` command; return False to leave the chat."""
+    words = line.split(maxsplit=3)
+    if words[0] in {"/bye", "/exit", "/quit"}:
+        return False
+    if words[0] == "/clear":
+        state.history.clear()
+        click.echo("Cleared the conversation.")
+    elif words[:2] == ["/set", "parameter"] and len(words) == 4 and words[2] in SETTABLE:
+        name, raw = words[2], words[3]
+        try:
+            state.overrides[name] = [raw] if name == "stop" else SETTABLE[name](raw)
+        except ValueError:
+            click.echo(f"{name} needs a {SETTABLE[name].__name__}")
+        else:
+            click.echo(f"Set parameter '{name}' to '{raw}'")
+    elif words[:2] == ["/set", "system"] and len(words) >= 3:
+        state.system = line.split(maxsplit=2)[2]
+        click.echo("Set system message.")
+    elif words[:2] == ["/show", "parameters"]:
+        click.echo(json.dumps(state.overrides, indent=2))
+    else:
+        click.echo(CHAT_HELP)
+    return True
+
+
+def interactive(session: Session, state: ChatState) -> None:
+    import readline  # noqa: F401 - line editing and history for input()
+
+    click.echo(f"Chatting with {session.loaded.model.name}. /? for help, /bye to leave.", err=True)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            click.echo()
+            return
+        except KeyboardInterrupt:
+            click.echo("\nUse /bye or Ctrl-D to leave.")
+            continue
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            if not handle_command(line.strip(), state):
+                return
+            continue
+        chat_turn(session, state, line)
+
+
+@click.command("run")
+@click.argument("model", required=False)
+@click.argument("prompt", required=False)
+@click.option("--runner", type=click.Choice(["mlx", "llamacpp"]), help="Force a runner.")
+@click.option("--temperature", type=float)
+@click.option("--top-p", type=float)
+@click.option("--top-k", type=int)
+@click.option("--seed", type=int, help="Same seed, same request, same model: same tokens.")
+@click.option("--max-tokens", type=int)
+@click.option("--system", help="System prompt (replaces the model's).")
+@click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
+@click.option("--local", is_flag=True, help="Run in this process even if a daemon is up.")
+@click.option("--json", "as_json", is_flag=True, help="Stream NDJSON chunks (daemon shape).")
+@click.option("--verbose", is_flag=True, help="Print load time and tokens/s afterwards.")
+def run_command(
+    model: str | None,
+    prompt: str | None,
+    runner: str | None,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    seed: int | None,
+    max_tokens: int | None,
+    system: str | None,
+    raw: bool,
+    local: bool,
+    as_json: bool,
+    verbose: bool,
+) -> None:
+    """Run a model: one answer if a prompt is given (or piped in), else an interactive chat.
+
+    \b
+    Examples:
+      mlxctl run                                   chat with the default model (smollm2:135m)
+      mlxctl run "Why is the sky blue?"            one answer from the default model
+      mlxctl run smollm2:135m "Hi" --temperature 0 --verbose
+      echo "Summarise: ..." | mlxctl run mymodel
+    """
+    name, prompt = split_model_and_prompt(model, prompt)
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read().strip() or None
+    overrides = {
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "seed": seed,
+        "max_tokens": max_tokens,
+    }
+    state = ChatState({k: v for k, v in overrides.items() if v is not None}, system)
+    session = Session(name, runner, as_json, verbose)
+    try:
+        session.load()
+        if prompt is None:
+            interactive(session, state)
+        elif raw:
+            session.answer(session.loaded.raw_request(prompt, state.overrides))
+        else:
+            chat_turn(session, state, prompt)
+    except MlxserveError:
+        raise
+    finally:
+        session.close()
