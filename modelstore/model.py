@@ -47,6 +47,8 @@ class LocalModel:
     weights: list[Path]
     architecture: str | None = None
     quantization: str | None = None
+    context_length: int | None = None
+    """What the model was trained for; runners default to at most this."""
     parameters: dict[str, Any] = field(default_factory=dict)
     chat_template: str | None = None
     system: str | None = None
@@ -54,3 +56,5 @@ class LocalModel:
     description: str | None = None
     size_bytes: int = 0
     blob_digests: list[str] = field(default_factory=list)
+    derived_dir: Path | None = None
+    """Where runners may cache what they derive from this model (a GGUF converted to MLX)."""

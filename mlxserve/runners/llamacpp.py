@@ -75,12 +75,14 @@ class LlamaCppRunner:
             )
         llama_cpp = _import_llama_cpp()
         started = time.perf_counter_ns()
-        context = options.context_length or model.parameters.get("context_length")
+        context = options.context_length or model.parameters.get("context_length") or min(
+            DEFAULT_CONTEXT, model.context_length or DEFAULT_CONTEXT
+        )
 
         def build() -> Any:
             return llama_cpp.Llama(
                 model_path=str(model.weights[0]),
-                n_ctx=min(int(context or DEFAULT_CONTEXT), 1 << 17),
+                n_ctx=int(context),
                 n_gpu_layers=options.n_gpu_layers
                 if options.n_gpu_layers is not None
                 else model.parameters.get("n_gpu_layers", platform.default_gpu_layers()),

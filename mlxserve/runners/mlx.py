@@ -60,7 +60,7 @@ def derived_folder(model: LocalModel, dequantized: bool) -> Path:
     """
     key = model.weights[0].resolve().name[:16]
     mode = "f32" if dequantized else "q"
-    return default_root() / "derived" / "gguf-mlx" / f"{key}-{mode}"
+    return (model.derived_dir or default_root() / "derived") / "gguf-mlx" / f"{key}-{mode}"
 
 
 class MlxRunner:
@@ -128,8 +128,7 @@ class MlxRunner:
         self._context = int(
             options.context_length
             or model.parameters.get("context_length")
-            or getattr(self._model.args, "max_position_embeddings", None)
-            or DEFAULT_CONTEXT
+            or min(DEFAULT_CONTEXT, model.context_length or DEFAULT_CONTEXT)
         )
         self._info = LoadedModelInfo(
             runner=self.name,
