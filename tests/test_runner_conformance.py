@@ -16,7 +16,7 @@ from modelstore.runtime import open_model
 
 CASES = [("mlx", "tiny:mlx"), ("llamacpp", "tiny:gguf"), ("mlx", "tiny:gguf")]
 NO_SPECIALS = {0: -100.0, 1: -100.0, 2: -100.0}
-"""Keep the random model from ending early (or emitting control tokens) where a test needs length."""
+"""Keeps the random model from ending early or emitting control tokens."""
 PROMPT = "The capital of France is"
 
 

@@ -43,8 +43,10 @@ _GLOBAL_NAMES = {
 }
 _TENSOR = re.compile(r"(?:blk\.(\d+)\.)?([a-z_]+)\.(weight|scales|biases)")
 _PRE_TOKENIZERS_WITH_DIGIT_SPLIT = {"smollm", "codeshell", "exaone", "minerva"}
-_BYTE_LEVEL_PRE_TOKENIZERS = {"gpt-2", "gpt2", "default", "mpt", "olmo", "jais", "smollm", "codeshell",
-                              "exaone", "minerva", "trillion"}
+_BYTE_LEVEL_PRE_TOKENIZERS = {"gpt-2", "mpt", "olmo", "jais", "trillion"} | (
+    _PRE_TOKENIZERS_WITH_DIGIT_SPLIT
+)
+"""llama.cpp pre-tokenizers that split exactly like GPT-2's regex (after digits, for some)."""
 
 
 def _scalar(value: Any) -> Any:
