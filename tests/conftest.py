@@ -55,9 +55,9 @@ def default_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory):
-    from tests.tiny_models import build_tiny_models
+    from tests.fixtures.tiny_models import build_fixture_models
 
-    return build_tiny_models(tmp_path_factory.mktemp("tiny"))
+    return build_fixture_models(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="session")

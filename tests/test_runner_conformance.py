@@ -189,7 +189,7 @@ async def test_chat_template_renders_the_same_prompt_on_every_runner(loaded):
 
 async def test_a_prompt_longer_than_the_context_is_a_typed_error(loaded):
     request = make_request(loaded)
-    request.prompt_tokens = [5] * 600
+    request.prompt_tokens = [5] * (loaded.info.context_length + 10)
     with pytest.raises(ContextOverflowError) as info:
         async for _ in loaded.generate(request):
             pass

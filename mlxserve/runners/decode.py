@@ -1,9 +1,9 @@
-"""The per-request decode loop both runners share: tokens in, ``GenerateChunk``s out.
+"""Per-request decode semantics both runners share: tokens in, ``GenerateChunk``s out.
 
-A runner supplies an iterator of sampled tokens (its library does the sampling); this loop
-applies the semantics that must be identical on every runner: end-of-sequence, ``max_tokens``,
-stop strings that never leak, UTF-8 that is never split, cancellation within one token, and
-the Ollama stats.
+A runner's library samples the tokens; ``DecodeState`` applies what must be identical on
+every runner: end-of-sequence, ``max_tokens``, stop strings that never leak, UTF-8 that is
+never split, cancellation within one token, and the Ollama stats. llama.cpp pulls tokens from
+an iterator (``decode_loop``); the batched MLX engine pushes them as each batch step lands.
 """
 
 from __future__ import annotations
@@ -30,54 +30,79 @@ class SampledToken:
     logprob: TokenLogprob | None = None
 
 
-def decode_loop(
-    tokens: Iterator[SampledToken],
-    *,
-    text: TextStream,
-    is_end_of_sequence: Callable[[int], bool],
-    max_tokens: int,
-    cancel: CancelToken,
-    prompt_tokens: int,
-    cached_prompt_tokens: int = 0,
-    load_duration_ns: int = 0,
-) -> Iterator[GenerateChunk]:
-    started = time.perf_counter_ns()
-    first_token_at = started
-    count = 0
-    reason: DoneReason = "length"
-    for sampled in tokens:
-        if count == 0:
-            first_token_at = time.perf_counter_ns()
-        if cancel.cancelled:
-            reason = "cancelled"
-            break
-        if is_end_of_sequence(sampled.token_id):
-            reason = "stop"
-            break
-        count += 1
-        piece, stopped = text.push(sampled.token_id)
-        logprobs = [sampled.logprob] if sampled.logprob else []
+class DecodeState:
+    """One request's progress; ``push`` returns the chunk to emit, ``done`` tells when to end."""
+
+    def __init__(
+        self,
+        *,
+        text: TextStream,
+        is_end_of_sequence: Callable[[int], bool],
+        max_tokens: int,
+        cancel: CancelToken,
+        prompt_tokens: int,
+        cached_prompt_tokens: int = 0,
+    ) -> None:
+        self.text = text
+        self.is_end_of_sequence = is_end_of_sequence
+        self.max_tokens = max_tokens
+        self.cancel = cancel
+        self.prompt_tokens = prompt_tokens
+        self.cached_prompt_tokens = cached_prompt_tokens
+        self.started = time.perf_counter_ns()
+        self.first_token_at: int | None = None
+        self.count = 0
+        self.reason: DoneReason | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.reason is not None
+
+    def push(self, sampled: SampledToken) -> GenerateChunk | None:
+        """Account for one sampled token; ``None`` when it ends the answer unseen (EOS)."""
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter_ns()
+        if self.cancel.cancelled:
+            self.reason = "cancelled"
+            return None
+        if self.is_end_of_sequence(sampled.token_id):
+            self.reason = "stop"
+            return None
+        self.count += 1
+        piece, stopped = self.text.push(sampled.token_id)
         if stopped:
-            yield GenerateChunk(piece, [sampled.token_id], logprobs)
-            reason = "stop"
+            self.reason = "stop"
+        elif self.count >= self.max_tokens:
+            self.reason = "length"
+        elif self.cancel.cancelled:
+            self.reason = "cancelled"
+        logprobs = [sampled.logprob] if sampled.logprob else []
+        return GenerateChunk(piece, [sampled.token_id], logprobs)
+
+    def finish(self, reason: DoneReason | None = None) -> GenerateChunk:
+        """The last chunk: any held-back text and the stats."""
+        self.reason = self.reason or reason or "length"
+        tail = "" if self.text.stopped else self.text.finish()
+        finished = time.perf_counter_ns()
+        first = self.first_token_at or finished
+        stats = GenerationStats(
+            prompt_eval_count=self.prompt_tokens,
+            prompt_eval_duration=first - self.started,
+            eval_count=self.count,
+            eval_duration=finished - first,
+            total_duration=finished - self.started,
+            cached_prompt_tokens=self.cached_prompt_tokens,
+            time_to_first_token=first - self.started,
+        )
+        return GenerateChunk(tail, done=True, done_reason=self.reason, stats=stats)
+
+
+def decode_loop(tokens: Iterator[SampledToken], state: DecodeState) -> Iterator[GenerateChunk]:
+    """Drive ``state`` from an iterator of sampled tokens (the llama.cpp runner)."""
+    for sampled in tokens:
+        chunk = state.push(sampled)
+        if chunk is not None:
+            yield chunk
+        if state.done:
             break
-        yield GenerateChunk(piece, [sampled.token_id], logprobs)
-        if count >= max_tokens:
-            reason = "length"
-            break
-        if cancel.cancelled:
-            reason = "cancelled"
-            break
-    tail = "" if reason == "stop" and text.stopped else text.finish()
-    finished = time.perf_counter_ns()
-    stats = GenerationStats(
-        prompt_eval_count=prompt_tokens,
-        prompt_eval_duration=first_token_at - started,
-        eval_count=count,
-        eval_duration=finished - first_token_at,
-        load_duration=load_duration_ns,
-        total_duration=finished - started + load_duration_ns,
-        cached_prompt_tokens=cached_prompt_tokens,
-        time_to_first_token=first_token_at - started,
-    )
-    yield GenerateChunk(tail, done=True, done_reason=reason, stats=stats)
+    yield state.finish()

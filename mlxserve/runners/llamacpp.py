@@ -29,7 +29,7 @@ from mlxserve.runners.base import (
     RunnerOptions,
     TokenLogprob,
 )
-from mlxserve.runners.decode import DEFAULT_MAX_TOKENS, SampledToken, decode_loop
+from mlxserve.runners.decode import DEFAULT_MAX_TOKENS, DecodeState, SampledToken, decode_loop
 from mlxserve.runners.textstream import ByteDetokenizer, TextStream
 from mlxserve.runners.threads import WorkerThread
 from modelstore.model import LocalModel
@@ -204,16 +204,16 @@ class LlamaCppRunner:
             finally:
                 tokens.close()
 
+        state = DecodeState(
+            text=stream,
+            is_end_of_sequence=self._eog.__contains__,
+            max_tokens=max_tokens,
+            cancel=request.cancel,
+            prompt_tokens=len(prompt),
+            cached_prompt_tokens=cached,
+        )
         try:
-            yield from decode_loop(
-                sampled(),
-                text=stream,
-                is_end_of_sequence=self._eog.__contains__,
-                max_tokens=max_tokens,
-                cancel=request.cancel,
-                prompt_tokens=len(prompt),
-                cached_prompt_tokens=cached,
-            )
+            yield from decode_loop(sampled(), state)
         except RuntimeError as exc:
             raise InferenceError(f"llama.cpp failed: {exc}") from exc
 

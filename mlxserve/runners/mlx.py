@@ -1,16 +1,19 @@
 """The MLX runner: HF-style MLX models (and converted GGUFs) through ``mlx-lm``.
 
-Sampling, logits processors, KV caches and the prompt cache are mlx-lm's own
-(``make_sampler``, ``make_logits_processors``, ``generate_step``, ``LRUPromptCache``); this
-module only wires them to the ModelRunner protocol. All MLX work happens on one worker thread.
+Batching, sampling, logits processors, KV caches and the prompt cache are mlx-lm's own
+(``BatchGenerator``, ``sample_utils``, ``LRUPromptCache``); this module wires them to the
+ModelRunner protocol. Concurrent requests join one ``BatchGenerator`` and advance together, one
+token per step, on the runner's engine thread (``engine.py``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +33,9 @@ from mlxserve.runners.base import (
     RunnerOptions,
     TokenLogprob,
 )
-from mlxserve.runners.decode import DEFAULT_MAX_TOKENS, SampledToken, decode_loop
+from mlxserve.runners.decode import DEFAULT_MAX_TOKENS, DecodeState, SampledToken
+from mlxserve.runners.engine import EngineThread
 from mlxserve.runners.textstream import MlxDetokenizer, TextStream
-from mlxserve.runners.threads import WorkerThread
 from modelstore.model import LocalModel
 from modelstore.store import default_root
 
@@ -63,6 +66,50 @@ def derived_folder(model: LocalModel, dequantized: bool) -> Path:
     return (model.derived_dir or default_root() / "derived") / "gguf-mlx" / f"{key}-{mode}"
 
 
+DEFAULT_MAX_PARALLEL = 4
+_END = object()
+
+
+def request_sampler(request: GenerateRequest) -> Any:
+    """mlx-lm's sampling chain; with a seed, drawing from the request's own key.
+
+    The global MLX RNG is shared by every sequence in a batch, so a seeded request gets a
+    private key: same seed, same request, same tokens, whatever else is running.
+    """
+    import mlx.core as mx
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_sampler
+
+    top_p = request.top_p if 0 < request.top_p < 1 else 0.0
+    if request.seed is None or request.temperature == 0:
+        return make_sampler(
+            temp=request.temperature, top_p=top_p, min_p=request.min_p, top_k=request.top_k
+        )
+    key = mx.random.key(request.seed)
+    inverse_temperature = 1.0 / request.temperature
+
+    def sample(logprobs: Any) -> Any:
+        nonlocal key
+        if top_p:
+            logprobs = apply_top_p(logprobs, top_p)
+        if request.min_p:
+            logprobs = apply_min_p(logprobs, request.min_p)
+        if request.top_k > 0:
+            logprobs = apply_top_k(logprobs, request.top_k)
+        key, draw = mx.random.split(key)
+        return mx.random.categorical(logprobs * inverse_temperature, key=draw)
+
+    return sample
+
+
+@dataclass
+class _Active:
+    """A request inside the batch."""
+
+    state: DecodeState
+    emit: Callable[[object], None]
+    top_logprobs: int | None
+
+
 class MlxRunner:
     name = "mlx"
 
@@ -71,12 +118,15 @@ class MlxRunner:
         self._tokenizer: Any = None
         self._info: LoadedModelInfo | None = None
         self._context = DEFAULT_CONTEXT
-        self._worker = WorkerThread("mlx")
+        self._parallel = DEFAULT_MAX_PARALLEL
         self._prompt_cache: Any = None
+        self._batch: Any = None
+        self._active: dict[int, _Active] = {}
+        self._engine = EngineThread("mlx-engine", self._step)
 
     @property
     def max_parallel(self) -> int:
-        return 1
+        return self._parallel
 
     def _require(self) -> tuple[Any, Any]:
         if self._model is None:
@@ -96,8 +146,12 @@ class MlxRunner:
                 available_bytes=available,
             )
         dequantize = platform.mlx_dequantize_weights()
+        self._parallel = options.max_parallel or DEFAULT_MAX_PARALLEL
 
-        def build() -> tuple[Any, Any]:
+        def build() -> None:
+            from mlx_lm.generate import BatchGenerator
+            from mlx_lm.models.cache import LRUPromptCache
+
             folder = model.path
             if model.format == "gguf":
                 from mlxserve.runners.gguf_convert import convert_gguf
@@ -116,15 +170,19 @@ class MlxRunner:
 
                 loaded = dequantize_model(loaded)
                 mx.eval(loaded.parameters())
-            return loaded, tokenizer
+            self._model, self._tokenizer = loaded, tokenizer
+            self._prompt_cache = LRUPromptCache(
+                max_size=options.prompt_cache_entries, max_bytes=options.prompt_cache_bytes
+            )
+            self._batch = BatchGenerator(
+                loaded,
+                completion_batch_size=self._parallel,
+                prefill_batch_size=self._parallel,
+            )
 
-        self._model, self._tokenizer = await self._worker.call(build)
-        from mlx_lm.models.cache import LRUPromptCache
+        await self._engine.call(build)
         from mlx_lm.utils import get_total_parameters
 
-        self._prompt_cache = LRUPromptCache(
-            max_size=options.prompt_cache_entries, max_bytes=options.prompt_cache_bytes
-        )
         self._context = int(
             options.context_length
             or model.parameters.get("context_length")
@@ -138,23 +196,28 @@ class MlxRunner:
             quantization=None if dequantize else model.quantization,
             context_length=self._context,
             memory_bytes=int(mx.get_active_memory()),
-            max_parallel=self.max_parallel,
+            max_parallel=self._parallel,
             load_duration_ns=time.perf_counter_ns() - started,
             details={"dequantized": dequantize, "metal": platform.is_apple_silicon()},
         )
         return self._info
 
     async def unload(self) -> None:
-        self._model = self._tokenizer = self._prompt_cache = None
-
         def release() -> None:
             import mlx.core as mx
 
+            for active in self._active.values():
+                active.emit(active.state.finish("cancelled"))
+                active.emit(_END)
+            self._active.clear()
+            if self._batch is not None:
+                self._batch.close()
+            self._model = self._tokenizer = self._prompt_cache = self._batch = None
             mx.clear_cache()
 
-        await self._worker.call(release)
-        self._worker.shutdown()
-        self._worker = WorkerThread("mlx")
+        await self._engine.call(release)
+        self._engine.stop()
+        self._engine = EngineThread("mlx-engine", self._step)
 
     def describe(self) -> LoadedModelInfo:
         if self._info is None:
@@ -177,7 +240,7 @@ class MlxRunner:
         return self._require()[1].decode(token_ids)
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
-        """Mean-pooled final hidden states: a usable embedding from any decoder model."""
+        """Mean-pooled, normalised final hidden states: an embedding from any decoder model."""
         model, tokenizer = self._require()
 
         def run() -> list[list[float]]:
@@ -191,9 +254,9 @@ class MlxRunner:
                 vectors.append(hidden.astype(mx.float32).tolist())
             return vectors
 
-        return await self._worker.call(run)
+        return await self._engine.call(run)
 
-    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         tokenizer = self._require()[1]
         prompt = request.prompt_tokens
         if prompt is None:
@@ -207,86 +270,129 @@ class MlxRunner:
                 context_length=self._context,
             )
         max_tokens = min(request.max_tokens or DEFAULT_MAX_TOKENS, self._context - len(prompt))
-        return self._worker.stream(
-            lambda: self._generate_sync(request, list(prompt), max_tokens), request.cancel
-        )
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[object] = asyncio.Queue()
 
-    def _generate_sync(
-        self, request: GenerateRequest, prompt: list[int], max_tokens: int
-    ) -> Iterator[GenerateChunk]:
-        import mlx.core as mx
-        from mlx_lm.generate import generate_step
-        from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
-        from mlx_lm.sample_utils import make_logits_processors, make_sampler
+        def emit(item: object) -> None:
+            loop.call_soon_threadsafe(chunks.put_nowait, item)
 
-        model, tokenizer = self._model, self._tokenizer
-        cache, remaining = self._prompt_cache.fetch_nearest_cache(id(model), prompt)
-        if cache is None:
-            cache, remaining = make_prompt_cache(model), prompt
-        if not remaining:
-            trim_prompt_cache(cache, 1)
-            remaining = prompt[-1:]
-        cached = len(prompt) - len(remaining)
-        if request.seed is not None:
-            mx.random.seed(request.seed)
-        sampler = make_sampler(
-            temp=request.temperature,
-            top_p=request.top_p if 0 < request.top_p < 1 else 0.0,
-            min_p=request.min_p,
-            top_k=request.top_k,
-        )
-        processors = make_logits_processors(
-            logit_bias=request.logit_bias or None,
-            repetition_penalty=request.repetition_penalty
-            if request.repetition_penalty != 1.0
-            else None,
-            repetition_context_size=request.repetition_context_size,
-            presence_penalty=request.presence_penalty or None,
-            frequency_penalty=request.frequency_penalty or None,
-        ) + list(request.logits_processors)
-        steps = generate_step(
-            mx.array(remaining),
-            model,
-            max_tokens=max_tokens,
-            sampler=sampler,
-            logits_processors=processors,
-            prompt_cache=cache,
-        )
-        generated: list[int] = []
-
-        def sampled() -> Iterator[SampledToken]:
-            try:
-                for token, logprobs in steps:
-                    generated.append(token)
-                    yield SampledToken(token, self._logprob(token, logprobs, request.logprobs))
-            finally:
-                steps.close()
-
-        text = TextStream(MlxDetokenizer(tokenizer.detokenizer), request.stop)
+        self._engine.submit(lambda: self._join(request, list(prompt), max_tokens, emit))
         try:
-            yield from decode_loop(
-                sampled(),
-                text=text,
+            while True:
+                item = await chunks.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item  # type: ignore[misc]
+        finally:
+            request.cancel.cancel()
+
+    # -- engine thread -----------------------------------------------------------------------
+
+    def _join(
+        self, request: GenerateRequest, prompt: list[int], max_tokens: int, emit: Any
+    ) -> None:
+        """Add a request to the batch, starting from the longest cached prefix of its prompt."""
+        try:
+            from mlx_lm.generate import StopSequences
+            from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+            from mlx_lm.sample_utils import make_logits_processors
+
+            model, tokenizer = self._model, self._tokenizer
+            if model is None:
+                raise ModelNotLoadedError("the model was unloaded")
+            cache, remaining = self._prompt_cache.fetch_nearest_cache(id(model), prompt)
+            if cache is None:
+                cache, remaining = make_prompt_cache(model), prompt
+            if not remaining:
+                trim_prompt_cache(cache, 1)
+                remaining = prompt[-1:]
+            cached = len(prompt) - len(remaining)
+            processors = make_logits_processors(
+                logit_bias=request.logit_bias or None,
+                repetition_penalty=request.repetition_penalty
+                if request.repetition_penalty != 1.0
+                else None,
+                repetition_context_size=request.repetition_context_size,
+                presence_penalty=request.presence_penalty or None,
+                frequency_penalty=request.frequency_penalty or None,
+            ) + list(request.logits_processors)
+            (uid,) = self._batch.insert(
+                [remaining],
+                max_tokens=[max_tokens],
+                caches=[cache],
+                all_tokens=[prompt[:cached]],
+                samplers=[request_sampler(request)],
+                logits_processors=[processors],
+                stop_sequences=[StopSequences([[e] for e in tokenizer.eos_token_ids])],
+            )
+            state = DecodeState(
+                text=TextStream(MlxDetokenizer(copy.copy(tokenizer.detokenizer)), request.stop),
                 is_end_of_sequence=tokenizer.eos_token_ids.__contains__,
                 max_tokens=max_tokens,
                 cancel=request.cancel,
                 prompt_tokens=len(prompt),
                 cached_prompt_tokens=cached,
             )
-        except RuntimeError as exc:
-            raise InferenceError(f"MLX failed: {exc}") from exc
-        finally:
-            self._remember(cache, prompt + generated)
+            self._active[uid] = _Active(state, emit, request.logprobs)
+        except BaseException as exc:
+            emit(exc)
 
-    def _remember(self, cache: list[Any], tokens: list[int]) -> None:
-        """Keep the KV cache for follow-ups, keyed by exactly the tokens it holds."""
-        import mlx.core as mx
+    def _step(self) -> bool:
+        """One batch step: a token for every active request (and prefill for new ones)."""
+        if not self._active:
+            return False
+        for uid in [u for u, a in self._active.items() if a.state.cancel.cancelled]:
+            self._end(uid, "cancelled", None)
+        if not self._active:
+            return False
+        try:
+            _, responses = self._batch.next()
+        except Exception as exc:  # the whole batch failed: every request hears why
+            error = InferenceError(f"MLX failed: {exc}")
+            for active in self._active.values():
+                active.emit(error)
+            self._active.clear()
+            return False
+        for response in responses:
+            active = self._active.get(response.uid)
+            if active is None:
+                continue
+            sampled = SampledToken(
+                response.token,
+                self._logprob(response.token, response.logprobs, active.top_logprobs),
+            )
+            chunk = active.state.push(sampled)
+            if chunk is not None:
+                active.emit(chunk)
+            if response.finish_reason is not None:
+                self._end(
+                    response.uid,
+                    "stop" if response.finish_reason == "stop" else "length",
+                    (response.prompt_cache, response.all_tokens),
+                )
+            elif active.state.done:
+                self._end(response.uid, active.state.reason, None)
+        return bool(self._active)
 
-        held = getattr(cache[0], "offset", None) if cache else None
+    def _end(self, uid: int, reason: Any, cache_and_tokens: tuple[Any, Any] | None) -> None:
+        active = self._active.pop(uid)
+        if cache_and_tokens is None:
+            cache_and_tokens = self._batch.remove([uid], return_prompt_caches=True).get(uid)
+        if cache_and_tokens is not None:
+            self._remember(*cache_and_tokens)
+        active.emit(active.state.finish(reason))
+        active.emit(_END)
+
+    def _remember(self, cache: list[Any] | None, tokens: list[int] | None) -> None:
+        """Keep a finished sequence's KV cache for follow-ups that extend it."""
+        if not cache or not tokens:
+            return
+        held = getattr(cache[0], "offset", len(tokens))
         if not isinstance(held, int) or held <= 0:
             return
-        mx.eval([c.state for c in cache])
-        self._prompt_cache.insert_cache(id(self._model), copy.copy(tokens[:held]), cache)
+        self._prompt_cache.insert_cache(id(self._model), list(tokens[:held]), cache)
 
     def _logprob(self, token: int, logprobs: Any, top_n: int | None) -> TokenLogprob | None:
         if top_n is None:
