@@ -7,8 +7,8 @@ libraries are imported only here, when a model actually runs.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
+import signal
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,17 +83,19 @@ class Session:
         )
 
     def answer(self, request: Any) -> str:
-        """Stream one answer to stdout; Ctrl-C cancels it and keeps what was said."""
+        """Stream one answer to stdout; Ctrl-C cancels it (within a token) and keeps the chat.
+
+        SIGINT is turned into the request's cancel token while an answer streams, so the
+        runner ends the generation cleanly instead of an exception tearing through the loop.
+        """
         pieces: list[str] = []
-        task = self.loop.create_task(self._stream(request, pieces))
+        self.loop.add_signal_handler(signal.SIGINT, request.cancel.cancel)
         try:
-            self.loop.run_until_complete(task)
-        except KeyboardInterrupt:
-            request.cancel.cancel()
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, KeyboardInterrupt):
-                self.loop.run_until_complete(task)
-            click.echo("\n[stopped]", err=True)
+            self.loop.run_until_complete(self._stream(request, pieces))
+        finally:
+            self.loop.remove_signal_handler(signal.SIGINT)
+        if request.cancel.cancelled:
+            click.echo("[stopped]", err=True)
         return "".join(pieces)
 
     async def _stream(self, request: Any, pieces: list[str]) -> None:

@@ -4,52 +4,106 @@ Templates ship inside model files and are untrusted input (CVE-2024-34359 was re
 execution through a GGUF chat template), so they render in Jinja's immutable sandbox, with
 the helpers Hugging Face gives templates (``raise_exception``, ``strftime_now``, ``tojson``).
 One builder for every runner: the same messages give the same prompt on MLX and llama.cpp.
+
+Messages pass to the template as they are (roles system/user/assistant/tool, an assistant's
+``tool_calls``), since each template has its own idea of how to show them. Raw mode (a
+``/api/generate`` with ``raw``) skips templating: the prompt goes to the runner unchanged.
 """
 
 from __future__ import annotations
 
 import json
+import operator
 from datetime import datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, NoReturn
 
+from jinja2 import Template, TemplateSyntaxError
 from jinja2 import TemplateError as JinjaTemplateError
-from jinja2 import TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from mlxserve.errors import TemplateError
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') + '<|im_end|>\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 """For models that ship no template at all."""
 
+MAX_SEQUENCE_PRODUCT = 1_000_000
+"""Longest string or list a template may build with ``*``: a cheap guard against memory bombs."""
 
-def _raise_exception(message: str) -> None:
+
+class _TemplateEnvironment(ImmutableSandboxedEnvironment):
+    """The sandbox, made stricter in two ways that no honest chat template notices.
+
+    Jinja's sandbox answers an unsafe attribute (``''.__class__``) with an undefined value
+    that fails only when used further; this fails at once, so a probing template is an
+    error rather than a silent empty string. And ``'x' * 10**10`` is refused before it
+    allocates.
+    """
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> NoReturn:
+        raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r}")
+
+    def call_binop(self, context: Any, operator_: str, left: Any, right: Any) -> Any:
+        if operator_ == "**":
+            if isinstance(right, int) and abs(right) > 1000:
+                raise SecurityError("exponent too large")
+            return left**right
+        for sequence, count in ((left, right), (right, left)):
+            if (
+                isinstance(sequence, str | list | tuple)
+                and isinstance(count, int)
+                and len(sequence) * count > MAX_SEQUENCE_PRODUCT
+            ):
+                raise SecurityError("sequence repetition too large")
+        return operator.mul(left, right)
+
+
+def _raise_exception(message: str) -> NoReturn:
     raise TemplateError(f"the chat template refused the conversation: {message}")
 
 
-def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, **_: Any) -> str:
-    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii)
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    """Hugging Face's ``tojson``: Jinja's own escapes HTML and sorts keys; models never saw that."""
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-@lru_cache(maxsize=32)
-def _compile(template: str) -> Any:
-    environment = ImmutableSandboxedEnvironment(
+def _environment() -> _TemplateEnvironment:
+    environment = _TemplateEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
     )
     environment.filters["tojson"] = _tojson
     environment.globals["raise_exception"] = _raise_exception
     environment.globals["strftime_now"] = _strftime_now
+    return environment
+
+
+_ENVIRONMENT = _environment()
+
+
+@lru_cache(maxsize=32)
+def _compile(template: str) -> Template:
+    """Compiled once per template text: compiling costs far more than rendering."""
     try:
-        return environment.from_string(template)
+        return _ENVIRONMENT.from_string(template)
     except TemplateSyntaxError as exc:
         raise TemplateError(
             f"the chat template does not compile (line {exc.lineno}): {exc.message}",
@@ -58,6 +112,11 @@ def _compile(template: str) -> Any:
 
 
 def compile_check(template: str) -> None:
+    """Raise ``TemplateError`` (with ``details['line']``) unless the template compiles.
+
+    ModelSpec validation calls it, so a broken template fails at ``create``, not at the first
+    chat request.
+    """
     _compile(template)
 
 
@@ -78,6 +137,7 @@ def render_chat(
     tools: list[dict[str, Any]] | None = None,
     **extra: Any,
 ) -> str:
+    """The prompt for ``messages``; any failure of the template becomes ``TemplateError``."""
     compiled = _compile(template)
     try:
         return compiled.render(
@@ -92,5 +152,5 @@ def render_chat(
         raise
     except SecurityError as exc:
         raise TemplateError(f"the chat template tried an unsafe operation: {exc}") from None
-    except (JinjaTemplateError, TypeError, ValueError, KeyError) as exc:
+    except (JinjaTemplateError, TypeError, ValueError, KeyError, IndexError, OverflowError) as exc:
         raise TemplateError(f"the chat template failed: {exc}") from None

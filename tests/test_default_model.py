@@ -98,3 +98,48 @@ async def test_gguf_converted_to_mlx_tokenizes_and_decodes_like_llama_cpp(shared
     finally:
         await mlx.unload()
         await cpp.unload()
+
+
+def _read_until(fd: int, marker: bytes, timeout: float = 120.0) -> bytes:
+    import select
+    import time
+
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while marker not in seen:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise AssertionError(f"timed out waiting for {marker!r}; saw {seen!r}")
+        seen += os.read(fd, 4096)
+    return seen
+
+
+def test_interactive_chat_keeps_history_and_obeys_commands(shared_home):
+    import pty
+
+    env = {**os.environ, "MLXSERVE_HOME": str(shared_home), "TERM": "dumb"}
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execve(MLXCTL, [MLXCTL, "run", "--runner", "llamacpp", "--temperature", "0",
+                           DEFAULT_MODEL], env)
+    try:
+        _read_until(fd, b">>> ")
+        os.write(fd, QUESTION.encode() + b"\n")
+        assert b"Paris" in _read_until(fd, b">>> ")
+        os.write(fd, b"/set parameter max_tokens 3\n")
+        assert b"Set parameter 'max_tokens'" in _read_until(fd, b">>> ")
+        os.write(fd, b"/show parameters\n")
+        assert b'"max_tokens": 3' in _read_until(fd, b">>> ")
+        os.write(fd, b"/clear\n")
+        assert b"Cleared" in _read_until(fd, b">>> ")
+        os.write(fd, b"/set parameter max_tokens 4000\n")
+        _read_until(fd, b">>> ")
+        os.write(fd, b"Write a very long story about a lighthouse keeper.\n")
+        _read_until(fd, b" the ")
+        os.write(fd, b"\x03")
+        assert b"[stopped]" in _read_until(fd, b">>> ")
+        os.write(fd, b"/bye\n")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        os.close(fd)

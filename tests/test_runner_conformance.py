@@ -219,3 +219,30 @@ def test_an_unloaded_runner_says_so():
     for runner in (MlxRunner(), LlamaCppRunner()):
         with pytest.raises(ModelNotLoadedError):
             runner.tokenize("x")
+
+
+async def test_mlx_batches_concurrent_requests_and_keeps_seeded_output(tiny_store):
+    import asyncio
+
+    model = await LoadedModel.load(tiny_store, "tiny:mlx", "mlx")
+    try:
+        order: list[int] = []
+
+        def tagged(tag: int, seed: int) -> GenerateRequest:
+            request = make_request(model, temperature=1.0, seed=seed, max_tokens=12)
+
+            def record(_tokens, logits):
+                order.append(tag)
+                return logits
+
+            request.logits_processors.append(record)
+            return request
+
+        alone = tokens_of(await collect(model, tagged(0, 11)))
+        order.clear()
+        together = await asyncio.gather(*(collect(model, tagged(i, 11 + i)) for i in range(3)))
+        assert tokens_of(together[0]) == alone
+        first_done = max(i for i, tag in enumerate(order) if tag == 0)
+        assert {1, 2} <= set(order[:first_done])
+    finally:
+        await model.unload()

@@ -4,6 +4,11 @@ Both runners stream through these classes, so stop strings and multi-byte charac
 the same on MLX and llama.cpp. Hand-written because neither library's streaming matches our
 needs: mlx-lm stops on token sequences, not strings, and llama-cpp-python's stop handling
 lives inside its completion API, which we do not use.
+
+Two layers, each with one job: a detokenizer turns token ids into *complete* characters (a
+token can end in the middle of a multi-byte character: "🙂" is four byte tokens in many
+vocabularies), then ``StopStringFilter`` turns characters into text that can no longer turn
+out to be part of a stop string (a stop string often spans several tokens).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from typing import Any, Protocol
 
 
 class Detokenizer(Protocol):
+    """Token ids in, complete characters out; what ``TextStream`` needs from any runner."""
+
     def add(self, token_id: int) -> str:
         """Text completed by this token (possibly empty)."""
         ...
@@ -24,7 +31,12 @@ class Detokenizer(Protocol):
 
 
 class ByteDetokenizer:
-    """For tokenizers whose tokens are byte pieces (llama.cpp): decode bytes incrementally."""
+    """For tokenizers whose tokens are byte pieces (llama.cpp): decode bytes incrementally.
+
+    The incremental UTF-8 decoder keeps an incomplete trailing sequence until the bytes that
+    complete it arrive, so a character is never emitted half-way; invalid bytes become U+FFFD
+    rather than an exception, since a model can sample any byte sequence.
+    """
 
     def __init__(self, token_bytes: Callable[[list[int]], bytes]) -> None:
         self._token_bytes = token_bytes
@@ -54,7 +66,12 @@ class MlxDetokenizer:
 
 
 class StopStringFilter:
-    """Holds back any tail that could still become a stop string; cuts at the first match."""
+    """Holds back any tail that could still become a stop string; cuts at the first match.
+
+    "First" is the first stop string to *complete* while streaming, as llama.cpp and Ollama
+    do: text already emitted cannot be taken back, so nothing waits for a longer stop string
+    that might have started earlier. Whatever is emitted never contains a stop string.
+    """
 
     def __init__(self, stops: list[str]) -> None:
         self.stops = [stop for stop in stops if stop]
@@ -62,26 +79,31 @@ class StopStringFilter:
         self.stopped = False
 
     def feed(self, text: str) -> tuple[str, bool]:
+        """Text safe to emit now, and whether a stop string was hit (nothing follows then)."""
         if self.stopped:
             return "", True
         if not self.stops:
             return text, False
         buffer = self._held + text
-        cut = min((i for i in (buffer.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        hits = [index for index in (buffer.find(stop) for stop in self.stops) if index >= 0]
+        if hits:
             self._held = ""
             self.stopped = True
-            return buffer[:cut], True
-        keep = 0
-        for stop in self.stops:
-            for length in range(min(len(stop) - 1, len(buffer)), 0, -1):
-                if buffer.endswith(stop[:length]):
-                    keep = max(keep, length)
-                    break
+            return buffer[: min(hits)], True
+        keep = max(self._partial_match(buffer, stop) for stop in self.stops)
         self._held = buffer[len(buffer) - keep :]
         return buffer[: len(buffer) - keep], False
 
+    @staticmethod
+    def _partial_match(buffer: str, stop: str) -> int:
+        """Length of the longest tail of ``buffer`` that is a proper prefix of ``stop``."""
+        for length in range(min(len(stop) - 1, len(buffer)), 0, -1):
+            if buffer.endswith(stop[:length]):
+                return length
+        return 0
+
     def flush(self) -> str:
+        """The held-back tail when generation ends without a stop: it was ordinary text."""
         held, self._held = self._held, ""
         return "" if self.stopped else held
 
@@ -98,9 +120,11 @@ class TextStream:
         return self._filter.stopped
 
     def push(self, token_id: int) -> tuple[str, bool]:
+        """Text to emit for this token, and whether a stop string ended the generation."""
         return self._filter.feed(self._detokenizer.add(token_id))
 
     def finish(self) -> str:
+        """Everything still held back, when generation ends for another reason (length, EOS)."""
         if self._filter.stopped:
             return ""
         text, _ = self._filter.feed(self._detokenizer.flush())

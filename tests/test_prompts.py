@@ -1,0 +1,161 @@
+"""Chat templates: rendered like Hugging Face does, and untrusted ones kept in the sandbox."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+import pytest
+
+from mlxserve.errors import TemplateError
+from mlxserve.prompts import CHATML_TEMPLATE, build_messages, compile_check, render_chat
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+]
+
+
+def test_chatml_renders_system_user_and_assistant() -> None:
+    prompt = render_chat(CHATML_TEMPLATE, CONVERSATION, add_generation_prompt=False)
+    assert prompt == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello!<|im_end|>\n"
+    )
+
+
+def test_add_generation_prompt_opens_the_assistant_turn() -> None:
+    prompt = render_chat(CHATML_TEMPLATE, CONVERSATION[:2])
+    assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_chatml_accepts_an_assistant_message_without_content() -> None:
+    messages = [{"role": "assistant", "content": None, "tool_calls": []}]
+    assert render_chat(CHATML_TEMPLATE, messages, add_generation_prompt=False) == (
+        "<|im_start|>assistant\n<|im_end|>\n"
+    )
+
+
+def test_bos_and_eos_tokens_reach_the_template() -> None:
+    template = "{{ bos_token }}{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}"
+    assert render_chat(template, CONVERSATION[1:2], bos_token="<s>", eos_token="</s>") == (
+        "<s>Hi</s>"
+    )
+
+
+def test_trim_blocks_and_lstrip_blocks_are_on() -> None:
+    template = (
+        "{% for m in messages %}\n    {% if true %}\n{{ m.content }}\n    {% endif %}\n{% endfor %}"
+    )
+    assert render_chat(template, CONVERSATION[1:2]) == "Hi\n"
+
+
+def test_loop_controls_are_available() -> None:
+    template = (
+        "{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}"
+        "{{ m.role }} {% endfor %}"
+    )
+    assert render_chat(template, CONVERSATION) == "user assistant "
+
+
+def test_raise_exception_becomes_template_error() -> None:
+    template = "{% if messages[0].role != 'user' %}{{ raise_exception('user first') }}{% endif %}"
+    with pytest.raises(TemplateError, match="user first") as info:
+        render_chat(template, CONVERSATION)
+    assert info.value.code == "template_error"
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ cycler.__init__.__globals__ }}",
+        "{{ ''.__class__ }}",
+        "{{ messages.__class__.__base__ }}",
+        "{{ ''['__class__'] }}",
+        "{{ messages.append(1) }}",
+    ],
+)
+def test_sandbox_refuses_unsafe_access(template: str) -> None:
+    with pytest.raises(TemplateError) as info:
+        render_chat(template, [{"role": "user", "content": "x"}])
+    assert info.value.code == "template_error"
+
+
+def test_sandbox_refuses_a_memory_bomb() -> None:
+    with pytest.raises(TemplateError):
+        render_chat("{{ 'x' * 10000000000 }}", [])
+
+
+def test_ordinary_arithmetic_still_works() -> None:
+    assert render_chat("{{ '-' * 3 }}{{ 2 ** 3 }}{{ 3 * 4 }}", []) == "---812"
+
+
+def test_tools_and_tool_calls_pass_through() -> None:
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    messages = [
+        {"role": "user", "content": "Weather in Zürich?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Zürich"}}}],
+        },
+        {"role": "tool", "content": "sunny"},
+    ]
+    template = (
+        "{% for t in tools %}{{ t.function.name }};{% endfor %}"
+        "{% for m in messages %}{{ m.role }}:"
+        "{% for c in m.tool_calls or [] %}{{ c.function.arguments | tojson }}{% endfor %}"
+        "{{ m.content }}|{% endfor %}"
+    )
+    assert render_chat(template, messages, tools=tools) == (
+        'get_weather;user:Weather in Zürich?|assistant:{"city": "Zürich"}|tool:sunny|'
+    )
+
+
+def test_tojson_keeps_non_ascii_and_order_and_takes_indent() -> None:
+    template = "{{ {'b': 'é', 'a': '<x>'} | tojson }}|{{ [1] | tojson(indent=2) }}"
+    assert render_chat(template, []) == '{"b": "é", "a": "<x>"}|[\n  1\n]'
+
+
+def test_strftime_now_formats_the_current_date() -> None:
+    rendered = render_chat("{{ strftime_now('%Y-%m-%d') }}", [])
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", rendered)
+    assert rendered[:4] == str(datetime.now().year)
+
+
+def test_extra_variables_reach_the_template() -> None:
+    assert render_chat("{{ enable_thinking }}", [], enable_thinking=False) == "False"
+
+
+def test_compile_check_reports_the_line() -> None:
+    with pytest.raises(TemplateError, match="line 3") as info:
+        compile_check("{% for m in messages %}\n{{ m.content }}\n{% endfor %\n")
+    assert info.value.details["line"] == 3
+
+
+def test_compile_check_accepts_a_valid_template() -> None:
+    compile_check(CHATML_TEMPLATE)
+
+
+def test_render_error_becomes_template_error() -> None:
+    with pytest.raises(TemplateError):
+        render_chat("{{ messages[0]['content'] + 1 }}", [{"role": "user", "content": "x"}])
+
+
+def test_build_messages_prepends_the_default_system_prompt() -> None:
+    messages = [{"role": "user", "content": "Hi"}]
+    assert build_messages(messages, "Be kind.") == [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "Hi"},
+    ]
+
+
+def test_build_messages_keeps_the_conversations_own_system_prompt() -> None:
+    assert build_messages(CONVERSATION, "Be kind.") == CONVERSATION
+
+
+def test_build_messages_without_a_default_is_unchanged() -> None:
+    assert build_messages(CONVERSATION[1:], None) == CONVERSATION[1:]
