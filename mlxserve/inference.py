@@ -27,7 +27,13 @@ from modelstore.model import GENERATION_PARAMETERS, RUNNER_PARAMETERS, LocalMode
 from modelstore.runtime import open_model
 from modelstore.store import ModelStore
 
-REQUEST_FIELDS = (*GENERATION_PARAMETERS, "logprobs", "logit_bias", "repetition_context_size")
+REQUEST_FIELDS = (
+    *GENERATION_PARAMETERS,
+    "logprobs",
+    "logit_bias",
+    "repetition_context_size",
+    "response_format",
+)
 
 
 def build_request(

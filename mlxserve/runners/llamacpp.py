@@ -8,6 +8,7 @@ llama.cpp itself keeps the previous prompt's KV cache and reuses its longest com
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -18,6 +19,7 @@ from mlxserve import platform
 from mlxserve.errors import (
     ContextOverflowError,
     InferenceError,
+    InvalidRequestError,
     ModelNotLoadedError,
     RunnerUnavailableError,
     UnsupportedFormatError,
@@ -168,11 +170,13 @@ class LlamaCppRunner:
                 context_length=llama.n_ctx(),
             )
         max_tokens = min(max_tokens, llama.n_ctx() - len(prompt))
-        return self._worker.stream(lambda: self._generate_sync(request, prompt, max_tokens),
-                                   request.cancel)
+        grammar = self._grammar(request.response_format)
+        return self._worker.stream(
+            lambda: self._generate_sync(request, prompt, max_tokens, grammar), request.cancel
+        )
 
     def _generate_sync(
-        self, request: GenerateRequest, prompt: list[int], max_tokens: int
+        self, request: GenerateRequest, prompt: list[int], max_tokens: int, grammar: Any
     ) -> Iterator[GenerateChunk]:
         llama = self._llama
         cached = 0
@@ -194,6 +198,7 @@ class LlamaCppRunner:
             frequency_penalty=request.frequency_penalty,
             presence_penalty=request.presence_penalty,
             logits_processor=processors or None,
+            grammar=grammar,
         )
         stream = TextStream(ByteDetokenizer(lambda ids: llama.detokenize(ids)), request.stop)
 
@@ -216,6 +221,22 @@ class LlamaCppRunner:
             yield from decode_loop(sampled(), state)
         except RuntimeError as exc:
             raise InferenceError(f"llama.cpp failed: {exc}") from exc
+
+    @staticmethod
+    def _grammar(response_format: dict[str, Any] | None) -> Any:
+        """JSON output through llama.cpp's own grammar sampler (GBNF from a JSON Schema)."""
+        if not response_format:
+            return None
+        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+        schema = response_format.get("schema")
+        try:
+            if schema:
+                return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+            return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            raise InvalidRequestError(f"cannot build a grammar from this JSON schema: {exc}") \
+                from exc
 
     def _logits_processors(
         self, request: GenerateRequest, captured: dict[str, np.ndarray]

@@ -25,6 +25,7 @@ from mlxserve.errors import (
     OutOfMemoryError,
     RunnerUnavailableError,
     UnsupportedArchitectureError,
+    UnsupportedFeatureError,
 )
 from mlxserve.runners.base import (
     GenerateChunk,
@@ -258,6 +259,11 @@ class MlxRunner:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         tokenizer = self._require()[1]
+        if request.response_format:
+            raise UnsupportedFeatureError(
+                "JSON-constrained output (format / response_format) is not available on the MLX "
+                "runner yet; run this model with the llama.cpp runner or drop `format`"
+            )
         prompt = request.prompt_tokens
         if prompt is None:
             prompt = self.tokenize(request.prompt or "", request.add_special_tokens)

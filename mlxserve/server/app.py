@@ -1,0 +1,49 @@
+"""The aiohttp application: state, middlewares, routes, and the model manager's lifetime."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from mlxserve.server.config import Settings
+from mlxserve.server.metrics import Metrics
+from mlxserve.server.middleware import add_request_id, make_middlewares
+from mlxserve.server.residency import ModelManager
+from mlxserve.server.state import MANAGER, METRICS, SETTINGS, STORE
+from modelstore.store import ModelStore
+
+OPENAPI_PATH = Path(__file__).resolve().parents[2] / "schemas" / "openapi.yaml"
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(text=OPENAPI_PATH.read_text(), content_type="application/yaml")
+
+
+def build_app(settings: Settings) -> web.Application:
+    from mlxserve.server import routes_native, routes_openai, routes_store
+
+    metrics = Metrics()
+    app = web.Application(
+        middlewares=make_middlewares(settings, metrics), client_max_size=settings.max_body_bytes
+    )
+    store = ModelStore(settings.home)
+    app[SETTINGS] = settings
+    app[STORE] = store
+    app[METRICS] = metrics
+    app[MANAGER] = ModelManager(store, settings, metrics)
+    app.router.add_routes(routes_native.routes)
+    app.router.add_routes(routes_store.routes)
+    app.router.add_routes(routes_openai.routes)
+    app.router.add_get("/openapi.yaml", openapi)
+    app.on_response_prepare.append(add_request_id)
+    app.cleanup_ctx.append(manager_lifetime)
+    return app
+
+
+async def manager_lifetime(app: web.Application) -> AsyncIterator[None]:
+    manager = app[MANAGER]
+    await manager.start()
+    yield
+    await manager.close()

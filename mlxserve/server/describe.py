@@ -1,0 +1,78 @@
+"""How a stored model is described on the wire: Ollama's ``details`` and friends."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from modelstore import mediatypes
+from modelstore.store import ModelStore, StoredModel
+
+
+def parameter_size(count: int | None) -> str:
+    if not count:
+        return ""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f}{unit}"
+    return str(count)
+
+
+def iso_time(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+
+
+def details(store: ModelStore, model: StoredModel) -> dict[str, Any]:
+    config = store.config(model)
+    family = config.architecture or ""
+    return {
+        "parent_model": "",
+        "format": config.format,
+        "family": family,
+        "families": [family] if family else [],
+        "parameter_size": parameter_size(config.parameter_count),
+        "quantization_level": config.quantization or "",
+    }
+
+
+def tag_entry(store: ModelStore, model: StoredModel) -> dict[str, Any]:
+    return {
+        "name": model.name,
+        "model": model.name,
+        "modified_at": iso_time(model.modified),
+        "size": model.size,
+        "digest": model.manifest_digest.removeprefix("sha256:"),
+        "details": details(store, model),
+    }
+
+
+def parameters_text(parameters: dict[str, Any]) -> str:
+    """Ollama's ``parameters`` string: one ``name value`` per line (lists repeat the name)."""
+    lines = []
+    for key, value in parameters.items():
+        for item in value if isinstance(value, list) else [value]:
+            lines.append(f"{key:<20} {item}")
+    return "\n".join(lines)
+
+
+def show_body(store: ModelStore, model: StoredModel, template: str | None) -> dict[str, Any]:
+    import json
+
+    config = store.config(model)
+    params_text = store.text_layer(model, mediatypes.PARAMS)
+    parameters = json.loads(params_text) if params_text else {}
+    return {
+        "license": store.text_layer(model, mediatypes.LICENSE) or config.license or "",
+        "modelfile": "",
+        "parameters": parameters_text(parameters),
+        "template": template or "",
+        "system": store.text_layer(model, mediatypes.SYSTEM_PROMPT) or "",
+        "details": details(store, model),
+        "model_info": {
+            "general.architecture": config.architecture,
+            "general.parameter_count": config.parameter_count,
+            f"{config.architecture}.context_length": config.context_length,
+        },
+        "capabilities": ["completion"],
+        "modified_at": iso_time(model.modified),
+    }

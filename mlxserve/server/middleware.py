@@ -1,0 +1,142 @@
+"""What cuts across every route: request ids, access control, error shape, JSON access logs."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from mlxserve.errors import ForbiddenError, InvalidRequestError, UnauthorizedError
+from mlxserve.server.config import Settings
+from mlxserve.server.errors import error_response
+from mlxserve.server.metrics import Metrics
+from modelstore.errors import MlxserveError
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+REQUEST_ID_HEADER = "X-Request-Id"
+LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+OPEN_PATHS = frozenset({"/api/health"})
+"""Answer without an API key: liveness checks carry no data."""
+log = logging.getLogger("mlxserve.access")
+
+
+class NotFoundError(MlxserveError):
+    code = "not_found"
+
+
+class MethodNotAllowedError(MlxserveError):
+    code = "method_not_allowed"
+
+
+class RequestTooLargeError(MlxserveError):
+    code = "request_too_large"
+
+
+class InternalError(MlxserveError):
+    code = "internal_error"
+
+
+def _allowed_hosts(settings: Settings) -> set[str]:
+    names = set(LOCAL_NAMES) | {settings.host, socket.gethostname()}
+    names |= {h.lower() for h in settings.allowed_hosts}
+    with contextlib.suppress(OSError):
+        names.add(socket.getfqdn())
+    return {name.lower() for name in names}
+
+
+def _host_name(value: str) -> str:
+    return (urlsplit(f"//{value}").hostname or "").lower()
+
+
+def make_middlewares(settings: Settings, metrics: Metrics) -> list[Callable]:
+    hosts = _allowed_hosts(settings)
+    origins = {origin.rstrip("/") for origin in settings.allowed_origins}
+    key = settings.api_key.encode() if settings.api_key else None
+
+    @web.middleware
+    async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request["request_id"] = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        request["log"] = {}
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except MlxserveError as error:
+            response = error_response(error, request.path)
+            status = response.status
+            metrics.errors.labels(error.code).inc()
+            request["log"]["error"] = error.code
+            return response
+        finally:
+            route = request.match_info.route.resource
+            route_name = route.canonical if route is not None else "unmatched"
+            metrics.requests.labels(route_name, str(status)).inc()
+            entry = {
+                "request_id": request["request_id"],
+                "method": request.method,
+                "route": route_name,
+                "status": status,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+                **request["log"],
+            }
+            log.info(json.dumps(entry))
+
+    @web.middleware
+    async def access_control(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """DNS rebinding (Host), browsers on foreign sites (Origin), and the API key."""
+        if _host_name(request.headers.get("Host", "")) not in hosts:
+            raise ForbiddenError("this Host is not allowed (DNS rebinding protection)")
+        origin = request.headers.get("Origin")
+        foreign = origin and (urlsplit(origin).hostname or "").lower() not in LOCAL_NAMES
+        if foreign and origin.rstrip("/") not in origins:
+            raise ForbiddenError(f"origin {origin} is not allowed")
+        if key is not None and request.path not in OPEN_PATHS:
+            supplied = request.headers.get("Authorization", "")
+            token = supplied.removeprefix("Bearer ").strip().encode()
+            if not supplied.startswith("Bearer ") or not hmac.compare_digest(token, key):
+                raise UnauthorizedError("missing or wrong API key (Authorization: Bearer ...)")
+        return await handler(request)
+
+    @web.middleware
+    async def error_shape(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """aiohttp's own errors and anything unexpected, in our error shape (never a trace)."""
+        try:
+            return await handler(request)
+        except MlxserveError:
+            raise
+        except web.HTTPRequestEntityTooLarge:
+            raise RequestTooLargeError(
+                f"request body larger than {settings.max_body_bytes} bytes"
+            ) from None
+        except web.HTTPNotFound:
+            raise NotFoundError(f"no route {request.method} {request.path}") from None
+        except web.HTTPMethodNotAllowed:
+            raise MethodNotAllowedError(f"{request.method} is not allowed on {request.path}") \
+                from None
+        except web.HTTPException:
+            raise
+        except (ConnectionResetError, TimeoutError):
+            raise
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from None
+        except Exception:
+            logging.getLogger("mlxserve").exception("unhandled error on %s", request.path)
+            raise InternalError("internal error; see the daemon log") from None
+
+    return [request_context, access_control, error_shape]
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: every response, streams included, carries the request id."""
+    if "request_id" in request:
+        response.headers[REQUEST_ID_HEADER] = request["request_id"]

@@ -1,0 +1,167 @@
+"""Routes that change the store: ``/api/create``, ``/api/pull``, ``/api/push``.
+
+Each streams Ollama-shaped NDJSON status lines (``{"status": ...}``; progress lines add
+``digest``, ``total``, ``completed``) unless ``stream: false``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from mlxserve.errors import InvalidRequestError
+from mlxserve.server.encoders import NDJSON, open_stream, write_ndjson
+from mlxserve.server.options import require_bool, require_str
+from mlxserve.server.routes_native import json_body, model_name
+from mlxserve.server.state import STORE
+from modelstore.errors import MlxserveError
+from modelstore.reference import validate_digest
+
+routes = web.RouteTableDef()
+Work = Callable[[Callable[[dict[str, Any]], None]], Awaitable[None]]
+
+
+async def run_with_status(request: web.Request, stream: bool, work: Work) -> web.StreamResponse:
+    """Run ``work`` (which reports status dicts) and relay them as NDJSON or one final object."""
+    events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+
+    def report(event: dict[str, Any]) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, event)
+
+    task = asyncio.create_task(work(report))
+    task.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, None))
+    if not stream:
+        await task
+        return web.json_response({"status": "success"})
+    response: web.StreamResponse | None = None
+    while (event := await events.get()) is not None:
+        if response is None:
+            response = await open_stream(request, NDJSON)
+        await write_ndjson(response, event)
+    try:
+        task.result()
+    except MlxserveError as error:
+        if response is None:
+            raise
+        await write_ndjson(response, {"error": error.message, "code": error.code})
+    if response is None:
+        response = await open_stream(request, NDJSON)
+    await write_ndjson(response, {"status": "success"})
+    await response.write_eof()
+    return response
+
+
+def spec_from_create_body(body: dict[str, Any], store: Any, folder: Path) -> Path:
+    """Ollama's create fields (``from``, ``files``, ``template``, ``system``, ``parameters``,
+    ``license``) become a ModelSpec, so ``create`` has one code path."""
+    spec: dict[str, Any] = {}
+    source = body.get("from")
+    files = body.get("files")
+    if source and files:
+        raise InvalidRequestError("give either 'from' or 'files', not both")
+    if isinstance(source, str) and source:
+        spec["from"] = f"model://{source}"
+    elif isinstance(files, dict) and files:
+        weights = folder / "weights"
+        weights.mkdir()
+        for file_name, digest in files.items():
+            if not isinstance(file_name, str) or "/" in file_name or file_name.startswith("."):
+                raise InvalidRequestError(f"bad file name {file_name!r} in 'files'")
+            blob = store.blobs.path(validate_digest(digest))
+            if not blob.is_file():
+                raise InvalidRequestError(
+                    f"blob {digest} was not uploaded (POST /api/blobs/{digest} first)"
+                )
+            (weights / file_name).symlink_to(blob)
+        ggufs = [name for name in files if name.endswith(".gguf")]
+        spec["from"] = f"./weights/{ggufs[0]}" if len(ggufs) == 1 else "./weights"
+    else:
+        raise InvalidRequestError("'from' (a model) or 'files' (uploaded blobs) is required")
+    for key in ("template", "system", "license"):
+        value = body.get(key)
+        if isinstance(value, list):
+            value = "\n".join(value)
+        if value:
+            spec[key] = value
+    if body.get("parameters"):
+        spec["parameters"] = body["parameters"]
+    path = folder / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@routes.post("/api/create")
+async def create(request: web.Request) -> web.StreamResponse:
+    from modelstore.spec import build_draft, load_spec, require_valid
+
+    body = await json_body(request)
+    name = model_name(body)
+    store = request.app[STORE]
+    if body.get("quantize"):
+        raise InvalidRequestError("'quantize' is not supported; import a quantized model")
+    stream = require_bool(body, "stream", True)
+
+    async def work(report: Callable[[dict[str, Any]], None]) -> None:
+        with tempfile.TemporaryDirectory(prefix="mlxserve-create-") as folder:
+            spec_path = spec_from_create_body(body, store, Path(folder))
+            report({"status": "parsing modelspec"})
+            spec = load_spec(spec_path)
+            require_valid(spec)
+            draft = await asyncio.to_thread(build_draft, spec, store)
+            report({"status": "writing manifest"})
+            await asyncio.to_thread(store.commit, draft, name)
+
+    return await run_with_status(request, stream, work)
+
+
+def progress_reporter(report: Callable[[dict[str, Any]], None]) -> Callable[[Any], None]:
+    def relay(event: Any) -> None:
+        body = event if isinstance(event, dict) else {
+            k: v for k, v in vars(event).items() if v is not None
+        }
+        report(body)
+
+    return relay
+
+
+@routes.post("/api/pull")
+async def pull(request: web.Request) -> web.StreamResponse:
+    from modelstore.registry import pull_model
+
+    body = await json_body(request)
+    name = model_name(body)
+    insecure = require_bool(body, "insecure", False)
+    stream = require_bool(body, "stream", True)
+    store = request.app[STORE]
+
+    async def work(report: Callable[[dict[str, Any]], None]) -> None:
+        await pull_model(store, name, insecure=insecure, progress=progress_reporter(report))
+
+    return await run_with_status(request, stream, work)
+
+
+@routes.post("/api/push")
+async def push(request: web.Request) -> web.StreamResponse:
+    from modelstore.registry import push_model
+
+    body = await json_body(request)
+    name = model_name(body)
+    target = require_str(body, "destination", required=False) or name
+    insecure = require_bool(body, "insecure", False)
+    stream = require_bool(body, "stream", True)
+    store = request.app[STORE]
+
+    async def work(report: Callable[[dict[str, Any]], None]) -> None:
+        await push_model(store, name, target, insecure=insecure,
+                         progress=progress_reporter(report))
+
+    return await run_with_status(request, stream, work)
+
+

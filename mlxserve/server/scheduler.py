@@ -1,0 +1,53 @@
+"""Admission and slots for one model: a bounded queue in front of ``parallel`` slots.
+
+A request either gets a slot, waits in a queue of at most ``max_queue``, or is refused at once
+with ``QueueFullError`` (HTTP 429 + Retry-After): the queue never grows without bound, and the
+number of sequences in a model's KV cache never exceeds its slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from mlxserve.errors import QueueFullError
+
+
+class ModelQueue:
+    def __init__(self, name: str, parallel: int, max_queue: int) -> None:
+        self.name = name
+        self.parallel = parallel
+        self.max_queue = max_queue
+        self._slots = asyncio.Semaphore(parallel)
+        self.waiting = 0
+        self.active = 0
+
+    @property
+    def busy(self) -> bool:
+        return self.active > 0 or self.waiting > 0
+
+    def admit(self) -> None:
+        """Refuse now, before any waiting, if the queue is full."""
+        if self.active + self.waiting >= self.parallel + self.max_queue:
+            raise QueueFullError(
+                f"model {self.name} is busy: {self.active} running, {self.waiting} queued "
+                f"(limit {self.max_queue}); retry shortly",
+                running=self.active,
+                queued=self.waiting,
+            )
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        self.admit()
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+            self._slots.release()
