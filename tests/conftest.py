@@ -69,3 +69,23 @@ def tiny_store(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> ModelSt
     import_path(store, tiny_models.hf_folder, "tiny:mlx")
     import_path(store, tiny_models.gguf_path, "tiny:gguf")
     return store
+
+
+def populated_store(root: Path, tiny_models) -> ModelStore:
+    from modelstore.importer import import_path
+
+    store = ModelStore(root)
+    import_path(store, tiny_models.hf_folder, "tiny:mlx")
+    import_path(store, tiny_models.gguf_path, "tiny:gguf")
+    return store
+
+
+@pytest.fixture(scope="module")
+def daemon(tiny_models, tmp_path_factory: pytest.TempPathFactory):
+    """A real daemon over its own store holding ``tiny:mlx`` and ``tiny:gguf``."""
+    from tests.daemon import Daemon
+
+    store = populated_store(tmp_path_factory.mktemp("daemon") / "home", tiny_models)
+    running = Daemon(store.root).start()
+    yield running
+    running.stop()

@@ -22,6 +22,7 @@ from mlxserve.errors import (
     InvalidRequestError,
     ModelNotLoadedError,
     RunnerUnavailableError,
+    UnsupportedFeatureError,
     UnsupportedFormatError,
 )
 from mlxserve.runners.base import (
@@ -153,7 +154,9 @@ class LlamaCppRunner:
         return self._require().detokenize(token_ids).decode("utf-8", "replace")
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
-        raise InferenceError("embeddings need a model loaded with embedding=True")
+        raise UnsupportedFeatureError(
+            "embeddings are served by the MLX runner; this model runs on llama.cpp"
+        )
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         llama = self._require()
