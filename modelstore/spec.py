@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -61,7 +62,8 @@ class ModelSpec:
         return self.path.parent
 
     def resolve_file(self, relative: str) -> Path:
-        return (self.base_dir / relative).resolve()
+        """Relative to the spec; symlinks kept, so a linked ``x.gguf`` keeps its name."""
+        return Path(os.path.abspath(self.base_dir / relative))
 
 
 def _line_index(

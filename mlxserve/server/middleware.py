@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -22,6 +23,8 @@ from modelstore.errors import MlxserveError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID_HEADER = "X-Request-Id"
+CLIENT_CLOSED_REQUEST = 499
+"""Logged (never sent) when the client went away mid-request: nginx's convention."""
 LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 OPEN_PATHS = frozenset({"/api/health"})
 """Answer without an API key: liveness checks carry no data."""
@@ -77,6 +80,9 @@ def make_middlewares(settings: Settings, metrics: Metrics) -> list[Callable]:
             metrics.errors.labels(error.code).inc()
             request["log"]["error"] = error.code
             return response
+        except (asyncio.CancelledError, ConnectionResetError):
+            status = CLIENT_CLOSED_REQUEST
+            raise
         finally:
             route = request.match_info.route.resource
             route_name = route.canonical if route is not None else "unmatched"
