@@ -11,7 +11,7 @@ import json
 import signal
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 
@@ -59,6 +59,60 @@ class ChatState:
     overrides: dict[str, Any]
     system: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class DaemonSession:
+    """The same interface as ``Session``, answered by a running daemon (``mlxctl serve``)."""
+
+    OPTION_NAMES: ClassVar[dict[str, str]] = {
+        "max_tokens": "num_predict",
+        "repetition_penalty": "repeat_penalty",
+    }
+
+    def __init__(self, client: Any, name: str, as_json: bool, verbose: bool) -> None:
+        self.client, self.name = client, name
+        self.as_json, self.verbose = as_json, verbose
+
+    def load(self) -> None:
+        self.client.post("/api/generate", {"model": self.name})
+
+    def _options(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        return {self.OPTION_NAMES.get(k, k): v for k, v in overrides.items()}
+
+    def _print(self, lines: Any, field: str) -> str:
+        pieces = []
+        try:
+            for line in lines:
+                if "error" in line:
+                    raise MlxserveError(line["error"])
+                text = line[field]["content"] if field == "message" else line[field]
+                pieces.append(text)
+                if self.as_json:
+                    sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
+                else:
+                    sys.stdout.write(text)
+                sys.stdout.flush()
+                if line.get("done"):
+                    if not self.as_json:
+                        sys.stdout.write("\n")
+                    if self.verbose:
+                        click.echo(json.dumps({k: v for k, v in line.items()
+                                               if k.endswith(("count", "duration"))}), err=True)
+        except KeyboardInterrupt:
+            click.echo("\n[stopped]", err=True)
+        return "".join(pieces)
+
+    def one_shot(self, prompt: str, state: ChatState, raw: bool) -> None:
+        body = {"model": self.name, "prompt": prompt, "raw": raw, "system": state.system,
+                "options": self._options(state.overrides)}
+        self._print(self.client.stream("/api/generate", body), "response")
+
+    def chat(self, messages: list[dict[str, Any]], overrides: dict[str, Any]) -> str:
+        body = {"model": self.name, "messages": messages, "options": self._options(overrides)}
+        return self._print(self.client.stream("/api/chat", body), "message")
+
+    def close(self) -> None:
+        """The daemon keeps the model for its keep_alive."""
 
 
 class Session:
@@ -145,13 +199,15 @@ class Session:
         self.loop.close()
 
 
-def chat_turn(session: Session, state: ChatState, text: str) -> None:
+def chat_turn(session: Session | DaemonSession, state: ChatState, text: str) -> None:
     messages = list(state.history)
     if state.system:
         messages.insert(0, {"role": "system", "content": state.system})
     messages.append({"role": "user", "content": text})
-    request = session.loaded.chat_request(messages, state.overrides)
-    reply = session.answer(request)
+    if isinstance(session, DaemonSession):
+        reply = session.chat(messages, state.overrides)
+    else:
+        reply = session.answer(session.loaded.chat_request(messages, state.overrides))
     state.history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
 
 
@@ -181,10 +237,10 @@ def handle_command(line: str, state: ChatState) -> bool:
     return True
 
 
-def interactive(session: Session, state: ChatState) -> None:
+def interactive(session: Session | DaemonSession, state: ChatState) -> None:
     import readline  # noqa: F401 - line editing and history for input()
 
-    click.echo(f"Chatting with {session.loaded.model.name}. /? for help, /bye to leave.", err=True)
+    click.echo(f"Chatting with {session.name}. /? for help, /bye to leave.", err=True)
     while True:
         try:
             line = input(">>> ")
@@ -252,16 +308,37 @@ def run_command(
         "max_tokens": max_tokens,
     }
     state = ChatState({k: v for k, v in overrides.items() if v is not None}, system)
-    session = Session(name, runner, as_json, verbose)
+    session = choose_session(name, runner, local, as_json, verbose)
     try:
         session.load()
         if prompt is None:
             interactive(session, state)
+        elif isinstance(session, DaemonSession):
+            session.one_shot(prompt, state, raw)
         elif raw:
             session.answer(session.loaded.raw_request(prompt, state.overrides))
         else:
             chat_turn(session, state, prompt)
-    except MlxserveError:
-        raise
     finally:
         session.close()
+
+
+def choose_session(
+    name: str, runner: str | None, local: bool, as_json: bool, verbose: bool
+) -> Session | DaemonSession:
+    """The daemon when one is up (it keeps models warm), else this process.
+
+    ``--runner`` picks a library, which only an in-process run can honour.
+    """
+    if not local and runner is None:
+        from mlxctl.client import DaemonClient
+
+        client = DaemonClient.from_environment()
+        if client.is_up():
+            if name == DEFAULT_MODEL:
+                from modelstore.default_model import ensure_default_model
+                from modelstore.store import ModelStore
+
+                ensure_default_model(ModelStore())
+            return DaemonSession(client, name, as_json, verbose)
+    return Session(name, runner, as_json, verbose)
