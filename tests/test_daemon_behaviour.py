@@ -264,3 +264,14 @@ def test_nothing_listens_beyond_loopback(daemon):
         outside = [a for a in addresses if not a.startswith("127.") and ":" not in a]
         for address in outside:
             assert sock.connect_ex((address, daemon.port)) != 0
+
+
+async def test_sse_sends_keepalive_comments_while_the_prompt_is_read(make_daemon):
+    daemon = make_daemon(env={"MLXSERVE_SSE_KEEPALIVE_S": "0.0001"})
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(f"{daemon.url}/v1/chat/completions", json={
+            "model": "tiny:mlx", "stream": True, "max_tokens": 2,
+            "messages": [{"role": "user", "content": "word " * 400}]})
+        body = await response.text()
+        assert body.startswith(": keep-alive")
+        assert body.rstrip().endswith("data: [DONE]")

@@ -32,6 +32,7 @@ ENVIRONMENT = {
     "allowed_origins": "MLXSERVE_ORIGINS",
     "allowed_hosts": "MLXSERVE_ALLOWED_HOSTS",
     "log_level": "MLXSERVE_LOG_LEVEL",
+    "sse_keepalive_s": "MLXSERVE_SSE_KEEPALIVE_S",
 }
 
 
@@ -77,6 +78,8 @@ class Settings:
     allowed_origins: list[str] = field(default_factory=list)
     allowed_hosts: list[str] = field(default_factory=list)
     log_level: str = "info"
+    sse_keepalive_s: float = 5.0
+    """How often an SSE stream sends a comment line while the prompt is still being read."""
 
     @property
     def is_loopback(self) -> bool:
@@ -108,6 +111,8 @@ def _coerce(name: str, value: Any) -> Any:
             ) else list(value)
         if "int" in str(kind):
             return int(value)
+        if "float" in str(kind):
+            return float(value)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid value for {name}: {value!r}") from exc
     return value

@@ -21,12 +21,11 @@ from mlxserve.runners.base import GenerateChunk, TokenLogprob
 from mlxserve.server.encoders import SSE, SSE_KEEPALIVE, open_stream, write_sse
 from mlxserve.server.generation import Generation, generation, messages_from_body
 from mlxserve.server.routes_native import embed_inputs, embed_texts, json_body, model_name
-from mlxserve.server.state import MANAGER, METRICS, STORE
+from mlxserve.server.state import MANAGER, METRICS, SETTINGS, STORE
 from mlxserve.server.tools import parse_tool_calls
 from modelstore.errors import MlxserveError
 
 routes = web.RouteTableDef()
-KEEPALIVE_INTERVAL_S = 5.0
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop"}
 OWNER = "mlxserve"
 DEFAULT_COMPLETION_TOKENS = 16
@@ -178,7 +177,7 @@ async def stream_sse(
     request: web.Request, running: Generation, shape: Any, closing: Any
 ) -> web.StreamResponse:
     writer = SseWriter(request)
-    first = await running.first(writer.heartbeat, KEEPALIVE_INTERVAL_S)
+    first = await running.first(writer.heartbeat, request.app[SETTINGS].sse_keepalive_s)
     try:
         await writer.send(shape(first, True))
         if not first.done:

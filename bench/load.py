@@ -1,0 +1,179 @@
+"""Load benchmark: the daemon against in-process inference, and against ``mlx_lm.server``.
+
+Prints JSON. In one run, on one MLX model (the default model converted to MLX):
+(a) one client: tokens/s and time to first token through the daemon vs the runner in-process;
+(b) aggregate tokens/s with 1, 4 and 8 concurrent streaming clients on one model, through our
+    daemon and through ``mlx_lm.server`` on the same weights (both via ``/v1/chat/completions``).
+
+    python -m bench.load [--tokens 32] [--clients 1 4 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench.common import MODEL, bench_store, emit, median
+from mlxserve import platform
+from mlxserve.inference import LoadedModel
+from mlxserve.runners.gguf_convert import convert_gguf
+from mlxserve.runners.mlx import derived_folder
+from modelstore.importer import import_path
+from modelstore.runtime import open_model
+from tests.daemon import Daemon, free_port
+
+MLX_MODEL = "bench/smollm2-mlx:f32"
+QUESTION = "Write a short poem about the sea."
+
+
+def mlx_copy(store: Any) -> Path:
+    """The default model as an MLX folder, in the store under its own name."""
+    folder = convert_gguf(
+        open_model(store, MODEL).weights[0],
+        derived_folder(open_model(store, MODEL), platform.mlx_dequantize_weights()),
+        dequantize=platform.mlx_dequantize_weights(),
+    )
+    if not store.exists(MLX_MODEL):
+        import_path(store, folder, MLX_MODEL)
+    return folder
+
+
+async def stream_chat(session: aiohttp.ClientSession, url: str, model: str,
+                      tokens: int) -> dict[str, float]:
+    body = {"model": model, "messages": [{"role": "user", "content": QUESTION}],
+            "max_tokens": tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    started = time.perf_counter()
+    first = None
+    count = 0
+    usage = 0
+    async with session.post(f"{url}/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for raw in response.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]["completion_tokens"]
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                count += 1
+                first = first or time.perf_counter()
+    ended = time.perf_counter()
+    return {"ttft_s": (first or ended) - started, "tokens": max(count, usage),
+            "seconds": ended - started}
+
+
+async def concurrent(url: str, model: str, clients: int, tokens: int) -> dict[str, float]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
+        await stream_chat(session, url, model, 2)
+        started = time.perf_counter()
+        results = await asyncio.gather(
+            *(stream_chat(session, url, model, tokens) for _ in range(clients))
+        )
+        wall = time.perf_counter() - started
+    total = sum(r["tokens"] for r in results)
+    return {
+        "clients": clients,
+        "aggregate_tokens_per_s": round(total / wall, 2),
+        "median_ttft_s": round(median([r["ttft_s"] for r in results]), 3),
+        "tokens": total,
+    }
+
+
+async def in_process(store: Any, tokens: int) -> dict[str, float]:
+    loaded = await LoadedModel.load(store, MLX_MODEL, "mlx")
+    try:
+        messages = [{"role": "user", "content": QUESTION}]
+        await anext_all(loaded, loaded.chat_request(messages, {"max_tokens": 2}))
+        request = loaded.chat_request(messages, {"temperature": 0.0, "max_tokens": tokens})
+        started = time.perf_counter()
+        final = await anext_all(loaded, request)
+        seconds = time.perf_counter() - started
+    finally:
+        await loaded.unload()
+    stats = final.stats
+    return {"ttft_s": round(stats.time_to_first_token / 1e9, 3),
+            "tokens_per_s": round(stats.eval_count / seconds, 2),
+            "tokens": stats.eval_count}
+
+
+async def anext_all(loaded: LoadedModel, request: Any) -> Any:
+    final = None
+    async for chunk in loaded.generate(request):
+        final = chunk
+    return final
+
+
+def start_mlx_lm_server(folder: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlx_lm.server", "--model", str(folder), "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            import urllib.request
+
+            urllib.request.urlopen(f"{url}/v1/models", timeout=1)
+            return process, url
+        except OSError:
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError("mlx_lm.server did not start")
+
+
+async def measure(tokens: int, client_counts: list[int]) -> dict[str, Any]:
+    store = bench_store()
+    folder = mlx_copy(store)
+    result: dict[str, Any] = {"benchmark": "load", "model": MLX_MODEL, "tokens": tokens}
+    result["in_process"] = await in_process(store, tokens)
+    daemon = Daemon(store.root, ["--num-parallel", str(max(client_counts)),
+                                 "--max-queue", "64"]).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            await stream_chat(session, daemon.url, MLX_MODEL, 2)
+            single = await stream_chat(session, daemon.url, MLX_MODEL, tokens)
+        result["through_daemon"] = {
+            "ttft_s": round(single["ttft_s"], 3),
+            "tokens_per_s": round(single["tokens"] / single["seconds"], 2),
+            "tokens": single["tokens"],
+        }
+        result["daemon_concurrency"] = [
+            await concurrent(daemon.url, MLX_MODEL, n, tokens) for n in client_counts
+        ]
+    finally:
+        daemon.stop()
+    process, url = start_mlx_lm_server(folder)
+    try:
+        result["mlx_lm_server_concurrency"] = [
+            await concurrent(url, str(folder), n, tokens) for n in client_counts
+        ]
+    finally:
+        process.kill()
+        process.wait()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
+    args = parser.parse_args()
+    emit(asyncio.run(measure(args.tokens, args.clients)))
+
+
+if __name__ == "__main__":
+    main()
