@@ -108,18 +108,23 @@ def test_ollama_unknown_model_is_404(ollama_client):
     assert info.value.status_code == 404
 
 
-def test_ollama_json_format_on_llama_cpp(ollama_client):
-    schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
-              "required": ["city"]}
-    response = ollama_client.generate(model=GGUF, prompt="Give a city as JSON", format=schema,
+@pytest.mark.parametrize("model", [GGUF, MLX])
+def test_ollama_json_schema_format_on_each_runner(ollama_client, model):
+    schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]},
+                                               "n": {"type": "integer", "minimum": 0,
+                                                     "maximum": 99}},
+              "required": ["city", "n"], "additionalProperties": False}
+    response = ollama_client.generate(model=model, prompt="Give a city as JSON", format=schema,
                                       options={"temperature": 0, "num_predict": 60})
     value = json.loads(response.response)
     assert value["city"] in {"Paris", "Rome"}
+    assert isinstance(value["n"], int)
 
 
-def test_format_on_a_runner_that_cannot_honour_it_is_400(ollama_client):
+def test_an_invalid_schema_is_400(ollama_client):
     with pytest.raises(ollama.ResponseError) as info:
-        ollama_client.generate(model=MLX, prompt="Hi", format="json", options=QUIET)
+        ollama_client.generate(model=MLX, prompt="Hi", format={"type": "nonsense"},
+                               options=QUIET)
     assert info.value.status_code == 400
 
 

@@ -246,3 +246,22 @@ async def test_mlx_batches_concurrent_requests_and_keeps_seeded_output(tiny_stor
         assert {1, 2} <= set(order[:first_done])
     finally:
         await model.unload()
+
+
+async def test_mlx_json_constraint_batches_with_free_requests(tiny_store):
+    import asyncio
+    import json
+
+    model = await LoadedModel.load(tiny_store, "tiny:mlx", "mlx")
+    try:
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}},
+                  "required": ["ok"], "additionalProperties": False}
+        constrained = make_request(model, max_tokens=30, logit_bias={},
+                                   response_format={"type": "json_schema", "schema": schema})
+        free = make_request(model, max_tokens=30)
+        results = await asyncio.gather(collect(model, constrained), collect(model, free))
+        assert json.loads(text_of(results[0])) in ({"ok": True}, {"ok": False})
+        assert results[0][-1].done_reason == "stop"
+        assert len(tokens_of(results[1])) == 30
+    finally:
+        await model.unload()

@@ -25,7 +25,6 @@ from mlxserve.errors import (
     OutOfMemoryError,
     RunnerUnavailableError,
     UnsupportedArchitectureError,
-    UnsupportedFeatureError,
 )
 from mlxserve.runners.base import (
     GenerateChunk,
@@ -123,6 +122,7 @@ class MlxRunner:
         self._prompt_cache: Any = None
         self._batch: Any = None
         self._active: dict[int, _Active] = {}
+        self._guidance_tokenizer: Any = None
         self._engine = EngineThread("mlx-engine", self._step)
 
     @property
@@ -214,6 +214,7 @@ class MlxRunner:
             if self._batch is not None:
                 self._batch.close()
             self._model = self._tokenizer = self._prompt_cache = self._batch = None
+            self._guidance_tokenizer = None
             mx.clear_cache()
 
         await self._engine.call(release)
@@ -259,11 +260,9 @@ class MlxRunner:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         tokenizer = self._require()[1]
+        constraint = None
         if request.response_format:
-            raise UnsupportedFeatureError(
-                "JSON-constrained output (format / response_format) is not available on the MLX "
-                "runner yet; run this model with the llama.cpp runner or drop `format`"
-            )
+            constraint = await asyncio.to_thread(self._constraint, request.response_format)
         prompt = request.prompt_tokens
         if prompt is None:
             prompt = self.tokenize(request.prompt or "", request.add_special_tokens)
@@ -282,7 +281,9 @@ class MlxRunner:
         def emit(item: object) -> None:
             loop.call_soon_threadsafe(chunks.put_nowait, item)
 
-        self._engine.submit(lambda: self._join(request, list(prompt), max_tokens, emit))
+        self._engine.submit(
+            lambda: self._join(request, list(prompt), max_tokens, emit, constraint)
+        )
         try:
             while True:
                 item = await chunks.get()
@@ -296,8 +297,27 @@ class MlxRunner:
 
     # -- engine thread -----------------------------------------------------------------------
 
+    def _constraint(self, response_format: dict[str, Any] | None) -> Any:
+        """A per-request JSON grammar processor (validated here, before any byte is sent)."""
+        if not response_format:
+            return None
+        from mlxserve.runners.constrained import JsonConstraint, build_tokenizer, grammar_for
+
+        grammar = grammar_for(response_format)
+        if self._guidance_tokenizer is None:
+            tokenizer = self._tokenizer
+            self._guidance_tokenizer = build_tokenizer(
+                tokenizer._tokenizer, sorted(tokenizer.eos_token_ids)
+            )
+        return JsonConstraint(self._guidance_tokenizer, grammar)
+
     def _join(
-        self, request: GenerateRequest, prompt: list[int], max_tokens: int, emit: Any
+        self,
+        request: GenerateRequest,
+        prompt: list[int],
+        max_tokens: int,
+        emit: Any,
+        constraint: Any = None,
     ) -> None:
         """Add a request to the batch, starting from the longest cached prefix of its prompt."""
         try:
@@ -324,6 +344,8 @@ class MlxRunner:
                 presence_penalty=request.presence_penalty or None,
                 frequency_penalty=request.frequency_penalty or None,
             ) + list(request.logits_processors)
+            if constraint is not None:
+                processors.append(constraint)
             (uid,) = self._batch.insert(
                 [remaining],
                 max_tokens=[max_tokens],
