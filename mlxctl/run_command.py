@@ -123,6 +123,7 @@ class Session:
         self.as_json, self.verbose = as_json, verbose
         self.loop = asyncio.new_event_loop()
         self.loaded: Any = None
+        self.last_reason: str | None = None
 
     def load(self) -> None:
         from mlxserve.inference import LoadedModel
@@ -148,7 +149,7 @@ class Session:
             self.loop.run_until_complete(self._stream(request, pieces))
         finally:
             self.loop.remove_signal_handler(signal.SIGINT)
-        if request.cancel.cancelled:
+        if self.last_reason == "cancelled":
             click.echo("[stopped]", err=True)
         return "".join(pieces)
 
@@ -164,6 +165,7 @@ class Session:
             sys.stdout.flush()
             pieces.append(chunk.text)
             if chunk.done:
+                self.last_reason = chunk.done_reason
                 if not self.as_json:
                     sys.stdout.write("\n")
                     sys.stdout.flush()

@@ -41,6 +41,7 @@ def test_run_answers_paris_on_each_runner(shared_home, runner):
                         DEFAULT_MODEL, QUESTION)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
+    assert "[stopped]" not in result.stderr
 
 
 def test_run_with_no_model_imports_the_default_model_on_first_use(tmp_path):
