@@ -7,7 +7,6 @@ never pays for aiohttp, mlx, transformers or llama_cpp (``tests/test_cli_startup
 from __future__ import annotations
 
 import importlib
-import sys
 
 import click
 
@@ -66,5 +65,6 @@ def cli() -> None:
 
 def main() -> None:
     from mlxctl.errors import run_cli
+    from mlxserve.platform import exit_process
 
-    sys.exit(run_cli(cli))
+    exit_process(run_cli(cli))

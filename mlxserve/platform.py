@@ -7,6 +7,7 @@ SmolLM2 decodes ~0.2 tokens/s, fp32 ~9), so the MLX runner holds weights unquant
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
@@ -42,6 +43,22 @@ def default_threads() -> int:
     """Physical-ish cores: llama.cpp slows down when hyper-threads fight over one core."""
     count = os.cpu_count() or 1
     return max(1, count if count <= 4 else count // 2)
+
+
+def exit_process(code: int) -> None:
+    """Exit, skipping native teardown once MLX has run in this process.
+
+    MLX's stream threads keep a thread-local compile cache whose destructor calls back into
+    Python; when those threads are torn down after the interpreter has begun finalising, the
+    process aborts ("terminate called without an active exception", exit 134) even though all
+    work finished. Once stdio is flushed there is nothing left worth tearing down.
+    """
+    if "mlx.core" not in sys.modules:
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def total_memory_bytes() -> int:

@@ -89,3 +89,20 @@ def daemon(tiny_models, tmp_path_factory: pytest.TempPathFactory):
     running = Daemon(store.root).start()
     yield running
     running.stop()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config.stash[_EXIT_STATUS] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Leave without native teardown once MLX ran here (see ``platform.exit_process``):
+    otherwise a finished, green run can still abort in MLX's thread exit handlers."""
+    from mlxserve.platform import exit_process
+
+    if _EXIT_STATUS in config.stash:
+        exit_process(config.stash[_EXIT_STATUS])
+
+
+_EXIT_STATUS = pytest.StashKey[int]()

@@ -1,9 +1,14 @@
-"""The one thread that owns a runner's MLX state, interleaving calls with batch steps.
+"""The one thread that owns all MLX state in the process, interleaving calls with batch steps.
 
 MLX arrays, streams and caches must not be touched from several threads at once, yet the
 daemon needs to start new requests while others are mid-generation. So every MLX call (load,
-a request joining the batch, embeddings) is a job on this thread's inbox, and between jobs the
-thread advances the batch by one step. Idle, it blocks on the inbox and costs nothing.
+a request joining a batch, embeddings) is a job on this thread's inbox, and between jobs the
+thread advances every registered batch by one step. Idle, it blocks on the inbox.
+
+The thread lives as long as the process: a thread that ran MLX must never exit, because
+MLX's thread-local compile cache calls back into Python from the thread's exit handlers, which
+aborts the process if the interpreter is shutting down (seen as "terminate called without an
+active exception" at exit).
 """
 
 from __future__ import annotations
@@ -19,10 +24,9 @@ T = TypeVar("T")
 
 
 class EngineThread:
-    def __init__(self, name: str, step: Callable[[], bool]) -> None:
-        """``step`` advances the batch once and says whether work remains."""
-        self._step = step
-        self._inbox: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = (
+    def __init__(self, name: str) -> None:
+        self._steppers: list[Callable[[], bool]] = []
+        self._inbox: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = (
             queue.SimpleQueue()
         )
         self._busy = False
@@ -37,9 +41,13 @@ class EngineThread:
     async def call(self, function: Callable[[], T]) -> T:
         return await asyncio.wrap_future(self.submit(function))
 
-    def stop(self) -> None:
-        self._inbox.put(None)
-        self._thread.join()
+    def register(self, step: Callable[[], bool]) -> None:
+        """Call from a job. ``step`` advances one batch once and says whether work is left."""
+        self._steppers.append(step)
+
+    def unregister(self, step: Callable[[], bool]) -> None:
+        """Call from a job."""
+        self._steppers.remove(step)
 
     def _run(self) -> None:
         while True:
@@ -48,8 +56,6 @@ class EngineThread:
             except queue.Empty:
                 job = ...
             while job is not ...:
-                if job is None:
-                    return
                 function, future = job
                 if future.set_running_or_notify_cancel():
                     try:
@@ -60,4 +66,16 @@ class EngineThread:
                     job = self._inbox.get_nowait()
                 except queue.Empty:
                     job = ...
-            self._busy = self._step()
+            self._busy = any([step() for step in list(self._steppers)])
+
+
+_shared: EngineThread | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_engine() -> EngineThread:
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = EngineThread("mlx-engine")
+        return _shared

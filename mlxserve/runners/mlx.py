@@ -34,7 +34,7 @@ from mlxserve.runners.base import (
     TokenLogprob,
 )
 from mlxserve.runners.decode import DEFAULT_MAX_TOKENS, DecodeState, SampledToken
-from mlxserve.runners.engine import EngineThread
+from mlxserve.runners.engine import shared_engine
 from mlxserve.runners.textstream import MlxDetokenizer, TextStream
 from modelstore.model import LocalModel
 from modelstore.store import default_root
@@ -123,7 +123,7 @@ class MlxRunner:
         self._batch: Any = None
         self._active: dict[int, _Active] = {}
         self._guidance_tokenizer: Any = None
-        self._engine = EngineThread("mlx-engine", self._step)
+        self._engine = shared_engine()
 
     @property
     def max_parallel(self) -> int:
@@ -180,6 +180,7 @@ class MlxRunner:
                 completion_batch_size=self._parallel,
                 prefill_batch_size=self._parallel,
             )
+            self._engine.register(self._step)
 
         await self._engine.call(build)
         from mlx_lm.utils import get_total_parameters
@@ -213,13 +214,12 @@ class MlxRunner:
             self._active.clear()
             if self._batch is not None:
                 self._batch.close()
+                self._engine.unregister(self._step)
             self._model = self._tokenizer = self._prompt_cache = self._batch = None
             self._guidance_tokenizer = None
             mx.clear_cache()
 
         await self._engine.call(release)
-        self._engine.stop()
-        self._engine = EngineThread("mlx-engine", self._step)
 
     def describe(self) -> LoadedModelInfo:
         if self._info is None:

@@ -60,13 +60,17 @@ def serve_command(**flags: object) -> None:
 
 
 def main() -> None:
+    from mlxserve.platform import exit_process
+
+    code = 0
     try:
         serve_command.main(standalone_mode=False)
     except click.ClickException as exc:
         exc.show()
-        sys.exit(exc.exit_code)
+        code = exc.exit_code
     except MlxserveError as exc:
         click.echo(f"Error [{exc.code}]: {exc.message}", err=True)
-        sys.exit(1)
+        code = 1
     except (KeyboardInterrupt, asyncio.CancelledError):
-        sys.exit(0)
+        code = 0
+    exit_process(code)
