@@ -33,6 +33,7 @@ ENVIRONMENT = {
     "allowed_hosts": "MLXSERVE_ALLOWED_HOSTS",
     "log_level": "MLXSERVE_LOG_LEVEL",
     "sse_keepalive_s": "MLXSERVE_SSE_KEEPALIVE_S",
+    "prompt_cache_bytes": "MLXSERVE_PROMPT_CACHE_BYTES",
 }
 
 
@@ -78,6 +79,9 @@ class Settings:
     allowed_origins: list[str] = field(default_factory=list)
     allowed_hosts: list[str] = field(default_factory=list)
     log_level: str = "info"
+    prompt_cache_bytes: int = 1 << 30
+    """Per model: KV caches kept for follow-up prompts (mlx-lm's LRU); the bound that keeps
+    batching from growing memory without limit, with ``num_parallel`` x context for slots."""
     sse_keepalive_s: float = 5.0
     """How often an SSE stream sends a comment line while the prompt is still being read."""
 

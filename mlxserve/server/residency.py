@@ -169,7 +169,10 @@ class ModelManager:
             victim = min(idle, key=lambda r: r.last_used)
             log.info("evicting %s (least recently used)", victim.name)
             await self._unload(victim.name)
-        options = RunnerOptions(max_parallel=self.settings.num_parallel)
+        options = RunnerOptions(
+            max_parallel=self.settings.num_parallel,
+            prompt_cache_bytes=self.settings.prompt_cache_bytes,
+        )
         loaded = await LoadedModel.load(self.store, name, runner, options)
         parallel = min(self.settings.num_parallel or loaded.runner.max_parallel,
                        loaded.runner.max_parallel)
