@@ -1,4 +1,7 @@
-"""Daemon commands: ``serve`` (start it), ``ps`` (what it has loaded), ``stop`` (unload)."""
+"""Daemon commands: ``serve`` (start it), ``ps`` (what it has loaded), ``stop`` (unload).
+
+``serve`` is the ``mlxserve`` command itself, so both take the same flags.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +10,7 @@ from rich.table import Table
 
 from mlxctl.client import DaemonClient
 from mlxctl.output import console, human_size, print_json
-from mlxserve.server.main import run_daemon, serve_options
-
-
-@click.command("serve")
-@serve_options
-def serve_command(**flags: object) -> None:
-    """Start the daemon (Ollama-compatible API at /api, OpenAI-compatible at /v1).
-
-    \b
-    Example:
-      mlxctl serve --port 11500
-    """
-    run_daemon(**flags)
+from mlxserve.server.main import serve_command
 
 
 @click.command("ps")
@@ -46,3 +37,6 @@ def stop_command(model: str) -> None:
     """Unload a model from the daemon (keep_alive 0)."""
     DaemonClient.from_environment().post("/api/generate", {"model": model, "keep_alive": 0})
     console.print(f"stopped {model}")
+
+
+__all__ = ["ps_command", "serve_command", "stop_command"]

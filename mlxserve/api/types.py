@@ -71,8 +71,21 @@ class ChatMessage:
     tool_name: str | None = None
 
 
+class _StreamLine:
+    """A stream line: dataclass fields, with the stats flattened in as Ollama sends them."""
+
+    def to_dict(self) -> dict[str, Any]:
+        body = asdict(self)  # type: ignore[call-overload]
+        stats = body.pop("stats") or {}
+        body.update(stats)
+        return _without_none(body)
+
+    def to_json_line(self) -> bytes:
+        return json.dumps(self.to_dict(), ensure_ascii=False).encode() + b"\n"
+
+
 @dataclass
-class GenerateResponse:
+class GenerateResponse(_StreamLine):
     """One line of a ``/api/generate`` stream (or the whole answer with ``stream: false``)."""
 
     model: str
@@ -82,15 +95,6 @@ class GenerateResponse:
     done_reason: str | None = None
     context: list[int] | None = None
     stats: WireStats | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        body = asdict(self)
-        stats = body.pop("stats") or {}
-        body.update(stats)
-        return _without_none(body)
-
-    def to_json_line(self) -> bytes:
-        return json.dumps(self.to_dict(), ensure_ascii=False).encode() + b"\n"
 
     @classmethod
     def from_chunk(cls, model: str, chunk: GenerateChunk) -> GenerateResponse:
@@ -104,7 +108,7 @@ class GenerateResponse:
 
 
 @dataclass
-class ChatResponse:
+class ChatResponse(_StreamLine):
     """One line of a ``/api/chat`` stream."""
 
     model: str
@@ -113,23 +117,3 @@ class ChatResponse:
     done: bool = False
     done_reason: str | None = None
     stats: WireStats | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        body = asdict(self)
-        stats = body.pop("stats") or {}
-        body.update(stats)
-        return _without_none(body)
-
-    def to_json_line(self) -> bytes:
-        return json.dumps(self.to_dict(), ensure_ascii=False).encode() + b"\n"
-
-
-@dataclass
-class ErrorResponse:
-    """The native API's error body: Ollama's ``{"error": ...}`` plus our stable ``code``."""
-
-    error: str
-    code: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)

@@ -13,7 +13,15 @@ from typing import Any
 from aiohttp import web
 
 from mlxserve import __version__
-from mlxserve.api.types import WireStats, utc_timestamp
+from mlxserve.api.types import (
+    ChatMessage,
+    ChatResponse,
+    GenerateResponse,
+    ToolCall,
+    ToolCallFunction,
+    WireStats,
+    utc_timestamp,
+)
 from mlxserve.errors import InvalidRequestError
 from mlxserve.runners.base import GenerateChunk
 from mlxserve.server.describe import show_body, tag_entry
@@ -53,12 +61,6 @@ def model_name(body: dict[str, Any]) -> str:
     if not isinstance(name, str) or not name:
         raise InvalidRequestError("'model' is required", param="model")
     return name
-
-
-def stats_fields(chunk: GenerateChunk) -> dict[str, Any]:
-    if chunk.stats is None:
-        return {}
-    return {k: v for k, v in vars(WireStats.from_stats(chunk.stats)).items() if v is not None}
 
 
 async def load_or_unload(request: web.Request, name: str, keep_alive: float | None,
@@ -132,12 +134,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         return loaded.chat_request(messages, overrides)
 
     def shape(chunk: GenerateChunk) -> dict[str, Any]:
-        line: dict[str, Any] = {"model": name, "created_at": utc_timestamp(),
-                                "response": chunk.text, "done": chunk.done}
-        if chunk.done:
-            line["done_reason"] = chunk.done_reason
-            line.update(stats_fields(chunk))
-        return line
+        return GenerateResponse.from_chunk(name, chunk).to_dict()
 
     def finish(chunks: list[GenerateChunk]) -> dict[str, Any]:
         final = shape(chunks[-1])
@@ -176,25 +173,23 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
     def shape(chunk: GenerateChunk) -> dict[str, Any]:
         """With tools offered, text is held back until the end: it may be a tool call."""
-        content = chunk.text
-        message: dict[str, Any] = {"role": "assistant", "content": content}
+        message = ChatMessage(role="assistant", content=chunk.text)
         if tools:
             buffer.append(chunk.text)
-            message["content"] = ""
+            message.content = ""
             if chunk.done:
-                text, calls = parse_tool_calls("".join(buffer), tools)
-                message["content"] = text
-                if calls:
-                    message["tool_calls"] = [
-                        {"function": {"index": i, "name": c.name, "arguments": c.arguments}}
-                        for i, c in enumerate(calls)
-                    ]
-        line: dict[str, Any] = {"model": name, "created_at": utc_timestamp(),
-                                "message": message, "done": chunk.done}
-        if chunk.done:
-            line["done_reason"] = chunk.done_reason
-            line.update(stats_fields(chunk))
-        return line
+                message.content, calls = parse_tool_calls("".join(buffer), tools)
+                message.tool_calls = [
+                    ToolCall(ToolCallFunction(call.name, call.arguments, index))
+                    for index, call in enumerate(calls)
+                ] or None
+        return ChatResponse(
+            model=name,
+            message=message,
+            done=chunk.done,
+            done_reason=chunk.done_reason if chunk.done else None,
+            stats=WireStats.from_stats(chunk.stats) if chunk.done and chunk.stats else None,
+        ).to_dict()
 
     def finish(chunks: list[GenerateChunk]) -> dict[str, Any]:
         if tools:
