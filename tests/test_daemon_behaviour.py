@@ -181,6 +181,9 @@ async def test_foreign_origin_and_bad_host_are_refused(daemon):
          "invalid_request"),
         ("/api/chat", b'{"model": "tiny:gguf", "messages": "hi"}', 400, "invalid_request"),
         ("/api/show", b'{"model": "missing:1"}', 404, "model_not_found"),
+        ("/api/generate", b'{"model": "hf://org/repo", "prompt": "x"}', 400,
+         "invalid_reference"),
+        ("/api/blobs/sha256:ABC", b"", 400, "invalid_digest"),
         ("/api/nowhere", b"{}", 404, "not_found"),
         ("/v1/chat/completions", b'{"model": "tiny:gguf", "messages": [{"role": "user", '
                                  b'"content": "x"}], "n": 3}', 400, "invalid_request"),
