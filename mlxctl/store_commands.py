@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.table import Table
@@ -16,6 +16,9 @@ from mlxctl.output import byte_progress, console, human_age, human_size, print_j
 from modelstore import mediatypes
 from modelstore.draft import GENERATED_LAYERS
 from modelstore.store import ModelStore, StoredModel
+
+if TYPE_CHECKING:
+    from modelstore.importer import ImportResult
 
 EXIT_VERIFY_FAILED = 1
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
@@ -26,11 +29,23 @@ def short_digest(digest: str) -> str:
 
 
 @click.command("import")
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", required=False)
 @click.option("--name", "-n", help="Name to store it under (an archive names itself).")
 @click.option("--copy", "force_copy", is_flag=True, help="Copy files even where a link would do.")
+@click.option(
+    "--from-hf-cache", "from_hf_cache", is_flag=True,
+    help="PATH is ORG/REPO[@REVISION] in the local Hugging Face cache; no PATH lists the cache.",
+)
+@click.option("--all", "import_all", is_flag=True, help="With --from-hf-cache: import every model.")
 @json_option
-def import_command(path: Path, name: str | None, force_copy: bool, as_json: bool) -> None:
+def import_command(
+    path: str | None,
+    name: str | None,
+    force_copy: bool,
+    from_hf_cache: bool,
+    import_all: bool,
+    as_json: bool,
+) -> None:
     """Add a model to the store: an HF-style folder, a .gguf file or a packed archive.
 
     \b
@@ -38,12 +53,26 @@ def import_command(path: Path, name: str | None, force_copy: bool, as_json: bool
       mlxctl import ./Qwen2.5-0.5B-Instruct --name qwen2.5:0.5b
       mlxctl import ./model.Q4_0.gguf --name mymodel:q4
       mlxctl import smollm2.tar
+      mlxctl import --from-hf-cache                       what the HF cache holds
+      mlxctl import --from-hf-cache mlx-community/SmolLM2-135M-Instruct
     """
     from modelstore.importer import import_path, source_size
 
     store = ModelStore()
-    with byte_progress(f"importing {path.name}", source_size(path)) as progress:
-        result = import_path(store, path, name, allow_link=not force_copy, progress=progress)
+    if from_hf_cache:
+        from mlxctl.hf_cache import import_from_hf_cache
+
+        import_from_hf_cache(store, path, name, import_all=import_all, as_json=as_json)
+        return
+    if path is None:
+        raise click.UsageError("give a PATH to import (or --from-hf-cache)")
+    source = Path(path)
+    with byte_progress(f"importing {source.name}", source_size(source)) as progress:
+        result = import_path(store, source, name, allow_link=not force_copy, progress=progress)
+    report_import(result, as_json)
+
+
+def report_import(result: ImportResult, as_json: bool) -> None:
     models, hows = result.models, {k: str(v) for k, v in result.files.items()}
     if as_json:
         print_json(

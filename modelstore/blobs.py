@@ -100,6 +100,19 @@ class BlobStore:
         os.replace(temp, self.path(digest))
         _fsync_dir(self.dir)
 
+    def partial_path(self, digest: str) -> Path:
+        """Where a download of ``digest`` accumulates: named by digest so a later pull resumes."""
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        return self.tmp_dir / f"pull-{validate_digest(digest).removeprefix('sha256:')}.partial"
+
+    def verified_path(self, digest: str) -> Path:
+        """A download whose digest was checked, waiting for the rest of its model."""
+        return self.partial_path(digest).with_suffix(".verified")
+
+    def publish_verified(self, temp: Path, digest: str) -> None:
+        """Move a fully written, fsynced file whose sha256 the caller checked into place."""
+        self._publish(temp, digest)
+
     def write_chunks(
         self,
         chunks: Iterable[bytes],
@@ -158,7 +171,9 @@ class BlobStore:
         if allow_link:
             temp = self._temp_path()
             try:
-                os.link(source, temp)
+                # Resolve first: os.link on Linux links a symlink itself, not its target (the
+                # HF cache's snapshot folders are all symlinks, relative ones at that).
+                os.link(source.resolve(), temp)
             except OSError:
                 temp = None
             if temp is not None:

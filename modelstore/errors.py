@@ -74,3 +74,15 @@ class SpecValidationError(MlxserveError):
 
 class StoreLockedError(MlxserveError):
     code = "store_locked"
+
+
+class RegistryError(MlxserveError):
+    """A registry that cannot be reached, or answered what the distribution API does not allow."""
+
+    code = "registry_error"
+
+
+class RegistryAuthError(RegistryError):
+    """A registry that wants credentials we do not have, or refused the ones we sent."""
+
+    code = "registry_unauthorized"

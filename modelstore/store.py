@@ -137,14 +137,21 @@ class ModelStore:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def put_manifest(self, ref: ModelReference, manifest: Manifest) -> StoredModel:
-        """Point ``ref`` at ``manifest``; every blob it names must already be stored."""
+    def put_manifest(
+        self, ref: ModelReference, manifest: Manifest, *, raw: bytes | None = None
+    ) -> StoredModel:
+        """Point ``ref`` at ``manifest``; every blob it names must already be stored.
+
+        ``raw`` keeps a pulled manifest's exact bytes, so its digest stays the registry's.
+        """
+        if raw is not None and Manifest.from_bytes(raw) != manifest:
+            raise CorruptStoreError(f"cannot tag {ref}: raw manifest bytes differ from it")
         for digest in manifest.blob_digests():
             if not self.blobs.exists(digest):
                 raise CorruptStoreError(
                     f"cannot tag {ref}: blob {digest} is missing", digest=digest
                 )
-        data = manifest.to_bytes()
+        data = manifest.to_bytes() if raw is None else raw
         digest = self.blobs.write_bytes(data).digest
         with self._manifests_locked():
             path = self._tag_path(ref)

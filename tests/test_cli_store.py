@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,16 +11,7 @@ from pathlib import Path
 import pytest
 
 from modelstore.default_model import DEFAULT_SPEC
-
-MLXCTL = str(Path(sys.executable).with_name("mlxctl"))
-
-
-def mlxctl(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "MLXSERVE_HOME": str(home), "COLUMNS": "200"}
-    result = subprocess.run([MLXCTL, *args], env=env, capture_output=True, text=True, check=False)
-    if check and result.returncode != 0:
-        raise AssertionError(f"mlxctl {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result
+from tests.cli import MLXCTL, mlxctl
 
 
 def test_import_list_show_cp_rm_gc(store_home, mini_hf_folder):

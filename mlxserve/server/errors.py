@@ -39,7 +39,7 @@ STATUS_BY_CODE = {
     "corrupt_store": 500,
     "runner_unavailable": 501,
     "registry_error": 502,
-    "registry_unauthorized": 502,
+    "registry_unauthorized": 401,
 }
 OPENAI_TYPES = {
     400: "invalid_request_error",
