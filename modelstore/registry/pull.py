@@ -13,7 +13,9 @@ import asyncio
 import fcntl
 import hashlib
 import os
+from collections import deque
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -40,6 +42,8 @@ from modelstore.registry.session import (
 from modelstore.store import ModelStore, StoredModel
 
 DEFAULT_CONCURRENCY = 4
+SINK_BATCH = 1 << 20
+SINK_DEPTH = 4
 _LOCK_POLL_S = 0.1
 
 
@@ -134,6 +138,44 @@ async def fetch_blob(
         os.replace(partial, verified)
 
 
+class _Sink:
+    """Writes and hashes received bytes on a worker thread, so the event loop keeps reading
+    the socket meanwhile (hashlib and file writes release the GIL). Chunks are batched to
+    ``SINK_BATCH`` bytes, and at most ``SINK_DEPTH`` batches wait: memory stays bounded."""
+
+    def __init__(self, handle: BinaryIO, hasher: hashlib._Hash) -> None:
+        self.handle, self.hasher = handle, hasher
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pull-sink")
+        self._pending: deque[asyncio.Future[None]] = deque()
+        self._batch = bytearray()
+
+    def _write(self, data: bytes) -> None:
+        self.handle.write(data)
+        self.hasher.update(data)
+
+    async def feed(self, chunk: bytes) -> None:
+        self._batch += chunk
+        if len(self._batch) >= SINK_BATCH:
+            await self._submit()
+
+    async def _submit(self) -> None:
+        data, self._batch = bytes(self._batch), bytearray()
+        loop = asyncio.get_running_loop()
+        self._pending.append(loop.run_in_executor(self._executor, self._write, data))
+        while len(self._pending) > SINK_DEPTH:
+            await self._pending.popleft()
+
+    async def close(self, *, flush: bool) -> None:
+        """Wait for every write (after submitting the last batch when ``flush``)."""
+        try:
+            if flush and self._batch:
+                await self._submit()
+            while self._pending:
+                await self._pending.popleft()
+        finally:
+            self._executor.shutdown(wait=True)
+
+
 async def _receive(
     client: RegistryClient,
     repository: str,
@@ -151,18 +193,25 @@ async def _receive(
             hasher = hashlib.sha256()
             tracker.reset(0)
         received = start
-        async for chunk in response.content.iter_chunked(CHUNK_SIZE // 4):
-            received += len(chunk)
+        sink = _Sink(handle, hasher)
+        completed = False
+        try:
+            async for chunk in response.content.iter_any():
+                received += len(chunk)
+                if received > blob.size:
+                    raise DigestMismatchError(
+                        f"registry sent more than the {blob.size} bytes of blob "
+                        f"{blob.digest}; nothing was stored",
+                        expected=blob.digest,
+                    )
+                await sink.feed(chunk)
+                tracker.advance(len(chunk))
+            completed = True
+        finally:
+            # Keep what arrived (a later pull resumes from it) unless the bytes are wrong.
+            await sink.close(flush=completed or received <= blob.size)
             if received > blob.size:
                 handle.truncate(0)
-                raise DigestMismatchError(
-                    f"registry sent more than the {blob.size} bytes of blob {blob.digest}; "
-                    "nothing was stored",
-                    expected=blob.digest,
-                )
-            handle.write(chunk)
-            hasher.update(chunk)
-            tracker.advance(len(chunk))
     return received, hasher
 
 
