@@ -33,6 +33,8 @@ class Registry:
 
     root: Path
     htpasswd: Path | None = None
+    auth_config: str = ""
+    """A YAML ``auth:`` section of its own (the token flow: ``tests/token_server.py``)."""
     port: int = 0
     process: subprocess.Popen | None = None
 
@@ -56,7 +58,7 @@ class Registry:
         assert binary, "docker-registry is not installed"
         self.port = free_port()
         self.root.mkdir(parents=True, exist_ok=True)
-        auth = ""
+        auth = self.auth_config
         if self.htpasswd:
             auth = f"auth:\n  htpasswd:\n    realm: mlxserve-test\n    path: {self.htpasswd}\n"
         config = self.root / "config.yml"

@@ -280,6 +280,41 @@ def test_password_protected_registry(auth_registry, tmp_path):
     assert store_state(tmp_path / "third") == ([], [])
 
 
+@pytest.fixture(scope="module")
+def token_registry(tmp_path_factory: pytest.TempPathFactory):
+    from tests.token_server import TokenServer
+
+    root = tmp_path_factory.mktemp("token-registry")
+    tokens = TokenServer(root / "tokens", "ci", "t0ken-pass").start()
+    running = Registry(root / "registry", auth_config=tokens.registry_config()).start()
+    yield running, tokens
+    running.stop()
+    tokens.stop()
+
+
+def test_bearer_token_flow(token_registry, tmp_path):
+    registry, tokens = token_registry
+    home = tmp_path / "home"
+    digest = weights_model(ModelStore(home), "tokened:1", tmp_path / "src", 1 << 16, seed=8)
+    target = f"{registry.host}/team/tokened:1"
+
+    right = docker_config(tmp_path / "right.json", registry.host, "ci", "t0ken-pass")
+    assert push_json(home, "tokened:1", target, env=right)["digest"] == digest
+    assert tokens.issued[-1] == ["repository:team/tokened:pull,push"]
+    assert pull_json(tmp_path / "other", target, env=right)["digest"] == digest
+    assert tokens.issued[-1] == ["repository:team/tokened:pull"]
+
+    wrong = docker_config(tmp_path / "wrong.json", registry.host, "ci", "nope")
+    refused = mlxctl("pull", "--insecure", target, home=tmp_path / "third", check=False,
+                     env=wrong)
+    assert refused.returncode == 1
+    assert "Error [registry_unauthorized]" in refused.stderr and "'ci'" in refused.stderr
+    anonymous = mlxctl("pull", "--insecure", target, home=tmp_path / "third", check=False,
+                       env={"MLXSERVE_REGISTRY_AUTH_FILE": str(tmp_path / "none.json")})
+    assert "needs a login" in anonymous.stderr
+    assert store_state(tmp_path / "third") == ([], [])
+
+
 def test_daemon_pull_and_push_stream_ollama_progress(registry, tiny_models, tmp_path):
     import ollama
 
