@@ -50,20 +50,25 @@ def print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=False, default=str))
 
 
-@contextmanager
-def byte_progress(description: str, total: int) -> Iterator[ProgressCallback | None]:
-    """A progress bar on stderr for large transfers; ``None`` (no bar) for small ones."""
-    if total < PROGRESS_THRESHOLD_BYTES or not sys.stderr.isatty():
-        yield None
-        return
-    with Progress(
+def transfer_progress(*, transient: bool) -> Progress:
+    """Bars for byte transfers on stderr: size done, speed and ETA."""
+    return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
         console=err_console,
-        transient=True,
-    ) as progress:
+        transient=transient,
+    )
+
+
+@contextmanager
+def byte_progress(description: str, total: int) -> Iterator[ProgressCallback | None]:
+    """A progress bar on stderr for large transfers; ``None`` (no bar) for small ones."""
+    if total < PROGRESS_THRESHOLD_BYTES or not sys.stderr.isatty():
+        yield None
+        return
+    with transfer_progress(transient=True) as progress:
         task = progress.add_task(description, total=total)
         yield lambda n: progress.advance(task, n)

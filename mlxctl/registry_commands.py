@@ -13,17 +13,9 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import click
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from rich.progress import TaskID
 
-from mlxctl.output import byte_progress, console, err_console, human_size, print_json
+from mlxctl.output import byte_progress, console, human_size, print_json, transfer_progress
 from modelstore.store import ModelStore, StoredModel
 
 if TYPE_CHECKING:
@@ -42,14 +34,7 @@ def layer_bars() -> Iterator[Callable[[ProgressEvent], None]]:
         yield lambda event: None
         return
     tasks: dict[str, TaskID] = {}
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-    ) as progress:
+    with transfer_progress(transient=False) as progress:
 
         def on_event(event: ProgressEvent) -> None:
             if event.digest is None:
