@@ -90,6 +90,28 @@ def _pull_from_hub(store: ModelStore, reference: str, name: str | None) -> Store
     return result.models[0]
 
 
+def ensure_pulled(name: str, *, insecure: bool) -> str:
+    """For ``run``: pull a registry or hub model the store lacks, as ``ollama run`` does;
+    returns the name to run it under."""
+    store = ModelStore()
+    if name.startswith("hf://"):
+        from modelstore.hfhub import HubModel
+
+        stored_name = HubModel.parse(name).store_name()
+        if not store.exists(stored_name):
+            _pull_from_hub(store, name, None)
+        return stored_name
+    from modelstore.reference import parse_reference
+
+    if parse_reference(name).host is None or store.exists(name):
+        return name
+    from modelstore.registry import pull_model
+
+    with layer_bars() as on_event:
+        asyncio.run(pull_model(store, name, insecure=insecure, progress=on_event))
+    return name
+
+
 @click.command("push")
 @click.argument("name")
 @click.argument("target", required=False)

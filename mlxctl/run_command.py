@@ -46,7 +46,7 @@ def split_model_and_prompt(model: str | None, prompt: str | None) -> tuple[str, 
     """``mlxctl run "a question"`` means the default model: a prompt is never a valid name."""
     if model is None:
         return DEFAULT_MODEL, prompt
-    if prompt is None:
+    if prompt is None and not model.startswith("hf://"):
         try:
             parse_reference(model)
         except InvalidReferenceError:
@@ -275,6 +275,7 @@ def interactive(session: Session | DaemonSession, state: ChatState) -> None:
 @click.option("--local", is_flag=True, help="Run in this process even if a daemon is up.")
 @click.option("--json", "as_json", is_flag=True, help="Stream NDJSON chunks (daemon shape).")
 @click.option("--verbose", is_flag=True, help="Print load time and tokens/s afterwards.")
+@click.option("--insecure", is_flag=True, help="Pull a missing model over plain HTTP.")
 def run_command(
     model: str | None,
     prompt: str | None,
@@ -289,6 +290,7 @@ def run_command(
     local: bool,
     as_json: bool,
     verbose: bool,
+    insecure: bool,
 ) -> None:
     """Run a model: one answer if a prompt is given (or piped in), else an interactive chat.
 
@@ -298,8 +300,13 @@ def run_command(
       mlxctl run "Why is the sky blue?"            one answer from the default model
       mlxctl run smollm2:135m "Hi" --temperature 0 --verbose
       echo "Summarise: ..." | mlxctl run mymodel
+      mlxctl run registry.example.com/team/llama:8b   pulled first if the store lacks it
     """
     name, prompt = split_model_and_prompt(model, prompt)
+    if name != DEFAULT_MODEL:
+        from mlxctl.registry_commands import ensure_pulled
+
+        name = ensure_pulled(name, insecure=insecure)
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read().strip() or None
     overrides = {

@@ -240,6 +240,16 @@ def test_manifest_checks_refuse_wrong_digests_and_bad_blob_names():
         check_manifest(good.replace(b"a" * 64, b"../../etc"), None, None)
 
 
+def test_run_pulls_a_missing_model_first(registry, tiny_models, tmp_path):
+    publisher, user = tmp_path / "publisher", tmp_path / "user"
+    mlxctl("import", str(tiny_models.gguf_path), "--name", "tiny:gguf", home=publisher)
+    push_json(publisher, "tiny:gguf", f"{registry.host}/team/run-me:1")
+    ran = mlxctl("run", "--local", "--insecure", "--max-tokens", "4", "--temperature", "0",
+                 f"{registry.host}/team/run-me:1", "hello", home=user)
+    assert ran.stdout.strip()
+    assert ModelStore(user).exists(f"{registry.host}/team/run-me:1")
+
+
 def test_unknown_model_and_missing_host_are_clear_errors(registry, tmp_path):
     missing = mlxctl("pull", "--insecure", f"{registry.host}/team/nothing:1", home=tmp_path,
                      check=False)
