@@ -202,6 +202,30 @@ def test_killed_pull_resumes_with_a_range_request(registry, tmp_path):
     assert ModelStore(home).blobs.verify(weights.digest)
 
 
+def test_two_pulls_of_one_model_at_once_share_the_download(registry, tmp_path):
+    publisher = ModelStore(tmp_path / "publisher")
+    digest = weights_model(publisher, "twice:1", tmp_path / "src", 4 << 20, seed=9)
+    push_json(publisher.root, "twice:1", f"{registry.host}/team/twice-at-once:1")
+    home = tmp_path / "consumer"
+    slow = TcpProxy(registry.port, bytes_per_second=4 << 20).start()
+    env = {**os.environ, "MLXSERVE_HOME": str(home)}
+    try:
+        pulls = [
+            subprocess.Popen([MLXCTL, "pull", "--insecure", "--json",
+                              f"{slow.host}/team/twice-at-once:1"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)
+        ]
+        results = [p.communicate(timeout=60) for p in pulls]
+    finally:
+        slow.stop()
+    assert [p.returncode for p in pulls] == [0, 0], results
+    assert {json.loads(out)["digest"] for out, _ in results} == {digest}
+    assert slow.downstream_bytes < (4 << 20) * 1.5, "both processes downloaded the weights"
+    assert mlxctl("verify", home=home).returncode == 0
+    assert not list((home / "tmp").glob("pull-*"))
+
+
 def test_tampered_blob_is_refused_and_the_store_is_unchanged(registry, tmp_path):
     publisher = ModelStore(tmp_path / "publisher")
     weights_model(publisher, "tampered:1", tmp_path / "src", 1 << 20, seed=5)

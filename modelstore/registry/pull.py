@@ -80,6 +80,17 @@ async def _locked_partial(path: Path) -> AsyncIterator[BinaryIO]:
         handle.close()
 
 
+def _drop_if_ours_and_empty(path: Path, handle: BinaryIO) -> None:
+    """Remove the empty partial file that opening it just created, when the blob turned out
+    to be finished by another pull meanwhile (only if ``path`` is still that file)."""
+    ours = os.fstat(handle.fileno())
+    try:
+        if ours.st_size == 0 and os.stat(path).st_ino == ours.st_ino:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
 def _hash_prefix(path: Path, length: int) -> hashlib._Hash:
     hasher = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -106,6 +117,7 @@ async def fetch_blob(
     partial = store.blobs.partial_path(blob.digest)
     async with _locked_partial(partial) as handle:
         if store.blobs.exists(blob.digest) or verified.exists():  # another pull finished it
+            _drop_if_ours_and_empty(partial, handle)
             tracker.reset(blob.size)
             return
         offset = os.fstat(handle.fileno()).st_size
