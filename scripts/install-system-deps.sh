@@ -18,7 +18,10 @@ if [ "$(id -u)" != "0" ]; then
         exit 0
     fi
 fi
-$SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq docker-registry >/dev/null
+if ! { $SUDO apt-get update -qq && \
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq docker-registry >/dev/null; }; then
+    echo "WARNING: could not install docker-registry; the registry tests will skip" >&2
+    exit 0
+fi
 # The package enables a system service on its default port; the tests start their own.
 $SUDO systemctl disable --now docker-registry >/dev/null 2>&1 || true
