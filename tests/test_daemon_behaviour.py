@@ -43,14 +43,29 @@ async def first_line(response: aiohttp.ClientResponse) -> dict:
     return json.loads(await response.content.readline())
 
 
-async def test_queue_full_is_429_with_retry_after_and_nothing_sticks(make_daemon):
-    daemon = make_daemon("--num-parallel", "1", "--max-queue", "1")
+@pytest.fixture
+def slow_store(tiny_models, default_gguf, tmp_path):
+    """The tiny models plus the real default model as ``slow:gguf``: at ~130 tokens/s here it
+    keeps a slot busy for seconds, where the tiny model finishes its whole context in ~0.4 s
+    and would race whatever a test does next."""
+    from modelstore.importer import import_path
+
+    store = populated_store(tmp_path / "slow-home", tiny_models)
+    import_path(store, default_gguf, "slow:gguf")
+    return store
+
+
+SLOW = {**LONG, "model": "slow:gguf"}
+
+
+async def test_queue_full_is_429_with_retry_after_and_nothing_sticks(make_daemon, slow_store):
+    daemon = make_daemon("--num-parallel", "1", "--max-queue", "1", store=slow_store)
     async with aiohttp.ClientSession() as session:
-        running = await session.post(f"{daemon.url}/api/generate", json=LONG)
+        running = await session.post(f"{daemon.url}/api/generate", json=SLOW)
         assert (await first_line(running))["done"] is False
-        queued = asyncio.create_task(session.post(f"{daemon.url}/api/generate", json=LONG))
+        queued = asyncio.create_task(session.post(f"{daemon.url}/api/generate", json=SLOW))
         await asyncio.sleep(0.3)
-        refused = await session.post(f"{daemon.url}/api/generate", json=LONG)
+        refused = await session.post(f"{daemon.url}/api/generate", json=SLOW)
         assert refused.status == 429
         assert refused.headers["Retry-After"] == "1"
         body = await refused.json()
@@ -61,23 +76,23 @@ async def test_queue_full_is_429_with_retry_after_and_nothing_sticks(make_daemon
         waiting.close()
         await asyncio.sleep(0.3)
         done = await session.post(f"{daemon.url}/api/generate", json={
-            "model": "tiny:gguf", "prompt": "Hi", "stream": False,
+            "model": "slow:gguf", "prompt": "Hi", "stream": False,
             "options": {"num_predict": 3}})
         assert done.status == 200
         assert (await done.json())["eval_count"] == 3
 
 
-async def test_a_disconnect_mid_stream_frees_the_slot_at_once(make_daemon):
-    daemon = make_daemon("--num-parallel", "1", "--max-queue", "0")
+async def test_a_disconnect_mid_stream_frees_the_slot_at_once(make_daemon, slow_store):
+    daemon = make_daemon("--num-parallel", "1", "--max-queue", "0", store=slow_store)
     async with aiohttp.ClientSession() as session:
         for _ in range(3):
-            response = await session.post(f"{daemon.url}/api/generate", json=LONG)
+            response = await session.post(f"{daemon.url}/api/generate", json=SLOW)
             await first_line(response)
             response.close()
             await asyncio.sleep(0.2)
         started = time.monotonic()
         after = await session.post(f"{daemon.url}/api/generate", json={
-            "model": "tiny:gguf", "prompt": "Hi", "stream": False, "options": {"num_predict": 2}})
+            "model": "slow:gguf", "prompt": "Hi", "stream": False, "options": {"num_predict": 2}})
         assert after.status == 200
         assert time.monotonic() - started < 2.0
     assert daemon.log().count('"status": 499') == 3
