@@ -7,6 +7,8 @@ imported model takes no second copy of its weights.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.table import Table
 
 from mlxctl.output import byte_progress, console, human_size, print_json
@@ -30,11 +32,15 @@ def find_cached(wanted: HubModel, cached: list[CachedModel]) -> CachedModel:
     )
 
 
+def import_snapshot(store: ModelStore, repo_id: str, folder: Path, name: str) -> ImportResult:
+    """Import a snapshot folder (cache or fresh download), with a bar for large ones."""
+    with byte_progress(f"importing {repo_id}", source_size(folder)) as progress:
+        return import_path(store, folder, name, progress=progress)
+
+
 def import_cached(store: ModelStore, model: CachedModel, name: str | None) -> ImportResult:
-    ref = model.refs[0] if model.refs else model.revision
-    target = name or HubModel(model.repo_id, ref).store_name()
-    with byte_progress(f"importing {model.repo_id}", source_size(model.folder)) as progress:
-        return import_path(store, model.folder, target, progress=progress)
+    target = name or model.hub_model().store_name()
+    return import_snapshot(store, model.repo_id, model.folder, target)
 
 
 def import_from_hf_cache(
@@ -60,7 +66,7 @@ def import_from_hf_cache(
                     "refs": list(m.refs),
                     "size": m.size,
                     "path": str(m.folder),
-                    "name": HubModel(m.repo_id, m.refs[0] if m.refs else m.revision).store_name(),
+                    "name": m.hub_model().store_name(),
                 }
                 for m in cached
             ]
@@ -70,6 +76,7 @@ def import_from_hf_cache(
     for column in ("REPOSITORY", "REVISION", "SIZE", "IMPORTS AS"):
         table.add_column(column)
     for m in cached:
-        ref = m.refs[0] if m.refs else m.revision
-        table.add_row(m.repo_id, ref, human_size(m.size), HubModel(m.repo_id, ref).store_name())
+        hub_model = m.hub_model()
+        table.add_row(m.repo_id, str(hub_model.revision), human_size(m.size),
+                      hub_model.store_name())
     console.print(table if cached else "the Hugging Face cache holds no models")

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 import click
 from rich.progress import TaskID
 
-from mlxctl.output import byte_progress, console, human_size, print_json, transfer_progress
+from mlxctl.output import console, human_size, print_json, transfer_progress
+from modelstore.hfhub import HF_SCHEME, HubModel, snapshot_folder
 from modelstore.store import ModelStore, StoredModel
 
 if TYPE_CHECKING:
@@ -61,16 +62,7 @@ def pull_command(reference: str, insecure: bool, name: str | None, as_json: bool
       mlxctl pull --insecure 127.0.0.1:5000/team/llama:8b-q4
       mlxctl pull hf://mlx-community/SmolLM2-135M-Instruct
     """
-    store = ModelStore()
-    if reference.startswith("hf://"):
-        model = _pull_from_hub(store, reference, name)
-    else:
-        from modelstore.registry import pull_model
-
-        with layer_bars() as on_event:
-            model = asyncio.run(
-                pull_model(store, reference, insecure=insecure, progress=on_event)
-            )
+    model = pull_any(ModelStore(), reference, name=name, insecure=insecure)
     if as_json:
         print_json({"name": model.name, "digest": model.manifest_digest, "size": model.size})
     else:
@@ -79,37 +71,38 @@ def pull_command(reference: str, insecure: bool, name: str | None, as_json: bool
         )
 
 
-def _pull_from_hub(store: ModelStore, reference: str, name: str | None) -> StoredModel:
-    from modelstore.hfhub import HubModel, snapshot_folder
-    from modelstore.importer import import_path, source_size
+def pull_any(
+    store: ModelStore, reference: str, *, name: str | None = None, insecure: bool = False
+) -> StoredModel:
+    """``hf://ORG/REPO[@REV]`` through the hub (cache first), anything else from its registry."""
+    if reference.startswith(HF_SCHEME):
+        from mlxctl.hf_cache import import_snapshot
 
-    hub_model = HubModel.parse(reference)
-    folder = snapshot_folder(hub_model)
-    with byte_progress(f"importing {hub_model.repo_id}", source_size(folder)) as progress:
-        result = import_path(store, folder, name or hub_model.store_name(), progress=progress)
-    return result.models[0]
+        hub_model = HubModel.parse(reference)
+        folder = snapshot_folder(hub_model)
+        target = name or hub_model.store_name()
+        return import_snapshot(store, hub_model.repo_id, folder, target).models[0]
+    from modelstore.registry import pull_model
+
+    with layer_bars() as on_event:
+        return asyncio.run(pull_model(store, reference, insecure=insecure, progress=on_event))
 
 
 def ensure_pulled(name: str, *, insecure: bool) -> str:
     """For ``run``: pull a registry or hub model the store lacks, as ``ollama run`` does;
     returns the name to run it under."""
     store = ModelStore()
-    if name.startswith("hf://"):
-        from modelstore.hfhub import HubModel
-
+    if name.startswith(HF_SCHEME):
         stored_name = HubModel.parse(name).store_name()
-        if not store.exists(stored_name):
-            _pull_from_hub(store, name, None)
-        return stored_name
-    from modelstore.reference import parse_reference
+    else:
+        from modelstore.reference import parse_reference
 
-    if parse_reference(name).host is None or store.exists(name):
-        return name
-    from modelstore.registry import pull_model
-
-    with layer_bars() as on_event:
-        asyncio.run(pull_model(store, name, insecure=insecure, progress=on_event))
-    return name
+        if parse_reference(name).host is None:
+            return name
+        stored_name = name
+    if not store.exists(stored_name):
+        pull_any(store, name, insecure=insecure)
+    return stored_name
 
 
 @click.command("push")

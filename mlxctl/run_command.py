@@ -17,6 +17,7 @@ import click
 
 from modelstore.default_model import DEFAULT_MODEL
 from modelstore.errors import InvalidReferenceError, MlxserveError
+from modelstore.hfhub import HF_SCHEME
 from modelstore.reference import parse_reference
 
 CHAT_HELP = """\
@@ -46,7 +47,7 @@ def split_model_and_prompt(model: str | None, prompt: str | None) -> tuple[str, 
     """``mlxctl run "a question"`` means the default model: a prompt is never a valid name."""
     if model is None:
         return DEFAULT_MODEL, prompt
-    if prompt is None and not model.startswith("hf://"):
+    if prompt is None and not model.startswith(HF_SCHEME):
         try:
             parse_reference(model)
         except InvalidReferenceError:

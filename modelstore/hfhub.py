@@ -58,8 +58,8 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def snapshot_folder(model: HubModel) -> Path:
-    """The model's snapshot folder: from the cache when it is there, else downloaded."""
+def cached_snapshot(model: HubModel) -> Path:
+    """The model's snapshot folder in the local cache; never touches the network."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -68,11 +68,22 @@ def snapshot_folder(model: HubModel) -> Path:
             snapshot_download(model.repo_id, revision=model.revision, local_files_only=True)
         )
     except LocalEntryNotFoundError:
+        raise ModelNotFoundError(
+            f"{model.repo_id} is not in the Hugging Face cache", model=model.repo_id
+        ) from None
+
+
+def snapshot_folder(model: HubModel) -> Path:
+    """The model's snapshot folder: from the cache when it is there, else downloaded."""
+    try:
+        return cached_snapshot(model)
+    except ModelNotFoundError as missing:
         if _offline():
             raise ModelNotFoundError(
-                f"{model.repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set",
-                model=model.repo_id,
+                f"{missing.message} and HF_HUB_OFFLINE is set", model=model.repo_id
             ) from None
+    from huggingface_hub import snapshot_download
+
     try:
         return Path(
             snapshot_download(
@@ -91,6 +102,10 @@ class CachedModel:
     refs: tuple[str, ...]
     size: int
     folder: Path
+
+    def hub_model(self) -> HubModel:
+        """Named by its first ref (``main``) when it has one, else by its commit."""
+        return HubModel(self.repo_id, self.refs[0] if self.refs else self.revision)
 
 
 def cached_models() -> list[CachedModel]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from modelstore import mediatypes
 from modelstore.blobs import CHUNK_SIZE, ProgressCallback, hash_file, sha256_digest
-from modelstore.draft import ModelDraft
+from modelstore.draft import ModelDraft, draft_manifest
 from modelstore.errors import ImportSourceError, InvalidManifestError
 from modelstore.manifest import Descriptor, Manifest
 from modelstore.reference import ModelReference, parse_reference
@@ -70,7 +70,7 @@ def pack(
     """Write ``draft`` as an OCI layout archive at ``out`` (atomically: temp file + rename)."""
     ref = parse_reference(name)
     blobs: dict[str, tuple[int, Path | bytes]] = {}
-    layers = []
+    stored = []
     for layer in draft.layers:
         if layer.path is not None:
             digest, size = hash_file(layer.path)
@@ -79,14 +79,10 @@ def pack(
             data = layer.data or b""
             digest, size = sha256_digest(data), len(data)
             blobs[digest] = (size, data)
-        layers.append(
-            Descriptor(layer.media_type, digest, size, {mediatypes.ANNOTATION_TITLE: layer.title})
-        )
+        stored.append((digest, size))
     config = draft.config.to_bytes()
     blobs[sha256_digest(config)] = (len(config), config)
-    manifest = Manifest(
-        Descriptor(mediatypes.MODEL_CONFIG, sha256_digest(config), len(config)), layers
-    ).to_bytes()
+    manifest = draft_manifest(draft, stored).to_bytes()
     manifest_digest = sha256_digest(manifest)
     blobs[manifest_digest] = (len(manifest), manifest)
 
@@ -189,5 +185,5 @@ def import_archive(
                     store.add_blob_stream(
                         _member_chunks(tar, blob_member(digest)), digest, progress
                     )
-                imported.append(store.put_manifest(ref, manifest))
+                imported.append(store.put_manifest(ref, manifest, raw=manifest_bytes))
         return imported

@@ -27,7 +27,13 @@ from modelstore.draft import (
     ModelDraft,
     params_bytes,
 )
-from modelstore.errors import ImportSourceError, MlxserveError, SpecValidationError
+from modelstore.errors import (
+    ImportSourceError,
+    MlxserveError,
+    ModelNotFoundError,
+    SpecValidationError,
+)
+from modelstore.hfhub import HF_SCHEME, HubModel, cached_snapshot
 from modelstore.reference import parse_reference
 from modelstore.sources import draft_from_path
 from modelstore.store import ModelStore
@@ -142,7 +148,12 @@ def _semantic_problems(spec: ModelSpec, lines: dict[str, int]) -> list[SpecProbl
             parse_reference(source.removeprefix("model://"))
         except MlxserveError as exc:
             add("/from", exc.message)
-    elif not source.startswith("hf://") and not spec.resolve_file(source).exists():
+    elif source.startswith(HF_SCHEME):
+        try:
+            HubModel.parse(source)
+        except MlxserveError as exc:
+            add("/from", exc.message)
+    elif not spec.resolve_file(source).exists():
         add("/from", f"{source}: no such file or folder (relative to {spec.base_dir})")
     for key in ("template_file", "license_file"):
         if key in data and not spec.resolve_file(data[key]).is_file():
@@ -228,17 +239,12 @@ def _source_draft(spec: ModelSpec, store: ModelStore | None) -> ModelDraft:
             if layer.title
         ]
         return ModelDraft(config, layers)
-    if source.startswith("hf://"):
-        repo, _, revision = source.removeprefix("hf://").partition("@")
-        from huggingface_hub import snapshot_download
-
+    if source.startswith(HF_SCHEME):
         try:
-            folder = snapshot_download(repo, revision=revision or None, local_files_only=True)
-        except Exception as exc:  # huggingface_hub raises several types for "not cached"
-            raise ImportSourceError(
-                f"{repo} is not in the local Hugging Face cache (no downloads here): {exc}"
-            ) from None
-        return draft_from_path(Path(folder))
+            folder = cached_snapshot(HubModel.parse(source))
+        except ModelNotFoundError as exc:
+            raise ImportSourceError(f"{exc.message} (no downloads here)") from None
+        return draft_from_path(folder)
     return draft_from_path(spec.resolve_file(source))
 
 

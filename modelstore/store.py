@@ -21,15 +21,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelstore import mediatypes
 from modelstore.blobs import BlobStore, BlobWrite, ProgressCallback, StoredHow, sha256_digest
-from modelstore.draft import ModelConfig, ModelDraft
-from modelstore.errors import CorruptStoreError, DigestMismatchError, ModelNotFoundError
-from modelstore.locks import locked
-from modelstore.manifest import Descriptor, Manifest
+from modelstore.draft import ModelConfig, ModelDraft, draft_manifest
+from modelstore.errors import CorruptStoreError, ModelNotFoundError
+from modelstore.locks import locked, locked_async
+from modelstore.manifest import Manifest
 from modelstore.reference import ModelReference, parse_reference
 
 HOME_ENV = "MLXSERVE_HOME"
+GC_LOCK = "gc.lock"
 
 
 def default_root() -> Path:
@@ -86,8 +86,12 @@ class ModelStore:
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
         """Held while adding blobs that no manifest references yet (blocks ``gc`` only)."""
-        with locked(self.root / "gc.lock", exclusive=False):
+        with locked(self.root / GC_LOCK, exclusive=False):
             yield
+
+    def writing_async(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """``writing`` for coroutines (a pull in the daemon)."""
+        return locked_async(self.root / GC_LOCK, exclusive=False)
 
     def _manifests_locked(self) -> contextlib.AbstractContextManager[None]:
         return locked(self.root / "manifests.lock", exclusive=True)
@@ -179,7 +183,7 @@ class ModelStore:
         ref = parse_reference(name) if isinstance(name, str) else name
         hows: dict[str, StoredHow] = {}
         with self.writing():
-            layers = []
+            written_layers = []
             for layer in draft.layers:
                 if layer.path is not None:
                     written = self.blobs.import_file(
@@ -188,25 +192,15 @@ class ModelStore:
                 else:
                     written = self.blobs.write_bytes(layer.data or b"")
                 hows[layer.title] = written.how
-                layers.append(
-                    Descriptor(
-                        layer.media_type,
-                        written.digest,
-                        written.size,
-                        {mediatypes.ANNOTATION_TITLE: layer.title},
-                    )
-                )
-            config = self.blobs.write_bytes(draft.config.to_bytes())
-            manifest = Manifest(
-                Descriptor(mediatypes.MODEL_CONFIG, config.digest, config.size), layers
-            )
-            stored = self.put_manifest(ref, manifest)
+                written_layers.append((written.digest, written.size))
+            self.blobs.write_bytes(draft.config.to_bytes())
+            stored = self.put_manifest(ref, draft_manifest(draft, written_layers))
         return CommitResult(stored, hows)
 
     def add_blob_stream(
         self, chunks: Iterator[bytes], expected_digest: str, progress: ProgressCallback | None
     ) -> BlobWrite:
-        """For archives and pulls; call inside ``writing()``."""
+        """For archives; call inside ``writing()``."""
         return self.blobs.write_chunks(chunks, expected_digest, progress)
 
     def copy(self, source: str, target: str) -> StoredModel:
@@ -291,7 +285,7 @@ class ModelStore:
 
     def gc(self) -> GcResult:
         """Remove blobs no tag references, stale runtime folders and temporary files."""
-        with locked(self.root / "gc.lock", exclusive=True), self._manifests_locked():
+        with locked(self.root / GC_LOCK, exclusive=True), self._manifests_locked():
             referenced = self.referenced_blobs()
             removed, freed = [], 0
             for digest in self.blobs.digests():
@@ -305,7 +299,3 @@ class ModelStore:
                         shutil.rmtree(folder, ignore_errors=True)
             self.blobs.clean_temp()
         return GcResult(removed, freed)
-
-    def check_blob(self, digest: str) -> None:
-        if not self.blobs.verify(digest):
-            raise DigestMismatchError(f"blob {digest} is corrupt", digest=digest)

@@ -22,7 +22,7 @@ from yarl import URL
 
 from modelstore import mediatypes
 from modelstore.errors import ModelNotFoundError, RegistryAuthError, RegistryError
-from modelstore.registry.credentials import BasicCredentials
+from modelstore.registry.credentials import BasicCredentials, auth_file
 
 MANIFEST_ACCEPT = ", ".join(
     [mediatypes.OCI_MANIFEST, "application/vnd.docker.distribution.manifest.v2+json"]
@@ -154,8 +154,6 @@ class RegistryClient:
             raise RegistryError(f"registry {self.host} asks for unknown auth {challenge.scheme!r}")
 
     def _needs_login(self) -> RegistryAuthError:
-        from modelstore.registry.credentials import auth_file
-
         return RegistryAuthError(
             f"registry {self.host} needs a login: add it to {auth_file()} "
             "(e.g. with 'docker login' or 'oras login')",

@@ -2,15 +2,15 @@
 
 Only blobs the store lacks are fetched, several at once. Each streams into
 ``tmp/pull-<hex>.partial`` (named by digest, so an interrupted pull resumes it with a Range
-request), is hashed as it arrives and is renamed into ``blobs/`` only if its digest is right.
-The manifest is written last, with the registry's exact bytes, so a failed pull leaves every
-name in the store as it was.
+request), is hashed as it arrives, and becomes ``tmp/pull-<hex>.verified`` only if its digest
+is right. When every blob of the model is verified they are renamed into ``blobs/`` and the
+manifest is written last, with the registry's exact bytes: a failed pull leaves the store's
+visible blobs and names as they were.
 """
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import hashlib
 import os
 from collections import deque
@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from modelstore.blobs import CHUNK_SIZE, sha256_digest
+from modelstore.blobs import hash_prefix, sha256_digest
 from modelstore.draft import ModelConfig
 from modelstore.errors import (
     DigestMismatchError,
@@ -29,6 +29,7 @@ from modelstore.errors import (
     MlxserveError,
     RegistryError,
 )
+from modelstore.locks import wait_for_flock
 from modelstore.manifest import Descriptor, Manifest
 from modelstore.registry.client import RegistryClient, repository_scope
 from modelstore.registry.credentials import BasicCredentials
@@ -44,7 +45,6 @@ from modelstore.store import ModelStore, StoredModel
 DEFAULT_CONCURRENCY = 4
 SINK_BATCH = 1 << 20
 SINK_DEPTH = 4
-_LOCK_POLL_S = 0.1
 
 
 def check_manifest(raw: bytes, registry_digest: str | None, wanted: str | None) -> Manifest:
@@ -66,15 +66,11 @@ def check_manifest(raw: bytes, registry_digest: str | None, wanted: str | None) 
 @asynccontextmanager
 async def _locked_partial(path: Path) -> AsyncIterator[BinaryIO]:
     """Open the partial file under an exclusive flock, waiting without blocking the loop
-    (two pulls of one blob, in one daemon or two processes, must not write it together)."""
+    (two pulls of one blob, in one daemon or two processes, must not write it together;
+    no time limit: the other pull may be downloading gigabytes)."""
     handle = open(path, "a+b")  # noqa: SIM115 - closed in finally, after the lock is held
     try:
-        while True:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                await asyncio.sleep(_LOCK_POLL_S)
+        await wait_for_flock(handle.fileno(), path, exclusive=True, timeout_s=None)
         yield handle
     finally:
         handle.close()
@@ -89,16 +85,6 @@ def _drop_if_ours_and_empty(path: Path, handle: BinaryIO) -> None:
             path.unlink()
     except FileNotFoundError:
         pass
-
-
-def _hash_prefix(path: Path, length: int) -> hashlib._Hash:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
-        left = length
-        while left and (chunk := handle.read(min(CHUNK_SIZE, left))):
-            hasher.update(chunk)
-            left -= len(chunk)
-    return hasher
 
 
 async def fetch_blob(
@@ -124,7 +110,7 @@ async def fetch_blob(
         if offset > blob.size:
             handle.truncate(0)
             offset = 0
-        hasher = await asyncio.to_thread(_hash_prefix, partial, offset)
+        hasher, _ = await asyncio.to_thread(hash_prefix, partial, offset)
         tracker.reset(offset)
         received = offset
         if offset < blob.size:
@@ -276,7 +262,7 @@ async def pull_model(
                 tracker = LayerProgress(progress, "pulling", blob.digest, blob.size)
                 await fetch_blob(client, store, ref.repository, blob, tracker)
 
-        with store.writing():
+        async with store.writing_async():
             try:
                 async with asyncio.TaskGroup() as group:
                     for blob in blobs:
