@@ -11,12 +11,13 @@ import json
 import signal
 import sys
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import click
 
+from mlxctl.client import DaemonError
 from modelstore.default_model import DEFAULT_MODEL
-from modelstore.errors import InvalidReferenceError, MlxserveError
+from modelstore.errors import InvalidReferenceError
 from modelstore.hfhub import HF_SCHEME
 from modelstore.reference import parse_reference
 
@@ -65,10 +66,6 @@ class ChatState:
 class DaemonSession:
     """The same interface as ``Session``, answered by a running daemon (``mlxctl serve``)."""
 
-    OPTION_NAMES: ClassVar[dict[str, str]] = {
-        "max_tokens": "num_predict",
-        "repetition_penalty": "repeat_penalty",
-    }
 
     def __init__(self, client: Any, name: str, as_json: bool, verbose: bool) -> None:
         self.client, self.name = client, name
@@ -78,14 +75,18 @@ class DaemonSession:
         self.client.post("/api/generate", {"model": self.name})
 
     def _options(self, overrides: dict[str, Any]) -> dict[str, Any]:
-        return {self.OPTION_NAMES.get(k, k): v for k, v in overrides.items()}
+        """Our parameter names -> Ollama's (the daemon maps them back)."""
+        from mlxserve.server.options import OLLAMA_OPTIONS
+
+        ollama_names = {target: name for name, (target, _) in OLLAMA_OPTIONS.items()}
+        return {ollama_names.get(k, k): v for k, v in overrides.items()}
 
     def _print(self, lines: Any, field: str) -> str:
         pieces = []
         try:
             for line in lines:
                 if "error" in line:
-                    raise MlxserveError(line["error"])
+                    raise DaemonError(line["error"], line.get("code", "daemon_error"))
                 text = line[field]["content"] if field == "message" else line[field]
                 pieces.append(text)
                 if self.as_json:

@@ -1,4 +1,8 @@
-"""ModelSpec commands: ``spec validate``, ``spec pack`` and ``create``; built for CI pipelines."""
+"""ModelSpec commands: ``spec validate``, ``spec pack`` and ``create``; built for CI pipelines.
+
+``modelstore.spec`` (yaml, jsonschema) is imported inside each command: ``mlxctl --help``
+loads every command module and should not pay for it.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,6 @@ import click
 
 from mlxctl.output import byte_progress, console, human_size, print_json
 from modelstore.errors import SpecValidationError
-from modelstore.spec import build_draft, load_spec, require_valid
 from modelstore.store import ModelStore
 
 EXIT_INVALID = 1
@@ -38,6 +41,8 @@ def validate_command(file: Path, as_json: bool) -> None:
     Example:
       mlxctl spec validate config/smollm2-135m.modelspec.yaml
     """
+    from modelstore.spec import load_spec
+
     spec = load_spec(file)
     if as_json:
         print_json(
@@ -72,6 +77,7 @@ def pack_command(file: Path, out: Path, name: str | None, as_json: bool) -> None
       mlxctl spec pack model.yaml -o model.tar && sha256sum model.tar
     """
     from modelstore.ocilayout import pack
+    from modelstore.spec import build_draft, load_spec, require_valid
 
     spec = load_spec(file)
     require_valid(spec)
@@ -98,6 +104,8 @@ def create_command(name: str | None, file: Path) -> None:
     Example:
       mlxctl create mymodel:latest -f mymodel.modelspec.yaml
     """
+    from modelstore.spec import build_draft, load_spec, require_valid
+
     spec = load_spec(file)
     require_valid(spec)
     reference = _name_for(spec.data, name, file)

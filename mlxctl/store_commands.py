@@ -14,7 +14,7 @@ from rich.table import Table
 
 from mlxctl.output import byte_progress, console, human_age, human_size, print_json
 from modelstore import mediatypes
-from modelstore.draft import GENERATED_LAYERS
+from modelstore.draft import GENERATED_LAYERS, ModelConfig
 from modelstore.store import ModelStore, StoredModel
 
 if TYPE_CHECKING:
@@ -89,8 +89,10 @@ def report_import(result: ImportResult, as_json: bool) -> None:
         )
 
 
-def _summary(store: ModelStore, model: StoredModel) -> dict[str, Any]:
-    config = store.config(model)
+def _summary(
+    store: ModelStore, model: StoredModel, config: ModelConfig | None = None
+) -> dict[str, Any]:
+    config = config or store.config(model)
     return {
         "name": model.name,
         "digest": model.manifest_digest,
@@ -129,8 +131,8 @@ def list_command(as_json: bool) -> None:
 def _show_data(store: ModelStore, model: StoredModel) -> dict[str, Any]:
     import json
 
-    data = _summary(store, model)
     config = store.config(model)
+    data = _summary(store, model, config)
     data.update(
         context_length=config.context_length,
         parameter_count=config.parameter_count,
