@@ -71,3 +71,23 @@ class UnauthorizedError(MlxserveError):
 
 class ForbiddenError(MlxserveError):
     code = "forbidden"
+
+
+class NotFoundError(MlxserveError):
+    """A path the daemon does not serve."""
+
+    code = "not_found"
+
+
+class MethodNotAllowedError(MlxserveError):
+    code = "method_not_allowed"
+
+
+class RequestTooLargeError(MlxserveError):
+    code = "request_too_large"
+
+
+class InternalError(MlxserveError):
+    """Anything unexpected: logged with its trace, answered without it."""
+
+    code = "internal_error"

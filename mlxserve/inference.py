@@ -23,7 +23,7 @@ from mlxserve.runners.base import (
     RunnerOptions,
 )
 from mlxserve.runners.select import choose_runner, make_runner
-from modelstore.model import GENERATION_PARAMETERS, RUNNER_PARAMETERS, LocalModel
+from modelstore.model import GENERATION_PARAMETERS, LocalModel
 from modelstore.runtime import open_model
 from modelstore.store import ModelStore
 
@@ -85,11 +85,7 @@ class LoadedModel:
     ) -> LoadedModel:
         model = open_model(store, name)
         runner = make_runner(choose_runner(model, runner_name))
-        options = options or RunnerOptions()
-        for key in RUNNER_PARAMETERS:
-            if getattr(options, key) is None and key in model.parameters:
-                setattr(options, key, model.parameters[key])
-        info = await runner.load(model, options)
+        info = await runner.load(model, options or RunnerOptions())
         return cls(model, runner, info)
 
     @property

@@ -112,11 +112,9 @@ def _compile(template: str) -> Template:
 
 
 def compile_check(template: str) -> None:
-    """Raise ``TemplateError`` (with ``details['line']``) unless the template compiles.
-
-    ModelSpec validation calls it, so a broken template fails at ``create``, not at the first
-    chat request.
-    """
+    """Raise ``TemplateError`` (with ``details['line']``) unless the template compiles here,
+    in the sandbox chats render in. (``modelstore.spec`` checks a ModelSpec's template with
+    the same Jinja extensions but without importing this package.)"""
     _compile(template)
 
 

@@ -170,8 +170,8 @@ def _semantic_problems(spec: ModelSpec, lines: dict[str, int]) -> list[SpecProbl
 def template_compile_error(template: str) -> str | None:
     """Why a chat template does not compile (with its line), or ``None``.
 
-    Parsed in the same sandboxed environment the runners render with; modelstore keeps its own
-    copy of these three lines so it never imports the inference package.
+    Syntax only, with the same Jinja extension ``mlxserve.prompts`` renders with (the store
+    layer never imports the inference package); rendering itself happens in that sandbox.
     """
     from jinja2 import TemplateSyntaxError
     from jinja2.sandbox import ImmutableSandboxedEnvironment

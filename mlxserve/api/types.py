@@ -15,9 +15,10 @@ from typing import Any
 from mlxserve.runners.base import GenerateChunk, GenerationStats
 
 
-def utc_timestamp() -> str:
-    """RFC 3339 with nanosecond-style precision, like Ollama's ``created_at``."""
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+def utc_timestamp(at: float | None = None) -> str:
+    """RFC 3339 in UTC, like Ollama's ``created_at``: now, or ``at`` (seconds since the epoch)."""
+    moment = datetime.now(UTC) if at is None else datetime.fromtimestamp(at, UTC)
+    return moment.isoformat().replace("+00:00", "Z")
 
 
 def _without_none(value: Any) -> Any:

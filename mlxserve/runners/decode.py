@@ -12,10 +12,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from mlxserve.errors import ContextOverflowError
 from mlxserve.runners.base import (
     CancelToken,
     DoneReason,
     GenerateChunk,
+    GenerateRequest,
     GenerationStats,
     TokenLogprob,
 )
@@ -95,6 +97,28 @@ class DecodeState:
             time_to_first_token=first - self.started,
         )
         return GenerateChunk(tail, done=True, done_reason=self.reason, stats=stats)
+
+
+def prompt_and_budget(
+    request: GenerateRequest,
+    tokenize: Callable[[str, bool], list[int]],
+    empty_prompt: list[int],
+    context: int,
+) -> tuple[list[int], int]:
+    """The prompt's tokens and how many may be generated after them; a prompt that leaves no
+    room is refused (never truncated). An empty prompt becomes ``empty_prompt`` (BOS)."""
+    prompt = request.prompt_tokens
+    if prompt is None:
+        prompt = tokenize(request.prompt or "", request.add_special_tokens)
+    if not prompt:
+        prompt = empty_prompt
+    if len(prompt) >= context:
+        raise ContextOverflowError(
+            f"the prompt has {len(prompt)} tokens; the context holds {context}",
+            prompt_tokens=len(prompt),
+            context_length=context,
+        )
+    return list(prompt), min(request.max_tokens or DEFAULT_MAX_TOKENS, context - len(prompt))
 
 
 def decode_loop(tokens: Iterator[SampledToken], state: DecodeState) -> Iterator[GenerateChunk]:

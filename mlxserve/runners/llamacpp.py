@@ -17,7 +17,6 @@ import numpy as np
 
 from mlxserve import platform
 from mlxserve.errors import (
-    ContextOverflowError,
     InferenceError,
     InvalidRequestError,
     ModelNotLoadedError,
@@ -32,12 +31,12 @@ from mlxserve.runners.base import (
     RunnerOptions,
     TokenLogprob,
 )
-from mlxserve.runners.decode import DEFAULT_MAX_TOKENS, DecodeState, SampledToken, decode_loop
+from mlxserve.runners.decode import DecodeState, SampledToken, decode_loop, prompt_and_budget
+from mlxserve.runners.loading import context_length, load_options
 from mlxserve.runners.textstream import ByteDetokenizer, TextStream
 from mlxserve.runners.threads import WorkerThread
 from modelstore.model import LocalModel
 
-DEFAULT_CONTEXT = 4096
 RANDOM_SEED = 0xFFFFFFFF
 """llama.cpp's LLAMA_DEFAULT_SEED: pick a fresh random seed for each request."""
 
@@ -78,20 +77,16 @@ class LlamaCppRunner:
             )
         llama_cpp = _import_llama_cpp()
         started = time.perf_counter_ns()
-        context = options.context_length or model.parameters.get("context_length") or min(
-            DEFAULT_CONTEXT, model.context_length or DEFAULT_CONTEXT
-        )
+        options = load_options(model, options)
 
         def build() -> Any:
             return llama_cpp.Llama(
                 model_path=str(model.weights[0]),
-                n_ctx=int(context),
+                n_ctx=context_length(model, options),
                 n_gpu_layers=options.n_gpu_layers
                 if options.n_gpu_layers is not None
-                else model.parameters.get("n_gpu_layers", platform.default_gpu_layers()),
-                n_threads=options.n_threads
-                or model.parameters.get("n_threads")
-                or platform.default_threads(),
+                else platform.default_gpu_layers(),
+                n_threads=options.n_threads or platform.default_threads(),
                 seed=RANDOM_SEED,
                 verbose=False,
             )
@@ -160,19 +155,9 @@ class LlamaCppRunner:
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         llama = self._require()
-        prompt = request.prompt_tokens
-        if prompt is None:
-            prompt = self.tokenize(request.prompt or "", request.add_special_tokens)
-        if not prompt:
-            prompt = [llama.token_bos()]
-        max_tokens = request.max_tokens or DEFAULT_MAX_TOKENS
-        if len(prompt) >= llama.n_ctx():
-            raise ContextOverflowError(
-                f"the prompt has {len(prompt)} tokens; the context holds {llama.n_ctx()}",
-                prompt_tokens=len(prompt),
-                context_length=llama.n_ctx(),
-            )
-        max_tokens = min(max_tokens, llama.n_ctx() - len(prompt))
+        prompt, max_tokens = prompt_and_budget(
+            request, self.tokenize, [llama.token_bos()], llama.n_ctx()
+        )
         grammar = self._grammar(request.response_format)
         return self._worker.stream(
             lambda: self._generate_sync(request, prompt, max_tokens, grammar), request.cancel

@@ -19,10 +19,8 @@ from typing import Any
 
 from mlxserve import platform
 from mlxserve.errors import (
-    ContextOverflowError,
     InferenceError,
     ModelNotLoadedError,
-    OutOfMemoryError,
     RunnerUnavailableError,
     UnsupportedArchitectureError,
 )
@@ -33,15 +31,18 @@ from mlxserve.runners.base import (
     RunnerOptions,
     TokenLogprob,
 )
-from mlxserve.runners.decode import DEFAULT_MAX_TOKENS, DecodeState, SampledToken
+from mlxserve.runners.decode import DecodeState, SampledToken, prompt_and_budget
 from mlxserve.runners.engine import shared_engine
+from mlxserve.runners.loading import (
+    DEFAULT_CONTEXT,
+    context_length,
+    load_options,
+    require_memory,
+)
 from mlxserve.runners.textstream import MlxDetokenizer, TextStream
+from mlxserve.runners.threads import END, drain
 from modelstore.model import LocalModel
 from modelstore.store import default_root
-
-MEMORY_HEADROOM = 1.2
-"""Refuse a model whose weights need more than 1/1.2 of the machine's memory."""
-DEFAULT_CONTEXT = 4096
 
 
 def _import_mlx() -> tuple[Any, Any]:
@@ -67,7 +68,6 @@ def derived_folder(model: LocalModel, dequantized: bool) -> Path:
 
 
 DEFAULT_MAX_PARALLEL = 4
-_END = object()
 
 
 def request_sampler(request: GenerateRequest) -> Any:
@@ -137,15 +137,8 @@ class MlxRunner:
     async def load(self, model: LocalModel, options: RunnerOptions) -> LoadedModelInfo:
         mx, mlx_lm = _import_mlx()
         started = time.perf_counter_ns()
-        needed = model.size_bytes
-        available = platform.total_memory_bytes()
-        if available and needed * MEMORY_HEADROOM > available:
-            raise OutOfMemoryError(
-                f"{model.name} needs about {needed / 1e9:.1f} GB; this machine has "
-                f"{available / 1e9:.1f} GB",
-                needed_bytes=needed,
-                available_bytes=available,
-            )
+        require_memory(model.name, model.size_bytes)
+        options = load_options(model, options)
         dequantize = platform.mlx_dequantize_weights()
         self._parallel = options.max_parallel or DEFAULT_MAX_PARALLEL
 
@@ -185,11 +178,7 @@ class MlxRunner:
         await self._engine.call(build)
         from mlx_lm.utils import get_total_parameters
 
-        self._context = int(
-            options.context_length
-            or model.parameters.get("context_length")
-            or min(DEFAULT_CONTEXT, model.context_length or DEFAULT_CONTEXT)
-        )
+        self._context = context_length(model, options)
         self._info = LoadedModelInfo(
             runner=self.name,
             format=model.format,
@@ -210,7 +199,7 @@ class MlxRunner:
 
             for active in self._active.values():
                 active.emit(active.state.finish("cancelled"))
-                active.emit(_END)
+                active.emit(END)
             self._active.clear()
             if self._batch is not None:
                 self._batch.close()
@@ -263,18 +252,9 @@ class MlxRunner:
         constraint = None
         if request.response_format:
             constraint = await asyncio.to_thread(self._constraint, request.response_format)
-        prompt = request.prompt_tokens
-        if prompt is None:
-            prompt = self.tokenize(request.prompt or "", request.add_special_tokens)
-        if not prompt:
-            prompt = [tokenizer.bos_token_id or 0]
-        if len(prompt) >= self._context:
-            raise ContextOverflowError(
-                f"the prompt has {len(prompt)} tokens; the context holds {self._context}",
-                prompt_tokens=len(prompt),
-                context_length=self._context,
-            )
-        max_tokens = min(request.max_tokens or DEFAULT_MAX_TOKENS, self._context - len(prompt))
+        prompt, max_tokens = prompt_and_budget(
+            request, self.tokenize, [tokenizer.bos_token_id or 0], self._context
+        )
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[object] = asyncio.Queue()
 
@@ -282,16 +262,11 @@ class MlxRunner:
             loop.call_soon_threadsafe(chunks.put_nowait, item)
 
         self._engine.submit(
-            lambda: self._join(request, list(prompt), max_tokens, emit, constraint)
+            lambda: self._join(request, prompt, max_tokens, emit, constraint)
         )
         try:
-            while True:
-                item = await chunks.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item  # type: ignore[misc]
+            async for item in drain(chunks):
+                yield item
         finally:
             request.cancel.cancel()
 
@@ -411,7 +386,7 @@ class MlxRunner:
         if cache_and_tokens is not None:
             self._remember(*cache_and_tokens)
         active.emit(active.state.finish(reason))
-        active.emit(_END)
+        active.emit(END)
 
     def _remember(self, cache: list[Any] | None, tokens: list[int] | None) -> None:
         """Keep a finished sequence's KV cache for follow-ups that extend it."""

@@ -12,12 +12,25 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from mlxserve.runners.base import CancelToken
 
 T = TypeVar("T")
-_DONE = object()
+END = object()
+"""Put on a queue after a producer's last item."""
+
+
+async def drain(queue: asyncio.Queue[object]) -> AsyncIterator[Any]:
+    """The items a producer thread puts on ``queue`` up to ``END``; an exception it puts there
+    is raised here, in the consumer."""
+    while True:
+        item = await queue.get()
+        if item is END:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 class WorkerThread:
@@ -28,9 +41,6 @@ class WorkerThread:
 
     async def call(self, function: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
-
-    def call_blocking(self, function: Callable[..., T], *args: object) -> T:
-        return self._executor.submit(function, *args).result()
 
     async def stream(
         self, produce: Callable[[], Iterator[T]], cancel: CancelToken
@@ -45,17 +55,12 @@ class WorkerThread:
             except BaseException as exc:  # handed to the consumer, raised there
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
             finally:
-                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+                loop.call_soon_threadsafe(queue.put_nowait, END)
 
         future = loop.run_in_executor(self._executor, pump)
         try:
-            while True:
-                item = await queue.get()
-                if item is _DONE:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                yield item  # type: ignore[misc]
+            async for item in drain(queue):
+                yield item
         finally:
             cancel.cancel()
             with contextlib.suppress(Exception):

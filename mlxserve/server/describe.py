@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import json
 from typing import Any
 
+from mlxserve.api.types import utc_timestamp
 from modelstore import mediatypes
 from modelstore.store import ModelStore, StoredModel
 
@@ -16,10 +17,6 @@ def parameter_size(count: int | None) -> str:
         if count >= scale:
             return f"{count / scale:.1f}{unit}"
     return str(count)
-
-
-def iso_time(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
 
 
 def details(store: ModelStore, model: StoredModel) -> dict[str, Any]:
@@ -39,7 +36,7 @@ def tag_entry(store: ModelStore, model: StoredModel) -> dict[str, Any]:
     return {
         "name": model.name,
         "model": model.name,
-        "modified_at": iso_time(model.modified),
+        "modified_at": utc_timestamp(model.modified),
         "size": model.size,
         "digest": model.manifest_digest.removeprefix("sha256:"),
         "details": details(store, model),
@@ -56,8 +53,6 @@ def parameters_text(parameters: dict[str, Any]) -> str:
 
 
 def show_body(store: ModelStore, model: StoredModel, template: str | None) -> dict[str, Any]:
-    import json
-
     config = store.config(model)
     params_text = store.text_layer(model, mediatypes.PARAMS)
     parameters = json.loads(params_text) if params_text else {}
@@ -74,5 +69,5 @@ def show_body(store: ModelStore, model: StoredModel, template: str | None) -> di
             f"{config.architecture}.context_length": config.context_length,
         },
         "capabilities": ["completion"],
-        "modified_at": iso_time(model.modified),
+        "modified_at": utc_timestamp(model.modified),
     }

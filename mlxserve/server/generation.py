@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from mlxserve.errors import InvalidRequestError
 from mlxserve.inference import LoadedModel
 from mlxserve.runners.base import GenerateChunk, GenerateRequest
 from mlxserve.server.metrics import Metrics
@@ -115,14 +116,8 @@ async def generation(
             await running.close()
 
 
-def chunk_text_and_tokens(chunks: list[GenerateChunk]) -> tuple[str, list[int]]:
-    return "".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids]
-
-
 def messages_from_body(value: Any) -> list[dict[str, Any]]:
     """Chat messages, validated just enough that a template never sees garbage."""
-    from mlxserve.errors import InvalidRequestError
-
     if not isinstance(value, list):
         raise InvalidRequestError("'messages' must be a list", param="messages")
     messages = []

@@ -15,7 +15,15 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from mlxserve.errors import ForbiddenError, InvalidRequestError, UnauthorizedError
+from mlxserve.errors import (
+    ForbiddenError,
+    InternalError,
+    InvalidRequestError,
+    MethodNotAllowedError,
+    NotFoundError,
+    RequestTooLargeError,
+    UnauthorizedError,
+)
 from mlxserve.server.config import Settings
 from mlxserve.server.errors import error_response
 from mlxserve.server.metrics import Metrics
@@ -29,22 +37,6 @@ LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 OPEN_PATHS = frozenset({"/api/health"})
 """Answer without an API key: liveness checks carry no data."""
 log = logging.getLogger("mlxserve.access")
-
-
-class NotFoundError(MlxserveError):
-    code = "not_found"
-
-
-class MethodNotAllowedError(MlxserveError):
-    code = "method_not_allowed"
-
-
-class RequestTooLargeError(MlxserveError):
-    code = "request_too_large"
-
-
-class InternalError(MlxserveError):
-    code = "internal_error"
 
 
 def _allowed_hosts(settings: Settings) -> set[str]:

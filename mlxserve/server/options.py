@@ -37,7 +37,11 @@ LOAD_TIME_OPTIONS = frozenset(
 log = logging.getLogger("mlxserve.options")
 
 
+_KIND_NAMES = {float: "a number", int: "an integer", list: "a string or a list of strings"}
+
+
 def _typed(name: str, value: Any, kind: type) -> Any:
+    """``value`` as ``kind``, or a 400 naming the field (for both APIs' numeric fields)."""
     if kind is list:
         if isinstance(value, str):
             return [value]
@@ -52,8 +56,18 @@ def _typed(name: str, value: Any, kind: type) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     raise InvalidRequestError(
-        f"option {name!r} must be {kind.__name__}, not {type(value).__name__}", param=name
+        f"'{name}' must be {_KIND_NAMES[kind]}, not {type(value).__name__}", param=name
     )
+
+
+def optional_number(body: dict[str, Any], name: str) -> float | None:
+    value = body.get(name)
+    return None if value is None else _typed(name, value, float)
+
+
+def optional_integer(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    return None if value is None else _typed(name, value, int)
 
 
 def ollama_overrides(options: Any) -> dict[str, Any]:

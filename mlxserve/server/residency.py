@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlxserve import platform
-from mlxserve.errors import OutOfMemoryError, QueueFullError
+from mlxserve.errors import QueueFullError
 from mlxserve.inference import LoadedModel
 from mlxserve.runners.base import RunnerOptions
+from mlxserve.runners.loading import require_memory
 from mlxserve.server.config import Settings
 from mlxserve.server.metrics import Metrics
 from mlxserve.server.scheduler import ModelQueue
@@ -27,7 +27,6 @@ from modelstore.reference import parse_reference
 from modelstore.store import ModelStore
 
 REAP_INTERVAL_S = 0.25
-MEMORY_HEADROOM = 1.2
 log = logging.getLogger("mlxserve.residency")
 
 
@@ -150,12 +149,7 @@ class ModelManager:
 
     async def _load(self, name: str, runner: str | None, keep_alive: float | None) -> Resident:
         model = self.store.resolve(name)
-        available = platform.total_memory_bytes()
-        if available and model.size * MEMORY_HEADROOM > available:
-            raise OutOfMemoryError(
-                f"{name} needs about {model.size / 1e9:.1f} GB; this machine has "
-                f"{available / 1e9:.1f} GB",
-            )
+        require_memory(name, model.size)  # before evicting anything for a model that cannot fit
         await asyncio.to_thread(
             self._digests.check, name, [model.manifest_digest, *model.manifest.blob_digests()]
         )

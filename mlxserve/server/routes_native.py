@@ -26,6 +26,7 @@ from mlxserve.errors import InvalidRequestError
 from mlxserve.runners.base import GenerateChunk
 from mlxserve.server.describe import show_body, tag_entry
 from mlxserve.server.encoders import NDJSON, open_stream, write_ndjson
+from mlxserve.server.errors import error_body
 from mlxserve.server.generation import Generation, generation, messages_from_body
 from mlxserve.server.options import (
     keep_alive_seconds,
@@ -102,7 +103,7 @@ async def stream_or_collect(
             async for chunk in running.rest():
                 await write_ndjson(response, shape(chunk))
     except MlxserveError as error:
-        await write_ndjson(response, {"error": error.message, "code": error.code})
+        await write_ndjson(response, error_body(error, openai=False))
     await response.write_eof()
     return response
 
@@ -291,7 +292,8 @@ async def copy(request: web.Request) -> web.Response:
 async def delete(request: web.Request) -> web.Response:
     body = await json_body(request)
     name = model_name(body)
-    await request.app[MANAGER].unload(name) if request.app[STORE].exists(name) else None
+    if request.app[STORE].exists(name):
+        await request.app[MANAGER].unload(name)
     request.app[STORE].remove(name)
     return web.Response(status=200)
 
@@ -310,7 +312,7 @@ async def ps(request: web.Request) -> web.Response:
             expires_at=(
                 "0001-01-01T00:00:00Z"
                 if expires is None
-                else utc_timestamp_in(expires - now)
+                else utc_timestamp(time.time() + max(0.0, expires - now))
             ),
             size_vram=info.memory_bytes if info.details.get("metal") else 0,
             runner=info.runner,
@@ -320,13 +322,6 @@ async def ps(request: web.Request) -> web.Response:
         )
         models.append(entry)
     return web.json_response({"models": models})
-
-
-def utc_timestamp_in(seconds: float) -> str:
-    from datetime import UTC, datetime, timedelta
-
-    moment = datetime.now(UTC) + timedelta(seconds=max(0.0, seconds))
-    return moment.isoformat().replace("+00:00", "Z")
 
 
 @routes.route("HEAD", "/api/blobs/{digest}")

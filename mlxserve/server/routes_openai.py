@@ -19,7 +19,9 @@ from aiohttp import web
 from mlxserve.errors import InvalidRequestError
 from mlxserve.runners.base import GenerateChunk, TokenLogprob
 from mlxserve.server.encoders import SSE, SSE_KEEPALIVE, open_stream, write_sse
+from mlxserve.server.errors import error_body
 from mlxserve.server.generation import Generation, generation, messages_from_body
+from mlxserve.server.options import optional_integer, optional_number
 from mlxserve.server.routes_native import embed_inputs, embed_texts, json_body, model_name
 from mlxserve.server.state import MANAGER, METRICS, SETTINGS, STORE
 from mlxserve.server.tools import parse_tool_calls
@@ -30,27 +32,6 @@ FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop"}
 OWNER = "mlxserve"
 DEFAULT_COMPLETION_TOKENS = 16
 """``/v1/completions`` without ``max_tokens``: OpenAI's own default."""
-
-_NUMBER = (int, float)
-
-
-def _number(body: dict[str, Any], name: str) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, _NUMBER) or isinstance(value, bool):
-        raise InvalidRequestError(f"'{name}' must be a number", param=name)
-    return float(value)
-
-
-def _integer(body: dict[str, Any], name: str) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidRequestError(f"'{name}' must be an integer", param=name)
-    return value
-
 
 def openai_overrides(body: dict[str, Any], *, chat: bool) -> dict[str, Any]:
     if (body.get("n") or 1) != 1:
@@ -70,21 +51,23 @@ def openai_overrides(body: dict[str, Any], *, chat: bool) -> dict[str, Any]:
         except (TypeError, ValueError):
             raise InvalidRequestError("'logit_bias' must map token ids to numbers",
                                       param="logit_bias") from None
-    max_tokens = _integer(body, "max_completion_tokens") or _integer(body, "max_tokens")
+    max_tokens = optional_integer(body, "max_completion_tokens") or optional_integer(
+        body, "max_tokens"
+    )
     if max_tokens is not None and max_tokens < 1:
         raise InvalidRequestError("'max_tokens' must be at least 1", param="max_tokens")
     if chat:
-        logprobs = (_integer(body, "top_logprobs") or 0) if body.get("logprobs") else None
+        logprobs = (optional_integer(body, "top_logprobs") or 0) if body.get("logprobs") else None
     else:
-        logprobs = _integer(body, "logprobs")
+        logprobs = optional_integer(body, "logprobs")
         if max_tokens is None:
             max_tokens = DEFAULT_COMPLETION_TOKENS
     overrides = {
-        "temperature": _number(body, "temperature"),
-        "top_p": _number(body, "top_p"),
-        "seed": _integer(body, "seed"),
-        "presence_penalty": _number(body, "presence_penalty"),
-        "frequency_penalty": _number(body, "frequency_penalty"),
+        "temperature": optional_number(body, "temperature"),
+        "top_p": optional_number(body, "top_p"),
+        "seed": optional_integer(body, "seed"),
+        "presence_penalty": optional_number(body, "presence_penalty"),
+        "frequency_penalty": optional_number(body, "frequency_penalty"),
         "max_tokens": max_tokens,
         "stop": stop,
         "logit_bias": bias,
@@ -186,8 +169,7 @@ async def stream_sse(
         for extra in closing():
             await writer.send(extra)
     except MlxserveError as error:
-        await writer.send({"error": {"message": error.message, "type": "server_error",
-                                     "code": error.code, "param": None}})
+        await writer.send(error_body(error, openai=True))
     return await writer.close()
 
 

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from mlxserve.errors import InvalidRequestError
 from mlxserve.server.encoders import NDJSON, open_stream, write_ndjson
+from mlxserve.server.errors import error_body
 from mlxserve.server.options import require_bool, require_str
 from mlxserve.server.routes_native import json_body, model_name
 from mlxserve.server.state import STORE
@@ -50,7 +51,7 @@ async def run_with_status(request: web.Request, stream: bool, work: Work) -> web
     except MlxserveError as error:
         if response is None:
             raise
-        await write_ndjson(response, {"error": error.message, "code": error.code})
+        await write_ndjson(response, error_body(error, openai=False))
     if response is None:
         response = await open_stream(request, NDJSON)
     await write_ndjson(response, {"status": "success"})
