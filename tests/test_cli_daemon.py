@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
-MLXCTL = str(Path(sys.executable).with_name("mlxctl"))
+from tests.cli import mlxctl as run_mlxctl
 
 
 def mlxctl(daemon, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "MLXSERVE_HOME": str(daemon.home), "MLXSERVE_PORT": str(daemon.port),
-           "COLUMNS": "200"}
-    return subprocess.run([MLXCTL, *args], env=env, capture_output=True, text=True, timeout=120,
-                          check=False)
+    """``mlxctl`` pointed at this daemon (its store and its port)."""
+    return run_mlxctl(*args, home=daemon.home, check=False, timeout=120,
+                      env={"MLXSERVE_PORT": str(daemon.port)})
 
 
 def test_run_uses_the_daemon_when_it_is_up(daemon):
@@ -45,8 +41,6 @@ def test_ps_and_stop(daemon):
 
 
 def test_ps_without_a_daemon_says_so(tmp_path):
-    env = {**os.environ, "MLXSERVE_HOME": str(tmp_path), "MLXSERVE_PORT": "1"}
-    result = subprocess.run([MLXCTL, "ps"], env=env, capture_output=True, text=True,
-                            check=False)
+    result = run_mlxctl("ps", home=tmp_path, check=False, env={"MLXSERVE_PORT": "1"})
     assert result.returncode == 1
     assert "daemon_unavailable" in result.stderr

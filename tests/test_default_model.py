@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,8 @@ import pytest
 from mlxserve.inference import LoadedModel
 from modelstore.default_model import DEFAULT_MODEL, ensure_default_model
 from modelstore.store import ModelStore
+from tests.cli import MLXCTL, mlxctl
 
-MLXCTL = str(Path(sys.executable).with_name("mlxctl"))
 QUESTION = "What is the capital of France? Answer in one word."
 
 pytestmark = pytest.mark.slow
@@ -30,9 +29,7 @@ def shared_home(tmp_path_factory) -> Path:
 
 
 def run_mlxctl(home: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLXSERVE_HOME": str(home)}
-    return subprocess.run([MLXCTL, *args], env=env, capture_output=True, text=True,
-                          input=stdin, timeout=300, check=False)
+    return mlxctl(*args, home=home, check=False, stdin=stdin)
 
 
 @pytest.mark.parametrize("runner", ["mlx", "llamacpp"])
