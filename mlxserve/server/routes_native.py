@@ -276,7 +276,9 @@ async def show(request: web.Request) -> web.Response:
     body = await json_body(request)
     store = request.app[STORE]
     model = store.resolve(model_name(body))
-    return web.json_response(show_body(store, model, own_template(store, model)))
+    # Off the event loop: for a GGUF this parses the file's metadata (thousands of tensors).
+    template = await asyncio.to_thread(own_template, store, model)
+    return web.json_response(show_body(store, model, template))
 
 
 @routes.post("/api/copy")
