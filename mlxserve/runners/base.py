@@ -55,6 +55,9 @@ class GenerateRequest:
     logits_processors: list[Any] = field(default_factory=list)
     """Extra ``(tokens, logits) -> logits`` callables, e.g. a JSON grammar (the daemon's job)."""
     cancel: CancelToken = field(default_factory=CancelToken)
+    images: list[bytes] = field(default_factory=list)
+    """Encoded images (PNG/JPEG bytes) the prompt refers to, for runners that serve vision models;
+    a runner without vision refuses a request that has any."""
     response_format: dict[str, Any] | None = None
     """Constrain the output to JSON: ``{"type": "json"}`` or ``{"type": "json_schema",
     "schema": {...}}``. A runner that cannot honour it raises ``UnsupportedFeatureError``."""
