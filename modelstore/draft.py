@@ -31,6 +31,9 @@ class ModelConfig:
     description: str | None = None
     license: str | None = None
     source: dict[str, str] = field(default_factory=dict)
+    embedding: dict[str, Any] | None = None
+    """Set for an embedding model (an encoder that only embeds): how its vectors are made
+    (``pooling``, ``normalize``, ``max_tokens``, ``dimensions``; see ``sources.py``)."""
 
     def to_bytes(self) -> bytes:
         body = {k: v for k, v in asdict(self).items() if v not in (None, {}, "")}

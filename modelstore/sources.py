@@ -32,6 +32,24 @@ TOKENIZER_FILES = frozenset(
 SKIPPED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
 """Framework checkpoints we cannot run and should not copy (pickles can execute code)."""
 SAFETENSORS_HEADER_LIMIT = 100 << 20
+SMALL_JSON_LIMIT = 1 << 20
+"""sentence-transformers' config files are a few hundred bytes; anything larger is refused."""
+
+POOLING_MODES = {
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
+    "pooling_mode_lasttoken": "last",
+}
+"""sentence-transformers' ``1_Pooling/config.json`` flags, as the pooling names runners use."""
+ST_MODULE = "sentence_transformers.models."
+ST_SUPPORTED_MODULES = frozenset({"Transformer", "Pooling", "Normalize"})
+ENCODER_ARCHITECTURES = frozenset({"bert", "roberta", "xlm-roberta", "modernbert"})
+"""HF encoders with no sentence-transformers config: embedded by mean pooling, normalised,
+as sentence-transformers itself does for a bare encoder."""
+GGUF_POOLING = {1: "mean", 2: "cls", 3: "last"}
+"""llama.cpp's ``LLAMA_POOLING_TYPE_*`` values that make a GGUF an embedding model."""
 
 
 def _classify(name: str) -> str:
@@ -75,6 +93,76 @@ def _hf_quantization(config: dict[str, Any]) -> str | None:
     return {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}.get(str(dtype))
 
 
+def _small_json(path: Path) -> Any:
+    if path.stat().st_size > SMALL_JSON_LIMIT:
+        raise ImportSourceError(f"{path}: too large for a config file", path=str(path))
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ImportSourceError(f"{path}: not valid JSON ({exc})", path=str(path)) from None
+
+
+def _pooling_mode(config: Any, path: Path) -> str:
+    modes = [mode for flag, mode in POOLING_MODES.items()
+             if isinstance(config, dict) and config.get(flag) is True]
+    if len(modes) != 1:
+        raise ImportSourceError(
+            f"{path}: expected exactly one pooling mode of {', '.join(POOLING_MODES)}",
+            path=str(path),
+        )
+    return modes[0]
+
+
+def embedding_record(folder: Path, hf_config: dict[str, Any]) -> dict[str, Any] | None:
+    """How a sentence-transformers folder makes its vectors, from ``modules.json``,
+    ``1_Pooling/config.json`` and ``sentence_bert_config.json``; ``None`` for a folder that is
+    not an embedding model. Modules we cannot run (``Dense``, ...) are refused here rather than
+    silently skipped, which would give vectors the model's users would not recognise."""
+    modules_path = folder / "modules.json"
+    hidden = hf_config.get("hidden_size")
+    record: dict[str, Any] = {
+        "pooling": "mean",
+        "normalize": False,
+        "max_tokens": hf_config.get("max_position_embeddings"),
+        "dimensions": hidden if isinstance(hidden, int) else None,
+    }
+    if not modules_path.is_file():
+        if hf_config.get("model_type") not in ENCODER_ARCHITECTURES:
+            return None
+        return {**record, "normalize": True}
+    modules = _small_json(modules_path)
+    if not isinstance(modules, list):
+        raise ImportSourceError(f"{modules_path}: expected a list of modules", path=str(folder))
+    for module in modules:
+        kind = str(module.get("type", "")) if isinstance(module, dict) else ""
+        short = kind.removeprefix(ST_MODULE)
+        if not kind.startswith(ST_MODULE) or short not in ST_SUPPORTED_MODULES:
+            raise ImportSourceError(
+                f"{modules_path}: sentence-transformers module {kind or module!r} is not "
+                f"supported (only {', '.join(sorted(ST_SUPPORTED_MODULES))})",
+                path=str(folder),
+            )
+        if short == "Normalize":
+            record["normalize"] = True
+        elif short == "Pooling":
+            sub = str(module.get("path", ""))
+            if sub and not is_safe_file_name(sub):
+                raise ImportSourceError(f"{modules_path}: bad module path {sub!r}")
+            pooling_path = folder / sub / "config.json"
+            if not pooling_path.is_file():
+                raise ImportSourceError(f"{pooling_path} is missing", path=str(folder))
+            pooling = _small_json(pooling_path)
+            record["pooling"] = _pooling_mode(pooling, pooling_path)
+            if isinstance(pooling.get("word_embedding_dimension"), int):
+                record["dimensions"] = pooling["word_embedding_dimension"]
+    st_config_path = folder / "sentence_bert_config.json"
+    if st_config_path.is_file():
+        st_config = _small_json(st_config_path)
+        if isinstance(st_config, dict) and isinstance(st_config.get("max_seq_length"), int):
+            record["max_tokens"] = st_config["max_seq_length"]
+    return record
+
+
 def draft_from_hf_folder(folder: Path) -> ModelDraft:
     """An MLX model: an HF-style folder with ``config.json`` and ``*.safetensors``."""
     config_path = folder / "config.json"
@@ -107,6 +195,7 @@ def draft_from_hf_folder(folder: Path) -> ModelDraft:
         context_length=hf_config.get("max_position_embeddings"),
         parameter_count=parameter_count or None,
         source={"kind": "folder", "name": folder.name},
+        embedding=embedding_record(folder, hf_config),
     )
     return ModelDraft(config, layers)
 
@@ -142,6 +231,8 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
         "name": values.get("general.name"),
         "license": values.get("general.license"),
         "chat_template": values.get("tokenizer.chat_template"),
+        "pooling_type": values.get(f"{architecture}.pooling_type"),
+        "embedding_length": values.get(f"{architecture}.embedding_length"),
         "parameter_count": sum(int(t.n_elements) for t in reader.tensors) or None,
     }
 
@@ -153,6 +244,11 @@ def draft_from_gguf(path: Path) -> ModelDraft:
         if handle.read(4) != b"GGUF":
             raise ImportSourceError(f"{path.name} is not a GGUF file (bad magic)", path=str(path))
     meta = read_gguf_metadata(path)
+    pooling = GGUF_POOLING.get(meta["pooling_type"])  # type: ignore[arg-type]
+    embedding = None
+    if pooling is not None:
+        embedding = {"pooling": pooling, "normalize": True, "max_tokens": meta["context_length"],
+                     "dimensions": meta["embedding_length"]}
     config = ModelConfig(
         format="gguf",
         architecture=meta["architecture"],
@@ -161,6 +257,7 @@ def draft_from_gguf(path: Path) -> ModelDraft:
         parameter_count=meta["parameter_count"],
         license=meta["license"],
         source={"kind": "gguf", "name": path.name},
+        embedding=embedding,
     )
     return ModelDraft(config, [LayerSource(mediatypes.WEIGHTS_GGUF, path.name, path=path)])
 
