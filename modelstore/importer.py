@@ -44,8 +44,9 @@ def unpacked_zip(path: Path, scratch: Path) -> Iterator[Path]:
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
-        raise ImportSourceError(f"{path}: not a readable zip file ({exc})", path=str(path)) \
-            from None
+        raise ImportSourceError(
+            f"{path}: not a readable zip file ({exc})", path=str(path)
+        ) from None
     with archive:
         members = archive.infolist()
         for member in members:
@@ -62,8 +63,7 @@ def unpacked_zip(path: Path, scratch: Path) -> Iterator[Path]:
             try:
                 archive.extractall(target)
             except (zipfile.BadZipFile, OSError) as exc:
-                raise ImportSourceError(f"{path}: cannot unpack ({exc})", path=str(path)) \
-                    from None
+                raise ImportSourceError(f"{path}: cannot unpack ({exc})", path=str(path)) from None
             entries = list(target.iterdir())
             only_folder = len(entries) == 1 and entries[0].is_dir()
             yield entries[0] if only_folder else target

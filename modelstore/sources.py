@@ -103,8 +103,11 @@ def _small_json(path: Path) -> Any:
 
 
 def _pooling_mode(config: Any, path: Path) -> str:
-    modes = [mode for flag, mode in POOLING_MODES.items()
-             if isinstance(config, dict) and config.get(flag) is True]
+    modes = [
+        mode
+        for flag, mode in POOLING_MODES.items()
+        if isinstance(config, dict) and config.get(flag) is True
+    ]
     if len(modes) != 1:
         raise ImportSourceError(
             f"{path}: expected exactly one pooling mode of {', '.join(POOLING_MODES)}",
@@ -247,8 +250,12 @@ def draft_from_gguf(path: Path) -> ModelDraft:
     pooling = GGUF_POOLING.get(meta["pooling_type"])  # type: ignore[arg-type]
     embedding = None
     if pooling is not None:
-        embedding = {"pooling": pooling, "normalize": True, "max_tokens": meta["context_length"],
-                     "dimensions": meta["embedding_length"]}
+        embedding = {
+            "pooling": pooling,
+            "normalize": True,
+            "max_tokens": meta["context_length"],
+            "dimensions": meta["embedding_length"],
+        }
     config = ModelConfig(
         format="gguf",
         architecture=meta["architecture"],

@@ -21,7 +21,6 @@ from mlxserve.errors import (
     ModelNotLoadedError,
     RunnerUnavailableError,
     UnsupportedArchitectureError,
-    UnsupportedFeatureError,
     UnsupportedFormatError,
 )
 from mlxserve.runners.base import (
@@ -34,16 +33,14 @@ from mlxserve.runners.base import (
 )
 from mlxserve.runners.engine import shared_engine
 from mlxserve.runners.loading import context_length, load_options
-from mlxserve.runners.pooling import length_batches, over_limit, padded, pool
+from mlxserve.runners.pooling import (
+    length_batches,
+    over_limit,
+    padded,
+    pool,
+    refuse_generation,
+)
 from modelstore.model import LocalModel
-
-
-def refuse_generation(model_name: str) -> UnsupportedFeatureError:
-    """The one error an embedding-only model answers to chat and generate requests."""
-    return UnsupportedFeatureError(
-        f"{model_name} is an embedding model: it does not generate text; "
-        "use /api/embed or /v1/embeddings"
-    )
 
 
 class MlxEmbeddingRunner:
@@ -99,8 +96,10 @@ class MlxEmbeddingRunner:
         from mlx.utils import tree_flatten
 
         self._record = model.embedding or {}
-        self._limit = min(context_length(model, options),
-                          self._record.get("max_tokens") or context_length(model, options))
+        self._limit = min(
+            context_length(model, options),
+            self._record.get("max_tokens") or context_length(model, options),
+        )
         self._model_name = model.name
         self._info = LoadedModelInfo(
             runner=self.name,
@@ -112,8 +111,10 @@ class MlxEmbeddingRunner:
             memory_bytes=int(mx.get_active_memory()),
             max_parallel=1,
             load_duration_ns=time.perf_counter_ns() - started,
-            details={"pooling": self._record.get("pooling"),
-                     "normalize": self._record.get("normalize")},
+            details={
+                "pooling": self._record.get("pooling"),
+                "normalize": self._record.get("normalize"),
+            },
         )
         return self._info
 
@@ -156,8 +157,9 @@ class MlxEmbeddingRunner:
             ids = tokenizer(request.inputs)["input_ids"]
             over = over_limit([len(t) for t in ids], self._limit, request.truncate)
             if over:
-                cut = tokenizer([request.inputs[i] for i in over], truncation=True,
-                                max_length=self._limit)["input_ids"]
+                cut = tokenizer(
+                    [request.inputs[i] for i in over], truncation=True, max_length=self._limit
+                )["input_ids"]
                 for index, tokens in zip(over, cut, strict=True):
                     ids[index] = tokens
             vectors: list[list[float]] = [[] for _ in ids]

@@ -25,6 +25,8 @@ from mlxserve.errors import (
     UnsupportedArchitectureError,
 )
 from mlxserve.runners.base import (
+    EmbedRequest,
+    EmbedResult,
     GenerateChunk,
     GenerateRequest,
     LoadedModelInfo,
@@ -39,6 +41,7 @@ from mlxserve.runners.loading import (
     load_options,
     require_memory,
 )
+from mlxserve.runners.pooling import length_batches, over_limit, padded, pool
 from mlxserve.runners.textstream import MlxDetokenizer, TextStream
 from mlxserve.runners.threads import END, drain
 from modelstore.model import LocalModel
@@ -230,20 +233,25 @@ class MlxRunner:
     def detokenize(self, token_ids: list[int]) -> str:
         return self._require()[1].decode(token_ids)
 
-    async def embed(self, texts: list[str]) -> list[list[float]]:
-        """Mean-pooled, normalised final hidden states: an embedding from any decoder model."""
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        """Mean-pooled, normalised final hidden states, in right-padded batches: an embedding
+        from any decoder model (embedding models have their own runner, ``embeddings.py``)."""
         model, tokenizer = self._require()
 
-        def run() -> list[list[float]]:
+        def run() -> EmbedResult:
             import mlx.core as mx
 
-            vectors = []
-            for text in texts:
-                ids = mx.array(tokenizer.encode(text))[None]
-                hidden = model.model(ids).mean(axis=1)[0]
-                hidden = hidden / mx.linalg.norm(hidden)
-                vectors.append(hidden.astype(mx.float32).tolist())
-            return vectors
+            ids = [list(tokenizer.encode(text)) for text in request.inputs]
+            for index in over_limit([len(t) for t in ids], self._context, request.truncate):
+                ids[index] = ids[index][: self._context]
+            vectors: list[list[float]] = [[] for _ in ids]
+            for batch in length_batches([len(t) for t in ids]):
+                input_ids, mask = padded([ids[i] for i in batch], tokenizer.eos_token_id or 0)
+                pooled = pool(model.model(input_ids), mask, "mean", normalize=True)
+                mx.eval(pooled)
+                for index, vector in zip(batch, pooled.tolist(), strict=True):
+                    vectors[index] = vector
+            return EmbedResult(vectors, sum(len(t) for t in ids))
 
         return await self._engine.call(run)
 

@@ -13,6 +13,14 @@ EMBED_BATCH_SIZE = 32
 input does not make 31 short ones pad to its length for long."""
 
 
+def refuse_generation(model_name: str) -> UnsupportedFeatureError:
+    """The one error an embedding-only model answers to chat and generate requests."""
+    return UnsupportedFeatureError(
+        f"{model_name} is an embedding model: it does not generate text; "
+        "use /api/embed or /v1/embeddings"
+    )
+
+
 def over_limit(lengths: Sequence[int], limit: int, truncate: bool) -> list[int]:
     """Indices of the inputs longer than ``limit`` tokens, which the runner then cuts; with
     ``truncate`` off, the first one is refused instead (Ollama's ``truncate: false``)."""

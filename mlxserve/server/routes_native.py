@@ -206,48 +206,6 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return await stream_or_collect(request, running, stream, shape, finish)
 
 
-def embed_inputs(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        return value
-    raise InvalidRequestError("'input' must be a string or a non-empty list of strings",
-                              param="input")
-
-
-async def embed_texts(request: web.Request, name: str, texts: list[str],
-                      keep_alive: float | None) -> tuple[list[list[float]], int, int]:
-    started = time.perf_counter_ns()
-    request["log"]["model"] = name
-    async with request.app[MANAGER].use(name, keep_alive=keep_alive) as resident:
-        runner = resident.loaded.runner
-        vectors = await runner.embed(texts)
-        tokens = sum(len(runner.tokenize(text)) for text in texts)
-    return vectors, tokens, time.perf_counter_ns() - started
-
-
-@routes.post("/api/embed")
-async def embed(request: web.Request) -> web.Response:
-    body = await json_body(request)
-    name = model_name(body)
-    texts = embed_inputs(body.get("input"))
-    vectors, tokens, duration = await embed_texts(
-        request, name, texts, keep_alive_seconds(body.get("keep_alive"))
-    )
-    return web.json_response({"model": name, "embeddings": vectors, "total_duration": duration,
-                              "load_duration": 0, "prompt_eval_count": tokens})
-
-
-@routes.post("/api/embeddings")
-async def embeddings_legacy(request: web.Request) -> web.Response:
-    body = await json_body(request)
-    name = model_name(body)
-    prompt = require_str(body, "prompt") or ""
-    vectors, _, _ = await embed_texts(request, name, [prompt],
-                                      keep_alive_seconds(body.get("keep_alive")))
-    return web.json_response({"embedding": vectors[0]})
-
-
 @routes.get("/api/tags")
 async def tags(request: web.Request) -> web.Response:
     store = request.app[STORE]

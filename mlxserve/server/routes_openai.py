@@ -1,4 +1,5 @@
-"""The OpenAI-compatible API under ``/v1``: chat completions, completions, embeddings, models.
+"""The OpenAI-compatible API under ``/v1``: chat completions, completions, models (embeddings:
+``routes_embed.py``).
 
 Streams are Server-Sent Events ending with ``data: [DONE]``; a long prefill sends SSE comment
 lines so clients and proxies keep the connection. Errors use OpenAI's error shape. The
@@ -7,9 +8,7 @@ lines so clients and proxies keep the connection. Errors use OpenAI's error shap
 
 from __future__ import annotations
 
-import base64
 import json
-import struct
 import time
 import uuid
 from typing import Any
@@ -22,7 +21,7 @@ from mlxserve.server.encoders import SSE, SSE_KEEPALIVE, open_stream, write_sse
 from mlxserve.server.errors import error_body
 from mlxserve.server.generation import Generation, generation, messages_from_body
 from mlxserve.server.options import optional_integer, optional_number
-from mlxserve.server.routes_native import embed_inputs, embed_texts, json_body, model_name
+from mlxserve.server.routes_native import json_body, model_name
 from mlxserve.server.state import MANAGER, METRICS, SETTINGS, STORE
 from mlxserve.server.tools import parse_tool_calls
 from modelstore.errors import MlxserveError
@@ -307,31 +306,6 @@ async def completions(request: web.Request) -> web.StreamResponse:
                   "finish_reason": FINISH_REASONS.get(final.done_reason or "stop"),
                   "logprobs": logprobs_of([e for c in chunks for e in c.logprobs])}
         return web.json_response({**envelope([choice]), "usage": usage(final)})
-
-
-@routes.post("/v1/embeddings")
-async def embeddings(request: web.Request) -> web.Response:
-    body = await json_body(request)
-    name = model_name(body)
-    texts = embed_inputs(body.get("input"))
-    encoding = body.get("encoding_format") or "float"
-    if encoding not in {"float", "base64"}:
-        raise InvalidRequestError("encoding_format must be float or base64",
-                                  param="encoding_format")
-    vectors, tokens, _ = await embed_texts(request, name, texts, None)
-
-    def encode(vector: list[float]) -> list[float] | str:
-        if encoding == "float":
-            return vector
-        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-
-    return web.json_response({
-        "object": "list",
-        "data": [{"object": "embedding", "index": i, "embedding": encode(v)}
-                 for i, v in enumerate(vectors)],
-        "model": name,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    })
 
 
 def model_entry(model: Any) -> dict[str, Any]:
