@@ -84,7 +84,10 @@ async def vectors_of(loaded: LoadedModel, texts: list[str], **options) -> np.nda
 def test_zip_import_records_an_embedding_model(embed_store):
     config = embed_store.config(embed_store.resolve("all-minilm"))
     assert config.embedding == {
-        "pooling": "mean", "normalize": True, "max_tokens": 256, "dimensions": 384
+        "pooling": "mean",
+        "normalize": True,
+        "max_tokens": 256,
+        "dimensions": 384,
     }
     assert config.source == {"kind": "zip", "name": "model.zip"}
 
@@ -103,8 +106,10 @@ def test_unsupported_sentence_transformers_module_is_refused(mini_hf_folder):
 
 
 def test_registry_sends_each_model_to_its_runner(embed_store):
-    chosen = {name: choose_runner(open_model(embed_store, name))
-              for name in ("all-minilm", "all-minilm:gguf")}
+    chosen = {
+        name: choose_runner(open_model(embed_store, name))
+        for name in ("all-minilm", "all-minilm:gguf")
+    }
     assert chosen == {"all-minilm": "mlx-embeddings", "all-minilm:gguf": "llamacpp-embeddings"}
 
 
@@ -202,20 +207,25 @@ def test_base64_encoding_is_the_float32_vector(embed_daemon):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", ["/api/embed", "/v1/embeddings"])
 def test_dimensions_shortens_and_renormalises(embed_daemon, path):
-    status, body = post(embed_daemon, path, {"model": "all-minilm", "input": [ANCHOR],
-                                             "dimensions": 64})
+    status, body = post(
+        embed_daemon, path, {"model": "all-minilm", "input": [ANCHOR], "dimensions": 64}
+    )
     assert status == 200
     vector = body["embeddings"][0] if "embeddings" in body else body["data"][0]["embedding"]
     assert len(vector) == 64 and abs(np.linalg.norm(vector) - 1) < 1e-5
-    status, body = post(embed_daemon, path, {"model": "all-minilm", "input": [ANCHOR],
-                                             "dimensions": 385})
+    status, body = post(
+        embed_daemon, path, {"model": "all-minilm", "input": [ANCHOR], "dimensions": 385}
+    )
     assert status == 400
 
 
 @pytest.mark.slow
 def test_truncate_false_is_a_400_naming_the_input(embed_daemon):
-    status, body = post(embed_daemon, "/api/embed", {"model": "all-minilm", "truncate": False,
-                                                     "input": [ANCHOR, LONG_TEXT]})
+    status, body = post(
+        embed_daemon,
+        "/api/embed",
+        {"model": "all-minilm", "truncate": False, "input": [ANCHOR, LONG_TEXT]},
+    )
     assert status == 400 and "input 1" in body["error"]
 
 
@@ -254,6 +264,7 @@ def test_langchain_ollama_embeddings(embed_daemon):
 def test_litellm_embedding(embed_daemon):
     import litellm
 
-    response = litellm.embedding(model="ollama/all-minilm", input=[ANCHOR, CLOSE],
-                                 api_base=embed_daemon.url)
+    response = litellm.embedding(
+        model="ollama/all-minilm", input=[ANCHOR, CLOSE], api_base=embed_daemon.url
+    )
     assert [len(item["embedding"]) for item in response.data] == [384, 384]
