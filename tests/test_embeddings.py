@@ -105,6 +105,16 @@ def test_unsupported_sentence_transformers_module_is_refused(mini_hf_folder):
         import_path(ModelStore(mini_hf_folder.parent / "home"), mini_hf_folder, "x")
 
 
+@pytest.mark.parametrize("member", ["../config.json", "/etc/config.json", "a/../../b"])
+def test_zip_with_an_escaping_member_is_refused(tmp_path, member):
+    archive_path = tmp_path / "model.zip"
+    with zipfile.ZipFile(archive_path, "w") as archive:
+        archive.writestr(member, "{}")
+    with pytest.raises(ImportSourceError, match="unsafe member"):
+        import_path(ModelStore(tmp_path / "home"), archive_path, "x")
+    assert not (tmp_path / "config.json").exists()
+
+
 def test_registry_sends_each_model_to_its_runner(embed_store):
     chosen = {
         name: choose_runner(open_model(embed_store, name))
