@@ -61,3 +61,5 @@ class LocalModel:
     embedding: dict[str, Any] | None = None
     """The store's record of an embedding model (``ModelConfig.embedding``); ``None`` for a
     generative model."""
+    vision: dict[str, Any] | None = None
+    """The store's record of a vision-language model (``ModelConfig.vision``)."""

@@ -35,4 +35,5 @@ def open_model(store: ModelStore, name: str) -> LocalModel:
         blob_digests=model.manifest.blob_digests(),
         derived_dir=store.root / "derived",
         embedding=config.embedding,
+        vision=config.vision,
     )

@@ -29,6 +29,9 @@ TOKENIZER_FILES = frozenset(
         "chat_template.json",
     }
 )
+PROCESSOR_FILES = frozenset({"preprocessor_config.json", "processor_config.json"})
+"""A vision-language model's image processor configs: with a ``vision_config`` in
+``config.json``, they make a folder a vision model."""
 SKIPPED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
 """Framework checkpoints we cannot run and should not copy (pickles can execute code)."""
 SAFETENSORS_HEADER_LIMIT = 100 << 20
@@ -61,6 +64,8 @@ def _classify(name: str) -> str:
         return mediatypes.HF_CONFIG
     if name in TOKENIZER_FILES:
         return mediatypes.TOKENIZER
+    if name in PROCESSOR_FILES:
+        return mediatypes.PROCESSOR
     return mediatypes.OTHER_FILE
 
 
@@ -166,6 +171,15 @@ def embedding_record(folder: Path, hf_config: dict[str, Any]) -> dict[str, Any] 
     return record
 
 
+def vision_record(layers: list[LayerSource], hf_config: dict[str, Any]) -> dict[str, Any] | None:
+    """A vision-language model's parts: its vision tower's type and processor files."""
+    processors = [layer.title for layer in layers if layer.media_type == mediatypes.PROCESSOR]
+    vision = hf_config.get("vision_config")
+    if not processors or not isinstance(vision, dict):
+        return None
+    return {"vision_model": vision.get("model_type"), "processor_files": processors}
+
+
 def draft_from_hf_folder(folder: Path) -> ModelDraft:
     """An MLX model: an HF-style folder with ``config.json`` and ``*.safetensors``."""
     config_path = folder / "config.json"
@@ -199,6 +213,7 @@ def draft_from_hf_folder(folder: Path) -> ModelDraft:
         parameter_count=parameter_count or None,
         source={"kind": "folder", "name": folder.name},
         embedding=embedding_record(folder, hf_config),
+        vision=vision_record(layers, hf_config),
     )
     return ModelDraft(config, layers)
 

@@ -24,6 +24,7 @@ from typing import Any
 ENTRY_POINT_GROUP = "mlxserve.runners"
 COMPLETION = "completion"
 EMBEDDING = "embedding"
+VISION = "vision"
 """The capabilities a runner serves, named as Ollama's ``/api/show`` names them."""
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,8 @@ class RunnerPlugin:
     """Model formats it runs (``mlx``, ``gguf``)."""
     capabilities: tuple[str, ...]
     """What the models it runs are for: ``completion`` (chat/generate, embeddings from hidden
-    states as a bonus) or ``embedding`` (embedding-only encoders, which refuse to chat)."""
+    states as a bonus), ``embedding`` (embedding-only encoders, which refuse to chat) or
+    ``vision`` (vision-language models: chat with images)."""
     requires: tuple[str, ...]
     """Top-level modules that must be importable for it to run."""
     install_hint: str
@@ -94,6 +96,15 @@ LLAMACPP_EMBEDDINGS = RunnerPlugin(
     capabilities=(EMBEDDING,),
     requires=("llama_cpp",),
     install_hint="pip install 'mlxserve[llamacpp]'",
+)
+
+MLX_VLM = RunnerPlugin(
+    name="mlx-vlm",
+    factory="mlxserve.runners.vision:MlxVisionRunner",
+    formats=("mlx",),
+    capabilities=(VISION,),
+    requires=("mlx", "mlx_vlm", "PIL"),
+    install_hint="pip install 'mlxserve[vision]'",
 )
 
 

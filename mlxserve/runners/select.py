@@ -6,13 +6,16 @@ from __future__ import annotations
 from mlxserve import platform
 from mlxserve.errors import RunnerUnavailableError, UnsupportedFormatError
 from mlxserve.runners.base import ModelRunner
-from mlxserve.runners.registry import COMPLETION, EMBEDDING, RunnerPlugin, plugins
+from mlxserve.runners.registry import COMPLETION, EMBEDDING, VISION, RunnerPlugin, plugins
 from modelstore.model import LocalModel
 
 
 def required_capability(model: LocalModel) -> str:
-    """An embedding model (the store recorded its pooling) needs an embedding runner."""
-    return EMBEDDING if model.embedding is not None else COMPLETION
+    """An embedding model (the store recorded its pooling) needs an embedding runner, a
+    vision-language model (the store recorded its processor) a vision runner."""
+    if model.embedding is not None:
+        return EMBEDDING
+    return VISION if model.vision is not None else COMPLETION
 
 
 def capable_runners(model: LocalModel) -> list[RunnerPlugin]:

@@ -68,6 +68,8 @@ def show_body(store: ModelStore, model: StoredModel, template: str | None) -> di
             "general.parameter_count": config.parameter_count,
             f"{config.architecture}.context_length": config.context_length,
         },
-        "capabilities": ["embedding"] if config.embedding is not None else ["completion"],
+        "capabilities": ["embedding"] if config.embedding is not None
+        else ["completion", "vision"] if config.vision is not None
+        else ["completion"],
         "modified_at": utc_timestamp(model.modified),
     }
