@@ -266,7 +266,7 @@ def interactive(session: Session | DaemonSession, state: ChatState) -> None:
 @click.command("run")
 @click.argument("model", required=False)
 @click.argument("prompt", required=False)
-@click.option("--runner", type=click.Choice(["mlx", "llamacpp"]), help="Force a runner.")
+@click.option("--runner", help="Force a runner: mlx, llamacpp, or a plugin's (docs/RUNNERS.md).")
 @click.option("--temperature", type=float)
 @click.option("--top-p", type=float)
 @click.option("--top-k", type=int)
