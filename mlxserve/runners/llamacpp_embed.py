@@ -42,6 +42,9 @@ POOLING_TYPES = {
     "last": "LLAMA_POOLING_TYPE_LAST",
 }
 """The store's pooling names (``modelstore/sources.py``) as llama.cpp's constants."""
+CAUSAL_UBATCH = 512
+"""Tokens per compute pass for a chat model's embedding context: a causal model may split an
+input across passes, so its compute buffers need not be sized for the whole context."""
 CHAT_MODEL_POOLING = "mean"
 """A chat model declares no pooling; mean over its final states, as the MLX runner does."""
 
@@ -67,20 +70,21 @@ class LlamaCppEmbedder:
         n_threads: int,
         n_gpu_layers: int,
         normalize: bool = True,
+        causal: bool = False,
     ) -> None:
         llama_cpp = _import_llama_cpp()
         self.limit = limit
         self.normalize = normalize
         try:
-            # n_batch = n_ubatch = the context: an encoder must see a whole input in one
-            # ubatch, and llama-cpp-python packs inputs up to n_batch tokens per decode.
+            # n_batch = the context: llama-cpp-python packs inputs up to n_batch tokens per
+            # decode. An encoder must also see a whole input in one ubatch.
             self.llama = llama_cpp.Llama(
                 model_path=str(path),
                 embedding=True,
                 pooling_type=getattr(llama_cpp, POOLING_TYPES[pooling]),
                 n_ctx=limit,
                 n_batch=limit,
-                n_ubatch=limit,
+                n_ubatch=min(limit, CAUSAL_UBATCH) if causal else limit,
                 n_threads=n_threads,
                 n_threads_batch=n_threads,
                 n_gpu_layers=n_gpu_layers,
@@ -126,6 +130,7 @@ def embed_with_chat_context(chat: Any, request: EmbedRequest) -> EmbedResult:
             chat.n_ctx(),
             chat.n_threads,
             chat.model_params.n_gpu_layers,
+            causal=True,
         )
         _FOR_CHAT_CONTEXT[chat] = embedder
         weakref.finalize(chat, embedder.close)

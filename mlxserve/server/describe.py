@@ -7,6 +7,7 @@ from typing import Any
 
 from mlxserve.api.types import utc_timestamp
 from modelstore import mediatypes
+from modelstore.draft import ModelConfig
 from modelstore.store import ModelStore, StoredModel
 
 
@@ -52,6 +53,13 @@ def parameters_text(parameters: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def capabilities(config: ModelConfig) -> list[str]:
+    """What the model is for, in Ollama's words; the store's records at import decide."""
+    if config.embedding is not None:
+        return ["embedding"]
+    return ["completion", "vision"] if config.vision is not None else ["completion"]
+
+
 def show_body(store: ModelStore, model: StoredModel, template: str | None) -> dict[str, Any]:
     config = store.config(model)
     params_text = store.text_layer(model, mediatypes.PARAMS)
@@ -68,8 +76,6 @@ def show_body(store: ModelStore, model: StoredModel, template: str | None) -> di
             "general.parameter_count": config.parameter_count,
             f"{config.architecture}.context_length": config.context_length,
         },
-        "capabilities": ["embedding"] if config.embedding is not None
-        else ["completion", "vision"] if config.vision is not None
-        else ["completion"],
+        "capabilities": capabilities(config),
         "modified_at": utc_timestamp(model.modified),
     }
