@@ -8,7 +8,7 @@ import io
 import pytest
 from PIL import Image
 
-from mlxserve.errors import InvalidRequestError
+from mlxserve.errors import InvalidRequestError, UnsupportedFeatureError
 from mlxserve.inference import LoadedModel
 from mlxserve.runners.select import choose_runner
 from mlxserve.server.describe import show_body
@@ -78,3 +78,9 @@ async def test_image_tokens_count_in_the_prompt(vision):
 async def test_a_bad_image_is_refused(vision, data):
     with pytest.raises(InvalidRequestError, match="image 0"):
         await answer(vision, [data])
+
+
+async def test_json_output_is_refused_not_ignored(vision):
+    request = vision.chat_request(QUESTION, {"response_format": {"type": "json"}})
+    with pytest.raises(UnsupportedFeatureError):
+        [chunk async for chunk in vision.generate(request)]

@@ -180,6 +180,10 @@ class MlxVisionRunner:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         self._require()
+        if request.response_format or request.logprobs is not None:
+            raise UnsupportedFeatureError(
+                f"the {self.name} runner does not support JSON output or logprobs"
+            )
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[object] = asyncio.Queue()
 
