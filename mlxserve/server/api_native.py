@@ -109,6 +109,7 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
         raise InvalidRequestError("'messages' must be a list", param="messages")
     chat.messages = [_message(i, m) for i, m in enumerate(messages)]
     chat.tools = tools_of(body.get("tools"))
+    chat.tool_choice = validate.tool_choice(body.get("tool_choice"))
     return chat
 
 
