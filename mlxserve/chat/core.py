@@ -158,6 +158,10 @@ class ChatRun:
         self._generated: list[int] = []
         self.done: Done | None = None
 
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prepared.request.prompt_tokens or [])
+
     async def _produce(self) -> AsyncIterator[Event]:
         parser = self.prepared.parser
         try:

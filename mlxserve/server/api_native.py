@@ -195,7 +195,7 @@ class _Lines:
     def _line(self, **fields: Any) -> dict[str, Any]:
         raise NotImplementedError
 
-    def opening(self) -> list[Frame]:
+    def opening(self, prompt_tokens: int) -> list[Frame]:
         return []
 
     def closing(self) -> list[Frame]:

@@ -171,7 +171,7 @@ class _Envelope:
             "choices": choices,
         }
 
-    def opening(self) -> list[Frame]:
+    def opening(self, prompt_tokens: int) -> list[Frame]:
         return []
 
     def closing(self) -> list[Frame]:

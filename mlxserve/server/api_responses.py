@@ -276,7 +276,7 @@ class ResponsesEncoder:
         )
         return frames
 
-    def opening(self) -> list[Frame]:
+    def opening(self, prompt_tokens: int) -> list[Frame]:
         created = self.response("in_progress")
         return [
             self._event("response.created", response=created),

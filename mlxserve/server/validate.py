@@ -200,9 +200,7 @@ def reasoning_effort(value: Any, param: str) -> bool | str | None:
     if value is None:
         return None
     if value not in EFFORTS:
-        raise InvalidRequestError(
-            f"'{param}' must be one of {', '.join(EFFORTS)}", param=param
-        )
+        raise InvalidRequestError(f"'{param}' must be one of {', '.join(EFFORTS)}", param=param)
     return EFFORTS[value]
 
 
