@@ -1,19 +1,15 @@
-"""Images from requests, checked before anything decodes them.
+"""Images from requests, checked before their pixels are decoded.
 
-An image is untrusted input: a request may carry a decompression bomb (a small PNG that
-inflates to gigabytes), a truncated or mislabelled file, or a URL the daemon would have to
-fetch. Each is a 400 here, in bounded time and memory: the encoded size is capped before the
-base64 is decoded, the pixel count is read from the header (Pillow's ``open`` reads no pixel
-data) and capped before the pixels are decoded, and only ``data:`` URLs are accepted (the
-daemon never downloads). The API translators turn every image form (native ``images``, OpenAI
-``image_url``, Anthropic ``image`` blocks, Responses ``input_image``) into bytes here, and a
-vision runner opens them with ``open_image``.
+An image is untrusted input: a decompression bomb (a small PNG that inflates to gigabytes), a
+truncated or mislabelled file. Each is a 400 here, in bounded time and memory: the byte size is
+capped, the pixel count is read from the header (Pillow's ``open`` reads no pixel data) and
+capped before the pixels are decoded, and only common still-image formats are opened. The API
+translators turn every image form into bytes (``server/validate.py``: base64 and ``data:`` URLs
+only, never a download); a vision runner opens them here.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 from typing import Any
 
@@ -31,34 +27,6 @@ PARAM = "images"
 def _refuse(message: str, index: int | None) -> InvalidRequestError:
     where = "" if index is None else f"image {index}: "
     return InvalidRequestError(where + message, param=PARAM, index=index)
-
-
-def image_from_base64(text: Any, index: int | None = None) -> bytes:
-    """The bytes of a base64 image, its size bounded before it is decoded."""
-    if not isinstance(text, str) or not text:
-        raise _refuse("expected a base64 string", index)
-    if len(text) > (MAX_IMAGE_BYTES * 4) // 3 + 4:
-        raise _refuse(f"larger than {MAX_IMAGE_BYTES >> 20} MiB", index)
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise _refuse("not valid base64", index) from None
-
-
-def image_from_url(url: Any, index: int | None = None) -> bytes:
-    """An image URL as bytes: ``data:image/...;base64,...`` only; a remote URL is refused."""
-    if not isinstance(url, str):
-        raise _refuse("expected a URL string", index)
-    if not url.startswith("data:"):
-        raise _refuse(
-            "only data: URLs are accepted; this server never downloads images (send the image "
-            "inline as base64)",
-            index,
-        )
-    header, comma, payload = url.partition(",")
-    if not comma or not header.endswith(";base64") or not header[5:].startswith("image/"):
-        raise _refuse("expected data:image/<type>;base64,<data>", index)
-    return image_from_base64(payload, index)
 
 
 def open_image(data: bytes, index: int | None = None) -> Any:

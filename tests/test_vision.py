@@ -3,7 +3,11 @@ images change the answer, count as prompt tokens, and bad ones are refused."""
 
 from __future__ import annotations
 
+import base64
 import io
+import json
+import urllib.error
+import urllib.request
 
 import pytest
 from PIL import Image
@@ -16,6 +20,7 @@ from modelstore.importer import import_path
 from modelstore.runtime import open_model
 from modelstore.store import ModelStore
 from tests.fixtures.tiny_vision import make_tiny_vision_model
+from tests.test_images import bomb_png
 
 QUESTION = [{"role": "user", "content": "What is in this picture?"}]
 
@@ -81,6 +86,94 @@ async def test_a_bad_image_is_refused(vision, data):
 
 
 async def test_json_output_is_refused_not_ignored(vision):
-    request = vision.chat_request(QUESTION, {"response_format": {"type": "json"}})
+    request = vision.chat_request(QUESTION, {})
+    request.response_format = {"type": "json"}
     with pytest.raises(UnsupportedFeatureError):
         [chunk async for chunk in vision.generate(request)]
+
+
+# -- through the daemon: one table of cases for every API ---------------------------------------
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def native_body(image: str) -> tuple[str, dict]:
+    message = {"role": "user", "content": "What is this?", "images": [image]}
+    options = {"temperature": 0, "num_predict": 8}
+    return "/api/chat", {"messages": [message], "stream": False, "options": options}
+
+
+def openai_body(image: str) -> tuple[str, dict]:
+    url = image if image.startswith("http") else f"data:image/png;base64,{image}"
+    parts = [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": url}},
+    ]
+    messages = [{"role": "user", "content": parts}]
+    return "/v1/chat/completions", {"messages": messages, "temperature": 0, "max_tokens": 8}
+
+
+def anthropic_body(image: str) -> tuple[str, dict]:
+    source = {"type": "base64", "media_type": "image/png", "data": image}
+    parts = [{"type": "image", "source": source}, {"type": "text", "text": "What is this?"}]
+    messages = [{"role": "user", "content": parts}]
+    return "/v1/messages", {"messages": messages, "temperature": 0, "max_tokens": 8}
+
+
+def reply_text(body: dict) -> str:
+    if "message" in body:
+        return body["message"]["content"]
+    if "choices" in body:
+        return body["choices"][0]["message"]["content"]
+    return "".join(block.get("text", "") for block in body["content"])
+
+
+APIS = [native_body, openai_body, anthropic_body]
+
+
+@pytest.fixture(scope="module")
+def vision_daemon(vision_store):
+    from tests.daemon import Daemon
+
+    running = Daemon(vision_store.root).start()
+    yield running
+    running.stop()
+
+
+def chat(daemon, api, image: str) -> tuple[int, dict]:
+    path, body = api(image)
+    body = {"model": "tiny:vision", **body}
+    request = urllib.request.Request(
+        daemon.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.parametrize("api", APIS, ids=lambda api: api.__name__)
+def test_each_api_answers_about_the_image(vision_daemon, api):
+    status, red = chat(vision_daemon, api, b64(png((255, 0, 0))))
+    assert status == 200, red
+    _, blue = chat(vision_daemon, api, b64(png((0, 0, 255))))
+    assert reply_text(red) != reply_text(blue)
+
+
+@pytest.mark.parametrize("api", APIS, ids=lambda api: api.__name__)
+@pytest.mark.parametrize(
+    "image",
+    [b64(b"not an image"), "%%%not-base64", b64(bomb_png(100_000, 100_000))],
+    ids=["garbage", "bad-base64", "bomb"],
+)
+def test_each_api_refuses_bad_images(vision_daemon, api, image):
+    status, body = chat(vision_daemon, api, image)
+    assert status == 400, body
+
+
+def test_a_remote_image_url_is_refused(vision_daemon):
+    status, body = chat(vision_daemon, openai_body, "https://example.com/cat.png")
+    assert status == 400 and "base64" in json.dumps(body)

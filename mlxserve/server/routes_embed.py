@@ -19,14 +19,8 @@ from aiohttp import web
 
 from mlxserve.errors import InvalidRequestError
 from mlxserve.runners.base import EmbedRequest
-from mlxserve.server.options import (
-    keep_alive_seconds,
-    optional_integer,
-    require_bool,
-    require_str,
-)
-from mlxserve.server.routes_native import json_body, model_name
 from mlxserve.server.state import MANAGER
+from mlxserve.server.validate import json_body, keep_alive, model_name, optional
 
 routes = web.RouteTableDef()
 MAX_INPUTS = 2048
@@ -80,11 +74,11 @@ async def embed_texts(
     *,
     truncate: bool = True,
     dimensions: int | None = None,
-    keep_alive: float | None = None,
+    keep_alive_s: float | None = None,
 ) -> Embedded:
     started = time.perf_counter_ns()
     request["log"]["model"] = name
-    async with request.app[MANAGER].use(name, keep_alive=keep_alive) as resident:
+    async with request.app[MANAGER].use(name, keep_alive=keep_alive_s) as resident:
         loaded = resident.loaded
         load_duration = 0
         if not loaded.load_reported:
@@ -110,9 +104,9 @@ async def embed(request: web.Request) -> web.Response:
         request,
         name,
         embed_inputs(body.get("input", [])),
-        truncate=require_bool(body, "truncate", True),
-        dimensions=optional_integer(body, "dimensions"),
-        keep_alive=keep_alive_seconds(body.get("keep_alive")),
+        truncate=optional(body, "truncate", bool, True),
+        dimensions=optional(body, "dimensions", int),
+        keep_alive_s=keep_alive(body.get("keep_alive")),
     )
     return web.json_response(
         {
@@ -130,12 +124,12 @@ async def embeddings_legacy(request: web.Request) -> web.Response:
     """Ollama's older route: one ``prompt``, one ``embedding``; an empty prompt just loads."""
     body = await json_body(request)
     name = model_name(body)
-    prompt = require_str(body, "prompt", required=False) or ""
+    prompt = optional(body, "prompt", str, "")
     embedded = await embed_texts(
         request,
         name,
         [prompt] if prompt else [],
-        keep_alive=keep_alive_seconds(body.get("keep_alive")),
+        keep_alive_s=keep_alive(body.get("keep_alive")),
     )
     return web.json_response({"embedding": embedded.vectors[0] if embedded.vectors else []})
 
@@ -160,9 +154,7 @@ async def openai_embeddings(request: web.Request) -> web.Response:
     texts = embed_inputs(body.get("input"))
     if not texts:
         raise InvalidRequestError("'input' must not be empty", param="input")
-    embedded = await embed_texts(
-        request, name, texts, dimensions=optional_integer(body, "dimensions")
-    )
+    embedded = await embed_texts(request, name, texts, dimensions=optional(body, "dimensions", int))
     return web.json_response(
         {
             "object": "list",
