@@ -271,7 +271,8 @@ def test_langchain_ollama_embeddings(embed_daemon):
 
 
 @pytest.mark.slow
-def test_litellm_embedding(embed_daemon):
+def test_litellm_embedding(embed_daemon, monkeypatch):
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch from GitHub
     import litellm
 
     response = litellm.embedding(

@@ -34,6 +34,7 @@ class Embedded:
     prompt_tokens: int
     total_duration: int
     load_duration: int
+    """How long the request waited for its model to be ready, as the chat core reports it."""
 
 
 def embed_inputs(value: Any) -> list[str]:
@@ -79,14 +80,10 @@ async def embed_texts(
     started = time.perf_counter_ns()
     request["log"]["model"] = name
     async with request.app[MANAGER].use(name, keep_alive=keep_alive_s) as resident:
-        loaded = resident.loaded
-        load_duration = 0
-        if not loaded.load_reported:
-            loaded.load_reported = True
-            load_duration = loaded.info.load_duration_ns
+        load_duration = max(1, time.perf_counter_ns() - started)
         vectors, tokens = [], 0
         if texts:
-            result = await loaded.runner.embed(EmbedRequest(texts, truncate=truncate))
+            result = await resident.loaded.runner.embed(EmbedRequest(texts, truncate=truncate))
             vectors, tokens = result.vectors, result.prompt_tokens
     return Embedded(
         shorten(vectors, dimensions),
