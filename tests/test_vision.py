@@ -122,15 +122,29 @@ def anthropic_body(image: str) -> tuple[str, dict]:
     return "/v1/messages", {"messages": messages, "temperature": 0, "max_tokens": 8}
 
 
+def responses_body(image: str) -> tuple[str, dict]:
+    url = image if image.startswith("http") else f"data:image/png;base64,{image}"
+    parts = [
+        {"type": "input_text", "text": "What is this?"},
+        {"type": "input_image", "image_url": url},
+    ]
+    messages = [{"role": "user", "content": parts}]
+    return "/v1/responses", {"input": messages, "temperature": 0, "max_output_tokens": 8}
+
+
 def reply_text(body: dict) -> str:
     if "message" in body:
         return body["message"]["content"]
     if "choices" in body:
         return body["choices"][0]["message"]["content"]
+    if "output" in body:
+        return "".join(
+            part.get("text", "") for item in body["output"] for part in item.get("content", [])
+        )
     return "".join(block.get("text", "") for block in body["content"])
 
 
-APIS = [native_body, openai_body, anthropic_body]
+APIS = [native_body, openai_body, anthropic_body, responses_body]
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +188,7 @@ def test_each_api_refuses_bad_images(vision_daemon, api, image):
     assert status == 400, body
 
 
-def test_a_remote_image_url_is_refused(vision_daemon):
-    status, body = chat(vision_daemon, openai_body, "https://example.com/cat.png")
+@pytest.mark.parametrize("api", [openai_body, responses_body], ids=lambda api: api.__name__)
+def test_a_remote_image_url_is_refused(vision_daemon, api):
+    status, body = chat(vision_daemon, api, "https://example.com/cat.png")
     assert status == 400 and "base64" in json.dumps(body)
