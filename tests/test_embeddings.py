@@ -279,3 +279,9 @@ def test_litellm_embedding(embed_daemon, monkeypatch):
         model="ollama/all-minilm", input=[ANCHOR, CLOSE], api_base=embed_daemon.url
     )
     assert [len(item["embedding"]) for item in response.data] == [384, 384]
+
+
+@pytest.mark.slow
+def test_an_input_with_no_tokens_is_a_400_naming_it(embed_daemon):
+    status, body = post(embed_daemon, "/api/embed", {"model": "smollm2:135m", "input": ["x", ""]})
+    assert status == 400 and "input 1" in body["error"]

@@ -23,7 +23,14 @@ def refuse_generation(model_name: str) -> UnsupportedFeatureError:
 
 def over_limit(lengths: Sequence[int], limit: int, truncate: bool) -> list[int]:
     """Indices of the inputs longer than ``limit`` tokens, which the runner then cuts; with
-    ``truncate`` off, the first one is refused instead (Ollama's ``truncate: false``)."""
+    ``truncate`` off, the first one is refused instead (Ollama's ``truncate: false``). An input
+    with no tokens at all (an empty text, for a tokenizer that adds none) has nothing to pool
+    and is refused too."""
+    if 0 in lengths:
+        index = list(lengths).index(0)
+        raise InvalidRequestError(
+            f"input {index} has no tokens to embed", param="input", index=index
+        )
     over = [index for index, length in enumerate(lengths) if length > limit]
     if over and not truncate:
         index = over[0]
