@@ -76,6 +76,12 @@ async def gguf_minilm(embed_store):
     await loaded.unload()
 
 
+@pytest.fixture(params=["mlx", "llamacpp"])
+def each_minilm(request, mlx_minilm, gguf_minilm) -> LoadedModel:
+    """The same model on each runner."""
+    return mlx_minilm if request.param == "mlx" else gguf_minilm
+
+
 async def vectors_of(loaded: LoadedModel, texts: list[str], **options) -> np.ndarray:
     result = await loaded.runner.embed(EmbedRequest(texts, **options))
     return np.array(result.vectors)
@@ -138,19 +144,16 @@ async def test_llamacpp_on_the_converted_gguf_agrees_with_mlx(mlx_minilm, gguf_m
     assert np.all(cosine >= 0.99), cosine
 
 
-@pytest.mark.parametrize("which", ["mlx_minilm", "gguf_minilm"])
-async def test_a_batch_gives_the_vectors_one_at_a_time_gives(which, request):
-    loaded = request.getfixturevalue(which)
+async def test_a_batch_gives_the_vectors_one_at_a_time_gives(each_minilm):
+    loaded = each_minilm
     batched = await vectors_of(loaded, [ANCHOR, LONG_TEXT, CLOSE])
     alone = np.array([(await vectors_of(loaded, [text]))[0] for text in (ANCHOR, CLOSE)])
     np.testing.assert_allclose(batched[[0, 2]], alone, atol=1e-4)
 
 
-@pytest.mark.parametrize("which", ["mlx_minilm", "gguf_minilm"])
-async def test_truncate_false_names_the_long_input(which, request):
-    loaded = request.getfixturevalue(which)
+async def test_truncate_false_names_the_long_input(each_minilm):
     with pytest.raises(InvalidRequestError, match="input 1 has") as caught:
-        await loaded.runner.embed(EmbedRequest([ANCHOR, LONG_TEXT], truncate=False))
+        await each_minilm.runner.embed(EmbedRequest([ANCHOR, LONG_TEXT], truncate=False))
     assert caught.value.details["index"] == 1
 
 
