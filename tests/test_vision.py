@@ -32,10 +32,12 @@ def png(color: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def vision_store(tmp_path_factory) -> ModelStore:
+def vision_store(tmp_path_factory, tiny_models) -> ModelStore:
+    """``tiny:vision`` and, to be refused images, the tiny text model ``tiny:mlx``."""
     work = tmp_path_factory.mktemp("vision")
     store = ModelStore(work / "home")
     import_path(store, make_tiny_vision_model(work / "tiny-llava"), "tiny:vision")
+    import_path(store, tiny_models.hf_folder, "tiny:mlx")
     return store
 
 
@@ -156,9 +158,9 @@ def vision_daemon(vision_store):
     running.stop()
 
 
-def chat(daemon, api, image: str) -> tuple[int, dict]:
+def chat(daemon, api, image: str, model: str = "tiny:vision") -> tuple[int, dict]:
     path, body = api(image)
-    body = {"model": "tiny:vision", **body}
+    body = {"model": model, **body}
     request = urllib.request.Request(
         daemon.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
     )
@@ -192,3 +194,9 @@ def test_each_api_refuses_bad_images(vision_daemon, api, image):
 def test_a_remote_image_url_is_refused(vision_daemon, api):
     status, body = chat(vision_daemon, api, "https://example.com/cat.png")
     assert status == 400 and "base64" in json.dumps(body)
+
+
+@pytest.mark.parametrize("api", APIS, ids=lambda api: api.__name__)
+def test_a_text_model_refuses_images_instead_of_ignoring_them(vision_daemon, api):
+    status, body = chat(vision_daemon, api, b64(png((255, 0, 0))), model="tiny:mlx")
+    assert status == 400 and "not a vision model" in json.dumps(body)
