@@ -24,11 +24,24 @@ GENERATION_PARAMETERS = (
     "seed",
     "max_tokens",
     "stop",
+    "repetition_context_size",
 )
 """Default generation parameters a ModelSpec may set; a request overrides each."""
 
 RUNNER_PARAMETERS = ("context_length", "n_gpu_layers", "n_threads")
 """Load-time parameters a ModelSpec may set (``RunnerOptions``)."""
+
+OLLAMA_PARAMETER_NAMES = {
+    "num_predict": "max_tokens",
+    "repeat_penalty": "repetition_penalty",
+    "repeat_last_n": "repetition_context_size",
+    "num_ctx": "context_length",
+    "num_gpu": "n_gpu_layers",
+    "num_thread": "n_threads",
+}
+"""Ollama's names (Modelfile ``PARAMETER``, ``/api/create`` ``parameters``) for ModelSpec
+parameters whose names differ; the others (``temperature``, ``top_k``, ``stop``...) agree."""
+MODELSPEC_TO_OLLAMA = {spec: ollama for ollama, spec in OLLAMA_PARAMETER_NAMES.items()}
 
 
 @dataclass
@@ -49,6 +62,8 @@ class LocalModel:
     quantization: str | None = None
     context_length: int | None = None
     """What the model was trained for; runners default to at most this."""
+    fim_tokens: dict[str, str] = field(default_factory=dict)
+    """``prefix``/``suffix``/``middle`` fill-in-the-middle tokens; empty when it has none."""
     parameters: dict[str, Any] = field(default_factory=dict)
     chat_template: str | None = None
     system: str | None = None

@@ -15,6 +15,7 @@ hence the small table here. Pure Python: ``modelstore`` never imports the infere
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -148,3 +149,21 @@ def template_warning(template_source: str | None) -> str | None:
     if template_source == UNKNOWN_SOURCE:
         return NO_TEMPLATE_WARNING
     return None
+
+
+GO_TEMPLATE: Final = re.compile(r"\{\{-?\s*(?:(?:if|range|with|else if|template|block)\s+)?\.[A-Za-z]")
+"""Ollama's Go templates read fields with a leading dot (``{{ .Prompt }}``, ``{{ if .System }}``);
+a Jinja expression never starts with one."""
+
+
+def go_template_error(template: str) -> str | None:
+    """Why a Go template cannot be used, with where the model's own template is; else None."""
+    if not GO_TEMPLATE.search(template):
+        return None
+    return (
+        "this is a Go template (Ollama's `{{ .Prompt }}` syntax); mlxserve renders chat "
+        "templates with Jinja, as Hugging Face tokenizers do. Most models ship a Jinja template "
+        "already: leave `template` out to use the model's own (see it with `mlxctl show NAME` "
+        "or POST /api/show, field `template`; in an HF folder it is `chat_template` in "
+        "tokenizer_config.json, in a GGUF `tokenizer.chat_template`)."
+    )
