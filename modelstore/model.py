@@ -62,6 +62,8 @@ class LocalModel:
     quantization: str | None = None
     context_length: int | None = None
     """What the model was trained for; runners default to at most this."""
+    model_info: dict[str, Any] = field(default_factory=dict)
+    """Ollama's ``model_info`` kept at import: layer and head counts size the KV cache."""
     fim_tokens: dict[str, str] = field(default_factory=dict)
     """``prefix``/``suffix``/``middle`` fill-in-the-middle tokens; empty when it has none."""
     parameters: dict[str, Any] = field(default_factory=dict)

@@ -56,6 +56,7 @@ def open_model(store: ModelStore, name: str) -> LocalModel:
         architecture=config.architecture,
         quantization=config.quantization,
         context_length=config.context_length,
+        model_info=dict(config.model_info),
         fim_tokens=dict(config.fim_tokens),
         parameters=json.loads(params) if params else {},
         chat_template=store.text_layer(model, mediatypes.CHAT_TEMPLATE),

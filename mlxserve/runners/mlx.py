@@ -37,7 +37,6 @@ from mlxserve.runners.loading import (
     DEFAULT_CONTEXT,
     context_length,
     load_options,
-    require_memory,
 )
 from mlxserve.runners.textstream import MlxDetokenizer, TextStream
 from mlxserve.runners.threads import END, drain
@@ -137,10 +136,10 @@ class MlxRunner:
     async def load(self, model: LocalModel, options: RunnerOptions) -> LoadedModelInfo:
         mx, mlx_lm = _import_mlx()
         started = time.perf_counter_ns()
-        require_memory(model.name, model.size_bytes)
         options = load_options(model, options)
         dequantize = platform.mlx_dequantize_weights()
         self._parallel = options.max_parallel or DEFAULT_MAX_PARALLEL
+        context = context_length(model, options, self._parallel)  # checks memory first
 
         def build() -> None:
             from mlx_lm.generate import BatchGenerator
@@ -178,7 +177,7 @@ class MlxRunner:
         await self._engine.call(build)
         from mlx_lm.utils import get_total_parameters
 
-        self._context = context_length(model, options)
+        self._context = context
         self._info = LoadedModelInfo(
             runner=self.name,
             format=model.format,

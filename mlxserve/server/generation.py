@@ -106,9 +106,11 @@ async def generation(
     *,
     keep_alive: float | None,
     metrics: Metrics,
+    context_length: int | None = None,
 ) -> AsyncIterator[Generation]:
     http_request["log"]["model"] = name
-    async with manager.use(name, keep_alive=keep_alive) as resident:
+    async with manager.use(name, keep_alive=keep_alive,
+                           context_length=context_length) as resident:
         running = Generation(http_request, resident, build(resident.loaded), metrics)
         try:
             yield running

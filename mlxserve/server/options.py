@@ -93,6 +93,13 @@ def ollama_overrides(options: Any) -> dict[str, Any]:
     return overrides
 
 
+def requested_context(options: Any) -> int | None:
+    """``options.num_ctx``: the context the model must be loaded with (``residency.use``)."""
+    if not isinstance(options, dict) or options.get("num_ctx") is None:
+        return None
+    return _typed("num_ctx", options["num_ctx"], int)
+
+
 def ollama_format(value: Any) -> dict[str, Any] | None:
     """``format: "json"`` or a JSON Schema object."""
     if value in (None, ""):

@@ -32,6 +32,7 @@ from mlxserve.server.options import (
     keep_alive_seconds,
     ollama_format,
     ollama_overrides,
+    requested_context,
     require_bool,
     require_str,
 )
@@ -142,7 +143,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
         return final
 
     async with generation(request.app[MANAGER], request, name, build, keep_alive=keep_alive,
-                          metrics=request.app[METRICS]) as running:
+                          metrics=request.app[METRICS],
+                          context_length=requested_context(body.get("options"))) as running:
         return await stream_or_collect(request, running, stream, shape, finish)
 
 
@@ -201,7 +203,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return final
 
     async with generation(request.app[MANAGER], request, name, build, keep_alive=keep_alive,
-                          metrics=request.app[METRICS]) as running:
+                          metrics=request.app[METRICS],
+                          context_length=requested_context(body.get("options"))) as running:
         return await stream_or_collect(request, running, stream, shape, finish)
 
 
