@@ -56,6 +56,37 @@ def split_model_and_prompt(model: str | None, prompt: str | None) -> tuple[str, 
     return model, prompt
 
 
+def print_stats(stats: dict[str, Any], reason: str | None, where: str, runner: str | None,
+                load_ns: int | None = None) -> None:
+    """The ``--verbose`` table, the same whether the model ran in this process or in the
+    daemon (``stats`` uses Ollama's names, as the daemon's final line does)."""
+
+    def rate(count: int, ns: int) -> str:
+        return f"{count / (ns / 1e9):.2f} tokens/s" if ns else "-"
+
+    cached = stats.get("cached_prompt_tokens", 0)
+    load = stats.get("load_duration", 0) if load_ns is None else load_ns
+    rows = [
+        ("ran", where),
+        ("runner", runner or "-"),
+        ("load duration", f"{load / 1e9:.3f}s"),
+        ("prompt eval count", f"{stats.get('prompt_eval_count', 0)} token(s)"
+         + (f" ({cached} from cache)" if cached else "")),
+        ("prompt eval rate", rate(stats.get("prompt_eval_count", 0) - cached,
+                                  stats.get("prompt_eval_duration", 0))),
+        ("eval count", f"{stats.get('eval_count', 0)} token(s)"),
+        ("eval rate", rate(stats.get("eval_count", 0), stats.get("eval_duration", 0))),
+        ("total duration", f"{stats.get('total_duration', 0) / 1e9:.3f}s"),
+        ("done reason", reason or "-"),
+    ]
+    click.echo("\n".join(f"{name + ':':<22}{value}" for name, value in rows), err=True)
+
+
+def print_prompt(prompt: str, tokens: int) -> None:
+    """``--verbose``: the prompt the template rendered, as the model sees it."""
+    click.echo(f"--- rendered prompt ({tokens} tokens) ---\n{prompt}\n---", err=True)
+
+
 @dataclass
 class ChatState:
     overrides: dict[str, Any]
@@ -70,6 +101,7 @@ class DaemonSession:
     def __init__(self, client: Any, name: str, as_json: bool, verbose: bool) -> None:
         self.client, self.name = client, name
         self.as_json, self.verbose = as_json, verbose
+        self.last_reason: str | None = None
 
     def load(self) -> None:
         self.client.post("/api/generate", {"model": self.name})
@@ -95,14 +127,24 @@ class DaemonSession:
                     sys.stdout.write(text)
                 sys.stdout.flush()
                 if line.get("done"):
+                    self.last_reason = line.get("done_reason")
                     if not self.as_json:
                         sys.stdout.write("\n")
                     if self.verbose:
-                        click.echo(json.dumps({k: v for k, v in line.items()
-                                               if k.endswith(("count", "duration"))}), err=True)
+                        print_stats(line, line.get("done_reason"),
+                                    f"through the daemon at {self.client.address}",
+                                    self.runner())
         except KeyboardInterrupt:
+            self.last_reason = "cancelled"
             click.echo("\n[stopped]", err=True)
         return "".join(pieces)
+
+    def runner(self) -> str | None:
+        """Which runner the daemon holds the model in (``/api/ps``), for the stats table."""
+        for model in self.client.get("/api/ps").get("models", []):
+            if model.get("name") == self.name or model.get("model") == self.name:
+                return str(model.get("runner") or "") or None
+        return None
 
     def one_shot(self, prompt: str, state: ChatState, raw: bool) -> None:
         body = {"model": self.name, "prompt": prompt, "raw": raw, "system": state.system,
@@ -110,6 +152,7 @@ class DaemonSession:
         self._print(self.client.stream("/api/generate", body), "response")
 
     def chat(self, messages: list[dict[str, Any]], overrides: dict[str, Any]) -> str:
+        self.last_reason = None
         body = {"model": self.name, "messages": messages, "options": self._options(overrides)}
         return self._print(self.client.stream("/api/chat", body), "message")
 
@@ -172,30 +215,9 @@ class Session:
                     sys.stdout.write("\n")
                     sys.stdout.flush()
                 if self.verbose and chunk.stats:
-                    self._report(chunk.stats, chunk.done_reason)
-
-    def _report(self, stats: Any, reason: str | None) -> None:
-        def rate(count: int, ns: int) -> str:
-            return f"{count / (ns / 1e9):.2f} tokens/s" if ns else "-"
-
-        info = self.loaded.info
-        evaluated = stats.prompt_eval_count - stats.cached_prompt_tokens
-        click.echo(
-            "\n".join(
-                [
-                    f"runner:               {info.runner} ({info.format})",
-                    f"load duration:        {info.load_duration_ns / 1e9:.3f}s",
-                    f"prompt eval count:    {stats.prompt_eval_count} token(s) "
-                    f"({stats.cached_prompt_tokens} from cache)",
-                    f"prompt eval rate:     {rate(evaluated, stats.prompt_eval_duration)}",
-                    f"eval count:           {stats.eval_count} token(s)",
-                    f"eval rate:            {rate(stats.eval_count, stats.eval_duration)}",
-                    f"total duration:       {stats.total_duration / 1e9:.3f}s",
-                    f"done reason:          {reason}",
-                ]
-            ),
-            err=True,
-        )
+                    info = self.loaded.info
+                    print_stats(vars(chunk.stats), chunk.done_reason, "in this process",
+                                f"{info.runner} ({info.format})", info.load_duration_ns)
 
     def close(self) -> None:
         if self.loaded is not None:
@@ -211,7 +233,12 @@ def chat_turn(session: Session | DaemonSession, state: ChatState, text: str) -> 
     if isinstance(session, DaemonSession):
         reply = session.chat(messages, state.overrides)
     else:
-        reply = session.answer(session.loaded.chat_request(messages, state.overrides))
+        request = session.loaded.chat_request(messages, state.overrides)
+        if session.verbose:
+            print_prompt(request.prompt or "", len(request.prompt_tokens or []))
+        reply = session.answer(request)
+    if session.last_reason == "cancelled":
+        return  # as Ollama: an answer cut with Ctrl-C is not part of the conversation
     state.history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
 
 
@@ -278,6 +305,8 @@ def interactive(session: Session | DaemonSession, state: ChatState) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Stream NDJSON chunks (daemon shape).")
 @click.option("--verbose", is_flag=True, help="Print load time and tokens/s afterwards.")
 @click.option("--insecure", is_flag=True, help="Pull a missing model over plain HTTP.")
+@click.option("--host", envvar="MLXSERVE_HOST",
+              help="The daemon's address, host:port (default: MLXSERVE_HOST, else the config).")
 def run_command(
     model: str | None,
     prompt: str | None,
@@ -293,6 +322,7 @@ def run_command(
     as_json: bool,
     verbose: bool,
     insecure: bool,
+    host: str | None,
 ) -> None:
     """Run a model: one answer if a prompt is given (or piped in), else an interactive chat.
 
@@ -319,7 +349,7 @@ def run_command(
         "max_tokens": max_tokens,
     }
     state = ChatState({k: v for k, v in overrides.items() if v is not None}, system)
-    session = choose_session(name, runner, local, as_json, verbose)
+    session = choose_session(name, runner, local, as_json, verbose, host)
     try:
         session.load()
         if prompt is None:
@@ -335,7 +365,8 @@ def run_command(
 
 
 def choose_session(
-    name: str, runner: str | None, local: bool, as_json: bool, verbose: bool
+    name: str, runner: str | None, local: bool, as_json: bool, verbose: bool,
+    host: str | None = None,
 ) -> Session | DaemonSession:
     """The daemon when one is up (it keeps models warm), else this process.
 
@@ -344,7 +375,7 @@ def choose_session(
     if not local and runner is None:
         from mlxctl.client import DaemonClient
 
-        client = DaemonClient.from_environment()
+        client = DaemonClient.from_environment(host)
         if client.is_up():
             if name == DEFAULT_MODEL:
                 from modelstore.default_model import ensure_default_model

@@ -8,6 +8,7 @@ the same prompt string whichever library runs them.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from modelstore.model import GENERATION_PARAMETERS, LocalModel
 from modelstore.runtime import open_model
 from modelstore.store import ModelStore
 
+log = logging.getLogger("mlxserve.prompts")
 REQUEST_FIELDS = (
     *GENERATION_PARAMETERS,
     "logprobs",
@@ -111,6 +113,7 @@ class LoadedModel:
     ) -> GenerateRequest:
         prompt = self.chat_prompt(messages, tools)
         tokens = self.runner.tokenize(prompt, add_special_tokens=False)
+        log.debug("%s: rendered prompt (%d tokens): %r", self.model.name, len(tokens), prompt)
         return build_request(self.model, overrides, prompt=prompt, prompt_tokens=tokens)
 
     def raw_request(self, prompt: str, overrides: dict[str, Any]) -> GenerateRequest:
