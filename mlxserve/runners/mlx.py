@@ -33,11 +33,7 @@ from mlxserve.runners.base import (
 )
 from mlxserve.runners.decode import DecodeState, SampledToken, prompt_and_budget
 from mlxserve.runners.engine import shared_engine
-from mlxserve.runners.loading import (
-    DEFAULT_CONTEXT,
-    context_length,
-    load_options,
-)
+from mlxserve.runners.loading import context_length, load_options
 from mlxserve.runners.textstream import MlxDetokenizer, TextStream
 from mlxserve.runners.threads import END, drain
 from modelstore.model import LocalModel
@@ -116,7 +112,8 @@ class MlxRunner:
         self._model: Any = None
         self._tokenizer: Any = None
         self._info: LoadedModelInfo | None = None
-        self._context = DEFAULT_CONTEXT
+        self._context = 0
+        """Set at load (``loading.context_length``)."""
         self._parallel = DEFAULT_MAX_PARALLEL
         self._prompt_cache: Any = None
         self._batch: Any = None
