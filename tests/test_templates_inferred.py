@@ -86,3 +86,48 @@ def test_a_model_that_ships_a_template_keeps_it_unmarked(tiny_store: ModelStore)
     config = tiny_store.config(tiny_store.resolve("tiny:gguf"))
     assert config.template_source is None
     assert config.chat_template and "<|im_start|>" in config.chat_template
+
+
+def test_a_base_gguf_chats_in_its_inferred_format_with_bos_in_llama_cpp(
+    tmp_path: Path, store: ModelStore
+) -> None:
+    """End to end in a real runner: the tiny model without a template, whose tokenizer adds
+    BOS, gets ChatML (its vocabulary has ``<|im_start|>``) and exactly one BOS token."""
+    import asyncio
+
+    from mlxserve.inference import LoadedModel
+    from tests.fixtures.tiny_models import BOS_ID, BOS_TOKEN, IM_START, make_tiny_gguf
+
+    path = make_tiny_gguf(tmp_path / "base.gguf", chat_template=None, add_bos=True)
+    import_path(store, path, "base:test")
+
+    async def tokens() -> tuple[str, list[int]]:
+        loaded = await LoadedModel.load(store, "base:test", "llamacpp")
+        try:
+            request = loaded.chat_request([{"role": "user", "content": "Hi"}], {})
+            return request.prompt or "", request.prompt_tokens or []
+        finally:
+            await loaded.unload()
+
+    prompt, ids = asyncio.run(tokens())
+    assert prompt == f"{BOS_TOKEN}{IM_START}user\nHi<|im_end|>\n{IM_START}assistant\n"
+    assert ids[0] == BOS_ID and ids.count(BOS_ID) == 1
+
+
+def test_an_hf_folder_without_a_template_gets_one_from_its_tokenizer_files(
+    mini_hf_folder: Path, store: ModelStore
+) -> None:
+    import json
+
+    (mini_hf_folder / "tokenizer_config.json").write_text(
+        json.dumps({"add_bos_token": True, "bos_token": "<|begin_of_text|>"})
+    )
+    added = [{"id": i, "content": t, "special": True} for i, t in enumerate(
+        ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])]
+    (mini_hf_folder / "tokenizer.json").write_text(
+        json.dumps({"version": "1.0", "model": {"vocab": {}}, "added_tokens": added})
+    )
+    result = import_path(store, mini_hf_folder, "hf:test")
+    assert "llama3 template was inferred" in result.warnings[0]
+    template = open_model(store, "hf:test").chat_template or ""
+    assert template.startswith("{{ bos_token }}") and "<|start_header_id|>" in template
