@@ -131,3 +131,15 @@ def test_an_hf_folder_without_a_template_gets_one_from_its_tokenizer_files(
     assert "llama3 template was inferred" in result.warnings[0]
     template = open_model(store, "hf:test").chat_template or ""
     assert template.startswith("{{ bos_token }}") and "<|start_header_id|>" in template
+
+
+def test_mlxctl_import_and_show_warn_and_show_the_inferred_template(tmp_path: Path) -> None:
+    from tests.cli import mlxctl
+
+    home = tmp_path / "home"
+    path = make_family_gguf(tmp_path / "gemma.gguf", CASES["gemma"])
+    imported = mlxctl("import", str(path), "--name", "gemma:cli", home=home)
+    assert "warning:" in imported.stdout and "gemma template was inferred" in imported.stdout
+    shown = mlxctl("show", "gemma:cli", home=home).stdout
+    assert "template (inferred)" in shown and "<start_of_turn>model" in shown
+    assert "mlxserve.template.jinja (inferred)" in shown
