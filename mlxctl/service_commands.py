@@ -48,8 +48,9 @@ def daemon_command(port: int | None) -> list[str]:
 
 def daemon_environment() -> dict[str, str]:
     """The settings this install should keep (the store it was made for)."""
-    return {key: os.environ[key] for key in ("MLXSERVE_HOME", "MLXSERVE_CONFIG")
-            if os.environ.get(key)}
+    return {
+        key: os.environ[key] for key in ("MLXSERVE_HOME", "MLXSERVE_CONFIG") if os.environ.get(key)
+    }
 
 
 def launchd_file(port: int | None) -> ServiceFile:
@@ -68,7 +69,9 @@ def launchd_file(port: int | None) -> ServiceFile:
     }
     domain = f"gui/{os.getuid()}"
     return ServiceFile(
-        "launchd", path, plistlib.dumps(agent).decode(),
+        "launchd",
+        path,
+        plistlib.dumps(agent).decode(),
         load=[["launchctl", "bootstrap", domain, str(path)]],
         unload=[["launchctl", "bootout", f"{domain}/{LABEL}"]],
         status=["launchctl", "print", f"{domain}/{LABEL}"],
@@ -97,7 +100,9 @@ def systemd_file(port: int | None) -> ServiceFile:
     )
     user = ["systemctl", "--user"]
     return ServiceFile(
-        "systemd", path, text,
+        "systemd",
+        path,
+        text,
         load=[[*user, "daemon-reload"], [*user, "enable", "--now", UNIT]],
         unload=[[*user, "disable", "--now", UNIT]],
         status=[*user, "status", "--no-pager", UNIT],
@@ -126,8 +131,11 @@ def run_steps(steps: list[list[str]]) -> None:
             raise ServiceError(f"`{shlex.join(step)}` failed: {detail[-1] if detail else '?'}")
 
 
-kind_option = click.option("--kind", type=click.Choice(["launchd", "systemd"]),
-                           help="Override the service manager (default: this system's).")
+kind_option = click.option(
+    "--kind",
+    type=click.Choice(["launchd", "systemd"]),
+    help="Override the service manager (default: this system's).",
+)
 
 
 @click.group("service")
@@ -188,12 +196,20 @@ def status_command(kind: str | None, as_json: bool) -> None:
     loaded = False
     if service.path.exists():
         try:
-            loaded = subprocess.run(service.status, capture_output=True, check=False).returncode == 0
+            loaded = (
+                subprocess.run(service.status, capture_output=True, check=False).returncode == 0
+            )
         except FileNotFoundError:
             loaded = False
     client = DaemonClient.from_environment()
-    state = {"kind": service.kind, "file": str(service.path), "installed": service.path.exists(),
-             "loaded": loaded, "daemon": client.address, "answering": client.is_up()}
+    state = {
+        "kind": service.kind,
+        "file": str(service.path),
+        "installed": service.path.exists(),
+        "loaded": loaded,
+        "daemon": client.address,
+        "answering": client.is_up(),
+    }
     if as_json:
         print_json(state)
         return

@@ -29,8 +29,7 @@ INTERESTING_TOKENS: Final = frozenset(
 )
 """The only tokens an import looks for in a vocabulary (a set lookup per token)."""
 EMBEDDING_ARCHITECTURES: Final = frozenset(
-    {"bert", "nomic-bert", "nomic_bert", "jina-bert-v2", "xlm-roberta", "modernbert",
-     "new", "gte"}
+    {"bert", "nomic-bert", "nomic_bert", "jina-bert-v2", "xlm-roberta", "modernbert", "new", "gte"}
 )
 HF_MODEL_INFO: Final = {
     "context_length": "max_position_embeddings",
@@ -59,9 +58,7 @@ def fim_tokens(present: set[str]) -> dict[str, str]:
     return {}
 
 
-def features(
-    present: set[str], *, embedding: bool, vision: bool, fim: dict[str, str]
-) -> list[str]:
+def features(present: set[str], *, embedding: bool, vision: bool, fim: dict[str, str]) -> list[str]:
     found = []
     if set(THINK_TOKENS) <= present:
         found.append("thinking")
@@ -78,7 +75,10 @@ def hf_model_info(hf_config: dict[str, Any], parameter_count: int | None) -> dic
     """Ollama's model_info keys from an HF ``config.json`` (text config for multimodal ones)."""
     text = hf_config.get("text_config") if isinstance(hf_config.get("text_config"), dict) else {}
     arch = hf_config.get("model_type") or "unknown"
-    info: dict[str, Any] = {"general.architecture": arch, "general.parameter_count": parameter_count}
+    info: dict[str, Any] = {
+        "general.architecture": arch,
+        "general.parameter_count": parameter_count,
+    }
     for key, source in HF_MODEL_INFO.items():
         value = hf_config.get(source, text.get(source))
         if isinstance(value, int | float) and not isinstance(value, bool):

@@ -33,8 +33,14 @@ def template_in_use(store: ModelStore, model: StoredModel, config: ModelConfig) 
         except (json.JSONDecodeError, AttributeError):
             return None
         if isinstance(template, list):  # named templates: the default one
-            template = next((t.get("template") for t in template
-                             if isinstance(t, dict) and t.get("name") == "default"), None)
+            template = next(
+                (
+                    t.get("template")
+                    for t in template
+                    if isinstance(t, dict) and t.get("name") == "default"
+                ),
+                None,
+            )
         return template if isinstance(template, str) else None
     return None
 

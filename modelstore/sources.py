@@ -141,9 +141,11 @@ def _hf_adds_bos(tokenizer_config: dict[str, Any], tokenizer_json: dict[str, Any
 
 def _hf_vocabulary(tokenizer_json: dict[str, Any]) -> list[str]:
     vocab = tokenizer_json.get("model", {}).get("vocab", {})
-    tokens = list(vocab) if isinstance(vocab, dict) else [
-        entry[0] for entry in vocab if isinstance(entry, list) and entry
-    ]
+    tokens = (
+        list(vocab)
+        if isinstance(vocab, dict)
+        else [entry[0] for entry in vocab if isinstance(entry, list) and entry]
+    )
     tokens += [entry.get("content", "") for entry in tokenizer_json.get("added_tokens", [])]
     return [token for token in tokens if isinstance(token, str)]
 
@@ -169,7 +171,9 @@ def _describe_hf_folder(draft: ModelDraft, folder: Path, hf_config: dict[str, An
     config.model_info = metadata.hf_model_info(hf_config, config.parameter_count)
     if not embedding:
         metadata.apply_template_inference(
-            draft, "present" if has_template else None, present,
+            draft,
+            "present" if has_template else None,
+            present,
             _hf_adds_bos(tokenizer_config, tokenizer_json),
         )
 
@@ -199,9 +203,7 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
     tokens: list[str] = []
     for key, field in reader.fields.items():
         if key == "tokenizer.ggml.tokens":
-            tokens = [
-                bytes(field.parts[index]).decode("utf-8", "replace") for index in field.data
-            ]
+            tokens = [bytes(field.parts[index]).decode("utf-8", "replace") for index in field.data]
             continue
         if key.startswith("tokenizer.ggml.") and len(field.data) > 1:
             continue  # merges, scores, token types: vocab-sized arrays nothing here needs
@@ -267,7 +269,9 @@ def draft_from_gguf(path: Path) -> ModelDraft:
         fim_tokens=meta["fim_tokens"],
     )
     config.features = metadata.features(
-        meta["present_tokens"], embedding=meta["embedding"], vision=meta["vision"],
+        meta["present_tokens"],
+        embedding=meta["embedding"],
+        vision=meta["vision"],
         fim=config.fim_tokens,
     )
     draft = ModelDraft(config, [LayerSource(mediatypes.WEIGHTS_GGUF, path.name, path=path)])

@@ -80,14 +80,20 @@ class Family:
 
 
 FAMILIES: Final = (
-    Family("gemma", frozenset({"<start_of_turn>", "<end_of_turn>"}),
-           frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"}), GEMMA),
-    Family("llama3", frozenset({"<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"}),
-           frozenset(), LLAMA3),
-    Family("mistral", frozenset({"[INST]", "[/INST]"}), frozenset({"mistral", "mixtral"}),
-           MISTRAL),
-    Family("phi3", frozenset({"<|user|>", "<|assistant|>", "<|end|>"}), frozenset({"phi3"}),
-           PHI3),
+    Family(
+        "gemma",
+        frozenset({"<start_of_turn>", "<end_of_turn>"}),
+        frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"}),
+        GEMMA,
+    ),
+    Family(
+        "llama3",
+        frozenset({"<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"}),
+        frozenset(),
+        LLAMA3,
+    ),
+    Family("mistral", frozenset({"[INST]", "[/INST]"}), frozenset({"mistral", "mixtral"}), MISTRAL),
+    Family("phi3", frozenset({"<|user|>", "<|assistant|>", "<|end|>"}), frozenset({"phi3"}), PHI3),
     Family("chatml", frozenset({"<|im_start|>", "<|im_end|>"}), frozenset(), CHATML),
 )
 """Checked in order: a vocabulary with both Gemma's and ChatML's tokens is Gemma's."""
@@ -151,7 +157,9 @@ def template_warning(template_source: str | None) -> str | None:
     return None
 
 
-GO_TEMPLATE: Final = re.compile(r"\{\{-?\s*(?:(?:if|range|with|else if|template|block)\s+)?\.[A-Za-z]")
+GO_TEMPLATE: Final = re.compile(
+    r"\{\{-?\s*(?:(?:if|range|with|else if|template|block)\s+)?\.[A-Za-z]"
+)
 """Ollama's Go templates read fields with a leading dot (``{{ .Prompt }}``, ``{{ if .System }}``);
 a Jinja expression never starts with one."""
 

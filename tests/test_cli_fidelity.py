@@ -12,33 +12,70 @@ import threading
 from tests.cli import mlxctl
 from tests.daemon import MLXSERVE
 
-STATS_ROWS = ("ran:", "runner:", "load duration:", "prompt eval count:", "eval count:",
-              "eval rate:", "total duration:", "done reason:")
+STATS_ROWS = (
+    "ran:",
+    "runner:",
+    "load duration:",
+    "prompt eval count:",
+    "eval count:",
+    "eval rate:",
+    "total duration:",
+    "done reason:",
+)
 NO_DAEMON = {"MLXSERVE_PORT": "1"}
 
 
 def test_an_unknown_one_word_name_suggests_close_names_and_the_default_model(tiny_store):
     result = mlxctl("run", "tiny", home=tiny_store.root, check=False, env=NO_DAEMON)
     assert result.returncode == 1
-    assert "Did you mean: tiny:gguf, tiny:mlx?" in result.stderr or \
-        "Did you mean: tiny:mlx, tiny:gguf?" in result.stderr, result.stderr
+    assert (
+        "Did you mean: tiny:gguf, tiny:mlx?" in result.stderr
+        or "Did you mean: tiny:mlx, tiny:gguf?" in result.stderr
+    ), result.stderr
     result = mlxctl("run", "hi", home=tiny_store.root, check=False, env=NO_DAEMON)
     assert 'mlxctl run smollm2:135m "hi"' in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_verbose_prints_the_same_table_in_process_and_through_the_daemon(daemon):
-    local = mlxctl("run", "--local", "--verbose", "tiny:gguf", "Hello", "--max-tokens", "2",
-                   home=daemon.home, env={"MLXSERVE_PORT": str(daemon.port)})
+    local = mlxctl(
+        "run",
+        "--local",
+        "--verbose",
+        "tiny:gguf",
+        "Hello",
+        "--max-tokens",
+        "2",
+        home=daemon.home,
+        env={"MLXSERVE_PORT": str(daemon.port)},
+    )
     assert "ran:                  in this process" in local.stderr
     assert "rendered prompt (" in local.stderr and "<|im_start|>user\nHello" in local.stderr
-    remote = mlxctl("run", "--verbose", "tiny:gguf", "Hello", "--max-tokens", "2",
-                    home=daemon.home, env={"MLXSERVE_HOST": f"127.0.0.1:{daemon.port}"})
+    remote = mlxctl(
+        "run",
+        "--verbose",
+        "tiny:gguf",
+        "Hello",
+        "--max-tokens",
+        "2",
+        home=daemon.home,
+        env={"MLXSERVE_HOST": f"127.0.0.1:{daemon.port}"},
+    )
     assert f"through the daemon at 127.0.0.1:{daemon.port}" in remote.stderr, remote.stderr
     for row in STATS_ROWS:
         assert row in local.stderr and row in remote.stderr, row
-    flag = mlxctl("run", "--verbose", "--host", f"127.0.0.1:{daemon.port}", "tiny:gguf", "Hi",
-                  "--max-tokens", "1", home=daemon.home, env=NO_DAEMON)
+    flag = mlxctl(
+        "run",
+        "--verbose",
+        "--host",
+        f"127.0.0.1:{daemon.port}",
+        "tiny:gguf",
+        "Hi",
+        "--max-tokens",
+        "1",
+        home=daemon.home,
+        env=NO_DAEMON,
+    )
     assert "through the daemon" in flag.stderr
 
 
@@ -47,8 +84,13 @@ def test_serve_on_a_port_in_use_is_one_line_and_exit_1(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run([MLXSERVE, "--port", str(port)], capture_output=True, text=True,
-                                timeout=60, env={**os.environ, "MLXSERVE_HOME": str(tmp_path)})
+        result = subprocess.run(
+            [MLXSERVE, "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "MLXSERVE_HOME": str(tmp_path)},
+        )
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "already in use" in result.stderr
     assert "listening" not in result.stderr + result.stdout

@@ -19,11 +19,18 @@ async def chat(daemon, model: str, num_ctx: int | None, content: str = "Hi") -> 
     options = {"num_predict": 2, "temperature": 0}
     if num_ctx is not None:
         options["num_ctx"] = num_ctx
-    async with aiohttp.ClientSession() as session, session.post(
-        f"{daemon.url}/api/chat",
-        json={"model": model, "stream": False, "options": options,
-              "messages": [{"role": "user", "content": content}]},
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{daemon.url}/api/chat",
+            json={
+                "model": model,
+                "stream": False,
+                "options": options,
+                "messages": [{"role": "user", "content": content}],
+            },
+        ) as response,
+    ):
         return response.status, json.loads(await response.text())
 
 
@@ -55,17 +62,24 @@ async def test_num_ctx_beyond_the_trained_maximum_names_the_bound(daemon):
 
 async def test_a_huge_spec_context_is_refused_with_the_numbers_before_loading(daemon):
     async with aiohttp.ClientSession() as session:
-        created = await session.post(f"{daemon.url}/api/create", json={
-            "model": "huge:1", "from": "tiny:gguf", "stream": False,
-            "parameters": {"num_ctx": 1_000_000_000}})
+        created = await session.post(
+            f"{daemon.url}/api/create",
+            json={
+                "model": "huge:1",
+                "from": "tiny:gguf",
+                "stream": False,
+                "parameters": {"num_ctx": 1_000_000_000},
+            },
+        )
         assert created.status == 200, await created.text()
     status, body = await chat(daemon, "huge:1", None)
     assert status == 507, body
     assert body["code"] == "out_of_memory"
     assert "1000000000" in body["error"] and "GB" in body["error"]
-    async with aiohttp.ClientSession() as session, session.get(
-        f"{daemon.url}/api/health"
-    ) as health:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{daemon.url}/api/health") as health,
+    ):
         assert health.status == 200
 
 

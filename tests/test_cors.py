@@ -51,15 +51,21 @@ def cors_daemon(tiny_models, tmp_path_factory: pytest.TempPathFactory):
 @pytest.mark.parametrize("origin", ALLOWED)
 async def test_an_allowed_origin_gets_preflight_and_headers(cors_daemon, origin):
     async with aiohttp.ClientSession() as session:
-        async with session.options(f"{cors_daemon.url}/api/chat", headers={
-            "Origin": origin, "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "content-type"}) as preflight:
+        async with session.options(
+            f"{cors_daemon.url}/api/chat",
+            headers={
+                "Origin": origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type",
+            },
+        ) as preflight:
             assert preflight.status == 204
             assert preflight.headers["Access-Control-Allow-Origin"] == origin
             assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
             assert "content-type" in preflight.headers["Access-Control-Allow-Headers"]
-        async with session.get(f"{cors_daemon.url}/api/tags",
-                               headers={"Origin": origin}) as response:
+        async with session.get(
+            f"{cors_daemon.url}/api/tags", headers={"Origin": origin}
+        ) as response:
             assert response.status == 200
             assert response.headers["Access-Control-Allow-Origin"] == origin
 
@@ -67,12 +73,15 @@ async def test_an_allowed_origin_gets_preflight_and_headers(cors_daemon, origin)
 @pytest.mark.parametrize("origin", REFUSED)
 async def test_a_foreign_origin_is_refused(cors_daemon, origin):
     async with aiohttp.ClientSession() as session:
-        async with session.options(f"{cors_daemon.url}/api/chat", headers={
-            "Origin": origin, "Access-Control-Request-Method": "POST"}) as preflight:
+        async with session.options(
+            f"{cors_daemon.url}/api/chat",
+            headers={"Origin": origin, "Access-Control-Request-Method": "POST"},
+        ) as preflight:
             assert preflight.status == 403
             assert "Access-Control-Allow-Origin" not in preflight.headers
-        async with session.get(f"{cors_daemon.url}/api/tags",
-                               headers={"Origin": origin}) as response:
+        async with session.get(
+            f"{cors_daemon.url}/api/tags", headers={"Origin": origin}
+        ) as response:
             assert response.status == 403
             assert "Access-Control-Allow-Origin" not in response.headers
 
@@ -125,11 +134,23 @@ async def browser_result(daemon_url: str, page_host: str) -> dict:
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     browser = subprocess.Popen(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}",
-         f"--host-resolver-rules=MAP {page_host} 127.0.0.1", f"http://{page_host}:{port}/"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/tmp",
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}",
+            f"--host-resolver-rules=MAP {page_host} 127.0.0.1",
+            f"http://{page_host}:{port}/",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd="/tmp",
     )
     try:
         return await asyncio.wait_for(reported, timeout=60)
@@ -142,8 +163,10 @@ async def browser_result(daemon_url: str, page_host: str) -> dict:
         await runner.cleanup()
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None,
-                    reason="Debian's chromium is not installed (scripts/install-system-deps.sh)")
+@pytest.mark.skipif(
+    shutil.which("chromium") is None,
+    reason="Debian's chromium is not installed (scripts/install-system-deps.sh)",
+)
 async def test_a_localhost_page_in_chromium_can_chat_and_a_foreign_one_cannot(cors_daemon):
     local = await browser_result(cors_daemon.url, "localhost")
     assert local.get("status") == 200, local

@@ -37,8 +37,12 @@ EXPECTED = {
 }
 """Each family's own format; BOS in front for Gemma, Llama 3 and Mistral (whose tokenizers add
 it: Mistral's by llama.cpp's SPM default), none for the ChatML model (``add_bos_token`` false)."""
-SPECIALS = {"gemma": ("<bos>", "<eos>"), "llama3": ("<|begin_of_text|>", "<|eot_id|>"),
-            "mistral": ("<s>", "</s>"), "chatml": ("<|endoftext|>", "<|im_end|>")}
+SPECIALS = {
+    "gemma": ("<bos>", "<eos>"),
+    "llama3": ("<|begin_of_text|>", "<|eot_id|>"),
+    "mistral": ("<s>", "</s>"),
+    "chatml": ("<|endoftext|>", "<|im_end|>"),
+}
 
 
 @pytest.mark.parametrize("family", sorted(EXPECTED))
@@ -68,13 +72,18 @@ def test_a_model_with_no_recognisable_vocabulary_warns_and_stores_no_template(
     assert store.config(stored).template_source == "none"
 
 
-def test_the_vocabulary_gives_capabilities_and_model_info(tmp_path: Path, store: ModelStore) -> None:
+def test_the_vocabulary_gives_capabilities_and_model_info(
+    tmp_path: Path, store: ModelStore
+) -> None:
     path = make_family_gguf(tmp_path / "qwen.gguf", CASES["chatml"])
     import_path(store, path, "qwen:test")
     config = store.config(store.resolve("qwen:test"))
     assert config.features == ["thinking", "insert"]
-    assert config.fim_tokens == {"prefix": "<|fim_prefix|>", "suffix": "<|fim_suffix|>",
-                                 "middle": "<|fim_middle|>"}
+    assert config.fim_tokens == {
+        "prefix": "<|fim_prefix|>",
+        "suffix": "<|fim_suffix|>",
+        "middle": "<|fim_middle|>",
+    }
     info = config.model_info
     assert info["general.architecture"] == "qwen2"
     assert info["qwen2.context_length"] == 8192
@@ -122,8 +131,12 @@ def test_an_hf_folder_without_a_template_gets_one_from_its_tokenizer_files(
     (mini_hf_folder / "tokenizer_config.json").write_text(
         json.dumps({"add_bos_token": True, "bos_token": "<|begin_of_text|>"})
     )
-    added = [{"id": i, "content": t, "special": True} for i, t in enumerate(
-        ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])]
+    added = [
+        {"id": i, "content": t, "special": True}
+        for i, t in enumerate(
+            ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+        )
+    ]
     (mini_hf_folder / "tokenizer.json").write_text(
         json.dumps({"version": "1.0", "model": {"vocab": {}}, "added_tokens": added})
     )
