@@ -63,7 +63,6 @@ def open_model(store: ModelStore, name: str) -> LocalModel:
         quantization=config.quantization,
         context_length=config.context_length,
         model_info=dict(config.model_info),
-        fim_tokens=dict(config.fim_tokens),
         parameters=json.loads(params) if params else {},
         chat_template=store.text_layer(model, mediatypes.CHAT_TEMPLATE),
         system=store.text_layer(model, mediatypes.SYSTEM_PROMPT),

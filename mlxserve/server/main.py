@@ -44,10 +44,17 @@ def run_daemon(**flags: object) -> None:
     )
     require_free_port(settings.host, settings.port)
     app = build_app(settings)
-    print(f"mlxserve listening on http://{settings.host}:{settings.port}", file=sys.stderr,
-          flush=True)
-    web.run_app(app, host=settings.host, port=settings.port, print=None,
-                handler_cancellation=True, access_log=None)
+    print(
+        f"mlxserve listening on http://{settings.host}:{settings.port}", file=sys.stderr, flush=True
+    )
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        print=None,
+        handler_cancellation=True,
+        access_log=None,
+    )
 
 
 class AddressInUseError(MlxserveError):
