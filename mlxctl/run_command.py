@@ -211,6 +211,8 @@ class Session:
         from mlxserve.chat.core import ChatRun, prepare
 
         prepared = prepare(self.loaded, chat)
+        if self.verbose:
+            print_prompt(prepared.prompt, len(prepared.request.prompt_tokens or []))
         load_ns, self.load_ns = self.load_ns, 1
         run = ChatRun(chat, self.loaded, prepared, load_ns=load_ns)
         pieces: list[str] = []
@@ -286,11 +288,6 @@ def chat_turn(session: Session | DaemonSession, state: ChatState, text: str) -> 
             sampling=dict(state.overrides),
             think=state.think,
         )
-        if session.verbose:
-            from mlxserve.chat.core import prepare
-
-            prepared = prepare(session.loaded, chat)
-            print_prompt(prepared.prompt, len(prepared.request.prompt_tokens or []))
         reply = session.answer(chat)
     if session.last_reason == "cancelled":
         return  # as Ollama: an answer cut with Ctrl-C is not part of the conversation

@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import subprocess
-import threading
 
 from tests.cli import mlxctl
 from tests.daemon import MLXSERVE
@@ -112,10 +111,17 @@ def test_an_answer_cut_with_ctrl_c_is_dropped_from_the_history(tiny_store, monke
         chat_turn(session, state, "Hi")
         assert len(state.history) == 2
         state.overrides = {"max_tokens": 100_000, "temperature": 1.0}
-        timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
-        timer.start()
+        show, pressed = session._show, []
+
+        async def press_ctrl_c_after_the_first_piece(*args: object) -> None:
+            """The user's Ctrl-C, a real SIGINT, once the answer has begun to stream."""
+            await show(*args)
+            if not pressed:
+                pressed.append(True)
+                os.kill(os.getpid(), signal.SIGINT)
+
+        monkeypatch.setattr(session, "_show", press_ctrl_c_after_the_first_piece)
         chat_turn(session, state, "Tell a long story")
-        timer.join()
         assert session.last_reason == "cancelled"
         assert [m["content"] for m in state.history] == ["Hi", state.history[1]["content"]]
     finally:
