@@ -16,7 +16,6 @@ import click
 from rich.progress import TaskID
 
 from mlxctl.output import console, human_size, print_json, transfer_progress
-from modelstore.errors import ModelNotFoundError
 from modelstore.hfhub import HF_SCHEME, HubModel, snapshot_folder
 from modelstore.store import ModelStore, StoredModel
 
@@ -99,36 +98,11 @@ def ensure_pulled(name: str, *, insecure: bool) -> str:
         from modelstore.reference import parse_reference
 
         if parse_reference(name).host is None:
-            if not store.exists(name):
-                raise not_in_store(store, name)
             return name
         stored_name = name
     if not store.exists(stored_name):
         pull_any(store, name, insecure=insecure)
     return stored_name
-
-
-SUGGESTIONS = 3
-SIMILARITY = 0.5
-"""``difflib`` ratio above which a stored name is offered as "did you mean"."""
-
-
-def not_in_store(store: ModelStore, name: str) -> ModelNotFoundError:
-    """``mlxctl run hi``: "hi" names no model; say which names are close and how to ask the
-    default model a one-word question, instead of only "model 'hi:latest' not found"."""
-    import difflib
-
-    from modelstore.default_model import DEFAULT_MODEL
-
-    names = [model.name for model in store.list()]
-    short = {n.removesuffix(":latest"): n for n in names}
-    close = difflib.get_close_matches(name, list(short), SUGGESTIONS, SIMILARITY)
-    lines = [f"no model named '{name}' in the store (and no registry host in the name)."]
-    if close:
-        lines.append("Did you mean: " + ", ".join(short[c] for c in close) + "?")
-    lines.append(f'To ask the default model, name it first: mlxctl run {DEFAULT_MODEL} "{name}"')
-    lines.append("`mlxctl list` shows the models in the store.")
-    return ModelNotFoundError("\n".join(lines), model=name, suggestions=[short[c] for c in close])
 
 
 @click.command("push")

@@ -18,7 +18,7 @@ import click
 
 from mlxctl.client import DaemonError
 from modelstore.default_model import DEFAULT_MODEL
-from modelstore.errors import InvalidReferenceError
+from modelstore.errors import InvalidReferenceError, ModelNotFoundError
 from modelstore.hfhub import HF_SCHEME
 from modelstore.parameters import CLI_PARAMETERS, SAMPLING_FIELDS, kind_of
 from modelstore.reference import parse_reference
@@ -111,6 +111,10 @@ class DaemonSession:
     def load(self) -> None:
         self.client.post("/api/generate", {"model": self.name})
 
+    def model_names(self) -> list[str]:
+        """What the daemon's store holds (its store may not be this machine's)."""
+        return [model["name"] for model in self.client.get("/api/tags").get("models", [])]
+
     def _options(self, overrides: dict[str, Any]) -> dict[str, Any]:
         """Our parameter names -> Ollama's (the daemon maps them back)."""
         from modelstore.parameters import api_names
@@ -199,6 +203,11 @@ class Session:
             LoadedModel.load(store, self.name, self.runner_name)
         )
         self.load_ns = self.loaded.info.load_duration_ns
+
+    def model_names(self) -> list[str]:
+        from modelstore.store import ModelStore
+
+        return [model.name for model in ModelStore().list()]
 
     def answer(self, chat: Any) -> str:
         """Stream one answer to stdout; Ctrl-C cancels it (within a token) and keeps the chat.
@@ -398,7 +407,12 @@ def run_command(
     )
     session = choose_session(name, runner, local, as_json, verbose, host)
     try:
-        session.load()
+        try:
+            session.load()
+        except (ModelNotFoundError, DaemonError) as error:
+            if error.code != ModelNotFoundError.code:
+                raise
+            raise not_found(name, session.model_names()) from None
         if prompt is None:
             interactive(session, state)
         elif isinstance(session, DaemonSession):
@@ -412,6 +426,26 @@ def run_command(
             )
     finally:
         session.close()
+
+
+SUGGESTIONS = 3
+SIMILARITY = 0.5
+"""``difflib`` ratio above which a known name is offered as "did you mean"."""
+
+
+def not_found(name: str, known: list[str]) -> ModelNotFoundError:
+    """``mlxctl run hi``: "hi" names no model; say which names are close and how to ask the
+    default model a one-word question, instead of only "model 'hi:latest' not found"."""
+    import difflib
+
+    short = {n.removesuffix(":latest"): n for n in known}
+    close = [short[c] for c in difflib.get_close_matches(name, list(short), SUGGESTIONS,
+                                                          SIMILARITY)]
+    lines = [f"no model named '{name}' (`mlxctl list` shows the models in the store)."]
+    if close:
+        lines.append("Did you mean: " + ", ".join(close) + "?")
+    lines.append(f'To ask the default model, name it first: mlxctl run {DEFAULT_MODEL} "{name}"')
+    return ModelNotFoundError("\n".join(lines), model=name, suggestions=close)
 
 
 def choose_session(

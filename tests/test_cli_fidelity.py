@@ -36,6 +36,19 @@ def test_an_unknown_one_word_name_suggests_close_names_and_the_default_model(tin
     assert "Traceback" not in result.stderr
 
 
+def test_through_the_daemon_the_suggestions_come_from_its_store(daemon):
+    result = mlxctl(
+        "run",
+        "tiny:ggu",
+        "Hi",
+        home=daemon.home,
+        check=False,
+        env={"MLXSERVE_HOST": f"127.0.0.1:{daemon.port}"},
+    )
+    assert result.returncode == 1
+    assert "Did you mean: tiny:gguf" in result.stderr, result.stderr
+
+
 def test_verbose_prints_the_same_table_in_process_and_through_the_daemon(daemon):
     local = mlxctl(
         "run",
