@@ -162,3 +162,17 @@ async def test_an_invalid_name_is_refused_before_any_work(store_daemon):
     assert status == 400
     assert json.loads(text)["code"] == "invalid_reference"
     assert "status" not in text
+
+
+async def test_a_failed_streamed_pull_ends_with_its_error(store_daemon):
+    from tests.daemon import free_port
+
+    status, text = await post(
+        store_daemon,
+        "/api/pull",
+        {"model": f"127.0.0.1:{free_port()}/team/absent:1", "insecure": True},
+    )
+    assert status == 200  # the pull reported progress before it failed: a stream
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert "status" in lines[0] and "error" in lines[-1], lines
+    assert {"status": "success"} not in lines
