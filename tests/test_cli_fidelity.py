@@ -139,3 +139,24 @@ def test_an_answer_cut_with_ctrl_c_is_dropped_from_the_history(tiny_store, monke
         assert [m["content"] for m in state.history] == ["Hi", state.history[1]["content"]]
     finally:
         session.close()
+
+
+def test_mlxserve_host_takes_host_and_port_as_ollama_host(monkeypatch, tmp_path):
+    import pytest
+
+    from mlxserve.server.config import ConfigError, load_settings
+
+    monkeypatch.setenv("MLXSERVE_HOME", str(tmp_path))
+    monkeypatch.delenv("MLXSERVE_CONFIG", raising=False)
+    for value, expected in [
+        ("127.0.0.1:11600", ("127.0.0.1", 11600)),
+        ("http://[::1]:9", ("::1", 9)),
+        ("localhost", ("localhost", 11500)),
+    ]:
+        monkeypatch.setenv("MLXSERVE_HOST", value)
+        monkeypatch.delenv("MLXSERVE_PORT", raising=False)
+        settings = load_settings()
+        assert (settings.host, settings.port) == expected, value
+    monkeypatch.setenv("MLXSERVE_HOST", "http://user@evil.example:1")
+    with pytest.raises(ConfigError):
+        load_settings()
