@@ -102,8 +102,9 @@ def context_length(model: LocalModel, options: RunnerOptions, parallel: int = 1)
                 bound="trained_context",
                 limit=trained,
             )
-    require_memory(model.name, memory_needed(model, context, parallel), context=context,
-                   parallel=parallel)
+    require_memory(
+        model.name, memory_needed(model, context, parallel), context=context, parallel=parallel
+    )
     return context
 
 
@@ -112,8 +113,11 @@ def require_memory(name: str, needed: int, **facts: int) -> None:
     available = platform.total_memory_bytes()
     if available and needed * MEMORY_HEADROOM > available:
         context = facts.get("context")
-        what = f" with a context of {context} tokens x {facts.get('parallel', 1)} slot(s)" \
-            if context else ""
+        what = (
+            f" with a context of {context} tokens x {facts.get('parallel', 1)} slot(s)"
+            if context
+            else ""
+        )
         raise OutOfMemoryError(
             f"{name}{what} needs about {needed / 1e9:.1f} GB (weights and KV cache); this "
             f"machine has {available / 1e9:.1f} GB. Ask for a smaller num_ctx.",
