@@ -55,9 +55,12 @@ async def test_num_ctx_smaller_then_larger_than_loaded_takes_effect(daemon):
 
 
 async def test_num_ctx_beyond_the_trained_maximum_names_the_bound(daemon):
+    status, _ = await chat(daemon, "tiny:gguf", 512)
+    assert status == 200
     status, body = await chat(daemon, "tiny:gguf", TRAINED * 2)
     assert status == 400
     assert str(TRAINED) in body["error"] and "trained" in body["error"]
+    assert await loaded_context(daemon, "tiny:gguf") == 512  # the loaded one stays
 
 
 async def test_a_huge_spec_context_is_refused_with_the_numbers_before_loading(daemon):

@@ -18,12 +18,14 @@ from pathlib import Path
 from mlxserve.errors import QueueFullError
 from mlxserve.inference import LoadedModel
 from mlxserve.runners.base import RunnerOptions
-from mlxserve.runners.loading import require_memory
+from mlxserve.runners.loading import context_length as check_context
+from mlxserve.runners.loading import load_options
 from mlxserve.server.config import Settings
 from mlxserve.server.metrics import Metrics
 from mlxserve.server.scheduler import ModelQueue
 from modelstore.errors import CorruptStoreError
 from modelstore.reference import parse_reference
+from modelstore.runtime import open_model
 from modelstore.store import ModelStore
 
 REAP_INTERVAL_S = 0.25
@@ -156,10 +158,12 @@ class ModelManager:
                 await self._unload(name)
                 resident = None
             if resident is not None and context_length not in (
-                None, resident.loaded.info.context_length
+                None,
+                resident.loaded.info.context_length,
             ):
                 # As Ollama: the model is reloaded with the asked context once its running
                 # requests finish (new ones wait on this lock meanwhile).
+                await self._checked_options(name, context_length)  # a refusal keeps it loaded
                 while resident.queue.busy:
                     await asyncio.sleep(REAP_INTERVAL_S)
                 log.info("reloading %s with a context of %d tokens", name, context_length)
@@ -171,11 +175,24 @@ class ModelManager:
             resident.touch(keep_alive)
             return resident
 
+    async def _checked_options(self, name: str, context_length: int | None) -> RunnerOptions:
+        """The load options, once the context's bounds and the memory for weights and KV cache
+        are checked: before anything is evicted or unloaded for a model that cannot load (the
+        runner checks again with its own slot count)."""
+        options = RunnerOptions(
+            context_length=context_length,
+            max_parallel=self.settings.num_parallel,
+            prompt_cache_bytes=self.settings.prompt_cache_bytes,
+        )
+        local = await asyncio.to_thread(open_model, self.store, name)
+        check_context(local, load_options(local, options), options.max_parallel or 1)
+        return options
+
     async def _load(
         self, name: str, runner: str | None, keep_alive: float | None, context_length: int | None
     ) -> Resident:
         model = self.store.resolve(name)
-        require_memory(name, model.size)  # before evicting anything for a model that cannot fit
+        options = await self._checked_options(name, context_length)
         await asyncio.to_thread(
             self._digests.check, name, [model.manifest_digest, *model.manifest.blob_digests()]
         )
@@ -189,11 +206,6 @@ class ModelManager:
             victim = min(idle, key=lambda r: r.last_used)
             log.info("evicting %s (least recently used)", victim.name)
             await self._unload(victim.name)
-        options = RunnerOptions(
-            context_length=context_length,
-            max_parallel=self.settings.num_parallel,
-            prompt_cache_bytes=self.settings.prompt_cache_bytes,
-        )
         loaded = await LoadedModel.load(self.store, name, runner, options)
         parallel = min(
             self.settings.num_parallel or loaded.runner.max_parallel, loaded.runner.max_parallel
