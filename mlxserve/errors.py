@@ -17,6 +17,12 @@ class UnsupportedArchitectureError(MlxserveError):
     code = "unsupported_architecture"
 
 
+class UnsupportedQuantizationError(MlxserveError):
+    """A GGUF tensor type that cannot be dequantized for MLX (it still runs on llama.cpp)."""
+
+    code = "unsupported_quantization"
+
+
 class UnsupportedFormatError(MlxserveError):
     """A model whose format no installed runner can run (``details['runners']`` says which can)."""
 

@@ -24,6 +24,7 @@ STATUS_BY_CODE = {
     "unsupported_feature": 400,
     "unsupported_format": 400,
     "unsupported_architecture": 400,
+    "unsupported_quantization": 400,
     "template_error": 400,
     "digest_mismatch": 400,
     "unauthorized": 401,
