@@ -189,39 +189,60 @@ def unpermute_rows(array: np.ndarray, n_heads: int) -> np.ndarray:
     )
 
 
+MLX_BITS_BY_PREFIX = (
+    (("F32", "F16", "BF16"), None),
+    (("Q8",), 8),
+    (("Q5", "Q6"), 6),
+    (("Q3", "IQ3"), 3),
+    (("Q2", "IQ2", "IQ1", "TQ"), 2),
+)
+"""GGUF type -> MLX affine bits (MLX has 2, 3, 4, 5, 6, 8; Q5 rounds up to 6 as its blocks
+carry more scale bits); anything else, the 4-bit families and FP4, is 4."""
+
+
 def mlx_bits(qtype: Any) -> int | None:
     """MLX affine bit width nearest a GGUF type; ``None`` keeps the tensor as floats."""
-    name = qtype.name
-    if name in {"F32", "F16", "BF16", "F64"} or name.startswith("I") and name[1:].isdigit():
-        return None
-    if name.startswith(("Q8", "I8")):
-        return 8
-    if name.startswith(("Q5", "Q6")):
-        return 6
-    if name.startswith(("Q3", "IQ3")):
-        return 3
-    if name.startswith(("Q2", "IQ2", "IQ1", "TQ", "Q1")):
-        return 2
+    for prefixes, bits in MLX_BITS_BY_PREFIX:
+        if qtype.name.startswith(prefixes):
+            return bits
     return 4
+
+
+def dequantizable(qtype: Any) -> bool:
+    """Whether gguf-py can dequantize ``qtype`` (asked of gguf-py itself, on one zero block)."""
+    from gguf import GGML_QUANT_SIZES
+    from gguf.quants import dequantize
+
+    _, size = GGML_QUANT_SIZES.get(qtype, (0, 0))
+    try:
+        dequantize(np.zeros((1, size), dtype=np.uint8), qtype)
+    except (NotImplementedError, ValueError, KeyError):
+        return False
+    return size > 0
 
 
 def check_quantizations(reader: Any) -> None:
     """Refuse up front a file with a tensor type gguf-py cannot dequantize."""
-    from gguf import GGML_QUANT_SIZES
-    from gguf.quants import dequantize
-
     for qtype in {tensor.tensor_type for tensor in reader.tensors}:
-        block, size = GGML_QUANT_SIZES.get(qtype, (0, 0))
-        try:
-            if not size:
-                raise NotImplementedError
-            dequantize(np.zeros((1, size), dtype=np.uint8), qtype)
-        except (NotImplementedError, ValueError, KeyError):
+        if not dequantizable(qtype):
             raise UnsupportedQuantizationError(
                 f"tensor type {qtype.name} cannot be dequantized for MLX (gguf-py has no "
                 "dequantizer for it); the model still runs on llama.cpp",
                 quantization=qtype.name,
-            ) from None
+            )
+
+
+def mlx_can_convert(architecture: str | None, file_type: str | None) -> bool:
+    """What the store's metadata says about convertibility, without opening the file: the
+    architecture, and the main tensor type of the file type (``Q4_K_M`` -> ``Q4_K``).
+    A file mixing in an odd tensor type is still refused, when converted."""
+    import gguf
+
+    if architecture not in ARCHITECTURES:
+        return False
+    names = sorted((q.name for q in gguf.GGMLQuantizationType), key=len, reverse=True)
+    main = next((n for n in names if file_type and file_type.startswith(n)), None)
+    return main is None or dequantizable(gguf.GGMLQuantizationType[main])
 
 
 def inverse_name_map(meta: GgufMeta, blocks: int) -> dict[str, list[str]]:
