@@ -125,6 +125,28 @@ def test_config_is_built_from_the_metadata(gguf_root, tmp_path):
     assert "quantization" not in config
 
 
+def test_llama3_rope_scaling_is_recovered_from_rope_freqs(gguf_root, tmp_path):
+    """Positions in these tests are too short for rope scaling to change a token, so the
+    recovered parameters are checked directly."""
+    folder = convert_gguf(build_gguf(gguf_root, "llama3", "F16"), tmp_path / "m", dequantize=True)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["rope_scaling"] == {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+
+
+def test_rope_freqs_that_are_not_llama3_scaling_are_refused(tmp_path):
+    from gguf import GGUFReader
+
+    meta = gguf_convert.GgufMeta(GGUFReader(write_gguf(tmp_path / "x.gguf", "llama")))
+    with pytest.raises(UnsupportedArchitectureError, match="rope_freqs"):
+        gguf_convert.rope_scaling_from_freqs(meta, np.linspace(1.0, 3.0, 32))
+
+
 def test_on_metal_weights_are_requantized_at_the_nearest_width(gguf_root, tmp_path):
     import mlx.core as mx
     import mlx_lm
@@ -152,6 +174,8 @@ def write_gguf(path: Path, arch: str, raw_type: str | None = None) -> Path:
 
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(1)
+    writer.add_embedding_length(128)
+    writer.add_head_count(2)
     if raw_type is None:
         writer.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
     else:

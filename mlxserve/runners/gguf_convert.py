@@ -180,6 +180,41 @@ def hf_config(meta: GgufMeta, arch: Architecture, tied: bool, vocab: int) -> dic
     return config
 
 
+LLAMA3_ROPE = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+"""The constants every Llama 3.x release uses; only the factor (8 or 32) differs."""
+
+
+def llama3_rope_factors(dims: int, base: float, factor: float) -> np.ndarray:
+    """What ``convert_hf_to_gguf.py`` writes to ``rope_freqs`` for Llama 3 rope scaling."""
+    low, high = LLAMA3_ROPE["low_freq_factor"], LLAMA3_ROPE["high_freq_factor"]
+    old = LLAMA3_ROPE["original_max_position_embeddings"]
+    wavelens = 2 * np.pi * base ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
+    smooth = (old / wavelens - low) / (high - low)
+    return np.where(
+        wavelens < old / high,
+        1.0,
+        np.where(wavelens > old / low, factor, 1 / ((1 - smooth) / factor + smooth)),
+    )
+
+
+def rope_scaling_from_freqs(meta: GgufMeta, freqs: np.ndarray) -> dict[str, Any]:
+    """llama.cpp keeps Llama 3's rope scaling only as the computed ``rope_freqs`` tensor; mlx-lm
+    wants the parameters. Recover them, and refuse a tensor they do not reproduce."""
+    dims = int(meta.get("rope.dimension_count", meta.head_dim))
+    base = float(meta.get("rope.freq_base", 10000.0))
+    factor = float(freqs.max())
+    if not np.allclose(llama3_rope_factors(dims, base, factor), freqs, rtol=1e-3):
+        raise UnsupportedArchitectureError(
+            "this GGUF's rope_freqs tensor is not Llama 3 rope scaling; it cannot be "
+            "expressed for mlx-lm (the model still runs on llama.cpp)"
+        )
+    return {"rope_type": "llama3", "factor": factor, **LLAMA3_ROPE}
+
+
 def unpermute_rows(array: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's ``permute`` of Q/K rows (it interleaves the two rotary halves)."""
     rows = array.shape[0]
@@ -556,6 +591,9 @@ def convert_gguf(
     names = {tensor.name for tensor in reader.tensors}
     vocab = len(meta.reader.fields["tokenizer.ggml.tokens"].data)
     config = hf_config(meta, arch, tied="output.weight" not in names, vocab=vocab)
+    rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if rope_freqs is not None:
+        config["rope_scaling"] = rope_scaling_from_freqs(meta, _tensor_values(rope_freqs))
     float_dtype = "F32" if dequantize else "F16"
     planned = plan_tensors(meta, arch, config, quantize=not dequantize)
     out.parent.mkdir(parents=True, exist_ok=True)
