@@ -147,6 +147,20 @@ def test_rope_freqs_that_are_not_llama3_scaling_are_refused(tmp_path):
         gguf_convert.rope_scaling_from_freqs(meta, np.linspace(1.0, 3.0, 32))
 
 
+def test_phi3_longrope_factors_become_its_rope_scaling(tmp_path):
+    from gguf import GGUFReader
+
+    long, short = np.linspace(1.0, 4.0, 32), np.linspace(1.0, 1.2, 32)
+    path = write_gguf(
+        tmp_path / "x.gguf",
+        "phi3",
+        extra={"rope_factors_long.weight": long, "rope_factors_short.weight": short},
+    )
+    scaling = gguf_convert.rope_scaling(gguf_convert.GgufMeta(GGUFReader(path)))
+    assert scaling is not None and scaling["type"] == "longrope"
+    assert np.allclose(scaling["long_factor"], long) and np.allclose(scaling["short_factor"], short)
+
+
 def test_on_metal_weights_are_requantized_at_the_nearest_width(gguf_root, tmp_path):
     import mlx.core as mx
     import mlx_lm
@@ -169,7 +183,9 @@ def test_conversion_is_refused_up_front_when_it_would_not_fit(gguf_root, tmp_pat
     assert not any(tmp_path.iterdir())
 
 
-def write_gguf(path: Path, arch: str, raw_type: str | None = None) -> Path:
+def write_gguf(
+    path: Path, arch: str, raw_type: str | None = None, extra: dict[str, np.ndarray] | None = None
+) -> Path:
     import gguf
 
     writer = gguf.GGUFWriter(str(path), arch)
@@ -182,6 +198,8 @@ def write_gguf(path: Path, arch: str, raw_type: str | None = None) -> Path:
         qtype = gguf.GGMLQuantizationType[raw_type]
         _, size = gguf.GGML_QUANT_SIZES[qtype]
         writer.add_tensor("token_embd.weight", np.zeros((4, size), dtype=np.uint8), raw_dtype=qtype)
+    for name, value in (extra or {}).items():
+        writer.add_tensor(name, value.astype(np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

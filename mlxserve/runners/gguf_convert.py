@@ -215,6 +215,23 @@ def rope_scaling_from_freqs(meta: GgufMeta, freqs: np.ndarray) -> dict[str, Any]
     return {"rope_type": "llama3", "factor": factor, **LLAMA3_ROPE}
 
 
+def rope_scaling(meta: GgufMeta) -> dict[str, Any] | None:
+    """Rope scaling llama.cpp stores as tensors: Llama 3's ``rope_freqs``, Phi-3's LongRoPE
+    ``rope_factors_long``/``_short`` (mlx-lm's ``SuScaledRoPE`` takes them as they are)."""
+    tensors = {t.name.removesuffix(".weight"): t for t in meta.reader.tensors}
+    if "rope_freqs" in tensors:
+        return rope_scaling_from_freqs(meta, _tensor_values(tensors["rope_freqs"]).reshape(-1))
+    if "rope_factors_long" in tensors:
+        long = _tensor_values(tensors["rope_factors_long"]).reshape(-1)
+        short = tensors.get("rope_factors_short")
+        return {
+            "type": "longrope",
+            "long_factor": long.tolist(),
+            "short_factor": (long if short is None else _tensor_values(short)).reshape(-1).tolist(),
+        }
+    return None
+
+
 def unpermute_rows(array: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's ``permute`` of Q/K rows (it interleaves the two rotary halves)."""
     rows = array.shape[0]
@@ -568,15 +585,6 @@ def open_gguf(gguf_path: Path) -> tuple[Any, GgufMeta, Architecture]:
     return reader, meta, arch
 
 
-def convertible(gguf_path: Path) -> bool:
-    """Whether ``gguf_path`` can run on MLX after conversion (header checks only)."""
-    try:
-        open_gguf(gguf_path)
-    except (UnsupportedArchitectureError, UnsupportedQuantizationError):
-        return False
-    return True
-
-
 def convert_gguf(
     gguf_path: Path,
     out: Path,
@@ -591,9 +599,9 @@ def convert_gguf(
     names = {tensor.name for tensor in reader.tensors}
     vocab = len(meta.reader.fields["tokenizer.ggml.tokens"].data)
     config = hf_config(meta, arch, tied="output.weight" not in names, vocab=vocab)
-    rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
-    if rope_freqs is not None:
-        config["rope_scaling"] = rope_scaling_from_freqs(meta, _tensor_values(rope_freqs))
+    scaling = rope_scaling(meta)
+    if scaling:
+        config["rope_scaling"] = scaling
     float_dtype = "F32" if dequantize else "F16"
     planned = plan_tensors(meta, arch, config, quantize=not dequantize)
     out.parent.mkdir(parents=True, exist_ok=True)
