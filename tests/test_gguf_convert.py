@@ -80,8 +80,21 @@ def tensor_types(path: Path) -> set[str]:
     return {tensor.tensor_type.name for tensor in GGUFReader(path).tensors}
 
 
-@pytest.mark.parametrize("quant", list(QUANTS))
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+FULL_MATRIX_ARCHITECTURES = ("llama", "gemma3")
+"""Every architecture runs in Q4_K (what most users have) and these in every quantization;
+the rest of the matrix is marked ``slow``."""
+CASES = [
+    pytest.param(
+        arch,
+        quant,
+        marks=() if quant == "Q4_K_M" or arch in FULL_MATRIX_ARCHITECTURES else pytest.mark.slow,
+    )
+    for arch in ARCHITECTURES
+    for quant in QUANTS
+]
+
+
+@pytest.mark.parametrize(("arch", "quant"), CASES)
 def test_converted_gguf_decodes_like_llama_cpp(gguf_root, tmp_path, arch, quant):
     gguf = build_gguf(gguf_root, arch, quant)
     expected_type = {"Q4_K_M": "Q4_K"}.get(quant, quant)
@@ -142,7 +155,7 @@ def test_llama3_rope_scaling_is_recovered_from_rope_freqs(gguf_root, tmp_path):
 def test_rope_freqs_that_are_not_llama3_scaling_are_refused(tmp_path):
     from gguf import GGUFReader
 
-    meta = gguf_convert.GgufMeta(GGUFReader(write_gguf(tmp_path / "x.gguf", "llama")))
+    meta = gguf_convert.GgufMeta(GGUFReader(path := write_gguf(tmp_path / "x.gguf", "llama")), path)
     with pytest.raises(UnsupportedArchitectureError, match="rope_freqs"):
         gguf_convert.rope_scaling_from_freqs(meta, np.linspace(1.0, 3.0, 32))
 
@@ -156,7 +169,7 @@ def test_phi3_longrope_factors_become_its_rope_scaling(tmp_path):
         "phi3",
         extra={"rope_factors_long.weight": long, "rope_factors_short.weight": short},
     )
-    scaling = gguf_convert.rope_scaling(gguf_convert.GgufMeta(GGUFReader(path)))
+    scaling = gguf_convert.rope_scaling(gguf_convert.GgufMeta(GGUFReader(path), path))
     assert scaling is not None and scaling["type"] == "longrope"
     assert np.allclose(scaling["long_factor"], long) and np.allclose(scaling["short_factor"], short)
 

@@ -26,6 +26,7 @@ import os
 import shutil
 import struct
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,8 @@ MLX_GROUP_SIZE = 64
 SAFETENSORS_ALIGNMENT = 8
 GEMMA_NORM_OFFSET = 1.0
 """llama.cpp's Gemma converters store ``1 + w`` for every norm; mlx-lm adds the 1 itself."""
+DEQUANTIZE_CHUNK_BYTES = 16 << 20
+"""Float32 output per dequantizing task: enough rows to keep threads busy, few enough to split."""
 MEMORY_HEADROOM = 0.9
 """Refuse a conversion whose result needs more than this share of the machine's memory."""
 SKIPPED_TENSORS = frozenset({"rope_freqs", "rope_factors_long", "rope_factors_short"})
@@ -131,8 +134,8 @@ ARCHITECTURES: dict[str, Architecture] = {
 class GgufMeta:
     """The GGUF's key/values as Python values, read lazily from gguf-py's reader."""
 
-    def __init__(self, reader: Any) -> None:
-        self.reader = reader
+    def __init__(self, reader: Any, path: Path) -> None:
+        self.reader, self.path = reader, path
         self.architecture = str(self.key("general.architecture") or "")
 
     def key(self, name: str, default: Any = None) -> Any:
@@ -220,14 +223,18 @@ def rope_scaling(meta: GgufMeta) -> dict[str, Any] | None:
     ``rope_factors_long``/``_short`` (mlx-lm's ``SuScaledRoPE`` takes them as they are)."""
     tensors = {t.name.removesuffix(".weight"): t for t in meta.reader.tensors}
     if "rope_freqs" in tensors:
-        return rope_scaling_from_freqs(meta, _tensor_values(tensors["rope_freqs"]).reshape(-1))
+        return rope_scaling_from_freqs(
+            meta, _tensor_values(meta.path, tensors["rope_freqs"]).reshape(-1)
+        )
     if "rope_factors_long" in tensors:
-        long = _tensor_values(tensors["rope_factors_long"]).reshape(-1)
+        long = _tensor_values(meta.path, tensors["rope_factors_long"]).reshape(-1)
         short = tensors.get("rope_factors_short")
         return {
             "type": "longrope",
             "long_factor": long.tolist(),
-            "short_factor": (long if short is None else _tensor_values(short)).reshape(-1).tolist(),
+            "short_factor": (long if short is None else _tensor_values(meta.path, short))
+            .reshape(-1)
+            .tolist(),
         }
     return None
 
@@ -337,6 +344,7 @@ def model_skeleton(config: dict[str, Any]) -> tuple[dict[str, tuple[int, ...]], 
 class PlannedTensor:
     """One GGUF tensor on its way to one (float) or three (quantized) output tensors."""
 
+    path: Path
     source: Any
     name: str
     """The mlx-lm parameter name (``model.layers.0.self_attn.q_proj.weight``)."""
@@ -394,7 +402,7 @@ def plan_tensors(
             suffix != "weight" or module not in quantizable or shape[-1] % MLX_GROUP_SIZE
         ):
             bits = None
-        planned.append(PlannedTensor(tensor, name, shape, bits, transform))
+        planned.append(PlannedTensor(meta.path, tensor, name, shape, bits, transform))
     missing = set(shapes) - {p.name for p in planned}
     if config["tie_word_embeddings"]:
         missing.discard("lm_head.weight")  # the model's ``sanitize`` ties it on load
@@ -417,15 +425,36 @@ def _transform(
     return None
 
 
-def _tensor_values(tensor: Any) -> np.ndarray:
+def _tensor_values(path: Path, tensor: Any) -> np.ndarray:
+    """One tensor as float32, dequantized in row chunks on several threads (numpy releases
+    the GIL; gguf-py's K-quant dequantizers are the slow part of a conversion).
+
+    The bytes are read with ``np.fromfile`` rather than through gguf-py's memory map, so the
+    GGUF's pages never count toward this process's resident memory: only this tensor does.
+    """
     from gguf.quants import dequantize
 
     shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-    return np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
+    layout = tensor.data  # a view of the map: its dtype and shape only, never its pages
+    raw = np.fromfile(path, dtype=layout.dtype, count=layout.size, offset=tensor.data_offset)
+    rows = raw.reshape(-1, layout.shape[-1])
+    out = np.empty((rows.shape[0], shape[-1]), dtype=np.float32)
+    step = max(1, DEQUANTIZE_CHUNK_BYTES // (4 * shape[-1]))
+
+    def chunk(start: int) -> None:
+        out[start : start + step] = dequantize(rows[start : start + step], tensor.tensor_type)
+
+    starts = range(0, rows.shape[0], step)
+    if len(starts) == 1:
+        chunk(0)
+    else:
+        with ThreadPoolExecutor(platform.default_threads()) as pool:
+            list(pool.map(chunk, starts))
+    return out.reshape(shape)
 
 
 def _converted(planned: PlannedTensor, float_dtype: str) -> list[np.ndarray]:
-    values = _tensor_values(planned.source)
+    values = _tensor_values(planned.path, planned.source)
     if planned.transform is not None:
         values = planned.transform(values)
     if planned.bits is None:
@@ -573,7 +602,7 @@ def open_gguf(gguf_path: Path) -> tuple[Any, GgufMeta, Architecture]:
         raise UnsupportedArchitectureError(
             f"{gguf_path.name} is not a readable GGUF: {exc}"
         ) from None
-    meta = GgufMeta(reader)
+    meta = GgufMeta(reader, gguf_path)
     arch = ARCHITECTURES.get(meta.architecture)
     if arch is None:
         raise UnsupportedArchitectureError(
