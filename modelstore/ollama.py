@@ -30,6 +30,7 @@ from modelstore.draft import (
 from modelstore.errors import BlobNotFoundError, ImportSourceError, InvalidManifestError
 from modelstore.importer import ImportResult
 from modelstore.manifest import Descriptor
+from modelstore.parameters import SPEC_PARAMETERS, api_names
 from modelstore.reference import ModelReference, parse_reference
 from modelstore.sources import draft_from_gguf
 from modelstore.store import ModelStore
@@ -59,23 +60,18 @@ KEPT_FILES = {
 }
 """Layers no runner here uses yet, kept so that nothing the user had is lost."""
 
-PARAMETER_NAMES = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "min_p": "min_p",
-    "seed": "seed",
-    "stop": "stop",
-    "num_predict": "max_tokens",
-    "repeat_penalty": "repetition_penalty",
-    "presence_penalty": "presence_penalty",
-    "frequency_penalty": "frequency_penalty",
+LOAD_TIME_NAMES = {
     "num_ctx": "context_length",
     "num_gpu": "n_gpu_layers",
     "num_thread": "n_threads",
 }
+"""Ollama's names for the load-time parameters (``RUNNER_PARAMETERS``), which
+``parameters.py`` (sampling only) does not declare."""
+PARAMETER_NAMES = {
+    wire: name for wire, (name, _) in api_names("ollama").items() if name in SPEC_PARAMETERS
+} | LOAD_TIME_NAMES
 """Modelfile ``PARAMETER`` names -> ModelSpec parameters; others (``mirostat``, ...) have no
-counterpart here and are left out (``dropped`` says which)."""
+counterpart here and are left out (``map_parameters`` says which)."""
 
 
 def ollama_root() -> Path:

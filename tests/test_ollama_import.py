@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from modelstore import mediatypes
+from modelstore.model import RUNNER_PARAMETERS
 from modelstore.ollama import PARAMETER_NAMES, map_parameters
+from modelstore.parameters import SPEC_PARAMETERS
 from modelstore.store import ModelStore
 from tests.cli import mlxctl
 from tests.fixtures.ollama_store import LICENSE, SYSTEM, add_ollama_model
@@ -102,21 +104,7 @@ def test_ollama_parameter_names_map_to_ours():
     )
     assert mapped == {"max_tokens": 5, "repetition_penalty": 1.1, "stop": ["x"]}
     assert dropped == ["mirostat"]
-    assert set(PARAMETER_NAMES.values()) <= {
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "seed",
-        "stop",
-        "max_tokens",
-        "repetition_penalty",
-        "presence_penalty",
-        "frequency_penalty",
-        "context_length",
-        "n_gpu_layers",
-        "n_threads",
-    }
+    assert set(PARAMETER_NAMES.values()) <= {*SPEC_PARAMETERS, *RUNNER_PARAMETERS}
 
 
 @pytest.fixture
