@@ -264,3 +264,29 @@ def test_choose_runner_prefers_mlx_for_every_convertible_gguf(monkeypatch):
     assert select.choose_runner(model("gemma3", "Q6_K")) == "mlx"
     assert select.choose_runner(model("rwkv6", "Q4_K_M")) == "llamacpp"
     assert select.choose_runner(model("llama", "Q1_0")) == "llamacpp"
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+async def test_a_converted_gguf_chats_on_the_mlx_runner_as_on_llama_cpp(gguf_root, tmp_path, arch):
+    """Through the runners, as the daemon uses them: same prompt, same tokens, same answer."""
+    from mlxserve.inference import LoadedModel
+    from modelstore.importer import import_path
+    from modelstore.store import ModelStore
+
+    store = ModelStore(tmp_path / "home")
+    import_path(store, build_gguf(gguf_root, arch, "F16"), f"{arch}:f16")
+    mlx = await LoadedModel.load(store, f"{arch}:f16", "mlx")
+    cpp = await LoadedModel.load(store, f"{arch}:f16", "llamacpp")
+    try:
+        messages = [{"role": "user", "content": "The capital of France is"}]
+        prompt = mlx.chat_prompt(messages)
+        assert prompt == cpp.chat_prompt(messages)
+        assert mlx.runner.tokenize(prompt, False) == cpp.runner.tokenize(prompt, False)
+        tokens = []
+        for loaded in (mlx, cpp):
+            request = loaded.chat_request(messages, {"temperature": 0.0, "max_tokens": 8})
+            tokens.append([t async for c in loaded.generate(request) for t in c.token_ids])
+        assert len(tokens[0]) == 8 and tokens[0] == tokens[1]
+    finally:
+        await mlx.unload()
+        await cpp.unload()
