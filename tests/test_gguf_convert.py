@@ -23,7 +23,7 @@ from mlxserve.errors import (
 )
 from mlxserve.runners import gguf_convert
 from mlxserve.runners.gguf_convert import convert_gguf, mlx_can_convert
-from tests.fixtures.gguf_models import ARCHITECTURES, QUANTS, build_gguf
+from tests.fixtures.gguf_models import ARCHITECTURES, MORE_QUANTS, QUANTS, build_gguf
 
 STEPS = 32
 PROMPTS = ([5, 60, 100, 200, 33], [300, 12, 7, 250], [42], [17, 222, 71], [90, 180, 270, 360])
@@ -102,6 +102,22 @@ def test_converted_gguf_decodes_like_llama_cpp(gguf_root, tmp_path, arch, quant)
     folder = convert_gguf(gguf, tmp_path / "mlx", dequantize=True)
     figure = agreement(gguf, folder)
     print(f"\n{arch} {quant}: greedy agreement with llama.cpp {figure:.3f}")
+    assert figure >= MIN_AGREEMENT
+
+
+@pytest.mark.parametrize(
+    "quant",
+    [
+        pytest.param(q, marks=() if q in ("BF16", "Q5_K_M", "IQ4_XS") else pytest.mark.slow)
+        for q in MORE_QUANTS
+    ],
+)
+def test_more_quantization_types_decode_like_llama_cpp(gguf_root, tmp_path, quant):
+    gguf = build_gguf(gguf_root, "qwen3", quant)
+    assert quant.removesuffix("_M") in tensor_types(gguf)
+    folder = convert_gguf(gguf, tmp_path / "mlx", dequantize=True)
+    figure = agreement(gguf, folder)
+    print(f"\nqwen3 {quant}: greedy agreement with llama.cpp {figure:.3f}")
     assert figure >= MIN_AGREEMENT
 
 
