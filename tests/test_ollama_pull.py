@@ -120,3 +120,25 @@ def test_a_blob_the_registry_serves_wrong_is_refused(registry, store_home, tiny_
         data.write_bytes(original)
     assert result.returncode != 0 and "digest_mismatch" in result.stderr
     assert ModelStore(store_home).list() == []
+
+
+def test_the_daemon_pulls_ollama_urls_too(registry, store_home, tiny_models):
+    """``/api/pull`` with the real ``ollama`` client, as ``ollama pull`` would send it."""
+    import ollama
+
+    from tests.daemon import Daemon
+
+    push_ollama_shaped(registry.host, "library/viadaemon", "1", tiny_models.gguf_path)
+    daemon = Daemon(store_home).start()
+    try:
+        client = ollama.Client(host=daemon.url)
+        statuses = [
+            event.status
+            for event in client.pull(
+                f"ollama://{registry.host}/library/viadaemon:1", insecure=True, stream=True
+            )
+        ]
+        assert statuses[-1] == "success"
+        assert "viadaemon:1" in [m.model for m in client.list().models]
+    finally:
+        daemon.stop()
