@@ -244,6 +244,14 @@ def test_an_architecture_mlx_lm_lacks_is_unsupported_architecture(tmp_path):
     assert not mlx_can_convert("rwkv6", "F32")
 
 
+def test_a_malformed_gguf_is_a_clear_error_not_a_crash(tmp_path):
+    with pytest.raises(UnsupportedArchitectureError, match="vocabulary"):
+        convert_gguf(write_gguf(tmp_path / "x.gguf", "llama"), tmp_path / "out", dequantize=True)
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\xff" * 64)
+    with pytest.raises(UnsupportedArchitectureError, match="not a readable GGUF"):
+        convert_gguf(tmp_path / "bad.gguf", tmp_path / "out", dequantize=True)
+
+
 def test_a_type_gguf_py_cannot_dequantize_is_unsupported_quantization(tmp_path):
     gguf = write_gguf(tmp_path / "x.gguf", "llama", raw_type="Q1_0")
     with pytest.raises(UnsupportedQuantizationError, match="Q1_0") as caught:

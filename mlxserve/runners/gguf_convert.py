@@ -626,7 +626,12 @@ def convert_gguf(
         return out
     reader, meta, arch = open_gguf(gguf_path)
     names = {tensor.name for tensor in reader.tensors}
-    vocab = len(meta.reader.fields["tokenizer.ggml.tokens"].data)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise UnsupportedArchitectureError(
+            f"{gguf_path.name} has no tokenizer vocabulary to rebuild for MLX"
+        )
+    vocab = len(tokens.data)
     config = hf_config(meta, arch, tied="output.weight" not in names, vocab=vocab)
     scaling = rope_scaling(meta)
     if scaling:
