@@ -175,16 +175,22 @@ def progress_reporter(report: Callable[[dict[str, Any]], None]) -> Callable[[Any
 @routes.post("/api/pull")
 async def pull(request: web.Request) -> web.StreamResponse:
     from modelstore.registry import pull_model
-    from modelstore.registry.ollama import is_ollama_url, pull_ollama
+    from modelstore.registry.ollama import is_ollama_url, local_name, pull_ollama
 
     body = await json_body(request)
-    name = str(parse_reference(model_name(body)))  # refused before any work when invalid
+    name = model_name(body)
+    # An invalid name is refused before any work (an ollama:// URL is checked by its parser).
+    ollama = is_ollama_url(name)
+    if ollama:
+        local_name(name)
+    else:
+        name = str(parse_reference(name))
     insecure = validate.optional(body, "insecure", bool, False)
     stream = validate.optional(body, "stream", bool, True)
     store = request.app[STORE]
 
     async def work(report: Callable[[dict[str, Any]], None]) -> None:
-        if is_ollama_url(name):
+        if ollama:
             await pull_ollama(store, name, insecure=insecure, progress=progress_reporter(report))
             return
         await pull_model(store, name, insecure=insecure, progress=progress_reporter(report))
