@@ -16,6 +16,7 @@ from modelstore.manifest import is_safe_file_name
 from modelstore.ocilayout import import_archive, is_archive
 from modelstore.sources import draft_from_path
 from modelstore.store import ModelStore, StoredModel
+from modelstore.templates import template_warning
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class ImportResult:
     models: list[StoredModel]
     files: dict[str, StoredHow] = field(default_factory=dict)
     """File name -> how it got in (hard link, copy, already stored); empty for archives."""
+    warnings: list[str] = field(default_factory=list)
+    """What the user should know about the model (an inferred chat template, or none)."""
 
 
 def source_size(path: Path) -> int:
@@ -92,6 +95,8 @@ def import_path(
             draft = draft_from_path(folder)
             draft.config.source = {"kind": "zip", "name": path.name}
             result = store.commit(draft, name, progress=progress)
-        return ImportResult([result.model], result.blobs)
-    result = store.commit(draft_from_path(path), name, allow_link=allow_link, progress=progress)
-    return ImportResult([result.model], result.blobs)
+    else:
+        draft = draft_from_path(path)
+        result = store.commit(draft, name, allow_link=allow_link, progress=progress)
+    warning = template_warning(draft.config.template_source)
+    return ImportResult([result.model], result.blobs, [warning] if warning else [])

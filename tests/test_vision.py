@@ -62,7 +62,8 @@ def test_the_store_knows_a_vision_model(vision_store):
     assert config.vision["vision_model"] == "clip_vision_model"
     assert config.vision["processor_files"] == ["processor_config.json"]
     assert choose_runner(open_model(vision_store, "tiny:vision")) == "mlx-vlm"
-    assert show_body(vision_store, stored, None)["capabilities"] == ["completion", "vision"]
+    capabilities = show_body(vision_store, stored)["capabilities"]
+    assert "completion" in capabilities and "vision" in capabilities
 
 
 async def test_a_different_image_changes_the_answer_at_temperature_0(vision):

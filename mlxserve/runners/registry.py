@@ -21,6 +21,8 @@ from functools import cache
 from importlib.metadata import entry_points
 from typing import Any
 
+from modelstore.model import LocalModel
+
 ENTRY_POINT_GROUP = "mlxserve.runners"
 COMPLETION = "completion"
 EMBEDDING = "embedding"
@@ -46,21 +48,34 @@ class RunnerPlugin:
     requires: tuple[str, ...]
     """Top-level modules that must be importable for it to run."""
     install_hint: str
-    architectures: dict[str, frozenset[str]] = field(default_factory=dict)
-    """Per format, the only architectures it runs (a format absent here: any)."""
+    accepts: dict[str, str] = field(default_factory=dict)
+    """Per format, a ``module:function`` taking the ``LocalModel`` that says whether this
+    runner can run it (a format absent here: every model of that format)."""
 
     def installed(self) -> bool:
         return all(importlib.util.find_spec(module) is not None for module in self.requires)
 
-    def runs(self, model_format: str, architecture: str | None, capability: str) -> bool:
-        if model_format not in self.formats or capability not in self.capabilities:
+    def runs(self, model: LocalModel, capability: str) -> bool:
+        if model.format not in self.formats or capability not in self.capabilities:
             return False
-        only = self.architectures.get(model_format)
-        return only is None or architecture in only
+        check = self.accepts.get(model.format)
+        return check is None or bool(_resolve(check)(model))
 
     def make(self) -> Any:
-        module, _, attribute = self.factory.partition(":")
-        return getattr(importlib.import_module(module), attribute)()
+        return _resolve(self.factory)()
+
+
+def _resolve(target: str) -> Any:
+    """``module:attribute``, imported when first needed."""
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def mlx_converts(model: LocalModel) -> bool:
+    """A GGUF runs on MLX when ``gguf_convert`` can convert its architecture and file type."""
+    from mlxserve.runners.gguf_convert import mlx_can_convert
+
+    return mlx_can_convert(model.architecture, model.quantization)
 
 
 MLX = RunnerPlugin(
@@ -70,9 +85,8 @@ MLX = RunnerPlugin(
     capabilities=(COMPLETION,),
     requires=("mlx", "mlx_lm"),
     install_hint="pip install mlx mlx-lm",
-    architectures={"gguf": frozenset({"llama"})},
+    accepts={"gguf": "mlxserve.runners.registry:mlx_converts"},
 )
-"""A GGUF runs on MLX after conversion, which maps the llama architecture only."""
 LLAMACPP = RunnerPlugin(
     name="llamacpp",
     factory="mlxserve.runners.llamacpp:LlamaCppRunner",

@@ -21,9 +21,7 @@ def required_capability(model: LocalModel) -> str:
 def capable_runners(model: LocalModel) -> list[RunnerPlugin]:
     """The registered runners that can run ``model``, the platform's preferred first."""
     capability = required_capability(model)
-    capable = [
-        p for p in plugins().values() if p.runs(model.format, model.architecture, capability)
-    ]
+    capable = [p for p in plugins().values() if p.runs(model, capability)]
     preferred = platform.preferred_runners()
     return sorted(
         capable, key=lambda p: preferred.index(p.name) if p.name in preferred else len(preferred)
