@@ -35,6 +35,7 @@ STATUS_BY_CODE = {
     "request_too_large": 413,
     "queue_full": 429,
     "store_locked": 503,
+    "model_unavailable": 503,
     "out_of_memory": 507,
     "corrupt_store": 500,
     "runner_unavailable": 501,
@@ -49,6 +50,8 @@ OPENAI_TYPES = {
     429: "rate_limit_error",
 }
 RETRY_AFTER_SECONDS = 1
+RETRY_STATUSES = frozenset({429, 503})
+"""Statuses that are worth retrying: the client is told when (``Retry-After``)."""
 
 
 def status_for(error: MlxserveError) -> int:
@@ -78,7 +81,7 @@ def error_body(error: MlxserveError, openai: bool) -> dict[str, object]:
 
 def error_response(error: MlxserveError, path: str) -> web.Response:
     status = status_for(error)
-    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 429 else None
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status in RETRY_STATUSES else None
     return web.Response(
         status=status,
         text=json.dumps(error_body(error, is_openai_path(path)), default=str),

@@ -5,11 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from mlxserve.server.config import load_settings
+from mlxserve.distributed.group import BACKENDS, DEFAULT_RING_PORT
+from mlxserve.server.config import ConfigError, load_settings
 from modelstore.errors import MlxserveError
+
+if TYPE_CHECKING:
+    from mlxserve.distributed.serve import DistributedOptions
 
 
 def serve_options(function):  # type: ignore[no-untyped-def]
@@ -22,17 +28,57 @@ def serve_options(function):  # type: ignore[no-untyped-def]
             click.option("--max-loaded-models", type=int),
             click.option("--num-parallel", type=int, help="Parallel slots per model."),
             click.option("--max-queue", type=int, help="Waiting requests per model before 429."),
+            click.option("--distributed", "hostfile", type=click.Path(dir_okay=False),
+                         help="Serve --model sharded over the hosts of this mlx hostfile "
+                              "(docs/DISTRIBUTED.md); start it on every host."),
+            click.option("--model", "group_model",
+                         help="With --distributed: the model the group serves."),
+            click.option("--backend", type=click.Choice(BACKENDS),
+                         help="With --distributed: mx.distributed backend (default: the "
+                              "hostfile's, else ring)."),
+            click.option("--rank", type=int,
+                         help="With --distributed: this host's rank (default: MLX_RANK, else "
+                              "the hostfile entry naming this machine)."),
+            click.option("--pipeline", is_flag=True, default=None,
+                         help="With --distributed: pipeline instead of tensor parallelism."),
+            click.option("--ring-port", type=int,
+                         help=f"With --distributed: first ring port (default {DEFAULT_RING_PORT})."),
         ]
     ):
         function = option(function)
     return function
 
 
-def run_daemon(**flags: object) -> None:
+def distributed_options(flags: dict[str, Any]) -> DistributedOptions | None:
+    """Take the ``--distributed`` flags out of ``flags`` (they are not daemon settings)."""
+    from mlxserve.distributed.serve import DistributedOptions
+
+    hostfile = flags.pop("hostfile", None)
+    group = {key: flags.pop(key, None)
+             for key in ("group_model", "backend", "rank", "pipeline", "ring_port")}
+    if hostfile is None:
+        if any(value is not None for value in group.values()):
+            raise ConfigError("--model, --backend, --rank, --pipeline and --ring-port go with "
+                              "--distributed HOSTFILE")
+        return None
+    if not group["group_model"]:
+        raise ConfigError("--distributed needs --model: the model the group serves")
+    return DistributedOptions(
+        hostfile=Path(str(hostfile)),
+        model=str(group["group_model"]),
+        backend=group["backend"],
+        rank=group["rank"],
+        pipeline=bool(group["pipeline"]),
+        ring_port=group["ring_port"] or DEFAULT_RING_PORT,
+    )
+
+
+def run_daemon(**flags: Any) -> None:
     from aiohttp import web
 
     from mlxserve.server.app import build_app
 
+    distributed = distributed_options(flags)
     settings = load_settings(flags)
     settings.check()
     logging.basicConfig(
@@ -41,6 +87,14 @@ def run_daemon(**flags: object) -> None:
         stream=sys.stderr,
     )
     app = build_app(settings)
+    if distributed is not None:
+        from mlxserve.distributed import serve
+
+        group = serve.join(settings, distributed)
+        if group.rank > 0:
+            serve.follow(group, settings, distributed)
+            return
+        app.cleanup_ctx.append(serve.group_context(group, settings, distributed))
     print(f"mlxserve listening on http://{settings.host}:{settings.port}", file=sys.stderr,
           flush=True)
     web.run_app(app, host=settings.host, port=settings.port, print=None,
@@ -53,8 +107,9 @@ def serve_command(**flags: object) -> None:
     """Start the daemon (Ollama-compatible API at /api, OpenAI-compatible at /v1).
 
     \b
-    Example:
+    Examples:
       mlxctl serve --port 11500
+      mlxctl serve --distributed hosts.json --model qwen3:30b   (on every host of hosts.json)
     """
     run_daemon(**flags)
 

@@ -1,0 +1,147 @@
+"""Start or join an ``mx.distributed`` group from mlx's own hostfile.
+
+The hostfile is the JSON that ``mlx.distributed_config`` writes and ``mlx.launch --hostfile``
+reads (parsed here by mlx's own ``Hostfile``): ``{"backend": ..., "envs": [...], "hosts":
+[{"ssh": ..., "ips": [...], "rdma": [...]}, ...]}``, one host per rank, in rank order.
+
+``mlx.launch`` starts every rank over ssh and hands each its wiring in environment variables;
+``mlxserve --distributed`` is instead started on each machine by hand (or by launchd/systemd),
+so this module derives the same variables from the hostfile, the way ``mlx.launch`` does, and
+then calls ``mx.distributed.init``. A rank started by ``mlx.launch`` keeps the variables it was
+given. No transport of our own: everything after ``init`` is mlx's collectives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlxserve.errors import DistributedError
+
+BACKENDS = ("ring", "jaccl", "mpi", "any")
+DEFAULT_RING_PORT = 32323
+"""``mlx.launch``'s ``--starting-port``: rank r listens on the next port per IP after rank r-1."""
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """Who is who in the group, before it starts."""
+
+    hosts: list[str]
+    """Each rank's host name (the hostfile's ``ssh``), for messages and ``/api/ps``."""
+    rank: int
+    backend: str
+
+
+@dataclass
+class Group:
+    """A started group: mlx's ``Group`` plus the names of its hosts."""
+
+    group: Any
+    plan: GroupPlan
+
+    @property
+    def rank(self) -> int:
+        return int(self.group.rank())
+
+    @property
+    def size(self) -> int:
+        return int(self.group.size())
+
+    def host(self, rank: int) -> str:
+        return self.plan.hosts[rank]
+
+
+def read_hostfile(path: Path) -> Any:
+    """mlx's parser for its own format (a private module: mlx exposes no public one)."""
+    from mlx._distributed_utils.common import Hostfile
+
+    try:
+        hostfile = Hostfile.from_file(str(path))
+    except ValueError as exc:
+        raise DistributedError(str(exc)) from None
+    if len(hostfile.hosts) < 2:
+        raise DistributedError(f"{path}: a group needs at least two hosts")
+    return hostfile
+
+
+def local_rank(hostfile: Any, rank: int | None) -> int:
+    """``--rank``, else ``MLX_RANK`` (set by ``mlx.launch``), else the one host entry that
+    names this machine."""
+    if rank is None and os.environ.get("MLX_RANK"):
+        rank = int(os.environ["MLX_RANK"])
+    if rank is None:
+        names = {socket.gethostname(), socket.getfqdn()}
+        matches = [h.rank for h in hostfile.hosts if h.ssh_hostname in names]
+        if len(matches) != 1:
+            raise DistributedError(
+                f"cannot tell which host of the hostfile this machine is ({socket.gethostname()}"
+                f" matches {len(matches)} entries): pass --rank"
+            )
+        rank = matches[0]
+    if not 0 <= rank < len(hostfile.hosts):
+        raise DistributedError(f"rank {rank} is not in the hostfile (0..{len(hostfile.hosts) - 1})")
+    return rank
+
+
+def _write_temp(content: str) -> str:
+    handle, path = tempfile.mkstemp(prefix="mlxserve-group-", suffix=".json")
+    with os.fdopen(handle, "w") as file:
+        file.write(content)
+    return path
+
+
+def wire_environment(hostfile: Any, rank: int, backend: str, ring_port: int) -> dict[str, str]:
+    """The variables ``mlx.launch`` would give this rank (``launch_ring``/``launch_jaccl``);
+    written out here because mlx sets them only inside its ssh launcher."""
+    env = dict(e.split("=", 1) for e in hostfile.envs if "=" in e)
+    env["MLX_RANK"] = str(rank)
+    hosts = hostfile.hosts
+    if backend == "ring":
+        if any(not h.ips for h in hosts):
+            raise DistributedError("the ring backend needs every host's IPs in the hostfile")
+        port, ring = ring_port, []
+        for host in hosts:
+            ring.append([f"{ip}:{port + i}" for i, ip in enumerate(host.ips)])
+            port += len(host.ips)
+        env["MLX_HOSTFILE"] = _write_temp(json.dumps(ring))
+    elif backend == "jaccl":
+        if not hosts[0].ips:
+            raise DistributedError("the jaccl backend needs rank 0's IP in the hostfile")
+        env["MLX_JACCL_COORDINATOR"] = f"{hosts[0].ips[0]}:{ring_port}"
+        env["MLX_IBV_DEVICES"] = _write_temp(json.dumps([h.rdma for h in hosts]))
+    return env
+
+
+def start_group(
+    hostfile_path: Path, backend: str | None, rank: int | None, ring_port: int = DEFAULT_RING_PORT
+) -> Group:
+    """Join the group this machine belongs to; returns once every rank has joined."""
+    import mlx.core as mx
+
+    hostfile = read_hostfile(hostfile_path)
+    backend = backend or hostfile.backend or "ring"
+    if backend not in BACKENDS:
+        raise DistributedError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    rank = local_rank(hostfile, rank)
+    launched = "MLX_HOSTFILE" in os.environ or "MLX_JACCL_COORDINATOR" in os.environ
+    if backend != "mpi" and not launched:
+        wiring = wire_environment(hostfile, rank, "ring" if backend == "any" else backend,
+                                  ring_port)
+        os.environ.update(wiring)
+    plan = GroupPlan([h.ssh_hostname for h in hostfile.hosts], rank, backend)
+    try:
+        group = mx.distributed.init(strict=True, backend=backend)
+    except RuntimeError as exc:
+        raise DistributedError(f"cannot start the {backend} group: {exc}") from None
+    if group.size() != len(hostfile.hosts) or group.rank() != rank:
+        raise DistributedError(
+            f"the {backend} group has {group.size()} ranks (this is rank {group.rank()}); the "
+            f"hostfile lists {len(hostfile.hosts)} hosts and this machine as rank {rank}"
+        )
+    return Group(group, plan)
