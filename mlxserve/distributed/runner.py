@@ -46,8 +46,6 @@ from modelstore.model import LocalModel
 from modelstore.runtime import open_model
 from modelstore.store import ModelStore
 
-STEP_TIMEOUT_S = 30.0
-"""A step (a prefill of the longest prompt included) that takes longer means a rank hangs."""
 HEARTBEAT_S = 2.0
 """How often an idle rank 0 checks that every rank still answers."""
 log = logging.getLogger("mlxserve.distributed")
@@ -126,8 +124,7 @@ class _ShardedRunner(MlxRunner):
 class GroupRunner(_ShardedRunner):
     """Rank 0: an MLX runner whose batch changes and steps every other rank follows."""
 
-    def __init__(self, group: Group, pipeline: bool = False,
-                 step_timeout: float = STEP_TIMEOUT_S) -> None:
+    def __init__(self, group: Group, pipeline: bool, step_timeout: float) -> None:
         super().__init__(group, pipeline)
         self._journal: list[dict[str, Any]] = []
         self._step_timeout = step_timeout
@@ -181,6 +178,12 @@ class GroupRunner(_ShardedRunner):
             self._collective(lambda: self._send(step=False))
 
     # -- failure ------------------------------------------------------------------------------
+
+    @property
+    def stuck(self) -> bool:
+        """A collective that never returned: mlx cannot cancel it, and while it is pending
+        ``mx.clear_cache`` blocks holding the GIL, so the process must exit without unloading."""
+        return self._failure is not None and self._busy_since is not None
 
     def _watch(self) -> None:
         last_beat = time.monotonic()

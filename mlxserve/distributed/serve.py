@@ -14,6 +14,7 @@ from typing import Any
 from mlxserve.distributed.group import DEFAULT_RING_PORT, Group, start_group
 from mlxserve.distributed.runner import Follower, GroupRunner, verify_model
 from mlxserve.errors import DistributedError
+from mlxserve.platform import exit_process
 from mlxserve.runners.base import LoadedModelInfo, RunnerOptions
 from mlxserve.server.config import Settings
 from modelstore.store import ModelStore
@@ -77,10 +78,13 @@ def group_context(
     from mlxserve.server.state import MANAGER
 
     async def lifetime(app: Any) -> AsyncIterator[None]:
-        runner = GroupRunner(group, options.pipeline)
+        runner = GroupRunner(group, options.pipeline, settings.group_step_timeout_s)
         model, info = await _start_model(runner, settings, options.model)
         app[MANAGER].pin(LoadedModel(model, runner, info))
         log.info("serving %s over %d ranks", model.name, group.size)
         yield
+        if runner.stuck:
+            log.error("a rank hung mid-step; exiting without unloading")
+            exit_process(0)
 
     return lifetime

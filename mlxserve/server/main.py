@@ -42,7 +42,8 @@ def serve_options(function):  # type: ignore[no-untyped-def]
             click.option("--pipeline", is_flag=True, default=None,
                          help="With --distributed: pipeline instead of tensor parallelism."),
             click.option("--ring-port", type=int,
-                         help=f"With --distributed: first ring port (default {DEFAULT_RING_PORT})."),
+                         help="With --distributed: the ring backend's first port (default "
+                              f"{DEFAULT_RING_PORT}, as mlx.launch)."),
         ]
     ):
         function = option(function)
