@@ -42,8 +42,17 @@ def write_hostfile(path: Path) -> Path:
 
 def start_follower(home: Path, hostfile: Path, ring_port: int, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [MLXSERVE, "--distributed", str(hostfile), "--model", "tiny:mlx", "--rank", "1",
-         "--ring-port", str(ring_port)],
+        [
+            MLXSERVE,
+            "--distributed",
+            str(hostfile),
+            "--model",
+            "tiny:mlx",
+            "--rank",
+            "1",
+            "--ring-port",
+            str(ring_port),
+        ],
         env={**os.environ, "MLXSERVE_HOME": str(home)},
         stdout=subprocess.DEVNULL,
         stderr=open(log, "wb"),  # noqa: SIM115 - the process owns it
@@ -51,8 +60,16 @@ def start_follower(home: Path, hostfile: Path, ring_port: int, log: Path) -> sub
 
 
 def group_flags(hostfile: Path, ring_port: int) -> list[str]:
-    return ["--distributed", str(hostfile), "--model", "tiny:mlx", "--rank", "0",
-            "--ring-port", str(ring_port)]
+    return [
+        "--distributed",
+        str(hostfile),
+        "--model",
+        "tiny:mlx",
+        "--rank",
+        "0",
+        "--ring-port",
+        str(ring_port),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +78,14 @@ def group(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("group")
     hostfile = write_hostfile(root / "hosts.json")
     ring_port = free_port()
-    follower = start_follower(populated_store(root / "home1", tiny_models).root, hostfile,
-                              ring_port, root / "rank1.log")
-    leader = Daemon(populated_store(root / "home0", tiny_models).root,
-                    group_flags(hostfile, ring_port),
-                    {"MLXSERVE_GROUP_STEP_TIMEOUT_S": STEP_TIMEOUT_S})
+    follower = start_follower(
+        populated_store(root / "home1", tiny_models).root, hostfile, ring_port, root / "rank1.log"
+    )
+    leader = Daemon(
+        populated_store(root / "home0", tiny_models).root,
+        group_flags(hostfile, ring_port),
+        {"MLXSERVE_GROUP_STEP_TIMEOUT_S": STEP_TIMEOUT_S},
+    )
     try:
         leader.start()
     except RuntimeError:
@@ -89,8 +109,11 @@ def call(url: str, path: str, body: dict | None = None) -> tuple[int, dict, dict
 
 def greedy_answers(url: str, concurrently: bool) -> list[tuple[str, int]]:
     def ask(prompt: str) -> tuple[str, int]:
-        status, _, body = call(url, "/api/generate", {"model": "tiny:mlx", "prompt": prompt,
-                                                      "stream": False, "options": GREEDY})
+        status, _, body = call(
+            url,
+            "/api/generate",
+            {"model": "tiny:mlx", "prompt": prompt, "stream": False, "options": GREEDY},
+        )
         assert status == 200, body
         return body["response"], body["eval_count"]
 
@@ -132,9 +155,13 @@ def test_a_mismatched_store_on_rank_1_is_refused_naming_the_host(tiny_models, tm
     follower = start_follower(other.root, hostfile, ring_port, tmp_path / "rank1.log")
     leader = subprocess.run(
         [MLXSERVE, "--port", str(free_port()), *group_flags(hostfile, ring_port)],
-        env={**os.environ, "MLXSERVE_HOME": str(populated_store(tmp_path / "home0",
-                                                                tiny_models).root)},
-        capture_output=True, text=True, timeout=120,
+        env={
+            **os.environ,
+            "MLXSERVE_HOME": str(populated_store(tmp_path / "home0", tiny_models).root),
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     follower.wait(timeout=60)
     assert leader.returncode == 1
@@ -148,8 +175,13 @@ def test_killing_rank_1_mid_generation_fails_the_client_within_seconds(group, da
     leader, follower = group
     request = urllib.request.Request(
         leader.url + "/api/generate",
-        json.dumps({"model": "tiny:mlx", "prompt": "Hi",
-                    "options": {"temperature": 0, "num_predict": 1800}}).encode(),
+        json.dumps(
+            {
+                "model": "tiny:mlx",
+                "prompt": "Hi",
+                "options": {"temperature": 0, "num_predict": 1800},
+            }
+        ).encode(),
     )
     with urllib.request.urlopen(request, timeout=60) as response:
         lines = iter(response)
@@ -165,12 +197,16 @@ def test_killing_rank_1_mid_generation_fails_the_client_within_seconds(group, da
         waited = time.monotonic() - killed
     assert last.get("code") == "model_unavailable", last
     assert waited < FAILURE_BOUND_S
-    status, headers, body = call(leader.url, "/api/generate",
-                                 {"model": "tiny:mlx", "prompt": "Hi", "stream": False})
+    status, headers, body = call(
+        leader.url, "/api/generate", {"model": "tiny:mlx", "prompt": "Hi", "stream": False}
+    )
     assert (status, body["code"]) == (503, "model_unavailable")
     assert headers["Retry-After"]
     _, _, ps = call(leader.url, "/api/ps")
     assert ps["models"][0]["distributed"]["status"] == "unavailable"
-    status, _, body = call(leader.url, "/api/generate", {"model": "tiny:gguf", "prompt": "Hi",
-                                                         "stream": False, "options": GREEDY})
+    status, _, body = call(
+        leader.url,
+        "/api/generate",
+        {"model": "tiny:gguf", "prompt": "Hi", "stream": False, "options": GREEDY},
+    )
     assert status == 200, body

@@ -131,8 +131,9 @@ def start_group(
     rank = local_rank(hostfile, rank)
     launched = "MLX_HOSTFILE" in os.environ or "MLX_JACCL_COORDINATOR" in os.environ
     if backend != "mpi" and not launched:
-        wiring = wire_environment(hostfile, rank, "ring" if backend == "any" else backend,
-                                  ring_port)
+        wiring = wire_environment(
+            hostfile, rank, "ring" if backend == "any" else backend, ring_port
+        )
         os.environ.update(wiring)
     plan = GroupPlan([h.ssh_hostname for h in hostfile.hosts], rank, backend)
     try:

@@ -54,8 +54,11 @@ log = logging.getLogger("mlxserve.distributed")
 def memory_report(group: Group) -> dict[str, Any]:
     import mlx.core as mx
 
-    return {"rank": group.rank, "host": group.host(group.rank),
-            "memory_bytes": int(mx.get_active_memory())}
+    return {
+        "rank": group.rank,
+        "host": group.host(group.rank),
+        "memory_bytes": int(mx.get_active_memory()),
+    }
 
 
 def verify_model(group: Group, store: ModelStore, name: str | None) -> LocalModel:
@@ -72,16 +75,22 @@ def verify_model(group: Group, store: ModelStore, name: str | None) -> LocalMode
     try:
         stored = store.resolve(wanted["name"])
         if stored.manifest_digest != wanted["digest"]:
-            error = (f"its store has {wanted['name']} as {stored.manifest_digest}, rank 0 has "
-                     f"{wanted['digest']}; run `mlxctl pull {wanted['name']}` there")
+            error = (
+                f"its store has {wanted['name']} as {stored.manifest_digest}, rank 0 has "
+                f"{wanted['digest']}; run `mlxctl pull {wanted['name']}` there"
+            )
         else:
-            DigestCache(store).check(wanted["name"],
-                                     [stored.manifest_digest, *stored.manifest.blob_digests()])
+            DigestCache(store).check(
+                wanted["name"], [stored.manifest_digest, *stored.manifest.blob_digests()]
+            )
     except MlxserveError as exc:
         error = exc.message
     reports = gather_json(group.group, {"host": group.host(group.rank), "error": error})
-    failed = [f"rank {r} ({report['host']}): {report['error']}"
-              for r, report in enumerate(reports) if report["error"]]
+    failed = [
+        f"rank {r} ({report['host']}): {report['error']}"
+        for r, report in enumerate(reports)
+        if report["error"]
+    ]
     if failed:
         raise DistributedError(f"the group cannot serve {wanted['name']}: " + "; ".join(failed))
     return open_model(store, wanted["name"])
@@ -136,8 +145,9 @@ class GroupRunner(_ShardedRunner):
 
     async def load_group(self, model: LocalModel, options: RunnerOptions) -> LoadedModelInfo:
         info = await super().load_group(model, options)
-        self._watchdog = threading.Thread(target=self._watch, name="mlx-group-watchdog",
-                                          daemon=True)
+        self._watchdog = threading.Thread(
+            target=self._watch, name="mlx-group-watchdog", daemon=True
+        )
         self._watchdog.start()
         return info
 
@@ -257,8 +267,11 @@ class GroupRunner(_ShardedRunner):
         if self._failure is None:
             with contextlib.suppress(MlxserveError):
                 await asyncio.wait_for(
-                    self._engine.call(lambda: self._collective(
-                        lambda: broadcast_json(self.group.group, {"stop": True}))),
+                    self._engine.call(
+                        lambda: self._collective(
+                            lambda: broadcast_json(self.group.group, {"stop": True})
+                        )
+                    ),
                     self._step_timeout,
                 )
             self._failure = ModelUnavailableError("the distributed model was unloaded")
@@ -294,8 +307,9 @@ class Follower(_ShardedRunner):
 
     def _replay(self, change: dict[str, Any], finished: dict[int, tuple[Any, Any]]) -> None:
         if change["op"] == "join":
-            uid, cached = self._insert(change["prompt"], change["max_tokens"],
-                                       self._sampler(follower_sampler), [])
+            uid, cached = self._insert(
+                change["prompt"], change["max_tokens"], self._sampler(follower_sampler), []
+            )
             if (uid, cached) != (change["uid"], change["cached"]):
                 raise DistributedError(
                     f"rank {self.group.rank} diverged from rank 0: sequence {uid} with {cached} "

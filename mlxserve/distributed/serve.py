@@ -42,8 +42,9 @@ async def _start_model(
     store = ModelStore(settings.home)
     model = await runner.run(lambda: verify_model(runner.group, store, name))
     share = dataclasses.replace(model, size_bytes=model.size_bytes // runner.group.size)
-    options = RunnerOptions(max_parallel=settings.num_parallel,
-                            prompt_cache_bytes=settings.prompt_cache_bytes)
+    options = RunnerOptions(
+        max_parallel=settings.num_parallel, prompt_cache_bytes=settings.prompt_cache_bytes
+    )
     info = await runner.load_group(share, options)
     return model, info
 
