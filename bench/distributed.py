@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import subprocess
@@ -47,7 +48,7 @@ async def stream_once(session: aiohttp.ClientSession, url: str, tokens: int) -> 
                 final = chunk
             elif chunk.get("response"):
                 arrivals.append(time.perf_counter())
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     return {
         "per_token_ms": median(gaps) * 1e3,
         "tokens_per_s": (final["eval_count"] - 1) / (final["eval_duration"] / 1e9),

@@ -55,7 +55,7 @@ def start_follower(home: Path, hostfile: Path, ring_port: int, log: Path) -> sub
         ],
         env={**os.environ, "MLXSERVE_HOME": str(home)},
         stdout=subprocess.DEVNULL,
-        stderr=open(log, "wb"),  # noqa: SIM115 - the process owns it
+        stderr=open(log, "wb"),
     )
 
 
