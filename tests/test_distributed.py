@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli import mlxctl
 from tests.conftest import populated_store
 from tests.daemon import MLXSERVE, Daemon, free_port
 
@@ -135,6 +136,23 @@ def test_batched_concurrent_requests_match_one_process(group, daemon):
     assert len(set(sharded)) == len(PROMPTS)
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"options": {"temperature": 0.9, "seed": 7, "num_predict": 24}},
+        {"format": "json", "options": {"temperature": 0, "num_predict": 40}},
+    ],
+    ids=["seeded-sampling", "json-grammar"],
+)
+def test_sampling_and_grammars_run_on_rank_0_and_match_one_process(group, daemon, extra):
+    leader, _ = group
+    body = {"model": "tiny:mlx", "prompt": PROMPTS[0], "stream": False, **extra}
+    answers = [call(url, "/api/generate", body)[2]["response"] for url in (leader.url, daemon.url)]
+    assert answers[0] == answers[1]
+    if "format" in extra:
+        assert answers[0].startswith("{")  # the grammar, applied on rank 0 only, took effect
+
+
 def test_ps_shows_the_group(group):
     leader, _ = group
     _, _, body = call(leader.url, "/api/ps")
@@ -144,6 +162,9 @@ def test_ps_shows_the_group(group):
     assert distributed["status"] == "ok"
     assert [(r["rank"], r["host"]) for r in distributed["ranks"]] == list(enumerate(HOSTS))
     assert all(r["memory_bytes"] > 0 for r in distributed["ranks"])
+    shown = mlxctl("ps", home=leader.home, env={"MLXSERVE_PORT": str(leader.port)}).stdout
+    assert "2 ranks, ring backend, tensor parallel, ok" in shown
+    assert "rank 1  rank1-host" in shown
 
 
 def test_a_mismatched_store_on_rank_1_is_refused_naming_the_host(tiny_models, tmp_path):

@@ -108,9 +108,12 @@ class _ShardedRunner(MlxRunner):
         from mlx_lm.utils import sharded_load
 
         group = self.group.group
-        if self.pipeline:
+        if not self.pipeline:
+            return sharded_load(str(folder), tensor_group=group)
+        try:
             return sharded_load(str(folder), pipeline_group=group)
-        return sharded_load(str(folder), tensor_group=group)
+        except FileNotFoundError as exc:  # pipelining reads the weights' index to split files
+            raise DistributedError(f"--pipeline needs a sharded checkpoint: {exc}") from None
 
     async def run(self, function: Any) -> Any:
         """Run on this runner's engine thread (where every collective of the group runs)."""
