@@ -96,10 +96,17 @@ def run_daemon(**flags: Any) -> None:
             serve.follow(group, settings, distributed)
             return
         app.cleanup_ctx.append(serve.group_context(group, settings, distributed))
-    print(f"mlxserve listening on http://{settings.host}:{settings.port}", file=sys.stderr,
-          flush=True)
-    web.run_app(app, host=settings.host, port=settings.port, print=None,
-                handler_cancellation=True, access_log=None)
+    print(
+        f"mlxserve listening on http://{settings.host}:{settings.port}", file=sys.stderr, flush=True
+    )
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        print=None,
+        handler_cancellation=True,
+        access_log=None,
+    )
 
 
 @click.command("serve")
