@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -61,15 +62,23 @@ def memory_report(group: Group) -> dict[str, Any]:
     }
 
 
-def verify_model(group: Group, store: ModelStore, name: str | None) -> LocalModel:
+def verify_model(
+    group: Group, store: ModelStore, name: str | None, options: RunnerOptions
+) -> tuple[LocalModel, RunnerOptions]:
     """Every rank resolves the model rank 0 names to rank 0's manifest digest and checks its
-    blobs; any rank that cannot is named in the error every rank raises, before loading."""
+    blobs; any rank that cannot is named in the error every rank raises, before loading.
+    Rank 0's load options win everywhere: a batch size or prompt-cache bound that differed
+    between ranks would make their batches diverge."""
     from mlxserve.server.residency import DigestCache
 
     wanted = None
     if group.rank == 0:
         stored = store.resolve(name or "")
-        wanted = {"name": str(stored.name), "digest": stored.manifest_digest}
+        wanted = {
+            "name": str(stored.name),
+            "digest": stored.manifest_digest,
+            "options": dataclasses.asdict(options),
+        }
     wanted = broadcast_json(group.group, wanted)
     error = None
     try:
@@ -93,7 +102,7 @@ def verify_model(group: Group, store: ModelStore, name: str | None) -> LocalMode
     ]
     if failed:
         raise DistributedError(f"the group cannot serve {wanted['name']}: " + "; ".join(failed))
-    return open_model(store, wanted["name"])
+    return open_model(store, wanted["name"]), RunnerOptions(**wanted["options"])
 
 
 class _ShardedRunner(MlxRunner):
@@ -266,18 +275,17 @@ class GroupRunner(_ShardedRunner):
         raise UnsupportedFeatureError("embeddings from a distributed model are not supported")
 
     async def unload(self) -> None:
-        """Tell the followers to stop, then release (a failed group has nobody to tell)."""
-        if self._failure is None:
-            with contextlib.suppress(MlxserveError):
-                await asyncio.wait_for(
-                    self._engine.call(
-                        lambda: self._collective(
-                            lambda: broadcast_json(self.group.group, {"stop": True})
-                        )
-                    ),
-                    self._step_timeout,
-                )
+        """Tell the followers to stop, then release (a failed group has nobody to tell, and a
+        stuck one has no engine thread left to release on)."""
+
+        def stop() -> None:
+            self._collective(lambda: broadcast_json(self.group.group, {"stop": True}))
             self._failure = ModelUnavailableError("the distributed model was unloaded")
+
+        if self._failure is None:
+            with contextlib.suppress(MlxserveError, TimeoutError):
+                await asyncio.wait_for(self.run(stop), self._step_timeout + 1)
+        if not self.stuck:
             await super().unload()
 
 

@@ -40,11 +40,11 @@ async def _start_model(
     """Agree on the model (same digest, verified blobs on every rank), then load the shards.
     The memory check counts this rank's share of the weights, not the whole model."""
     store = ModelStore(settings.home)
-    model = await runner.run(lambda: verify_model(runner.group, store, name))
-    share = dataclasses.replace(model, size_bytes=model.size_bytes // runner.group.size)
     options = RunnerOptions(
         max_parallel=settings.num_parallel, prompt_cache_bytes=settings.prompt_cache_bytes
     )
+    model, options = await runner.run(lambda: verify_model(runner.group, store, name, options))
+    share = dataclasses.replace(model, size_bytes=model.size_bytes // runner.group.size)
     info = await runner.load_group(share, options)
     return model, info
 
