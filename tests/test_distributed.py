@@ -191,6 +191,31 @@ def test_a_mismatched_store_on_rank_1_is_refused_naming_the_host(tiny_models, tm
     assert "serving tiny:mlx" not in leader.stderr
 
 
+@pytest.mark.parametrize(
+    ("hosts", "flags", "message"),
+    [
+        ([{"ssh": "a", "ips": ["127.0.0.1"]}], ["--model", "tiny:mlx"], "at least two hosts"),
+        (HOSTS, ["--model", "tiny:mlx", "--rank", "5"], "rank 5 is not in the hostfile"),
+        (HOSTS, [], "--distributed needs --model"),
+    ],
+    ids=["one-host", "rank-out-of-range", "no-model"],
+)
+def test_a_group_that_cannot_start_is_a_clear_error(tmp_path, hosts, flags, message):
+    hostfile = tmp_path / "hosts.json"
+    entries = [h if isinstance(h, dict) else {"ssh": h, "ips": ["127.0.0.1"]} for h in hosts]
+    hostfile.write_text(json.dumps({"hosts": entries}))
+    result = subprocess.run(
+        [MLXSERVE, "--distributed", str(hostfile), *flags],
+        env={**os.environ, "MLXSERVE_HOME": str(tmp_path / "home")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_killing_rank_1_mid_generation_fails_the_client_within_seconds(group, daemon):
     """Runs last: it breaks the module's group."""
     leader, follower = group

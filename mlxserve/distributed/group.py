@@ -24,6 +24,9 @@ from typing import Any
 from mlxserve.errors import DistributedError
 
 BACKENDS = ("ring", "jaccl", "mpi", "any")
+JACCL_RING = "jaccl-ring"
+"""A hostfile's backend for JACCL over a ring of cables (``mlx.distributed_config`` writes it):
+mlx's ``jaccl`` backend with ``MLX_JACCL_RING=1``, as ``mlx.launch`` starts it."""
 DEFAULT_RING_PORT = 32323
 """``mlx.launch``'s ``--starting-port``: rank r listens on the next port per IP after rank r-1."""
 
@@ -126,6 +129,9 @@ def start_group(
 
     hostfile = read_hostfile(hostfile_path)
     backend = backend or hostfile.backend or "ring"
+    if backend == JACCL_RING:
+        backend = "jaccl"
+        os.environ.setdefault("MLX_JACCL_RING", "1")
     if backend not in BACKENDS:
         raise DistributedError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     rank = local_rank(hostfile, rank)
