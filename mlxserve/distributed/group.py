@@ -13,6 +13,7 @@ given. No transport of our own: everything after ``init`` is mlx's collectives.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -58,6 +59,52 @@ class Group:
 
     def host(self, rank: int) -> str:
         return self.plan.hosts[rank]
+
+    def sever(self) -> int:
+        """Shut down this rank's ring sockets, so that a collective waiting on a hung peer
+        fails ("connection to a peer was lost") instead of waiting forever; returns how many.
+
+        mlx has no way to cancel a collective or close a group, and one left pending blocks
+        ``mx.clear_cache`` (which mlx-lm calls during every prefill) for every model in the
+        process. The ring's sockets are the ones bound to, or connected to, the addresses in
+        ``MLX_HOSTFILE``; other backends have none to find here (0).
+        """
+        ring = os.environ.get("MLX_HOSTFILE")
+        if not ring:
+            return 0
+        try:
+            nodes = json.loads(Path(ring).read_text())
+        except (OSError, ValueError):
+            return 0
+        addresses = set()
+        for node in nodes:
+            for address in node:
+                host, _, port = address.rpartition(":")
+                addresses.add((host, int(port)))
+        severed = 0
+        for fd in os.listdir("/proc/self/fd") if Path("/proc/self/fd").is_dir() else ():
+            severed += _shut_down_if_ring(int(fd), addresses)
+        return severed
+
+
+def _shut_down_if_ring(fd: int, addresses: set[tuple[str, int]]) -> int:
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return 0
+    with sock:
+        try:
+            if sock.family != socket.AF_INET:
+                return 0
+            ends = {sock.getsockname()}
+            with contextlib.suppress(OSError):
+                ends.add(sock.getpeername())
+            if not ends & addresses:
+                return 0
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            return 0
+    return 1
 
 
 def read_hostfile(path: Path) -> Any:

@@ -42,11 +42,13 @@ from mlxserve.errors import (
 )
 from mlxserve.runners.base import GenerateChunk, GenerateRequest, LoadedModelInfo, RunnerOptions
 from mlxserve.runners.engine import EngineThread
-from mlxserve.runners.mlx import MlxRunner
+from mlxserve.runners.mlx import KEEP_MLX_CACHE, MlxRunner
 from modelstore.model import LocalModel
 from modelstore.runtime import open_model
 from modelstore.store import ModelStore
 
+UNSTICK_WAIT_S = 5.0
+"""How long a severed ring may take to fail the collective that hung."""
 HEARTBEAT_S = 2.0
 """How often an idle rank 0 checks that every rank still answers."""
 log = logging.getLogger("mlxserve.distributed")
@@ -215,9 +217,21 @@ class GroupRunner(_ShardedRunner):
             now = time.monotonic()
             if since is not None and now - since > self._step_timeout:
                 self._fail(f"a rank of the group did not answer within {self._step_timeout:g} s")
+                self._unstick()
             elif since is None and now - last_beat > HEARTBEAT_S:
                 last_beat = now
                 self._engine.submit(self._heartbeat)
+
+    def _unstick(self) -> None:
+        """Make the pending collective fail by severing the ring; where that cannot work (other
+        backends), stop MLX cache releases that would block on it (``KEEP_MLX_CACHE``)."""
+        severed = self.group.sever()
+        deadline = time.monotonic() + UNSTICK_WAIT_S
+        while severed and self._busy_since is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self._busy_since is not None:
+            log.error("a collective stays pending; MLX's cache will no longer be released")
+            KEEP_MLX_CACHE.set()
 
     def _fail(self, reason: str) -> ModelUnavailableError:
         """Mark the model unavailable and wake every request waiting on it (any thread)."""

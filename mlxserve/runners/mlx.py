@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -69,6 +70,10 @@ def derived_folder(model: LocalModel, dequantized: bool) -> Path:
 
 
 DEFAULT_MAX_PARALLEL = 4
+KEEP_MLX_CACHE = threading.Event()
+"""Set once a distributed group's collective is stuck for good (``distributed/runner.py``):
+while one is pending, ``mx.clear_cache`` blocks holding the GIL and would freeze the daemon,
+so unloading a model stops handing MLX's buffer cache back to the system."""
 
 
 def request_sampler(request: GenerateRequest) -> Any:
@@ -213,7 +218,8 @@ class MlxRunner:
                 self._engine.unregister(self._step)
             self._model = self._tokenizer = self._prompt_cache = self._batch = None
             self._guidance_tokenizer = None
-            mx.clear_cache()
+            if not KEEP_MLX_CACHE.is_set():
+                mx.clear_cache()
 
         await self._engine.call(release)
 
