@@ -73,17 +73,15 @@ def group_flags(hostfile: Path, ring_port: int) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def group(tiny_models, tmp_path_factory):
-    """Rank 1 (follower) and rank 0 (the daemon) over two stores holding the same model."""
-    root = tmp_path_factory.mktemp("group")
+def start_group(root: Path, tiny_models) -> tuple[Daemon, subprocess.Popen]:
+    """Rank 1 (follower) and rank 0 (the daemon) over two stores holding the same model,
+    started back to back: mlx's ring gives up on a peer that is not there within ~30 s."""
     hostfile = write_hostfile(root / "hosts.json")
     ring_port = free_port()
-    follower = start_follower(
-        populated_store(root / "home1", tiny_models).root, hostfile, ring_port, root / "rank1.log"
-    )
+    homes = [populated_store(root / f"home{rank}", tiny_models).root for rank in (0, 1)]
+    follower = start_follower(homes[1], hostfile, ring_port, root / "rank1.log")
     leader = Daemon(
-        populated_store(root / "home0", tiny_models).root,
+        homes[0],
         group_flags(hostfile, ring_port),
         {"MLXSERVE_GROUP_STEP_TIMEOUT_S": STEP_TIMEOUT_S},
     )
@@ -92,11 +90,21 @@ def group(tiny_models, tmp_path_factory):
     except RuntimeError:
         follower.kill()
         raise
-    yield leader, follower
+    return leader, follower
+
+
+def stop_group(leader: Daemon, follower: subprocess.Popen) -> None:
     leader.stop()
     if follower.poll() is None:
         follower.kill()
     follower.wait()
+
+
+@pytest.fixture(scope="module")
+def group(tiny_models, tmp_path_factory):
+    leader, follower = start_group(tmp_path_factory.mktemp("group"), tiny_models)
+    yield leader, follower
+    stop_group(leader, follower)
 
 
 def call(url: str, path: str, body: dict | None = None) -> tuple[int, dict, dict]:
@@ -173,13 +181,11 @@ def test_a_mismatched_store_on_rank_1_is_refused_naming_the_host(tiny_models, tm
     other = populated_store(tmp_path / "home1", tiny_models)
     other.remove("tiny:mlx")
     other.copy("tiny:gguf", "tiny:mlx")  # the same name for a different model
+    home = populated_store(tmp_path / "home0", tiny_models).root
     follower = start_follower(other.root, hostfile, ring_port, tmp_path / "rank1.log")
     leader = subprocess.run(
         [MLXSERVE, "--port", str(free_port()), *group_flags(hostfile, ring_port)],
-        env={
-            **os.environ,
-            "MLXSERVE_HOME": str(populated_store(tmp_path / "home0", tiny_models).root),
-        },
+        env={**os.environ, "MLXSERVE_HOME": str(home)},
         capture_output=True,
         text=True,
         timeout=120,
@@ -216,9 +222,9 @@ def test_a_group_that_cannot_start_is_a_clear_error(tmp_path, hosts, flags, mess
     assert "Traceback" not in result.stderr
 
 
-def test_killing_rank_1_mid_generation_fails_the_client_within_seconds(group, daemon):
-    """Runs last: it breaks the module's group."""
-    leader, follower = group
+def fail_rank_1_mid_generation(leader: Daemon, follower: subprocess.Popen, how: int) -> float:
+    """Stream a long answer, send ``how`` to rank 1 after a few tokens, and return how long the
+    client then waited for its error (the test fails on a hang: no error within 60 s)."""
     request = urllib.request.Request(
         leader.url + "/api/generate",
         json.dumps(
@@ -233,26 +239,47 @@ def test_killing_rank_1_mid_generation_fails_the_client_within_seconds(group, da
         lines = iter(response)
         for _ in range(3):
             assert "error" not in json.loads(next(lines))
-        follower.send_signal(signal.SIGKILL)
-        killed = time.monotonic()
+        follower.send_signal(how)
+        failed_at = time.monotonic()
         last = {}
         for line in lines:
             last = json.loads(line)
             if "error" in last or last.get("done"):
                 break
-        waited = time.monotonic() - killed
+        waited = time.monotonic() - failed_at
     assert last.get("code") == "model_unavailable", last
-    assert waited < FAILURE_BOUND_S
+    return waited
+
+
+def assert_unavailable_but_serving_others(leader: Daemon) -> None:
     status, headers, body = call(
         leader.url, "/api/generate", {"model": "tiny:mlx", "prompt": "Hi", "stream": False}
     )
     assert (status, body["code"]) == (503, "model_unavailable")
     assert headers["Retry-After"]
     _, _, ps = call(leader.url, "/api/ps")
-    assert ps["models"][0]["distributed"]["status"] == "unavailable"
+    (distributed,) = [m["distributed"] for m in ps["models"] if "distributed" in m]
+    assert distributed["status"] == "unavailable"
     status, _, body = call(
         leader.url,
         "/api/generate",
         {"model": "tiny:gguf", "prompt": "Hi", "stream": False, "options": GREEDY},
     )
     assert status == 200, body
+
+
+def test_killing_rank_1_mid_generation_fails_the_client_within_seconds(group):
+    """Runs last: it breaks the module's group."""
+    leader, follower = group
+    assert fail_rank_1_mid_generation(leader, follower, signal.SIGKILL) < FAILURE_BOUND_S
+    assert_unavailable_but_serving_others(leader)
+
+
+@pytest.mark.slow
+def test_a_hung_rank_1_is_noticed_within_the_step_timeout(tiny_models, tmp_path):
+    leader, follower = start_group(tmp_path, tiny_models)
+    try:
+        assert fail_rank_1_mid_generation(leader, follower, signal.SIGSTOP) < FAILURE_BOUND_S
+        assert_unavailable_but_serving_others(leader)
+    finally:
+        stop_group(leader, follower)

@@ -48,7 +48,7 @@ from modelstore.runtime import open_model
 from modelstore.store import ModelStore
 
 UNSTICK_WAIT_S = 5.0
-"""How long a severed ring may take to fail the collective that hung."""
+"""How long a severed ring may take to fail the step that hung."""
 HEARTBEAT_S = 2.0
 """How often an idle rank 0 checks that every rank still answers."""
 log = logging.getLogger("mlxserve.distributed")
@@ -156,6 +156,7 @@ class GroupRunner(_ShardedRunner):
         self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
         self._lock = threading.Lock()
         self._watchdog: threading.Thread | None = None
+        self._unloaded = False
 
     async def load_group(self, model: LocalModel, options: RunnerOptions) -> LoadedModelInfo:
         info = await super().load_group(model, options)
@@ -205,9 +206,14 @@ class GroupRunner(_ShardedRunner):
 
     @property
     def stuck(self) -> bool:
-        """A collective that never returned: mlx cannot cancel it, and while it is pending
-        ``mx.clear_cache`` blocks holding the GIL, so the process must exit without unloading."""
+        """A step that never returned: its engine thread is blocked in mlx for good."""
         return self._failure is not None and self._busy_since is not None
+
+    @property
+    def broken(self) -> bool:
+        """The group failed (not merely unloaded): mlx may hold collectives pending forever,
+        and while one is, ``mx.clear_cache`` blocks holding the GIL."""
+        return self._failure is not None and not self._unloaded
 
     def _watch(self) -> None:
         last_beat = time.monotonic()
@@ -217,26 +223,29 @@ class GroupRunner(_ShardedRunner):
             now = time.monotonic()
             if since is not None and now - since > self._step_timeout:
                 self._fail(f"a rank of the group did not answer within {self._step_timeout:g} s")
-                self._unstick()
+                self._wait_unstuck()
             elif since is None and now - last_beat > HEARTBEAT_S:
                 last_beat = now
                 self._engine.submit(self._heartbeat)
 
-    def _unstick(self) -> None:
-        """Make the pending collective fail by severing the ring; where that cannot work (other
-        backends), stop MLX cache releases that would block on it (``KEEP_MLX_CACHE``)."""
-        severed = self.group.sever()
+    def _wait_unstuck(self) -> None:
+        """After a hang: give the severed ring time to fail the step that hung."""
         deadline = time.monotonic() + UNSTICK_WAIT_S
-        while severed and self._busy_since is not None and time.monotonic() < deadline:
+        while self._busy_since is not None and time.monotonic() < deadline:
             time.sleep(0.05)
         if self._busy_since is not None:
-            log.error("a collective stays pending; MLX's cache will no longer be released")
-            KEEP_MLX_CACHE.set()
+            log.error("the step that hung stays pending")
 
     def _fail(self, reason: str) -> ModelUnavailableError:
-        """Mark the model unavailable and wake every request waiting on it (any thread)."""
+        """Mark the model unavailable, wake every request waiting on it, and sever the ring
+        (any thread). Severing fails a hung step's collective; left pending, it would block
+        MLX's cache release in every other model. Collectives that ``BatchGenerator`` had
+        already dispatched for the next step may still stay pending in mlx, so from now on our
+        runners no longer release MLX's cache (``KEEP_MLX_CACHE``)."""
         with self._lock:
             if self._failure is None:
+                KEEP_MLX_CACHE.set()
+                self.group.sever()
                 log.error("distributed model unavailable: %s", reason)
                 self._failure = ModelUnavailableError(
                     f"the distributed model is unavailable: {reason}; restart the group"
@@ -294,6 +303,7 @@ class GroupRunner(_ShardedRunner):
 
         def stop() -> None:
             self._collective(lambda: broadcast_json(self.group.group, {"stop": True}))
+            self._unloaded = True
             self._failure = ModelUnavailableError("the distributed model was unloaded")
 
         if self._failure is None:

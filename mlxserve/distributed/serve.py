@@ -84,8 +84,8 @@ def group_context(
         app[MANAGER].pin(LoadedModel(model, runner, info))
         log.info("serving %s over %d ranks", model.name, group.size)
         yield
-        if runner.stuck:
-            log.error("a rank hung mid-step; exiting without unloading")
+        if runner.broken:  # unloading other MLX models could wait on mlx's pending collectives
+            log.error("the group broke earlier; exiting without unloading")
             exit_process(0)
 
     return lifetime
