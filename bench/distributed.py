@@ -30,7 +30,7 @@ import aiohttp
 from bench.common import emit, median
 from modelstore.importer import import_path
 from modelstore.store import ModelStore
-from tests.daemon import MLXSERVE, Daemon, free_port
+from tests.daemon import MLXSERVE, Daemon, free_ring_port
 from tests.fixtures.tiny_models import build_fixture_models
 
 MODEL = "tiny:mlx"
@@ -74,7 +74,7 @@ def start_group(root: Path, folder: Path) -> tuple[Daemon, subprocess.Popen]:
     hosts = [{"ssh": f"rank{r}", "ips": ["127.0.0.1"]} for r in (0, 1)]
     hostfile = root / "hosts.json"
     hostfile.write_text(json.dumps({"backend": "ring", "hosts": hosts}))
-    ring = str(free_port())
+    ring = str(free_ring_port())
     flags = ["--distributed", str(hostfile), "--model", MODEL, "--ring-port", ring]
     follower = subprocess.Popen(
         [MLXSERVE, *flags, "--rank", "1"],

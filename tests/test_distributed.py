@@ -22,7 +22,7 @@ import pytest
 
 from tests.cli import mlxctl
 from tests.conftest import populated_store
-from tests.daemon import MLXSERVE, Daemon, free_port
+from tests.daemon import MLXSERVE, Daemon, free_port, free_ring_port
 
 PROMPTS = ["The capital of France", "Hello world! How are", "Once upon a time there", "The cat"]
 GREEDY = {"temperature": 0, "num_predict": 24}
@@ -77,7 +77,7 @@ def start_group(root: Path, tiny_models) -> tuple[Daemon, subprocess.Popen]:
     """Rank 1 (follower) and rank 0 (the daemon) over two stores holding the same model,
     started back to back: mlx's ring gives up on a peer that is not there within ~30 s."""
     hostfile = write_hostfile(root / "hosts.json")
-    ring_port = free_port()
+    ring_port = free_ring_port()
     homes = [populated_store(root / f"home{rank}", tiny_models).root for rank in (0, 1)]
     follower = start_follower(homes[1], hostfile, ring_port, root / "rank1.log")
     leader = Daemon(
@@ -177,7 +177,7 @@ def test_ps_shows_the_group(group):
 
 def test_a_mismatched_store_on_rank_1_is_refused_naming_the_host(tiny_models, tmp_path):
     hostfile = write_hostfile(tmp_path / "hosts.json")
-    ring_port = free_port()
+    ring_port = free_ring_port()
     other = populated_store(tmp_path / "home1", tiny_models)
     other.remove("tiny:mlx")
     other.copy("tiny:gguf", "tiny:mlx")  # the same name for a different model
