@@ -8,11 +8,13 @@ steps too, so the model's collectives (``shard_linear``'s all-sums) line up on e
 sampled token is rank 0's, shared inside the step (``collectives.shared_sampler``), so
 sampling, seeds, grammars and stop strings need to run on rank 0 only.
 
-A rank that dies breaks the ring: mlx raises "connection to a peer was lost" on rank 0 within
-the step. A rank that hangs blocks the step forever, so a watchdog bounds every step and idle
-heartbeats find a dead rank before a request does. Either way the requests in flight get
-``ModelUnavailableError`` (503 with ``Retry-After``), the model shows as unavailable, and the
-group's engine thread (its own, never the shared one) is abandoned; other models keep serving.
+A rank that dies breaks the ring: mlx usually raises "connection to a peer was lost" on rank 0
+within the step. A rank that hangs blocks the step forever, so a watchdog bounds every step,
+and idle heartbeats find a dead rank before a request does. Either way the requests in flight
+get ``ModelUnavailableError`` (503 with ``Retry-After``), the model shows as unavailable, and
+rank 0 shuts down the ring's sockets so that no collective stays pending in mlx (one that did
+would block MLX for the daemon's other models). The group's engine thread is its own, never
+the shared one, so the other models keep serving.
 """
 
 from __future__ import annotations

@@ -71,9 +71,9 @@ def derived_folder(model: LocalModel, dequantized: bool) -> Path:
 
 DEFAULT_MAX_PARALLEL = 4
 KEEP_MLX_CACHE = threading.Event()
-"""Set once a distributed group's collective is stuck for good (``distributed/runner.py``):
-while one is pending, ``mx.clear_cache`` blocks holding the GIL and would freeze the daemon,
-so unloading a model stops handing MLX's buffer cache back to the system."""
+"""Set once a distributed group fails (``distributed/runner.py``): mlx may then hold one of its
+collectives pending for good, and while one is, ``mx.clear_cache`` blocks holding the GIL, so
+unloading a model stops handing MLX's buffer cache back to the system."""
 
 
 def request_sampler(request: GenerateRequest) -> Any:
