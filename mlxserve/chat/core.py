@@ -135,6 +135,7 @@ def prepare(loaded: LoadedModel, chat: ChatRequest) -> Prepared:
         constrained=bool(forced),
         starts_in_reasoning=bool(family.thinks)
         and not raw
+        and not overrides["response_format"]
         and prompt.rstrip().endswith(family.think_start or "\0"),
         parallel_tool_calls=chat.parallel_tool_calls is not False,
     )

@@ -274,9 +274,7 @@ class MlxRunner:
         def emit(item: object) -> None:
             loop.call_soon_threadsafe(chunks.put_nowait, item)
 
-        self._engine.submit(
-            lambda: self._join(request, prompt, max_tokens, emit, constraint)
-        )
+        self._engine.submit(lambda: self._join(request, prompt, max_tokens, emit, constraint))
         try:
             async for item in drain(chunks):
                 yield item
