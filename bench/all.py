@@ -9,6 +9,7 @@ BENCHMARKS = [
     "bench.runner_overhead",
     "bench.load",
     "bench.pull_throughput",
+    "bench.show_metadata",
     "bench.distributed",
 ]
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -87,14 +89,16 @@ def run_daemon(**flags: Any) -> None:
         format="%(message)s",
         stream=sys.stderr,
     )
-    app = build_app(settings)
     if distributed is not None:
         from mlxserve.distributed import serve
 
         group = serve.join(settings, distributed)
-        if group.rank > 0:
+        if group.rank > 0:  # the engine only: no HTTP, no port
             serve.follow(group, settings, distributed)
             return
+    require_free_port(settings.host, settings.port)
+    app = build_app(settings)
+    if distributed is not None:
         app.cleanup_ctx.append(serve.group_context(group, settings, distributed))
     print(
         f"mlxserve listening on http://{settings.host}:{settings.port}", file=sys.stderr, flush=True
@@ -109,7 +113,33 @@ def run_daemon(**flags: Any) -> None:
     )
 
 
-@click.command("serve")
+class AddressInUseError(MlxserveError):
+    code = "address_in_use"
+
+
+def require_free_port(host: str, port: int) -> None:
+    """Bind once, as aiohttp will (``SO_REUSEADDR``), before saying "listening": a port in use
+    is one clear line and exit 1, never a traceback after a "listening" line."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot bind to {host}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise ConfigError(f"cannot bind to {host}:{port}: {exc.strerror}") from None
+            raise AddressInUseError(
+                f"port {port} on {host} is already in use (another mlxserve? see "
+                f"`mlxctl ps`, or `lsof -i :{port}`); pick another with --port or "
+                "MLXSERVE_PORT"
+            ) from None
+
+
+@click.command("serve", context_settings={"help_option_names": ["-h", "--help"]})
 @serve_options
 def serve_command(**flags: object) -> None:
     """Start the daemon (Ollama-compatible API at /api, OpenAI-compatible at /v1).
