@@ -360,8 +360,9 @@ class MlxRunner:
             logits_processors=[processors],
             stop_sequences=[StopSequences([[e] for e in self._tokenizer.eos_token_ids])],
         )
-        self._batch_changed({"op": "join", "uid": uid, "prompt": prompt,
-                             "max_tokens": max_tokens, "cached": cached})
+        self._batch_changed(
+            {"op": "join", "uid": uid, "prompt": prompt, "max_tokens": max_tokens, "cached": cached}
+        )
         return uid, cached
 
     def _sampler(self, sampler: Any) -> Any:

@@ -30,22 +30,40 @@ def serve_options(function):  # type: ignore[no-untyped-def]
             click.option("--max-loaded-models", type=int),
             click.option("--num-parallel", type=int, help="Parallel slots per model."),
             click.option("--max-queue", type=int, help="Waiting requests per model before 429."),
-            click.option("--distributed", "hostfile", type=click.Path(dir_okay=False),
-                         help="Serve --model sharded over the hosts of this mlx hostfile "
-                              "(docs/DISTRIBUTED.md); start it on every host."),
-            click.option("--model", "group_model",
-                         help="With --distributed: the model the group serves."),
-            click.option("--backend", type=click.Choice(BACKENDS),
-                         help="With --distributed: mx.distributed backend (default: the "
-                              "hostfile's, else ring)."),
-            click.option("--rank", type=int,
-                         help="With --distributed: this host's rank (default: MLX_RANK, else "
-                              "the hostfile entry naming this machine)."),
-            click.option("--pipeline", is_flag=True, default=None,
-                         help="With --distributed: pipeline instead of tensor parallelism."),
-            click.option("--ring-port", type=int,
-                         help="With --distributed: the ring backend's first port (default "
-                              f"{DEFAULT_RING_PORT}, as mlx.launch)."),
+            click.option(
+                "--distributed",
+                "hostfile",
+                type=click.Path(dir_okay=False),
+                help="Serve --model sharded over the hosts of this mlx hostfile "
+                "(docs/DISTRIBUTED.md); start it on every host.",
+            ),
+            click.option(
+                "--model", "group_model", help="With --distributed: the model the group serves."
+            ),
+            click.option(
+                "--backend",
+                type=click.Choice(BACKENDS),
+                help="With --distributed: mx.distributed backend (default: the "
+                "hostfile's, else ring).",
+            ),
+            click.option(
+                "--rank",
+                type=int,
+                help="With --distributed: this host's rank (default: MLX_RANK, else "
+                "the hostfile entry naming this machine).",
+            ),
+            click.option(
+                "--pipeline",
+                is_flag=True,
+                default=None,
+                help="With --distributed: pipeline instead of tensor parallelism.",
+            ),
+            click.option(
+                "--ring-port",
+                type=int,
+                help="With --distributed: the ring backend's first port (default "
+                f"{DEFAULT_RING_PORT}, as mlx.launch).",
+            ),
         ]
     ):
         function = option(function)
@@ -57,12 +75,16 @@ def distributed_options(flags: dict[str, Any]) -> DistributedOptions | None:
     from mlxserve.distributed.serve import DistributedOptions
 
     hostfile = flags.pop("hostfile", None)
-    group = {key: flags.pop(key, None)
-             for key in ("group_model", "backend", "rank", "pipeline", "ring_port")}
+    group = {
+        key: flags.pop(key, None)
+        for key in ("group_model", "backend", "rank", "pipeline", "ring_port")
+    }
     if hostfile is None:
         if any(value is not None for value in group.values()):
-            raise ConfigError("--model, --backend, --rank, --pipeline and --ring-port go with "
-                              "--distributed HOSTFILE")
+            raise ConfigError(
+                "--model, --backend, --rank, --pipeline and --ring-port go with "
+                "--distributed HOSTFILE"
+            )
         return None
     if not group["group_model"]:
         raise ConfigError("--distributed needs --model: the model the group serves")
