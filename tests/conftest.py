@@ -71,6 +71,14 @@ def tiny_store(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> ModelSt
     return store
 
 
+@pytest.fixture(scope="session")
+def scripted_models(tmp_path_factory: pytest.TempPathFactory):
+    """Every scripted family (``tests/fixtures/scripted_models.py``) in both formats."""
+    from tests.fixtures.scripted_models import build_scripted_models
+
+    return build_scripted_models(tmp_path_factory.mktemp("scripted"))
+
+
 def populated_store(root: Path, tiny_models) -> ModelStore:
     from modelstore.importer import import_path
 
