@@ -99,6 +99,34 @@ def daemon(tiny_models, tmp_path_factory: pytest.TempPathFactory):
     running.stop()
 
 
+def chat_store(root: Path, tiny_models, scripted_models, default_model: bool) -> ModelStore:
+    """A store for the chat API tests: the tiny models, every scripted family in both
+    formats (``scripted-<family>:mlx`` / ``:gguf``), and optionally the default model."""
+    from modelstore.default_model import ensure_default_model
+    from modelstore.importer import import_path
+    from tests.fixtures.scripted_models import model_name
+
+    store = populated_store(root, tiny_models)
+    for scripted in scripted_models.values():
+        import_path(store, scripted.hf_folder, model_name(scripted.family, "mlx"))
+        import_path(store, scripted.gguf_path, model_name(scripted.family, "gguf"))
+    if default_model:
+        ensure_default_model(store)
+    return store
+
+
+@pytest.fixture(scope="module")
+def chat_daemon(tiny_models, scripted_models, tmp_path_factory: pytest.TempPathFactory):
+    """A real daemon over the chat store, with the default model ``smollm2:135m`` too."""
+    from tests.daemon import Daemon
+
+    root = tmp_path_factory.mktemp("chat-daemon") / "home"
+    running = Daemon(chat_store(root, tiny_models, scripted_models, default_model=True).root)
+    running.start()
+    yield running
+    running.stop()
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     session.config.stash[_EXIT_STATUS] = int(exitstatus)
 
