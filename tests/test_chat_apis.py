@@ -560,8 +560,9 @@ class AnthropicMessages:
         body: dict[str, Any] = {
             "model": ask.model,
             "messages": messages,
-            "temperature": 0,
             "max_tokens": ask.max_tokens,
+            # The anthropic client no longer names ``temperature``; the API still takes it.
+            "extra_body": {"temperature": 0},
         }
         if ask.system is not None:
             body["system"] = ask.system
