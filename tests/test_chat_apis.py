@@ -98,6 +98,15 @@ TOOL_SCHEMAS = {
     tool["function"]["name"]: tool["function"]["parameters"]
     for tool in (WEATHER_TOOL, FORECAST_TOOL)
 }
+ANSWER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "city": {"enum": ["Paris", "Rome"]},
+        "n": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
+    "required": ["city", "n"],
+    "additionalProperties": False,
+}
 CONSTRAINED_MAX_TOKENS = 96
 """Room for a complete call to ``get_forecast`` even when each character is its own token."""
 
@@ -135,6 +144,8 @@ class Ask:
     think: bool | None = None
     max_tokens: int = 16
     stop: tuple[str, ...] = ()
+    format: dict[str, Any] | None = None
+    """A JSON Schema the answer's text must follow."""
 
 
 @dataclass
@@ -197,6 +208,8 @@ class NativeChat:
         if ask.stop:
             options["stop"] = list(ask.stop)
         body: dict[str, Any] = {"model": ask.model, "messages": messages, "options": options}
+        if ask.format is not None:
+            body["format"] = ask.format
         if ask.tools:
             body["tools"] = list(ask.tools)
         if ask.think is not None:
@@ -316,6 +329,11 @@ class OpenAIChat:
         }
         if ask.stop:
             body["stop"] = list(ask.stop)
+        if ask.format is not None:
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "answer", "schema": ask.format},
+            }
         if ask.tools:
             body["tools"] = list(ask.tools)
         if ask.tool_choice is not None:
@@ -431,6 +449,10 @@ class OpenAIResponses:
         }
         if ask.system is not None:
             body["instructions"] = ask.system
+        if ask.format is not None:
+            body["text"] = {
+                "format": {"type": "json_schema", "name": "answer", "schema": ask.format}
+            }
         if ask.tools:
             body["tools"] = [
                 {"type": "function", "strict": False, **function(tool)} for tool in ask.tools
@@ -567,6 +589,8 @@ class AnthropicMessages:
             body["system"] = ask.system
         if ask.stop:
             body["stop_sequences"] = list(ask.stop)
+        if ask.format is not None:
+            raise Unsupported("the issue asks for no JSON Schema output on the Messages API")
         if ask.tools:
             body["tools"] = [
                 {
@@ -715,6 +739,11 @@ def answers_after_the_tool_result(reply: Reply, resend: Resend) -> None:
     assert reply.prompt_tokens > bare.prompt_tokens + 5
 
 
+def follows_the_schema(reply: Reply, _resend: Resend) -> None:
+    jsonschema.validate(json.loads(reply.text), ANSWER_SCHEMA)
+    assert (reply.thinking, reply.tool_calls, reply.finish) == ("", [], "stop")
+
+
 def stops_at_the_limit(reply: Reply, _resend: Resend) -> None:
     assert reply.text == "The weather in Paris"
     assert reply.finish == "length"
@@ -830,6 +859,14 @@ def cases() -> list[Case]:
             says("The weather in Paris"),
         ),
         Case("max-tokens", Ask(model_name(PLAIN, "mlx"), max_tokens=2), stops_at_the_limit),
+        *(
+            Case(
+                f"json-schema-format-{model}",
+                Ask(model, format=ANSWER_SCHEMA, max_tokens=CONSTRAINED_MAX_TOKENS),
+                follows_the_schema,
+            )
+            for model in TINY_MODELS
+        ),
         Case("unknown-model-is-404", Ask("no-such-model:latest"), status=404, streams=(False,)),
         Case(
             "named-tool-choice-of-no-given-tool-is-400",
