@@ -132,10 +132,13 @@ class Turn:
     tool_name: str = ""
 
 
+WEATHER_QUESTION = Turn("user", "What is the weather in Paris?")
+
+
 @dataclass(frozen=True)
 class Ask:
     model: str
-    turns: tuple[Turn, ...] = (Turn("user", "What is the weather in Paris?"),)
+    turns: tuple[Turn, ...] = (WEATHER_QUESTION,)
     system: str | None = "Be brief."
     tools: tuple[dict[str, Any], ...] = ()
     """Tools as OpenAI and Ollama spell them (``{"type": "function", "function": {...}}``)."""
@@ -750,7 +753,6 @@ def stops_at_the_limit(reply: Reply, _resend: Resend) -> None:
     assert reply.completion_tokens == 2
 
 
-WEATHER_QUESTION = Turn("user", "What is the weather in Paris?")
 ROUND_TRIP = (
     WEATHER_QUESTION,
     Turn("assistant", tool_calls=(Call("get_weather", {"city": "Paris"}),)),
