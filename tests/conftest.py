@@ -115,9 +115,10 @@ def chat_store(root: Path, tiny_models, scripted_models, default_model: bool) ->
     return store
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def chat_daemon(tiny_models, scripted_models, tmp_path_factory: pytest.TempPathFactory):
-    """A real daemon over the chat store, with the default model ``smollm2:135m`` too."""
+    """A real daemon over the chat store, with the default model ``smollm2:135m`` too; one for
+    the session, since the chat API and LangChain tests only read from it."""
     from tests.daemon import Daemon
 
     root = tmp_path_factory.mktemp("chat-daemon") / "home"
