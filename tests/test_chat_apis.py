@@ -11,7 +11,9 @@ Models (store names):
 - ``scripted-<family>:mlx`` (HF folder, MLX runner) and ``scripted-<family>:gguf`` (llama.cpp)
   for the families ``hermes`` (Qwen2.5 template, ``<tool_call>{json}</tool_call>``),
   ``mistral`` (``[TOOL_CALLS] [{json}]``), ``pythonic`` (LFM2, ``<|tool_call_start|>[f(a=..)]``),
-  ``thinking`` (``enable_thinking``, ``<think>``/``</think>``) and ``plain`` (ChatML, text).
+  ``qwen3coder`` (``<tool_call><function=..><parameter=..>``), ``thinking``
+  (``enable_thinking``, ``<think>``/``</think>``) and ``plain`` (ChatML, text). mlx-lm has no
+  parser for Llama 3's bare-JSON calls, so there is no such family.
   Greedy decoding follows their script exactly (``test_scripted_models.py``).
 - ``tiny:mlx`` / ``tiny:gguf``: random weights, no tools in the template.
 - ``smollm2:135m``: the default model; its template shows no tools.
