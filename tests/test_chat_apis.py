@@ -166,6 +166,13 @@ class Reply:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     call_streamed_before_end: bool = False
+    text_pieces: int = 0
+    """How many non-empty pieces the text came in."""
+
+    def add_text(self, piece: str | None) -> None:
+        if piece:
+            self.text += piece
+            self.text_pieces += 1
 
 
 class ApiError(Exception):
@@ -252,7 +259,7 @@ class NativeChat:
         reply = Reply()
         for chunk in chunks:
             message = chunk.message
-            reply.text += message.content or ""
+            reply.add_text(message.content)
             reply.thinking += message.thinking or ""
             for call in message.tool_calls or []:
                 reply.tool_calls.append(
@@ -388,7 +395,7 @@ class OpenAIChat:
                 reply.completion_tokens = chunk.usage.completion_tokens
             for choice in chunk.choices:
                 delta = choice.delta
-                reply.text += delta.content or ""
+                reply.add_text(delta.content)
                 reply.thinking += (delta.model_extra or {}).get("reasoning_content") or ""
                 for part in delta.tool_calls or []:
                     call = calls.setdefault(part.index, {"id": "", "name": "", "arguments": ""})
@@ -484,8 +491,10 @@ class OpenAIResponses:
         reply = Reply()
         for item in response["output"]:
             if item["type"] == "message":
-                reply.text += "".join(
-                    part["text"] for part in item["content"] if part["type"] == "output_text"
+                reply.add_text(
+                    "".join(
+                        part["text"] for part in item["content"] if part["type"] == "output_text"
+                    )
                 )
             elif item["type"] == "reasoning":
                 parts = [*(item.get("content") or []), *(item.get("summary") or [])]
@@ -509,18 +518,18 @@ class OpenAIResponses:
 
     @classmethod
     def decode_stream(cls, events: Iterable[Any]) -> Reply:
-        text = thinking = ""
+        streamed = Reply()
         streamed_calls: list[dict[str, Any]] = []
         final: Reply | None = None
         for event in events:
             assert final is None, f"{event.type} after the end of the response"
             if event.type == "response.output_text.delta":
-                text += event.delta
+                streamed.add_text(event.delta)
             elif event.type in (
                 "response.reasoning_text.delta",
                 "response.reasoning_summary_text.delta",
             ):
-                thinking += event.delta
+                streamed.thinking += event.delta
             elif event.type == "response.output_item.done" and event.item.type == "function_call":
                 streamed_calls.append(
                     {"name": event.item.name, "arguments": json.loads(event.item.arguments)}
@@ -530,8 +539,13 @@ class OpenAIResponses:
             elif event.type in ("response.failed", "error"):
                 raise ApiError(500, event.model_dump())
         assert final is not None, "the stream ended without response.completed"
-        assert (text, thinking, streamed_calls) == (final.text, final.thinking, final.tool_calls)
+        assert (streamed.text, streamed.thinking, streamed_calls) == (
+            final.text,
+            final.thinking,
+            final.tool_calls,
+        )
         final.call_streamed_before_end = bool(streamed_calls)
+        final.text_pieces = streamed.text_pieces
         return final
 
     error_message = staticmethod(openai_error_message)
@@ -638,7 +652,7 @@ class AnthropicMessages:
         )
         for block in message.content:
             if block.type == "text":
-                reply.text += block.text
+                reply.add_text(block.text)
             elif block.type == "thinking":
                 reply.thinking += block.thinking
             elif block.type == "tool_use":
@@ -665,7 +679,7 @@ class AnthropicMessages:
             elif event.type == "content_block_delta":
                 delta = event.delta
                 if delta.type == "text_delta":
-                    reply.text += delta.text
+                    reply.add_text(delta.text)
                 elif delta.type == "thinking_delta":
                     reply.thinking += delta.thinking
                 elif delta.type == "input_json_delta":
@@ -706,6 +720,16 @@ def says(text: str) -> Expect:
     def expect(reply: Reply, _resend: Resend) -> None:
         assert (reply.text, reply.thinking, reply.tool_calls) == (text, "", [])
         assert reply.finish == "stop"
+
+    return expect
+
+
+def says_in_pieces(text: str) -> Expect:
+    """``says``, in several pieces (for a stream: not all at once at the end)."""
+
+    def expect(reply: Reply, resend: Resend) -> None:
+        says(text)(reply, resend)
+        assert reply.text_pieces > 1
 
     return expect
 
@@ -777,6 +801,12 @@ class Case:
 def cases() -> list[Case]:
     table = [
         *(Case(f"plain-text-{f}", Ask(model_name(PLAIN, f)), says(PLAIN.text)) for f in FORMATS),
+        Case(
+            "text-streams-in-pieces",
+            Ask(model_name(PLAIN, "gguf")),
+            says_in_pieces(PLAIN.text),
+            streams=(True,),
+        ),
         *(
             Case(
                 f"auto-tool-call-{family.name}-{f}",
