@@ -248,11 +248,11 @@ class NativeChat:
         ) as response:
             if response.status_code != 200:
                 raise ApiError(response.status_code, json.loads(response.read()))
-            return [
-                ollama.ChatResponse.model_validate_json(line)
-                for line in response.iter_lines()
-                if line.strip()
-            ]
+            lines = [json.loads(line) for line in response.iter_lines() if line.strip()]
+        for line in lines:
+            if "error" in line:
+                raise ApiError(response.status_code, line)
+        return [ollama.ChatResponse.model_validate(line) for line in lines]
 
     @staticmethod
     def decode(chunks: Iterable[ollama.ChatResponse]) -> Reply:
