@@ -51,6 +51,15 @@ def _host_name(value: str) -> str:
     return (urlsplit(f"//{value}").hostname or "").lower()
 
 
+def _supplied_key(request: web.Request) -> bytes:
+    """``Authorization: Bearer KEY`` (OpenAI and Ollama clients), else ``x-api-key: KEY``
+    (Anthropic's clients send only that)."""
+    bearer = request.headers.get("Authorization", "")
+    if bearer.startswith("Bearer "):
+        return bearer.removeprefix("Bearer ").strip().encode()
+    return request.headers.get("x-api-key", "").strip().encode()
+
+
 def make_middlewares(settings: Settings, metrics: Metrics) -> list[Callable]:
     hosts = _allowed_hosts(settings)
     origins = {origin.rstrip("/") for origin in settings.allowed_origins}
@@ -98,11 +107,11 @@ def make_middlewares(settings: Settings, metrics: Metrics) -> list[Callable]:
         foreign = origin and (urlsplit(origin).hostname or "").lower() not in LOCAL_NAMES
         if foreign and origin.rstrip("/") not in origins:
             raise ForbiddenError(f"origin {origin} is not allowed")
-        if key is not None and request.path not in OPEN_PATHS:
-            supplied = request.headers.get("Authorization", "")
-            token = supplied.removeprefix("Bearer ").strip().encode()
-            if not supplied.startswith("Bearer ") or not hmac.compare_digest(token, key):
-                raise UnauthorizedError("missing or wrong API key (Authorization: Bearer ...)")
+        needs_key = key is not None and request.path not in OPEN_PATHS
+        if needs_key and not hmac.compare_digest(_supplied_key(request), key):
+            raise UnauthorizedError(
+                "missing or wrong API key (Authorization: Bearer ..., or x-api-key)"
+            )
         return await handler(request)
 
     @web.middleware
@@ -119,8 +128,9 @@ def make_middlewares(settings: Settings, metrics: Metrics) -> list[Callable]:
         except web.HTTPNotFound:
             raise NotFoundError(f"no route {request.method} {request.path}") from None
         except web.HTTPMethodNotAllowed:
-            raise MethodNotAllowedError(f"{request.method} is not allowed on {request.path}") \
-                from None
+            raise MethodNotAllowedError(
+                f"{request.method} is not allowed on {request.path}"
+            ) from None
         except web.HTTPException:
             raise
         except (ConnectionResetError, TimeoutError):
