@@ -16,7 +16,7 @@ import pytest
 from langchain_core.tools import tool
 from langchain_ollama import ChatOllama
 from langchain_openai import ChatOpenAI
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from tests.fixtures.scripted_models import (
     HERMES,
@@ -39,6 +39,9 @@ def get_weather(city: str) -> str:
 
 class Forecast(BaseModel):
     """The weather forecast for the next days in a city."""
+
+    # additionalProperties: false. Without it the schema lets a random model add keys forever.
+    model_config = ConfigDict(extra="forbid")
 
     city: str = Field(max_length=12)
     days: int = Field(ge=1, le=7)
