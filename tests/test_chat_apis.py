@@ -61,6 +61,8 @@ import pytest
 from tests.fixtures.scripted_models import (
     DETOUR_TEXT,
     HERMES,
+    PARALLEL,
+    PARALLEL_CALLS,
     PLAIN,
     SCRIPTED_CALL,
     THINKING,
@@ -151,6 +153,7 @@ class Ask:
     stop: tuple[str, ...] = ()
     format: dict[str, Any] | None = None
     """A JSON Schema the answer's text must follow."""
+    parallel_tool_calls: bool | None = None
 
 
 @dataclass
@@ -228,6 +231,8 @@ class NativeChat:
             body["think"] = ask.think
         if ask.tool_choice is not None:
             body["tool_choice"] = openai_tool_choice(ask.tool_choice)
+        if ask.parallel_tool_calls is not None:
+            raise Unsupported("Ollama's API has no parallel_tool_calls")
         return body
 
     def send(self, ask: Ask, stream: bool) -> Reply:
@@ -350,6 +355,8 @@ class OpenAIChat:
             body["tools"] = list(ask.tools)
         if ask.tool_choice is not None:
             body["tool_choice"] = openai_tool_choice(ask.tool_choice)
+        if ask.parallel_tool_calls is not None:
+            body["parallel_tool_calls"] = ask.parallel_tool_calls
         if ask.think is not None:
             body["reasoning_effort"] = effort(ask.think)
         return body
@@ -473,6 +480,8 @@ class OpenAIResponses:
             body["tool_choice"] = ask.tool_choice
         elif ask.tool_choice is not None:
             body["tool_choice"] = {"type": "function", "name": ask.tool_choice}
+        if ask.parallel_tool_calls is not None:
+            body["parallel_tool_calls"] = ask.parallel_tool_calls
         if ask.think is not None:
             body["reasoning"] = {"effort": effort(ask.think)}
         return body
@@ -619,13 +628,14 @@ class AnthropicMessages:
                 }
                 for t in ask.tools
             ]
-        if ask.tool_choice is not None:
+        if ask.tool_choice is not None or ask.parallel_tool_calls is not None:
             kinds = {"auto": "auto", "none": "none", "required": "any"}
+            choice = ask.tool_choice or "auto"
             body["tool_choice"] = (
-                {"type": kinds[ask.tool_choice]}
-                if ask.tool_choice in kinds
-                else {"type": "tool", "name": ask.tool_choice}
+                {"type": kinds[choice]} if choice in kinds else {"type": "tool", "name": choice}
             )
+            if ask.parallel_tool_calls is not None:
+                body["tool_choice"]["disable_parallel_tool_use"] = not ask.parallel_tool_calls
         if ask.think:
             body["thinking"] = {"type": "enabled", "budget_tokens": ANTHROPIC_THINKING_BUDGET}
             body["max_tokens"] = max(ask.max_tokens, ANTHROPIC_THINKING_BUDGET + 1)
@@ -734,10 +744,16 @@ def says_in_pieces(text: str) -> Expect:
     return expect
 
 
-def calls_the_scripted_tool(reply: Reply, _resend: Resend) -> None:
-    assert reply.tool_calls == [SCRIPTED_CALL]
-    assert reply.text.strip() == ""
-    assert reply.finish == "tool_calls"
+def calls_the_scripted(*calls: dict[str, Any]) -> Expect:
+    def expect(reply: Reply, _resend: Resend) -> None:
+        assert reply.tool_calls == list(calls)
+        assert reply.text.strip() == ""
+        assert reply.finish == "tool_calls"
+
+    return expect
+
+
+calls_the_scripted_tool = calls_the_scripted(SCRIPTED_CALL)
 
 
 def calls_validly(name: str | None) -> Expect:
@@ -814,6 +830,22 @@ def cases() -> list[Case]:
                 calls_the_scripted_tool,
             )
             for family in TOOL_FAMILIES
+            for f in FORMATS
+        ),
+        *(
+            Case(
+                f"parallel-tool-calls-{f}",
+                Ask(model_name(PARALLEL, f), tools=PARALLEL.tools),
+                calls_the_scripted(*PARALLEL_CALLS),
+            )
+            for f in FORMATS
+        ),
+        *(
+            Case(
+                f"parallel-tool-calls-off-gives-one-call-{f}",
+                Ask(model_name(PARALLEL, f), tools=PARALLEL.tools, parallel_tool_calls=False),
+                calls_the_scripted_tool,
+            )
             for f in FORMATS
         ),
         Case(

@@ -3,7 +3,7 @@
 Tests of tool calls and thinking (``test_chat_apis.py``) stand on these models, so their
 scripts are checked here directly through mlx-lm and llama-cpp-python, independently of the
 daemon: greedy decoding gives exactly the script's tokens, mlx-lm picks the family's tool
-parser from the template and reads the script's call as ``SCRIPTED_CALL``, and the project's
+parser from the template and reads the script's calls as ``Family.calls``, and the project's
 template renderer gives the same prompt as transformers'.
 """
 
@@ -18,11 +18,10 @@ from mlxserve.prompts import render_chat
 from tests.fixtures.scripted_models import (
     DETOUR_TEXT,
     FAMILIES,
-    SCRIPTED_CALL,
+    PARALLEL,
     THINKING,
     THINKING_ANSWER,
     TOOL_FAMILIES,
-    WEATHER_TOOL,
     Family,
     script_ids,
     scripted_tokenizer,
@@ -33,12 +32,13 @@ MESSAGES = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "What is the weather in Paris?"},
 ]
+CALLING_FAMILIES = (*TOOL_FAMILIES, PARALLEL)
 MAX_TOKENS = 12
 """Longer than every script, so a script that misses EOS shows as a longer output."""
 
 
 def tools_for(family: Family) -> list[dict[str, Any]] | None:
-    return [WEATHER_TOOL] if family in TOOL_FAMILIES else None
+    return list(family.tools) or None
 
 
 @functools.cache
@@ -135,7 +135,7 @@ def test_the_projects_renderer_gives_the_same_prompt(family, scripted_models):
     assert rendered.endswith(family.start)
 
 
-@pytest.mark.parametrize("family", TOOL_FAMILIES, ids=lambda f: f.name)
+@pytest.mark.parametrize("family", CALLING_FAMILIES, ids=lambda f: f.name)
 def test_mlx_lm_parses_the_script_with_the_familys_parser(family, scripted_models):
     _, tokenizer = load_mlx(str(scripted_models[family.name].hf_folder))
     assert tokenizer.tool_call_start == family.script[0]
@@ -144,10 +144,11 @@ def test_mlx_lm_parses_the_script_with_the_familys_parser(family, scripted_model
     body = "".join(inside).removeprefix(tokenizer.tool_call_start)
     if tokenizer.tool_call_end:
         body = body.removesuffix(tokenizer.tool_call_end)
-    assert tokenizer.tool_parser(body, [WEATHER_TOOL]) == SCRIPTED_CALL
+    parsed = tokenizer.tool_parser(body, list(family.tools))
+    assert (parsed if isinstance(parsed, list) else [parsed]) == list(family.calls)
 
 
-@pytest.mark.parametrize("family", TOOL_FAMILIES, ids=lambda f: f.name)
+@pytest.mark.parametrize("family", CALLING_FAMILIES, ids=lambda f: f.name)
 def test_forbidding_the_tool_call_leaves_the_detour(family, scripted_models):
     tokenizer = scripted_tokenizer(family)
     prompt = mlx_prompt(family, scripted_models)
