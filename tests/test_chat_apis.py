@@ -11,9 +11,10 @@ Models (store names):
 - ``scripted-<family>:mlx`` (HF folder, MLX runner) and ``scripted-<family>:gguf`` (llama.cpp)
   for the families ``hermes`` (Qwen2.5 template, ``<tool_call>{json}</tool_call>``),
   ``mistral`` (``[TOOL_CALLS] [{json}]``), ``pythonic`` (LFM2, ``<|tool_call_start|>[f(a=..)]``),
-  ``qwen3coder`` (``<tool_call><function=..><parameter=..>``), ``thinking``
-  (``enable_thinking``, ``<think>``/``</think>``) and ``plain`` (ChatML, text). mlx-lm has no
-  parser for Llama 3's bare-JSON calls, so there is no such family.
+  ``qwen3coder`` (``<tool_call><function=..><parameter=..>``), ``parallel`` (Mistral, two
+  calls in one turn), ``thinking`` (``enable_thinking``, ``<think>``/``</think>``) and ``plain``
+  (ChatML, text). mlx-lm has no parser for Llama 3's bare-JSON calls, so there is no such
+  family.
   Greedy decoding follows their script exactly (``test_scripted_models.py``).
 - ``tiny:mlx`` / ``tiny:gguf``: random weights, no tools in the template.
 - ``smollm2:135m``: the default model; its template shows no tools.
@@ -41,7 +42,10 @@ What these tests assume of the daemon where the issue leaves a choice:
   "type": ...}}``, Anthropic ``{"type": "error", "error": {"type": ..., "message": ...}}``.
   An unknown model is 404; ``think`` on a model without thinking, a named ``tool_choice`` that
   names no given tool, and Responses' ``previous_response_id`` are 400.
-- The Responses API has no stop sequences, so that case does not run there.
+- ``parallel_tool_calls: false`` (Anthropic: ``disable_parallel_tool_use``) keeps the first
+  call. Ollama's API has no such field, so that case does not run natively.
+- The Responses API has no stop sequences, and the Messages API is not asked for JSON Schema
+  output, so those cases do not run there.
 """
 
 from __future__ import annotations
