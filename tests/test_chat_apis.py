@@ -43,7 +43,8 @@ What these tests assume of the daemon where the issue leaves a choice:
   An unknown model is 404; ``think`` on a model without thinking, a named ``tool_choice`` that
   names no given tool, and Responses' ``previous_response_id`` are 400.
 - ``parallel_tool_calls: false`` (Anthropic: ``disable_parallel_tool_use``) keeps the first
-  call. Ollama's API has no such field, so that case does not run natively.
+  call. Ollama's API has no such field; natively it is an mlxserve extension, like
+  ``tool_choice``.
 - The Responses API has no stop sequences, and the Messages API is not asked for JSON Schema
   output, so those cases do not run there.
 """
@@ -236,13 +237,13 @@ class NativeChat:
         if ask.tool_choice is not None:
             body["tool_choice"] = openai_tool_choice(ask.tool_choice)
         if ask.parallel_tool_calls is not None:
-            raise Unsupported("Ollama's API has no parallel_tool_calls")
+            body["parallel_tool_calls"] = ask.parallel_tool_calls
         return body
 
     def send(self, ask: Ask, stream: bool) -> Reply:
         body = self.encode(ask)
         try:
-            if "tool_choice" in body:
+            if "tool_choice" in body or "parallel_tool_calls" in body:
                 chunks = self.post_raw(body, stream)
             else:
                 answer = self.client.chat(**body, stream=stream)
