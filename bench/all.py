@@ -11,6 +11,7 @@ BENCHMARKS = [
     "bench.pull_throughput",
     "bench.show_metadata",
     "bench.embed",
+    "bench.distributed",
 ]
 
 

@@ -71,6 +71,8 @@ async def ps(request: web.Request) -> web.Response:
             active=resident.queue.active,
             queued=resident.queue.waiting,
         )
+        if "distributed" in info.details:
+            entry["distributed"] = info.details["distributed"]
         models.append(entry)
     return web.json_response({"models": models})
 
