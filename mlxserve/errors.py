@@ -7,6 +7,7 @@ status; nothing else does.
 from __future__ import annotations
 
 from modelstore.errors import MlxserveError
+from modelstore.errors import TemplateError as TemplateError  # lives with the template sandbox
 
 
 class ModelNotLoadedError(MlxserveError):
@@ -55,10 +56,11 @@ class UnsupportedFeatureError(MlxserveError):
     code = "unsupported_feature"
 
 
-class TemplateError(MlxserveError):
-    """A chat template that fails to compile or render (including sandbox violations)."""
+class InvalidFormatError(MlxserveError):
+    """A ``format`` / ``response_format`` JSON Schema that is invalid, unsatisfiable or uses
+    what the grammar engine cannot enforce (checked before any runner sees it)."""
 
-    code = "template_error"
+    code = "invalid_format"
 
 
 class QueueFullError(MlxserveError):

@@ -22,6 +22,7 @@ from mlxserve.runners.base import (
     ModelRunner,
     RunnerOptions,
 )
+from mlxserve.runners.constrained import check_format
 from mlxserve.runners.select import choose_runner, make_runner
 from modelstore.model import GENERATION_PARAMETERS, LocalModel
 from modelstore.runtime import open_model
@@ -63,6 +64,7 @@ def build_request(
         setattr(request, key, value)
     if request.logit_bias:
         request.logit_bias = {int(k): float(v) for k, v in request.logit_bias.items()}
+    check_format(request.response_format)
     return request
 
 

@@ -72,6 +72,13 @@ class SpecValidationError(MlxserveError):
     code = "invalid_modelspec"
 
 
+class TemplateError(MlxserveError):
+    """A chat template that fails to compile or render (including sandbox violations and an
+    exhausted render budget, see ``modelstore.chat_template``)."""
+
+    code = "template_error"
+
+
 class StoreLockedError(MlxserveError):
     code = "store_locked"
 

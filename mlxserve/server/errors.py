@@ -25,6 +25,7 @@ STATUS_BY_CODE = {
     "unsupported_format": 400,
     "unsupported_architecture": 400,
     "template_error": 400,
+    "invalid_format": 400,
     "digest_mismatch": 400,
     "unauthorized": 401,
     "forbidden": 403,

@@ -109,7 +109,9 @@ async def generation(
 ) -> AsyncIterator[Generation]:
     http_request["log"]["model"] = name
     async with manager.use(name, keep_alive=keep_alive) as resident:
-        running = Generation(http_request, resident, build(resident.loaded), metrics)
+        # A chat template is untrusted and may take its whole budget: render off the loop.
+        request = await asyncio.to_thread(build, resident.loaded)
+        running = Generation(http_request, resident, request, metrics)
         try:
             yield running
         finally:
