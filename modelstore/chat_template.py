@@ -492,6 +492,17 @@ PROBE_CONVERSATIONS: tuple[list[dict[str, Any]], ...] = (
 """Conversations every chat template must render within the budget to be stored."""
 
 
+def refuse_hostile_template(template: str) -> None:
+    """``probe_template`` for a template that came inside model files: one that does not
+    compile here is let through (it fails at chat time, as it always did) unless it is hostile."""
+    try:
+        probe_template(template)
+    except HostileTemplateError:
+        raise
+    except TemplateError:
+        return
+
+
 def probe_template(template: str) -> None:
     """Raise ``TemplateError`` if ``template`` does not compile, or if rendering an ordinary
     conversation breaks the sandbox or the budget (a hostile template), so it is refused before

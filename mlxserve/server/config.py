@@ -90,6 +90,11 @@ class Settings:
         return self.host in LOOPBACK_HOSTS
 
     def check(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError(
+                "the API key is blank: a blank key would leave the daemon open; set a real "
+                "key or unset MLXSERVE_API_KEY / --api-key"
+            )
         if not self.is_loopback and not self.api_key:
             raise ConfigError(
                 f"binding to {self.host} exposes the daemon beyond this machine: set an API key "

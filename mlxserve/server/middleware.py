@@ -7,18 +7,17 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from mlxserve.errors import (
     ForbiddenError,
     InternalError,
-    InvalidRequestError,
     MethodNotAllowedError,
     NotFoundError,
     RequestTooLargeError,
@@ -34,6 +33,11 @@ REQUEST_ID_HEADER = "X-Request-Id"
 CLIENT_CLOSED_REQUEST = 499
 """Logged (never sent) when the client went away mid-request: nginx's convention."""
 LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::[0-9]{1,5})?")
+"""RFC 9110 ``Host`` for the names a local daemon answers to: a DNS name or an IP literal and
+a port; no userinfo, no percent-escapes, nothing a lenient URL parser could read two ways."""
+_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]*)(?::[0-9]{1,5})?/?")
+"""RFC 6454 serialized origin: scheme, host and port only."""
 OPEN_PATHS = frozenset({"/api/health"})
 """Answer without an API key: liveness checks carry no data."""
 log = logging.getLogger("mlxserve.access")
@@ -47,8 +51,19 @@ def _allowed_hosts(settings: Settings) -> set[str]:
     return {name.lower() for name in names}
 
 
-def _host_name(value: str) -> str:
-    return (urlsplit(f"//{value}").hostname or "").lower()
+def _host_name(value: str) -> str | None:
+    """The host of a ``Host`` header, or ``None`` if it is outside the grammar."""
+    match = _HOST.fullmatch(value)
+    return match.group(1).strip("[]").lower() if match else None
+
+
+def _origin_host(value: str) -> str | None:
+    """The host of an ``Origin`` header (``""`` for ``null`` and ``file://``), or ``None`` if
+    it is outside the grammar (userinfo, a path, odd characters)."""
+    if value == "null":
+        return ""
+    match = _ORIGIN.fullmatch(value)
+    return match.group(1).strip("[]").lower() if match else None
 
 
 def make_middlewares(settings: Settings, metrics: Metrics) -> list[Callable]:
@@ -68,11 +83,17 @@ def make_middlewares(settings: Settings, metrics: Metrics) -> list[Callable]:
             return response
         except MlxserveError as error:
             response = error_response(error, request.path)
+            if isinstance(error, MethodNotAllowedError):
+                response.headers["Allow"] = ", ".join(error.details["allowed"])
             status = response.status
             metrics.errors.labels(error.code).inc()
             request["log"]["error"] = error.code
             return response
-        except (asyncio.CancelledError, ConnectionResetError):
+        except ConnectionResetError:
+            # The client went away (often during ``write_eof``): a log line, not a traceback.
+            status = CLIENT_CLOSED_REQUEST
+            return web.Response(status=CLIENT_CLOSED_REQUEST)
+        except asyncio.CancelledError:
             status = CLIENT_CLOSED_REQUEST
             raise
         finally:
@@ -95,9 +116,12 @@ def make_middlewares(settings: Settings, metrics: Metrics) -> list[Callable]:
         if _host_name(request.headers.get("Host", "")) not in hosts:
             raise ForbiddenError("this Host is not allowed (DNS rebinding protection)")
         origin = request.headers.get("Origin")
-        foreign = origin and (urlsplit(origin).hostname or "").lower() not in LOCAL_NAMES
-        if foreign and origin.rstrip("/") not in origins:
-            raise ForbiddenError(f"origin {origin} is not allowed")
+        if origin is not None:
+            origin_host = _origin_host(origin)
+            if origin_host is None:
+                raise ForbiddenError("malformed Origin header")
+            if origin_host not in LOCAL_NAMES and origin.rstrip("/") not in origins:
+                raise ForbiddenError(f"origin {origin} is not allowed")
         if key is not None and request.path not in OPEN_PATHS:
             supplied = request.headers.get("Authorization", "")
             token = supplied.removeprefix("Bearer ").strip().encode()
@@ -118,18 +142,26 @@ def make_middlewares(settings: Settings, metrics: Metrics) -> list[Callable]:
             ) from None
         except web.HTTPNotFound:
             raise NotFoundError(f"no route {request.method} {request.path}") from None
-        except web.HTTPMethodNotAllowed:
-            raise MethodNotAllowedError(f"{request.method} is not allowed on {request.path}") \
-                from None
+        except web.HTTPMethodNotAllowed as exc:
+            raise MethodNotAllowedError(
+                f"{request.method} is not allowed on {request.path}",
+                allowed=sorted(exc.allowed_methods),
+            ) from None
         except web.HTTPException:
             raise
         except (ConnectionResetError, TimeoutError):
             raise
-        except ValueError as exc:
-            raise InvalidRequestError(str(exc)) from None
         except Exception:
-            logging.getLogger("mlxserve").exception("unhandled error on %s", request.path)
-            raise InternalError("internal error; see the daemon log") from None
+            # Never the exception's text: it can carry paths and internals. The request id
+            # finds the trace in the log.
+            request_id = request["request_id"]
+            logging.getLogger("mlxserve").exception(
+                "unhandled error on %s (request id %s)", request.path, request_id
+            )
+            raise InternalError(
+                f"internal error (request id {request_id}); see the daemon log",
+                request_id=request_id,
+            ) from None
 
     return [request_context, access_control, error_shape]
 
