@@ -254,3 +254,46 @@ def test_a_blank_api_key_is_refused_at_start(tmp_path, key):
                                 text=True, timeout=60, check=False)
         assert result.returncode != 0
         assert "API key is blank" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def slow_model(daemon, default_gguf) -> str:
+    """The real default model: slow enough here that a stream holds its one slot for seconds."""
+    from modelstore.importer import import_path
+
+    import_path(ModelStore(daemon.home), default_gguf, "slow:gguf")
+    return "slow:gguf"
+
+
+def gauges(text: str, model: str) -> tuple[float, float]:
+    values = {}
+    for line in text.splitlines():
+        for name in ("mlxserve_active_requests", "mlxserve_queue_depth"):
+            if line.startswith(name + "{") and model in line:
+                values[name] = float(line.rsplit(" ", 1)[1])
+    return values.get("mlxserve_active_requests", 0.0), values.get("mlxserve_queue_depth", 0.0)
+
+
+async def wait_for_gauges(session, daemon, model: str, expected: tuple[float, float]) -> None:
+    seen = None
+    for _ in range(100):
+        seen = gauges(await (await session.get(f"{daemon.url}/metrics")).text(), model)
+        if seen == expected:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"gauges (active, queued) stayed {seen}, expected {expected}")
+
+
+async def test_gauges_count_waiting_requests_and_fall_back_after_aborts(daemon, slow_model):
+    stream = {"model": slow_model, "prompt": "Tell a story", "stream": True,
+              "options": {"num_predict": 100000}}
+    async with aiohttp.ClientSession() as session:
+        running = await session.post(f"{daemon.url}/api/generate", json=stream)
+        await running.content.readline()
+        waiting = asyncio.ensure_future(session.post(f"{daemon.url}/api/generate", json=stream))
+        await wait_for_gauges(session, daemon, slow_model, (1.0, 1.0))
+        waiting.cancel()
+        await wait_for_gauges(session, daemon, slow_model, (1.0, 0.0))
+        running.close()
+        await wait_for_gauges(session, daemon, slow_model, (0.0, 0.0))
+        await assert_healthy(session, daemon)

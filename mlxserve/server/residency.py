@@ -103,9 +103,13 @@ class ModelManager:
     def _queue(self, name: str, parallel: int) -> ModelQueue:
         queue = self._queues.get(name)
         if queue is None or (queue.parallel != parallel and not queue.busy):
-            queue = ModelQueue(name, parallel, self.settings.max_queue)
+            queue = ModelQueue(name, parallel, self.settings.max_queue, self._gauges)
             self._queues[name] = queue
         return queue
+
+    def _gauges(self, queue: ModelQueue) -> None:
+        self.metrics.queue_depth.labels(queue.name).set(queue.waiting)
+        self.metrics.active.labels(queue.name).set(queue.active)
 
     @contextlib.asynccontextmanager
     async def use(
@@ -118,15 +122,11 @@ class ModelManager:
             waiting.admit()
         resident = await self.ensure_loaded(name, runner=runner, keep_alive=keep_alive)
         async with resident.queue.slot():
-            self.metrics.queue_depth.labels(name).set(resident.queue.waiting)
-            self.metrics.active.labels(name).set(resident.queue.active)
             resident.touch(keep_alive)
             try:
                 yield resident
             finally:
                 resident.touch(keep_alive)
-        self.metrics.active.labels(name).set(resident.queue.active)
-        self.metrics.queue_depth.labels(name).set(resident.queue.waiting)
         if resident.keep_alive == 0 and not resident.queue.busy:
             await self._unload(name)
 
