@@ -20,6 +20,7 @@ from typing import Any
 from mlxserve import platform
 from mlxserve.errors import (
     InferenceError,
+    InvalidRequestError,
     ModelNotLoadedError,
     RunnerUnavailableError,
     UnsupportedArchitectureError,
@@ -239,7 +240,10 @@ class MlxRunner:
 
             vectors = []
             for text in texts:
-                ids = mx.array(tokenizer.encode(text))[None]
+                tokens = tokenizer.encode(text)
+                if not tokens:
+                    raise InvalidRequestError("cannot embed an empty text", param="input")
+                ids = mx.array(tokens, dtype=mx.int32)[None]
                 hidden = model.model(ids).mean(axis=1)[0]
                 hidden = hidden / mx.linalg.norm(hidden)
                 vectors.append(hidden.astype(mx.float32).tolist())

@@ -163,7 +163,10 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return await load_or_unload(request, name, keep_alive, chat=True)
     for message in messages:
         for call in message.get("tool_calls") or []:
-            arguments = (call.get("function") or {}).get("arguments")
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict):
+                raise InvalidRequestError("a tool call must be an object with a 'function' object")
+            arguments = function.get("arguments")
             if isinstance(arguments, str):
                 raise InvalidRequestError("tool call arguments must be a JSON object, not a string")
 

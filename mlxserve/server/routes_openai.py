@@ -315,7 +315,7 @@ async def embeddings(request: web.Request) -> web.Response:
     name = model_name(body)
     texts = embed_inputs(body.get("input"))
     encoding = body.get("encoding_format") or "float"
-    if encoding not in {"float", "base64"}:
+    if not isinstance(encoding, str) or encoding not in {"float", "base64"}:
         raise InvalidRequestError("encoding_format must be float or base64",
                                   param="encoding_format")
     vectors, tokens, _ = await embed_texts(request, name, texts, None)
