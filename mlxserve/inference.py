@@ -8,6 +8,7 @@ the same prompt string whichever library runs them.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -35,6 +36,13 @@ REQUEST_FIELDS = (
     "repetition_context_size",
     "response_format",
 )
+
+PARAMETER_RANGES: tuple[tuple[str, float, float], ...] = (
+    ("temperature", 0.0, math.inf),
+    ("min_p", 0.0, 1.0),
+    ("repetition_penalty", 0.0, math.inf),
+)
+"""Sampling values the samplers refuse (mlx-lm raises deep inside a batch): a 400 here."""
 
 
 def build_request(
@@ -64,6 +72,11 @@ def build_request(
         setattr(request, key, value)
     if request.logit_bias:
         request.logit_bias = {int(k): float(v) for k, v in request.logit_bias.items()}
+    for key, low, high in PARAMETER_RANGES:
+        value = getattr(request, key)
+        if isinstance(value, int | float) and not low <= value <= high:
+            bound = f"at least {low:g}" if high == math.inf else f"between {low:g} and {high:g}"
+            raise InvalidRequestError(f"'{key}' must be {bound}, not {value}", param=key)
     check_format(request.response_format)
     return request
 
