@@ -297,3 +297,19 @@ async def test_gauges_count_waiting_requests_and_fall_back_after_aborts(daemon, 
         running.close()
         await wait_for_gauges(session, daemon, slow_model, (0.0, 0.0))
         await assert_healthy(session, daemon)
+
+
+async def test_errors_never_name_server_paths(daemon):
+    import hashlib
+    import tempfile
+
+    data = b"not a model"
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    async with aiohttp.ClientSession() as session:
+        await session.post(f"{daemon.url}/api/blobs/{digest}", data=data)
+        created = await session.post(f"{daemon.url}/api/create", json={
+            "model": "pathless:1", "files": {"notes.txt": digest}, "stream": False})
+        text = await created.text()
+        assert created.status == 400, text
+        for private in (tempfile.gettempdir(), str(daemon.home)):
+            assert private not in text

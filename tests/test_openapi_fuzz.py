@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, settings
 from schemathesis.specs.openapi.checks import (
@@ -24,7 +23,7 @@ from schemathesis.specs.openapi.checks import (
 
 from mlxserve.server.app import OPENAPI_PATH
 
-FUZZ_EXAMPLES = int(os.environ.get("MLXSERVE_FUZZ_EXAMPLES", "150"))
+FUZZ_EXAMPLES = int(os.environ.get("MLXSERVE_FUZZ_EXAMPLES", "60"))
 REAL_MODELS = ("tiny:gguf", "tiny:mlx")
 GENERATION_CAP = 8
 """Tokens a fuzzed generation may produce: the answer's shape matters here, not its length."""
