@@ -11,6 +11,7 @@ import json
 import socket
 import struct
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -313,3 +314,73 @@ async def test_errors_never_name_server_paths(daemon):
         assert created.status == 400, text
         for private in (tempfile.gettempdir(), str(daemon.home)):
             assert private not in text
+
+
+def middleware_app(handler) -> Any:
+    """A real aiohttp app with the daemon's middlewares around one route."""
+    from aiohttp import web
+
+    from mlxserve.server.config import Settings
+    from mlxserve.server.metrics import Metrics
+    from mlxserve.server.middleware import add_request_id, make_middlewares
+
+    app = web.Application(middlewares=make_middlewares(Settings(), Metrics()))
+    app.router.add_get("/x", handler)
+    app.on_response_prepare.append(add_request_id)
+    return app
+
+
+async def test_an_unexpected_error_is_a_500_with_the_request_id_and_no_text(caplog):
+    from aiohttp.test_utils import TestClient, TestServer
+
+    async def broken(request):
+        raise ValueError("secret detail from /srv/private/store")
+
+    async with TestClient(TestServer(middleware_app(broken), host="127.0.0.1")) as client:
+        response = await client.get("/x", headers={"Host": "127.0.0.1"})
+        body = await response.json()
+    assert response.status == 500
+    assert body["code"] == "internal_error"
+    assert response.headers["X-Request-Id"] in body["error"]
+    assert "secret" not in json.dumps(body) and "/srv" not in json.dumps(body)
+
+
+async def test_a_client_reset_during_write_eof_is_a_499_line_not_a_traceback(caplog):
+    """Without handler cancellation the reset reaches the handler as ``write_eof`` raising
+    (the daemon cancels handlers, but a reset can still land inside the write itself)."""
+    import logging
+
+    from aiohttp import web
+
+    reset = asyncio.Event()
+
+    async def stream(request):
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"first\n")
+        await reset.wait()
+        await asyncio.sleep(0.2)
+        await response.write_eof(b"last\n")
+        return response
+
+    caplog.set_level(logging.INFO)
+    runner = web.AppRunner(middleware_app(stream), handler_cancellation=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        await writer.drain()
+        await reader.readuntil(b"first\n")
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.close()
+        reset.set()
+        await asyncio.sleep(0.5)
+    finally:
+        await runner.cleanup()
+    access = [r.getMessage() for r in caplog.records if r.name == "mlxserve.access"]
+    assert any('"status": 499' in line for line in access), access
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
