@@ -37,10 +37,13 @@ REQUEST_FIELDS = (
     "response_format",
 )
 
+MAX_SEED = 2**32 - 1
+"""llama.cpp seeds are 32-bit; MLX keys refuse negative ones."""
 PARAMETER_RANGES: tuple[tuple[str, float, float], ...] = (
     ("temperature", 0.0, math.inf),
     ("min_p", 0.0, 1.0),
     ("repetition_penalty", 0.0, math.inf),
+    ("seed", 0, MAX_SEED),
 )
 """Sampling values the samplers refuse (mlx-lm raises deep inside a batch): a 400 here."""
 

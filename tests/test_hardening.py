@@ -143,8 +143,9 @@ def test_the_default_models_header_passes_the_check(default_gguf):
 
 def test_mlxctl_import_refuses_a_gguf_claiming_a_huge_array(tmp_path):
     bomb = hostile_gguf(tmp_path / "bomb.gguf")
-    result = mlxctl("import", str(bomb), "--name", "bomb:1", home=tmp_path / "home",
-                    check=False, timeout=60)
+    result = mlxctl(
+        "import", str(bomb), "--name", "bomb:1", home=tmp_path / "home", check=False, timeout=60
+    )
     assert result.returncode == 1
     assert "Error [invalid_import_source]" in result.stderr
 
@@ -157,8 +158,10 @@ async def test_blobs_and_create_refuse_a_gguf_claiming_a_huge_array(daemon, tmp_
     async with aiohttp.ClientSession() as session:
         uploaded = await session.post(f"{daemon.url}/api/blobs/{digest}", data=bomb.read_bytes())
         assert uploaded.status in (200, 201)
-        created = await session.post(f"{daemon.url}/api/create", json={
-            "model": "bomb:1", "files": {"model.gguf": digest}, "stream": False})
+        created = await session.post(
+            f"{daemon.url}/api/create",
+            json={"model": "bomb:1", "files": {"model.gguf": digest}, "stream": False},
+        )
         payload = await created.json()
         assert created.status == 400, payload
         assert payload["code"] == "invalid_import_source"
@@ -172,8 +175,9 @@ async def test_show_refuses_a_stored_gguf_claiming_a_huge_array(daemon, tmp_path
     from modelstore.draft import LayerSource, ModelConfig, ModelDraft
 
     bomb = hostile_gguf(tmp_path / "bomb.gguf")
-    draft = ModelDraft(ModelConfig(format="gguf"),
-                       [LayerSource(mediatypes.WEIGHTS_GGUF, "bomb.gguf", path=bomb)])
+    draft = ModelDraft(
+        ModelConfig(format="gguf"), [LayerSource(mediatypes.WEIGHTS_GGUF, "bomb.gguf", path=bomb)]
+    )
     ModelStore(daemon.home).commit(draft, "pulled-bomb:1")
     async with aiohttp.ClientSession() as session:
         shown = await session.post(f"{daemon.url}/api/show", json={"model": "pulled-bomb:1"})
@@ -186,9 +190,15 @@ async def test_show_refuses_a_stored_gguf_claiming_a_huge_array(daemon, tmp_path
 @pytest.mark.parametrize("label", HOSTILE_TEMPLATES)
 async def test_create_refuses_a_hostile_template_before_storing(daemon, label):
     async with aiohttp.ClientSession() as session:
-        created = await session.post(f"{daemon.url}/api/create", json={
-            "model": f"made-{label}:1", "from": "tiny:gguf",
-            "template": HOSTILE_TEMPLATES[label], "stream": False})
+        created = await session.post(
+            f"{daemon.url}/api/create",
+            json={
+                "model": f"made-{label}:1",
+                "from": "tiny:gguf",
+                "template": HOSTILE_TEMPLATES[label],
+                "stream": False,
+            },
+        )
         assert created.status == 400, await created.text()
         listed = await (await session.get(f"{daemon.url}/api/tags")).json()
         assert f"made-{label}:1" not in {m["name"] for m in listed["models"]}
@@ -197,9 +207,17 @@ async def test_create_refuses_a_hostile_template_before_storing(daemon, label):
 
 def test_import_refuses_a_folder_with_a_hostile_template(tmp_path, mini_hf_folder):
     (mini_hf_folder / "tokenizer_config.json").write_text(
-        json.dumps({"chat_template": RECURSIVE_TEMPLATE}))
-    result = mlxctl("import", str(mini_hf_folder), "--name", "mini:1", home=tmp_path / "home",
-                    check=False, timeout=60)
+        json.dumps({"chat_template": RECURSIVE_TEMPLATE})
+    )
+    result = mlxctl(
+        "import",
+        str(mini_hf_folder),
+        "--name",
+        "mini:1",
+        home=tmp_path / "home",
+        check=False,
+        timeout=60,
+    )
     assert result.returncode == 1
     assert "Error [template_error]" in result.stderr
 
@@ -251,8 +269,14 @@ def test_a_blank_api_key_is_refused_at_start(tmp_path, key):
         env = {**__import__("os").environ, "MLXSERVE_HOME": str(tmp_path)}
         if not how:
             env["MLXSERVE_API_KEY"] = key
-        result = subprocess.run([MLXSERVE, "--port", "0", *how], env=env, capture_output=True,
-                                text=True, timeout=60, check=False)
+        result = subprocess.run(
+            [MLXSERVE, "--port", "0", *how],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert result.returncode != 0
         assert "API key is blank" in result.stderr
 
@@ -286,8 +310,12 @@ async def wait_for_gauges(session, daemon, model: str, expected: tuple[float, fl
 
 
 async def test_gauges_count_waiting_requests_and_fall_back_after_aborts(daemon, slow_model):
-    stream = {"model": slow_model, "prompt": "Tell a story", "stream": True,
-              "options": {"num_predict": 100000}}
+    stream = {
+        "model": slow_model,
+        "prompt": "Tell a story",
+        "stream": True,
+        "options": {"num_predict": 100000},
+    }
     async with aiohttp.ClientSession() as session:
         running = await session.post(f"{daemon.url}/api/generate", json=stream)
         await running.content.readline()
@@ -308,8 +336,10 @@ async def test_errors_never_name_server_paths(daemon):
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     async with aiohttp.ClientSession() as session:
         await session.post(f"{daemon.url}/api/blobs/{digest}", data=data)
-        created = await session.post(f"{daemon.url}/api/create", json={
-            "model": "pathless:1", "files": {"notes.txt": digest}, "stream": False})
+        created = await session.post(
+            f"{daemon.url}/api/create",
+            json={"model": "pathless:1", "files": {"notes.txt": digest}, "stream": False},
+        )
         text = await created.text()
         assert created.status == 400, text
         for private in (tempfile.gettempdir(), str(daemon.home)):

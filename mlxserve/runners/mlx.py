@@ -262,6 +262,13 @@ class MlxRunner:
         vocabulary = getattr(getattr(model, "args", None), "vocab_size", None)
         if isinstance(vocabulary, int) and request.top_k >= vocabulary:
             request.top_k = 0  # as many as there are tokens: no limit (mlx-lm refuses it)
+        if isinstance(vocabulary, int) and any(
+            not 0 <= token < vocabulary for token in request.logit_bias or {}
+        ):
+            # MLX does not bounds-check a scatter: an id past the vocabulary is a crash.
+            raise InvalidRequestError(
+                f"logit_bias token ids must be between 0 and {vocabulary - 1}", param="logit_bias"
+            )
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[object] = asyncio.Queue()
 

@@ -194,7 +194,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         tools = None
     overrides = openai_overrides(body, chat=True)
     stream = bool(body.get("stream"))
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    stream_options = body.get("stream_options")
+    include_usage = isinstance(stream_options, dict) and bool(stream_options.get("include_usage"))
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     held: list[str] = []
@@ -268,7 +269,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
         raise InvalidRequestError("echo, suffix and best_of are not supported")
     overrides = openai_overrides(body, chat=False)
     stream = bool(body.get("stream"))
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    stream_options = body.get("stream_options")
+    include_usage = isinstance(stream_options, dict) and bool(stream_options.get("include_usage"))
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
 
