@@ -414,3 +414,27 @@ async def test_a_client_reset_during_write_eof_is_a_499_line_not_a_traceback(cap
     access = [r.getMessage() for r in caplog.records if r.name == "mlxserve.access"]
     assert any('"status": 499' in line for line in access), access
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"logit_bias": {"999999999": 5}},
+        {"seed": -1},
+        {"seed": 1 << 70},
+        {"temperature": -1},
+        {"stream_options": [1]},
+    ],
+    ids=json.dumps,
+)
+async def test_values_the_samplers_cannot_take_are_400s(daemon, extra):
+    """Found by the fuzz run: an out-of-range logit_bias id killed the daemon inside MLX."""
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(
+            f"{daemon.url}/v1/completions",
+            json={"model": "tiny:mlx", "prompt": "Hi", "max_tokens": 2, **extra},
+        )
+        assert response.status in (200, 400), await response.text()
+        if "stream_options" not in extra:
+            assert response.status == 400
+        await assert_healthy(session, daemon)
