@@ -10,6 +10,7 @@ import asyncio
 import json
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ from mlxctl.client import DaemonError
 from modelstore.default_model import DEFAULT_MODEL
 from modelstore.errors import InvalidReferenceError
 from modelstore.hfhub import HF_SCHEME
+from modelstore.parameters import CLI_PARAMETERS, SAMPLING_FIELDS, kind_of
 from modelstore.reference import parse_reference
 
 CHAT_HELP = """\
@@ -30,18 +32,21 @@ Commands:
   /show parameters          print the parameters in use
   /?                        this help
 Ctrl-C stops the current answer; Ctrl-D leaves."""
-SETTABLE = {
-    "temperature": float,
-    "top_p": float,
-    "top_k": int,
-    "min_p": float,
-    "repetition_penalty": float,
-    "presence_penalty": float,
-    "frequency_penalty": float,
-    "seed": int,
-    "max_tokens": int,
-    "stop": str,
-}
+SETTABLE = {name: kind_of(name) for name in SAMPLING_FIELDS if kind_of(name) is not dict}
+"""``/set parameter NAME VALUE``: every sampling knob (``modelstore/parameters.py``)."""
+
+
+def sampling_options(command: Callable) -> Callable:
+    """``--temperature``, ``--top-p``, ... : one flag per sampling knob marked for the CLI."""
+    for name in reversed(CLI_PARAMETERS):
+        kind = kind_of(name)
+        command = click.option(
+            f"--{name.replace('_', '-')}", name, type=kind, help=SAMPLING_HELP.get(name)
+        )(command)
+    return command
+
+
+SAMPLING_HELP = {"seed": "Same seed, same request, same model: same tokens."}
 
 
 def split_model_and_prompt(model: str | None, prompt: str | None) -> tuple[str, str | None]:
@@ -60,12 +65,12 @@ def split_model_and_prompt(model: str | None, prompt: str | None) -> tuple[str, 
 class ChatState:
     overrides: dict[str, Any]
     system: str | None = None
+    think: bool | str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
 class DaemonSession:
     """The same interface as ``Session``, answered by a running daemon (``mlxctl serve``)."""
-
 
     def __init__(self, client: Any, name: str, as_json: bool, verbose: bool) -> None:
         self.client, self.name = client, name
@@ -76,9 +81,9 @@ class DaemonSession:
 
     def _options(self, overrides: dict[str, Any]) -> dict[str, Any]:
         """Our parameter names -> Ollama's (the daemon maps them back)."""
-        from mlxserve.server.options import OLLAMA_OPTIONS
+        from modelstore.parameters import api_names
 
-        ollama_names = {target: name for name, (target, _) in OLLAMA_OPTIONS.items()}
+        ollama_names = {field: wire for wire, (field, _) in api_names("ollama").items()}
         return {ollama_names.get(k, k): v for k, v in overrides.items()}
 
     def _print(self, lines: Any, field: str) -> str:
@@ -98,19 +103,34 @@ class DaemonSession:
                     if not self.as_json:
                         sys.stdout.write("\n")
                     if self.verbose:
-                        click.echo(json.dumps({k: v for k, v in line.items()
-                                               if k.endswith(("count", "duration"))}), err=True)
+                        click.echo(
+                            json.dumps(
+                                {k: v for k, v in line.items() if k.endswith(("count", "duration"))}
+                            ),
+                            err=True,
+                        )
         except KeyboardInterrupt:
             click.echo("\n[stopped]", err=True)
         return "".join(pieces)
 
     def one_shot(self, prompt: str, state: ChatState, raw: bool) -> None:
-        body = {"model": self.name, "prompt": prompt, "raw": raw, "system": state.system,
-                "options": self._options(state.overrides)}
+        body = {
+            "model": self.name,
+            "prompt": prompt,
+            "raw": raw,
+            "system": state.system,
+            "think": state.think,
+            "options": self._options(state.overrides),
+        }
         self._print(self.client.stream("/api/generate", body), "response")
 
-    def chat(self, messages: list[dict[str, Any]], overrides: dict[str, Any]) -> str:
-        body = {"model": self.name, "messages": messages, "options": self._options(overrides)}
+    def chat(self, messages: list[dict[str, Any]], state: ChatState) -> str:
+        body = {
+            "model": self.name,
+            "messages": messages,
+            "think": state.think,
+            "options": self._options(state.overrides),
+        }
         return self._print(self.client.stream("/api/chat", body), "message")
 
     def close(self) -> None:
@@ -126,6 +146,7 @@ class Session:
         self.loop = asyncio.new_event_loop()
         self.loaded: Any = None
         self.last_reason: str | None = None
+        self.load_ns = 0
 
     def load(self) -> None:
         from mlxserve.inference import LoadedModel
@@ -138,41 +159,64 @@ class Session:
         self.loaded = self.loop.run_until_complete(
             LoadedModel.load(store, self.name, self.runner_name)
         )
+        self.load_ns = self.loaded.info.load_duration_ns
 
-    def answer(self, request: Any) -> str:
+    def answer(self, chat: Any) -> str:
         """Stream one answer to stdout; Ctrl-C cancels it (within a token) and keeps the chat.
 
+        The answer runs through the daemon's own chat core (``mlxserve/chat/core.py``), so
+        thinking, tool calls and ``--json`` lines are exactly what the daemon would send.
         SIGINT is turned into the request's cancel token while an answer streams, so the
         runner ends the generation cleanly instead of an exception tearing through the loop.
         """
+        from mlxserve.chat.core import ChatRun, prepare
+
+        prepared = prepare(self.loaded, chat)
+        load_ns, self.load_ns = self.load_ns, 1
+        run = ChatRun(chat, self.loaded, prepared, load_ns=load_ns)
         pieces: list[str] = []
-        self.loop.add_signal_handler(signal.SIGINT, request.cancel.cancel)
+        self.loop.add_signal_handler(signal.SIGINT, prepared.request.cancel.cancel)
         try:
-            self.loop.run_until_complete(self._stream(request, pieces))
+            self.loop.run_until_complete(self._stream(chat, run, pieces))
         finally:
             self.loop.remove_signal_handler(signal.SIGINT)
+            self.loop.run_until_complete(run.close())
         if self.last_reason == "cancelled":
             click.echo("[stopped]", err=True)
         return "".join(pieces)
 
-    async def _stream(self, request: Any, pieces: list[str]) -> None:
-        from mlxserve.api.types import GenerateResponse
+    async def _stream(self, chat: Any, run: Any, pieces: list[str]) -> None:
+        from mlxserve.server.api_native import ChatEncoder, GenerateEncoder
 
-        async for chunk in self.loaded.generate(request):
-            if self.as_json:
-                line = GenerateResponse.from_chunk(str(self.loaded.model.name), chunk)
-                sys.stdout.write(json.dumps(line.to_dict(), ensure_ascii=False) + "\n")
-            elif chunk.text:
-                sys.stdout.write(chunk.text)
-            sys.stdout.flush()
-            pieces.append(chunk.text)
-            if chunk.done:
-                self.last_reason = chunk.done_reason
-                if not self.as_json:
-                    sys.stdout.write("\n")
-                    sys.stdout.flush()
-                if self.verbose and chunk.stats:
-                    self._report(chunk.stats, chunk.done_reason)
+        encoder = (GenerateEncoder if chat.prompt is not None else ChatEncoder)(chat, {})
+        await self._show(await run.first(), encoder, pieces)
+        async for event in run.rest():
+            await self._show(event, encoder, pieces)
+
+    async def _show(self, event: Any, encoder: Any, pieces: list[str]) -> None:
+        from mlxserve.chat.types import Done, ErrorEvent, TextDelta, ThinkingDelta, ToolCallEvent
+
+        if isinstance(event, ErrorEvent):
+            raise event.error
+        if self.as_json:
+            for line in encoder.encode(event):
+                sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
+        elif isinstance(event, TextDelta):
+            sys.stdout.write(event.text)
+            pieces.append(event.text)
+        elif isinstance(event, ThinkingDelta):
+            click.secho(event.text, dim=True, nl=False)
+        elif isinstance(event, ToolCallEvent):
+            call = {"name": event.call.name, "arguments": event.call.arguments}
+            sys.stdout.write(f"[tool call] {json.dumps(call)}\n")
+        sys.stdout.flush()
+        if isinstance(event, Done):
+            self.last_reason = event.reason
+            if not self.as_json:
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+            if self.verbose:
+                self._report(event.stats, event.reason)
 
     def _report(self, stats: Any, reason: str | None) -> None:
         def rate(count: int, ns: int) -> str:
@@ -209,9 +253,17 @@ def chat_turn(session: Session | DaemonSession, state: ChatState, text: str) -> 
         messages.insert(0, {"role": "system", "content": state.system})
     messages.append({"role": "user", "content": text})
     if isinstance(session, DaemonSession):
-        reply = session.chat(messages, state.overrides)
+        reply = session.chat(messages, state)
     else:
-        reply = session.answer(session.loaded.chat_request(messages, state.overrides))
+        from mlxserve.chat.types import ChatRequest, Message
+
+        chat = ChatRequest(
+            session.name,
+            messages=[Message(m["role"], m["content"]) for m in messages],
+            sampling=dict(state.overrides),
+            think=state.think,
+        )
+        reply = session.answer(chat)
     state.history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
 
 
@@ -267,12 +319,13 @@ def interactive(session: Session | DaemonSession, state: ChatState) -> None:
 @click.argument("model", required=False)
 @click.argument("prompt", required=False)
 @click.option("--runner", type=click.Choice(["mlx", "llamacpp"]), help="Force a runner.")
-@click.option("--temperature", type=float)
-@click.option("--top-p", type=float)
-@click.option("--top-k", type=int)
-@click.option("--seed", type=int, help="Same seed, same request, same model: same tokens.")
-@click.option("--max-tokens", type=int)
+@sampling_options
 @click.option("--system", help="System prompt (replaces the model's).")
+@click.option(
+    "--think",
+    type=click.Choice(["true", "false", "low", "medium", "high"]),
+    help="Thinking on, off, or at a level (models that think; shown dimmed).",
+)
 @click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
 @click.option("--local", is_flag=True, help="Run in this process even if a daemon is up.")
 @click.option("--json", "as_json", is_flag=True, help="Stream NDJSON chunks (daemon shape).")
@@ -282,17 +335,14 @@ def run_command(
     model: str | None,
     prompt: str | None,
     runner: str | None,
-    temperature: float | None,
-    top_p: float | None,
-    top_k: int | None,
-    seed: int | None,
-    max_tokens: int | None,
     system: str | None,
+    think: str | None,
     raw: bool,
     local: bool,
     as_json: bool,
     verbose: bool,
     insecure: bool,
+    **sampling: Any,
 ) -> None:
     """Run a model: one answer if a prompt is given (or piped in), else an interactive chat.
 
@@ -311,14 +361,11 @@ def run_command(
         name = ensure_pulled(name, insecure=insecure)
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read().strip() or None
-    overrides = {
-        "temperature": temperature,
-        "top_p": top_p,
-        "top_k": top_k,
-        "seed": seed,
-        "max_tokens": max_tokens,
-    }
-    state = ChatState({k: v for k, v in overrides.items() if v is not None}, system)
+    state = ChatState(
+        {k: v for k, v in sampling.items() if v is not None},
+        system,
+        {"true": True, "false": False}.get(think or "", think),
+    )
     session = choose_session(name, runner, local, as_json, verbose)
     try:
         session.load()
@@ -326,10 +373,13 @@ def run_command(
             interactive(session, state)
         elif isinstance(session, DaemonSession):
             session.one_shot(prompt, state, raw)
-        elif raw:
-            session.answer(session.loaded.raw_request(prompt, state.overrides))
         else:
-            chat_turn(session, state, prompt)
+            from mlxserve.chat.types import ChatRequest
+
+            session.answer(
+                ChatRequest(name, prompt=prompt, system=state.system, raw=raw,
+                            sampling=dict(state.overrides), think=state.think)
+            )
     finally:
         session.close()
 

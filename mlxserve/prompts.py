@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from modelstore.chat_template import compile_template, render_template
+from jinja2 import TemplateSyntaxError, meta
+
+from modelstore.chat_template import ENVIRONMENT, compile_template, render_template
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -60,3 +62,11 @@ def render_chat(
         **extra,
     }
     return render_template(template, context)
+
+
+def template_variables(template: str) -> frozenset[str]:
+    """The names a template reads from its context (``tools``, ``enable_thinking``, ...)."""
+    try:
+        return frozenset(meta.find_undeclared_variables(ENVIRONMENT.parse(template)))
+    except TemplateSyntaxError:
+        return frozenset()

@@ -11,20 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from modelstore.parameters import SPEC_PARAMETERS
+
 ModelFormat = Literal["mlx", "gguf"]
 
-GENERATION_PARAMETERS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "seed",
-    "max_tokens",
-    "stop",
-)
+GENERATION_PARAMETERS = SPEC_PARAMETERS
 """Default generation parameters a ModelSpec may set; a request overrides each."""
 
 RUNNER_PARAMETERS = ("context_length", "n_gpu_layers", "n_threads")

@@ -23,7 +23,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def build_app(settings: Settings) -> web.Application:
-    from mlxserve.server import routes_native, routes_openai, routes_store
+    from mlxserve.server import routes_chat, routes_native, routes_openai, routes_store
 
     metrics = Metrics()
     app = web.Application(
@@ -35,6 +35,7 @@ def build_app(settings: Settings) -> web.Application:
     app[STORE] = store
     app[METRICS] = metrics
     app[MANAGER] = ModelManager(store, settings, metrics)
+    app.router.add_routes(routes_chat.routes)
     app.router.add_routes(routes_native.routes)
     app.router.add_routes(routes_store.routes)
     app.router.add_routes(routes_openai.routes)

@@ -40,6 +40,7 @@ ENVIRONMENT = {
 
 class ConfigError(MlxserveError):
     code = "invalid_config"
+    http_status = 400
 
 
 _DURATION = re.compile(r"(-?\d+(?:\.\d+)?)(ms|s|m|h)?")
@@ -126,9 +127,11 @@ def _coerce(name: str, value: Any) -> Any:
         if value is None:
             return None
         if name in {"allowed_origins", "allowed_hosts"}:
-            return [v.strip() for v in value.split(",") if v.strip()] if isinstance(
-                value, str
-            ) else list(value)
+            return (
+                [v.strip() for v in value.split(",") if v.strip()]
+                if isinstance(value, str)
+                else list(value)
+            )
         if "int" in str(kind):
             return int(value)
         if "float" in str(kind):

@@ -41,10 +41,17 @@ def run_daemon(**flags: object) -> None:
         stream=sys.stderr,
     )
     app = build_app(settings)
-    print(f"mlxserve listening on http://{settings.host}:{settings.port}", file=sys.stderr,
-          flush=True)
-    web.run_app(app, host=settings.host, port=settings.port, print=None,
-                handler_cancellation=True, access_log=None)
+    print(
+        f"mlxserve listening on http://{settings.host}:{settings.port}", file=sys.stderr, flush=True
+    )
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        print=None,
+        handler_cancellation=True,
+        access_log=None,
+    )
 
 
 @click.command("serve")

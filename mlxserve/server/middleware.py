@@ -66,6 +66,15 @@ def _origin_host(value: str) -> str | None:
     return match.group(1).strip("[]").lower() if match else None
 
 
+def _supplied_key(request: web.Request) -> bytes:
+    """``Authorization: Bearer KEY`` (OpenAI and Ollama clients), else ``x-api-key: KEY``
+    (Anthropic's clients send only that)."""
+    bearer = request.headers.get("Authorization", "")
+    if bearer.startswith("Bearer "):
+        return bearer.removeprefix("Bearer ").strip().encode()
+    return request.headers.get("x-api-key", "").strip().encode()
+
+
 def make_middlewares(settings: Settings, metrics: Metrics) -> list[Callable]:
     hosts = _allowed_hosts(settings)
     origins = {origin.rstrip("/") for origin in settings.allowed_origins}
@@ -122,11 +131,11 @@ def make_middlewares(settings: Settings, metrics: Metrics) -> list[Callable]:
                 raise ForbiddenError("malformed Origin header")
             if origin_host not in LOCAL_NAMES and origin.rstrip("/") not in origins:
                 raise ForbiddenError(f"origin {origin} is not allowed")
-        if key is not None and request.path not in OPEN_PATHS:
-            supplied = request.headers.get("Authorization", "")
-            token = supplied.removeprefix("Bearer ").strip().encode()
-            if not supplied.startswith("Bearer ") or not hmac.compare_digest(token, key):
-                raise UnauthorizedError("missing or wrong API key (Authorization: Bearer ...)")
+        needs_key = key is not None and request.path not in OPEN_PATHS
+        if needs_key and not hmac.compare_digest(_supplied_key(request), key):
+            raise UnauthorizedError(
+                "missing or wrong API key (Authorization: Bearer ..., or x-api-key)"
+            )
         return await handler(request)
 
     @web.middleware

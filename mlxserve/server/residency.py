@@ -168,8 +168,9 @@ class ModelManager:
             prompt_cache_bytes=self.settings.prompt_cache_bytes,
         )
         loaded = await LoadedModel.load(self.store, name, runner, options)
-        parallel = min(self.settings.num_parallel or loaded.runner.max_parallel,
-                       loaded.runner.max_parallel)
+        parallel = min(
+            self.settings.num_parallel or loaded.runner.max_parallel, loaded.runner.max_parallel
+        )
         resident = Resident(
             name,
             loaded,

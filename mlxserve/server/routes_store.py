@@ -16,11 +16,11 @@ import yaml
 from aiohttp import web
 
 from mlxserve.errors import InvalidRequestError
+from mlxserve.server import validate
 from mlxserve.server.encoders import NDJSON, open_stream, write_ndjson
 from mlxserve.server.errors import error_body
-from mlxserve.server.options import require_bool, require_str
-from mlxserve.server.routes_native import json_body, model_name
 from mlxserve.server.state import STORE
+from mlxserve.server.validate import json_body, model_name
 from modelstore.errors import MlxserveError
 from modelstore.reference import validate_digest
 
@@ -51,7 +51,7 @@ async def run_with_status(request: web.Request, stream: bool, work: Work) -> web
     except MlxserveError as error:
         if response is None:
             raise
-        await write_ndjson(response, error_body(error, openai=False))
+        await write_ndjson(response, error_body(error, "native"))
     if response is None:
         response = await open_stream(request, NDJSON)
     await write_ndjson(response, {"status": "success"})
@@ -107,7 +107,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     store = request.app[STORE]
     if body.get("quantize"):
         raise InvalidRequestError("'quantize' is not supported; import a quantized model")
-    stream = require_bool(body, "stream", True)
+    stream = validate.optional(body, "stream", bool, True)
 
     async def work(report: Callable[[dict[str, Any]], None]) -> None:
         with tempfile.TemporaryDirectory(prefix="mlxserve-create-") as folder:
@@ -124,9 +124,11 @@ async def create(request: web.Request) -> web.StreamResponse:
 
 def progress_reporter(report: Callable[[dict[str, Any]], None]) -> Callable[[Any], None]:
     def relay(event: Any) -> None:
-        body = event if isinstance(event, dict) else {
-            k: v for k, v in vars(event).items() if v is not None
-        }
+        body = (
+            event
+            if isinstance(event, dict)
+            else {k: v for k, v in vars(event).items() if v is not None}
+        )
         report(body)
 
     return relay
@@ -138,8 +140,8 @@ async def pull(request: web.Request) -> web.StreamResponse:
 
     body = await json_body(request)
     name = model_name(body)
-    insecure = require_bool(body, "insecure", False)
-    stream = require_bool(body, "stream", True)
+    insecure = validate.optional(body, "insecure", bool, False)
+    stream = validate.optional(body, "stream", bool, True)
     store = request.app[STORE]
 
     async def work(report: Callable[[dict[str, Any]], None]) -> None:
@@ -154,15 +156,12 @@ async def push(request: web.Request) -> web.StreamResponse:
 
     body = await json_body(request)
     name = model_name(body)
-    target = require_str(body, "destination", required=False) or name
-    insecure = require_bool(body, "insecure", False)
-    stream = require_bool(body, "stream", True)
+    target = validate.optional(body, "destination", str) or name
+    insecure = validate.optional(body, "insecure", bool, False)
+    stream = validate.optional(body, "stream", bool, True)
     store = request.app[STORE]
 
     async def work(report: Callable[[dict[str, Any]], None]) -> None:
-        await push_model(store, name, target, insecure=insecure,
-                         progress=progress_reporter(report))
+        await push_model(store, name, target, insecure=insecure, progress=progress_reporter(report))
 
     return await run_with_status(request, stream, work)
-
-
