@@ -46,8 +46,10 @@ STATE_DEPENDENT_CODES = frozenset(
     }
 )
 """400 codes a schema cannot rule out: they depend on the model, the store or the bytes."""
-# Also state-dependent: ``invalid_request`` from ``/api/create`` naming a blob that was never
-# uploaded, and for a ``logit_bias`` token id past the model's vocabulary.
+STATE_DEPENDENT_PARAMS = frozenset({"logit_bias", "think", "thinking", "tool_choice"})
+"""``invalid_request`` about these depends on the model or on another field: a token id past
+the vocabulary, thinking asked of a model without it, a named tool the request does not list.
+(From ``/api/create`` it can name a blob that was never uploaded.)"""
 
 
 def _without_skipped(schema: Any) -> Any:
@@ -92,7 +94,8 @@ def refused_only_for_state(response: Any, case: Any) -> None:
     code = error.get("code") if isinstance(error, dict) else body.get("code")
     param = error.get("param") if isinstance(error, dict) else body.get("details", {}).get("param")
     state_dependent = code in STATE_DEPENDENT_CODES or (
-        code == "invalid_request" and (case.path == "/api/create" or param == "logit_bias")
+        code == "invalid_request"
+        and (case.path == "/api/create" or param in STATE_DEPENDENT_PARAMS)
     )
     assert state_dependent, (
         f"schema-valid request refused: {case.method} {case.path} {case.body!r} -> {body}"
