@@ -5,7 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ["bench.runner_overhead", "bench.load", "bench.pull_throughput"]
+BENCHMARKS = [
+    "bench.runner_overhead",
+    "bench.load",
+    "bench.pull_throughput",
+    "bench.show_metadata",
+    "bench.distributed",
+]
 
 
 def main() -> None:

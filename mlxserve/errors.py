@@ -19,6 +19,13 @@ class UnsupportedArchitectureError(MlxserveError):
     http_status = 400
 
 
+class UnsupportedQuantizationError(MlxserveError):
+    """A GGUF tensor type that cannot be dequantized for MLX (it still runs on llama.cpp)."""
+
+    code = "unsupported_quantization"
+    http_status = 400
+
+
 class UnsupportedFormatError(MlxserveError):
     """A model whose format no installed runner can run (``details['runners']`` says which can)."""
 
@@ -74,6 +81,21 @@ class InvalidFormatError(MlxserveError):
 class QueueFullError(MlxserveError):
     code = "queue_full"
     http_status = 429
+
+
+class ModelUnavailableError(MlxserveError):
+    """A model that cannot serve right now (a rank of its distributed group died or hung);
+    answered 503 with ``Retry-After``, while the daemon keeps serving its other models."""
+
+    code = "model_unavailable"
+    http_status = 503
+
+
+class DistributedError(MlxserveError):
+    """A distributed group that cannot start: a bad hostfile, a backend that is missing, a
+    rank whose store lacks the model or holds different bytes (the message names the host)."""
+
+    code = "distributed_error"
 
 
 class UnauthorizedError(MlxserveError):

@@ -26,9 +26,7 @@ T = TypeVar("T")
 class EngineThread:
     def __init__(self, name: str) -> None:
         self._steppers: list[Callable[[], bool]] = []
-        self._inbox: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = (
-            queue.SimpleQueue()
-        )
+        self._inbox: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self._busy = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()

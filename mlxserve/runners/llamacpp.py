@@ -223,8 +223,9 @@ class LlamaCppRunner:
                 return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
             return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
         except (ValueError, RuntimeError) as exc:
-            raise InvalidRequestError(f"cannot build a grammar from this JSON schema: {exc}") \
-                from exc
+            raise InvalidRequestError(
+                f"cannot build a grammar from this JSON schema: {exc}"
+            ) from exc
 
     def _logits_processors(
         self, request: GenerateRequest, captured: dict[str, np.ndarray]

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from modelstore.errors import MlxserveError
 from modelstore.store import HOME_ENV, default_root
@@ -35,6 +36,7 @@ ENVIRONMENT = {
     "log_level": "MLXSERVE_LOG_LEVEL",
     "sse_keepalive_s": "MLXSERVE_SSE_KEEPALIVE_S",
     "prompt_cache_bytes": "MLXSERVE_PROMPT_CACHE_BYTES",
+    "group_step_timeout_s": "MLXSERVE_GROUP_STEP_TIMEOUT_S",
 }
 
 
@@ -96,6 +98,9 @@ class Settings:
     batching from growing memory without limit, with ``num_parallel`` x context for slots."""
     sse_keepalive_s: float = 5.0
     """How often an SSE stream sends a comment line while the prompt is still being read."""
+    group_step_timeout_s: float = 30.0
+    """With ``--distributed``: a batch step (a long prefill included) that takes longer means a
+    rank hangs; its model is then marked unavailable (docs/DISTRIBUTED.md)."""
 
     @property
     def is_loopback(self) -> bool:
@@ -141,11 +146,32 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
+def split_host(value: str) -> tuple[str, int | None]:
+    """``MLXSERVE_HOST`` as ``OLLAMA_HOST``: ``host``, ``host:port``, ``[::1]:port`` or a URL
+    (``http://host:port``); the port is ``None`` when not given."""
+    text = value.strip()
+    if "://" not in text:
+        text = f"//{text}"
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"invalid host {value!r} (examples: 127.0.0.1, 127.0.0.1:11500)") \
+            from None
+    if not parts.hostname or parts.path not in ("", "/") or parts.username:
+        raise ConfigError(f"invalid host {value!r} (examples: 127.0.0.1, 127.0.0.1:11500)")
+    return parts.hostname, port
+
+
 def _apply(settings: Settings, values: dict[str, Any], source: str) -> None:
     known = {f.name for f in fields(Settings)}
     for key, value in values.items():
         if key not in known:
             raise ConfigError(f"{source}: unknown setting {key!r}")
+        if key == "host" and isinstance(value, str):
+            value, port = split_host(value)
+            if port is not None:
+                settings.port = port
         setattr(settings, key, _coerce(key, value))
 
 

@@ -36,11 +36,25 @@ LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 _HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::[0-9]{1,5})?")
 """RFC 9110 ``Host`` for the names a local daemon answers to: a DNS name or an IP literal and
 a port; no userinfo, no percent-escapes, nothing a lenient URL parser could read two ways."""
-_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]*)(?::[0-9]{1,5})?/?")
-"""RFC 6454 serialized origin: scheme, host and port only."""
 OPEN_PATHS = frozenset({"/api/health"})
 """Answer without an API key: liveness checks carry no data."""
 log = logging.getLogger("mlxserve.access")
+DEFAULT_ORIGINS = (
+    *(f"{scheme}://{host}{port}" for scheme in ("http", "https")
+      for host in ("localhost", "127.0.0.1", "0.0.0.0", "[::1]") for port in ("", ":*")),
+    "app://*",
+    "file://*",
+    "tauri://*",
+    "vscode-webview://*",
+    "vscode-file://*",
+)
+"""Ollama's default origins (``envconfig/config.go``: local pages, Electron/Tauri apps) and the
+origins editor webviews send (VS Code extensions)."""
+CORS_ORIGIN = "cors_origin"
+CORS_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+CORS_HEADERS = "Authorization, Content-Type, User-Agent, Accept, X-Requested-With, X-Request-Id"
+"""What a preflight that names no headers is told it may send (Ollama allows these)."""
+CORS_MAX_AGE_S = "600"
 
 
 def _allowed_hosts(settings: Settings) -> set[str]:
@@ -57,15 +71,6 @@ def _host_name(value: str) -> str | None:
     return match.group(1).strip("[]").lower() if match else None
 
 
-def _origin_host(value: str) -> str | None:
-    """The host of an ``Origin`` header (``""`` for ``null`` and ``file://``), or ``None`` if
-    it is outside the grammar (userinfo, a path, odd characters)."""
-    if value == "null":
-        return ""
-    match = _ORIGIN.fullmatch(value)
-    return match.group(1).strip("[]").lower() if match else None
-
-
 def _supplied_key(request: web.Request) -> bytes:
     """``Authorization: Bearer KEY`` (OpenAI and Ollama clients), else ``x-api-key: KEY``
     (Anthropic's clients send only that)."""
@@ -77,7 +82,7 @@ def _supplied_key(request: web.Request) -> bytes:
 
 def make_middlewares(settings: Settings, metrics: Metrics) -> list[Callable]:
     hosts = _allowed_hosts(settings)
-    origins = {origin.rstrip("/") for origin in settings.allowed_origins}
+    allowed_origin = origin_matcher(settings.allowed_origins)
     key = settings.api_key.encode() if settings.api_key else None
 
     @web.middleware
@@ -121,16 +126,9 @@ def make_middlewares(settings: Settings, metrics: Metrics) -> list[Callable]:
 
     @web.middleware
     async def access_control(request: web.Request, handler: Handler) -> web.StreamResponse:
-        """DNS rebinding (Host), browsers on foreign sites (Origin), and the API key."""
+        """DNS rebinding (Host) and the API key (browsers' Origin: ``cors``)."""
         if _host_name(request.headers.get("Host", "")) not in hosts:
             raise ForbiddenError("this Host is not allowed (DNS rebinding protection)")
-        origin = request.headers.get("Origin")
-        if origin is not None:
-            origin_host = _origin_host(origin)
-            if origin_host is None:
-                raise ForbiddenError("malformed Origin header")
-            if origin_host not in LOCAL_NAMES and origin.rstrip("/") not in origins:
-                raise ForbiddenError(f"origin {origin} is not allowed")
         needs_key = key is not None and request.path not in OPEN_PATHS
         if needs_key and not hmac.compare_digest(_supplied_key(request), key):
             raise UnauthorizedError(
@@ -172,7 +170,55 @@ def make_middlewares(settings: Settings, metrics: Metrics) -> list[Callable]:
                 request_id=request_id,
             ) from None
 
-    return [request_context, access_control, error_shape]
+    @web.middleware
+    async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Browsers, extensions and editor webviews (``Origin``), as Ollama answers them: an
+        allowed origin gets its preflight answered and the CORS headers on every response
+        (``add_cors_headers``); any other origin is refused before a handler runs."""
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return await handler(request)
+        if not allowed_origin(origin):
+            raise ForbiddenError(
+                f"origin {origin} is not allowed (add it to MLXSERVE_ORIGINS; see docs/API.md)"
+            )
+        request[CORS_ORIGIN] = origin
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            return web.Response(status=204)  # a preflight carries no credentials: no key check
+        return await handler(request)
+
+    return [request_context, cors, access_control, error_shape]
+
+
+def origin_matcher(extra: list[str]) -> Callable[[str], bool]:
+    """Whether an ``Origin`` is allowed: Ollama's defaults (``DEFAULT_ORIGINS``) plus
+    ``MLXSERVE_ORIGINS``, where ``*`` matches any run of characters but ``/``, ``@`` and
+    blanks, so a pattern never lets userinfo or a path through."""
+    patterns = [*DEFAULT_ORIGINS, *(o.strip().rstrip("/") for o in extra if o.strip())]
+    regex = re.compile(
+        "|".join(
+            "(?:" + "[^/@\\s]*".join(re.escape(part) for part in pattern.split("*")) + ")"
+            for pattern in patterns
+        ),
+        re.IGNORECASE,
+    )
+    return lambda origin: any(regex.fullmatch(o) for o in (origin, origin.removesuffix("/")))
+
+
+async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: streams and errors of an allowed origin carry CORS headers."""
+    origin = request.get(CORS_ORIGIN)
+    if origin is None:
+        return
+    response.headers["Access-Control-Allow-Origin"] = origin
+    response.headers["Vary"] = "Origin"
+    response.headers["Access-Control-Expose-Headers"] = REQUEST_ID_HEADER
+    if request.method == "OPTIONS":
+        response.headers["Access-Control-Allow-Methods"] = CORS_METHODS
+        response.headers["Access-Control-Allow-Headers"] = request.headers.get(
+            "Access-Control-Request-Headers", CORS_HEADERS
+        )
+        response.headers["Access-Control-Max-Age"] = CORS_MAX_AGE_S
 
 
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
