@@ -245,8 +245,11 @@ def test_a_render_on_another_thread_keeps_its_own_budget() -> None:
         "{{ messages[0].content }}"
     )
     with ThreadPoolExecutor(4) as pool:
-        prompts = list(pool.map(lambda n: render_chat(loop, [{"role": "user", "content": n}]),
-                                ["a", "b", "c", "d"]))
+        prompts = list(
+            pool.map(
+                lambda n: render_chat(loop, [{"role": "user", "content": n}]), ["a", "b", "c", "d"]
+            )
+        )
     assert prompts == ["a", "b", "c", "d"]
 
 
