@@ -31,7 +31,8 @@ SKIPPED_OPERATIONS = ("/api/pull", "/api/push")
 """They talk to a registry (none here; ``tests/test_registry.py`` runs one)."""
 RENAMED_OPERATIONS = frozenset(
     {"/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/show",
-     "/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
+     "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
+     "/v1/messages", "/v1/messages/count_tokens"}
 )  # fmt: skip
 """Operations whose ``model`` may be swapped for a real one (never delete, copy or create)."""
 STATE_DEPENDENT_CODES = frozenset(
@@ -73,7 +74,9 @@ def aim_at_real_models(case: Any) -> None:
     if pick >= len(REAL_MODELS):
         return
     body["model"] = REAL_MODELS[pick]
-    if case.operation.path.startswith("/v1/"):
+    if case.operation.path == "/v1/responses":
+        body["max_output_tokens"] = GENERATION_CAP
+    elif case.operation.path.startswith("/v1/"):
         body.pop("max_completion_tokens", None)
         body["max_tokens"] = GENERATION_CAP
     else:
