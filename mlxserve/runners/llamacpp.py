@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import warnings
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -64,11 +65,6 @@ class LlamaCppRunner:
     @property
     def max_parallel(self) -> int:
         return len(self._slots.slots) if self._slots is not None else 1
-
-    @property
-    def busy_slots(self) -> int:
-        """Slots holding a sequence now, for ``/api/ps`` and ``/metrics``."""
-        return self._slots.busy_slots if self._slots is not None else 0
 
     def _require(self) -> Any:
         if self._model is None:
@@ -235,7 +231,9 @@ class LlamaCppRunner:
             from llguidance.llamacpp import lltokenizer_from_vocab
 
             model = self._require()
-            self._guidance_tokenizer = lltokenizer_from_vocab(
-                model.vocab, eos_token=sorted(self._eog)
-            )
+            with warnings.catch_warnings():  # it calls a C function deprecated in 0.3.x, per token
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self._guidance_tokenizer = lltokenizer_from_vocab(
+                    model.vocab, eos_token=sorted(self._eog)
+                )
         return TokenMask(self._guidance_tokenizer, grammar)

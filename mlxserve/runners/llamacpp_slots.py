@@ -140,10 +140,6 @@ class SlotEngine:
         self.slots = [Slot(seq_id) for seq_id in range(slots)]
         self._waiting: deque[Sequence] = deque()
 
-    @property
-    def busy_slots(self) -> int:
-        return sum(slot.sequence is not None for slot in self.slots)
-
     def close(self) -> None:
         """Finish every sequence as cancelled and free the context (on the engine thread)."""
         for sequence in [*self._waiting, *(s.sequence for s in self.slots if s.sequence)]:
