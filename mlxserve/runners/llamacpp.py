@@ -13,6 +13,7 @@ import asyncio
 import time
 import warnings
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from typing import Any
 
 from mlxserve import platform
@@ -99,8 +100,7 @@ class LlamaCppRunner:
             )
             try:
                 slot_bytes = slot_context * kv_bytes_per_token(llama_cpp, loaded)
-                slots = parallel_slots(model.name, options.max_parallel, loaded.size(),
-                                       slot_bytes)
+                slots = parallel_slots(model.name, options.max_parallel, loaded.size(), slot_bytes)
                 eog = {
                     token
                     for token in range(loaded.n_vocab())
@@ -214,7 +214,13 @@ class LlamaCppRunner:
         def emit(item: object) -> None:
             loop.call_soon_threadsafe(chunks.put_nowait, item)
 
-        engine.submit(lambda: slots.join(request, prompt, max_tokens, emit, mask))
+        def report(joined: Future[None]) -> None:
+            """A join that never ran (the model was unloaded meanwhile) ends the stream."""
+            if joined.exception() is not None:
+                emit(joined.exception())
+
+        joined = engine.submit(lambda: slots.join(request, prompt, max_tokens, emit, mask))
+        joined.add_done_callback(report)
         try:
             async for item in drain(chunks):
                 yield item

@@ -32,8 +32,9 @@ from mlxserve.runners.threads import END
 
 RANDOM_SEED = 0xFFFFFFFF
 """llama.cpp's LLAMA_DEFAULT_SEED: a fresh random seed for each request."""
-STEP_TOKENS = 512
-"""Tokens in one ``llama_decode``: one per decoding sequence, the rest prompt chunks."""
+PREFILL_TOKENS = 512
+"""Prompt tokens one step takes at most (besides one token per decoding sequence): the chunk
+that bounds how long a new prompt can hold back the sequences already decoding."""
 
 
 class TokenMask:
@@ -128,12 +129,13 @@ class SlotEngine:
         params.n_ctx = slots * slot_context
         params.n_seq_max = slots
         params.kv_unified = False
-        params.n_batch = params.n_ubatch = STEP_TOKENS
+        self._capacity = PREFILL_TOKENS + slots
+        params.n_batch = params.n_ubatch = self._capacity
         params.n_threads = params.n_threads_batch = n_threads
         params.no_perf = True
         self._context = _internals.LlamaContext(model=model, params=params, verbose=False)
         self.slot_context = min(slot_context, llama_cpp.llama_n_ctx_seq(self._context.ctx))
-        self._batch = llama_cpp.llama_batch_init(STEP_TOKENS, 0, 1)
+        self._batch = llama_cpp.llama_batch_init(self._capacity, 0, 1)
         self._memory = llama_cpp.llama_get_memory(self._context.ctx)
         self._vocab = model.n_vocab()
         self._eog = eog
@@ -159,14 +161,18 @@ class SlotEngine:
         mask: TokenMask | None,
     ) -> None:
         """Queue a request; it takes a slot at the start of the next step."""
-        state = DecodeState(
-            text=TextStream(ByteDetokenizer(self._model.detokenize), request.stop),
-            is_end_of_sequence=self._eog.__contains__,
-            max_tokens=max_tokens,
-            cancel=request.cancel,
-            prompt_tokens=len(prompt),
-        )
-        sampler = self._sampler(request)
+        try:
+            state = DecodeState(
+                text=TextStream(ByteDetokenizer(self._model.detokenize), request.stop),
+                is_end_of_sequence=self._eog.__contains__,
+                max_tokens=max_tokens,
+                cancel=request.cancel,
+                prompt_tokens=len(prompt),
+            )
+            sampler = self._sampler(request)
+        except Exception as exc:  # handed to the request's stream
+            emit(exc)
+            return
         self._waiting.append(Sequence(request, prompt, state, emit, sampler, mask))
 
     def _sampler(self, request: GenerateRequest) -> Any:
@@ -235,7 +241,7 @@ class SlotEngine:
                 self._add(sequence, sequence.pending_token, logits=True)
                 sequence.pending_token = None
                 sampling.append(sequence)
-        room = STEP_TOKENS - batch.n_tokens
+        room = self._capacity - batch.n_tokens
         for sequence in active:
             left = len(sequence.prompt) - sequence.prefilled
             if left == 0 or room == 0:
@@ -292,8 +298,11 @@ class SlotEngine:
         context's own logits buffer, in place, then llama.cpp's sampler chain on it."""
         request, index = sequence.request, sequence.logits_index
         logprob = None
-        if request.logit_bias or request.logits_processors or sequence.mask or (
-            request.logprobs is not None
+        if (
+            request.logit_bias
+            or request.logits_processors
+            or sequence.mask
+            or (request.logprobs is not None)
         ):
             pointer = self._llama_cpp.llama_get_logits_ith(self._context.ctx, index)
             logits = np.ctypeslib.as_array(pointer, shape=(self._vocab,))
