@@ -9,7 +9,7 @@ And on the llama.cpp runner (the default GGUF as it is):
     own prompt, through the daemon with as many slots as clients against the same daemon with
     one slot (``--num-parallel 1``: today's one-request-at-a-time runner).
 
-    python -m bench.load [--tokens 32] [--clients 1 4 8] [--runner all|mlx|llamacpp]
+    python -m bench.load [--tokens 32] [--clients 1 4 8] [--runner all|mlx|llamacpp] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -147,32 +147,61 @@ def start_mlx_lm_server(folder: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("mlx_lm.server did not start")
 
 
-async def llamacpp_slots(store: Any, tokens: int, client_counts: list[int]) -> dict[str, Any]:
-    """The default GGUF on the llama.cpp runner: N slots against one, same clients."""
-    result: dict[str, Any] = {"model": MODEL}
-    for label, slots in (("slots", max(client_counts)), ("one_slot", 1)):
-        daemon = Daemon(store.root, ["--num-parallel", str(slots), "--max-queue", "64"]).start()
-        try:
-            result[label] = [
-                await concurrent(daemon.url, MODEL, n, tokens, distinct=True)
-                for n in client_counts
-            ]
-        finally:
-            daemon.stop()
+async def llamacpp_slots(
+    store: Any, tokens: int, client_counts: list[int], rounds: int
+) -> dict[str, Any]:
+    """The default GGUF on the llama.cpp runner: N slots against one, same clients. The two
+    daemons take turns, ``rounds`` times, and each figure is the median of its rounds, so a
+    burst of load from elsewhere on this shared machine lands on both sides alike."""
+    configs = {"slots": max(client_counts), "one_slot": 1}
+    runs: dict[str, dict[int, list[dict[str, float]]]] = {
+        label: {n: [] for n in client_counts} for label in configs
+    }
+    for _ in range(rounds):
+        for label, slots in configs.items():
+            flags = ["--num-parallel", str(slots), "--max-queue", "64"]
+            daemon = Daemon(store.root, flags).start()
+            try:
+                for n in client_counts:
+                    runs[label][n].append(
+                        await concurrent(daemon.url, MODEL, n, tokens, distinct=True)
+                    )
+            finally:
+                daemon.stop()
+    result: dict[str, Any] = {"model": MODEL, "rounds": rounds}
+    for label in configs:
+        result[label] = [
+            {
+                "clients": n,
+                "aggregate_tokens_per_s": round(
+                    median([r["aggregate_tokens_per_s"] for r in runs[label][n]]), 2
+                ),
+                "median_ttft_s": round(median([r["median_ttft_s"] for r in runs[label][n]]), 3),
+            }
+            for n in client_counts
+        ]
+    rate = {
+        (label, r["clients"]): r["aggregate_tokens_per_s"]
+        for label in configs
+        for r in result[label]
+    }
     best = max(client_counts)
-    many = next(r for r in result["slots"] if r["clients"] == best)
-    one = next(r for r in result["slots"] if r["clients"] == 1)
-    result[f"aggregate_{best}_clients_over_1"] = round(
-        many["aggregate_tokens_per_s"] / one["aggregate_tokens_per_s"], 2
+    result[f"slots_{best}_clients_over_1_client"] = round(
+        rate["slots", best] / rate["slots", min(client_counts)], 2
+    )
+    result[f"slots_over_one_slot_at_{best}_clients"] = round(
+        rate["slots", best] / rate["one_slot", best], 2
     )
     return result
 
 
-async def measure(tokens: int, client_counts: list[int], runner: str) -> dict[str, Any]:
+async def measure(
+    tokens: int, client_counts: list[int], runner: str, rounds: int
+) -> dict[str, Any]:
     store = bench_store()
     result: dict[str, Any] = {"benchmark": "load", "tokens": tokens}
     if runner in ("all", "llamacpp"):
-        result["llamacpp"] = await llamacpp_slots(store, tokens, client_counts)
+        result["llamacpp"] = await llamacpp_slots(store, tokens, client_counts, rounds)
     if runner in ("all", "mlx"):
         result.update(await mlx_load(store, tokens, client_counts))
     return result
@@ -214,8 +243,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--runner", choices=["all", "mlx", "llamacpp"], default="all")
+    parser.add_argument("--rounds", type=int, default=2, help="llama.cpp: turns per daemon")
     args = parser.parse_args()
-    emit(asyncio.run(measure(args.tokens, args.clients, args.runner)))
+    emit(asyncio.run(measure(args.tokens, args.clients, args.runner, args.rounds)))
 
 
 if __name__ == "__main__":
