@@ -10,15 +10,18 @@ import asyncio
 import json
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import click
 
 from mlxctl.client import DaemonError
+from mlxctl.output import byte_progress
 from modelstore.default_model import DEFAULT_MODEL
-from modelstore.errors import InvalidReferenceError
+from modelstore.errors import InvalidReferenceError, ModelNotFoundError
 from modelstore.hfhub import HF_SCHEME
+from modelstore.parameters import CLI_PARAMETERS, SAMPLING_FIELDS, kind_of
 from modelstore.reference import parse_reference
 
 CHAT_HELP = """\
@@ -30,18 +33,21 @@ Commands:
   /show parameters          print the parameters in use
   /?                        this help
 Ctrl-C stops the current answer; Ctrl-D leaves."""
-SETTABLE = {
-    "temperature": float,
-    "top_p": float,
-    "top_k": int,
-    "min_p": float,
-    "repetition_penalty": float,
-    "presence_penalty": float,
-    "frequency_penalty": float,
-    "seed": int,
-    "max_tokens": int,
-    "stop": str,
-}
+SETTABLE = {name: kind_of(name) for name in SAMPLING_FIELDS if kind_of(name) is not dict}
+"""``/set parameter NAME VALUE``: every sampling knob (``modelstore/parameters.py``)."""
+
+
+def sampling_options(command: Callable) -> Callable:
+    """``--temperature``, ``--top-p``, ... : one flag per sampling knob marked for the CLI."""
+    for name in reversed(CLI_PARAMETERS):
+        kind = kind_of(name)
+        command = click.option(
+            f"--{name.replace('_', '-')}", name, type=kind, help=SAMPLING_HELP.get(name)
+        )(command)
+    return command
+
+
+SAMPLING_HELP = {"seed": "Same seed, same request, same model: same tokens."}
 
 
 def split_model_and_prompt(model: str | None, prompt: str | None) -> tuple[str, str | None]:
@@ -56,29 +62,65 @@ def split_model_and_prompt(model: str | None, prompt: str | None) -> tuple[str, 
     return model, prompt
 
 
+def print_stats(stats: dict[str, Any], reason: str | None, where: str, runner: str | None,
+                load_ns: int | None = None) -> None:
+    """The ``--verbose`` table, the same whether the model ran in this process or in the
+    daemon (``stats`` uses Ollama's names, as the daemon's final line does)."""
+
+    def rate(count: int, ns: int) -> str:
+        return f"{count / (ns / 1e9):.2f} tokens/s" if ns else "-"
+
+    cached = stats.get("cached_prompt_tokens", 0)
+    load = stats.get("load_duration", 0) if load_ns is None else load_ns
+    rows = [
+        ("ran", where),
+        ("runner", runner or "-"),
+        ("load duration", f"{load / 1e9:.3f}s"),
+        ("prompt eval count", f"{stats.get('prompt_eval_count', 0)} token(s)"
+         + (f" ({cached} from cache)" if cached else "")),
+        ("prompt eval rate", rate(stats.get("prompt_eval_count", 0) - cached,
+                                  stats.get("prompt_eval_duration", 0))),
+        ("eval count", f"{stats.get('eval_count', 0)} token(s)"),
+        ("eval rate", rate(stats.get("eval_count", 0), stats.get("eval_duration", 0))),
+        ("total duration", f"{stats.get('total_duration', 0) / 1e9:.3f}s"),
+        ("done reason", reason or "-"),
+    ]
+    click.echo("\n".join(f"{name + ':':<22}{value}" for name, value in rows), err=True)
+
+
+def print_prompt(prompt: str, tokens: int) -> None:
+    """``--verbose``: the prompt the template rendered, as the model sees it."""
+    click.echo(f"--- rendered prompt ({tokens} tokens) ---\n{prompt}\n---", err=True)
+
+
 @dataclass
 class ChatState:
     overrides: dict[str, Any]
     system: str | None = None
+    think: bool | str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
 class DaemonSession:
     """The same interface as ``Session``, answered by a running daemon (``mlxctl serve``)."""
 
-
     def __init__(self, client: Any, name: str, as_json: bool, verbose: bool) -> None:
         self.client, self.name = client, name
         self.as_json, self.verbose = as_json, verbose
+        self.last_reason: str | None = None
 
     def load(self) -> None:
         self.client.post("/api/generate", {"model": self.name})
 
+    def model_names(self) -> list[str]:
+        """What the daemon's store holds (its store may not be this machine's)."""
+        return [model["name"] for model in self.client.get("/api/tags").get("models", [])]
+
     def _options(self, overrides: dict[str, Any]) -> dict[str, Any]:
         """Our parameter names -> Ollama's (the daemon maps them back)."""
-        from mlxserve.server.options import OLLAMA_OPTIONS
+        from modelstore.parameters import api_names
 
-        ollama_names = {target: name for name, (target, _) in OLLAMA_OPTIONS.items()}
+        ollama_names = {field: wire for wire, (field, _) in api_names("ollama").items()}
         return {ollama_names.get(k, k): v for k, v in overrides.items()}
 
     def _print(self, lines: Any, field: str) -> str:
@@ -95,26 +137,69 @@ class DaemonSession:
                     sys.stdout.write(text)
                 sys.stdout.flush()
                 if line.get("done"):
+                    self.last_reason = line.get("done_reason")
                     if not self.as_json:
                         sys.stdout.write("\n")
                     if self.verbose:
-                        click.echo(json.dumps({k: v for k, v in line.items()
-                                               if k.endswith(("count", "duration"))}), err=True)
+                        print_stats(line, line.get("done_reason"),
+                                    f"through the daemon at {self.client.address}",
+                                    self.runner())
         except KeyboardInterrupt:
+            self.last_reason = "cancelled"
             click.echo("\n[stopped]", err=True)
         return "".join(pieces)
 
+    def runner(self) -> str | None:
+        """Which runner the daemon holds the model in (``/api/ps``), for the stats table."""
+        for model in self.client.get("/api/ps").get("models", []):
+            if model.get("name") == self.name or model.get("model") == self.name:
+                return str(model.get("runner") or "") or None
+        return None
+
     def one_shot(self, prompt: str, state: ChatState, raw: bool) -> None:
-        body = {"model": self.name, "prompt": prompt, "raw": raw, "system": state.system,
-                "options": self._options(state.overrides)}
+        body = {
+            "model": self.name,
+            "prompt": prompt,
+            "raw": raw,
+            "system": state.system,
+            "think": state.think,
+            "options": self._options(state.overrides),
+        }
         self._print(self.client.stream("/api/generate", body), "response")
 
-    def chat(self, messages: list[dict[str, Any]], overrides: dict[str, Any]) -> str:
-        body = {"model": self.name, "messages": messages, "options": self._options(overrides)}
+    def chat(self, messages: list[dict[str, Any]], state: ChatState) -> str:
+        self.last_reason = None
+        body = {
+            "model": self.name,
+            "messages": messages,
+            "think": state.think,
+            "options": self._options(state.overrides),
+        }
         return self._print(self.client.stream("/api/chat", body), "message")
 
     def close(self) -> None:
         """The daemon keeps the model for its keep_alive."""
+
+
+def convert_with_progress(store: Any, name: str, runner: str | None) -> None:
+    """Convert a GGUF the MLX runner will load, under a progress bar (the first load of a
+    model only: the runner then finds the conversion in its cache)."""
+    from mlxserve import platform
+    from mlxserve.runners.gguf_convert import conversion_size, convert_gguf
+    from mlxserve.runners.mlx import derived_folder
+    from mlxserve.runners.select import choose_runner
+    from modelstore.runtime import open_model
+
+    model = open_model(store, name)
+    if model.format != "gguf" or choose_runner(model, runner) != "mlx":
+        return
+    dequantize = platform.mlx_dequantize_weights()
+    folder = derived_folder(model, dequantize)
+    if (folder / "config.json").is_file():
+        return
+    total = conversion_size(model.weights[0])
+    with byte_progress(f"converting {model.name} to MLX", total) as progress:
+        convert_gguf(model.weights[0], folder, dequantize=dequantize, progress=progress)
 
 
 class Session:
@@ -126,6 +211,7 @@ class Session:
         self.loop = asyncio.new_event_loop()
         self.loaded: Any = None
         self.last_reason: str | None = None
+        self.load_ns = 0
 
     def load(self) -> None:
         from mlxserve.inference import LoadedModel
@@ -135,67 +221,82 @@ class Session:
         store = ModelStore()
         if self.name == DEFAULT_MODEL:
             ensure_default_model(store)
+        convert_with_progress(store, self.name, self.runner_name)
         self.loaded = self.loop.run_until_complete(
             LoadedModel.load(store, self.name, self.runner_name)
         )
+        self.load_ns = self.loaded.info.load_duration_ns
 
-    def answer(self, request: Any) -> str:
+    def model_names(self) -> list[str]:
+        from modelstore.store import ModelStore
+
+        return [model.name for model in ModelStore().list()]
+
+    def answer(self, chat: Any) -> str:
         """Stream one answer to stdout; Ctrl-C cancels it (within a token) and keeps the chat.
 
+        The answer runs through the daemon's own chat core (``mlxserve/chat/core.py``), so
+        thinking, tool calls and ``--json`` lines are exactly what the daemon would send.
         SIGINT is turned into the request's cancel token while an answer streams, so the
         runner ends the generation cleanly instead of an exception tearing through the loop.
         """
+        from mlxserve.chat.core import ChatRun, prepare
+
+        prepared = prepare(self.loaded, chat)
+        if self.verbose:
+            print_prompt(prepared.prompt, len(prepared.request.prompt_tokens or []))
+        load_ns, self.load_ns = self.load_ns, 1
+        run = ChatRun(chat, self.loaded, prepared, load_ns=load_ns)
         pieces: list[str] = []
-        self.loop.add_signal_handler(signal.SIGINT, request.cancel.cancel)
+        self.loop.add_signal_handler(signal.SIGINT, prepared.request.cancel.cancel)
         try:
-            self.loop.run_until_complete(self._stream(request, pieces))
+            self.loop.run_until_complete(self._stream(chat, run, pieces))
         finally:
             self.loop.remove_signal_handler(signal.SIGINT)
+            self.loop.run_until_complete(run.close())
         if self.last_reason == "cancelled":
             click.echo("[stopped]", err=True)
         return "".join(pieces)
 
-    async def _stream(self, request: Any, pieces: list[str]) -> None:
-        from mlxserve.api.types import GenerateResponse
+    async def _stream(self, chat: Any, run: Any, pieces: list[str]) -> None:
+        from mlxserve.server.api_native import ChatEncoder, GenerateEncoder
 
-        async for chunk in self.loaded.generate(request):
-            if self.as_json:
-                line = GenerateResponse.from_chunk(str(self.loaded.model.name), chunk)
-                sys.stdout.write(json.dumps(line.to_dict(), ensure_ascii=False) + "\n")
-            elif chunk.text:
-                sys.stdout.write(chunk.text)
-            sys.stdout.flush()
-            pieces.append(chunk.text)
-            if chunk.done:
-                self.last_reason = chunk.done_reason
-                if not self.as_json:
-                    sys.stdout.write("\n")
-                    sys.stdout.flush()
-                if self.verbose and chunk.stats:
-                    self._report(chunk.stats, chunk.done_reason)
+        encoder = (GenerateEncoder if chat.prompt is not None else ChatEncoder)(chat, {})
+        await self._show(await run.first(), encoder, pieces)
+        async for event in run.rest():
+            await self._show(event, encoder, pieces)
 
-    def _report(self, stats: Any, reason: str | None) -> None:
-        def rate(count: int, ns: int) -> str:
-            return f"{count / (ns / 1e9):.2f} tokens/s" if ns else "-"
+    async def _show(self, event: Any, encoder: Any, pieces: list[str]) -> None:
+        from mlxserve.chat.types import Done, ErrorEvent, TextDelta, ThinkingDelta, ToolCallEvent
 
-        info = self.loaded.info
-        evaluated = stats.prompt_eval_count - stats.cached_prompt_tokens
-        click.echo(
-            "\n".join(
-                [
-                    f"runner:               {info.runner} ({info.format})",
-                    f"load duration:        {info.load_duration_ns / 1e9:.3f}s",
-                    f"prompt eval count:    {stats.prompt_eval_count} token(s) "
-                    f"({stats.cached_prompt_tokens} from cache)",
-                    f"prompt eval rate:     {rate(evaluated, stats.prompt_eval_duration)}",
-                    f"eval count:           {stats.eval_count} token(s)",
-                    f"eval rate:            {rate(stats.eval_count, stats.eval_duration)}",
-                    f"total duration:       {stats.total_duration / 1e9:.3f}s",
-                    f"done reason:          {reason}",
-                ]
-            ),
-            err=True,
-        )
+        if isinstance(event, ErrorEvent):
+            raise event.error
+        if self.as_json:
+            for line in encoder.encode(event):
+                sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
+        elif isinstance(event, TextDelta):
+            sys.stdout.write(event.text)
+            pieces.append(event.text)
+        elif isinstance(event, ThinkingDelta):
+            click.secho(event.text, dim=True, nl=False)
+        elif isinstance(event, ToolCallEvent):
+            call = {"name": event.call.name, "arguments": event.call.arguments}
+            sys.stdout.write(f"[tool call] {json.dumps(call)}\n")
+        sys.stdout.flush()
+        if isinstance(event, Done):
+            self.last_reason = event.reason
+            if not self.as_json:
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+            if self.verbose:
+                info = self.loaded.info
+                print_stats(
+                    vars(event.stats),
+                    event.reason,
+                    "in this process",
+                    f"{info.runner} ({info.format})",
+                    info.load_duration_ns,
+                )
 
     def close(self) -> None:
         if self.loaded is not None:
@@ -209,9 +310,19 @@ def chat_turn(session: Session | DaemonSession, state: ChatState, text: str) -> 
         messages.insert(0, {"role": "system", "content": state.system})
     messages.append({"role": "user", "content": text})
     if isinstance(session, DaemonSession):
-        reply = session.chat(messages, state.overrides)
+        reply = session.chat(messages, state)
     else:
-        reply = session.answer(session.loaded.chat_request(messages, state.overrides))
+        from mlxserve.chat.types import ChatRequest, Message
+
+        chat = ChatRequest(
+            session.name,
+            messages=[Message(m["role"], m["content"]) for m in messages],
+            sampling=dict(state.overrides),
+            think=state.think,
+        )
+        reply = session.answer(chat)
+    if session.last_reason == "cancelled":
+        return  # as Ollama: an answer cut with Ctrl-C is not part of the conversation
     state.history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
 
 
@@ -267,32 +378,33 @@ def interactive(session: Session | DaemonSession, state: ChatState) -> None:
 @click.argument("model", required=False)
 @click.argument("prompt", required=False)
 @click.option("--runner", type=click.Choice(["mlx", "llamacpp"]), help="Force a runner.")
-@click.option("--temperature", type=float)
-@click.option("--top-p", type=float)
-@click.option("--top-k", type=int)
-@click.option("--seed", type=int, help="Same seed, same request, same model: same tokens.")
-@click.option("--max-tokens", type=int)
+@sampling_options
 @click.option("--system", help="System prompt (replaces the model's).")
+@click.option(
+    "--think",
+    type=click.Choice(["true", "false", "low", "medium", "high"]),
+    help="Thinking on, off, or at a level (models that think; shown dimmed).",
+)
 @click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
 @click.option("--local", is_flag=True, help="Run in this process even if a daemon is up.")
 @click.option("--json", "as_json", is_flag=True, help="Stream NDJSON chunks (daemon shape).")
 @click.option("--verbose", is_flag=True, help="Print load time and tokens/s afterwards.")
 @click.option("--insecure", is_flag=True, help="Pull a missing model over plain HTTP.")
+@click.option("--host", envvar="MLXSERVE_HOST",
+              help="The daemon's address, host:port (default: MLXSERVE_HOST, else the config).")
 def run_command(
     model: str | None,
     prompt: str | None,
     runner: str | None,
-    temperature: float | None,
-    top_p: float | None,
-    top_k: int | None,
-    seed: int | None,
-    max_tokens: int | None,
     system: str | None,
+    think: str | None,
     raw: bool,
     local: bool,
     as_json: bool,
     verbose: bool,
     insecure: bool,
+    host: str | None,
+    **sampling: Any,
 ) -> None:
     """Run a model: one answer if a prompt is given (or piped in), else an interactive chat.
 
@@ -311,31 +423,57 @@ def run_command(
         name = ensure_pulled(name, insecure=insecure)
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read().strip() or None
-    overrides = {
-        "temperature": temperature,
-        "top_p": top_p,
-        "top_k": top_k,
-        "seed": seed,
-        "max_tokens": max_tokens,
-    }
-    state = ChatState({k: v for k, v in overrides.items() if v is not None}, system)
-    session = choose_session(name, runner, local, as_json, verbose)
+    state = ChatState(
+        {k: v for k, v in sampling.items() if v is not None},
+        system,
+        {"true": True, "false": False}.get(think or "", think),
+    )
+    session = choose_session(name, runner, local, as_json, verbose, host)
     try:
-        session.load()
+        try:
+            session.load()
+        except (ModelNotFoundError, DaemonError) as error:
+            if error.code != ModelNotFoundError.code:
+                raise
+            raise not_found(name, session.model_names()) from None
         if prompt is None:
             interactive(session, state)
         elif isinstance(session, DaemonSession):
             session.one_shot(prompt, state, raw)
-        elif raw:
-            session.answer(session.loaded.raw_request(prompt, state.overrides))
         else:
-            chat_turn(session, state, prompt)
+            from mlxserve.chat.types import ChatRequest
+
+            session.answer(
+                ChatRequest(name, prompt=prompt, system=state.system, raw=raw,
+                            sampling=dict(state.overrides), think=state.think)
+            )
     finally:
         session.close()
 
 
+SUGGESTIONS = 3
+SIMILARITY = 0.5
+"""``difflib`` ratio above which a known name is offered as "did you mean"."""
+
+
+def not_found(name: str, known: list[str]) -> ModelNotFoundError:
+    """``mlxctl run hi``: "hi" names no model; say which names are close and how to ask the
+    default model a one-word question, instead of only "model 'hi:latest' not found"."""
+    import difflib
+
+    short = {n.removesuffix(":latest"): n for n in known}
+    close = [short[c] for c in difflib.get_close_matches(name, list(short), SUGGESTIONS,
+                                                          SIMILARITY)]
+    lines = [f"no model named '{name}' (`mlxctl list` shows the models in the store)."]
+    if close:
+        lines.append("Did you mean: " + ", ".join(close) + "?")
+    lines.append(f'To ask the default model, name it first: mlxctl run {DEFAULT_MODEL} "{name}"')
+    return ModelNotFoundError("\n".join(lines), model=name, suggestions=close)
+
+
 def choose_session(
-    name: str, runner: str | None, local: bool, as_json: bool, verbose: bool
+    name: str, runner: str | None, local: bool, as_json: bool, verbose: bool,
+    host: str | None = None,
 ) -> Session | DaemonSession:
     """The daemon when one is up (it keeps models warm), else this process.
 
@@ -344,7 +482,7 @@ def choose_session(
     if not local and runner is None:
         from mlxctl.client import DaemonClient
 
-        client = DaemonClient.from_environment()
+        client = DaemonClient.from_environment(host)
         if client.is_up():
             if name == DEFAULT_MODEL:
                 from modelstore.default_model import ensure_default_model

@@ -15,7 +15,9 @@ from rich.table import Table
 from mlxctl.output import byte_progress, console, human_age, human_size, print_json
 from modelstore import mediatypes
 from modelstore.draft import GENERATED_LAYERS, ModelConfig
+from modelstore.runtime import template_in_use
 from modelstore.store import ModelStore, StoredModel
+from modelstore.templates import template_warning
 
 if TYPE_CHECKING:
     from modelstore.importer import ImportResult
@@ -36,14 +38,26 @@ def short_digest(digest: str) -> str:
     "--from-hf-cache", "from_hf_cache", is_flag=True,
     help="PATH is ORG/REPO[@REVISION] in the local Hugging Face cache; no PATH lists the cache.",
 )
-@click.option("--all", "import_all", is_flag=True, help="With --from-hf-cache: import every model.")
+@click.option(
+    "--from-ollama", "from_ollama", is_flag=True,
+    help="PATH is NAME[:TAG] in Ollama's store ($OLLAMA_MODELS); no PATH lists the store.",
+)
+@click.option(
+    "--from-lmstudio", "from_lmstudio", is_flag=True,
+    help="PATH is PUBLISHER/REPO[/FILE.gguf] in LM Studio's models folder ($LMSTUDIO_MODELS).",
+)
+@click.option("--all", "import_all", is_flag=True, help="With --from-*: import every model.")
+@click.option("--dry-run", is_flag=True, help="With --from-*: list what would be imported.")
 @json_option
 def import_command(
     path: str | None,
     name: str | None,
     force_copy: bool,
     from_hf_cache: bool,
+    from_ollama: bool,
+    from_lmstudio: bool,
     import_all: bool,
+    dry_run: bool,
     as_json: bool,
 ) -> None:
     """Add a model to the store: an HF-style folder, a .gguf file or a packed archive.
@@ -55,10 +69,21 @@ def import_command(
       mlxctl import smollm2.tar
       mlxctl import --from-hf-cache                       what the HF cache holds
       mlxctl import --from-hf-cache mlx-community/SmolLM2-135M-Instruct
+      mlxctl import --from-ollama                         what Ollama holds
+      mlxctl import --from-ollama llama3.2:1b
+      mlxctl import --from-ollama --all --dry-run --json
+      mlxctl import --from-lmstudio lmstudio-community/Qwen3-4B-GGUF
     """
     from modelstore.importer import import_path, source_size
 
     store = ModelStore()
+    if from_ollama or from_lmstudio:
+        from mlxctl.foreign_stores import import_from_lmstudio, import_from_ollama
+
+        run = import_from_ollama if from_ollama else import_from_lmstudio
+        run(store, path, name, import_all=import_all, dry_run=dry_run, as_json=as_json,
+            allow_link=not force_copy)
+        return
     if from_hf_cache:
         from mlxctl.hf_cache import import_from_hf_cache
 
@@ -76,10 +101,12 @@ def report_import(result: ImportResult, as_json: bool) -> None:
     models, hows = result.models, {k: str(v) for k, v in result.files.items()}
     if as_json:
         print_json(
-            [{"name": m.name, "digest": m.manifest_digest, "size": m.size, "files": hows}
-             for m in models]
+            [{"name": m.name, "digest": m.manifest_digest, "size": m.size, "files": hows,
+              "warnings": result.warnings} for m in models]
         )
         return
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
     for model in models:
         linked = sum(1 for how in hows.values() if how == "hardlink")
         note = f", {linked} file(s) hard-linked" if linked else ""
@@ -143,7 +170,10 @@ def _show_data(store: ModelStore, model: StoredModel) -> dict[str, Any]:
     params = store.text_layer(model, mediatypes.PARAMS)
     data["parameters"] = json.loads(params) if params else {}
     data["system"] = store.text_layer(model, mediatypes.SYSTEM_PROMPT)
-    data["template"] = store.text_layer(model, mediatypes.CHAT_TEMPLATE)
+    data["template"] = template_in_use(store, model, config)
+    data["template_source"] = config.template_source
+    warning = template_warning(config.template_source)
+    data["warnings"] = [warning] if warning else []
     layers = []
     for layer in model.manifest.layers:
         path = store.blobs.path(layer.digest)
@@ -186,13 +216,20 @@ def show_command(name: str, as_json: bool) -> None:
             console.print(f"  {key:<20} {value}")
     if data["system"]:
         console.print(f"\n[bold]system[/]\n  {data['system']}")
+    for warning in data["warnings"]:
+        console.print(f"\n[yellow]warning:[/] {warning}")
+    if data["template_source"] and data["template"]:
+        console.print("\n[bold]template (inferred)[/]")
+        console.print(data["template"], markup=False, highlight=False)
     files = Table(box=None, header_style="bold", title="files", title_justify="left")
     for column in ("FILE", "TYPE", "SIZE", "STORED AS", "DIGEST"):
         files.add_column(column)
     generated = set(GENERATED_LAYERS.values())
     for layer in data["layers"]:
         kind = layer["media_type"].removeprefix("application/vnd.mlxserve.model.")
-        title = layer["title"] + (" (from spec)" if layer["title"] in generated else "")
+        origin = "inferred" if data["template_source"] and kind.startswith("template") \
+            else "from spec"
+        title = layer["title"] + (f" ({origin})" if layer["title"] in generated else "")
         files.add_row(title, kind, human_size(layer["size"]), layer["storage"],
                       short_digest(layer["digest"]))
     console.print()

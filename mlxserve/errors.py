@@ -1,7 +1,7 @@
 """Errors of the inference core and the daemon, on top of ``modelstore.errors``.
 
-Codes are stable: clients match on them. ``mlxserve.server.errors`` maps each code to an HTTP
-status; nothing else does.
+Codes are stable: clients match on them. Each class carries its HTTP status;
+``mlxserve.server.errors`` turns an error into each API's error body.
 """
 
 from __future__ import annotations
@@ -15,28 +15,40 @@ class ModelNotLoadedError(MlxserveError):
 
 class UnsupportedArchitectureError(MlxserveError):
     code = "unsupported_architecture"
+    http_status = 400
+
+
+class UnsupportedQuantizationError(MlxserveError):
+    """A GGUF tensor type that cannot be dequantized for MLX (it still runs on llama.cpp)."""
+
+    code = "unsupported_quantization"
+    http_status = 400
 
 
 class UnsupportedFormatError(MlxserveError):
     """A model whose format no installed runner can run (``details['runners']`` says which can)."""
 
     code = "unsupported_format"
+    http_status = 400
 
 
 class RunnerUnavailableError(MlxserveError):
     """A runner whose library is not installed; the message names the extra to install."""
 
     code = "runner_unavailable"
+    http_status = 501
 
 
 class ContextOverflowError(MlxserveError):
     """A prompt (plus what it asks to generate) that does not fit the context; never truncated."""
 
     code = "context_overflow"
+    http_status = 400
 
 
 class OutOfMemoryError(MlxserveError):
     code = "out_of_memory"
+    http_status = 507
 
 
 class InferenceError(MlxserveError):
@@ -47,44 +59,53 @@ class InvalidRequestError(MlxserveError):
     """A request that is well-formed JSON but asks for something invalid."""
 
     code = "invalid_request"
+    http_status = 400
 
 
 class UnsupportedFeatureError(MlxserveError):
     """A request option the chosen runner cannot honour (never ignored silently)."""
 
     code = "unsupported_feature"
+    http_status = 400
 
 
 class TemplateError(MlxserveError):
     """A chat template that fails to compile or render (including sandbox violations)."""
 
     code = "template_error"
+    http_status = 400
 
 
 class QueueFullError(MlxserveError):
     code = "queue_full"
+    http_status = 429
 
 
 class UnauthorizedError(MlxserveError):
     code = "unauthorized"
+    http_status = 401
 
 
 class ForbiddenError(MlxserveError):
     code = "forbidden"
+    http_status = 403
 
 
 class NotFoundError(MlxserveError):
     """A path the daemon does not serve."""
 
     code = "not_found"
+    http_status = 404
 
 
 class MethodNotAllowedError(MlxserveError):
     code = "method_not_allowed"
+    http_status = 405
 
 
 class RequestTooLargeError(MlxserveError):
     code = "request_too_large"
+    http_status = 413
 
 
 class InternalError(MlxserveError):

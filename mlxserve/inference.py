@@ -7,14 +7,16 @@ the same prompt string whichever library runs them.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlxserve.chat.family import ModelFamily, detect_family
+from mlxserve.chat.types import ChatRequest, Message
 from mlxserve.errors import InvalidRequestError
-from mlxserve.prompts import CHATML_TEMPLATE, build_messages, render_chat
+from mlxserve.prompts import CHATML_TEMPLATE
 from mlxserve.runners.base import (
     GenerateChunk,
     GenerateRequest,
@@ -24,16 +26,12 @@ from mlxserve.runners.base import (
 )
 from mlxserve.runners.select import choose_runner, make_runner
 from modelstore.model import GENERATION_PARAMETERS, LocalModel
+from modelstore.parameters import SAMPLING_FIELDS
 from modelstore.runtime import open_model
 from modelstore.store import ModelStore
 
-REQUEST_FIELDS = (
-    *GENERATION_PARAMETERS,
-    "logprobs",
-    "logit_bias",
-    "repetition_context_size",
-    "response_format",
-)
+REQUEST_FIELDS = (*SAMPLING_FIELDS, "logprobs", "response_format")
+"""What a caller may set on a request: the sampling knobs and two output options."""
 
 
 def build_request(
@@ -50,20 +48,14 @@ def build_request(
         raise InvalidRequestError(f"unknown option(s): {', '.join(sorted(unknown))}")
     values = {k: v for k, v in model.parameters.items() if k in GENERATION_PARAMETERS}
     values.update({k: v for k, v in overrides.items() if v is not None})
-    stop = values.pop("stop", None) or []
-    if isinstance(stop, str):
-        stop = [stop]
-    request = GenerateRequest(
+    if isinstance(values.get("stop"), str):
+        values["stop"] = [values["stop"]]
+    return GenerateRequest(
         prompt=prompt,
         prompt_tokens=prompt_tokens,
-        stop=list(stop),
         add_special_tokens=add_special_tokens,
+        **values,
     )
-    for key, value in values.items():
-        setattr(request, key, value)
-    if request.logit_bias:
-        request.logit_bias = {int(k): float(v) for k, v in request.logit_bias.items()}
-    return request
 
 
 @dataclass
@@ -72,8 +64,6 @@ class LoadedModel:
     runner: ModelRunner
     info: LoadedModelInfo
     loaded_at: float = field(default_factory=time.time)
-    load_reported: bool = False
-    """Ollama reports ``load_duration`` on the request that paid for the load, then 0."""
 
     @classmethod
     async def load(
@@ -92,38 +82,42 @@ class LoadedModel:
     def template(self) -> str:
         return self.model.chat_template or self.runner.chat_template or CHATML_TEMPLATE
 
-    def chat_prompt(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
-    ) -> str:
-        return render_chat(
-            self.template,
-            build_messages(messages, self.model.system),
-            add_generation_prompt=True,
-            tools=tools,
-            **self.runner.special_tokens,
+    @functools.cached_property
+    def family(self) -> ModelFamily:
+        """Tool-call format, think and FIM tokens: read once from the template and vocabulary."""
+        return detect_family(self.runner, self.template)
+
+    def _plain_chat(
+        self, messages: list[dict[str, Any]], overrides: dict[str, Any] | None = None
+    ) -> ChatRequest:
+        return ChatRequest(
+            self.model.name,
+            messages=[Message(m["role"], m.get("content") or "") for m in messages],
+            sampling=dict(overrides or {}),
         )
 
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
+        """The prompt the chat core renders for plain ``{"role", "content"}`` messages."""
+        from mlxserve.chat.core import render_prompt
+
+        return render_prompt(self, self._plain_chat(messages))[0]
+
     def chat_request(
-        self,
-        messages: list[dict[str, Any]],
-        overrides: dict[str, Any],
-        tools: list[dict[str, Any]] | None = None,
+        self, messages: list[dict[str, Any]], overrides: dict[str, Any]
     ) -> GenerateRequest:
-        prompt = self.chat_prompt(messages, tools)
-        tokens = self.runner.tokenize(prompt, add_special_tokens=False)
-        return build_request(self.model, overrides, prompt=prompt, prompt_tokens=tokens)
+        """The generation request the chat core makes of plain messages (tests, benches)."""
+        from mlxserve.chat.core import prepare
+
+        return prepare(self, self._plain_chat(messages, overrides)).request
 
     def raw_request(self, prompt: str, overrides: dict[str, Any]) -> GenerateRequest:
-        return build_request(self.model, overrides, prompt=prompt, add_special_tokens=True)
+        from mlxserve.chat.core import prepare
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
-        async with contextlib.aclosing(self.runner.generate(request)) as chunks:
-            async for chunk in chunks:
-                if chunk.done and chunk.stats and not self.load_reported:
-                    self.load_reported = True
-                    chunk.stats.load_duration = self.info.load_duration_ns
-                    chunk.stats.total_duration += self.info.load_duration_ns
-                yield chunk
+        chat = ChatRequest(self.model.name, prompt=prompt, raw=True, sampling=dict(overrides))
+        return prepare(self, chat).request
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        return self.runner.generate(request)
 
     async def unload(self) -> None:
         await self.runner.unload()

@@ -18,7 +18,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any, NoReturn
 
-from jinja2 import Template, TemplateSyntaxError
+from jinja2 import Template, TemplateSyntaxError, meta
 from jinja2 import TemplateError as JinjaTemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
@@ -116,6 +116,14 @@ def compile_check(template: str) -> None:
     in the sandbox chats render in. (``modelstore.spec`` checks a ModelSpec's template with
     the same Jinja extensions but without importing this package.)"""
     _compile(template)
+
+
+def template_variables(template: str) -> frozenset[str]:
+    """The names a template reads from its context (``tools``, ``enable_thinking``, ...)."""
+    try:
+        return frozenset(meta.find_undeclared_variables(_ENVIRONMENT.parse(template)))
+    except TemplateSyntaxError:
+        return frozenset()
 
 
 def build_messages(messages: list[dict[str, Any]], system: str | None) -> list[dict[str, Any]]:

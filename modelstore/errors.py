@@ -1,7 +1,8 @@
 """The one error hierarchy of the project.
 
-Every error a user can meet carries a stable, machine-readable ``code``: the CLI prints it, the
-daemon puts it in the JSON error body, and ``mlxserve.server.errors`` maps it to an HTTP status.
+Every error a user can meet carries a stable, machine-readable ``code`` and the HTTP status that
+fits it: the CLI prints the code, the daemon answers with the status and the code in its JSON
+error body (``mlxserve.server.errors`` shapes it).
 It lives in ``modelstore`` because that is the lowest layer: runners and the daemon subclass
 these classes but ``modelstore`` never imports them.
 """
@@ -13,6 +14,8 @@ class MlxserveError(Exception):
     """Base of every error the project raises on purpose."""
 
     code = "internal_error"
+    http_status = 500
+    """The HTTP status the daemon answers this error with (``mlxserve/server/errors.py``)."""
 
     def __init__(self, message: str, **details: object) -> None:
         super().__init__(message)
@@ -30,59 +33,71 @@ class InvalidReferenceError(MlxserveError):
     """A model reference that does not match the grammar (see ``modelstore.reference``)."""
 
     code = "invalid_reference"
+    http_status = 400
 
 
 class InvalidDigestError(MlxserveError):
     code = "invalid_digest"
+    http_status = 400
 
 
 class ModelNotFoundError(MlxserveError):
     code = "model_not_found"
+    http_status = 404
 
 
 class BlobNotFoundError(MlxserveError):
     code = "blob_not_found"
+    http_status = 404
 
 
 class DigestMismatchError(MlxserveError):
     """Bytes whose sha256 is not the digest they were stored or served under."""
 
     code = "digest_mismatch"
+    http_status = 400
 
 
 class CorruptStoreError(MlxserveError):
     """A manifest or blob on disk that fails verification."""
 
     code = "corrupt_store"
+    http_status = 500
 
 
 class InvalidManifestError(MlxserveError):
     code = "invalid_manifest"
+    http_status = 400
 
 
 class ImportSourceError(MlxserveError):
     """A path given to ``import`` that is not a model folder, a GGUF file or a packed archive."""
 
     code = "invalid_import_source"
+    http_status = 400
 
 
 class SpecValidationError(MlxserveError):
     """A ModelSpec that fails its schema or its semantic checks; ``details['errors']`` lists all."""
 
     code = "invalid_modelspec"
+    http_status = 400
 
 
 class StoreLockedError(MlxserveError):
     code = "store_locked"
+    http_status = 503
 
 
 class RegistryError(MlxserveError):
     """A registry that cannot be reached, or answered what the distribution API does not allow."""
 
     code = "registry_error"
+    http_status = 502
 
 
 class RegistryAuthError(RegistryError):
     """A registry that wants credentials we do not have, or refused the ones we sent."""
 
     code = "registry_unauthorized"
+    http_status = 401

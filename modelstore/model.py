@@ -11,24 +11,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from modelstore.parameters import SPEC_PARAMETERS, api_names
+
 ModelFormat = Literal["mlx", "gguf"]
 
-GENERATION_PARAMETERS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "seed",
-    "max_tokens",
-    "stop",
-)
+GENERATION_PARAMETERS = SPEC_PARAMETERS
 """Default generation parameters a ModelSpec may set; a request overrides each."""
 
 RUNNER_PARAMETERS = ("context_length", "n_gpu_layers", "n_threads", "max_parallel")
 """Load-time parameters a ModelSpec may set (``RunnerOptions``)."""
+
+OLLAMA_LOAD_NAMES = {"num_ctx": "context_length", "num_gpu": "n_gpu_layers",
+                     "num_thread": "n_threads"}
+OLLAMA_PARAMETER_NAMES = {
+    **{wire: name for wire, (name, _) in api_names("ollama").items() if wire != name},
+    **OLLAMA_LOAD_NAMES,
+}
+"""Ollama's names (Modelfile ``PARAMETER``, ``/api/create`` ``parameters``) for ModelSpec
+parameters whose names differ (``num_predict``, ``repeat_penalty``, ``num_ctx``...): sampling
+ones from ``parameters.Sampling``, load-time ones here."""
+MODELSPEC_TO_OLLAMA = {spec: ollama for ollama, spec in OLLAMA_PARAMETER_NAMES.items()}
 
 
 @dataclass
@@ -49,6 +51,8 @@ class LocalModel:
     quantization: str | None = None
     context_length: int | None = None
     """What the model was trained for; runners default to at most this."""
+    model_info: dict[str, Any] = field(default_factory=dict)
+    """Ollama's ``model_info`` kept at import: layer and head counts size the KV cache."""
     parameters: dict[str, Any] = field(default_factory=dict)
     chat_template: str | None = None
     system: str | None = None

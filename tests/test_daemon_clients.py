@@ -37,7 +37,8 @@ def test_ollama_generate(ollama_client):
 
 def test_ollama_generate_streams(ollama_client):
     parts = list(ollama_client.generate(model=GGUF, prompt="Hello", options=QUIET, stream=True))
-    assert [p.done for p in parts] == [False] * 8 + [True]
+    assert [p.done for p in parts] == [False] * (len(parts) - 1) + [True]
+    assert 2 <= len(parts) <= 9, "one line per token that released text, then the last"
     assert parts[-1].eval_count == 8
 
 

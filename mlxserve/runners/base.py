@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from modelstore.model import LocalModel
+from modelstore.parameters import Sampling
 
 DoneReason = Literal["stop", "length", "cancelled"]
 
@@ -31,23 +32,15 @@ class CancelToken:
 
 
 @dataclass
-class GenerateRequest:
-    """One generation: ``prompt`` already rendered (``prompts.py``), or ``prompt_tokens``."""
+class GenerateRequest(Sampling):
+    """One generation: ``prompt`` already rendered (``prompts.py``), or ``prompt_tokens``.
+
+    The sampling knobs are ``Sampling``'s (``modelstore/parameters.py``), inherited so that
+    they are declared once for every API, the ModelSpec and the CLI.
+    """
 
     prompt: str | None = None
     prompt_tokens: list[int] | None = None
-    max_tokens: int | None = None
-    temperature: float = 0.8
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    repetition_context_size: int = 64
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None
     """Top-n alternatives to report per token; ``None`` reports none, 0 the chosen token only."""
     add_special_tokens: bool = True

@@ -33,9 +33,7 @@ _CLOSE: Any = object()
 class EngineThread:
     def __init__(self, name: str) -> None:
         self._steppers: list[Callable[[], bool]] = []
-        self._inbox: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = (
-            queue.SimpleQueue()
-        )
+        self._inbox: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self._busy = False
         self._closed = False
         self._lock = threading.Lock()

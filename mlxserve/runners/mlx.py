@@ -33,12 +33,7 @@ from mlxserve.runners.base import (
 )
 from mlxserve.runners.decode import DecodeState, SampledToken, prompt_and_budget
 from mlxserve.runners.engine import shared_engine
-from mlxserve.runners.loading import (
-    DEFAULT_CONTEXT,
-    context_length,
-    load_options,
-    require_memory,
-)
+from mlxserve.runners.loading import context_length, load_options
 from mlxserve.runners.textstream import MlxDetokenizer, TextStream
 from mlxserve.runners.threads import END, drain
 from modelstore.model import LocalModel
@@ -117,7 +112,8 @@ class MlxRunner:
         self._model: Any = None
         self._tokenizer: Any = None
         self._info: LoadedModelInfo | None = None
-        self._context = DEFAULT_CONTEXT
+        self._context = 0
+        """Set at load (``loading.context_length``)."""
         self._parallel = DEFAULT_MAX_PARALLEL
         self._prompt_cache: Any = None
         self._batch: Any = None
@@ -137,10 +133,10 @@ class MlxRunner:
     async def load(self, model: LocalModel, options: RunnerOptions) -> LoadedModelInfo:
         mx, mlx_lm = _import_mlx()
         started = time.perf_counter_ns()
-        require_memory(model.name, model.size_bytes)
         options = load_options(model, options)
         dequantize = platform.mlx_dequantize_weights()
         self._parallel = options.max_parallel or DEFAULT_MAX_PARALLEL
+        context = context_length(model, options, self._parallel)  # checks memory first
 
         def build() -> None:
             from mlx_lm.generate import BatchGenerator
@@ -178,7 +174,7 @@ class MlxRunner:
         await self._engine.call(build)
         from mlx_lm.utils import get_total_parameters
 
-        self._context = context_length(model, options)
+        self._context = context
         self._info = LoadedModelInfo(
             runner=self.name,
             format=model.format,
@@ -261,9 +257,7 @@ class MlxRunner:
         def emit(item: object) -> None:
             loop.call_soon_threadsafe(chunks.put_nowait, item)
 
-        self._engine.submit(
-            lambda: self._join(request, prompt, max_tokens, emit, constraint)
-        )
+        self._engine.submit(lambda: self._join(request, prompt, max_tokens, emit, constraint))
         try:
             async for item in drain(chunks):
                 yield item

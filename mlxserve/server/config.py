@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from modelstore.errors import MlxserveError
 from modelstore.store import HOME_ENV, default_root
@@ -39,6 +40,7 @@ ENVIRONMENT = {
 
 class ConfigError(MlxserveError):
     code = "invalid_config"
+    http_status = 400
 
 
 _DURATION = re.compile(r"(-?\d+(?:\.\d+)?)(ms|s|m|h)?")
@@ -110,9 +112,11 @@ def _coerce(name: str, value: Any) -> Any:
         if value is None:
             return None
         if name in {"allowed_origins", "allowed_hosts"}:
-            return [v.strip() for v in value.split(",") if v.strip()] if isinstance(
-                value, str
-            ) else list(value)
+            return (
+                [v.strip() for v in value.split(",") if v.strip()]
+                if isinstance(value, str)
+                else list(value)
+            )
         if "int" in str(kind):
             return int(value)
         if "float" in str(kind):
@@ -122,11 +126,32 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
+def split_host(value: str) -> tuple[str, int | None]:
+    """``MLXSERVE_HOST`` as ``OLLAMA_HOST``: ``host``, ``host:port``, ``[::1]:port`` or a URL
+    (``http://host:port``); the port is ``None`` when not given."""
+    text = value.strip()
+    if "://" not in text:
+        text = f"//{text}"
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"invalid host {value!r} (examples: 127.0.0.1, 127.0.0.1:11500)") \
+            from None
+    if not parts.hostname or parts.path not in ("", "/") or parts.username:
+        raise ConfigError(f"invalid host {value!r} (examples: 127.0.0.1, 127.0.0.1:11500)")
+    return parts.hostname, port
+
+
 def _apply(settings: Settings, values: dict[str, Any], source: str) -> None:
     known = {f.name for f in fields(Settings)}
     for key, value in values.items():
         if key not in known:
             raise ConfigError(f"{source}: unknown setting {key!r}")
+        if key == "host" and isinstance(value, str):
+            value, port = split_host(value)
+            if port is not None:
+                settings.port = port
         setattr(settings, key, _coerce(key, value))
 
 

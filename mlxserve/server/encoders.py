@@ -1,31 +1,108 @@
-"""Streaming bodies: NDJSON for the native API, Server-Sent Events for the OpenAI API."""
+"""Sending a chat's events: NDJSON lines (native API) or Server-Sent Events (the others).
+
+Each API supplies a ``WireEncoder`` (its events -> its messages); this module owns the
+transport: the response opens on the first event (so errors before it keep their HTTP status),
+SSE keep-alives go out during a long prefill, and a failure after the response started is sent
+as the API's own error message, last.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
+
+from mlxserve.chat.core import ChatRun
+from mlxserve.chat.types import Event
 
 NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
 SSE_KEEPALIVE = b": keep-alive\n\n"
 """An SSE comment: clients ignore it, proxies and timeouts see a live connection."""
+SSE_DONE = "[DONE]"
+
+Frame = dict[str, Any] | str | tuple[str, dict[str, Any]]
+"""A message: a JSON object, a bare SSE data string (``[DONE]``), or (SSE event name, object)."""
+
+
+class WireEncoder(Protocol):
+    def opening(self, prompt_tokens: int) -> list[Frame]:
+        """Messages before the first event (a stream's envelope); ``prompt_tokens`` is how long
+        the prompt is, which some envelopes report up front."""
+        ...
+
+    def encode(self, event: Event) -> list[Frame]: ...
+
+    def closing(self) -> list[Frame]:
+        """Messages after the last event."""
+        ...
 
 
 async def open_stream(request: web.Request, content_type: str) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": content_type,
-                                           "Cache-Control": "no-cache"})
+    response = web.StreamResponse(
+        headers={"Content-Type": content_type, "Cache-Control": "no-cache"}
+    )
     if content_type == SSE:
         response.headers["X-Accel-Buffering"] = "no"
     await response.prepare(request)
     return response
 
 
+def frame_bytes(frame: Frame, content_type: str) -> bytes:
+    if content_type == NDJSON:
+        return json.dumps(frame, ensure_ascii=False).encode() + b"\n"
+    if isinstance(frame, str):
+        return f"data: {frame}\n\n".encode()
+    if isinstance(frame, tuple):
+        name, body = frame
+        return f"event: {name}\ndata: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
+    return f"data: {json.dumps(frame, ensure_ascii=False)}\n\n".encode()
+
+
+class _Writer:
+    def __init__(self, request: web.Request, content_type: str, keepalive: bytes | None) -> None:
+        self.request = request
+        self.content_type = content_type
+        self.keepalive = keepalive
+        self.response: web.StreamResponse | None = None
+
+    async def ensure(self) -> web.StreamResponse:
+        if self.response is None:
+            self.response = await open_stream(self.request, self.content_type)
+        return self.response
+
+    async def heartbeat(self) -> None:
+        if self.keepalive is not None:
+            await (await self.ensure()).write(self.keepalive)
+
+    async def send(self, frames: list[Frame]) -> None:
+        response = await self.ensure()
+        for frame in frames:
+            await response.write(frame_bytes(frame, self.content_type))
+
+
+async def stream_events(
+    request: web.Request,
+    run: ChatRun,
+    encoder: WireEncoder,
+    *,
+    content_type: str,
+    keepalive: bytes | None = None,
+    keepalive_s: float = 5.0,
+) -> web.StreamResponse:
+    writer = _Writer(request, content_type, keepalive)
+    heartbeat = writer.heartbeat if keepalive is not None else None
+    first = await run.first(heartbeat, keepalive_s)
+    await writer.send(encoder.opening(run.prompt_tokens) + encoder.encode(first))
+    async for event in run.rest():
+        await writer.send(encoder.encode(event))
+    await writer.send(encoder.closing())
+    response = await writer.ensure()
+    await response.write_eof()
+    return response
+
+
 async def write_ndjson(response: web.StreamResponse, body: dict[str, Any]) -> None:
-    await response.write(json.dumps(body, ensure_ascii=False).encode() + b"\n")
-
-
-async def write_sse(response: web.StreamResponse, body: dict[str, Any] | str) -> None:
-    data = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False)
-    await response.write(f"data: {data}\n\n".encode())
+    """One NDJSON line on a stream a route opened itself (pull, push, create progress)."""
+    await response.write(frame_bytes(body, NDJSON))

@@ -1,46 +1,19 @@
-"""The one place that maps error codes to HTTP statuses and error bodies.
+"""The one place that turns an error into an HTTP answer: its status and each API's body.
 
 Native routes answer Ollama's shape (``{"error": "..."}``) plus our stable ``code``; ``/v1``
-routes answer OpenAI's (``{"error": {"message", "type", "code", "param"}}``).
+routes answer OpenAI's (``{"error": {"message", "type", "code", "param"}}``), and
+``/v1/messages`` Anthropic's (``{"type": "error", "error": {"type", "message"}}``).
 """
 
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 from aiohttp import web
 
 from modelstore.errors import MlxserveError
 
-STATUS_BY_CODE = {
-    "invalid_reference": 400,
-    "invalid_digest": 400,
-    "invalid_request": 400,
-    "invalid_json": 400,
-    "invalid_modelspec": 400,
-    "invalid_import_source": 400,
-    "invalid_manifest": 400,
-    "context_overflow": 400,
-    "unsupported_feature": 400,
-    "unsupported_format": 400,
-    "unsupported_architecture": 400,
-    "template_error": 400,
-    "digest_mismatch": 400,
-    "unauthorized": 401,
-    "forbidden": 403,
-    "model_not_found": 404,
-    "blob_not_found": 404,
-    "not_found": 404,
-    "method_not_allowed": 405,
-    "request_too_large": 413,
-    "queue_full": 429,
-    "store_locked": 503,
-    "out_of_memory": 507,
-    "corrupt_store": 500,
-    "runner_unavailable": 501,
-    "registry_error": 502,
-    "registry_unauthorized": 401,
-}
 OPENAI_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -52,16 +25,33 @@ RETRY_AFTER_SECONDS = 1
 
 
 def status_for(error: MlxserveError) -> int:
-    return STATUS_BY_CODE.get(error.code, 500)
+    return error.http_status
 
 
-def is_openai_path(path: str) -> bool:
-    return path.startswith("/v1/")
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+ErrorStyle = Literal["native", "openai", "anthropic"]
 
 
-def error_body(error: MlxserveError, openai: bool) -> dict[str, object]:
-    if openai:
-        status = status_for(error)
+def style_for_path(path: str) -> ErrorStyle:
+    """Which API's error shape a path answers in."""
+    if path.startswith("/v1/messages"):
+        return "anthropic"
+    if path.startswith("/v1/"):
+        return "openai"
+    return "native"
+
+
+def error_body(error: MlxserveError, style: ErrorStyle) -> dict[str, object]:
+    status = status_for(error)
+    if style == "openai":
         return {
             "error": {
                 "message": error.message,
@@ -69,6 +59,11 @@ def error_body(error: MlxserveError, openai: bool) -> dict[str, object]:
                 "code": error.code,
                 "param": error.details.get("param"),
             }
+        }
+    if style == "anthropic":
+        return {
+            "type": "error",
+            "error": {"type": ANTHROPIC_TYPES.get(status, "api_error"), "message": error.message},
         }
     body: dict[str, object] = {"error": error.message, "code": error.code}
     if error.details:
@@ -81,7 +76,7 @@ def error_response(error: MlxserveError, path: str) -> web.Response:
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 429 else None
     return web.Response(
         status=status,
-        text=json.dumps(error_body(error, is_openai_path(path)), default=str),
+        text=json.dumps(error_body(error, style_for_path(path)), default=str),
         content_type="application/json",
         headers=headers,
     )

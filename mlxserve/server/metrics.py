@@ -16,30 +16,43 @@ class Metrics:
 
     def __post_init__(self) -> None:
         r = self.registry
-        self.requests = Counter("mlxserve_requests", "HTTP requests", ["route", "status"],
-                                registry=r)
+        self.requests = Counter(
+            "mlxserve_requests", "HTTP requests", ["route", "status"], registry=r
+        )
         self.errors = Counter("mlxserve_errors", "Errors by stable code", ["code"], registry=r)
-        self.prompt_tokens = Counter("mlxserve_prompt_tokens", "Prompt tokens", ["model"],
-                                     registry=r)
-        self.generated_tokens = Counter("mlxserve_generated_tokens", "Generated tokens",
-                                        ["model"], registry=r)
+        self.prompt_tokens = Counter(
+            "mlxserve_prompt_tokens", "Prompt tokens", ["model"], registry=r
+        )
+        self.generated_tokens = Counter(
+            "mlxserve_generated_tokens", "Generated tokens", ["model"], registry=r
+        )
         self.tokens_per_second = Histogram(
-            "mlxserve_generation_tokens_per_second", "Decode rate per request", ["model"],
-            buckets=RATE_BUCKETS, registry=r,
+            "mlxserve_generation_tokens_per_second",
+            "Decode rate per request",
+            ["model"],
+            buckets=RATE_BUCKETS,
+            registry=r,
         )
         self.time_to_first_token = Histogram(
-            "mlxserve_time_to_first_token_seconds", "Time to first token", ["model"],
-            buckets=TTFT_BUCKETS, registry=r,
+            "mlxserve_time_to_first_token_seconds",
+            "Time to first token",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
         )
-        self.queue_depth = Gauge("mlxserve_queue_depth", "Requests waiting for a slot",
-                                 ["model"], registry=r)
-        self.active = Gauge("mlxserve_active_requests", "Requests generating", ["model"],
-                            registry=r)
-        self.slots = Gauge("mlxserve_slots", "Sequences a loaded model serves at once",
-                           ["model"], registry=r)
+        self.queue_depth = Gauge(
+            "mlxserve_queue_depth", "Requests waiting for a slot", ["model"], registry=r
+        )
+        self.active = Gauge(
+            "mlxserve_active_requests", "Requests generating", ["model"], registry=r
+        )
+        self.slots = Gauge(
+            "mlxserve_slots", "Sequences a loaded model serves at once", ["model"], registry=r
+        )
         self.loaded_models = Gauge("mlxserve_loaded_models", "Models in memory", registry=r)
-        self.model_memory = Gauge("mlxserve_model_memory_bytes", "Memory a loaded model holds",
-                                  ["model"], registry=r)
+        self.model_memory = Gauge(
+            "mlxserve_model_memory_bytes", "Memory a loaded model holds", ["model"], registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

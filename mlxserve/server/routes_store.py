@@ -1,4 +1,5 @@
-"""Routes that change the store: ``/api/create``, ``/api/pull``, ``/api/push``.
+"""Routes that change or describe the store: ``/api/create``, ``/api/pull``, ``/api/push``,
+``/api/show``.
 
 Each streams Ollama-shaped NDJSON status lines (``{"status": ...}``; progress lines add
 ``digest``, ``total``, ``completed``) unless ``stream: false``.
@@ -16,13 +17,15 @@ import yaml
 from aiohttp import web
 
 from mlxserve.errors import InvalidRequestError
+from mlxserve.server import validate
+from mlxserve.server.describe import show_body
 from mlxserve.server.encoders import NDJSON, open_stream, write_ndjson
 from mlxserve.server.errors import error_body
-from mlxserve.server.options import require_bool, require_str
-from mlxserve.server.routes_native import json_body, model_name
 from mlxserve.server.state import STORE
+from mlxserve.server.validate import json_body, model_name
 from modelstore.errors import MlxserveError
-from modelstore.reference import validate_digest
+from modelstore.model import OLLAMA_PARAMETER_NAMES
+from modelstore.reference import parse_reference, validate_digest
 
 routes = web.RouteTableDef()
 Work = Callable[[Callable[[dict[str, Any]], None]], Awaitable[None]]
@@ -51,10 +54,12 @@ async def run_with_status(request: web.Request, stream: bool, work: Work) -> web
     except MlxserveError as error:
         if response is None:
             raise
-        await write_ndjson(response, error_body(error, openai=False))
-    if response is None:
-        response = await open_stream(request, NDJSON)
-    await write_ndjson(response, {"status": "success"})
+        # The error is the last line, as docs/API.md says: never "success" after it.
+        await write_ndjson(response, error_body(error, "native"))
+    else:
+        if response is None:
+            response = await open_stream(request, NDJSON)
+        await write_ndjson(response, {"status": "success"})
     await response.write_eof()
     return response
 
@@ -92,10 +97,39 @@ def spec_from_create_body(body: dict[str, Any], store: Any, folder: Path) -> Pat
         if value:
             spec[key] = value
     if body.get("parameters"):
-        spec["parameters"] = body["parameters"]
+        spec["parameters"] = spec_parameters(body["parameters"])
     path = folder / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+def spec_parameters(parameters: Any) -> dict[str, Any]:
+    """Ollama's parameter names (``num_ctx``, ``num_predict``, ``repeat_penalty``...) as well
+    as the ModelSpec's; the spec's schema then checks types and ranges."""
+    if not isinstance(parameters, dict):
+        raise InvalidRequestError("'parameters' must be an object", param="parameters")
+    renamed: dict[str, Any] = {}
+    for key, value in parameters.items():
+        name = OLLAMA_PARAMETER_NAMES.get(key, key)
+        if name in renamed:
+            raise InvalidRequestError(f"parameter {name!r} is given twice ({key!r} is its "
+                                      "Ollama name)", param="parameters")
+        renamed[name] = value
+    return renamed
+
+
+def without_paths(error: MlxserveError, folder: Path) -> MlxserveError:
+    """The same error, with the request's temporary folder taken out of its message: the
+    client sent a body, not a file, and must not learn the server's paths."""
+    spec = str(folder / "spec.yaml")
+    error.message = (
+        error.message.replace(f"{spec} has", "the request has")
+        .replace(f"{folder}/weights/", "")
+        .replace(f"{folder}/", "")
+        .replace(str(folder), "the request")
+    )
+    error.details.pop("path", None)
+    return error
 
 
 @routes.post("/api/create")
@@ -103,19 +137,23 @@ async def create(request: web.Request) -> web.StreamResponse:
     from modelstore.spec import build_draft, load_spec, require_valid
 
     body = await json_body(request)
-    name = model_name(body)
+    name = parse_reference(model_name(body))  # an invalid name is refused before any work
     store = request.app[STORE]
     if body.get("quantize"):
         raise InvalidRequestError("'quantize' is not supported; import a quantized model")
-    stream = require_bool(body, "stream", True)
+    stream = validate.optional(body, "stream", bool, True)
 
     async def work(report: Callable[[dict[str, Any]], None]) -> None:
-        with tempfile.TemporaryDirectory(prefix="mlxserve-create-") as folder:
-            spec_path = spec_from_create_body(body, store, Path(folder))
-            report({"status": "parsing modelspec"})
-            spec = load_spec(spec_path)
-            require_valid(spec)
-            draft = await asyncio.to_thread(build_draft, spec, store)
+        with tempfile.TemporaryDirectory(prefix="mlxserve-create-") as temp:
+            folder = Path(temp)
+            try:
+                spec_path = spec_from_create_body(body, store, folder)
+                report({"status": "parsing modelspec"})
+                spec = load_spec(spec_path)
+                require_valid(spec)
+                draft = await asyncio.to_thread(build_draft, spec, store)
+            except MlxserveError as error:
+                raise without_paths(error, folder) from None
             report({"status": "writing manifest"})
             await asyncio.to_thread(store.commit, draft, name)
 
@@ -124,9 +162,11 @@ async def create(request: web.Request) -> web.StreamResponse:
 
 def progress_reporter(report: Callable[[dict[str, Any]], None]) -> Callable[[Any], None]:
     def relay(event: Any) -> None:
-        body = event if isinstance(event, dict) else {
-            k: v for k, v in vars(event).items() if v is not None
-        }
+        body = (
+            event
+            if isinstance(event, dict)
+            else {k: v for k, v in vars(event).items() if v is not None}
+        )
         report(body)
 
     return relay
@@ -135,14 +175,24 @@ def progress_reporter(report: Callable[[dict[str, Any]], None]) -> Callable[[Any
 @routes.post("/api/pull")
 async def pull(request: web.Request) -> web.StreamResponse:
     from modelstore.registry import pull_model
+    from modelstore.registry.ollama import is_ollama_url, local_name, pull_ollama
 
     body = await json_body(request)
     name = model_name(body)
-    insecure = require_bool(body, "insecure", False)
-    stream = require_bool(body, "stream", True)
+    # An invalid name is refused before any work (an ollama:// URL is checked by its parser).
+    ollama = is_ollama_url(name)
+    if ollama:
+        local_name(name)
+    else:
+        name = str(parse_reference(name))
+    insecure = validate.optional(body, "insecure", bool, False)
+    stream = validate.optional(body, "stream", bool, True)
     store = request.app[STORE]
 
     async def work(report: Callable[[dict[str, Any]], None]) -> None:
+        if ollama:
+            await pull_ollama(store, name, insecure=insecure, progress=progress_reporter(report))
+            return
         await pull_model(store, name, insecure=insecure, progress=progress_reporter(report))
 
     return await run_with_status(request, stream, work)
@@ -153,16 +203,22 @@ async def push(request: web.Request) -> web.StreamResponse:
     from modelstore.registry import push_model
 
     body = await json_body(request)
-    name = model_name(body)
-    target = require_str(body, "destination", required=False) or name
-    insecure = require_bool(body, "insecure", False)
-    stream = require_bool(body, "stream", True)
+    name = str(parse_reference(model_name(body)))
+    target = str(parse_reference(validate.optional(body, "destination", str) or name))
+    insecure = validate.optional(body, "insecure", bool, False)
+    stream = validate.optional(body, "stream", bool, True)
     store = request.app[STORE]
 
     async def work(report: Callable[[dict[str, Any]], None]) -> None:
-        await push_model(store, name, target, insecure=insecure,
-                         progress=progress_reporter(report))
+        await push_model(store, name, target, insecure=insecure, progress=progress_reporter(report))
 
     return await run_with_status(request, stream, work)
 
 
+@routes.post("/api/show")
+async def show(request: web.Request) -> web.Response:
+    """From the config and small text layers kept at import: no GGUF parsing per call."""
+    body = await json_body(request)
+    store = request.app[STORE]
+    model = store.resolve(model_name(body))
+    return web.json_response(await asyncio.to_thread(show_body, store, model))

@@ -1,0 +1,306 @@
+"""The chat core: a ``ChatRequest`` in, a stream of typed events out, for every API.
+
+Everything about what a request means happens here, once: the prompt (the model's chat template
+with tools and thinking switched as asked, a tool preamble for templates without tools, FIM for
+``suffix``, Ollama's ``context``), the generation request (the ModelSpec's defaults under the
+request's overrides, ``tool_choice`` as a constraint), and the events (answer text, reasoning,
+complete tool calls, the end with its stats). Admission and loading happen before any byte is
+sent, so a full queue is a real 429 and a bad request a real 400; an error after the first event
+becomes an ``ErrorEvent`` (the API sends it as its last message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlxserve.chat.output import OutputParser
+from mlxserve.chat.tooling import call_format, forced_tools, with_tool_preamble
+from mlxserve.chat.types import (
+    ChatRequest,
+    Done,
+    ErrorEvent,
+    Event,
+    Message,
+    TextDelta,
+    ThinkingDelta,
+    ToolCall,
+    ToolCallEvent,
+)
+from mlxserve.errors import InvalidRequestError, UnsupportedFeatureError
+from mlxserve.inference import LoadedModel, build_request
+from mlxserve.prompts import build_messages, render_chat
+from mlxserve.runners.base import GenerateChunk, GenerateRequest, TokenLogprob
+from modelstore.errors import MlxserveError
+
+Heartbeat = Callable[[], Awaitable[None]]
+log = logging.getLogger("mlxserve.prompts")
+HEARTBEAT_S = 5.0
+
+
+@dataclass
+class Prepared:
+    """What the model will be asked, and how its output will be read."""
+
+    request: GenerateRequest
+    parser: OutputParser
+    prompt: str
+
+
+def _template_messages(loaded: LoadedModel, chat: ChatRequest) -> list[Message]:
+    messages = list(chat.messages)
+    if chat.prompt is not None:
+        messages = [Message("user", chat.prompt)]
+        if chat.system:
+            messages.insert(0, Message("system", chat.system))
+    return messages
+
+
+def _template_kwargs(loaded: LoadedModel, chat: ChatRequest) -> dict[str, Any]:
+    """Thinking switched on or off in whichever way the model's template reads it."""
+    kwargs: dict[str, Any] = {}
+    if chat.think is not None and loaded.family.thinks:
+        kwargs["enable_thinking"] = bool(chat.think)
+        if isinstance(chat.think, str):
+            kwargs["reasoning_effort"] = chat.think
+    return kwargs
+
+
+def render_prompt(loaded: LoadedModel, chat: ChatRequest) -> tuple[str, bool]:
+    """The prompt text, and whether it must be tokenized with the tokenizer's BOS (raw text)."""
+    family = loaded.family
+    if chat.suffix:
+        if family.fim is None:
+            raise UnsupportedFeatureError(
+                f"{loaded.model.name} does not support insert: it has no fill-in-the-middle tokens",
+                param="suffix",
+            )
+        prefix, suffix, middle = family.fim
+        return f"{prefix}{chat.prompt or ''}{suffix}{chat.suffix}{middle}", True
+    if chat.raw:
+        return chat.prompt or "", True
+    messages = _template_messages(loaded, chat)
+    tools = chat.tools if chat.tool_choice != "none" else []
+    shown_tools = None
+    if tools and family.template_shows_tools:
+        shown_tools = [tool.for_template() for tool in tools]
+    elif tools:
+        messages = with_tool_preamble(messages, tools)
+    prompt = render_chat(
+        loaded.template,
+        build_messages([m.for_template() for m in messages], loaded.model.system),
+        add_generation_prompt=True,
+        tools=shown_tools,
+        **_template_kwargs(loaded, chat),
+        **loaded.runner.special_tokens,
+    )
+    return prompt, False
+
+
+def _no_call_bias(loaded: LoadedModel) -> dict[int, float]:
+    """``tool_choice: none``: the token that opens the family's tool call can never be drawn."""
+    start = loaded.family.tool_call_start
+    ids = loaded.runner.tokenize(start, add_special_tokens=False) if start else []
+    return {ids[0]: float("-inf")} if len(ids) == 1 else {}
+
+
+def prepare(loaded: LoadedModel, chat: ChatRequest) -> Prepared:
+    """Render and tokenize (call it off the event loop: templates and tokenizers take time)."""
+    family = loaded.family
+    if chat.think and not family.thinks:
+        raise InvalidRequestError(f"{loaded.model.name} does not support thinking", param="think")
+    forced = forced_tools(chat.tools, chat.tool_choice) if chat.tools else []
+    if chat.tool_choice not in ("auto", "none") and not chat.tools:
+        raise InvalidRequestError("tool_choice needs tools", param="tool_choice")
+    prompt, raw = render_prompt(loaded, chat)
+    tokens = loaded.runner.tokenize(prompt, add_special_tokens=raw)
+    if chat.context:
+        tokens = [*chat.context, *tokens]
+    log.debug("%s: rendered prompt (%d tokens): %r", loaded.model.name, len(tokens), prompt)
+    overrides: dict[str, Any] = dict(chat.sampling)
+    if chat.tools and chat.tool_choice == "none":
+        overrides["logit_bias"] = {**overrides.get("logit_bias", {}), **_no_call_bias(loaded)}
+    overrides["logprobs"] = chat.logprobs
+    overrides["response_format"] = (
+        call_format(forced, bool(chat.parallel_tool_calls)) if forced else chat.format
+    )
+    request = build_request(loaded.model, overrides, prompt=prompt, prompt_tokens=tokens)
+    request.images = [image for message in chat.messages for image in message.images]
+    tools = [] if chat.tool_choice == "none" or chat.raw or chat.suffix else chat.tools
+    parser = OutputParser(
+        family,
+        tools,
+        constrained=bool(forced),
+        starts_in_reasoning=bool(family.thinks)
+        and not raw
+        and not overrides["response_format"]
+        and prompt.rstrip().endswith(family.think_start or "\0"),
+        parallel_tool_calls=chat.parallel_tool_calls is not False,
+    )
+    return Prepared(request, parser, prompt)
+
+
+class ChatRun:
+    """One running chat: ``first`` the first event (errors raise), then ``rest``."""
+
+    def __init__(
+        self, chat: ChatRequest, loaded: LoadedModel, prepared: Prepared, load_ns: int = 0
+    ) -> None:
+        self.chat = chat
+        self.load_ns = load_ns
+        """How long this request waited for its model to be ready (Ollama's load_duration)."""
+        self.loaded = loaded
+        self.prepared = prepared
+        self._chunks = loaded.generate(prepared.request)
+        self._events = self._produce()
+        self._started = False
+        self._generated: list[int] = []
+        self.done: Done | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prepared.request.prompt_tokens or [])
+
+    async def _produce(self) -> AsyncIterator[Event]:
+        parser = self.prepared.parser
+        try:
+            async for chunk in self._chunks:
+                for event in parser.feed(chunk.text, chunk.logprobs):
+                    yield event
+                self._generated += chunk.token_ids
+                if chunk.done:
+                    for event in parser.finish():
+                        yield event
+                    yield self._finish(chunk)
+                    return
+        except MlxserveError as error:
+            if not (self._started and self.chat.stream):
+                raise
+            yield ErrorEvent(error)
+
+    def _finish(self, chunk: GenerateChunk) -> Done:
+        reason = chunk.done_reason or "stop"
+        if self.prepared.parser.calls and reason == "stop":
+            reason = "tool_calls"
+        context = None
+        if self.chat.return_context:
+            context = [*(self.prepared.request.prompt_tokens or []), *self._generated]
+        stats = chunk.stats
+        assert stats is not None
+        stats.load_duration = self.load_ns
+        stats.total_duration += self.load_ns
+        self.done = Done(reason, stats, context)
+        return self.done
+
+    async def first(
+        self, heartbeat: Heartbeat | None = None, every_s: float = HEARTBEAT_S
+    ) -> Event:
+        """The first event; with ``heartbeat``, called every ``every_s`` while waiting (SSE
+        keep-alive comments during a long prefill)."""
+        task = asyncio.ensure_future(anext(self._events))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=every_s if heartbeat else None)
+                if done:
+                    event = task.result()
+                    self._started = True
+                    return event
+                if heartbeat is not None:
+                    await heartbeat()
+        except BaseException:
+            task.cancel()
+            await self.close()
+            raise
+
+    async def rest(self) -> AsyncIterator[Event]:
+        async for event in self._events:
+            yield event
+
+    async def close(self) -> None:
+        self.prepared.request.cancel.cancel()
+        with contextlib.suppress(Exception):
+            await self._events.aclose()
+        with contextlib.suppress(Exception):
+            await self._chunks.aclose()
+
+
+@dataclass
+class Collected:
+    """A whole answer, for the APIs' non-streamed responses."""
+
+    text: str = ""
+    thinking: str = ""
+    calls: list[ToolCall] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    done: Done | None = None
+
+
+async def collect(run: ChatRun) -> Collected:
+    """Every event of a non-streamed ``run``: nothing has been sent, so a failure raises."""
+    collected = Collected()
+    events = [await run.first()]
+    events += [event async for event in run.rest()]
+    for event in events:
+        if isinstance(event, TextDelta):
+            collected.text += event.text
+            collected.logprobs += event.logprobs
+        elif isinstance(event, ThinkingDelta):
+            collected.thinking += event.text
+        elif isinstance(event, ToolCallEvent):
+            collected.calls.append(event.call)
+        elif isinstance(event, Done):
+            collected.done = event
+    return collected
+
+
+def record(http_log: dict[str, Any], metrics: Any, name: str, done: Done) -> None:
+    """Counters, histograms and the access-log fields of a finished generation."""
+    stats = done.stats
+    metrics.prompt_tokens.labels(name).inc(stats.prompt_eval_count)
+    metrics.generated_tokens.labels(name).inc(stats.eval_count)
+    metrics.time_to_first_token.labels(name).observe(stats.time_to_first_token / 1e9)
+    if stats.eval_duration > 0 and stats.eval_count > 1:
+        metrics.tokens_per_second.labels(name).observe(
+            stats.eval_count / (stats.eval_duration / 1e9)
+        )
+    http_log.update(
+        tokens_in=stats.prompt_eval_count,
+        tokens_out=stats.eval_count,
+        cached_tokens=stats.cached_prompt_tokens,
+        ttft_ms=round(stats.time_to_first_token / 1e6, 1),
+        done_reason=done.reason,
+    )
+
+
+@contextlib.asynccontextmanager
+async def start_chat(
+    manager: Any, chat: ChatRequest, *, metrics: Any, http_log: dict[str, Any]
+) -> AsyncIterator[ChatRun]:
+    """Admit, load, prepare and start ``chat``; the run is closed (cancelled if unfinished) when
+    the ``with`` body leaves, which frees the slot."""
+    http_log["model"] = chat.model
+    asked = time.perf_counter_ns()
+    async with manager.use(
+        chat.model, keep_alive=chat.keep_alive, context_length=chat.num_ctx
+    ) as resident:
+        ready = max(1, time.perf_counter_ns() - asked)
+        prepared = await asyncio.to_thread(prepare, resident.loaded, chat)
+        run = ChatRun(chat, resident.loaded, prepared, load_ns=ready)
+        try:
+            yield run
+        finally:
+            await run.close()
+            if run.done is not None:
+                record(http_log, metrics, resident.name, run.done)
+
+
+async def count_tokens(manager: Any, chat: ChatRequest) -> int:
+    """How many tokens ``chat``'s prompt is, without generating (Anthropic's count_tokens)."""
+    resident = await manager.ensure_loaded(chat.model, keep_alive=chat.keep_alive)
+    prepared = await asyncio.to_thread(prepare, resident.loaded, chat)
+    return len(prepared.request.prompt_tokens or [])

@@ -1,0 +1,150 @@
+"""The one chat request every API is translated into, and the events that come back out.
+
+Each API module (``mlxserve/server/api_*.py``) is a pair of translations: its request body ->
+``ChatRequest``, and ``Event``s -> its wire format. Nothing about a request's meaning lives in
+an API module; it lives here and in ``mlxserve/chat/core.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from mlxserve.runners.base import GenerationStats, TokenLogprob
+from modelstore.errors import MlxserveError
+
+Role = Literal["system", "user", "assistant", "tool"]
+ThinkLevel = Literal["low", "medium", "high"]
+Think = bool | ThinkLevel | None
+"""``None``: the request did not say (the model's template decides)."""
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: dict[str, Any]
+    id: str = ""
+    index: int = 0
+
+
+@dataclass
+class Message:
+    role: Role
+    content: str = ""
+    thinking: str | None = None
+    images: list[bytes] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_call_id: str | None = None
+    tool_name: str | None = None
+    """On a ``tool`` message: which function's result it is."""
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as Hugging Face chat templates read it."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.thinking:
+            out["reasoning_content"] = self.thinking
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments},
+                }
+                for call in self.tool_calls
+            ]
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
+        if self.tool_name:
+            out["name"] = self.tool_name
+        return out
+
+
+@dataclass
+class Tool:
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
+
+    def for_template(self) -> dict[str, Any]:
+        """OpenAI's function-tool shape, which is what chat templates iterate over."""
+        return {
+            "type": "function",
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": self.parameters,
+            },
+        }
+
+
+ToolChoice = Literal["auto", "none", "required"] | str
+"""``auto``, ``none``, ``required``, or the name of the one function that must be called."""
+
+
+@dataclass
+class ChatRequest:
+    """What a client asked for, whichever API it spoke."""
+
+    model: str
+    messages: list[Message] = field(default_factory=list)
+    prompt: str | None = None
+    """A completion prompt (``/api/generate``, ``/v1/completions``) instead of messages."""
+    raw: bool = False
+    """The prompt goes to the model as is, without the chat template."""
+    system: str | None = None
+    suffix: str | None = None
+    """Fill-in-the-middle: the text after the insertion point (editor autocomplete)."""
+    context: list[int] | None = None
+    """Ollama's ``context``: the token ids of an earlier exchange to continue from."""
+    tools: list[Tool] = field(default_factory=list)
+    tool_choice: ToolChoice = "auto"
+    parallel_tool_calls: bool | None = None
+    think: Think = None
+    format: dict[str, Any] | None = None
+    """``{"type": "json"}`` or ``{"type": "json_schema", "schema": {...}}``."""
+    sampling: dict[str, Any] = field(default_factory=dict)
+    """Overrides of ``Sampling`` fields, by field name; absent means the model's default."""
+    logprobs: int | None = None
+    keep_alive: float | None = None
+    num_ctx: int | None = None
+    stream: bool = True
+    return_context: bool = False
+    """Report the conversation's token ids in ``Done.context`` (Ollama's ``/api/generate``)."""
+
+
+@dataclass
+class TextDelta:
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class ThinkingDelta:
+    text: str
+
+
+@dataclass
+class ToolCallEvent:
+    """One complete call: emitted as soon as the model finished writing it."""
+
+    call: ToolCall
+
+
+DoneReason = Literal["stop", "length", "cancelled", "tool_calls"]
+
+
+@dataclass
+class Done:
+    reason: DoneReason
+    stats: GenerationStats
+    context: list[int] | None = None
+
+
+@dataclass
+class ErrorEvent:
+    """A failure after the response started: the API sends it as its last message."""
+
+    error: MlxserveError
+
+
+Event = TextDelta | ThinkingDelta | ToolCallEvent | Done | ErrorEvent

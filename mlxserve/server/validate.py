@@ -1,0 +1,310 @@
+"""Request parsing and validation, for every API: one home, one set of rules.
+
+Every field a translator reads goes through these getters, so a wrong type is the same 400 with
+the field named whichever API it came through, and the sampling fields of all APIs are read from
+the one table in ``modelstore/parameters.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from mlxserve.chat.types import Tool, ToolCall
+from mlxserve.errors import InvalidRequestError
+from mlxserve.server.config import ConfigError, parse_duration
+from modelstore.parameters import Api, api_names
+
+log = logging.getLogger("mlxserve.validate")
+
+UNLIMITED_TOKENS = 1 << 30
+"""``num_predict: -1`` (and -2): as many as the context allows; the runner caps it."""
+LOAD_TIME_OPTIONS = frozenset(
+    {
+        "num_ctx",
+        "num_gpu",
+        "num_thread",
+        "num_batch",
+        "use_mmap",
+        "use_mlock",
+        "numa",
+        "main_gpu",
+        "low_vram",
+        "vocab_only",
+        "num_keep",
+    }
+)
+"""Ollama options a loaded runner applies at load time (``num_ctx`` is read by the core)."""
+_KIND_NAMES = {
+    float: "a number",
+    int: "an integer",
+    list: "a string or a list of strings",
+    dict: "an object",
+    str: "a string",
+    bool: "true or false",
+}
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json(loads=json.loads)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidRequestError("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    return body
+
+
+def typed(name: str, value: Any, kind: type) -> Any:
+    """``value`` as ``kind``, or a 400 naming the field."""
+    if kind is list:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+    elif kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif kind is dict and name == "logit_bias":
+        return logit_bias(value)
+    elif isinstance(value, kind) and not (kind is not bool and isinstance(value, bool)):
+        return value
+    raise InvalidRequestError(
+        f"'{name}' must be {_KIND_NAMES[kind]}, not {type(value).__name__}", param=name
+    )
+
+
+def optional(body: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
+    value = body.get(name)
+    return default if value is None else typed(name, value, kind)
+
+
+def required_str(body: dict[str, Any], name: str) -> str:
+    value = optional(body, name, str)
+    if not value:
+        raise InvalidRequestError(f"'{name}' is required", param=name)
+    return value
+
+
+def model_name(body: dict[str, Any]) -> str:
+    name = body.get("model") or body.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidRequestError("'model' is required", param="model")
+    return name
+
+
+def logit_bias(value: Any) -> dict[int, float]:
+    try:
+        if not isinstance(value, dict):
+            raise TypeError
+        return {int(k): float(v) for k, v in value.items()}
+    except (TypeError, ValueError):
+        raise InvalidRequestError(
+            "'logit_bias' must map token ids to numbers", param="logit_bias"
+        ) from None
+
+
+def sampling(body: dict[str, Any], api: Api) -> dict[str, Any]:
+    """The ``Sampling`` overrides a body (or Ollama's ``options``) sets, by field name."""
+    overrides: dict[str, Any] = {}
+    for wire, (field, kind) in api_names(api).items():
+        value = body.get(wire)
+        if value is not None and field not in overrides:
+            overrides[field] = typed(wire, value, kind)
+    tokens = overrides.get("max_tokens")
+    if tokens is not None:
+        if api == "ollama" and tokens < 0:
+            overrides["max_tokens"] = UNLIMITED_TOKENS
+        elif tokens < 1:
+            wire = next(w for w, (f, _) in api_names(api).items() if f == "max_tokens")
+            raise InvalidRequestError(f"'{wire}' must be at least 1", param=wire)
+    return overrides
+
+
+def ollama_options(options: Any) -> tuple[dict[str, Any], int | None]:
+    """Ollama's ``options``: sampling overrides, and ``num_ctx`` (the context to load with)."""
+    if options is None:
+        return {}, None
+    if not isinstance(options, dict):
+        raise InvalidRequestError("'options' must be an object", param="options")
+    known = api_names("ollama")
+    for name in options:
+        if name not in known and name not in LOAD_TIME_OPTIONS:
+            log.warning("unknown option %s ignored (as Ollama does)", name)
+    num_ctx = optional(options, "num_ctx", int)
+    if num_ctx is not None and num_ctx < 1:
+        raise InvalidRequestError("'num_ctx' must be at least 1", param="num_ctx")
+    return sampling(options, "ollama"), num_ctx
+
+
+def keep_alive(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ConfigError as exc:
+        raise InvalidRequestError(exc.message, param="keep_alive") from None
+
+
+def schema_format(schema: Any, param: str) -> dict[str, Any]:
+    if not isinstance(schema, dict):
+        raise InvalidRequestError(f"'{param}' must hold a JSON Schema object", param=param)
+    return {"type": "json_schema", "schema": schema}
+
+
+def tool_arguments(value: Any, param: str) -> dict[str, Any]:
+    """Arguments of an earlier tool call: an object, or (OpenAI's wire form) its JSON text."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError:
+            raise InvalidRequestError("tool call arguments must be JSON", param=param) from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidRequestError("tool call arguments must be a JSON object", param=param)
+    return value
+
+
+EFFORTS: dict[str, bool | str] = {
+    "none": False,
+    "minimal": "low",
+    "low": "low",
+    "medium": "medium",
+    "high": "high",
+}
+"""OpenAI's reasoning efforts -> ``think`` (``none`` turns thinking off)."""
+
+
+def think_value(value: Any, param: str = "think") -> bool | str | None:
+    """Ollama's ``think``: a bool or ``low``/``medium``/``high``."""
+    if value is None or isinstance(value, bool):
+        return value
+    if value in ("low", "medium", "high"):
+        return value
+    raise InvalidRequestError(f"'{param}' must be true, false, low, medium or high", param=param)
+
+
+def reasoning_effort(value: Any, param: str) -> bool | str | None:
+    """OpenAI's ``reasoning_effort`` (chat) / ``reasoning.effort`` (Responses)."""
+    if value is None:
+        return None
+    if value not in EFFORTS:
+        raise InvalidRequestError(f"'{param}' must be one of {', '.join(EFFORTS)}", param=param)
+    return EFFORTS[value]
+
+
+def image_bytes(data: Any, param: str) -> bytes:
+    """A base64 image (bare, or a ``data:`` URL); the daemon never downloads one."""
+    if not isinstance(data, str):
+        raise InvalidRequestError("an image must be a base64 string", param=param)
+    if data.startswith(("http://", "https://")):
+        raise InvalidRequestError(
+            "remote image URLs are not fetched; send the image as base64 (a data: URL)",
+            param=param,
+        )
+    if data.startswith("data:"):
+        header, _, data = data.partition(",")
+        if ";base64" not in header:
+            raise InvalidRequestError("a data: URL image must be base64", param=param)
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequestError("an image is not valid base64", param=param) from None
+
+
+def tool_choice(value: Any) -> str:
+    """``none``/``auto``/``required``, or ``{"type": "function", "function": {"name"}}`` (chat)
+    / ``{"type": "function", "name"}`` (Responses)."""
+    if value is None:
+        return "auto"
+    if value in ("none", "auto", "required"):
+        return value
+    if isinstance(value, dict):
+        function = value.get("function") if isinstance(value.get("function"), dict) else value
+        if isinstance(function.get("name"), str):
+            return function["name"]
+    raise InvalidRequestError(
+        "tool_choice must be none, auto, required or a named function", param="tool_choice"
+    )
+
+
+def function_tool(value: Any) -> Tool:
+    """``{"type": "function", "function": {...}}`` (chat) or the flat Responses form."""
+    function = value.get("function", value) if isinstance(value, dict) else None
+    if (
+        not isinstance(value, dict)
+        or value.get("type", "function") != "function"
+        or not isinstance(function, dict)
+        or not isinstance(function.get("name"), str)
+    ):
+        raise InvalidRequestError("only function tools with a name are supported", param="tools")
+    parameters = function.get("parameters") or {"type": "object", "properties": {}}
+    if not isinstance(parameters, dict):
+        raise InvalidRequestError("a tool's parameters must be a JSON Schema object", param="tools")
+    return Tool(function["name"], function.get("description") or "", parameters)
+
+
+def content_parts(content: Any, where: str) -> tuple[str, list[bytes]]:
+    """A message's content: a string, or parts (text and base64 ``image_url``)."""
+    if content is None or isinstance(content, str):
+        return content or "", []
+    if not isinstance(content, list):
+        raise InvalidRequestError(
+            f"{where}.content must be a string or a list of parts", param="messages"
+        )
+    texts, images = [], []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("text", "input_text", "output_text"):
+            texts.append(typed(f"{where}.content.text", part.get("text"), str))
+        elif kind in ("image_url", "input_image"):
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            images.append(image_bytes(url, "messages"))
+        else:
+            raise InvalidRequestError(
+                f"{where}: content parts must be text or image_url", param="messages"
+            )
+    return "".join(texts), images
+
+
+def response_format(value: Any, param: str) -> dict[str, Any] | None:
+    """OpenAI's format object (chat's ``response_format``, Responses' ``text.format``)."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json"}
+    if kind == "json_schema":
+        spec = value.get("json_schema", value)
+        return schema_format(
+            spec.get("schema") if isinstance(spec, dict) else None, f"{param}.json_schema.schema"
+        )
+    raise InvalidRequestError(f"{param}.type must be text, json_object or json_schema", param=param)
+
+
+def tool_calls(value: Any, where: str) -> list[ToolCall]:
+    """An assistant message's earlier calls: ``[{"id"?, "function": {"name", "arguments"}}]``."""
+    calls = []
+    for index, call in enumerate(value or []):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidRequestError(
+                f"{where}.tool_calls[{index}] needs a function name", param="messages"
+            )
+        arguments = tool_arguments(function.get("arguments"), "messages")
+        calls.append(ToolCall(function["name"], arguments, call.get("id") or "", index))
+    return calls
