@@ -51,11 +51,17 @@ def mlx_copy(store: Any) -> Path:
     return folder
 
 
-async def stream_chat(session: aiohttp.ClientSession, url: str, model: str,
-                      tokens: int, question: str = QUESTION) -> dict[str, float]:
-    body = {"model": model, "messages": [{"role": "user", "content": question}],
-            "max_tokens": tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+async def stream_chat(
+    session: aiohttp.ClientSession, url: str, model: str, tokens: int, question: str = QUESTION
+) -> dict[str, float]:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     started = time.perf_counter()
     first = None
     count = 0
@@ -73,8 +79,11 @@ async def stream_chat(session: aiohttp.ClientSession, url: str, model: str,
                 count += 1
                 first = first or time.perf_counter()
     ended = time.perf_counter()
-    return {"ttft_s": (first or ended) - started, "tokens": max(count, usage),
-            "seconds": ended - started}
+    return {
+        "ttft_s": (first or ended) - started,
+        "tokens": max(count, usage),
+        "seconds": ended - started,
+    }
 
 
 def client_question(index: int) -> str:
@@ -82,16 +91,20 @@ def client_question(index: int) -> str:
     return f"{QUESTION} Make it about sailor number {index}."
 
 
-async def concurrent(url: str, model: str, clients: int, tokens: int,
-                     distinct: bool = False) -> dict[str, float]:
+async def concurrent(
+    url: str, model: str, clients: int, tokens: int, distinct: bool = False
+) -> dict[str, float]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
         await stream_chat(session, url, model, 2)
         started = time.perf_counter()
-        results = await asyncio.gather(*(
-            stream_chat(session, url, model, tokens,
-                        client_question(index) if distinct else QUESTION)
-            for index in range(clients)
-        ))
+        results = await asyncio.gather(
+            *(
+                stream_chat(
+                    session, url, model, tokens, client_question(index) if distinct else QUESTION
+                )
+                for index in range(clients)
+            )
+        )
         wall = time.perf_counter() - started
     total = sum(r["tokens"] for r in results)
     return {
@@ -114,9 +127,11 @@ async def in_process(store: Any, tokens: int) -> dict[str, float]:
     finally:
         await loaded.unload()
     stats = final.stats
-    return {"ttft_s": round(stats.time_to_first_token / 1e9, 3),
-            "tokens_per_s": round(stats.eval_count / seconds, 2),
-            "tokens": stats.eval_count}
+    return {
+        "ttft_s": round(stats.time_to_first_token / 1e9, 3),
+        "tokens_per_s": round(stats.eval_count / seconds, 2),
+        "tokens": stats.eval_count,
+    }
 
 
 async def anext_all(loaded: LoadedModel, request: Any) -> Any:
@@ -130,7 +145,8 @@ def start_mlx_lm_server(folder: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "mlx_lm.server", "--model", str(folder), "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     url = f"http://127.0.0.1:{port}"
@@ -211,8 +227,9 @@ async def mlx_load(store: Any, tokens: int, client_counts: list[int]) -> dict[st
     folder = mlx_copy(store)
     result: dict[str, Any] = {"model": MLX_MODEL}
     result["in_process"] = await in_process(store, tokens)
-    daemon = Daemon(store.root, ["--num-parallel", str(max(client_counts)),
-                                 "--max-queue", "64"]).start()
+    daemon = Daemon(
+        store.root, ["--num-parallel", str(max(client_counts)), "--max-queue", "64"]
+    ).start()
     try:
         async with aiohttp.ClientSession() as session:
             await stream_chat(session, daemon.url, MLX_MODEL, 2)
