@@ -21,11 +21,8 @@ GENERATION_PARAMETERS = SPEC_PARAMETERS
 RUNNER_PARAMETERS = ("context_length", "n_gpu_layers", "n_threads", "max_parallel")
 """Load-time parameters a ModelSpec may set (``RunnerOptions``)."""
 
-OLLAMA_LOAD_NAMES = {
-    "num_ctx": "context_length",
-    "num_gpu": "n_gpu_layers",
-    "num_thread": "n_threads",
-}
+OLLAMA_LOAD_NAMES = {"num_ctx": "context_length", "num_gpu": "n_gpu_layers",
+                     "num_thread": "n_threads"}
 OLLAMA_PARAMETER_NAMES = {
     **{wire: name for wire, (name, _) in api_names("ollama").items() if wire != name},
     **OLLAMA_LOAD_NAMES,
