@@ -150,6 +150,13 @@ class SlotEngine:
         self._llama_cpp.llama_batch_free(self._batch)
         self._context.close()
 
+    def forget_prefixes(self) -> None:
+        """Drop the KV cache that free slots keep for follow-ups (a cold start, for benches)."""
+        for slot in self.slots:
+            if slot.sequence is None:
+                slot.tokens.clear()
+                self._llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, 0, -1)
+
     # -- admission --------------------------------------------------------------------------
 
     def join(
