@@ -5,7 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ["bench.runner_overhead", "bench.load", "bench.pull_throughput", "bench.show_metadata"]
+BENCHMARKS = [
+    "bench.runner_overhead",
+    "bench.load",
+    "bench.pull_throughput",
+    "bench.show_metadata",
+    "bench.embed",
+    "bench.distributed",
+]
 
 
 def main() -> None:

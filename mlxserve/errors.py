@@ -7,6 +7,7 @@ Codes are stable: clients match on them. Each class carries its HTTP status;
 from __future__ import annotations
 
 from modelstore.errors import MlxserveError
+from modelstore.errors import TemplateError as TemplateError  # lives with the template sandbox
 
 
 class ModelNotLoadedError(MlxserveError):
@@ -69,16 +70,32 @@ class UnsupportedFeatureError(MlxserveError):
     http_status = 400
 
 
-class TemplateError(MlxserveError):
-    """A chat template that fails to compile or render (including sandbox violations)."""
+class InvalidFormatError(MlxserveError):
+    """A ``format`` / ``response_format`` JSON Schema that is invalid, unsatisfiable or uses
+    what the grammar engine cannot enforce (checked before any runner sees it)."""
 
-    code = "template_error"
+    code = "invalid_format"
     http_status = 400
 
 
 class QueueFullError(MlxserveError):
     code = "queue_full"
     http_status = 429
+
+
+class ModelUnavailableError(MlxserveError):
+    """A model that cannot serve right now (a rank of its distributed group died or hung);
+    answered 503 with ``Retry-After``, while the daemon keeps serving its other models."""
+
+    code = "model_unavailable"
+    http_status = 503
+
+
+class DistributedError(MlxserveError):
+    """A distributed group that cannot start: a bad hostfile, a backend that is missing, a
+    rank whose store lacks the model or holds different bytes (the message names the host)."""
+
+    code = "distributed_error"
 
 
 class UnauthorizedError(MlxserveError):

@@ -71,4 +71,6 @@ def open_model(store: ModelStore, name: str) -> LocalModel:
         size_bytes=model.size,
         blob_digests=model.manifest.blob_digests(),
         derived_dir=store.root / "derived",
+        embedding=config.embedding,
+        vision=config.vision,
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -20,11 +21,15 @@ from typing import Any
 from mlxserve import platform
 from mlxserve.errors import (
     InferenceError,
+    InvalidRequestError,
+    MlxserveError,
     ModelNotLoadedError,
     RunnerUnavailableError,
     UnsupportedArchitectureError,
 )
 from mlxserve.runners.base import (
+    EmbedRequest,
+    EmbedResult,
     GenerateChunk,
     GenerateRequest,
     LoadedModelInfo,
@@ -32,8 +37,9 @@ from mlxserve.runners.base import (
     TokenLogprob,
 )
 from mlxserve.runners.decode import DecodeState, SampledToken, prompt_and_budget
-from mlxserve.runners.engine import shared_engine
+from mlxserve.runners.engine import EngineThread, shared_engine
 from mlxserve.runners.loading import context_length, load_options
+from mlxserve.runners.pooling import length_batches, over_limit, padded, pool
 from mlxserve.runners.textstream import MlxDetokenizer, TextStream
 from mlxserve.runners.threads import END, drain
 from modelstore.model import LocalModel
@@ -63,6 +69,10 @@ def derived_folder(model: LocalModel, dequantized: bool) -> Path:
 
 
 DEFAULT_MAX_PARALLEL = 4
+KEEP_MLX_CACHE = threading.Event()
+"""Set once a distributed group fails (``distributed/runner.py``): mlx may then hold one of its
+collectives pending for good, and while one is, ``mx.clear_cache`` blocks holding the GIL, so
+unloading a model stops handing MLX's buffer cache back to the system."""
 
 
 def request_sampler(request: GenerateRequest) -> Any:
@@ -108,7 +118,7 @@ class _Active:
 class MlxRunner:
     name = "mlx"
 
-    def __init__(self) -> None:
+    def __init__(self, engine: EngineThread | None = None) -> None:
         self._model: Any = None
         self._tokenizer: Any = None
         self._info: LoadedModelInfo | None = None
@@ -119,7 +129,7 @@ class MlxRunner:
         self._batch: Any = None
         self._active: dict[int, _Active] = {}
         self._guidance_tokenizer: Any = None
-        self._engine = shared_engine()
+        self._engine = engine or shared_engine()
 
     @property
     def max_parallel(self) -> int:
@@ -131,7 +141,7 @@ class MlxRunner:
         return self._model, self._tokenizer
 
     async def load(self, model: LocalModel, options: RunnerOptions) -> LoadedModelInfo:
-        mx, mlx_lm = _import_mlx()
+        mx, _ = _import_mlx()
         started = time.perf_counter_ns()
         options = load_options(model, options)
         dequantize = platform.mlx_dequantize_weights()
@@ -150,7 +160,7 @@ class MlxRunner:
                     model.weights[0], derived_folder(model, dequantize), dequantize=dequantize
                 )
             try:
-                loaded, tokenizer = mlx_lm.load(str(folder))
+                loaded, tokenizer = self._load_weights(folder)
             except ValueError as exc:
                 raise UnsupportedArchitectureError(
                     f"mlx-lm cannot load {model.name}: {exc}"
@@ -189,6 +199,12 @@ class MlxRunner:
         )
         return self._info
 
+    def _load_weights(self, folder: Path) -> tuple[Any, Any]:
+        """The model and tokenizer from an MLX folder (a sharded runner loads its part)."""
+        import mlx_lm
+
+        return mlx_lm.load(str(folder))
+
     async def unload(self) -> None:
         def release() -> None:
             import mlx.core as mx
@@ -202,7 +218,8 @@ class MlxRunner:
                 self._engine.unregister(self._step)
             self._model = self._tokenizer = self._prompt_cache = self._batch = None
             self._guidance_tokenizer = None
-            mx.clear_cache()
+            if not KEEP_MLX_CACHE.is_set():
+                mx.clear_cache()
 
         await self._engine.call(release)
 
@@ -226,31 +243,46 @@ class MlxRunner:
     def detokenize(self, token_ids: list[int]) -> str:
         return self._require()[1].decode(token_ids)
 
-    async def embed(self, texts: list[str]) -> list[list[float]]:
-        """Mean-pooled, normalised final hidden states: an embedding from any decoder model."""
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        """Mean-pooled, normalised final hidden states, in right-padded batches: an embedding
+        from any decoder model (embedding models have their own runner, ``embeddings.py``)."""
         model, tokenizer = self._require()
 
-        def run() -> list[list[float]]:
+        def run() -> EmbedResult:
             import mlx.core as mx
 
-            vectors = []
-            for text in texts:
-                ids = mx.array(tokenizer.encode(text))[None]
-                hidden = model.model(ids).mean(axis=1)[0]
-                hidden = hidden / mx.linalg.norm(hidden)
-                vectors.append(hidden.astype(mx.float32).tolist())
-            return vectors
+            ids = [list(tokenizer.encode(text)) for text in request.inputs]
+            for index in over_limit([len(t) for t in ids], self._context, request.truncate):
+                ids[index] = ids[index][: self._context]
+            vectors: list[list[float]] = [[] for _ in ids]
+            for batch in length_batches([len(t) for t in ids]):
+                input_ids, mask = padded([ids[i] for i in batch], tokenizer.eos_token_id or 0)
+                pooled = pool(model.model(input_ids), mask, "mean", normalize=True)
+                mx.eval(pooled)
+                for index, vector in zip(batch, pooled.tolist(), strict=True):
+                    vectors[index] = vector
+            return EmbedResult(vectors, sum(len(t) for t in ids))
 
         return await self._engine.call(run)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
-        tokenizer = self._require()[1]
+        model, tokenizer = self._require()
         constraint = None
         if request.response_format:
             constraint = await asyncio.to_thread(self._constraint, request.response_format)
         prompt, max_tokens = prompt_and_budget(
             request, self.tokenize, [tokenizer.bos_token_id or 0], self._context
         )
+        vocabulary = getattr(getattr(model, "args", None), "vocab_size", None)
+        if isinstance(vocabulary, int) and request.top_k >= vocabulary:
+            request.top_k = 0  # as many as there are tokens: no limit (mlx-lm refuses it)
+        if isinstance(vocabulary, int) and any(
+            not 0 <= token < vocabulary for token in request.logit_bias or {}
+        ):
+            # MLX does not bounds-check a scatter: an id past the vocabulary is a crash.
+            raise InvalidRequestError(
+                f"logit_bias token ids must be between 0 and {vocabulary - 1}", param="logit_bias"
+            )
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[object] = asyncio.Queue()
 
@@ -290,20 +322,11 @@ class MlxRunner:
     ) -> None:
         """Add a request to the batch, starting from the longest cached prefix of its prompt."""
         try:
-            from mlx_lm.generate import StopSequences
-            from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
             from mlx_lm.sample_utils import make_logits_processors
 
-            model, tokenizer = self._model, self._tokenizer
-            if model is None:
+            tokenizer = self._tokenizer
+            if self._model is None:
                 raise ModelNotLoadedError("the model was unloaded")
-            cache, remaining = self._prompt_cache.fetch_nearest_cache(id(model), prompt)
-            if cache is None:
-                cache, remaining = make_prompt_cache(model), prompt
-            if not remaining:
-                trim_prompt_cache(cache, 1)
-                remaining = prompt[-1:]
-            cached = len(prompt) - len(remaining)
             processors = make_logits_processors(
                 logit_bias=request.logit_bias or None,
                 repetition_penalty=request.repetition_penalty
@@ -315,14 +338,8 @@ class MlxRunner:
             ) + list(request.logits_processors)
             if constraint is not None:
                 processors.append(constraint)
-            (uid,) = self._batch.insert(
-                [remaining],
-                max_tokens=[max_tokens],
-                caches=[cache],
-                all_tokens=[prompt[:cached]],
-                samplers=[request_sampler(request)],
-                logits_processors=[processors],
-                stop_sequences=[StopSequences([[e] for e in tokenizer.eos_token_ids])],
+            uid, cached = self._insert(
+                prompt, max_tokens, self._sampler(request_sampler(request)), processors
             )
             state = DecodeState(
                 text=TextStream(MlxDetokenizer(copy.copy(tokenizer.detokenizer)), request.stop),
@@ -336,6 +353,48 @@ class MlxRunner:
         except BaseException as exc:
             emit(exc)
 
+    def _insert(
+        self, prompt: list[int], max_tokens: int, sampler: Any, processors: list[Any]
+    ) -> tuple[int, int]:
+        """Insert one sequence, reusing the longest cached prefix; its uid and how many prompt
+        tokens came from the cache. Deterministic given the same history of inserts and ends,
+        which is what lets every rank of a group replay rank 0's batch (``distributed/``)."""
+        from mlx_lm.generate import StopSequences
+        from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+        model = self._model
+        cache, remaining = self._prompt_cache.fetch_nearest_cache(id(model), prompt)
+        if cache is None:
+            cache, remaining = make_prompt_cache(model), prompt
+        if not remaining:
+            trim_prompt_cache(cache, 1)
+            remaining = prompt[-1:]
+        cached = len(prompt) - len(remaining)
+        (uid,) = self._batch.insert(
+            [remaining],
+            max_tokens=[max_tokens],
+            caches=[cache],
+            all_tokens=[prompt[:cached]],
+            samplers=[sampler],
+            logits_processors=[processors],
+            stop_sequences=[StopSequences([[e] for e in self._tokenizer.eos_token_ids])],
+        )
+        self._batch_changed(
+            {"op": "join", "uid": uid, "prompt": prompt, "max_tokens": max_tokens, "cached": cached}
+        )
+        return uid, cached
+
+    def _sampler(self, sampler: Any) -> Any:
+        """Hook: the sampler a sequence uses (a group shares rank 0's choice with all ranks)."""
+        return sampler
+
+    def _batch_changed(self, change: dict[str, Any]) -> None:
+        """Hook: a sequence joined or left the batch (a group replays this on every rank)."""
+
+    def _next(self) -> Any:
+        """Hook: one ``BatchGenerator`` step (a group first sends rank 0's changes)."""
+        return self._batch.next()
+
     def _step(self) -> bool:
         """One batch step: a token for every active request (and prefill for new ones)."""
         if not self._active:
@@ -345,9 +404,9 @@ class MlxRunner:
         if not self._active:
             return False
         try:
-            _, responses = self._batch.next()
+            _, responses = self._next()
         except Exception as exc:  # the whole batch failed: every request hears why
-            error = InferenceError(f"MLX failed: {exc}")
+            error = exc if isinstance(exc, MlxserveError) else InferenceError(f"MLX failed: {exc}")
             for active in self._active.values():
                 active.emit(error)
             self._active.clear()
@@ -375,6 +434,7 @@ class MlxRunner:
 
     def _end(self, uid: int, reason: Any, cache_and_tokens: tuple[Any, Any] | None) -> None:
         active = self._active.pop(uid)
+        self._batch_changed({"op": "end", "uid": uid, "finished": cache_and_tokens is not None})
         if cache_and_tokens is None:
             cache_and_tokens = self._batch.remove([uid], return_prompt_caches=True).get(uid)
         if cache_and_tokens is not None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from aiohttp import web
 
 from mlxserve.server.config import Settings
+from mlxserve.server.errors import hide_paths_under
 from mlxserve.server.metrics import Metrics
 from mlxserve.server.middleware import add_cors_headers, add_request_id, make_middlewares
 from mlxserve.server.residency import ModelManager
@@ -30,13 +31,20 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def build_app(settings: Settings) -> web.Application:
-    from mlxserve.server import routes_chat, routes_native, routes_openai, routes_store
+    from mlxserve.server import (
+        routes_chat,
+        routes_embed,
+        routes_native,
+        routes_openai,
+        routes_store,
+    )
 
     metrics = Metrics()
     app = web.Application(
         middlewares=make_middlewares(settings, metrics), client_max_size=settings.max_body_bytes
     )
     store = ModelStore(settings.home)
+    hide_paths_under(settings.home)
     app[SETTINGS] = settings
     app[STORE] = store
     app[METRICS] = metrics
@@ -45,6 +53,7 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_routes(routes_native.routes)
     app.router.add_routes(routes_store.routes)
     app.router.add_routes(routes_openai.routes)
+    app.router.add_routes(routes_embed.routes)
     app.router.add_get("/", root)
     app.router.add_get("/openapi.yaml", openapi)
     app.on_response_prepare.append(add_request_id)
