@@ -2,14 +2,14 @@
 
 A runner's library samples the tokens; ``DecodeState`` applies what must be identical on
 every runner: end-of-sequence, ``max_tokens``, stop strings that never leak, UTF-8 that is
-never split, cancellation within one token, and the Ollama stats. Both runners' batch engines
-push each sequence's token as its batch step lands.
+never split, cancellation within one token, and the Ollama stats. llama.cpp pulls tokens from
+an iterator (``decode_loop``); the batched MLX engine pushes them as each batch step lands.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from mlxserve.errors import ContextOverflowError
@@ -119,3 +119,14 @@ def prompt_and_budget(
             context_length=context,
         )
     return list(prompt), min(request.max_tokens or DEFAULT_MAX_TOKENS, context - len(prompt))
+
+
+def decode_loop(tokens: Iterator[SampledToken], state: DecodeState) -> Iterator[GenerateChunk]:
+    """Drive ``state`` from an iterator of sampled tokens (the llama.cpp runner)."""
+    for sampled in tokens:
+        chunk = state.push(sampled)
+        if chunk is not None:
+            yield chunk
+        if state.done:
+            break
+    yield state.finish()

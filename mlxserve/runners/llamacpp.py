@@ -14,6 +14,7 @@ import time
 import warnings
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 from mlxserve import platform
@@ -63,6 +64,8 @@ class LlamaCppRunner:
         self._info: LoadedModelInfo | None = None
         self._eog: set[int] = set()
         self._guidance_tokenizer: Any = None
+        self._embedder: Any = None
+        self._embed_params: tuple[Path, int, int] | None = None
 
     @property
     def max_parallel(self) -> int:
@@ -96,6 +99,11 @@ class LlamaCppRunner:
                 else platform.default_gpu_layers()
             )
             params.n_gpu_layers = ALL_LAYERS if layers == -1 else layers
+            self._embed_params = (
+                Path(model.weights[0]),
+                options.n_threads or platform.default_threads(),
+                layers,
+            )
             loaded = _internals.LlamaModel(
                 path_model=str(model.weights[0]), params=params, verbose=False
             )
@@ -153,7 +161,11 @@ class LlamaCppRunner:
         if engine is None:
             return
 
+        embedder, self._embedder = self._embedder, None
+
         def release() -> None:
+            if embedder is not None:
+                embedder.close()
             if slots is not None:
                 engine.unregister(slots.step)
                 slots.close()
@@ -195,9 +207,28 @@ class LlamaCppRunner:
         return self._require().detokenize(token_ids).decode("utf-8", "replace")
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
-        from mlxserve.runners.llamacpp_embed import embed_with_chat_context
+        """Through an embedding-mode twin context over the same GGUF (``llamacpp_embed.py``),
+        made on the first request: a generating context cannot pool."""
+        from mlxserve.runners.llamacpp_embed import CHAT_MODEL_POOLING, LlamaCppEmbedder
 
-        return await self._worker.call(embed_with_chat_context, self._require(), request)
+        self._require()
+        engine, slots, params = self._engine, self._slots, self._embed_params
+        assert engine is not None and slots is not None and params is not None
+
+        def run() -> EmbedResult:
+            if self._embedder is None:
+                path, n_threads, n_gpu_layers = params
+                self._embedder = LlamaCppEmbedder(
+                    path,
+                    CHAT_MODEL_POOLING,
+                    slots.slot_context,
+                    n_threads,
+                    n_gpu_layers,
+                    causal=True,
+                )
+            return self._embedder.embed(request)
+
+        return await engine.call(run)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         model = self._require()
