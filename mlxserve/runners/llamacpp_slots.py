@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from mlxserve.errors import InferenceError, InvalidRequestError
+from mlxserve.errors import InferenceError, InvalidFormatError
 from mlxserve.runners.base import GenerateRequest, TokenLogprob
 from mlxserve.runners.decode import DecodeState, SampledToken
 from mlxserve.runners.textstream import ByteDetokenizer, TextStream
@@ -51,9 +51,7 @@ class TokenMask:
 
         self._matcher = LLMatcher(tokenizer, grammar, log_level=0)
         if self._matcher.is_error():
-            raise InvalidRequestError(
-                f"unsupported JSON schema: {self._matcher.get_error()}", param="format"
-            )
+            raise InvalidFormatError(f"unsupported JSON schema: {self._matcher.get_error()}")
         self._bitmask = allocate_token_bitmask(1, tokenizer.vocab_size)
 
     def apply(self, logits: np.ndarray) -> None:
