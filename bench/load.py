@@ -4,8 +4,12 @@ Prints JSON. In one run, on one MLX model (the default model converted to MLX):
 (a) one client: tokens/s and time to first token through the daemon vs the runner in-process;
 (b) aggregate tokens/s with 1, 4 and 8 concurrent streaming clients on one model, through our
     daemon and through ``mlx_lm.server`` on the same weights (both via ``/v1/chat/completions``).
+And on the llama.cpp runner (the default GGUF as it is):
+(c) aggregate tokens/s and median time to first token with 1, 4 and 8 clients, each with its
+    own prompt, through the daemon with as many slots as clients against the same daemon with
+    one slot (``--num-parallel 1``: today's one-request-at-a-time runner).
 
-    python -m bench.load [--tokens 32] [--clients 1 4 8]
+    python -m bench.load [--tokens 32] [--clients 1 4 8] [--runner all|mlx|llamacpp] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -47,11 +51,17 @@ def mlx_copy(store: Any) -> Path:
     return folder
 
 
-async def stream_chat(session: aiohttp.ClientSession, url: str, model: str,
-                      tokens: int) -> dict[str, float]:
-    body = {"model": model, "messages": [{"role": "user", "content": QUESTION}],
-            "max_tokens": tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+async def stream_chat(
+    session: aiohttp.ClientSession, url: str, model: str, tokens: int, question: str = QUESTION
+) -> dict[str, float]:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     started = time.perf_counter()
     first = None
     count = 0
@@ -69,16 +79,31 @@ async def stream_chat(session: aiohttp.ClientSession, url: str, model: str,
                 count += 1
                 first = first or time.perf_counter()
     ended = time.perf_counter()
-    return {"ttft_s": (first or ended) - started, "tokens": max(count, usage),
-            "seconds": ended - started}
+    return {
+        "ttft_s": (first or ended) - started,
+        "tokens": max(count, usage),
+        "seconds": ended - started,
+    }
 
 
-async def concurrent(url: str, model: str, clients: int, tokens: int) -> dict[str, float]:
+def client_question(index: int) -> str:
+    """A prompt of its own per client, so no client rides on another's cached prefill."""
+    return f"{QUESTION} Make it about sailor number {index}."
+
+
+async def concurrent(
+    url: str, model: str, clients: int, tokens: int, distinct: bool = False
+) -> dict[str, float]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
         await stream_chat(session, url, model, 2)
         started = time.perf_counter()
         results = await asyncio.gather(
-            *(stream_chat(session, url, model, tokens) for _ in range(clients))
+            *(
+                stream_chat(
+                    session, url, model, tokens, client_question(index) if distinct else QUESTION
+                )
+                for index in range(clients)
+            )
         )
         wall = time.perf_counter() - started
     total = sum(r["tokens"] for r in results)
@@ -102,9 +127,11 @@ async def in_process(store: Any, tokens: int) -> dict[str, float]:
     finally:
         await loaded.unload()
     stats = final.stats
-    return {"ttft_s": round(stats.time_to_first_token / 1e9, 3),
-            "tokens_per_s": round(stats.eval_count / seconds, 2),
-            "tokens": stats.eval_count}
+    return {
+        "ttft_s": round(stats.time_to_first_token / 1e9, 3),
+        "tokens_per_s": round(stats.eval_count / seconds, 2),
+        "tokens": stats.eval_count,
+    }
 
 
 async def anext_all(loaded: LoadedModel, request: Any) -> Any:
@@ -118,7 +145,8 @@ def start_mlx_lm_server(folder: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "mlx_lm.server", "--model", str(folder), "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     url = f"http://127.0.0.1:{port}"
@@ -135,13 +163,73 @@ def start_mlx_lm_server(folder: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("mlx_lm.server did not start")
 
 
-async def measure(tokens: int, client_counts: list[int]) -> dict[str, Any]:
+async def llamacpp_slots(
+    store: Any, tokens: int, client_counts: list[int], rounds: int
+) -> dict[str, Any]:
+    """The default GGUF on the llama.cpp runner: N slots against one, same clients. The two
+    daemons take turns, ``rounds`` times, and each figure is the median of its rounds, so a
+    burst of load from elsewhere on this shared machine lands on both sides alike."""
+    configs = {"slots": max(client_counts), "one_slot": 1}
+    runs: dict[str, dict[int, list[dict[str, float]]]] = {
+        label: {n: [] for n in client_counts} for label in configs
+    }
+    for _ in range(rounds):
+        for label, slots in configs.items():
+            flags = ["--num-parallel", str(slots), "--max-queue", "64"]
+            daemon = Daemon(store.root, flags).start()
+            try:
+                for n in client_counts:
+                    runs[label][n].append(
+                        await concurrent(daemon.url, MODEL, n, tokens, distinct=True)
+                    )
+            finally:
+                daemon.stop()
+    result: dict[str, Any] = {"model": MODEL, "rounds": rounds}
+    for label in configs:
+        result[label] = [
+            {
+                "clients": n,
+                "aggregate_tokens_per_s": round(
+                    median([r["aggregate_tokens_per_s"] for r in runs[label][n]]), 2
+                ),
+                "median_ttft_s": round(median([r["median_ttft_s"] for r in runs[label][n]]), 3),
+            }
+            for n in client_counts
+        ]
+    rate = {
+        (label, r["clients"]): r["aggregate_tokens_per_s"]
+        for label in configs
+        for r in result[label]
+    }
+    best = max(client_counts)
+    result[f"slots_{best}_clients_over_1_client"] = round(
+        rate["slots", best] / rate["slots", min(client_counts)], 2
+    )
+    result[f"slots_over_one_slot_at_{best}_clients"] = round(
+        rate["slots", best] / rate["one_slot", best], 2
+    )
+    return result
+
+
+async def measure(
+    tokens: int, client_counts: list[int], runner: str, rounds: int
+) -> dict[str, Any]:
     store = bench_store()
+    result: dict[str, Any] = {"benchmark": "load", "tokens": tokens}
+    if runner in ("all", "llamacpp"):
+        result["llamacpp"] = await llamacpp_slots(store, tokens, client_counts, rounds)
+    if runner in ("all", "mlx"):
+        result.update(await mlx_load(store, tokens, client_counts))
+    return result
+
+
+async def mlx_load(store: Any, tokens: int, client_counts: list[int]) -> dict[str, Any]:
     folder = mlx_copy(store)
-    result: dict[str, Any] = {"benchmark": "load", "model": MLX_MODEL, "tokens": tokens}
+    result: dict[str, Any] = {"model": MLX_MODEL}
     result["in_process"] = await in_process(store, tokens)
-    daemon = Daemon(store.root, ["--num-parallel", str(max(client_counts)),
-                                 "--max-queue", "64"]).start()
+    daemon = Daemon(
+        store.root, ["--num-parallel", str(max(client_counts)), "--max-queue", "64"]
+    ).start()
     try:
         async with aiohttp.ClientSession() as session:
             await stream_chat(session, daemon.url, MLX_MODEL, 2)
@@ -171,8 +259,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--runner", choices=["all", "mlx", "llamacpp"], default="all")
+    parser.add_argument("--rounds", type=int, default=2, help="llama.cpp: turns per daemon")
     args = parser.parse_args()
-    emit(asyncio.run(measure(args.tokens, args.clients)))
+    emit(asyncio.run(measure(args.tokens, args.clients, args.runner, args.rounds)))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from bench.common import MODEL, bench_store, emit, median
+from mlxserve import platform
 from mlxserve.inference import LoadedModel
 from modelstore.runtime import open_model
 
@@ -80,7 +81,7 @@ async def reset_caches(loaded: LoadedModel) -> None:
     if loaded.info.runner == "mlx":
         await runner._engine.call(lambda: runner._prompt_cache.trim_to(n_sequences=0))
     else:
-        await runner._worker.call(runner._llama.reset)
+        await runner._engine.call(runner._slots.forget_prefixes)
 
 
 async def measure(runner_name: str, tokens: int, rounds: int) -> dict[str, Any]:
@@ -92,7 +93,6 @@ async def measure(runner_name: str, tokens: int, rounds: int) -> dict[str, Any]:
     if runner_name == "mlx":
         from mlx_lm import load
 
-        from mlxserve import platform
         from mlxserve.runners.mlx import derived_folder
 
         folder = derived_folder(open_model(store, MODEL), platform.mlx_dequantize_weights())
@@ -110,7 +110,7 @@ async def measure(runner_name: str, tokens: int, rounds: int) -> dict[str, Any]:
 
         local = open_model(store, MODEL)
         llama = Llama(str(local.weights[0]), n_ctx=loaded.info.context_length,
-                      n_threads=loaded.runner._llama.n_threads, verbose=False)
+                      n_threads=platform.default_threads(), verbose=False)
         for _ in range(rounds):
             await reset_caches(loaded)
             ours.append(await ours_tokens_per_second(loaded, prompt, tokens))

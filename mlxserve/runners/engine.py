@@ -1,4 +1,7 @@
-"""The one thread that owns all MLX state in the process, interleaving calls with batch steps.
+"""A thread that owns a runner's library state, interleaving calls with batch steps.
+
+One is shared by every MLX model in the process (``shared_engine``); each llama.cpp model has
+its own (``llamacpp.py``), closed when the model is unloaded.
 
 MLX arrays, streams and caches must not be touched from several threads at once, yet the
 daemon needs to start new requests while others are mid-generation. So every MLX call (load,
@@ -20,7 +23,11 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from mlxserve.errors import ModelNotLoadedError
+
 T = TypeVar("T")
+_CLOSE: Any = object()
+"""Put on the inbox by ``close``: the thread ends after the jobs before it."""
 
 
 class EngineThread:
@@ -28,16 +35,30 @@ class EngineThread:
         self._steppers: list[Callable[[], bool]] = []
         self._inbox: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self._busy = False
+        self._closed = False
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, function: Callable[[], T]) -> Future[T]:
         future: Future[T] = Future()
-        self._inbox.put((function, future))
+        with self._lock:
+            if self._closed:
+                future.set_exception(ModelNotLoadedError("the model was unloaded"))
+            else:
+                self._inbox.put((function, future))
         return future
 
     async def call(self, function: Callable[[], T]) -> T:
         return await asyncio.wrap_future(self.submit(function))
+
+    def close(self) -> None:
+        """End the thread once the jobs submitted before this call have run. Only for
+        threads that never ran MLX (the llama.cpp runner's): see the module docstring. A job
+        submitted later fails with ``ModelNotLoadedError`` instead of waiting forever."""
+        with self._lock:
+            self._closed = True
+            self._inbox.put(_CLOSE)
 
     def register(self, step: Callable[[], bool]) -> None:
         """Call from a job. ``step`` advances one batch once and says whether work is left."""
@@ -54,6 +75,8 @@ class EngineThread:
             except queue.Empty:
                 job = ...
             while job is not ...:
+                if job is _CLOSE:
+                    return
                 function, future = job
                 if future.set_running_or_notify_cancel():
                     try:

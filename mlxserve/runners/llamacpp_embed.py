@@ -2,16 +2,16 @@
 
 Two users: the llama.cpp runner, whose chat models embed through a second, embedding-mode
 context over the same GGUF (weights are memory-mapped, so they are shared), made on the first
-embedding request and dropped with the chat context; and ``LlamaCppEmbeddingRunner``, which
-serves GGUF embedding models (BERT, nomic-bert, Qwen3-Embedding, ...) with only that context.
-llama-cpp-python's ``embed`` packs several inputs into one decode (one sequence each), so a
-list is embedded in batches, not one input at a time.
+embedding request and closed when the model is unloaded (``llamacpp.py``); and
+``LlamaCppEmbeddingRunner``, which serves GGUF embedding models (BERT, nomic-bert,
+Qwen3-Embedding, ...) with only that context. llama-cpp-python's ``embed`` packs several
+inputs into one decode (one sequence each), so a list is embedded in batches, not one input at
+a time.
 """
 
 from __future__ import annotations
 
 import time
-import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -113,28 +113,6 @@ class LlamaCppEmbedder:
 
     def close(self) -> None:
         self.llama.close()
-
-
-_FOR_CHAT_CONTEXT: weakref.WeakKeyDictionary[Any, LlamaCppEmbedder] = weakref.WeakKeyDictionary()
-"""A chat context's embedding twin, made once and released when the chat context is."""
-
-
-def embed_with_chat_context(chat: Any, request: EmbedRequest) -> EmbedResult:
-    """Embed with a chat model's ``Llama`` (call on its worker thread): through an
-    embedding-mode twin of it, since a generating context cannot pool."""
-    embedder = _FOR_CHAT_CONTEXT.get(chat)
-    if embedder is None:
-        embedder = LlamaCppEmbedder(
-            Path(chat.model_path),
-            CHAT_MODEL_POOLING,
-            chat.n_ctx(),
-            chat.n_threads,
-            chat.model_params.n_gpu_layers,
-            causal=True,
-        )
-        _FOR_CHAT_CONTEXT[chat] = embedder
-        weakref.finalize(chat, embedder.close)
-    return embedder.embed(request)
 
 
 class LlamaCppEmbeddingRunner:
