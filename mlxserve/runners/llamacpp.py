@@ -34,7 +34,7 @@ from mlxserve.runners.base import (
 )
 from mlxserve.runners.decode import prompt_and_budget
 from mlxserve.runners.engine import EngineThread
-from mlxserve.runners.llamacpp_slots import SlotEngine, TokenMask, kv_bytes_per_token
+from mlxserve.runners.llamacpp_slots import SlotEngine, TokenMask, kv_bytes_per_token, token_piece
 from mlxserve.runners.loading import context_length, load_options, parallel_slots
 from mlxserve.runners.threads import drain
 from modelstore.model import LocalModel
@@ -198,13 +198,16 @@ class LlamaCppRunner:
     def _piece(self, token: int) -> str:
         if token < 0:
             return ""
-        return self._require().detokenize([token], special=True).decode("utf-8", "replace")
+        vocab = self._require().vocab
+        return token_piece(_import_llama_cpp(), vocab, token).decode("utf-8", "replace")
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._require().tokenize(text.encode(), add_bos=add_special_tokens, special=True)
 
     def detokenize(self, token_ids: list[int]) -> str:
-        return self._require().detokenize(token_ids).decode("utf-8", "replace")
+        vocab = self._require().vocab
+        pieces = b"".join(token_piece(_import_llama_cpp(), vocab, t) for t in token_ids)
+        return pieces.decode("utf-8", "replace")
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         """Through an embedding-mode twin context over the same GGUF (``llamacpp_embed.py``),

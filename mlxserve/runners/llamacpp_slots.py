@@ -37,6 +37,28 @@ PREFILL_TOKENS = 512
 that bounds how long a new prompt can hold back the sequences already decoding."""
 
 
+PIECE_BUFFER_BYTES = 64
+"""A first guess at a token's size; a longer piece is read again with the size llama.cpp asks."""
+
+
+def token_piece(llama_cpp: Any, vocab: Any, token: int) -> bytes:
+    """One token's bytes, special tokens included.
+
+    Written here because llama-cpp-python's ``detokenize`` reads every piece into a fixed
+    32-byte buffer and silently cuts longer ones, and by default drops control tokens, which
+    are exactly the tool-call and think markers (Mistral's ``[TOOL_CALLS]``, LFM2's
+    ``<|tool_call_start|>``) the chat core must see, as it does on MLX. End-of-generation
+    tokens never reach the text (``DecodeState`` ends the answer first).
+    """
+    size = PIECE_BUFFER_BYTES
+    while True:
+        buffer = ctypes.create_string_buffer(size)
+        length = llama_cpp.llama_token_to_piece(vocab, token, buffer, size, 0, True)
+        if length >= 0:
+            return buffer.raw[:length]
+        size = -length
+
+
 class TokenMask:
     """An llguidance matcher as an in-place mask on one sequence's numpy logits.
 
@@ -168,7 +190,7 @@ class SlotEngine:
         """Queue a request; it takes a slot at the start of the next step."""
         try:
             state = DecodeState(
-                text=TextStream(ByteDetokenizer(self._model.detokenize), request.stop),
+                text=TextStream(ByteDetokenizer(self._token_bytes), request.stop),
                 is_end_of_sequence=self._eog.__contains__,
                 max_tokens=max_tokens,
                 cancel=request.cancel,
@@ -344,7 +366,10 @@ class SlotEngine:
         return TokenLogprob(token, self._piece(token), float(logprobs[token]), top)
 
     def _piece(self, token: int) -> str:
-        return self._model.detokenize([token], special=True).decode("utf-8", "replace")
+        return token_piece(self._llama_cpp, self._model.vocab, token).decode("utf-8", "replace")
+
+    def _token_bytes(self, tokens: list[int]) -> bytes:
+        return b"".join(token_piece(self._llama_cpp, self._model.vocab, t) for t in tokens)
 
     def _finish(
         self, sequence: Sequence, reason: Any = None, *, error: BaseException | None = None

@@ -50,7 +50,7 @@ def _items(value: Any) -> list[Message]:
             raise InvalidRequestError(f"{where} must be an object", param="input")
         kind = item.get("type", "message")
         if kind == "message":
-            if item.get("role") not in ROLES:
+            if not isinstance(item.get("role"), str) or item["role"] not in ROLES:
                 raise InvalidRequestError(
                     f"{where}.role must be one of {', '.join(ROLES)}", param="input"
                 )

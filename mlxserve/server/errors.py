@@ -2,7 +2,8 @@
 
 Native routes answer Ollama's shape (``{"error": "..."}``) plus our stable ``code``; ``/v1``
 routes answer OpenAI's (``{"error": {"message", "type", "code", "param"}}``), and
-``/v1/messages`` Anthropic's (``{"type": "error", "error": {"type", "message"}}``).
+``/v1/messages`` Anthropic's (``{"type": "error", "error": {"type", "message"}}``, plus our
+``code`` and ``param``: every API carries the stable code).
 """
 
 from __future__ import annotations
@@ -91,7 +92,12 @@ def _error_body(error: MlxserveError, style: ErrorStyle) -> dict[str, object]:
     if style == "anthropic":
         return {
             "type": "error",
-            "error": {"type": ANTHROPIC_TYPES.get(status, "api_error"), "message": error.message},
+            "error": {
+                "type": ANTHROPIC_TYPES.get(status, "api_error"),
+                "message": error.message,
+                "code": error.code,
+                "param": error.details.get("param"),
+            },
         }
     body: dict[str, object] = {"error": error.message, "code": error.code}
     if error.details:
