@@ -4,8 +4,12 @@ Prints JSON. In one run, on one MLX model (the default model converted to MLX):
 (a) one client: tokens/s and time to first token through the daemon vs the runner in-process;
 (b) aggregate tokens/s with 1, 4 and 8 concurrent streaming clients on one model, through our
     daemon and through ``mlx_lm.server`` on the same weights (both via ``/v1/chat/completions``).
+And on the llama.cpp runner (the default GGUF as it is):
+(c) aggregate tokens/s and median time to first token with 1, 4 and 8 clients, each with its
+    own prompt, through the daemon with as many slots as clients against the same daemon with
+    one slot (``--num-parallel 1``: today's one-request-at-a-time runner).
 
-    python -m bench.load [--tokens 32] [--clients 1 4 8]
+    python -m bench.load [--tokens 32] [--clients 1 4 8] [--runner all|mlx|llamacpp]
 """
 
 from __future__ import annotations
@@ -48,8 +52,8 @@ def mlx_copy(store: Any) -> Path:
 
 
 async def stream_chat(session: aiohttp.ClientSession, url: str, model: str,
-                      tokens: int) -> dict[str, float]:
-    body = {"model": model, "messages": [{"role": "user", "content": QUESTION}],
+                      tokens: int, question: str = QUESTION) -> dict[str, float]:
+    body = {"model": model, "messages": [{"role": "user", "content": question}],
             "max_tokens": tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     started = time.perf_counter()
@@ -73,13 +77,21 @@ async def stream_chat(session: aiohttp.ClientSession, url: str, model: str,
             "seconds": ended - started}
 
 
-async def concurrent(url: str, model: str, clients: int, tokens: int) -> dict[str, float]:
+def client_question(index: int) -> str:
+    """A prompt of its own per client, so no client rides on another's cached prefill."""
+    return f"{QUESTION} Make it about sailor number {index}."
+
+
+async def concurrent(url: str, model: str, clients: int, tokens: int,
+                     distinct: bool = False) -> dict[str, float]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
         await stream_chat(session, url, model, 2)
         started = time.perf_counter()
-        results = await asyncio.gather(
-            *(stream_chat(session, url, model, tokens) for _ in range(clients))
-        )
+        results = await asyncio.gather(*(
+            stream_chat(session, url, model, tokens,
+                        client_question(index) if distinct else QUESTION)
+            for index in range(clients)
+        ))
         wall = time.perf_counter() - started
     total = sum(r["tokens"] for r in results)
     return {
@@ -135,10 +147,40 @@ def start_mlx_lm_server(folder: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("mlx_lm.server did not start")
 
 
-async def measure(tokens: int, client_counts: list[int]) -> dict[str, Any]:
+async def llamacpp_slots(store: Any, tokens: int, client_counts: list[int]) -> dict[str, Any]:
+    """The default GGUF on the llama.cpp runner: N slots against one, same clients."""
+    result: dict[str, Any] = {"model": MODEL}
+    for label, slots in (("slots", max(client_counts)), ("one_slot", 1)):
+        daemon = Daemon(store.root, ["--num-parallel", str(slots), "--max-queue", "64"]).start()
+        try:
+            result[label] = [
+                await concurrent(daemon.url, MODEL, n, tokens, distinct=True)
+                for n in client_counts
+            ]
+        finally:
+            daemon.stop()
+    best = max(client_counts)
+    many = next(r for r in result["slots"] if r["clients"] == best)
+    one = next(r for r in result["slots"] if r["clients"] == 1)
+    result[f"aggregate_{best}_clients_over_1"] = round(
+        many["aggregate_tokens_per_s"] / one["aggregate_tokens_per_s"], 2
+    )
+    return result
+
+
+async def measure(tokens: int, client_counts: list[int], runner: str) -> dict[str, Any]:
     store = bench_store()
+    result: dict[str, Any] = {"benchmark": "load", "tokens": tokens}
+    if runner in ("all", "llamacpp"):
+        result["llamacpp"] = await llamacpp_slots(store, tokens, client_counts)
+    if runner in ("all", "mlx"):
+        result.update(await mlx_load(store, tokens, client_counts))
+    return result
+
+
+async def mlx_load(store: Any, tokens: int, client_counts: list[int]) -> dict[str, Any]:
     folder = mlx_copy(store)
-    result: dict[str, Any] = {"benchmark": "load", "model": MLX_MODEL, "tokens": tokens}
+    result: dict[str, Any] = {"model": MLX_MODEL}
     result["in_process"] = await in_process(store, tokens)
     daemon = Daemon(store.root, ["--num-parallel", str(max(client_counts)),
                                  "--max-queue", "64"]).start()
@@ -171,8 +213,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--runner", choices=["all", "mlx", "llamacpp"], default="all")
     args = parser.parse_args()
-    emit(asyncio.run(measure(args.tokens, args.clients)))
+    emit(asyncio.run(measure(args.tokens, args.clients, args.runner)))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ ModelFormat = Literal["mlx", "gguf"]
 GENERATION_PARAMETERS = SPEC_PARAMETERS
 """Default generation parameters a ModelSpec may set; a request overrides each."""
 
-RUNNER_PARAMETERS = ("context_length", "n_gpu_layers", "n_threads")
+RUNNER_PARAMETERS = ("context_length", "n_gpu_layers", "n_threads", "max_parallel")
 """Load-time parameters a ModelSpec may set (``RunnerOptions``)."""
 
 

@@ -293,3 +293,15 @@ async def test_sse_sends_keepalive_comments_while_the_prompt_is_read(make_daemon
         body = await response.text()
         assert body.startswith(": keep-alive")
         assert body.rstrip().endswith("data: [DONE]")
+
+
+async def test_ps_and_metrics_show_a_models_slots_and_those_in_use(make_daemon):
+    daemon = make_daemon("--num-parallel", "3")
+    async with aiohttp.ClientSession() as session:
+        await session.post(f"{daemon.url}/api/generate",
+                           json={"model": "tiny:gguf", "prompt": "Hi", "stream": False,
+                                 "options": {"num_predict": 2}})
+        (entry,) = (await (await session.get(f"{daemon.url}/api/ps")).json())["models"]
+        assert (entry["slots"], entry["active"]) == (3, 0)
+        metrics = await (await session.get(f"{daemon.url}/metrics")).text()
+        assert 'mlxserve_slots{model="tiny:gguf"} 3.0' in metrics

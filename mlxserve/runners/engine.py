@@ -21,6 +21,8 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+_CLOSE: Any = object()
+"""Put on the inbox by ``close``: the thread ends after the jobs before it."""
 
 
 class EngineThread:
@@ -41,6 +43,11 @@ class EngineThread:
     async def call(self, function: Callable[[], T]) -> T:
         return await asyncio.wrap_future(self.submit(function))
 
+    def close(self) -> None:
+        """End the thread once the jobs submitted before this call have run. Only for
+        threads that never ran MLX (the llama.cpp runner's): see the module docstring."""
+        self._inbox.put(_CLOSE)
+
     def register(self, step: Callable[[], bool]) -> None:
         """Call from a job. ``step`` advances one batch once and says whether work is left."""
         self._steppers.append(step)
@@ -56,6 +63,8 @@ class EngineThread:
             except queue.Empty:
                 job = ...
             while job is not ...:
+                if job is _CLOSE:
+                    return
                 function, future = job
                 if future.set_running_or_notify_cancel():
                     try:

@@ -1,24 +1,23 @@
 """The llama.cpp runner: GGUF files through ``llama-cpp-python``.
 
 The fallback where MLX cannot run well (machines without Apple Silicon), and on a Mac the way
-to run GGUF files with Metal offload. One llama.cpp context holds one sequence, so this runner
-serves one request at a time (``max_parallel == 1``) and the daemon's scheduler queues the rest.
-llama.cpp itself keeps the previous prompt's KV cache and reuses its longest common prefix.
+to run GGUF files with Metal offload. One llama.cpp context holds ``max_parallel`` sequence
+slots that decode together, one token each per step, on the runner's engine thread
+(``llamacpp_slots.py``), so the daemon's scheduler admits that many requests at once. A
+follow-up turn lands in the slot whose KV cache holds its prefix.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+import warnings
+from collections.abc import AsyncIterator
 from typing import Any
-
-import numpy as np
 
 from mlxserve import platform
 from mlxserve.errors import (
     InferenceError,
-    InvalidRequestError,
     ModelNotLoadedError,
     RunnerUnavailableError,
     UnsupportedFeatureError,
@@ -29,16 +28,16 @@ from mlxserve.runners.base import (
     GenerateRequest,
     LoadedModelInfo,
     RunnerOptions,
-    TokenLogprob,
 )
-from mlxserve.runners.decode import DecodeState, SampledToken, decode_loop, prompt_and_budget
-from mlxserve.runners.loading import context_length, load_options
-from mlxserve.runners.textstream import ByteDetokenizer, TextStream
-from mlxserve.runners.threads import WorkerThread
+from mlxserve.runners.decode import prompt_and_budget
+from mlxserve.runners.engine import EngineThread
+from mlxserve.runners.llamacpp_slots import SlotEngine, TokenMask, kv_bytes_per_token
+from mlxserve.runners.loading import context_length, load_options, parallel_slots
+from mlxserve.runners.threads import drain
 from modelstore.model import LocalModel
 
-RANDOM_SEED = 0xFFFFFFFF
-"""llama.cpp's LLAMA_DEFAULT_SEED: pick a fresh random seed for each request."""
+ALL_LAYERS = 0x7FFFFFFF
+"""``n_gpu_layers`` for "every layer" in llama.cpp's model params (what ``-1`` means to us)."""
 
 
 def _import_llama_cpp() -> Any:
@@ -55,19 +54,22 @@ class LlamaCppRunner:
     name = "llamacpp"
 
     def __init__(self) -> None:
-        self._llama: Any = None
+        self._model: Any = None
+        self._metadata: dict[str, str] = {}
+        self._slots: SlotEngine | None = None
+        self._engine: EngineThread | None = None
         self._info: LoadedModelInfo | None = None
-        self._worker = WorkerThread("llamacpp")
         self._eog: set[int] = set()
+        self._guidance_tokenizer: Any = None
 
     @property
     def max_parallel(self) -> int:
-        return 1
+        return len(self._slots.slots) if self._slots is not None else 1
 
     def _require(self) -> Any:
-        if self._llama is None:
+        if self._model is None:
             raise ModelNotLoadedError("no model is loaded in the llama.cpp runner")
-        return self._llama
+        return self._model
 
     async def load(self, model: LocalModel, options: RunnerOptions) -> LoadedModelInfo:
         if model.format != "gguf" or not model.weights:
@@ -78,47 +80,89 @@ class LlamaCppRunner:
         llama_cpp = _import_llama_cpp()
         started = time.perf_counter_ns()
         options = load_options(model, options)
+        slot_context = context_length(model, options)
+        engine = EngineThread("llamacpp-engine")
 
-        def build() -> Any:
-            return llama_cpp.Llama(
-                model_path=str(model.weights[0]),
-                n_ctx=context_length(model, options),
-                n_gpu_layers=options.n_gpu_layers
+        def build() -> tuple[Any, SlotEngine, int]:
+            from llama_cpp import _internals, _logger
+
+            _logger.set_verbose(False)
+            params = _internals.LlamaModel.default_params()
+            layers = (
+                options.n_gpu_layers
                 if options.n_gpu_layers is not None
-                else platform.default_gpu_layers(),
-                n_threads=options.n_threads or platform.default_threads(),
-                seed=RANDOM_SEED,
-                verbose=False,
+                else platform.default_gpu_layers()
             )
+            params.n_gpu_layers = ALL_LAYERS if layers == -1 else layers
+            loaded = _internals.LlamaModel(
+                path_model=str(model.weights[0]), params=params, verbose=False
+            )
+            try:
+                slot_bytes = slot_context * kv_bytes_per_token(llama_cpp, loaded)
+                slots = parallel_slots(model.name, options.max_parallel, loaded.size(),
+                                       slot_bytes)
+                eog = {
+                    token
+                    for token in range(loaded.n_vocab())
+                    if llama_cpp.llama_vocab_is_eog(loaded.vocab, token)
+                }
+                engine_slots = SlotEngine(
+                    llama_cpp,
+                    loaded,
+                    slots=slots,
+                    slot_context=slot_context,
+                    n_threads=options.n_threads or platform.default_threads(),
+                    eog=eog,
+                )
+            except BaseException:
+                loaded.close()
+                raise
+            self._eog = eog
+            engine.register(engine_slots.step)
+            return loaded, engine_slots, slots * slot_bytes
 
         try:
-            llama = await self._worker.call(build)
+            loaded, slots, kv_bytes = await engine.call(build)
         except ValueError as exc:
+            engine.close()
             raise InferenceError(f"llama.cpp could not load {model.name}: {exc}") from exc
-        self._llama = llama
-        vocab = llama._model.vocab
-        self._eog = {
-            token for token in range(llama.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, token)
-        }
+        except BaseException:
+            engine.close()
+            raise
+        self._model, self._slots, self._engine = loaded, slots, engine
+        self._metadata = loaded.metadata()
         self._info = LoadedModelInfo(
             runner=self.name,
             format="gguf",
             architecture=model.architecture,
-            parameter_count=llama._model.n_params(),
+            parameter_count=loaded.n_params(),
             quantization=model.quantization,
-            context_length=llama.n_ctx(),
-            memory_bytes=llama._model.size(),
-            max_parallel=1,
+            context_length=slots.slot_context,
+            memory_bytes=loaded.size() + kv_bytes,
+            max_parallel=len(slots.slots),
             load_duration_ns=time.perf_counter_ns() - started,
+            details={"kv_cache_bytes": kv_bytes},
         )
         return self._info
 
     async def unload(self) -> None:
-        llama, self._llama = self._llama, None
-        if llama is not None:
-            await self._worker.call(llama.close)
-        self._worker.shutdown()
-        self._worker = WorkerThread("llamacpp")
+        engine, slots, model = self._engine, self._slots, self._model
+        self._engine = self._slots = self._model = None
+        self._guidance_tokenizer = None
+        if engine is None:
+            return
+
+        def release() -> None:
+            if slots is not None:
+                engine.unregister(slots.step)
+                slots.close()
+            if model is not None:
+                model.close()
+
+        try:
+            await engine.call(release)
+        finally:
+            engine.close()
 
     def describe(self) -> LoadedModelInfo:
         if self._info is None:
@@ -127,14 +171,15 @@ class LlamaCppRunner:
 
     @property
     def chat_template(self) -> str | None:
-        return self._require().metadata.get("tokenizer.chat_template")
+        self._require()
+        return self._metadata.get("tokenizer.chat_template")
 
     @property
     def special_tokens(self) -> dict[str, str]:
-        llama = self._require()
+        model = self._require()
         return {
-            "bos_token": self._piece(llama.token_bos()),
-            "eos_token": self._piece(llama.token_eos()),
+            "bos_token": self._piece(model.token_bos()),
+            "eos_token": self._piece(model.token_eos()),
         }
 
     def _piece(self, token: int) -> str:
@@ -153,118 +198,42 @@ class LlamaCppRunner:
             "embeddings are served by the MLX runner; this model runs on llama.cpp"
         )
 
-    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
-        llama = self._require()
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        model = self._require()
+        slots, engine = self._slots, self._engine
+        assert slots is not None and engine is not None
         prompt, max_tokens = prompt_and_budget(
-            request, self.tokenize, [llama.token_bos()], llama.n_ctx()
+            request, self.tokenize, [model.token_bos()], slots.slot_context
         )
-        grammar = self._grammar(request.response_format)
-        return self._worker.stream(
-            lambda: self._generate_sync(request, prompt, max_tokens, grammar), request.cancel
-        )
+        mask = None
+        if request.response_format:
+            mask = await asyncio.to_thread(self._mask, request.response_format)
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[object] = asyncio.Queue()
 
-    def _generate_sync(
-        self, request: GenerateRequest, prompt: list[int], max_tokens: int, grammar: Any
-    ) -> Iterator[GenerateChunk]:
-        llama = self._llama
-        cached = 0
-        for old, new in zip(llama._input_ids[: llama.n_tokens], prompt, strict=False):
-            if old != new:
-                break
-            cached += 1
-        cached = min(cached, len(prompt) - 1)
-        llama.set_seed(RANDOM_SEED if request.seed is None else request.seed)
-        captured: dict[str, np.ndarray] = {}
-        processors = self._logits_processors(request, captured)
-        tokens = llama.generate(
-            prompt,
-            top_k=request.top_k,
-            top_p=request.top_p,
-            min_p=request.min_p,
-            temp=request.temperature,
-            repeat_penalty=request.repetition_penalty,
-            frequency_penalty=request.frequency_penalty,
-            presence_penalty=request.presence_penalty,
-            logits_processor=processors or None,
-            grammar=grammar,
-        )
-        stream = TextStream(ByteDetokenizer(lambda ids: llama.detokenize(ids)), request.stop)
+        def emit(item: object) -> None:
+            loop.call_soon_threadsafe(chunks.put_nowait, item)
 
-        def sampled() -> Iterator[SampledToken]:
-            try:
-                for token in tokens:
-                    yield SampledToken(token, self._logprob(token, captured, request.logprobs))
-            finally:
-                tokens.close()
-
-        state = DecodeState(
-            text=stream,
-            is_end_of_sequence=self._eog.__contains__,
-            max_tokens=max_tokens,
-            cancel=request.cancel,
-            prompt_tokens=len(prompt),
-            cached_prompt_tokens=cached,
-        )
+        engine.submit(lambda: slots.join(request, prompt, max_tokens, emit, mask))
         try:
-            yield from decode_loop(sampled(), state)
-        except RuntimeError as exc:
-            raise InferenceError(f"llama.cpp failed: {exc}") from exc
+            async for item in drain(chunks):
+                yield item
+        finally:
+            request.cancel.cancel()
 
-    @staticmethod
-    def _grammar(response_format: dict[str, Any] | None) -> Any:
-        """JSON output through llama.cpp's own grammar sampler (GBNF from a JSON Schema)."""
-        if not response_format:
-            return None
-        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+    def _mask(self, response_format: dict[str, Any]) -> TokenMask:
+        """The request's JSON grammar (validated before any byte is sent) over this GGUF's
+        vocabulary; llguidance's view of the vocabulary is built once per model (~1 s)."""
+        from mlxserve.runners.constrained import grammar_for
 
-        schema = response_format.get("schema")
-        try:
-            if schema:
-                return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
-            return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
-        except (ValueError, RuntimeError) as exc:
-            raise InvalidRequestError(f"cannot build a grammar from this JSON schema: {exc}") \
-                from exc
+        grammar = grammar_for(response_format)
+        if self._guidance_tokenizer is None:
+            from llguidance.llamacpp import lltokenizer_from_vocab
 
-    def _logits_processors(
-        self, request: GenerateRequest, captured: dict[str, np.ndarray]
-    ) -> list[Any]:
-        """Logit bias, caller processors, and (for logprobs) a tap on the raw logits.
-
-        llama.cpp only keeps logits when built with ``logits_all``, which costs memory for
-        every request; a processor sees them anyway, so logprobs come from a copy taken here.
-        """
-        processors: list[Any] = []
-        if request.logit_bias:
-            ids = np.array(list(request.logit_bias), dtype=np.int64)
-            bias = np.array(list(request.logit_bias.values()), dtype=np.float32)
-
-            def apply_bias(_input_ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
-                logits[ids] += bias
-                return logits
-
-            processors.append(apply_bias)
-        processors.extend(request.logits_processors)
-        if request.logprobs is not None:
-
-            def tap(_input_ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
-                captured["logits"] = logits.copy()
-                return logits
-
-            processors.append(tap)
-        return processors
-
-    def _logprob(
-        self, token: int, captured: dict[str, np.ndarray], top_n: int | None
-    ) -> TokenLogprob | None:
-        logits = captured.get("logits")
-        if top_n is None or logits is None:
-            return None
-        shifted = logits - logits.max()
-        logprobs = shifted - np.log(np.exp(shifted).sum())
-        top: list[tuple[int, str, float]] = []
-        if top_n > 0:
-            best = np.argpartition(-logprobs, top_n)[:top_n]
-            best = best[np.argsort(-logprobs[best])]
-            top = [(int(i), self._piece(int(i)), float(logprobs[i])) for i in best]
-        return TokenLogprob(token, self._piece(token), float(logprobs[token]), top)
+            model = self._require()
+            with warnings.catch_warnings():  # it calls a C function deprecated in 0.3.x, per token
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self._guidance_tokenizer = lltokenizer_from_vocab(
+                    model.vocab, eos_token=sorted(self._eog)
+                )
+        return TokenMask(self._guidance_tokenizer, grammar)

@@ -42,3 +42,25 @@ def require_memory(name: str, needed: int) -> None:
             needed_bytes=needed,
             available_bytes=available,
         )
+
+
+DEFAULT_PARALLEL = 4
+"""Sequence slots a model gets when neither the caller nor its ModelSpec chooses."""
+SLOTS_MEMORY_SHARE = 0.5
+"""A default choice of slots keeps weights plus KV within this share of the memory budget, so
+a second model still fits beside it (``max_loaded_models`` is 2 by default)."""
+
+
+def parallel_slots(name: str, requested: int | None, weights_bytes: int, slot_bytes: int) -> int:
+    """How many sequences a model serves at once, each with its own KV cache of
+    ``slot_bytes``: ``requested`` if set, else ``DEFAULT_PARALLEL`` halved until weights and
+    every slot fit in ``SLOTS_MEMORY_SHARE`` of the memory; refused when even that number does
+    not fit at all (memory admission counts the KV cache of every slot)."""
+    slots = requested or DEFAULT_PARALLEL
+    available = platform.total_memory_bytes()
+    if not requested and available:
+        budget = available * SLOTS_MEMORY_SHARE / MEMORY_HEADROOM
+        while slots > 1 and weights_bytes + slots * slot_bytes > budget:
+            slots //= 2
+    require_memory(name, weights_bytes + slots * slot_bytes)
+    return slots

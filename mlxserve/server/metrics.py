@@ -46,6 +46,9 @@ class Metrics:
         self.active = Gauge(
             "mlxserve_active_requests", "Requests generating", ["model"], registry=r
         )
+        self.slots = Gauge(
+            "mlxserve_slots", "Sequences a loaded model serves at once", ["model"], registry=r
+        )
         self.loaded_models = Gauge("mlxserve_loaded_models", "Models in memory", registry=r)
         self.model_memory = Gauge(
             "mlxserve_model_memory_bytes", "Memory a loaded model holds", ["model"], registry=r

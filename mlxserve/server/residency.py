@@ -180,6 +180,7 @@ class ModelManager:
         self.residents[name] = resident
         self.metrics.loaded_models.set(len(self.residents))
         self.metrics.model_memory.labels(name).set(loaded.info.memory_bytes)
+        self.metrics.slots.labels(name).set(parallel)
         return resident
 
     async def unload(self, name: str) -> bool:
@@ -201,6 +202,7 @@ class ModelManager:
         await resident.loaded.unload()
         self.metrics.loaded_models.set(len(self.residents))
         self.metrics.model_memory.remove(name)
+        self.metrics.slots.remove(name)
 
     async def _reap(self) -> None:
         while True:

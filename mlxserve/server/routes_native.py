@@ -148,6 +148,7 @@ async def ps(request: web.Request) -> web.Response:
             size_vram=info.memory_bytes if info.details.get("metal") else 0,
             runner=info.runner,
             context_length=info.context_length,
+            slots=resident.queue.parallel,
             active=resident.queue.active,
             queued=resident.queue.waiting,
         )

@@ -1,0 +1,361 @@
+"""Parallel slots with continuous batching on one llama.cpp context.
+
+llama-cpp-python's high-level ``Llama.generate`` drives one sequence per context, so eight
+clients would take turns. llama.cpp itself decodes many sequences in one ``llama_decode``
+(its server's ``-np`` slots): this module is that loop, written against the C API that
+llama-cpp-python exposes, because no Python package ships it. One context holds ``N`` sequence
+slots, each with its own KV stream of ``slot_context`` cells; every step puts one token of each
+decoding sequence and a chunk of each newly admitted prompt into one batch, so a long prompt
+never stalls the others for more than a chunk, and a step over eight sequences costs little
+more than a step over one on a CPU.
+
+Everything here runs on the runner's engine thread (``engine.py``); the async side only submits
+jobs and reads the chunks each sequence emits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mlxserve.errors import InferenceError, InvalidRequestError
+from mlxserve.runners.base import GenerateRequest, TokenLogprob
+from mlxserve.runners.decode import DecodeState, SampledToken
+from mlxserve.runners.textstream import ByteDetokenizer, TextStream
+from mlxserve.runners.threads import END
+
+RANDOM_SEED = 0xFFFFFFFF
+"""llama.cpp's LLAMA_DEFAULT_SEED: a fresh random seed for each request."""
+STEP_TOKENS = 512
+"""Tokens in one ``llama_decode``: one per decoding sequence, the rest prompt chunks."""
+
+
+class TokenMask:
+    """An llguidance matcher as an in-place mask on one sequence's numpy logits.
+
+    The same grammar engine as the MLX runner (``constrained.py``), so ``format`` accepts the
+    same schemas on both runners; the tokenizer comes from the GGUF's own vocabulary
+    (``llguidance.llamacpp``), so no HF tokenizer is needed.
+    """
+
+    def __init__(self, tokenizer: Any, grammar: str) -> None:
+        from llguidance import LLMatcher
+        from llguidance.numpy import allocate_token_bitmask
+
+        self._matcher = LLMatcher(tokenizer, grammar, log_level=0)
+        if self._matcher.is_error():
+            raise InvalidRequestError(
+                f"unsupported JSON schema: {self._matcher.get_error()}", param="format"
+            )
+        self._bitmask = allocate_token_bitmask(1, tokenizer.vocab_size)
+
+    def apply(self, logits: np.ndarray) -> None:
+        from llguidance.numpy import apply_token_bitmask_inplace, fill_next_token_bitmask
+
+        fill_next_token_bitmask(self._matcher, self._bitmask)
+        apply_token_bitmask_inplace(logits, self._bitmask)
+
+    def consume(self, token: int) -> None:
+        self._matcher.consume_token(token)
+
+
+@dataclass
+class Sequence:
+    """One request from admission to its last chunk."""
+
+    request: GenerateRequest
+    prompt: list[int]
+    state: DecodeState
+    emit: Callable[[object], None]
+    sampler: Any
+    mask: TokenMask | None
+    slot: Slot | None = None
+    prefilled: int = 0
+    """Prompt tokens whose KV is in the slot; the rest are still to be prefilled."""
+    pending_token: int | None = None
+    """The last sampled token, fed to the model in the next step."""
+    logits_index: int = -1
+    generated: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Slot:
+    """A KV stream of the context: which tokens it holds, for prefix reuse."""
+
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)
+    sequence: Sequence | None = None
+    last_used: float = 0.0
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    count = 0
+    for left, right in zip(a, b, strict=False):
+        if left != right:
+            break
+        count += 1
+    return count
+
+
+class SlotEngine:
+    """The context, its slots and the decode loop; ``step`` is registered on the engine thread.
+
+    ``model`` is llama-cpp-python's ``_internals.LlamaModel``: the context is created here (not
+    through ``Llama``) because ``Llama`` fixes one sequence per context.
+    """
+
+    def __init__(
+        self,
+        llama_cpp: Any,
+        model: Any,
+        *,
+        slots: int,
+        slot_context: int,
+        n_threads: int,
+        eog: set[int],
+    ) -> None:
+        from llama_cpp import _internals
+
+        self._llama_cpp = llama_cpp
+        self._model = model
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = slots * slot_context
+        params.n_seq_max = slots
+        params.kv_unified = False
+        params.n_batch = params.n_ubatch = STEP_TOKENS
+        params.n_threads = params.n_threads_batch = n_threads
+        params.no_perf = True
+        self._context = _internals.LlamaContext(model=model, params=params, verbose=False)
+        self.slot_context = min(slot_context, llama_cpp.llama_n_ctx_seq(self._context.ctx))
+        self._batch = llama_cpp.llama_batch_init(STEP_TOKENS, 0, 1)
+        self._memory = llama_cpp.llama_get_memory(self._context.ctx)
+        self._vocab = model.n_vocab()
+        self._eog = eog
+        self.slots = [Slot(seq_id) for seq_id in range(slots)]
+        self._waiting: deque[Sequence] = deque()
+
+    def close(self) -> None:
+        """Finish every sequence as cancelled and free the context (on the engine thread)."""
+        for sequence in [*self._waiting, *(s.sequence for s in self.slots if s.sequence)]:
+            self._finish(sequence, "cancelled")
+        self._waiting.clear()
+        self._llama_cpp.llama_batch_free(self._batch)
+        self._context.close()
+
+    # -- admission --------------------------------------------------------------------------
+
+    def join(
+        self,
+        request: GenerateRequest,
+        prompt: list[int],
+        max_tokens: int,
+        emit: Callable[[object], None],
+        mask: TokenMask | None,
+    ) -> None:
+        """Queue a request; it takes a slot at the start of the next step."""
+        state = DecodeState(
+            text=TextStream(ByteDetokenizer(self._model.detokenize), request.stop),
+            is_end_of_sequence=self._eog.__contains__,
+            max_tokens=max_tokens,
+            cancel=request.cancel,
+            prompt_tokens=len(prompt),
+        )
+        sampler = self._sampler(request)
+        self._waiting.append(Sequence(request, prompt, state, emit, sampler, mask))
+
+    def _sampler(self, request: GenerateRequest) -> Any:
+        """llama.cpp's sampler chain, in the order ``Llama.generate`` builds it (penalties
+        first, then the truncations, temperature and the seeded draw), one per sequence so a
+        seed gives the same tokens whatever else is in the batch."""
+        from llama_cpp import _internals
+
+        sampler = _internals.LlamaSampler()
+        sampler.add_penalties(
+            self._vocab,
+            request.repetition_context_size,
+            request.repetition_penalty,
+            request.frequency_penalty,
+            request.presence_penalty,
+        )
+        if request.temperature <= 0:
+            sampler.add_greedy()
+            return sampler
+        sampler.add_top_k(request.top_k)
+        sampler.add_top_p(request.top_p)
+        sampler.add_min_p(request.min_p)
+        sampler.add_temp(request.temperature)
+        sampler.add_dist(RANDOM_SEED if request.seed is None else request.seed)
+        return sampler
+
+    def _admit(self) -> None:
+        """Give waiting requests a free slot: the one holding the longest prefix of the
+        prompt (a follow-up turn), else the least recently used (keeping recent caches)."""
+        while self._waiting:
+            free = [slot for slot in self.slots if slot.sequence is None]
+            if not free:
+                return
+            sequence = self._waiting.popleft()
+            if sequence.state.cancel.cancelled:
+                self._finish(sequence, "cancelled")
+                continue
+            prompt = sequence.prompt
+            slot = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.last_used))
+            cached = min(common_prefix(slot.tokens, prompt), len(prompt) - 1)
+            if not self._llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, cached, -1):
+                self._llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, 0, -1)
+                cached = 0
+            slot.tokens = prompt[:cached]
+            slot.sequence, sequence.slot = sequence, slot
+            sequence.prefilled = cached
+            sequence.state.cached_prompt_tokens = cached
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """One ``llama_decode``: a token for every decoding sequence, prompt chunks for the
+        new ones; then a token sampled for each sequence whose logits came out."""
+        for slot in self.slots:
+            if slot.sequence is not None and slot.sequence.state.cancel.cancelled:
+                self._finish(slot.sequence, "cancelled")
+        self._admit()
+        active = [slot.sequence for slot in self.slots if slot.sequence is not None]
+        if not active:
+            return bool(self._waiting)
+        batch = self._batch
+        batch.n_tokens = 0
+        sampling: list[Sequence] = []
+        for sequence in active:
+            if sequence.pending_token is not None:
+                self._add(sequence, sequence.pending_token, logits=True)
+                sequence.pending_token = None
+                sampling.append(sequence)
+        room = STEP_TOKENS - batch.n_tokens
+        for sequence in active:
+            left = len(sequence.prompt) - sequence.prefilled
+            if left == 0 or room == 0:
+                continue
+            chunk = sequence.prompt[sequence.prefilled : sequence.prefilled + room]
+            for offset, token in enumerate(chunk):
+                self._add(sequence, token, logits=offset == left - 1)
+            sequence.prefilled += len(chunk)
+            room -= len(chunk)
+            if sequence.prefilled == len(sequence.prompt):
+                sampling.append(sequence)
+        status = self._llama_cpp.llama_decode(self._context.ctx, batch)
+        if status != 0:
+            error = InferenceError(f"llama.cpp could not decode (status {status})")
+            for sequence in active:
+                self._finish(sequence, error=error)
+            return bool(self._waiting)
+        for sequence in sampling:
+            self._advance(sequence)
+        return True
+
+    def _add(self, sequence: Sequence, token: int, *, logits: bool) -> None:
+        batch, slot = self._batch, sequence.slot
+        assert slot is not None
+        i = batch.n_tokens
+        batch.token[i] = token
+        batch.pos[i] = len(slot.tokens)
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = slot.seq_id
+        batch.logits[i] = logits
+        if logits:
+            sequence.logits_index = i
+        slot.tokens.append(token)
+        batch.n_tokens = i + 1
+
+    def _advance(self, sequence: Sequence) -> None:
+        """Sample this sequence's next token and emit what it completes."""
+        try:
+            sampled = self._sample(sequence)
+        except Exception as exc:  # a caller's logits processor or the grammar failed
+            self._finish(sequence, error=exc)
+            return
+        chunk = sequence.state.push(sampled)
+        if chunk is not None:
+            sequence.emit(chunk)
+        if sequence.state.done:
+            self._finish(sequence)
+        else:
+            sequence.generated.append(sampled.token_id)
+            sequence.pending_token = sampled.token_id
+
+    def _sample(self, sequence: Sequence) -> SampledToken:
+        """Our logits stage (bias, the caller's processors, the grammar mask, logprobs) on the
+        context's own logits buffer, in place, then llama.cpp's sampler chain on it."""
+        request, index = sequence.request, sequence.logits_index
+        logprob = None
+        if request.logit_bias or request.logits_processors or sequence.mask or (
+            request.logprobs is not None
+        ):
+            pointer = self._llama_cpp.llama_get_logits_ith(self._context.ctx, index)
+            logits = np.ctypeslib.as_array(pointer, shape=(self._vocab,))
+            if request.logit_bias:
+                ids = np.fromiter(request.logit_bias, dtype=np.int64)
+                logits[ids] += np.fromiter(request.logit_bias.values(), dtype=np.float32)
+            if request.logits_processors:
+                history = np.array(sequence.prompt + sequence.generated, dtype=np.intc)
+                for processor in request.logits_processors:
+                    logits[:] = processor(history, logits)
+            if sequence.mask is not None:
+                sequence.mask.apply(logits)
+            token = self._llama_cpp.llama_sampler_sample(
+                sequence.sampler.sampler, self._context.ctx, index
+            )
+            if request.logprobs is not None:
+                logprob = self._logprob(token, logits, request.logprobs)
+        else:
+            token = self._llama_cpp.llama_sampler_sample(
+                sequence.sampler.sampler, self._context.ctx, index
+            )
+        if sequence.mask is not None and token not in self._eog:
+            sequence.mask.consume(token)
+        return SampledToken(token, logprob)
+
+    def _logprob(self, token: int, logits: np.ndarray, top_n: int) -> TokenLogprob:
+        shifted = logits - logits.max()
+        logprobs = shifted - np.log(np.exp(shifted).sum())
+        top: list[tuple[int, str, float]] = []
+        if top_n > 0:
+            best = np.argpartition(-logprobs, top_n)[:top_n]
+            best = best[np.argsort(-logprobs[best])]
+            top = [(int(i), self._piece(int(i)), float(logprobs[i])) for i in best]
+        return TokenLogprob(token, self._piece(token), float(logprobs[token]), top)
+
+    def _piece(self, token: int) -> str:
+        return self._model.detokenize([token], special=True).decode("utf-8", "replace")
+
+    def _finish(
+        self, sequence: Sequence, reason: Any = None, *, error: BaseException | None = None
+    ) -> None:
+        """Free the sequence's slot (its KV stays for a follow-up) and end its stream."""
+        slot = sequence.slot
+        if slot is not None:
+            slot.sequence, sequence.slot = None, None
+            slot.last_used = time.monotonic()
+            if error is not None:
+                slot.tokens.clear()
+                self._llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, 0, -1)
+        sequence.sampler.close()
+        if error is not None:
+            sequence.emit(error)
+        else:
+            sequence.emit(sequence.state.finish(reason))
+        sequence.emit(END)
+
+
+def kv_bytes_per_token(llama_cpp: Any, model: Any) -> int:
+    """KV cache bytes one token takes (f16 keys and values over every layer), for memory
+    admission before the context exists."""
+    handle = model.model
+    heads = max(llama_cpp.llama_model_n_head(handle), 1)
+    head_dim = llama_cpp.llama_model_n_embd(handle) // heads
+    kv_width = llama_cpp.llama_model_n_head_kv(handle) * head_dim
+    return 2 * llama_cpp.llama_model_n_layer(handle) * kv_width * ctypes.sizeof(ctypes.c_uint16)
