@@ -18,8 +18,19 @@ ModelFormat = Literal["mlx", "gguf"]
 GENERATION_PARAMETERS = SPEC_PARAMETERS
 """Default generation parameters a ModelSpec may set; a request overrides each."""
 
-RUNNER_PARAMETERS = ("context_length", "n_gpu_layers", "n_threads", "max_parallel")
+RUNNER_PARAMETERS = (
+    "context_length",
+    "n_gpu_layers",
+    "n_threads",
+    "max_parallel",
+    "kv_cache_type",
+    "num_draft_tokens",
+)
 """Load-time parameters a ModelSpec may set (``RunnerOptions``)."""
+
+KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")
+"""What the KV cache may hold, in Ollama's names (``OLLAMA_KV_CACHE_TYPE``); ``f16`` means the
+model's own float type, unquantized."""
 
 
 @dataclass
@@ -49,3 +60,5 @@ class LocalModel:
     blob_digests: list[str] = field(default_factory=list)
     derived_dir: Path | None = None
     """Where runners may cache what they derive from this model (a GGUF converted to MLX)."""
+    draft: LocalModel | None = None
+    """The ModelSpec's draft model for speculative decoding (same tokenizer), if any."""

@@ -15,7 +15,6 @@ jobs and reads the chunks each sequence emits.
 
 from __future__ import annotations
 
-import ctypes
 import time
 from collections import deque
 from collections.abc import Callable
@@ -27,6 +26,7 @@ import numpy as np
 from mlxserve.errors import InferenceError, InvalidRequestError
 from mlxserve.runners.base import GenerateRequest, TokenLogprob
 from mlxserve.runners.decode import DecodeState, SampledToken
+from mlxserve.runners.kvcache import KvCacheType, ggml_bytes_per_token
 from mlxserve.runners.textstream import ByteDetokenizer, TextStream
 from mlxserve.runners.threads import END
 
@@ -119,6 +119,7 @@ class SlotEngine:
         slot_context: int,
         n_threads: int,
         eog: set[int],
+        kv_cache: KvCacheType,
     ) -> None:
         from llama_cpp import _internals
 
@@ -131,6 +132,10 @@ class SlotEngine:
         params.n_batch = params.n_ubatch = STEP_TOKENS
         params.n_threads = params.n_threads_batch = n_threads
         params.no_perf = True
+        params.type_k = params.type_v = kv_cache.ggml_type
+        if kv_cache.quantized:
+            # llama.cpp keeps a quantized V cache only with flash attention.
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         self._context = _internals.LlamaContext(model=model, params=params, verbose=False)
         self.slot_context = min(slot_context, llama_cpp.llama_n_ctx_seq(self._context.ctx))
         self._batch = llama_cpp.llama_batch_init(STEP_TOKENS, 0, 1)
@@ -351,11 +356,11 @@ class SlotEngine:
         sequence.emit(END)
 
 
-def kv_bytes_per_token(llama_cpp: Any, model: Any) -> int:
-    """KV cache bytes one token takes (f16 keys and values over every layer), for memory
-    admission before the context exists."""
+def kv_bytes_per_token(llama_cpp: Any, model: Any, cache: KvCacheType) -> int:
+    """KV cache bytes one token takes (keys and values of ``cache``'s type over every layer),
+    for memory admission before the context exists."""
     handle = model.model
     heads = max(llama_cpp.llama_model_n_head(handle), 1)
     head_dim = llama_cpp.llama_model_n_embd(handle) // heads
     kv_width = llama_cpp.llama_model_n_head_kv(handle) * head_dim
-    return 2 * llama_cpp.llama_model_n_layer(handle) * kv_width * ctypes.sizeof(ctypes.c_uint16)
+    return ggml_bytes_per_token(cache, llama_cpp.llama_model_n_layer(handle), kv_width)

@@ -4,6 +4,12 @@ Batching, sampling, logits processors, KV caches and the prompt cache are mlx-lm
 (``BatchGenerator``, ``sample_utils``, ``LRUPromptCache``); this module wires them to the
 ModelRunner protocol. Concurrent requests join one ``BatchGenerator`` and advance together, one
 token per step, on the runner's engine thread (``engine.py``).
+
+Two things mlx-lm does only one sequence at a time: a quantized KV cache (its batch caches
+cannot merge ``QuantizedKVCache``) and speculative decoding with a draft model. A request that
+needs one runs "solo", on mlx-lm's own ``generate_step`` / ``speculative_generate_step``,
+stepped one yield per engine step beside the batch. mlx-lm's server turns batching off for
+both; here a draft is used while one request is active and later ones batch as usual.
 """
 
 from __future__ import annotations
@@ -12,8 +18,8 @@ import asyncio
 import copy
 import os
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +29,7 @@ from mlxserve.errors import (
     ModelNotLoadedError,
     RunnerUnavailableError,
     UnsupportedArchitectureError,
+    UnsupportedFeatureError,
 )
 from mlxserve.runners.base import (
     GenerateChunk,
@@ -33,6 +40,12 @@ from mlxserve.runners.base import (
 )
 from mlxserve.runners.decode import DecodeState, SampledToken, prompt_and_budget
 from mlxserve.runners.engine import shared_engine
+from mlxserve.runners.kvcache import (
+    KvCacheType,
+    kv_cache_type,
+    mlx_bytes_per_token,
+    mlx_group_size,
+)
 from mlxserve.runners.loading import (
     DEFAULT_CONTEXT,
     context_length,
@@ -101,13 +114,29 @@ def request_sampler(request: GenerateRequest) -> Any:
     return sample
 
 
+DEFAULT_NUM_DRAFT_TOKENS = 3
+"""Draft tokens per step when the ModelSpec sets none (mlx-lm's server defaults to 3)."""
+
+
+@dataclass
+class _Solo:
+    """A request outside the batch, on an mlx-lm generator (see the module docstring)."""
+
+    steps: Iterator[tuple[Any, ...]]
+    cache: list[Any]
+    tokens: list[int]
+    """The prompt and every token generated so far: what ``cache`` holds, for the prompt cache."""
+    speculative: bool
+
+
 @dataclass
 class _Active:
-    """A request inside the batch."""
+    """A request inside the batch, or running solo."""
 
     state: DecodeState
     emit: Callable[[object], None]
     top_logprobs: int | None
+    solo: _Solo | None = field(default=None)
 
 
 class MlxRunner:
@@ -124,6 +153,12 @@ class MlxRunner:
         self._active: dict[int, _Active] = {}
         self._guidance_tokenizer: Any = None
         self._engine = shared_engine()
+        self._kv_cache: KvCacheType = kv_cache_type(None)
+        self._kv_group = 0
+        self._kv_per_token = 0
+        self._draft: Any = None
+        self._num_draft = DEFAULT_NUM_DRAFT_TOKENS
+        self._solo_uid = -1
 
     @property
     def max_parallel(self) -> int:
@@ -141,6 +176,8 @@ class MlxRunner:
         options = load_options(model, options)
         dequantize = platform.mlx_dequantize_weights()
         self._parallel = options.max_parallel or DEFAULT_MAX_PARALLEL
+        self._kv_cache = kv_cache_type(options.kv_cache_type)
+        self._num_draft = options.num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS
 
         def build() -> None:
             from mlx_lm.generate import BatchGenerator
@@ -164,7 +201,9 @@ class MlxRunner:
 
                 loaded = dequantize_model(loaded)
                 mx.eval(loaded.parameters())
+            self._draft = self._load_draft(model, tokenizer, dequantize)
             self._model, self._tokenizer = loaded, tokenizer
+            self._kv_per_token = self._kv_bytes_per_token()
             self._prompt_cache = LRUPromptCache(
                 max_size=options.prompt_cache_entries, max_bytes=options.prompt_cache_bytes
             )
@@ -179,6 +218,8 @@ class MlxRunner:
         from mlx_lm.utils import get_total_parameters
 
         self._context = context_length(model, options)
+        kv_bytes = self._context * self._parallel * self._kv_per_token
+        require_memory(model.name, model.size_bytes + kv_bytes)
         self._info = LoadedModelInfo(
             runner=self.name,
             format=model.format,
@@ -186,12 +227,54 @@ class MlxRunner:
             parameter_count=get_total_parameters(self._model),
             quantization=None if dequantize else model.quantization,
             context_length=self._context,
-            memory_bytes=int(mx.get_active_memory()),
+            memory_bytes=int(mx.get_active_memory()) + kv_bytes,
             max_parallel=self._parallel,
             load_duration_ns=time.perf_counter_ns() - started,
-            details={"dequantized": dequantize, "metal": platform.is_apple_silicon()},
+            details={
+                "dequantized": dequantize,
+                "metal": platform.is_apple_silicon(),
+                "kv_cache_type": self._kv_cache.name,
+                "kv_cache_bytes": kv_bytes,
+                "draft": model.draft.name if model.draft else None,
+            },
         )
         return self._info
+
+    def _load_draft(self, model: LocalModel, tokenizer: Any, dequantize: bool) -> Any:
+        """The ModelSpec's draft model, which must share the model's tokenizer (checked again
+        here because the store may hold a draft re-created since)."""
+        if model.draft is None:
+            return None
+        import mlx.core as mx
+        import mlx_lm
+
+        draft, draft_tokenizer = mlx_lm.load(str(model.draft.path))
+        if draft_tokenizer.vocab_size != tokenizer.vocab_size:
+            raise UnsupportedFeatureError(
+                f"the draft {model.draft.name} does not share {model.name}'s tokenizer"
+            )
+        if dequantize:
+            from mlx_lm.utils import dequantize_model
+
+            draft = dequantize_model(draft)
+        mx.eval(draft.parameters())
+        return draft
+
+    def _kv_bytes_per_token(self) -> int:
+        """One token's keys and values in every layer, in this runner's cache type; checks
+        that the heads can be quantized when the type says so."""
+        from mlx.utils import tree_flatten
+
+        args = self._model.args
+        heads = args.num_attention_heads
+        head_dim = getattr(args, "head_dim", None) or args.hidden_size // heads
+        kv_heads = getattr(args, "num_key_value_heads", None) or heads
+        float_bytes = tree_flatten(self._model.parameters())[0][1].dtype.size
+        if self._kv_cache.quantized:
+            self._kv_group = mlx_group_size(self._kv_cache, head_dim)
+        return mlx_bytes_per_token(
+            self._kv_cache, len(self._model.layers), kv_heads, head_dim, float_bytes
+        )
 
     async def unload(self) -> None:
         def release() -> None:
@@ -205,6 +288,7 @@ class MlxRunner:
                 self._batch.close()
                 self._engine.unregister(self._step)
             self._model = self._tokenizer = self._prompt_cache = self._batch = None
+            self._draft = None
             self._guidance_tokenizer = None
             mx.clear_cache()
 
@@ -303,13 +387,6 @@ class MlxRunner:
             model, tokenizer = self._model, self._tokenizer
             if model is None:
                 raise ModelNotLoadedError("the model was unloaded")
-            cache, remaining = self._prompt_cache.fetch_nearest_cache(id(model), prompt)
-            if cache is None:
-                cache, remaining = make_prompt_cache(model), prompt
-            if not remaining:
-                trim_prompt_cache(cache, 1)
-                remaining = prompt[-1:]
-            cached = len(prompt) - len(remaining)
             processors = make_logits_processors(
                 logit_bias=request.logit_bias or None,
                 repetition_penalty=request.repetition_penalty
@@ -321,6 +398,32 @@ class MlxRunner:
             ) + list(request.logits_processors)
             if constraint is not None:
                 processors.append(constraint)
+            speculative = self._draft is not None and not self._active and constraint is None
+            if speculative:
+                cache, remaining = make_prompt_cache(model) + make_prompt_cache(self._draft), prompt
+            else:
+                cache, remaining = self._prompt_cache.fetch_nearest_cache(id(model), prompt)
+                if cache is None:
+                    cache, remaining = make_prompt_cache(model), prompt
+                if not remaining:
+                    trim_prompt_cache(cache, 1)
+                    remaining = prompt[-1:]
+            cached = len(prompt) - len(remaining)
+            state = DecodeState(
+                text=TextStream(MlxDetokenizer(copy.copy(tokenizer.detokenizer)), request.stop),
+                is_end_of_sequence=tokenizer.eos_token_ids.__contains__,
+                max_tokens=max_tokens,
+                cancel=request.cancel,
+                prompt_tokens=len(prompt),
+                cached_prompt_tokens=cached,
+            )
+            if speculative or self._kv_cache.quantized:
+                steps = self._solo_steps(request, remaining, max_tokens, cache, processors,
+                                         speculative)
+                solo = _Solo(steps, cache, list(prompt), speculative)
+                self._active[self._solo_uid] = _Active(state, emit, request.logprobs, solo)
+                self._solo_uid -= 1
+                return
             (uid,) = self._batch.insert(
                 [remaining],
                 max_tokens=[max_tokens],
@@ -330,26 +433,80 @@ class MlxRunner:
                 logits_processors=[processors],
                 stop_sequences=[StopSequences([[e] for e in tokenizer.eos_token_ids])],
             )
-            state = DecodeState(
-                text=TextStream(MlxDetokenizer(copy.copy(tokenizer.detokenizer)), request.stop),
-                is_end_of_sequence=tokenizer.eos_token_ids.__contains__,
-                max_tokens=max_tokens,
-                cancel=request.cancel,
-                prompt_tokens=len(prompt),
-                cached_prompt_tokens=cached,
-            )
             self._active[uid] = _Active(state, emit, request.logprobs)
         except BaseException as exc:
             emit(exc)
 
+    def _solo_steps(
+        self,
+        request: GenerateRequest,
+        remaining: list[int],
+        max_tokens: int,
+        cache: list[Any],
+        processors: list[Any],
+        speculative: bool,
+    ) -> Iterator[tuple[Any, ...]]:
+        """mlx-lm's one-sequence generator: ``(token, logprobs[, from_draft])`` per yield."""
+        import mlx.core as mx
+        from mlx_lm.generate import generate_step, speculative_generate_step
+
+        kv = {}
+        if self._kv_cache.quantized:
+            kv = {
+                "kv_bits": self._kv_cache.mlx_bits,
+                "kv_group_size": self._kv_group,
+                "quantized_kv_start": 0,
+            }
+        common = {
+            "max_tokens": max_tokens,
+            "sampler": request_sampler(request),
+            "logits_processors": processors,
+            "prompt_cache": cache,
+            **kv,
+        }
+        prompt = mx.array(remaining)
+        if speculative:
+            return speculative_generate_step(
+                prompt, self._model, self._draft, num_draft_tokens=self._num_draft, **common
+            )
+        return generate_step(prompt, self._model, **common)
+
+    def _advance_solo(self, uid: int, active: _Active) -> None:
+        """One yield of a solo request's generator (several tokens' worth of work when a
+        draft is accepted, but still one token out)."""
+        solo = active.solo
+        assert solo is not None
+        try:
+            token, logprobs, *from_draft = next(solo.steps)
+        except StopIteration:
+            self._end(uid, "length", None)
+            return
+        except Exception as exc:  # this request failed; the others go on
+            self._active.pop(uid)
+            active.emit(InferenceError(f"MLX failed: {exc}"))
+            active.emit(END)
+            return
+        if from_draft and from_draft[0]:
+            active.state.draft_tokens += 1
+        solo.tokens.append(token)
+        chunk = active.state.push(
+            SampledToken(token, self._logprob(token, logprobs, active.top_logprobs))
+        )
+        if chunk is not None:
+            active.emit(chunk)
+        if active.state.done:
+            self._end(uid, active.state.reason, None)
+
     def _step(self) -> bool:
-        """One batch step: a token for every active request (and prefill for new ones)."""
+        """One engine step: a token for every active request (and prefill for new ones)."""
         if not self._active:
             return False
         for uid in [u for u, a in self._active.items() if a.state.cancel.cancelled]:
             self._end(uid, "cancelled", None)
-        if not self._active:
-            return False
+        for uid, active in [(u, a) for u, a in self._active.items() if a.solo is not None]:
+            self._advance_solo(uid, active)
+        if not any(active.solo is None for active in self._active.values()):
+            return bool(self._active)
         try:
             _, responses = self._batch.next()
         except Exception as exc:  # the whole batch failed: every request hears why
@@ -381,7 +538,11 @@ class MlxRunner:
 
     def _end(self, uid: int, reason: Any, cache_and_tokens: tuple[Any, Any] | None) -> None:
         active = self._active.pop(uid)
-        if cache_and_tokens is None:
+        if active.solo is not None:
+            active.solo.steps.close()
+            if not active.solo.speculative:
+                cache_and_tokens = (active.solo.cache, active.solo.tokens)
+        elif cache_and_tokens is None:
             cache_and_tokens = self._batch.remove([uid], return_prompt_caches=True).get(uid)
         if cache_and_tokens is not None:
             self._remember(*cache_and_tokens)
