@@ -31,6 +31,8 @@ class ModelConfig:
     description: str | None = None
     license: str | None = None
     source: dict[str, str] = field(default_factory=dict)
+    draft_model: str | None = None
+    """The draft model for speculative decoding, pinned: ``NAME:TAG@sha256:...`` in the store."""
 
     def to_bytes(self) -> bytes:
         body = {k: v for k, v in asdict(self).items() if v not in (None, {}, "")}

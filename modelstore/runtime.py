@@ -34,4 +34,5 @@ def open_model(store: ModelStore, name: str) -> LocalModel:
         size_bytes=model.size,
         blob_digests=model.manifest.blob_digests(),
         derived_dir=store.root / "derived",
+        draft=open_model(store, config.draft_model) if config.draft_model else None,
     )

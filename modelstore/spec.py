@@ -18,6 +18,7 @@ import yaml
 from jsonschema import Draft202012Validator
 
 from modelstore import mediatypes
+from modelstore.blobs import hash_file, sha256_digest
 from modelstore.draft import (
     LICENSE_TITLE,
     PARAMS_TITLE,
@@ -248,6 +249,43 @@ def _source_draft(spec: ModelSpec, store: ModelStore | None) -> ModelDraft:
     return draft_from_path(spec.resolve_file(source))
 
 
+def _tokenizer_digests(layers: list[LayerSource]) -> dict[str, str]:
+    return {
+        layer.title: hash_file(layer.path)[0] if layer.path else sha256_digest(layer.data or b"")
+        for layer in layers
+        if layer.media_type == mediatypes.TOKENIZER
+    }
+
+
+def _pinned_draft(spec: ModelSpec, model: ModelDraft, store: ModelStore | None) -> str:
+    """``draft:`` as a digest-pinned reference, refused now (not at the first request) unless
+    the draft is in the store, of the same format, with the very same tokenizer files."""
+    name = spec.data["draft"]
+
+    def refuse(why: str) -> SpecValidationError:
+        return SpecValidationError(
+            f"{spec.path}: draft {name}: {why}", errors=[{"pointer": "/draft", "message": why}]
+        )
+
+    if store is None:
+        raise refuse("a draft model must be in the store")
+    try:
+        stored = store.resolve(name)
+    except ModelNotFoundError:
+        raise refuse("not in the store") from None
+    config = store.config(stored)
+    if config.format != model.config.format or config.format != "mlx":
+        raise refuse("draft models run on the MLX runner: both must be MLX models")
+    theirs = {
+        layer.title: layer.digest
+        for layer in stored.manifest.layers
+        if layer.media_type == mediatypes.TOKENIZER
+    }
+    if not theirs or theirs != _tokenizer_digests(model.layers):
+        raise refuse("it does not share this model's tokenizer files")
+    return f"{stored.name}@{stored.manifest_digest}"
+
+
 def build_draft(spec: ModelSpec, store: ModelStore | None = None) -> ModelDraft:
     """The model a valid spec describes: its source, with the spec's settings as layers."""
     require_valid(spec)
@@ -264,6 +302,8 @@ def build_draft(spec: ModelSpec, store: ModelStore | None = None) -> ModelDraft:
     config.quantization = data.get("quantization", config.quantization)
     config.description = data.get("description", config.description)
     config.source = {"kind": "modelspec", "from": data["from"]}
+    if data.get("draft"):
+        config.draft_model = _pinned_draft(spec, draft, store)
     template = _template_text(spec)
     if template is not None:
         draft.replace_layer(mediatypes.CHAT_TEMPLATE, TEMPLATE_TITLE, template.encode())
