@@ -97,13 +97,19 @@ def pack_command(file: Path, out: Path, name: str | None, as_json: bool) -> None
 @click.option("-f", "--file", "file", required=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The ModelSpec to build.")
-def create_command(name: str | None, file: Path) -> None:
+@click.option("-q", "--quantize", default=None, metavar="RECIPE",
+              help="Quantize the weights: Q4/Q6/Q8 (MLX) or Q4_K_M/Q5_K_M/Q6_K/Q8_0 (GGUF).")
+def create_command(name: str | None, file: Path, quantize: str | None) -> None:
     """Build a model into the store from a ModelSpec.
 
     \b
     Example:
       mlxctl create mymodel:latest -f mymodel.modelspec.yaml
+      mlxctl create mymodel:q4 -f mymodel.modelspec.yaml --quantize Q4_K_M
     """
+    import tempfile
+
+    from modelstore.quantize import quantize_draft
     from modelstore.spec import build_draft, load_spec, require_valid
 
     spec = load_spec(file)
@@ -111,6 +117,12 @@ def create_command(name: str | None, file: Path) -> None:
     reference = _name_for(spec.data, name, file)
     store = ModelStore()
     draft = build_draft(spec, store)
-    with byte_progress(f"creating {reference}", draft.total_source_bytes()) as progress:
-        result = store.commit(draft, reference, progress=progress)
+    recipe = quantize or spec.data.get("quantize")
+    store.blobs.tmp_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=store.blobs.tmp_dir) as work:
+        if recipe:
+            with console.status(f"quantizing {reference} to {recipe}"):
+                draft = quantize_draft(draft, recipe, Path(work))
+        with byte_progress(f"creating {reference}", draft.total_source_bytes()) as progress:
+            result = store.commit(draft, reference, progress=progress)
     console.print(f"created [bold]{result.model.name}[/] ({human_size(result.model.size)})")

@@ -103,3 +103,32 @@ def test_quantized_weights_are_not_quantized_again(store, tmp_path):
     create(store, "tiny:gguf", "Q8_0", "once:q8", tmp_path)
     with pytest.raises(QuantizeError, match="already quantized"):
         create(store, "once:q8", "Q4_K_M", "twice:q4", tmp_path)
+
+
+async def test_api_create_quantizes_with_ollamas_field(daemon):
+    import aiohttp
+
+    body = {"model": "tiny:q8-api", "from": "tiny:gguf", "quantize": "q8_0", "stream": False}
+    async with aiohttp.ClientSession() as session:
+        created = await session.post(f"{daemon.url}/api/create", json=body)
+        assert created.status == 200, await created.text()
+        shown = await (
+            await session.post(f"{daemon.url}/api/show", json={"model": "tiny:q8-api"})
+        ).json()
+        assert shown["details"]["quantization_level"] == "Q8_0"
+        refused = await session.post(
+            f"{daemon.url}/api/create", json={**body, "model": "x:y", "quantize": "Q4"}
+        )
+        assert refused.status == 400
+        assert (await refused.json())["code"] == "quantize_error"
+
+
+def test_mlxctl_create_quantizes(store_home, tiny_models, tmp_path):
+    from tests.cli import mlxctl
+
+    mlxctl("import", str(tiny_models.gguf_path), "--name", "tiny:gguf", home=store_home)
+    spec = tmp_path / "q.modelspec.yaml"
+    spec.write_text("from: model://tiny:gguf\n")
+    mlxctl("create", "tiny:q8", "-f", str(spec), "--quantize", "Q8_0", home=store_home)
+    shown = json.loads(mlxctl("show", "tiny:q8", "--json", home=store_home).stdout)
+    assert "Q8_0" in json.dumps(shown)

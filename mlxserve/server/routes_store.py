@@ -100,13 +100,13 @@ def spec_from_create_body(body: dict[str, Any], store: Any, folder: Path) -> Pat
 
 @routes.post("/api/create")
 async def create(request: web.Request) -> web.StreamResponse:
+    from modelstore.quantize import quantize_draft
     from modelstore.spec import build_draft, load_spec, require_valid
 
     body = await json_body(request)
     name = model_name(body)
     store = request.app[STORE]
-    if body.get("quantize"):
-        raise InvalidRequestError("'quantize' is not supported; import a quantized model")
+    quantize = validate.optional(body, "quantize", str, None)
     stream = validate.optional(body, "stream", bool, True)
 
     async def work(report: Callable[[dict[str, Any]], None]) -> None:
@@ -116,6 +116,10 @@ async def create(request: web.Request) -> web.StreamResponse:
             spec = load_spec(spec_path)
             require_valid(spec)
             draft = await asyncio.to_thread(build_draft, spec, store)
+            recipe = quantize or spec.data.get("quantize")
+            if recipe:
+                report({"status": f"quantizing model weights to {recipe}"})
+                draft = await asyncio.to_thread(quantize_draft, draft, recipe, Path(folder))
             report({"status": "writing manifest"})
             await asyncio.to_thread(store.commit, draft, name)
 
