@@ -60,7 +60,9 @@ async def greedy(store: ModelStore, name: str, runner_name: str) -> list[list[in
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
-    pairs = [(x, y) for one, other in zip(a, b, strict=True) for x, y in zip(one, other)]
+    pairs = [
+        (x, y) for one, other in zip(a, b, strict=True) for x, y in zip(one, other, strict=True)
+    ]
     return sum(x == y for x, y in pairs) / len(pairs)
 
 
