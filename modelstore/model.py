@@ -62,3 +62,5 @@ class LocalModel:
     """Where runners may cache what they derive from this model (a GGUF converted to MLX)."""
     draft: LocalModel | None = None
     """The ModelSpec's draft model for speculative decoding (same tokenizer), if any."""
+    adapter: Path | None = None
+    """A folder holding the LoRA adapter as mlx-lm reads it (``adapters.py``), if any."""

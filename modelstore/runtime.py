@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from modelstore import mediatypes
+from modelstore.adapters import adapter_folder
 from modelstore.model import LocalModel
 from modelstore.store import ModelStore
 
@@ -35,4 +36,5 @@ def open_model(store: ModelStore, name: str) -> LocalModel:
         blob_digests=model.manifest.blob_digests(),
         derived_dir=store.root / "derived",
         draft=open_model(store, config.draft_model) if config.draft_model else None,
+        adapter=adapter_folder(folder, store.root / "derived" / "adapters"),
     )

@@ -18,6 +18,7 @@ import yaml
 from jsonschema import Draft202012Validator
 
 from modelstore import mediatypes
+from modelstore.adapters import adapter_layers
 from modelstore.blobs import hash_file, sha256_digest
 from modelstore.draft import (
     LICENSE_TITLE,
@@ -304,6 +305,14 @@ def build_draft(spec: ModelSpec, store: ModelStore | None = None) -> ModelDraft:
     config.source = {"kind": "modelspec", "from": data["from"]}
     if data.get("draft"):
         config.draft_model = _pinned_draft(spec, draft, store)
+    for index, adapter in enumerate(data.get("adapters", [])):
+        try:
+            draft.layers.extend(adapter_layers(spec.resolve_file(adapter), draft))
+        except ImportSourceError as exc:
+            raise SpecValidationError(
+                f"{spec.path}: adapter {adapter}: {exc.message}",
+                errors=[{"pointer": f"/adapters/{index}", "message": exc.message}],
+            ) from None
     template = _template_text(spec)
     if template is not None:
         draft.replace_layer(mediatypes.CHAT_TEMPLATE, TEMPLATE_TITLE, template.encode())

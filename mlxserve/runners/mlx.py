@@ -191,7 +191,8 @@ class MlxRunner:
                     model.weights[0], derived_folder(model, dequantize), dequantize=dequantize
                 )
             try:
-                loaded, tokenizer = mlx_lm.load(str(folder))
+                adapter = str(model.adapter) if model.adapter else None
+                loaded, tokenizer = mlx_lm.load(str(folder), adapter_path=adapter)
             except ValueError as exc:
                 raise UnsupportedArchitectureError(
                     f"mlx-lm cannot load {model.name}: {exc}"
