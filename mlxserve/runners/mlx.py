@@ -346,9 +346,7 @@ class MlxRunner:
         def emit(item: object) -> None:
             loop.call_soon_threadsafe(chunks.put_nowait, item)
 
-        self._engine.submit(
-            lambda: self._join(request, prompt, max_tokens, emit, constraint)
-        )
+        self._engine.submit(lambda: self._join(request, prompt, max_tokens, emit, constraint))
         try:
             async for item in drain(chunks):
                 yield item
@@ -419,8 +417,9 @@ class MlxRunner:
                 cached_prompt_tokens=cached,
             )
             if speculative or self._kv_cache.quantized:
-                steps = self._solo_steps(request, remaining, max_tokens, cache, processors,
-                                         speculative)
+                steps = self._solo_steps(
+                    request, remaining, max_tokens, cache, processors, speculative
+                )
                 solo = _Solo(steps, cache, list(prompt), speculative)
                 self._active[self._solo_uid] = _Active(state, emit, request.logprobs, solo)
                 self._solo_uid -= 1
