@@ -103,3 +103,34 @@ def test_a_draft_with_another_tokenizer_is_refused_at_create(store, tiny_models,
     import_path(store, other, "other-draft:mlx")
     with pytest.raises(SpecValidationError, match="tokenizer"):
         create(store, tmp_path, "x:y", {"from": "model://tiny:mlx", "draft": "other-draft:mlx"})
+
+
+LOOKUP_PROMPT = (
+    "Copy the list exactly.\nList: red apple, green pear, yellow banana, purple plum, "
+    "orange peach.\nCopy: red apple, green pear,"
+)
+
+
+async def llamacpp_answers(store: ModelStore, lookup: int | None) -> list[GenerateChunk]:
+    from mlxserve.runners.llamacpp import LlamaCppRunner
+
+    runner = LlamaCppRunner()
+    await runner.load(
+        open_model(store, "smol:lookup"),
+        RunnerOptions(max_parallel=1, context_length=256, num_draft_tokens=lookup),
+    )
+    try:
+        request = GenerateRequest(prompt=LOOKUP_PROMPT, temperature=0.0, max_tokens=GENERATED)
+        return [chunk async for chunk in runner.generate(request)]
+    finally:
+        await runner.unload()
+
+
+async def test_prompt_lookup_on_llamacpp_is_lossless_and_counted(default_gguf, tmp_path):
+    store = ModelStore(tmp_path / "store")
+    import_path(store, default_gguf, "smol:lookup")
+    plain = await llamacpp_answers(store, None)
+    looked_up = await llamacpp_answers(store, 4)
+    assert tokens(looked_up) == tokens(plain)
+    assert plain[-1].stats.draft_tokens == 0
+    assert looked_up[-1].stats.draft_tokens > 0

@@ -116,6 +116,7 @@ class LlamaCppRunner:
                     n_threads=options.n_threads or platform.default_threads(),
                     eog=eog,
                     kv_cache=kv_cache,
+                    lookup_tokens=options.num_draft_tokens or 0,
                 )
             except BaseException:
                 loaded.close()
