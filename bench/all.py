@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ["bench.runner_overhead", "bench.load", "bench.pull_throughput"]
+BENCHMARKS = ["bench.runner_overhead", "bench.load", "bench.pull_throughput", "bench.shape"]
 
 
 def main() -> None:

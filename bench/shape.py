@@ -3,7 +3,8 @@ and MLX tokens/s with and without a draft model (speculative decoding).
 
 MLX uses the tiny fixture family (``tests/fixtures/tiny_models.py``): its wide-head variant
 (heads of 32 values can be quantized) for the KV cache, and its one-layer draft for speculative
-decoding; llama.cpp uses the embedded default model. Prints one JSON document.
+decoding; llama.cpp uses the embedded default model, for the KV cache and for prompt-lookup
+decoding on a prompt whose answer repeats it. Prints one JSON document.
 
     .venv/bin/python -m bench.shape --tokens 64
 """
@@ -115,6 +116,36 @@ async def speculative(store: ModelStore, tokens: int) -> dict[str, Any]:
     return result
 
 
+LOOKUP_PROMPT = (
+    "Copy the list exactly.\nList: red apple, green pear, yellow banana, purple plum, "
+    "orange peach, white grape, black cherry, blue berry.\nCopy: red apple,"
+)
+"""Editing and RAG answers repeat their prompt: where prompt lookup pays."""
+
+
+async def prompt_lookup(store: ModelStore, tokens: int) -> dict[str, Any]:
+    from mlxserve.runners.llamacpp import LlamaCppRunner
+
+    result = {}
+    for lookup in (None, 4):
+        runner = LlamaCppRunner()
+        await runner.load(
+            open_model(store, MODEL),
+            RunnerOptions(max_parallel=1, context_length=1024, num_draft_tokens=lookup),
+        )
+        await answer(runner, "Hello", 4)  # warm-up
+        runs = [await answer(runner, LOOKUP_PROMPT, tokens) for _ in range(3)]
+        await runner.unload()
+        generated = sum(count for count, _, _ in runs)
+        result[f"num_draft_tokens={lookup}"] = {
+            "tokens_per_second": round(generated / sum(seconds for _, _, seconds in runs), 1),
+            "accepted_draft_fraction": round(sum(d for _, d, _ in runs) / generated, 3),
+        }
+    values = list(result.values())
+    result["speedup"] = round(values[1]["tokens_per_second"] / values[0]["tokens_per_second"], 2)
+    return result
+
+
 def tiny_store(root: Path) -> ModelStore:
     store = ModelStore(root / "store")
     base = make_tiny_hf_model(root / "tiny")
@@ -137,6 +168,7 @@ async def run(tokens: int) -> dict[str, Any]:
             f"llamacpp ({MODEL})": await llamacpp_kv(bench_store(), tokens),
         },
         "speculative_mlx": await speculative(tiny, tokens),
+        "prompt_lookup_llamacpp": await prompt_lookup(bench_store(), tokens),
     }
 
 
