@@ -99,16 +99,20 @@ def pack_command(file: Path, out: Path, name: str | None, as_json: bool) -> None
               help="The ModelSpec to build.")
 @click.option("-q", "--quantize", default=None, metavar="RECIPE",
               help="Quantize the weights: Q4/Q6/Q8 (MLX) or Q4_K_M/Q5_K_M/Q6_K/Q8_0 (GGUF).")
-def create_command(name: str | None, file: Path, quantize: str | None) -> None:
+@click.option("--fuse", is_flag=True,
+              help="Fuse the spec's adapter into new weights instead of storing it.")
+def create_command(name: str | None, file: Path, quantize: str | None, fuse: bool) -> None:
     """Build a model into the store from a ModelSpec.
 
     \b
     Example:
       mlxctl create mymodel:latest -f mymodel.modelspec.yaml
       mlxctl create mymodel:q4 -f mymodel.modelspec.yaml --quantize Q4_K_M
+      mlxctl create tuned:fused -f tuned.modelspec.yaml --fuse
     """
     import tempfile
 
+    from modelstore.adapters import fuse_adapter
     from modelstore.quantize import quantize_draft
     from modelstore.spec import build_draft, load_spec, require_valid
 
@@ -120,9 +124,12 @@ def create_command(name: str | None, file: Path, quantize: str | None) -> None:
     recipe = quantize or spec.data.get("quantize")
     store.blobs.tmp_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=store.blobs.tmp_dir) as work:
+        if fuse:
+            with console.status(f"fusing the adapter into {reference}"):
+                draft = fuse_adapter(draft, Path(work) / "fuse")
         if recipe:
             with console.status(f"quantizing {reference} to {recipe}"):
-                draft = quantize_draft(draft, recipe, Path(work))
+                draft = quantize_draft(draft, recipe, Path(work) / "quantize")
         with byte_progress(f"creating {reference}", draft.total_source_bytes()) as progress:
             result = store.commit(draft, reference, progress=progress)
     console.print(f"created [bold]{result.model.name}[/] ({human_size(result.model.size)})")

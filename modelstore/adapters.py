@@ -11,13 +11,17 @@ it. mlx-lm applies one adapter per load, so a model has at most one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from modelstore import mediatypes
+from modelstore.blobs import hash_file
 from modelstore.draft import LayerSource, ModelDraft
 from modelstore.errors import ImportSourceError
+from modelstore.quantize import REWRITTEN_TYPES, rewrite_mlx_weights
 from modelstore.sources import safetensors_shapes
 
 ADAPTER_FILE = "adapters.safetensors"
@@ -101,3 +105,31 @@ def adapter_folder(model_folder: Path, target: Path) -> Path | None:
         with contextlib.suppress(OSError):  # another process built it first
             os.replace(building, folder)
     return folder
+
+
+def fuse_adapter(draft: ModelDraft, work: Path) -> ModelDraft:
+    """``draft`` with its adapter fused into new weights (``mlx_lm fuse``'s way: each adapted
+    linear layer's ``fuse()``), and the adapter layers dropped."""
+    from mlx.utils import tree_unflatten
+
+    paths = {layer.media_type: layer.path for layer in draft.layers if layer.path}
+    if mediatypes.ADAPTER not in paths:
+        raise ImportSourceError("--fuse needs a model with an adapter (adapters: in the spec)")
+    adapter = work / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / ADAPTER_FILE).symlink_to(paths[mediatypes.ADAPTER].resolve())
+    (adapter / ADAPTER_CONFIG_FILE).symlink_to(paths[mediatypes.ADAPTER_CONFIG].resolve())
+
+    def fuse(model: Any, config: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        fused = [(name, m.fuse()) for name, m in model.named_modules() if hasattr(m, "fuse")]
+        model.update_modules(tree_unflatten(fused))
+        return model, config
+
+    new = rewrite_mlx_weights(draft, work, fuse, adapter)
+    replaced = {mediatypes.ADAPTER, mediatypes.ADAPTER_CONFIG, *REWRITTEN_TYPES}
+    kept = [layer for layer in draft.layers if layer.media_type not in replaced]
+    config = dataclasses.replace(
+        draft.config,
+        source={**draft.config.source, "fused_adapter": hash_file(paths[mediatypes.ADAPTER])[0]},
+    )
+    return ModelDraft(config, new + kept)

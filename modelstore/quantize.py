@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from modelstore import mediatypes
 from modelstore.blobs import hash_file
@@ -33,7 +35,7 @@ FLOAT_QUANTIZATIONS = frozenset({None, "F32", "ALL_F32", "F16", "BF16"})
 MEMORY_HEADROOM = 1.5
 """MLX holds the float weights and the quantized ones at once while it quantizes."""
 
-_WEIGHT_TYPES = {
+REWRITTEN_TYPES = {
     mediatypes.WEIGHTS_SAFETENSORS,
     mediatypes.WEIGHTS_INDEX,
     mediatypes.HF_CONFIG,
@@ -58,7 +60,7 @@ def recipe_name(draft: ModelDraft, requested: str) -> str:
 
 
 def _weights(draft: ModelDraft) -> list[LayerSource]:
-    return [layer for layer in draft.layers if layer.media_type in _WEIGHT_TYPES and layer.path]
+    return [layer for layer in draft.layers if layer.media_type in REWRITTEN_TYPES and layer.path]
 
 
 def _refuse_unless_it_fits(draft: ModelDraft, work: Path) -> None:
@@ -83,29 +85,47 @@ def _refuse_unless_it_fits(draft: ModelDraft, work: Path) -> None:
         )
 
 
-def _quantize_mlx(draft: ModelDraft, recipe: str, work: Path) -> list[LayerSource]:
+def rewrite_mlx_weights(
+    draft: ModelDraft,
+    work: Path,
+    transform: Callable[[Any, dict[str, Any]], tuple[Any, dict[str, Any]]],
+    adapter: Path | None = None,
+) -> list[LayerSource]:
+    """New weight layers for an MLX ``draft``: mlx-lm loads it (with ``adapter`` applied, if
+    given), ``transform`` changes the model and its ``config.json``, mlx-lm saves the result.
+    Quantizing and fusing an adapter both work this way."""
     import mlx.core as mx
-    from mlx_lm.convert import mixed_quant_predicate_builder
-    from mlx_lm.utils import load, quantize_model, save_config, save_model
+    from mlx_lm.utils import load, save_config, save_model
 
     source = work / "source"
-    source.mkdir()
+    source.mkdir(parents=True)
     for layer in draft.layers:
         if layer.path:
             (source / layer.title).symlink_to(layer.path.resolve())
-    model, _, config = load(str(source), lazy=True, return_config=True)
-    predicate = None
-    bits = MLX_BITS.get(recipe)
-    if bits is None:
-        predicate = mixed_quant_predicate_builder(recipe, model, MLX_GROUP_SIZE)
-    model, config = quantize_model(model, config, MLX_GROUP_SIZE, bits, quant_predicate=predicate)
-    out = work / "quantized"
+    adapter_path = str(adapter) if adapter else None
+    model, _, config = load(str(source), adapter_path=adapter_path, lazy=True, return_config=True)
+    model, config = transform(model, config)
+    out = work / "rewritten"
     save_model(out, model, donate_model=True)
     save_config(config, config_path=out / "config.json")
     mx.clear_cache()
     return [
         LayerSource(_kind_of(path.name), path.name, path=path) for path in sorted(out.iterdir())
     ]
+
+
+def _quantize_mlx(draft: ModelDraft, recipe: str, work: Path) -> list[LayerSource]:
+    from mlx_lm.convert import mixed_quant_predicate_builder
+    from mlx_lm.utils import quantize_model
+
+    def quantize(model: Any, config: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        bits = MLX_BITS.get(recipe)
+        predicate = None
+        if bits is None:
+            predicate = mixed_quant_predicate_builder(recipe, model, MLX_GROUP_SIZE)
+        return quantize_model(model, config, MLX_GROUP_SIZE, bits, quant_predicate=predicate)
+
+    return rewrite_mlx_weights(draft, work, quantize)
 
 
 def _kind_of(name: str) -> str:
@@ -142,6 +162,7 @@ def quantize_draft(draft: ModelDraft, requested: str, work: Path) -> ModelDraft:
     """``draft`` with quantized weights (written under ``work``, which the caller removes once
     the model is committed)."""
     recipe = recipe_name(draft, requested)
+    work.mkdir(parents=True, exist_ok=True)
     _refuse_unless_it_fits(draft, work)
     sources = sorted(
         hash_file(layer.path)[0]
@@ -152,7 +173,7 @@ def quantize_draft(draft: ModelDraft, requested: str, work: Path) -> ModelDraft:
         new = _quantize_gguf(draft, recipe, work)
     else:
         new = _quantize_mlx(draft, recipe, work)
-    layers = [layer for layer in draft.layers if layer.media_type not in _WEIGHT_TYPES]
+    layers = [layer for layer in draft.layers if layer.media_type not in REWRITTEN_TYPES]
     config = dataclasses.replace(
         draft.config,
         quantization=recipe,

@@ -124,6 +124,19 @@ async def test_the_adapter_changes_the_output_and_matches_the_fused_model(store)
     assert adapted == fused
 
 
+async def test_fusing_on_create_matches_mlx_lms_fuse(store, trained, tmp_path):
+    from modelstore.adapters import fuse_adapter
+
+    spec = trained / "tiny-lora.modelspec.json"
+    fused = fuse_adapter(build_draft(load_spec(spec), store), tmp_path / "work")
+    assert not {layer.media_type for layer in fused.layers} & {
+        mediatypes.ADAPTER,
+        mediatypes.ADAPTER_CONFIG,
+    }
+    store.commit(fused, "tiny:fused-here")
+    assert await greedy(store, "tiny:fused-here") == await greedy(store, "tiny:fused")
+
+
 def test_an_adapter_for_another_base_is_refused_at_create(store, trained, tiny_models, tmp_path):
     import_path(store, make_tiny_draft(tmp_path / "one-layer", tiny_models.hf_folder), "one:mlx")
     spec = {"from": "model://one:mlx", "adapters": [str(trained / "adapters")]}
