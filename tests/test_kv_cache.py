@@ -118,3 +118,32 @@ async def test_a_quantized_llamacpp_kv_cache_holds_fewer_bytes(smol_store):
     assert len(f16_tokens) == len(q8_tokens) == LLAMACPP_GENERATED
     assert q8_bytes < f16_bytes * 0.6
     assert q8_estimate < f16_estimate * 0.6
+
+
+async def test_api_ps_shows_the_kv_cache_and_a_type_the_heads_cannot_hold_is_refused(daemon):
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        body = {"model": "tiny:gguf", "prompt": "Hi", "stream": False}
+        await session.post(
+            f"{daemon.url}/api/generate", json={**body, "options": {"num_predict": 2}}
+        )
+        (entry,) = [
+            model
+            for model in (await (await session.get(f"{daemon.url}/api/ps")).json())["models"]
+            if model["name"] == "tiny:gguf"
+        ]
+        assert entry["kv_cache_type"] == "f16"
+        assert entry["kv_cache_bytes"] > 0
+        create = {
+            "model": "tiny:q8kv",
+            "from": "tiny:gguf",
+            "stream": False,
+            "parameters": {"kv_cache_type": "q8_0"},
+        }
+        assert (await session.post(f"{daemon.url}/api/create", json=create)).status == 200
+        refused = await session.post(
+            f"{daemon.url}/api/generate", json={**body, "model": "tiny:q8kv"}
+        )
+        assert refused.status == 400
+        assert (await refused.json())["code"] == "unsupported_feature"

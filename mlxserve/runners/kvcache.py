@@ -78,6 +78,19 @@ def mlx_bytes_per_token(
     return int(values * (cache.mlx_bits / 8 + MLX_SCALE_AND_BIAS * float_bytes / group))
 
 
+GGML_BLOCK = 32
+"""q8_0 and q4_0 quantize blocks of 32 values; llama.cpp needs heads of whole blocks."""
+
+
+def ggml_check(cache: KvCacheType, head_dim: int) -> None:
+    """Refuse, with the reason, what llama.cpp would fail to build a context for."""
+    if cache.quantized and head_dim % GGML_BLOCK:
+        raise UnsupportedFeatureError(
+            f"kv_cache_type {cache.name} needs heads of a multiple of {GGML_BLOCK} values; "
+            f"this model's have {head_dim}"
+        )
+
+
 def ggml_bytes_per_token(cache: KvCacheType, layers: int, kv_width: int) -> int:
     """Keys and values of one token in llama.cpp's cache (``kv_width``: KV heads × head size)."""
     return int(2 * layers * kv_width * cache.ggml_bytes_per_value)

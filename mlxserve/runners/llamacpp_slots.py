@@ -26,7 +26,7 @@ import numpy as np
 from mlxserve.errors import InferenceError, InvalidRequestError
 from mlxserve.runners.base import GenerateRequest, TokenLogprob
 from mlxserve.runners.decode import DecodeState, SampledToken
-from mlxserve.runners.kvcache import KvCacheType, ggml_bytes_per_token
+from mlxserve.runners.kvcache import KvCacheType, ggml_bytes_per_token, ggml_check
 from mlxserve.runners.textstream import ByteDetokenizer, TextStream
 from mlxserve.runners.threads import END
 
@@ -434,5 +434,6 @@ def kv_bytes_per_token(llama_cpp: Any, model: Any, cache: KvCacheType) -> int:
     handle = model.model
     heads = max(llama_cpp.llama_model_n_head(handle), 1)
     head_dim = llama_cpp.llama_model_n_embd(handle) // heads
+    ggml_check(cache, head_dim)
     kv_width = llama_cpp.llama_model_n_head_kv(handle) * head_dim
     return ggml_bytes_per_token(cache, llama_cpp.llama_model_n_layer(handle), kv_width)
