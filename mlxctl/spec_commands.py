@@ -76,15 +76,21 @@ def pack_command(file: Path, out: Path, name: str | None, as_json: bool) -> None
     Example:
       mlxctl spec pack model.yaml -o model.tar && sha256sum model.tar
     """
+    import tempfile
+
     from modelstore.ocilayout import pack
-    from modelstore.spec import build_draft, load_spec, require_valid
+    from modelstore.spec import build_draft, load_spec, require_valid, reshape
 
     spec = load_spec(file)
     require_valid(spec)
     reference = _name_for(spec.data, name, file)
-    draft = build_draft(spec, ModelStore())
-    with byte_progress(f"packing {out.name}", draft.total_source_bytes()) as progress:
-        result = pack(draft, reference, out, progress)
+    store = ModelStore()
+    draft = build_draft(spec, store)
+    with tempfile.TemporaryDirectory(prefix="mlxctl-pack-") as work:
+        with console.status(f"building {reference}") as status:
+            draft = reshape(spec, draft, Path(work), report=status.update)
+        with byte_progress(f"packing {out.name}", draft.total_source_bytes()) as progress:
+            result = pack(draft, reference, out, progress)
     if as_json:
         print_json({"path": str(result.path), "digest": result.digest,
                     "manifest": result.manifest_digest, "size": result.size})
@@ -112,24 +118,18 @@ def create_command(name: str | None, file: Path, quantize: str | None, fuse: boo
     """
     import tempfile
 
-    from modelstore.adapters import fuse_adapter
-    from modelstore.quantize import quantize_draft
-    from modelstore.spec import build_draft, load_spec, require_valid
+    from modelstore.spec import build_draft, load_spec, require_valid, reshape
 
     spec = load_spec(file)
     require_valid(spec)
     reference = _name_for(spec.data, name, file)
     store = ModelStore()
     draft = build_draft(spec, store)
-    recipe = quantize or spec.data.get("quantize")
     store.blobs.tmp_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=store.blobs.tmp_dir) as work:
-        if fuse:
-            with console.status(f"fusing the adapter into {reference}"):
-                draft = fuse_adapter(draft, Path(work) / "fuse")
-        if recipe:
-            with console.status(f"quantizing {reference} to {recipe}"):
-                draft = quantize_draft(draft, recipe, Path(work) / "quantize")
+        with console.status(f"building {reference}") as status:
+            draft = reshape(spec, draft, Path(work), quantize=quantize, fuse=fuse,
+                            report=status.update)
         with byte_progress(f"creating {reference}", draft.total_source_bytes()) as progress:
             result = store.commit(draft, reference, progress=progress)
     console.print(f"created [bold]{result.model.name}[/] ({human_size(result.model.size)})")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -18,7 +19,7 @@ import yaml
 from jsonschema import Draft202012Validator
 
 from modelstore import mediatypes
-from modelstore.adapters import adapter_layers
+from modelstore.adapters import adapter_layers, fuse_adapter
 from modelstore.blobs import hash_file, sha256_digest
 from modelstore.draft import (
     LICENSE_TITLE,
@@ -36,6 +37,7 @@ from modelstore.errors import (
     SpecValidationError,
 )
 from modelstore.hfhub import HF_SCHEME, HubModel, cached_snapshot
+from modelstore.quantize import quantize_draft
 from modelstore.reference import parse_reference
 from modelstore.sources import draft_from_path
 from modelstore.store import ModelStore
@@ -330,4 +332,27 @@ def build_draft(spec: ModelSpec, store: ModelStore | None = None) -> ModelDraft:
         draft.replace_layer(mediatypes.LICENSE, LICENSE_TITLE, license_text.encode())
         first_line = license_text.strip().splitlines()[0]
         config.license = first_line if len(first_line) <= 64 else config.license
+    return draft
+
+
+def reshape(
+    spec: ModelSpec,
+    draft: ModelDraft,
+    work: Path,
+    *,
+    quantize: str | None = None,
+    fuse: bool = False,
+    report: Callable[[str], None] = lambda _: None,
+) -> ModelDraft:
+    """What changes the weights themselves, after ``build_draft``: fusing the adapter, then
+    quantizing (``quantize`` or the spec's own). ``mlxctl create``, ``mlxctl spec pack`` and
+    ``/api/create`` all build through here, so a packed spec gives the model ``create`` does.
+    New weight files are written under ``work``; the caller removes it once they are stored."""
+    if fuse:
+        report("fusing the adapter into the weights")
+        draft = fuse_adapter(draft, work / "fuse")
+    recipe = quantize or spec.data.get("quantize")
+    if recipe:
+        report(f"quantizing model weights to {recipe}")
+        draft = quantize_draft(draft, recipe, work / "quantize")
     return draft

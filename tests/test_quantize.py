@@ -134,3 +134,15 @@ def test_mlxctl_create_quantizes(store_home, tiny_models, tmp_path):
     mlxctl("create", "tiny:q8", "-f", str(spec), "--quantize", "Q8_0", home=store_home)
     shown = json.loads(mlxctl("show", "tiny:q8", "--json", home=store_home).stdout)
     assert "Q8_0" in json.dumps(shown)
+
+
+def test_a_packed_spec_with_quantize_is_the_model_create_makes(store, tmp_path):
+    from modelstore.ocilayout import pack
+    from modelstore.spec import reshape
+
+    spec_path = tmp_path / "q.modelspec.json"
+    spec_path.write_text(json.dumps({"from": "model://tiny:gguf", "quantize": "Q8_0"}))
+    spec = load_spec(spec_path)
+    packed = reshape(spec, build_draft(spec, store), tmp_path / "pack")
+    created = create(store, "tiny:gguf", "Q8_0", "q8:created", tmp_path)
+    assert pack(packed, "q8:created", tmp_path / "q8.tar").manifest_digest == created

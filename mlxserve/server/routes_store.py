@@ -100,8 +100,7 @@ def spec_from_create_body(body: dict[str, Any], store: Any, folder: Path) -> Pat
 
 @routes.post("/api/create")
 async def create(request: web.Request) -> web.StreamResponse:
-    from modelstore.quantize import quantize_draft
-    from modelstore.spec import build_draft, load_spec, require_valid
+    from modelstore.spec import build_draft, load_spec, require_valid, reshape
 
     body = await json_body(request)
     name = model_name(body)
@@ -116,10 +115,14 @@ async def create(request: web.Request) -> web.StreamResponse:
             spec = load_spec(spec_path)
             require_valid(spec)
             draft = await asyncio.to_thread(build_draft, spec, store)
-            recipe = quantize or spec.data.get("quantize")
-            if recipe:
-                report({"status": f"quantizing model weights to {recipe}"})
-                draft = await asyncio.to_thread(quantize_draft, draft, recipe, Path(folder))
+            draft = await asyncio.to_thread(
+                reshape,
+                spec,
+                draft,
+                Path(folder),
+                quantize=quantize,
+                report=lambda status: report({"status": status}),
+            )
             report({"status": "writing manifest"})
             await asyncio.to_thread(store.commit, draft, name)
 
