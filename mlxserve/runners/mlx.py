@@ -377,7 +377,9 @@ class MlxRunner:
         emit: Any,
         constraint: Any = None,
     ) -> None:
-        """Add a request to the batch, starting from the longest cached prefix of its prompt."""
+        """Add a request to the batch, starting from the longest cached prefix of its prompt;
+        or run it solo: on the draft model when nothing else is active, or on a quantized KV
+        cache (see the module docstring)."""
         try:
             from mlx_lm.generate import StopSequences
             from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
