@@ -51,7 +51,7 @@ def layer_bars() -> Iterator[Callable[[ProgressEvent], None]]:
 @click.command("pull")
 @click.argument("reference")
 @insecure_option
-@click.option("--name", "-n", help="Store an hf:// model under this name.")
+@click.option("--name", "-n", help="Store an hf:// or ollama:// model under this name.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def pull_command(reference: str, insecure: bool, name: str | None, as_json: bool) -> None:
     """Pull a model from an OCI registry or the Hugging Face hub into the store.
@@ -61,6 +61,7 @@ def pull_command(reference: str, insecure: bool, name: str | None, as_json: bool
       mlxctl pull registry.example.com/team/llama:8b-q4
       mlxctl pull --insecure 127.0.0.1:5000/team/llama:8b-q4
       mlxctl pull hf://mlx-community/SmolLM2-135M-Instruct
+      mlxctl pull ollama://qwen3:0.6b
     """
     model = pull_any(ModelStore(), reference, name=name, insecure=insecure)
     if as_json:
@@ -74,7 +75,8 @@ def pull_command(reference: str, insecure: bool, name: str | None, as_json: bool
 def pull_any(
     store: ModelStore, reference: str, *, name: str | None = None, insecure: bool = False
 ) -> StoredModel:
-    """``hf://ORG/REPO[@REV]`` through the hub (cache first), anything else from its registry."""
+    """``hf://ORG/REPO[@REV]`` through the hub (cache first), ``ollama://`` from Ollama's
+    registry, anything else from its registry."""
     if reference.startswith(HF_SCHEME):
         from mlxctl.hf_cache import import_snapshot
 
@@ -83,17 +85,26 @@ def pull_any(
         target = name or hub_model.store_name()
         return import_snapshot(store, hub_model.repo_id, folder, target).models[0]
     from modelstore.registry import pull_model
+    from modelstore.registry.ollama import is_ollama_url, pull_ollama
 
     with layer_bars() as on_event:
+        if is_ollama_url(reference):
+            return asyncio.run(
+                pull_ollama(store, reference, name=name, insecure=insecure, progress=on_event)
+            )
         return asyncio.run(pull_model(store, reference, insecure=insecure, progress=on_event))
 
 
 def ensure_pulled(name: str, *, insecure: bool) -> str:
     """For ``run``: pull a registry or hub model the store lacks, as ``ollama run`` does;
     returns the name to run it under."""
+    from modelstore.registry.ollama import is_ollama_url, local_name
+
     store = ModelStore()
     if name.startswith(HF_SCHEME):
         stored_name = HubModel.parse(name).store_name()
+    elif is_ollama_url(name):
+        stored_name = local_name(name)
     else:
         from modelstore.reference import parse_reference
 

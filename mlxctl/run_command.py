@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from mlxctl.client import DaemonError
+from mlxctl.output import byte_progress
 from modelstore.default_model import DEFAULT_MODEL
 from modelstore.errors import InvalidReferenceError
 from modelstore.hfhub import HF_SCHEME
@@ -137,6 +138,27 @@ class DaemonSession:
         """The daemon keeps the model for its keep_alive."""
 
 
+def convert_with_progress(store: Any, name: str, runner: str | None) -> None:
+    """Convert a GGUF the MLX runner will load, under a progress bar (the first load of a
+    model only: the runner then finds the conversion in its cache)."""
+    from mlxserve import platform
+    from mlxserve.runners.gguf_convert import conversion_size, convert_gguf
+    from mlxserve.runners.mlx import derived_folder
+    from mlxserve.runners.select import choose_runner
+    from modelstore.runtime import open_model
+
+    model = open_model(store, name)
+    if model.format != "gguf" or choose_runner(model, runner) != "mlx":
+        return
+    dequantize = platform.mlx_dequantize_weights()
+    folder = derived_folder(model, dequantize)
+    if (folder / "config.json").is_file():
+        return
+    total = conversion_size(model.weights[0])
+    with byte_progress(f"converting {model.name} to MLX", total) as progress:
+        convert_gguf(model.weights[0], folder, dequantize=dequantize, progress=progress)
+
+
 class Session:
     """One loaded model and the event loop it streams on."""
 
@@ -156,6 +178,7 @@ class Session:
         store = ModelStore()
         if self.name == DEFAULT_MODEL:
             ensure_default_model(store)
+        convert_with_progress(store, self.name, self.runner_name)
         self.loaded = self.loop.run_until_complete(
             LoadedModel.load(store, self.name, self.runner_name)
         )

@@ -36,14 +36,26 @@ def short_digest(digest: str) -> str:
     "--from-hf-cache", "from_hf_cache", is_flag=True,
     help="PATH is ORG/REPO[@REVISION] in the local Hugging Face cache; no PATH lists the cache.",
 )
-@click.option("--all", "import_all", is_flag=True, help="With --from-hf-cache: import every model.")
+@click.option(
+    "--from-ollama", "from_ollama", is_flag=True,
+    help="PATH is NAME[:TAG] in Ollama's store ($OLLAMA_MODELS); no PATH lists the store.",
+)
+@click.option(
+    "--from-lmstudio", "from_lmstudio", is_flag=True,
+    help="PATH is PUBLISHER/REPO[/FILE.gguf] in LM Studio's models folder ($LMSTUDIO_MODELS).",
+)
+@click.option("--all", "import_all", is_flag=True, help="With --from-*: import every model.")
+@click.option("--dry-run", is_flag=True, help="With --from-*: list what would be imported.")
 @json_option
 def import_command(
     path: str | None,
     name: str | None,
     force_copy: bool,
     from_hf_cache: bool,
+    from_ollama: bool,
+    from_lmstudio: bool,
     import_all: bool,
+    dry_run: bool,
     as_json: bool,
 ) -> None:
     """Add a model to the store: an HF-style folder, a .gguf file or a packed archive.
@@ -55,10 +67,21 @@ def import_command(
       mlxctl import smollm2.tar
       mlxctl import --from-hf-cache                       what the HF cache holds
       mlxctl import --from-hf-cache mlx-community/SmolLM2-135M-Instruct
+      mlxctl import --from-ollama                         what Ollama holds
+      mlxctl import --from-ollama llama3.2:1b
+      mlxctl import --from-ollama --all --dry-run --json
+      mlxctl import --from-lmstudio lmstudio-community/Qwen3-4B-GGUF
     """
     from modelstore.importer import import_path, source_size
 
     store = ModelStore()
+    if from_ollama or from_lmstudio:
+        from mlxctl.foreign_stores import import_from_lmstudio, import_from_ollama
+
+        run = import_from_ollama if from_ollama else import_from_lmstudio
+        run(store, path, name, import_all=import_all, dry_run=dry_run, as_json=as_json,
+            allow_link=not force_copy)
+        return
     if from_hf_cache:
         from mlxctl.hf_cache import import_from_hf_cache
 

@@ -18,6 +18,13 @@ class UnsupportedArchitectureError(MlxserveError):
     http_status = 400
 
 
+class UnsupportedQuantizationError(MlxserveError):
+    """A GGUF tensor type that cannot be dequantized for MLX (it still runs on llama.cpp)."""
+
+    code = "unsupported_quantization"
+    http_status = 400
+
+
 class UnsupportedFormatError(MlxserveError):
     """A model whose format no installed runner can run (``details['runners']`` says which can)."""
 

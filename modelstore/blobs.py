@@ -174,8 +174,10 @@ class BlobStore:
         *,
         allow_link: bool = True,
         progress: ProgressCallback | None = None,
+        expected_digest: str | None = None,
     ) -> BlobWrite:
         """Add a file: hard-linked when on the same file system, else copied while hashing.
+        With ``expected_digest``, content hashing to anything else is refused.
 
         A hard link is hashed *after* linking, so what gets published is what the link holds.
         It shares its inode with the source: editing the source in place would change the blob,
@@ -192,6 +194,13 @@ class BlobStore:
             if temp is not None:
                 try:
                     digest, size = hash_file(temp, progress)
+                    if expected_digest is not None and digest != expected_digest:
+                        raise DigestMismatchError(
+                            f"{source} hashes to {digest}, but its source names it "
+                            f"{expected_digest}; nothing was stored",
+                            expected=expected_digest,
+                            actual=digest,
+                        )
                     if self.exists(digest):
                         return BlobWrite(digest, size, StoredHow.EXISTING)
                     self._publish(temp, digest)
@@ -204,7 +213,7 @@ class BlobStore:
                 while chunk := handle.read(CHUNK_SIZE):
                     yield chunk
 
-        result = self.write_chunks(read_source(), progress=progress)
+        result = self.write_chunks(read_source(), expected_digest, progress=progress)
         how = StoredHow.COPY if result.how is StoredHow.WRITTEN else result.how
         return BlobWrite(result.digest, result.size, how)
 

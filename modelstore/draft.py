@@ -53,6 +53,8 @@ class LayerSource:
     title: str
     path: Path | None = None
     data: bytes | None = None
+    digest: str | None = None
+    """The digest the source claims for ``path`` (Ollama's blobs): refused if it differs."""
 
 
 @dataclass

@@ -187,7 +187,10 @@ class ModelStore:
             for layer in draft.layers:
                 if layer.path is not None:
                     written = self.blobs.import_file(
-                        layer.path, allow_link=allow_link, progress=progress
+                        layer.path,
+                        allow_link=allow_link,
+                        progress=progress,
+                        expected_digest=layer.digest,
                     )
                 else:
                     written = self.blobs.write_bytes(layer.data or b"")

@@ -100,6 +100,13 @@ def render_prompt(loaded: LoadedModel, chat: ChatRequest) -> tuple[str, bool]:
     return prompt, False
 
 
+def _no_call_bias(loaded: LoadedModel) -> dict[int, float]:
+    """``tool_choice: none``: the token that opens the family's tool call can never be drawn."""
+    start = loaded.family.tool_call_start
+    ids = loaded.runner.tokenize(start, add_special_tokens=False) if start else []
+    return {ids[0]: float("-inf")} if len(ids) == 1 else {}
+
+
 def prepare(loaded: LoadedModel, chat: ChatRequest) -> Prepared:
     """Render and tokenize (call it off the event loop: templates and tokenizers take time)."""
     family = loaded.family
@@ -113,6 +120,8 @@ def prepare(loaded: LoadedModel, chat: ChatRequest) -> Prepared:
     if chat.context:
         tokens = [*chat.context, *tokens]
     overrides: dict[str, Any] = dict(chat.sampling)
+    if chat.tools and chat.tool_choice == "none":
+        overrides["logit_bias"] = {**overrides.get("logit_bias", {}), **_no_call_bias(loaded)}
     overrides["logprobs"] = chat.logprobs
     overrides["response_format"] = (
         call_format(forced, bool(chat.parallel_tool_calls)) if forced else chat.format
@@ -126,6 +135,7 @@ def prepare(loaded: LoadedModel, chat: ChatRequest) -> Prepared:
         constrained=bool(forced),
         starts_in_reasoning=bool(family.thinks)
         and not raw
+        and not overrides["response_format"]
         and prompt.rstrip().endswith(family.think_start or "\0"),
         parallel_tool_calls=chat.parallel_tool_calls is not False,
     )
@@ -148,6 +158,10 @@ class ChatRun:
         self._started = False
         self._generated: list[int] = []
         self.done: Done | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prepared.request.prompt_tokens or [])
 
     async def _produce(self) -> AsyncIterator[Event]:
         parser = self.prepared.parser

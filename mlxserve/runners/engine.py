@@ -28,9 +28,7 @@ _CLOSE: Any = object()
 class EngineThread:
     def __init__(self, name: str) -> None:
         self._steppers: list[Callable[[], bool]] = []
-        self._inbox: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = (
-            queue.SimpleQueue()
-        )
+        self._inbox: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self._busy = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()

@@ -37,8 +37,7 @@ def require_memory(name: str, needed: int) -> None:
     available = platform.total_memory_bytes()
     if available and needed * MEMORY_HEADROOM > available:
         raise OutOfMemoryError(
-            f"{name} needs about {needed / 1e9:.1f} GB; this machine has "
-            f"{available / 1e9:.1f} GB",
+            f"{name} needs about {needed / 1e9:.1f} GB; this machine has {available / 1e9:.1f} GB",
             needed_bytes=needed,
             available_bytes=available,
         )

@@ -7,13 +7,14 @@ import importlib.util
 from mlxserve import platform
 from mlxserve.errors import RunnerUnavailableError, UnsupportedFormatError
 from mlxserve.runners.base import ModelRunner
+from mlxserve.runners.gguf_convert import mlx_can_convert
 from modelstore.model import LocalModel
 
 RUNNERS_FOR_FORMAT = {
     "mlx": ("mlx",),
     "gguf": ("mlx", "llamacpp"),
 }
-"""A GGUF runs on llama.cpp natively and on MLX after conversion (llama architecture)."""
+"""A GGUF runs on llama.cpp natively and on MLX after conversion (``gguf_convert``)."""
 RUNNER_MODULES = {"mlx": "mlx_lm", "llamacpp": "llama_cpp"}
 RUNNER_EXTRAS = {"mlx": "pip install mlx mlx-lm", "llamacpp": "pip install 'mlxserve[llamacpp]'"}
 
@@ -41,7 +42,7 @@ def choose_runner(model: LocalModel, requested: str | None = None) -> str:
                 f"the {requested} runner is not installed: {RUNNER_EXTRAS[requested]}"
             )
         return requested
-    if model.format == "gguf" and model.architecture != "llama":
+    if model.format == "gguf" and not mlx_can_convert(model.architecture, model.quantization):
         capable = ("llamacpp",)
     ordered = [name for name in platform.preferred_runners() if name in capable]
     for name in ordered:

@@ -190,14 +190,14 @@ def parse_count(body: dict[str, Any]) -> ChatRequest:
     return parse(body, count_only=True)
 
 
-def _usage(done: Done | None) -> dict[str, Any]:
-    stats = done.stats if done else None
-    cached = stats.cached_prompt_tokens if stats else 0
+def _usage(prompt_tokens: int, done: Done | None) -> dict[str, Any]:
+    """Every prompt token counts as input (a reused prefix is not a billed cache read here, and
+    clients that add the two would count it twice)."""
     return {
-        "input_tokens": (stats.prompt_eval_count - cached) if stats else 0,
-        "output_tokens": stats.eval_count if stats else 0,
+        "input_tokens": done.stats.prompt_eval_count if done else prompt_tokens,
+        "output_tokens": done.stats.eval_count if done else 0,
         "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": cached,
+        "cache_read_input_tokens": 0,
     }
 
 
@@ -218,7 +218,9 @@ class MessagesEncoder:
         self.open: str | None = None
         """The kind of the content block being streamed (``text`` or ``thinking``)."""
 
-    def message(self, content: list[dict[str, Any]], done: Done | None) -> dict[str, Any]:
+    def message(
+        self, content: list[dict[str, Any]], done: Done | None, prompt_tokens: int = 0
+    ) -> dict[str, Any]:
         return {
             "id": self.id,
             "type": "message",
@@ -227,7 +229,7 @@ class MessagesEncoder:
             "content": content,
             "stop_reason": STOP_REASONS[done.reason] if done else None,
             "stop_sequence": None,
-            "usage": _usage(done),
+            "usage": _usage(prompt_tokens, done),
         }
 
     def _close(self) -> list[Frame]:
@@ -261,8 +263,9 @@ class MessagesEncoder:
         )
         return frames
 
-    def opening(self) -> list[Frame]:
-        return [("message_start", {"type": "message_start", "message": self.message([], None)})]
+    def opening(self, prompt_tokens: int) -> list[Frame]:
+        start = self.message([], None, prompt_tokens)
+        return [("message_start", {"type": "message_start", "message": start})]
 
     def encode(self, event: Event) -> list[Frame]:
         if isinstance(event, TextDelta):
@@ -301,7 +304,6 @@ class MessagesEncoder:
                 ("content_block_stop", {"type": "content_block_stop", "index": self.index}),
             ]
         if isinstance(event, Done):
-            usage = _usage(event)
             return [
                 *self._close(),
                 (
@@ -309,7 +311,7 @@ class MessagesEncoder:
                     {
                         "type": "message_delta",
                         "delta": {"stop_reason": STOP_REASONS[event.reason], "stop_sequence": None},
-                        "usage": {"output_tokens": usage["output_tokens"]},
+                        "usage": _usage(0, event),
                     },
                 ),
                 ("message_stop", {"type": "message_stop"}),

@@ -109,6 +109,7 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
         raise InvalidRequestError("'messages' must be a list", param="messages")
     chat.messages = [_message(i, m) for i, m in enumerate(messages)]
     chat.tools = tools_of(body.get("tools"))
+    chat.tool_choice = validate.tool_choice(body.get("tool_choice"))
     return chat
 
 
@@ -194,7 +195,7 @@ class _Lines:
     def _line(self, **fields: Any) -> dict[str, Any]:
         raise NotImplementedError
 
-    def opening(self) -> list[Frame]:
+    def opening(self, prompt_tokens: int) -> list[Frame]:
         return []
 
     def closing(self) -> list[Frame]:

@@ -96,7 +96,7 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
     chat.tool_choice = validate.tool_choice(body.get("tool_choice"))
     chat.parallel_tool_calls = validate.optional(body, "parallel_tool_calls", bool)
     chat.format = validate.response_format(body.get("response_format"), "response_format")
-    chat.think = validate.think_value(body.get("reasoning_effort"), "reasoning_effort")
+    chat.think = validate.reasoning_effort(body.get("reasoning_effort"), "reasoning_effort")
     if validate.optional(body, "logprobs", bool, False):
         chat.logprobs = validate.optional(body, "top_logprobs", int, 0)
     return chat
@@ -175,7 +175,7 @@ class _Envelope:
             "choices": choices,
         }
 
-    def opening(self) -> list[Frame]:
+    def opening(self, prompt_tokens: int) -> list[Frame]:
         return []
 
     def closing(self) -> list[Frame]:

@@ -31,7 +31,6 @@ from mlxserve.server.encoders import Frame
 from mlxserve.server.errors import error_body
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high"}
 
 
 def _fresh(prefix: str) -> str:
@@ -110,18 +109,13 @@ def parse(body: dict[str, Any]) -> ChatRequest:
         raise InvalidRequestError("'input' must not be empty", param="input")
     tools = [validate.function_tool(tool) for tool in body.get("tools") or []]
     reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
-    effort = reasoning.get("effort")
-    if effort is not None and effort not in EFFORTS:
-        raise InvalidRequestError(
-            "reasoning.effort must be minimal, low, medium or high", param="reasoning.effort"
-        )
     return ChatRequest(
         model=validate.model_name(body),
         messages=messages,
         tools=tools,
         tool_choice=validate.tool_choice(body.get("tool_choice")),
         parallel_tool_calls=validate.optional(body, "parallel_tool_calls", bool),
-        think=EFFORTS[effort] if effort else None,
+        think=validate.reasoning_effort(reasoning.get("effort"), "reasoning.effort"),
         format=validate.response_format(
             (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None,
             "text.format",
@@ -282,7 +276,7 @@ class ResponsesEncoder:
         )
         return frames
 
-    def opening(self) -> list[Frame]:
+    def opening(self, prompt_tokens: int) -> list[Frame]:
         created = self.response("in_progress")
         return [
             self._event("response.created", response=created),

@@ -27,8 +27,9 @@ Frame = dict[str, Any] | str | tuple[str, dict[str, Any]]
 
 
 class WireEncoder(Protocol):
-    def opening(self) -> list[Frame]:
-        """Messages before the first event (a stream's envelope)."""
+    def opening(self, prompt_tokens: int) -> list[Frame]:
+        """Messages before the first event (a stream's envelope); ``prompt_tokens`` is how long
+        the prompt is, which some envelopes report up front."""
         ...
 
     def encode(self, event: Event) -> list[Frame]: ...
@@ -93,7 +94,7 @@ async def stream_events(
     writer = _Writer(request, content_type, keepalive)
     heartbeat = writer.heartbeat if keepalive is not None else None
     first = await run.first(heartbeat, keepalive_s)
-    await writer.send(encoder.opening() + encoder.encode(first))
+    await writer.send(encoder.opening(run.prompt_tokens) + encoder.encode(first))
     async for event in run.rest():
         await writer.send(encoder.encode(event))
     await writer.send(encoder.closing())

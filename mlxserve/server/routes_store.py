@@ -144,6 +144,7 @@ def progress_reporter(report: Callable[[dict[str, Any]], None]) -> Callable[[Any
 @routes.post("/api/pull")
 async def pull(request: web.Request) -> web.StreamResponse:
     from modelstore.registry import pull_model
+    from modelstore.registry.ollama import is_ollama_url, pull_ollama
 
     body = await json_body(request)
     name = model_name(body)
@@ -152,6 +153,9 @@ async def pull(request: web.Request) -> web.StreamResponse:
     store = request.app[STORE]
 
     async def work(report: Callable[[dict[str, Any]], None]) -> None:
+        if is_ollama_url(name):
+            await pull_ollama(store, name, insecure=insecure, progress=progress_reporter(report))
+            return
         await pull_model(store, name, insecure=insecure, progress=progress_reporter(report))
 
     return await run_with_status(request, stream, work)

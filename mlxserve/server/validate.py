@@ -176,12 +176,32 @@ def tool_arguments(value: Any, param: str) -> dict[str, Any]:
     return value
 
 
+EFFORTS: dict[str, bool | str] = {
+    "none": False,
+    "minimal": "low",
+    "low": "low",
+    "medium": "medium",
+    "high": "high",
+}
+"""OpenAI's reasoning efforts -> ``think`` (``none`` turns thinking off)."""
+
+
 def think_value(value: Any, param: str = "think") -> bool | str | None:
+    """Ollama's ``think``: a bool or ``low``/``medium``/``high``."""
     if value is None or isinstance(value, bool):
         return value
     if value in ("low", "medium", "high"):
         return value
     raise InvalidRequestError(f"'{param}' must be true, false, low, medium or high", param=param)
+
+
+def reasoning_effort(value: Any, param: str) -> bool | str | None:
+    """OpenAI's ``reasoning_effort`` (chat) / ``reasoning.effort`` (Responses)."""
+    if value is None:
+        return None
+    if value not in EFFORTS:
+        raise InvalidRequestError(f"'{param}' must be one of {', '.join(EFFORTS)}", param=param)
+    return EFFORTS[value]
 
 
 def image_bytes(data: Any, param: str) -> bytes:

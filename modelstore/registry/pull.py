@@ -236,6 +236,31 @@ def publish_blobs(store: ModelStore, blobs: list[Descriptor]) -> None:
                 raise RegistryError(f"download of {blob.digest} vanished; pull again") from None
 
 
+async def fetch_blobs(
+    client: RegistryClient,
+    store: ModelStore,
+    repository: str,
+    blobs: list[Descriptor],
+    progress: Progress | None,
+    concurrency: int = DEFAULT_CONCURRENCY,
+) -> None:
+    """Download every blob the store lacks, ``concurrency`` at a time, each verified; call
+    inside ``store.writing_async()`` and ``publish_blobs`` once all are here."""
+    limiter = asyncio.Semaphore(concurrency)
+
+    async def fetch(blob: Descriptor) -> None:
+        async with limiter:
+            tracker = LayerProgress(progress, "pulling", blob.digest, blob.size)
+            await fetch_blob(client, store, repository, blob, tracker)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for blob in blobs:
+                group.create_task(fetch(blob))
+    except BaseExceptionGroup as group_error:
+        raise _first_error(group_error) from None
+
+
 async def pull_model(
     store: ModelStore,
     name: str,
@@ -255,20 +280,8 @@ async def pull_model(
         raw, registry_digest = await client.get_manifest(ref.repository, ref.digest or ref.tag)
         manifest = check_manifest(raw, registry_digest, ref.digest)
         blobs = list({d.digest: d for d in (manifest.config, *manifest.layers)}.values())
-        limiter = asyncio.Semaphore(concurrency)
-
-        async def fetch(blob: Descriptor) -> None:
-            async with limiter:
-                tracker = LayerProgress(progress, "pulling", blob.digest, blob.size)
-                await fetch_blob(client, store, ref.repository, blob, tracker)
-
         async with store.writing_async():
-            try:
-                async with asyncio.TaskGroup() as group:
-                    for blob in blobs:
-                        group.create_task(fetch(blob))
-            except BaseExceptionGroup as group_error:
-                raise _first_error(group_error) from None
+            await fetch_blobs(client, store, ref.repository, blobs, progress, concurrency)
             report(ProgressEvent("verifying sha256 digest"))
             _check_config(store, manifest.config.digest)
             publish_blobs(store, blobs)
