@@ -5,7 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ["bench.runner_overhead", "bench.load", "bench.pull_throughput", "bench.shape"]
+BENCHMARKS = [
+    "bench.runner_overhead",
+    "bench.load",
+    "bench.pull_throughput",
+    "bench.show_metadata",
+    "bench.shape",
+]
 
 
 def main() -> None:

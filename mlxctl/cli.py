@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "stop": "mlxctl.daemon_commands:stop_command",
     "pull": "mlxctl.registry_commands:pull_command",
     "push": "mlxctl.registry_commands:push_command",
+    "service": "mlxctl.service_commands:service_group",
 }
 
 

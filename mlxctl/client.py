@@ -38,12 +38,18 @@ class DaemonClient:
     api_key: str | None = None
 
     @classmethod
-    def from_environment(cls) -> DaemonClient:
+    def from_environment(cls, address: str | None = None) -> DaemonClient:
+        """The daemon the settings name (``MLXSERVE_HOST`` takes ``host:port``, as
+        ``OLLAMA_HOST``), or ``address`` (``--host``) when given."""
         from mlxserve.server.config import load_settings
 
-        settings = load_settings()
+        settings = load_settings({"host": address} if address else None)
         host = "127.0.0.1" if settings.host in {"0.0.0.0", "::"} else settings.host
         return cls(host, settings.port, settings.api_key)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
 
     def is_up(self) -> bool:
         try:

@@ -19,7 +19,7 @@ import click
 from mlxctl.client import DaemonError
 from mlxctl.output import byte_progress
 from modelstore.default_model import DEFAULT_MODEL
-from modelstore.errors import InvalidReferenceError
+from modelstore.errors import InvalidReferenceError, ModelNotFoundError
 from modelstore.hfhub import HF_SCHEME
 from modelstore.parameters import CLI_PARAMETERS, SAMPLING_FIELDS, kind_of
 from modelstore.reference import parse_reference
@@ -62,6 +62,37 @@ def split_model_and_prompt(model: str | None, prompt: str | None) -> tuple[str, 
     return model, prompt
 
 
+def print_stats(stats: dict[str, Any], reason: str | None, where: str, runner: str | None,
+                load_ns: int | None = None) -> None:
+    """The ``--verbose`` table, the same whether the model ran in this process or in the
+    daemon (``stats`` uses Ollama's names, as the daemon's final line does)."""
+
+    def rate(count: int, ns: int) -> str:
+        return f"{count / (ns / 1e9):.2f} tokens/s" if ns else "-"
+
+    cached = stats.get("cached_prompt_tokens", 0)
+    load = stats.get("load_duration", 0) if load_ns is None else load_ns
+    rows = [
+        ("ran", where),
+        ("runner", runner or "-"),
+        ("load duration", f"{load / 1e9:.3f}s"),
+        ("prompt eval count", f"{stats.get('prompt_eval_count', 0)} token(s)"
+         + (f" ({cached} from cache)" if cached else "")),
+        ("prompt eval rate", rate(stats.get("prompt_eval_count", 0) - cached,
+                                  stats.get("prompt_eval_duration", 0))),
+        ("eval count", f"{stats.get('eval_count', 0)} token(s)"),
+        ("eval rate", rate(stats.get("eval_count", 0), stats.get("eval_duration", 0))),
+        ("total duration", f"{stats.get('total_duration', 0) / 1e9:.3f}s"),
+        ("done reason", reason or "-"),
+    ]
+    click.echo("\n".join(f"{name + ':':<22}{value}" for name, value in rows), err=True)
+
+
+def print_prompt(prompt: str, tokens: int) -> None:
+    """``--verbose``: the prompt the template rendered, as the model sees it."""
+    click.echo(f"--- rendered prompt ({tokens} tokens) ---\n{prompt}\n---", err=True)
+
+
 @dataclass
 class ChatState:
     overrides: dict[str, Any]
@@ -76,9 +107,14 @@ class DaemonSession:
     def __init__(self, client: Any, name: str, as_json: bool, verbose: bool) -> None:
         self.client, self.name = client, name
         self.as_json, self.verbose = as_json, verbose
+        self.last_reason: str | None = None
 
     def load(self) -> None:
         self.client.post("/api/generate", {"model": self.name})
+
+    def model_names(self) -> list[str]:
+        """What the daemon's store holds (its store may not be this machine's)."""
+        return [model["name"] for model in self.client.get("/api/tags").get("models", [])]
 
     def _options(self, overrides: dict[str, Any]) -> dict[str, Any]:
         """Our parameter names -> Ollama's (the daemon maps them back)."""
@@ -101,18 +137,24 @@ class DaemonSession:
                     sys.stdout.write(text)
                 sys.stdout.flush()
                 if line.get("done"):
+                    self.last_reason = line.get("done_reason")
                     if not self.as_json:
                         sys.stdout.write("\n")
                     if self.verbose:
-                        click.echo(
-                            json.dumps(
-                                {k: v for k, v in line.items() if k.endswith(("count", "duration"))}
-                            ),
-                            err=True,
-                        )
+                        print_stats(line, line.get("done_reason"),
+                                    f"through the daemon at {self.client.address}",
+                                    self.runner())
         except KeyboardInterrupt:
+            self.last_reason = "cancelled"
             click.echo("\n[stopped]", err=True)
         return "".join(pieces)
+
+    def runner(self) -> str | None:
+        """Which runner the daemon holds the model in (``/api/ps``), for the stats table."""
+        for model in self.client.get("/api/ps").get("models", []):
+            if model.get("name") == self.name or model.get("model") == self.name:
+                return str(model.get("runner") or "") or None
+        return None
 
     def one_shot(self, prompt: str, state: ChatState, raw: bool) -> None:
         body = {
@@ -126,6 +168,7 @@ class DaemonSession:
         self._print(self.client.stream("/api/generate", body), "response")
 
     def chat(self, messages: list[dict[str, Any]], state: ChatState) -> str:
+        self.last_reason = None
         body = {
             "model": self.name,
             "messages": messages,
@@ -184,6 +227,11 @@ class Session:
         )
         self.load_ns = self.loaded.info.load_duration_ns
 
+    def model_names(self) -> list[str]:
+        from modelstore.store import ModelStore
+
+        return [model.name for model in ModelStore().list()]
+
     def answer(self, chat: Any) -> str:
         """Stream one answer to stdout; Ctrl-C cancels it (within a token) and keeps the chat.
 
@@ -195,6 +243,8 @@ class Session:
         from mlxserve.chat.core import ChatRun, prepare
 
         prepared = prepare(self.loaded, chat)
+        if self.verbose:
+            print_prompt(prepared.prompt, len(prepared.request.prompt_tokens or []))
         load_ns, self.load_ns = self.load_ns, 1
         run = ChatRun(chat, self.loaded, prepared, load_ns=load_ns)
         pieces: list[str] = []
@@ -239,30 +289,14 @@ class Session:
                 sys.stdout.write("\n")
                 sys.stdout.flush()
             if self.verbose:
-                self._report(event.stats, event.reason)
-
-    def _report(self, stats: Any, reason: str | None) -> None:
-        def rate(count: int, ns: int) -> str:
-            return f"{count / (ns / 1e9):.2f} tokens/s" if ns else "-"
-
-        info = self.loaded.info
-        evaluated = stats.prompt_eval_count - stats.cached_prompt_tokens
-        click.echo(
-            "\n".join(
-                [
-                    f"runner:               {info.runner} ({info.format})",
-                    f"load duration:        {info.load_duration_ns / 1e9:.3f}s",
-                    f"prompt eval count:    {stats.prompt_eval_count} token(s) "
-                    f"({stats.cached_prompt_tokens} from cache)",
-                    f"prompt eval rate:     {rate(evaluated, stats.prompt_eval_duration)}",
-                    f"eval count:           {stats.eval_count} token(s)",
-                    f"eval rate:            {rate(stats.eval_count, stats.eval_duration)}",
-                    f"total duration:       {stats.total_duration / 1e9:.3f}s",
-                    f"done reason:          {reason}",
-                ]
-            ),
-            err=True,
-        )
+                info = self.loaded.info
+                print_stats(
+                    vars(event.stats),
+                    event.reason,
+                    "in this process",
+                    f"{info.runner} ({info.format})",
+                    info.load_duration_ns,
+                )
 
     def close(self) -> None:
         if self.loaded is not None:
@@ -287,6 +321,8 @@ def chat_turn(session: Session | DaemonSession, state: ChatState, text: str) -> 
             think=state.think,
         )
         reply = session.answer(chat)
+    if session.last_reason == "cancelled":
+        return  # as Ollama: an answer cut with Ctrl-C is not part of the conversation
     state.history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
 
 
@@ -354,6 +390,8 @@ def interactive(session: Session | DaemonSession, state: ChatState) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Stream NDJSON chunks (daemon shape).")
 @click.option("--verbose", is_flag=True, help="Print load time and tokens/s afterwards.")
 @click.option("--insecure", is_flag=True, help="Pull a missing model over plain HTTP.")
+@click.option("--host", envvar="MLXSERVE_HOST",
+              help="The daemon's address, host:port (default: MLXSERVE_HOST, else the config).")
 def run_command(
     model: str | None,
     prompt: str | None,
@@ -365,6 +403,7 @@ def run_command(
     as_json: bool,
     verbose: bool,
     insecure: bool,
+    host: str | None,
     **sampling: Any,
 ) -> None:
     """Run a model: one answer if a prompt is given (or piped in), else an interactive chat.
@@ -389,9 +428,14 @@ def run_command(
         system,
         {"true": True, "false": False}.get(think or "", think),
     )
-    session = choose_session(name, runner, local, as_json, verbose)
+    session = choose_session(name, runner, local, as_json, verbose, host)
     try:
-        session.load()
+        try:
+            session.load()
+        except (ModelNotFoundError, DaemonError) as error:
+            if error.code != ModelNotFoundError.code:
+                raise
+            raise not_found(name, session.model_names()) from None
         if prompt is None:
             interactive(session, state)
         elif isinstance(session, DaemonSession):
@@ -407,8 +451,29 @@ def run_command(
         session.close()
 
 
+SUGGESTIONS = 3
+SIMILARITY = 0.5
+"""``difflib`` ratio above which a known name is offered as "did you mean"."""
+
+
+def not_found(name: str, known: list[str]) -> ModelNotFoundError:
+    """``mlxctl run hi``: "hi" names no model; say which names are close and how to ask the
+    default model a one-word question, instead of only "model 'hi:latest' not found"."""
+    import difflib
+
+    short = {n.removesuffix(":latest"): n for n in known}
+    close = [short[c] for c in difflib.get_close_matches(name, list(short), SUGGESTIONS,
+                                                          SIMILARITY)]
+    lines = [f"no model named '{name}' (`mlxctl list` shows the models in the store)."]
+    if close:
+        lines.append("Did you mean: " + ", ".join(close) + "?")
+    lines.append(f'To ask the default model, name it first: mlxctl run {DEFAULT_MODEL} "{name}"')
+    return ModelNotFoundError("\n".join(lines), model=name, suggestions=close)
+
+
 def choose_session(
-    name: str, runner: str | None, local: bool, as_json: bool, verbose: bool
+    name: str, runner: str | None, local: bool, as_json: bool, verbose: bool,
+    host: str | None = None,
 ) -> Session | DaemonSession:
     """The daemon when one is up (it keeps models warm), else this process.
 
@@ -417,7 +482,7 @@ def choose_session(
     if not local and runner is None:
         from mlxctl.client import DaemonClient
 
-        client = DaemonClient.from_environment()
+        client = DaemonClient.from_environment(host)
         if client.is_up():
             if name == DEFAULT_MODEL:
                 from modelstore.default_model import ensure_default_model

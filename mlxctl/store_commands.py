@@ -15,7 +15,9 @@ from rich.table import Table
 from mlxctl.output import byte_progress, console, human_age, human_size, print_json
 from modelstore import mediatypes
 from modelstore.draft import GENERATED_LAYERS, ModelConfig
+from modelstore.runtime import template_in_use
 from modelstore.store import ModelStore, StoredModel
+from modelstore.templates import template_warning
 
 if TYPE_CHECKING:
     from modelstore.importer import ImportResult
@@ -99,10 +101,12 @@ def report_import(result: ImportResult, as_json: bool) -> None:
     models, hows = result.models, {k: str(v) for k, v in result.files.items()}
     if as_json:
         print_json(
-            [{"name": m.name, "digest": m.manifest_digest, "size": m.size, "files": hows}
-             for m in models]
+            [{"name": m.name, "digest": m.manifest_digest, "size": m.size, "files": hows,
+              "warnings": result.warnings} for m in models]
         )
         return
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
     for model in models:
         linked = sum(1 for how in hows.values() if how == "hardlink")
         note = f", {linked} file(s) hard-linked" if linked else ""
@@ -167,7 +171,10 @@ def _show_data(store: ModelStore, model: StoredModel) -> dict[str, Any]:
     params = store.text_layer(model, mediatypes.PARAMS)
     data["parameters"] = json.loads(params) if params else {}
     data["system"] = store.text_layer(model, mediatypes.SYSTEM_PROMPT)
-    data["template"] = store.text_layer(model, mediatypes.CHAT_TEMPLATE)
+    data["template"] = template_in_use(store, model, config)
+    data["template_source"] = config.template_source
+    warning = template_warning(config.template_source)
+    data["warnings"] = [warning] if warning else []
     layers = []
     for layer in model.manifest.layers:
         path = store.blobs.path(layer.digest)
@@ -210,13 +217,20 @@ def show_command(name: str, as_json: bool) -> None:
             console.print(f"  {key:<20} {value}")
     if data["system"]:
         console.print(f"\n[bold]system[/]\n  {data['system']}")
+    for warning in data["warnings"]:
+        console.print(f"\n[yellow]warning:[/] {warning}")
+    if data["template_source"] and data["template"]:
+        console.print("\n[bold]template (inferred)[/]")
+        console.print(data["template"], markup=False, highlight=False)
     files = Table(box=None, header_style="bold", title="files", title_justify="left")
     for column in ("FILE", "TYPE", "SIZE", "STORED AS", "DIGEST"):
         files.add_column(column)
     generated = set(GENERATED_LAYERS.values())
     for layer in data["layers"]:
         kind = layer["media_type"].removeprefix("application/vnd.mlxserve.model.")
-        title = layer["title"] + (" (from spec)" if layer["title"] in generated else "")
+        origin = "inferred" if data["template_source"] and kind.startswith("template") \
+            else "from spec"
+        title = layer["title"] + (f" ({origin})" if layer["title"] in generated else "")
         files.add_row(title, kind, human_size(layer["size"]), layer["storage"],
                       short_digest(layer["digest"]))
     console.print()

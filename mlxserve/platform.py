@@ -66,3 +66,12 @@ def total_memory_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 0
+
+
+def service_manager() -> str | None:
+    """What starts user daemons at login here: ``launchd`` (macOS) or ``systemd`` (Linux)."""
+    if sys.platform == "darwin":
+        return "launchd"
+    if sys.platform.startswith("linux"):
+        return "systemd"
+    return None

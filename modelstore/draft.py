@@ -31,11 +31,28 @@ class ModelConfig:
     description: str | None = None
     license: str | None = None
     source: dict[str, str] = field(default_factory=dict)
+    template_source: str | None = None
+    """Where the chat-template layer came from when the model itself gave none:
+    ``inferred:<family>`` (``modelstore.templates``), or ``none`` when nothing could be
+    inferred. Absent when the model ships its template or a ModelSpec set one."""
+    model_info: dict[str, Any] = field(default_factory=dict)
+    """Ollama's ``model_info`` (``general.architecture``, ``<arch>.context_length``, head
+    counts, vocabulary size...), read once at import so ``/api/show`` never re-parses weights."""
+    features: list[str] = field(default_factory=list)
+    """What the vocabulary and config say the model can do beyond completion: ``thinking``,
+    ``insert`` (fill-in-the-middle), ``embedding``, ``vision`` (``/api/show`` capabilities)."""
+    fim_tokens: dict[str, str] = field(default_factory=dict)
+    """Fill-in-the-middle tokens (``prefix``, ``suffix``, ``middle``) when the model has them."""
+    chat_template: str | None = None
+    """The template a GGUF ships in its metadata, copied here so that showing it never
+    re-parses the file (HF folders keep theirs in ``tokenizer_config.json``, a small layer)."""
+    parent_model: str | None = None
+    """The model this one was created ``from`` (``/api/create``, ModelSpec ``model://``)."""
     draft_model: str | None = None
     """The draft model for speculative decoding, pinned: ``NAME:TAG@sha256:...`` in the store."""
 
     def to_bytes(self) -> bytes:
-        body = {k: v for k, v in asdict(self).items() if v not in (None, {}, "")}
+        body = {k: v for k, v in asdict(self).items() if v not in (None, {}, "", [])}
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod

@@ -10,6 +10,7 @@ from modelstore.errors import ImportSourceError
 from modelstore.ocilayout import import_archive, is_archive
 from modelstore.sources import draft_from_path
 from modelstore.store import ModelStore, StoredModel
+from modelstore.templates import template_warning
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,8 @@ class ImportResult:
     models: list[StoredModel]
     files: dict[str, StoredHow] = field(default_factory=dict)
     """File name -> how it got in (hard link, copy, already stored); empty for archives."""
+    warnings: list[str] = field(default_factory=list)
+    """What the user should know about the model (an inferred chat template, or none)."""
 
 
 def source_size(path: Path) -> int:
@@ -40,5 +43,7 @@ def import_path(
         return ImportResult(import_archive(store, path, name, progress))
     if name is None:
         raise ImportSourceError(f"importing {path} needs a name: add --name NAME", path=str(path))
-    result = store.commit(draft_from_path(path), name, allow_link=allow_link, progress=progress)
-    return ImportResult([result.model], result.blobs)
+    draft = draft_from_path(path)
+    result = store.commit(draft, name, allow_link=allow_link, progress=progress)
+    warning = template_warning(draft.config.template_source)
+    return ImportResult([result.model], result.blobs, [warning] if warning else [])

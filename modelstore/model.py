@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from modelstore.parameters import SPEC_PARAMETERS
+from modelstore.parameters import SPEC_PARAMETERS, api_names
 
 ModelFormat = Literal["mlx", "gguf"]
 
@@ -27,6 +27,17 @@ RUNNER_PARAMETERS = (
     "num_draft_tokens",
 )
 """Load-time parameters a ModelSpec may set (``RunnerOptions``)."""
+
+OLLAMA_LOAD_NAMES = {"num_ctx": "context_length", "num_gpu": "n_gpu_layers",
+                     "num_thread": "n_threads"}
+OLLAMA_PARAMETER_NAMES = {
+    **{wire: name for wire, (name, _) in api_names("ollama").items() if wire != name},
+    **OLLAMA_LOAD_NAMES,
+}
+"""Ollama's names (Modelfile ``PARAMETER``, ``/api/create`` ``parameters``) for ModelSpec
+parameters whose names differ (``num_predict``, ``repeat_penalty``, ``num_ctx``...): sampling
+ones from ``parameters.Sampling``, load-time ones here."""
+MODELSPEC_TO_OLLAMA = {spec: ollama for ollama, spec in OLLAMA_PARAMETER_NAMES.items()}
 
 KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")
 """What the KV cache may hold, in Ollama's names (``OLLAMA_KV_CACHE_TYPE``); ``f16`` means the
@@ -51,6 +62,8 @@ class LocalModel:
     quantization: str | None = None
     context_length: int | None = None
     """What the model was trained for; runners default to at most this."""
+    model_info: dict[str, Any] = field(default_factory=dict)
+    """Ollama's ``model_info`` kept at import: layer and head counts size the KV cache."""
     parameters: dict[str, Any] = field(default_factory=dict)
     chat_template: str | None = None
     system: str | None = None

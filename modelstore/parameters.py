@@ -66,7 +66,7 @@ class Sampling:
         metadata=_names(ollama="repeat_penalty", openai=("repetition_penalty",), cli=True),
     )
     repetition_context_size: int = field(
-        default=64, metadata=_names(ollama="repeat_last_n", spec=False, kind=int)
+        default=64, metadata=_names(ollama="repeat_last_n", kind=int)
     )
     presence_penalty: float = field(
         default=0.0,

@@ -11,7 +11,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from modelstore import mediatypes
+from modelstore import mediatypes, metadata
 from modelstore.draft import LayerSource, ModelConfig, ModelDraft
 from modelstore.errors import ImportSourceError
 from modelstore.manifest import is_safe_file_name
@@ -116,11 +116,91 @@ def draft_from_hf_folder(folder: Path) -> ModelDraft:
         parameter_count=parameter_count or None,
         source={"kind": "folder", "name": folder.name},
     )
-    return ModelDraft(config, layers)
+    draft = ModelDraft(config, layers)
+    _describe_hf_folder(draft, folder, hf_config)
+    return draft
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A tokenizer file, or ``{}`` when it is absent or not a JSON object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _token_text(token: Any) -> str | None:
+    """``tokenizer_config.json`` writes a special token as text or as ``{"content": ...}``."""
+    if isinstance(token, dict):
+        token = token.get("content")
+    return token if isinstance(token, str) else None
+
+
+def _hf_adds_bos(tokenizer_config: dict[str, Any], tokenizer_json: dict[str, Any]) -> bool:
+    """``add_bos_token`` when the config says; else whether the fast tokenizer's
+    post-processor puts the BOS token in front of a single sequence."""
+    if isinstance(tokenizer_config.get("add_bos_token"), bool):
+        return tokenizer_config["add_bos_token"]
+    bos = _token_text(tokenizer_config.get("bos_token"))
+    processor = tokenizer_json.get("post_processor")
+    return bool(bos and processor and json.dumps(bos) in json.dumps(processor))
+
+
+def _hf_vocabulary(tokenizer_json: dict[str, Any]) -> list[str]:
+    vocab = tokenizer_json.get("model", {}).get("vocab", {})
+    tokens = (
+        list(vocab)
+        if isinstance(vocab, dict)
+        else [entry[0] for entry in vocab if isinstance(entry, list) and entry]
+    )
+    tokens += [entry.get("content", "") for entry in tokenizer_json.get("added_tokens", [])]
+    return [token for token in tokens if isinstance(token, str)]
+
+
+def _describe_hf_folder(draft: ModelDraft, folder: Path, hf_config: dict[str, Any]) -> None:
+    config = draft.config
+    tokenizer_config = _read_json(folder / "tokenizer_config.json")
+    tokenizer_json = _read_json(folder / "tokenizer.json")
+    present = metadata.interesting_tokens(_hf_vocabulary(tokenizer_json))
+    own = tokenizer_config.get("chat_template")
+    has_template = bool(own) or any(
+        (folder / name).is_file() for name in ("chat_template.jinja", "chat_template.json")
+    )
+    architectures = hf_config.get("architectures") or []
+    embedding = (folder / "modules.json").is_file() or (
+        config.architecture in metadata.EMBEDDING_ARCHITECTURES
+        and not any(str(a).endswith("ForCausalLM") for a in architectures)
+    )
+    config.fim_tokens = metadata.fim_tokens(present)
+    config.features = metadata.features(
+        present, embedding=embedding, vision="vision_config" in hf_config, fim=config.fim_tokens
+    )
+    config.model_info = metadata.hf_model_info(hf_config, config.parameter_count)
+    if not embedding:
+        metadata.apply_template_inference(
+            draft,
+            "present" if has_template else None,
+            present,
+            _hf_adds_bos(tokenizer_config, tokenizer_json),
+        )
+
+
+GGUF_FIM_KEYS = {
+    "prefix": ("tokenizer.ggml.fim_pre_token_id", "tokenizer.ggml.prefix_token_id"),
+    "suffix": ("tokenizer.ggml.fim_suf_token_id", "tokenizer.ggml.suffix_token_id"),
+    "middle": ("tokenizer.ggml.fim_mid_token_id", "tokenizer.ggml.middle_token_id"),
+}
+"""Where a GGUF names its fill-in-the-middle tokens (llama.cpp's keys, newer and older)."""
+SPM_ADDS_BOS_BY_DEFAULT = frozenset({"llama"})
+"""Tokenizer models for which llama.cpp adds BOS when ``add_bos_token`` is absent."""
 
 
 def read_gguf_metadata(path: Path) -> dict[str, Any]:
-    """The GGUF key/values we need (the ``gguf`` package parses; it memory-maps, never loads)."""
+    """The GGUF key/values we keep (the ``gguf`` package parses; it memory-maps, never loads).
+
+    The token list is scanned once for the few tokens that matter (``metadata``), never kept.
+    """
     from gguf import GGUFReader, LlamaFileType
 
     try:
@@ -128,9 +208,13 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
     except Exception as exc:  # the reader raises ValueError, struct.error, ... on bad files
         raise ImportSourceError(f"{path.name} is not a valid GGUF file: {exc}") from None
     values: dict[str, Any] = {}
+    tokens: list[str] = []
     for key, field in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key not in {"tokenizer.ggml.model"}:
+        if key == "tokenizer.ggml.tokens":
+            tokens = [bytes(field.parts[index]).decode("utf-8", "replace") for index in field.data]
             continue
+        if key.startswith("tokenizer.ggml.") and len(field.data) > 1:
+            continue  # merges, scores, token types: vocab-sized arrays nothing here needs
         try:
             values[key] = field.contents()
         except Exception:  # a field type this gguf version cannot decode: not one we need
@@ -143,6 +227,18 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
             quantization = LlamaFileType(file_type).name.removeprefix("MOSTLY_")
         except ValueError:
             quantization = None
+    parameter_count = sum(int(t.n_elements) for t in reader.tensors) or None
+    present = metadata.interesting_tokens(tokens)
+    fim: dict[str, str] = {}
+    for role, keys in GGUF_FIM_KEYS.items():
+        for key in keys:
+            token_id = values.get(key)
+            if isinstance(token_id, int) and 0 <= token_id < len(tokens):
+                fim[role] = tokens[token_id]
+                break
+    adds_bos = values.get("tokenizer.ggml.add_bos_token")
+    if not isinstance(adds_bos, bool):
+        adds_bos = values.get("tokenizer.ggml.model") in SPM_ADDS_BOS_BY_DEFAULT
     return {
         "architecture": architecture,
         "quantization": quantization,
@@ -150,7 +246,14 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
         "name": values.get("general.name"),
         "license": values.get("general.license"),
         "chat_template": values.get("tokenizer.chat_template"),
-        "parameter_count": sum(int(t.n_elements) for t in reader.tensors) or None,
+        "parameter_count": parameter_count,
+        "present_tokens": present,
+        "fim_tokens": fim if len(fim) == len(GGUF_FIM_KEYS) else metadata.fim_tokens(present),
+        "adds_bos": adds_bos,
+        "embedding": f"{architecture}.pooling_type" in values
+        or architecture in metadata.EMBEDDING_ARCHITECTURES,
+        "vision": bool(values.get("clip.has_vision_encoder")),
+        "model_info": metadata.gguf_model_info(values, len(tokens) or None, parameter_count),
     }
 
 
@@ -169,8 +272,22 @@ def draft_from_gguf(path: Path) -> ModelDraft:
         parameter_count=meta["parameter_count"],
         license=meta["license"],
         source={"kind": "gguf", "name": path.name},
+        chat_template=meta["chat_template"],
+        model_info=meta["model_info"],
+        fim_tokens=meta["fim_tokens"],
     )
-    return ModelDraft(config, [LayerSource(mediatypes.WEIGHTS_GGUF, path.name, path=path)])
+    config.features = metadata.features(
+        meta["present_tokens"],
+        embedding=meta["embedding"],
+        vision=meta["vision"],
+        fim=config.fim_tokens,
+    )
+    draft = ModelDraft(config, [LayerSource(mediatypes.WEIGHTS_GGUF, path.name, path=path)])
+    if not meta["embedding"]:
+        metadata.apply_template_inference(
+            draft, meta["chat_template"], meta["present_tokens"], meta["adds_bos"]
+        )
+    return draft
 
 
 def draft_from_path(path: Path) -> ModelDraft:

@@ -41,6 +41,7 @@ from modelstore.quantize import quantize_draft
 from modelstore.reference import parse_reference
 from modelstore.sources import draft_from_path
 from modelstore.store import ModelStore
+from modelstore.templates import go_template_error
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "modelspec.schema.json"
 
@@ -176,8 +177,14 @@ def template_compile_error(template: str) -> str | None:
 
     Syntax only, with the same Jinja extension ``mlxserve.prompts`` renders with (the store
     layer never imports the inference package); rendering itself happens in that sandbox.
+    A Go template (Ollama's) gets its own message: it would compile as Jinja text and render
+    its ``{{ .Prompt }}`` literally... or fail far from where it was written.
     """
     from jinja2 import TemplateSyntaxError
+
+    go_error = go_template_error(template)
+    if go_error:
+        return go_error
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     try:
@@ -237,6 +244,7 @@ def _source_draft(spec: ModelSpec, store: ModelStore | None) -> ModelDraft:
             raise ImportSourceError("model:// sources need the store")
         model = store.resolve(source.removeprefix("model://"))
         config = store.config(model)
+        config.parent_model = model.name
         layers = [
             LayerSource(layer.media_type, layer.title, path=store.blobs.path(layer.digest))
             for layer in model.manifest.layers
@@ -289,6 +297,16 @@ def _pinned_draft(spec: ModelSpec, model: ModelDraft, store: ModelStore | None) 
     return f"{stored.name}@{stored.manifest_digest}"
 
 
+def _inherited_parameters(draft: ModelDraft) -> dict[str, Any]:
+    """The parent's parameters (a ``model://`` source): a child overrides them one by one,
+    as Ollama's ``FROM parent`` plus ``PARAMETER`` lines do."""
+    for layer in draft.layers:
+        if layer.media_type == mediatypes.PARAMS and layer.path is not None:
+            inherited = json.loads(layer.path.read_bytes())
+            return inherited if isinstance(inherited, dict) else {}
+    return {}
+
+
 def build_draft(spec: ModelSpec, store: ModelStore | None = None) -> ModelDraft:
     """The model a valid spec describes: its source, with the spec's settings as layers."""
     require_valid(spec)
@@ -318,11 +336,13 @@ def build_draft(spec: ModelSpec, store: ModelStore | None = None) -> ModelDraft:
     template = _template_text(spec)
     if template is not None:
         draft.replace_layer(mediatypes.CHAT_TEMPLATE, TEMPLATE_TITLE, template.encode())
+        config.template_source = None
     parameters = data.get("parameters")
     if parameters:
         if isinstance(parameters.get("stop"), str):
             parameters = {**parameters, "stop": [parameters["stop"]]}
-        draft.replace_layer(mediatypes.PARAMS, PARAMS_TITLE, params_bytes(parameters))
+        merged = {**_inherited_parameters(draft), **parameters}
+        draft.replace_layer(mediatypes.PARAMS, PARAMS_TITLE, params_bytes(merged))
     if data.get("system"):
         draft.replace_layer(mediatypes.SYSTEM_PROMPT, SYSTEM_TITLE, data["system"].encode())
     license_text = data.get("license")

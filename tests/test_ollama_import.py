@@ -59,7 +59,8 @@ def test_import_hard_links_the_weights_and_maps_the_layers(store_home, ollama_ro
         "stop": ["<|im_end|>"],
     }
     assert shown["system"] == SYSTEM
-    assert shown["template"] is None  # the GGUF's own Jinja template is the one used
+    # the GGUF's own Jinja template is the one used (show prints the template in use)
+    assert shown["template_source"] is None and "<|im_start|>" in shown["template"]
     assert store.text_layer(model, mediatypes.LICENSE) == LICENSE
     assert "ollama.template.gotmpl" in {layer["title"] for layer in shown["layers"]}
     assert shown["format"] == "gguf" and shown["architecture"] == "llama"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from mlxserve.runners.base import GenerateChunk, GenerateRequest, TokenLogprob
 from modelstore.errors import MlxserveError
 
 Heartbeat = Callable[[], Awaitable[None]]
+log = logging.getLogger("mlxserve.prompts")
 HEARTBEAT_S = 5.0
 
 
@@ -119,6 +121,7 @@ def prepare(loaded: LoadedModel, chat: ChatRequest) -> Prepared:
     tokens = loaded.runner.tokenize(prompt, add_special_tokens=raw)
     if chat.context:
         tokens = [*chat.context, *tokens]
+    log.debug("%s: rendered prompt (%d tokens): %r", loaded.model.name, len(tokens), prompt)
     overrides: dict[str, Any] = dict(chat.sampling)
     if chat.tools and chat.tool_choice == "none":
         overrides["logit_bias"] = {**overrides.get("logit_bias", {}), **_no_call_bias(loaded)}
@@ -283,7 +286,9 @@ async def start_chat(
     the ``with`` body leaves, which frees the slot."""
     http_log["model"] = chat.model
     asked = time.perf_counter_ns()
-    async with manager.use(chat.model, keep_alive=chat.keep_alive) as resident:
+    async with manager.use(
+        chat.model, keep_alive=chat.keep_alive, context_length=chat.num_ctx
+    ) as resident:
         ready = max(1, time.perf_counter_ns() - asked)
         prepared = await asyncio.to_thread(prepare, resident.loaded, chat)
         run = ChatRun(chat, resident.loaded, prepared, load_ns=ready)

@@ -1,20 +1,42 @@
 """What every runner decides the same way at load time, so the runners cannot drift apart:
 which options apply (the caller's, else the ModelSpec's), how long the context is, and whether
-the weights fit in this machine's memory."""
+the weights and the KV cache for that context fit in this machine's memory.
+
+Context length (``docs/API.md``, "Context length"): a request's ``num_ctx`` is bounded by the
+model's trained maximum and by memory (over either is an error naming the bound); a ModelSpec's
+``context_length`` is the model author's explicit choice and may exceed the trained maximum
+(RoPE-scaled models), bounded by memory only. With neither, the default is the trained maximum,
+at most ``DEFAULT_CONTEXT_CEILING``, and at most what the memory left after the weights holds.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
 from mlxserve import platform
-from mlxserve.errors import OutOfMemoryError
+from mlxserve.errors import InvalidRequestError, OutOfMemoryError
 from mlxserve.runners.base import RunnerOptions
+from mlxserve.runners.kvcache import (
+    KvCacheType,
+    ggml_bytes_per_token,
+    kv_cache_type,
+    mlx_bytes_per_token,
+)
 from modelstore.model import RUNNER_PARAMETERS, LocalModel
 
-DEFAULT_CONTEXT = 4096
-"""When neither the caller nor the ModelSpec sets one: at most this, at most the model's own."""
+FALLBACK_TRAINED_CONTEXT = 4096
+"""For a model whose files do not say what it was trained for."""
+DEFAULT_CONTEXT_CEILING = 32768
+"""A default never allocates more than this many positions (llama.cpp allocates the whole KV
+cache at load): long enough for coding agents, small enough to load in seconds."""
+MIN_DEFAULT_CONTEXT = 2048
 MEMORY_HEADROOM = 1.2
-"""Refuse a model whose weights need more than 1/1.2 of the machine's memory."""
+"""Refuse a model whose weights and KV cache need more than 1/1.2 of the machine's memory."""
+DEFAULT_KV_SHARE = 0.5
+"""A default context uses at most half of the memory the weights leave free."""
+KV_ELEMENT_BYTES = 2
+"""f16 KV cache: llama.cpp's default cache type, and mlx-lm's for f16/bf16 weights."""
+F32_KV_ELEMENT_BYTES = 4
 
 
 def load_options(model: LocalModel, options: RunnerOptions) -> RunnerOptions:
@@ -26,20 +48,100 @@ def load_options(model: LocalModel, options: RunnerOptions) -> RunnerOptions:
     return filled
 
 
-def context_length(model: LocalModel, options: RunnerOptions) -> int:
-    return int(
-        options.context_length or min(DEFAULT_CONTEXT, model.context_length or DEFAULT_CONTEXT)
+def kv_element_bytes(model: LocalModel) -> int:
+    """mlx-lm's cache takes the weights' dtype (F32 for an F32 folder); llama.cpp's is f16."""
+    f32 = model.format == "mlx" and (model.quantization or "").upper() == "F32"
+    return F32_KV_ELEMENT_BYTES if f32 else KV_ELEMENT_BYTES
+
+
+def kv_bytes_per_token(model: LocalModel, cache: KvCacheType | None = None) -> int:
+    """K and V for one position in every layer, in ``cache``'s type (``kvcache.py``; f16 when
+    none), from the metadata kept at import; 0 when the model's files do not say (then only
+    the weights are counted)."""
+    info, arch = model.model_info, model.architecture or ""
+    cache = cache or kv_cache_type(None)
+
+    def get(key: str) -> int:
+        value = info.get(f"{arch}.{key}")
+        if isinstance(value, list):  # per-layer counts: the largest bounds them all
+            value = max(value, default=0)
+        return int(value) if isinstance(value, int | float) else 0
+
+    layers, heads = get("block_count"), get("attention.head_count")
+    kv_heads = get("attention.head_count_kv") or heads
+    head_dim = get("attention.key_length") or (get("embedding_length") // heads if heads else 0)
+    if not (layers and kv_heads and head_dim):
+        return 0
+    if model.format == "gguf":
+        return ggml_bytes_per_token(cache, layers, kv_heads * head_dim)
+    return mlx_bytes_per_token(cache, layers, kv_heads, head_dim, kv_element_bytes(model))
+
+
+def memory_needed(
+    model: LocalModel, context: int, parallel: int, cache: KvCacheType | None = None
+) -> int:
+    return model.size_bytes + kv_bytes_per_token(model, cache) * context * max(1, parallel)
+
+
+def _default_context(model: LocalModel, parallel: int, cache: KvCacheType) -> int:
+    trained = model.context_length or FALLBACK_TRAINED_CONTEXT
+    context = min(trained, DEFAULT_CONTEXT_CEILING)
+    per_token = kv_bytes_per_token(model, cache) * max(1, parallel)
+    available = platform.total_memory_bytes()
+    if per_token and available:
+        free = available / MEMORY_HEADROOM - model.size_bytes
+        fits = int(free * DEFAULT_KV_SHARE // per_token)
+        while context > MIN_DEFAULT_CONTEXT and context > fits:
+            context //= 2
+    return context
+
+
+def context_length(model: LocalModel, options: RunnerOptions, parallel: int = 1) -> int:
+    """The context to load with (see the module docstring), checked against memory for the
+    KV cache of ``parallel`` slots before anything is allocated."""
+    requested = options.context_length
+    cache = kv_cache_type(options.kv_cache_type)
+    trained = model.context_length
+    from_spec = requested is not None and requested == model.parameters.get("context_length")
+    if requested is None:
+        context = _default_context(model, parallel, cache)
+    else:
+        context = int(requested)
+        if context < 1:
+            raise InvalidRequestError("num_ctx must be a positive number", param="num_ctx")
+        if trained and context > trained and not from_spec:
+            raise InvalidRequestError(
+                f"num_ctx {context} is larger than {model.name}'s trained context of {trained}"
+                " tokens (a ModelSpec's context_length may go beyond it explicitly)",
+                param="num_ctx",
+                bound="trained_context",
+                limit=trained,
+            )
+    require_memory(
+        model.name,
+        memory_needed(model, context, parallel, cache),
+        context=context,
+        parallel=parallel,
     )
+    return context
 
 
-def require_memory(name: str, needed: int) -> None:
+def require_memory(name: str, needed: int, **facts: int) -> None:
     """Refuse at once what would swap the machine to a halt (or panic it, on Metal)."""
     available = platform.total_memory_bytes()
     if available and needed * MEMORY_HEADROOM > available:
+        context = facts.get("context")
+        what = (
+            f" with a context of {context} tokens x {facts.get('parallel', 1)} slot(s)"
+            if context
+            else ""
+        )
         raise OutOfMemoryError(
-            f"{name} needs about {needed / 1e9:.1f} GB; this machine has {available / 1e9:.1f} GB",
+            f"{name}{what} needs about {needed / 1e9:.1f} GB (weights and KV cache); this "
+            f"machine has {available / 1e9:.1f} GB. Ask for a smaller num_ctx.",
             needed_bytes=needed,
             available_bytes=available,
+            **facts,
         )
 
 

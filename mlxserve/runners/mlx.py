@@ -40,18 +40,8 @@ from mlxserve.runners.base import (
 )
 from mlxserve.runners.decode import DecodeState, SampledToken, prompt_and_budget
 from mlxserve.runners.engine import shared_engine
-from mlxserve.runners.kvcache import (
-    KvCacheType,
-    kv_cache_type,
-    mlx_bytes_per_token,
-    mlx_group_size,
-)
-from mlxserve.runners.loading import (
-    DEFAULT_CONTEXT,
-    context_length,
-    load_options,
-    require_memory,
-)
+from mlxserve.runners.kvcache import KvCacheType, kv_cache_type, mlx_group_size
+from mlxserve.runners.loading import context_length, kv_bytes_per_token, load_options
 from mlxserve.runners.textstream import MlxDetokenizer, TextStream
 from mlxserve.runners.threads import END, drain
 from modelstore.model import LocalModel
@@ -146,7 +136,8 @@ class MlxRunner:
         self._model: Any = None
         self._tokenizer: Any = None
         self._info: LoadedModelInfo | None = None
-        self._context = DEFAULT_CONTEXT
+        self._context = 0
+        """Set at load (``loading.context_length``)."""
         self._parallel = DEFAULT_MAX_PARALLEL
         self._prompt_cache: Any = None
         self._batch: Any = None
@@ -155,7 +146,6 @@ class MlxRunner:
         self._engine = shared_engine()
         self._kv_cache: KvCacheType = kv_cache_type(None)
         self._kv_group = 0
-        self._kv_per_token = 0
         self._draft: Any = None
         self._num_draft = DEFAULT_NUM_DRAFT_TOKENS
         self._solo_uid = -1
@@ -172,12 +162,12 @@ class MlxRunner:
     async def load(self, model: LocalModel, options: RunnerOptions) -> LoadedModelInfo:
         mx, mlx_lm = _import_mlx()
         started = time.perf_counter_ns()
-        require_memory(model.name, model.size_bytes)
         options = load_options(model, options)
         dequantize = platform.mlx_dequantize_weights()
         self._parallel = options.max_parallel or DEFAULT_MAX_PARALLEL
         self._kv_cache = kv_cache_type(options.kv_cache_type)
         self._num_draft = options.num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS
+        context = context_length(model, options, self._parallel)  # checks memory first
 
         def build() -> None:
             from mlx_lm.generate import BatchGenerator
@@ -204,7 +194,7 @@ class MlxRunner:
                 mx.eval(loaded.parameters())
             self._draft = self._load_draft(model, tokenizer, dequantize)
             self._model, self._tokenizer = loaded, tokenizer
-            self._kv_per_token = self._kv_bytes_per_token()
+            self._kv_group = self._kv_group_size()
             self._prompt_cache = LRUPromptCache(
                 max_size=options.prompt_cache_entries, max_bytes=options.prompt_cache_bytes
             )
@@ -218,9 +208,8 @@ class MlxRunner:
         await self._engine.call(build)
         from mlx_lm.utils import get_total_parameters
 
-        self._context = context_length(model, options)
-        kv_bytes = self._context * self._parallel * self._kv_per_token
-        require_memory(model.name, model.size_bytes + kv_bytes)
+        self._context = context
+        kv_bytes = context * self._parallel * kv_bytes_per_token(model, self._kv_cache)
         self._info = LoadedModelInfo(
             runner=self.name,
             format=model.format,
@@ -261,21 +250,14 @@ class MlxRunner:
         mx.eval(draft.parameters())
         return draft
 
-    def _kv_bytes_per_token(self) -> int:
-        """One token's keys and values in every layer, in this runner's cache type; checks
-        that the heads can be quantized when the type says so."""
-        from mlx.utils import tree_flatten
-
+    def _kv_group_size(self) -> int:
+        """The quantization group of this model's KV heads (0: an unquantized cache); refuses
+        heads ``mx.quantize`` cannot split into whole groups."""
+        if not self._kv_cache.quantized:
+            return 0
         args = self._model.args
-        heads = args.num_attention_heads
-        head_dim = getattr(args, "head_dim", None) or args.hidden_size // heads
-        kv_heads = getattr(args, "num_key_value_heads", None) or heads
-        float_bytes = tree_flatten(self._model.parameters())[0][1].dtype.size
-        if self._kv_cache.quantized:
-            self._kv_group = mlx_group_size(self._kv_cache, head_dim)
-        return mlx_bytes_per_token(
-            self._kv_cache, len(self._model.layers), kv_heads, head_dim, float_bytes
-        )
+        head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+        return mlx_group_size(self._kv_cache, head_dim)
 
     async def unload(self) -> None:
         def release() -> None:

@@ -9,12 +9,20 @@ from aiohttp import web
 
 from mlxserve.server.config import Settings
 from mlxserve.server.metrics import Metrics
-from mlxserve.server.middleware import add_request_id, make_middlewares
+from mlxserve.server.middleware import add_cors_headers, add_request_id, make_middlewares
 from mlxserve.server.residency import ModelManager
 from mlxserve.server.state import MANAGER, METRICS, SETTINGS, STORE
 from modelstore.store import ModelStore
 
 OPENAPI_PATH = Path(__file__).resolve().parents[2] / "schemas" / "openapi.yaml"
+
+
+RUNNING_TEXT = "mlxserve is running"
+"""``GET /`` and ``HEAD /``: Ollama's clients (and its CLI) heartbeat there."""
+
+
+async def root(request: web.Request) -> web.Response:
+    return web.Response(text=RUNNING_TEXT)
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -37,8 +45,10 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_routes(routes_native.routes)
     app.router.add_routes(routes_store.routes)
     app.router.add_routes(routes_openai.routes)
+    app.router.add_get("/", root)
     app.router.add_get("/openapi.yaml", openapi)
     app.on_response_prepare.append(add_request_id)
+    app.on_response_prepare.append(add_cors_headers)
     app.cleanup_ctx.append(manager_lifetime)
     return app
 

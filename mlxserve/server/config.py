@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from modelstore.errors import MlxserveError
 from modelstore.store import HOME_ENV, default_root
@@ -125,11 +126,32 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
+def split_host(value: str) -> tuple[str, int | None]:
+    """``MLXSERVE_HOST`` as ``OLLAMA_HOST``: ``host``, ``host:port``, ``[::1]:port`` or a URL
+    (``http://host:port``); the port is ``None`` when not given."""
+    text = value.strip()
+    if "://" not in text:
+        text = f"//{text}"
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"invalid host {value!r} (examples: 127.0.0.1, 127.0.0.1:11500)") \
+            from None
+    if not parts.hostname or parts.path not in ("", "/") or parts.username:
+        raise ConfigError(f"invalid host {value!r} (examples: 127.0.0.1, 127.0.0.1:11500)")
+    return parts.hostname, port
+
+
 def _apply(settings: Settings, values: dict[str, Any], source: str) -> None:
     known = {f.name for f in fields(Settings)}
     for key, value in values.items():
         if key not in known:
             raise ConfigError(f"{source}: unknown setting {key!r}")
+        if key == "host" and isinstance(value, str):
+            value, port = split_host(value)
+            if port is not None:
+                settings.port = port
         setattr(settings, key, _coerce(key, value))
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 import sys
 
 import click
 
-from mlxserve.server.config import load_settings
+from mlxserve.server.config import ConfigError, load_settings
 from modelstore.errors import MlxserveError
 
 
@@ -40,6 +42,7 @@ def run_daemon(**flags: object) -> None:
         format="%(message)s",
         stream=sys.stderr,
     )
+    require_free_port(settings.host, settings.port)
     app = build_app(settings)
     print(
         f"mlxserve listening on http://{settings.host}:{settings.port}", file=sys.stderr, flush=True
@@ -54,7 +57,33 @@ def run_daemon(**flags: object) -> None:
     )
 
 
-@click.command("serve")
+class AddressInUseError(MlxserveError):
+    code = "address_in_use"
+
+
+def require_free_port(host: str, port: int) -> None:
+    """Bind once, as aiohttp will (``SO_REUSEADDR``), before saying "listening": a port in use
+    is one clear line and exit 1, never a traceback after a "listening" line."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot bind to {host}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise ConfigError(f"cannot bind to {host}:{port}: {exc.strerror}") from None
+            raise AddressInUseError(
+                f"port {port} on {host} is already in use (another mlxserve? see "
+                f"`mlxctl ps`, or `lsof -i :{port}`); pick another with --port or "
+                "MLXSERVE_PORT"
+            ) from None
+
+
+@click.command("serve", context_settings={"help_option_names": ["-h", "--help"]})
 @serve_options
 def serve_command(**flags: object) -> None:
     """Start the daemon (Ollama-compatible API at /api, OpenAI-compatible at /v1).

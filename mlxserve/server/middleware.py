@@ -7,6 +7,7 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 import socket
 import time
 import uuid
@@ -37,6 +38,22 @@ LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 OPEN_PATHS = frozenset({"/api/health"})
 """Answer without an API key: liveness checks carry no data."""
 log = logging.getLogger("mlxserve.access")
+DEFAULT_ORIGINS = (
+    *(f"{scheme}://{host}{port}" for scheme in ("http", "https")
+      for host in ("localhost", "127.0.0.1", "0.0.0.0", "[::1]") for port in ("", ":*")),
+    "app://*",
+    "file://*",
+    "tauri://*",
+    "vscode-webview://*",
+    "vscode-file://*",
+)
+"""Ollama's default origins (``envconfig/config.go``: local pages, Electron/Tauri apps) and the
+origins editor webviews send (VS Code extensions)."""
+CORS_ORIGIN = "cors_origin"
+CORS_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+CORS_HEADERS = "Authorization, Content-Type, User-Agent, Accept, X-Requested-With, X-Request-Id"
+"""What a preflight that names no headers is told it may send (Ollama allows these)."""
+CORS_MAX_AGE_S = "600"
 
 
 def _allowed_hosts(settings: Settings) -> set[str]:
@@ -62,7 +79,7 @@ def _supplied_key(request: web.Request) -> bytes:
 
 def make_middlewares(settings: Settings, metrics: Metrics) -> list[Callable]:
     hosts = _allowed_hosts(settings)
-    origins = {origin.rstrip("/") for origin in settings.allowed_origins}
+    allowed_origin = origin_matcher(settings.allowed_origins)
     key = settings.api_key.encode() if settings.api_key else None
 
     @web.middleware
@@ -100,13 +117,9 @@ def make_middlewares(settings: Settings, metrics: Metrics) -> list[Callable]:
 
     @web.middleware
     async def access_control(request: web.Request, handler: Handler) -> web.StreamResponse:
-        """DNS rebinding (Host), browsers on foreign sites (Origin), and the API key."""
+        """DNS rebinding (Host) and the API key (browsers' Origin: ``cors``)."""
         if _host_name(request.headers.get("Host", "")) not in hosts:
             raise ForbiddenError("this Host is not allowed (DNS rebinding protection)")
-        origin = request.headers.get("Origin")
-        foreign = origin and (urlsplit(origin).hostname or "").lower() not in LOCAL_NAMES
-        if foreign and origin.rstrip("/") not in origins:
-            raise ForbiddenError(f"origin {origin} is not allowed")
         needs_key = key is not None and request.path not in OPEN_PATHS
         if needs_key and not hmac.compare_digest(_supplied_key(request), key):
             raise UnauthorizedError(
@@ -141,7 +154,55 @@ def make_middlewares(settings: Settings, metrics: Metrics) -> list[Callable]:
             logging.getLogger("mlxserve").exception("unhandled error on %s", request.path)
             raise InternalError("internal error; see the daemon log") from None
 
-    return [request_context, access_control, error_shape]
+    @web.middleware
+    async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Browsers, extensions and editor webviews (``Origin``), as Ollama answers them: an
+        allowed origin gets its preflight answered and the CORS headers on every response
+        (``add_cors_headers``); any other origin is refused before a handler runs."""
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return await handler(request)
+        if not allowed_origin(origin):
+            raise ForbiddenError(
+                f"origin {origin} is not allowed (add it to MLXSERVE_ORIGINS; see docs/API.md)"
+            )
+        request[CORS_ORIGIN] = origin
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            return web.Response(status=204)  # a preflight carries no credentials: no key check
+        return await handler(request)
+
+    return [request_context, cors, access_control, error_shape]
+
+
+def origin_matcher(extra: list[str]) -> Callable[[str], bool]:
+    """Whether an ``Origin`` is allowed: Ollama's defaults (``DEFAULT_ORIGINS``) plus
+    ``MLXSERVE_ORIGINS``, where ``*`` matches any run of characters but ``/``, ``@`` and
+    blanks, so a pattern never lets userinfo or a path through."""
+    patterns = [*DEFAULT_ORIGINS, *(o.strip().rstrip("/") for o in extra if o.strip())]
+    regex = re.compile(
+        "|".join(
+            "(?:" + "[^/@\\s]*".join(re.escape(part) for part in pattern.split("*")) + ")"
+            for pattern in patterns
+        ),
+        re.IGNORECASE,
+    )
+    return lambda origin: any(regex.fullmatch(o) for o in (origin, origin.removesuffix("/")))
+
+
+async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: streams and errors of an allowed origin carry CORS headers."""
+    origin = request.get(CORS_ORIGIN)
+    if origin is None:
+        return
+    response.headers["Access-Control-Allow-Origin"] = origin
+    response.headers["Vary"] = "Origin"
+    response.headers["Access-Control-Expose-Headers"] = REQUEST_ID_HEADER
+    if request.method == "OPTIONS":
+        response.headers["Access-Control-Allow-Methods"] = CORS_METHODS
+        response.headers["Access-Control-Allow-Headers"] = request.headers.get(
+            "Access-Control-Request-Headers", CORS_HEADERS
+        )
+        response.headers["Access-Control-Max-Age"] = CORS_MAX_AGE_S
 
 
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:

@@ -18,12 +18,14 @@ from pathlib import Path
 from mlxserve.errors import QueueFullError
 from mlxserve.inference import LoadedModel
 from mlxserve.runners.base import RunnerOptions
-from mlxserve.runners.loading import require_memory
+from mlxserve.runners.loading import context_length as check_context
+from mlxserve.runners.loading import load_options
 from mlxserve.server.config import Settings
 from mlxserve.server.metrics import Metrics
 from mlxserve.server.scheduler import ModelQueue
 from modelstore.errors import CorruptStoreError
 from modelstore.reference import parse_reference
+from modelstore.runtime import open_model
 from modelstore.store import ModelStore
 
 REAP_INTERVAL_S = 0.25
@@ -109,14 +111,22 @@ class ModelManager:
 
     @contextlib.asynccontextmanager
     async def use(
-        self, name: str, *, runner: str | None = None, keep_alive: float | None = None
+        self,
+        name: str,
+        *,
+        runner: str | None = None,
+        keep_alive: float | None = None,
+        context_length: int | None = None,
     ) -> AsyncIterator[Resident]:
-        """A loaded model with a slot held for the ``with`` body."""
+        """A loaded model with a slot held for the ``with`` body; ``context_length`` (a
+        request's ``num_ctx``) reloads it with that context when it was loaded with another."""
         name = self.canonical(name)
         waiting = self._queues.get(name)
         if waiting is not None:
             waiting.admit()
-        resident = await self.ensure_loaded(name, runner=runner, keep_alive=keep_alive)
+        resident = await self.ensure_loaded(
+            name, runner=runner, keep_alive=keep_alive, context_length=context_length
+        )
         async with resident.queue.slot():
             self.metrics.queue_depth.labels(name).set(resident.queue.waiting)
             self.metrics.active.labels(name).set(resident.queue.active)
@@ -131,7 +141,12 @@ class ModelManager:
             await self._unload(name)
 
     async def ensure_loaded(
-        self, name: str, *, runner: str | None = None, keep_alive: float | None = None
+        self,
+        name: str,
+        *,
+        runner: str | None = None,
+        keep_alive: float | None = None,
+        context_length: int | None = None,
     ) -> Resident:
         name = self.canonical(name)
         lock = self._load_locks.setdefault(name, asyncio.Lock())
@@ -142,14 +157,42 @@ class ModelManager:
                     raise QueueFullError(f"{name} is busy on another runner; retry shortly")
                 await self._unload(name)
                 resident = None
+            if resident is not None and context_length not in (
+                None,
+                resident.loaded.info.context_length,
+            ):
+                # As Ollama: the model is reloaded with the asked context once its running
+                # requests finish (new ones wait on this lock meanwhile).
+                await self._checked_options(name, context_length)  # a refusal keeps it loaded
+                while resident.queue.busy:
+                    await asyncio.sleep(REAP_INTERVAL_S)
+                log.info("reloading %s with a context of %d tokens", name, context_length)
+                runner = runner or resident.loaded.info.runner
+                await self._unload(name)
+                resident = None
             if resident is None:
-                resident = await self._load(name, runner, keep_alive)
+                resident = await self._load(name, runner, keep_alive, context_length)
             resident.touch(keep_alive)
             return resident
 
-    async def _load(self, name: str, runner: str | None, keep_alive: float | None) -> Resident:
+    async def _checked_options(self, name: str, context_length: int | None) -> RunnerOptions:
+        """The load options, once the context's bounds and the memory for weights and KV cache
+        are checked: before anything is evicted or unloaded for a model that cannot load (the
+        runner checks again with its own slot count)."""
+        options = RunnerOptions(
+            context_length=context_length,
+            max_parallel=self.settings.num_parallel,
+            prompt_cache_bytes=self.settings.prompt_cache_bytes,
+        )
+        local = await asyncio.to_thread(open_model, self.store, name)
+        check_context(local, load_options(local, options), options.max_parallel or 1)
+        return options
+
+    async def _load(
+        self, name: str, runner: str | None, keep_alive: float | None, context_length: int | None
+    ) -> Resident:
         model = self.store.resolve(name)
-        require_memory(name, model.size)  # before evicting anything for a model that cannot fit
+        options = await self._checked_options(name, context_length)
         await asyncio.to_thread(
             self._digests.check, name, [model.manifest_digest, *model.manifest.blob_digests()]
         )
@@ -163,10 +206,6 @@ class ModelManager:
             victim = min(idle, key=lambda r: r.last_used)
             log.info("evicting %s (least recently used)", victim.name)
             await self._unload(victim.name)
-        options = RunnerOptions(
-            max_parallel=self.settings.num_parallel,
-            prompt_cache_bytes=self.settings.prompt_cache_bytes,
-        )
         loaded = await LoadedModel.load(self.store, name, runner, options)
         parallel = min(
             self.settings.num_parallel or loaded.runner.max_parallel, loaded.runner.max_parallel

@@ -4,7 +4,6 @@ process list, blobs and health, with Ollama's paths, field names and semantics."
 from __future__ import annotations
 
 import asyncio
-import json
 import queue
 import time
 from collections.abc import Iterator
@@ -15,10 +14,9 @@ from aiohttp import web
 from mlxserve import __version__
 from mlxserve.api.types import utc_timestamp
 from mlxserve.errors import InvalidRequestError
-from mlxserve.server.describe import show_body, tag_entry
+from mlxserve.server.describe import tag_entry
 from mlxserve.server.state import MANAGER, METRICS, STORE
 from mlxserve.server.validate import json_body, keep_alive, model_name, optional, required_str
-from modelstore import mediatypes
 from modelstore.reference import validate_digest
 
 routes = web.RouteTableDef()
@@ -81,33 +79,6 @@ async def embeddings_legacy(request: web.Request) -> web.Response:
 async def tags(request: web.Request) -> web.Response:
     store = request.app[STORE]
     return web.json_response({"models": [tag_entry(store, m) for m in store.list()]})
-
-
-def own_template(store: Any, model: Any) -> str | None:
-    """The template a chat would use: the spec's override, else the tokenizer's own."""
-    override = store.text_layer(model, mediatypes.CHAT_TEMPLATE)
-    if override:
-        return override
-    for layer in model.manifest.layers:
-        if layer.title == "tokenizer_config.json":
-            config = json.loads(store.blobs.read_bytes(layer.digest))
-            template = config.get("chat_template")
-            return template if isinstance(template, str) else None
-        if layer.media_type == mediatypes.WEIGHTS_GGUF:
-            from modelstore.sources import read_gguf_metadata
-
-            return read_gguf_metadata(store.blobs.path(layer.digest)).get("chat_template")
-    return None
-
-
-@routes.post("/api/show")
-async def show(request: web.Request) -> web.Response:
-    body = await json_body(request)
-    store = request.app[STORE]
-    model = store.resolve(model_name(body))
-    # Off the event loop: for a GGUF this parses the file's metadata (thousands of tensors).
-    template = await asyncio.to_thread(own_template, store, model)
-    return web.json_response(show_body(store, model, template))
 
 
 @routes.post("/api/copy")

@@ -1,4 +1,5 @@
-"""Routes that change the store: ``/api/create``, ``/api/pull``, ``/api/push``.
+"""Routes that change or describe the store: ``/api/create``, ``/api/pull``, ``/api/push``,
+``/api/show``.
 
 Each streams Ollama-shaped NDJSON status lines (``{"status": ...}``; progress lines add
 ``digest``, ``total``, ``completed``) unless ``stream: false``.
@@ -17,12 +18,14 @@ from aiohttp import web
 
 from mlxserve.errors import InvalidRequestError
 from mlxserve.server import validate
+from mlxserve.server.describe import show_body
 from mlxserve.server.encoders import NDJSON, open_stream, write_ndjson
 from mlxserve.server.errors import error_body
 from mlxserve.server.state import STORE
 from mlxserve.server.validate import json_body, model_name
 from modelstore.errors import MlxserveError
-from modelstore.reference import validate_digest
+from modelstore.model import OLLAMA_PARAMETER_NAMES
+from modelstore.reference import parse_reference, validate_digest
 
 routes = web.RouteTableDef()
 Work = Callable[[Callable[[dict[str, Any]], None]], Awaitable[None]]
@@ -51,10 +54,12 @@ async def run_with_status(request: web.Request, stream: bool, work: Work) -> web
     except MlxserveError as error:
         if response is None:
             raise
+        # The error is the last line, as docs/API.md says: never "success" after it.
         await write_ndjson(response, error_body(error, "native"))
-    if response is None:
-        response = await open_stream(request, NDJSON)
-    await write_ndjson(response, {"status": "success"})
+    else:
+        if response is None:
+            response = await open_stream(request, NDJSON)
+        await write_ndjson(response, {"status": "success"})
     await response.write_eof()
     return response
 
@@ -92,10 +97,39 @@ def spec_from_create_body(body: dict[str, Any], store: Any, folder: Path) -> Pat
         if value:
             spec[key] = value
     if body.get("parameters"):
-        spec["parameters"] = body["parameters"]
+        spec["parameters"] = spec_parameters(body["parameters"])
     path = folder / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+def spec_parameters(parameters: Any) -> dict[str, Any]:
+    """Ollama's parameter names (``num_ctx``, ``num_predict``, ``repeat_penalty``...) as well
+    as the ModelSpec's; the spec's schema then checks types and ranges."""
+    if not isinstance(parameters, dict):
+        raise InvalidRequestError("'parameters' must be an object", param="parameters")
+    renamed: dict[str, Any] = {}
+    for key, value in parameters.items():
+        name = OLLAMA_PARAMETER_NAMES.get(key, key)
+        if name in renamed:
+            raise InvalidRequestError(f"parameter {name!r} is given twice ({key!r} is its "
+                                      "Ollama name)", param="parameters")
+        renamed[name] = value
+    return renamed
+
+
+def without_paths(error: MlxserveError, folder: Path) -> MlxserveError:
+    """The same error, with the request's temporary folder taken out of its message: the
+    client sent a body, not a file, and must not learn the server's paths."""
+    spec = str(folder / "spec.yaml")
+    error.message = (
+        error.message.replace(f"{spec} has", "the request has")
+        .replace(f"{folder}/weights/", "")
+        .replace(f"{folder}/", "")
+        .replace(str(folder), "the request")
+    )
+    error.details.pop("path", None)
+    return error
 
 
 @routes.post("/api/create")
@@ -103,26 +137,30 @@ async def create(request: web.Request) -> web.StreamResponse:
     from modelstore.spec import build_draft, load_spec, require_valid, reshape
 
     body = await json_body(request)
-    name = model_name(body)
+    name = parse_reference(model_name(body))  # an invalid name is refused before any work
     store = request.app[STORE]
     quantize = validate.optional(body, "quantize", str, None)
     stream = validate.optional(body, "stream", bool, True)
 
     async def work(report: Callable[[dict[str, Any]], None]) -> None:
-        with tempfile.TemporaryDirectory(prefix="mlxserve-create-") as folder:
-            spec_path = spec_from_create_body(body, store, Path(folder))
-            report({"status": "parsing modelspec"})
-            spec = load_spec(spec_path)
-            require_valid(spec)
-            draft = await asyncio.to_thread(build_draft, spec, store)
-            draft = await asyncio.to_thread(
-                reshape,
-                spec,
-                draft,
-                Path(folder),
-                quantize=quantize,
-                report=lambda status: report({"status": status}),
-            )
+        with tempfile.TemporaryDirectory(prefix="mlxserve-create-") as temp:
+            folder = Path(temp)
+            try:
+                spec_path = spec_from_create_body(body, store, folder)
+                report({"status": "parsing modelspec"})
+                spec = load_spec(spec_path)
+                require_valid(spec)
+                draft = await asyncio.to_thread(build_draft, spec, store)
+                draft = await asyncio.to_thread(
+                    reshape,
+                    spec,
+                    draft,
+                    folder,
+                    quantize=quantize,
+                    report=lambda status: report({"status": status}),
+                )
+            except MlxserveError as error:
+                raise without_paths(error, folder) from None
             report({"status": "writing manifest"})
             await asyncio.to_thread(store.commit, draft, name)
 
@@ -144,16 +182,22 @@ def progress_reporter(report: Callable[[dict[str, Any]], None]) -> Callable[[Any
 @routes.post("/api/pull")
 async def pull(request: web.Request) -> web.StreamResponse:
     from modelstore.registry import pull_model
-    from modelstore.registry.ollama import is_ollama_url, pull_ollama
+    from modelstore.registry.ollama import is_ollama_url, local_name, pull_ollama
 
     body = await json_body(request)
     name = model_name(body)
+    # An invalid name is refused before any work (an ollama:// URL is checked by its parser).
+    ollama = is_ollama_url(name)
+    if ollama:
+        local_name(name)
+    else:
+        name = str(parse_reference(name))
     insecure = validate.optional(body, "insecure", bool, False)
     stream = validate.optional(body, "stream", bool, True)
     store = request.app[STORE]
 
     async def work(report: Callable[[dict[str, Any]], None]) -> None:
-        if is_ollama_url(name):
+        if ollama:
             await pull_ollama(store, name, insecure=insecure, progress=progress_reporter(report))
             return
         await pull_model(store, name, insecure=insecure, progress=progress_reporter(report))
@@ -166,8 +210,8 @@ async def push(request: web.Request) -> web.StreamResponse:
     from modelstore.registry import push_model
 
     body = await json_body(request)
-    name = model_name(body)
-    target = validate.optional(body, "destination", str) or name
+    name = str(parse_reference(model_name(body)))
+    target = str(parse_reference(validate.optional(body, "destination", str) or name))
     insecure = validate.optional(body, "insecure", bool, False)
     stream = validate.optional(body, "stream", bool, True)
     store = request.app[STORE]
@@ -176,3 +220,12 @@ async def push(request: web.Request) -> web.StreamResponse:
         await push_model(store, name, target, insecure=insecure, progress=progress_reporter(report))
 
     return await run_with_status(request, stream, work)
+
+
+@routes.post("/api/show")
+async def show(request: web.Request) -> web.Response:
+    """From the config and small text layers kept at import: no GGUF parsing per call."""
+    body = await json_body(request)
+    store = request.app[STORE]
+    model = store.resolve(model_name(body))
+    return web.json_response(await asyncio.to_thread(show_body, store, model))
