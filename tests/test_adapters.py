@@ -148,3 +148,15 @@ def test_an_adapter_on_a_gguf_model_is_refused_at_create(store, trained, tmp_pat
     spec = {"from": "model://tiny:gguf", "adapters": [str(trained / "adapters")]}
     with pytest.raises(SpecValidationError, match="MLX models"):
         create(store, tmp_path, "bad:gguf", spec)
+
+
+def test_mlxctl_create_fuse_stores_fused_weights_and_no_adapter(store_home, tiny_models, trained):
+    from tests.cli import mlxctl
+
+    mlxctl("import", str(tiny_models.hf_folder), "--name", "tiny:mlx", home=store_home)
+    spec = trained / "cli.modelspec.yaml"
+    spec.write_text("from: model://tiny:mlx\nadapters: [adapters]\n")
+    mlxctl("create", "tiny:fused-cli", "-f", str(spec), "--fuse", home=store_home)
+    shown = json.loads(mlxctl("show", "tiny:fused-cli", "--json", home=store_home).stdout)
+    assert "adapter" not in json.dumps([layer["media_type"] for layer in shown["layers"]])
+    assert shown["source"]["fused_adapter"].startswith("sha256:")
