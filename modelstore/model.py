@@ -73,6 +73,11 @@ class LocalModel:
     blob_digests: list[str] = field(default_factory=list)
     derived_dir: Path | None = None
     """Where runners may cache what they derive from this model (a GGUF converted to MLX)."""
+    embedding: dict[str, Any] | None = None
+    """The store's record of an embedding model (``ModelConfig.embedding``); ``None`` for a
+    generative model."""
+    vision: dict[str, Any] | None = None
+    """The store's record of a vision-language model (``ModelConfig.vision``)."""
     draft: LocalModel | None = None
     """The ModelSpec's draft model for speculative decoding (same tokenizer), if any."""
     adapter: Path | None = None

@@ -72,6 +72,8 @@ def open_model(store: ModelStore, name: str) -> LocalModel:
         size_bytes=model.size,
         blob_digests=model.manifest.blob_digests(),
         derived_dir=store.root / "derived",
+        embedding=config.embedding,
+        vision=config.vision,
         draft=open_model(store, config.draft_model) if config.draft_model else None,
         adapter=adapter_folder(folder, store.root / "derived" / "adapters"),
     )

@@ -29,9 +29,28 @@ TOKENIZER_FILES = frozenset(
         "chat_template.json",
     }
 )
+PROCESSOR_FILES = frozenset({"preprocessor_config.json", "processor_config.json"})
+"""A vision-language model's image processor configs: with a ``vision_config`` in
+``config.json``, they make a folder a vision model."""
 SKIPPED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
 """Framework checkpoints we cannot run and should not copy (pickles can execute code)."""
 SAFETENSORS_HEADER_LIMIT = 100 << 20
+SMALL_JSON_LIMIT = 1 << 20
+"""sentence-transformers' config files are a few hundred bytes; anything larger is refused."""
+
+POOLING_MODES = {
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
+    "pooling_mode_lasttoken": "last",
+}
+"""sentence-transformers' ``1_Pooling/config.json`` flags, as the pooling names runners use."""
+ST_MODULE = "sentence_transformers.models."
+ST_SUPPORTED_MODULES = frozenset({"Transformer", "Pooling", "Normalize"})
+GGUF_POOLING = {1: "mean", 2: "cls", 3: "last"}
+"""llama.cpp's ``LLAMA_POOLING_TYPE_*`` values as the store's pooling names; an embedding GGUF
+that declares none of them (or no pooling type) is mean-pooled."""
 
 
 def _classify(name: str) -> str:
@@ -43,6 +62,8 @@ def _classify(name: str) -> str:
         return mediatypes.HF_CONFIG
     if name in TOKENIZER_FILES:
         return mediatypes.TOKENIZER
+    if name in PROCESSOR_FILES:
+        return mediatypes.PROCESSOR
     return mediatypes.OTHER_FILE
 
 
@@ -83,6 +104,89 @@ def _hf_quantization(config: dict[str, Any]) -> str | None:
     return {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}.get(str(dtype))
 
 
+def _small_json(path: Path) -> Any:
+    if path.stat().st_size > SMALL_JSON_LIMIT:
+        raise ImportSourceError(f"{path}: too large for a config file", path=str(path))
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ImportSourceError(f"{path}: not valid JSON ({exc})", path=str(path)) from None
+
+
+def _pooling_mode(config: Any, path: Path) -> str:
+    modes = [
+        mode
+        for flag, mode in POOLING_MODES.items()
+        if isinstance(config, dict) and config.get(flag) is True
+    ]
+    if len(modes) != 1:
+        raise ImportSourceError(
+            f"{path}: expected exactly one pooling mode of {', '.join(POOLING_MODES)}",
+            path=str(path),
+        )
+    return modes[0]
+
+
+def embedding_record(folder: Path, hf_config: dict[str, Any]) -> dict[str, Any] | None:
+    """How a sentence-transformers folder makes its vectors, from ``modules.json``,
+    ``1_Pooling/config.json`` and ``sentence_bert_config.json``; ``None`` for a folder that is
+    not an embedding model. Modules we cannot run (``Dense``, ...) are refused here rather than
+    silently skipped, which would give vectors the model's users would not recognise."""
+    modules_path = folder / "modules.json"
+    hidden = hf_config.get("hidden_size")
+    record: dict[str, Any] = {
+        "pooling": "mean",
+        "normalize": False,
+        "max_tokens": hf_config.get("max_position_embeddings"),
+        "dimensions": hidden if isinstance(hidden, int) else None,
+    }
+    if not modules_path.is_file():
+        causal = any(str(a).endswith("ForCausalLM") for a in hf_config.get("architectures") or [])
+        if hf_config.get("model_type") not in metadata.EMBEDDING_ARCHITECTURES or causal:
+            return None
+        return {**record, "normalize": True}
+    modules = _small_json(modules_path)
+    if not isinstance(modules, list):
+        raise ImportSourceError(f"{modules_path}: expected a list of modules", path=str(folder))
+    for module in modules:
+        kind = str(module.get("type", "")) if isinstance(module, dict) else ""
+        short = kind.removeprefix(ST_MODULE)
+        if not kind.startswith(ST_MODULE) or short not in ST_SUPPORTED_MODULES:
+            raise ImportSourceError(
+                f"{modules_path}: sentence-transformers module {kind or module!r} is not "
+                f"supported (only {', '.join(sorted(ST_SUPPORTED_MODULES))})",
+                path=str(folder),
+            )
+        if short == "Normalize":
+            record["normalize"] = True
+        elif short == "Pooling":
+            sub = str(module.get("path", ""))
+            if sub and not is_safe_file_name(sub):
+                raise ImportSourceError(f"{modules_path}: bad module path {sub!r}")
+            pooling_path = folder / sub / "config.json"
+            if not pooling_path.is_file():
+                raise ImportSourceError(f"{pooling_path} is missing", path=str(folder))
+            pooling = _small_json(pooling_path)
+            record["pooling"] = _pooling_mode(pooling, pooling_path)
+            if isinstance(pooling.get("word_embedding_dimension"), int):
+                record["dimensions"] = pooling["word_embedding_dimension"]
+    st_config_path = folder / "sentence_bert_config.json"
+    if st_config_path.is_file():
+        st_config = _small_json(st_config_path)
+        if isinstance(st_config, dict) and isinstance(st_config.get("max_seq_length"), int):
+            record["max_tokens"] = st_config["max_seq_length"]
+    return record
+
+
+def vision_record(layers: list[LayerSource], hf_config: dict[str, Any]) -> dict[str, Any] | None:
+    """A vision-language model's parts: its vision tower's type and processor files."""
+    processors = [layer.title for layer in layers if layer.media_type == mediatypes.PROCESSOR]
+    vision = hf_config.get("vision_config")
+    if not processors or not isinstance(vision, dict):
+        return None
+    return {"vision_model": vision.get("model_type"), "processor_files": processors}
+
+
 def draft_from_hf_folder(folder: Path) -> ModelDraft:
     """An MLX model: an HF-style folder with ``config.json`` and ``*.safetensors``."""
     config_path = folder / "config.json"
@@ -115,6 +219,8 @@ def draft_from_hf_folder(folder: Path) -> ModelDraft:
         context_length=hf_config.get("max_position_embeddings"),
         parameter_count=parameter_count or None,
         source={"kind": "folder", "name": folder.name},
+        embedding=embedding_record(folder, hf_config),
+        vision=vision_record(layers, hf_config),
     )
     draft = ModelDraft(config, layers)
     _describe_hf_folder(draft, folder, hf_config)
@@ -167,14 +273,10 @@ def _describe_hf_folder(draft: ModelDraft, folder: Path, hf_config: dict[str, An
     has_template = bool(own) or any(
         (folder / name).is_file() for name in ("chat_template.jinja", "chat_template.json")
     )
-    architectures = hf_config.get("architectures") or []
-    embedding = (folder / "modules.json").is_file() or (
-        config.architecture in metadata.EMBEDDING_ARCHITECTURES
-        and not any(str(a).endswith("ForCausalLM") for a in architectures)
-    )
+    embedding = config.embedding is not None
     config.fim_tokens = metadata.fim_tokens(present)
     config.features = metadata.features(
-        present, embedding=embedding, vision="vision_config" in hf_config, fim=config.fim_tokens
+        present, embedding=embedding, vision=config.vision is not None, fim=config.fim_tokens
     )
     config.model_info = metadata.hf_model_info(hf_config, config.parameter_count)
     if not embedding:
@@ -246,6 +348,8 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
         "name": values.get("general.name"),
         "license": values.get("general.license"),
         "chat_template": values.get("tokenizer.chat_template"),
+        "pooling_type": values.get(f"{architecture}.pooling_type"),
+        "embedding_length": values.get(f"{architecture}.embedding_length"),
         "parameter_count": parameter_count,
         "present_tokens": present,
         "fim_tokens": fim if len(fim) == len(GGUF_FIM_KEYS) else metadata.fim_tokens(present),
@@ -264,6 +368,14 @@ def draft_from_gguf(path: Path) -> ModelDraft:
         if handle.read(4) != b"GGUF":
             raise ImportSourceError(f"{path.name} is not a GGUF file (bad magic)", path=str(path))
     meta = read_gguf_metadata(path)
+    embedding = None
+    if meta["embedding"]:
+        embedding = {
+            "pooling": GGUF_POOLING.get(meta["pooling_type"], "mean"),
+            "normalize": True,
+            "max_tokens": meta["context_length"],
+            "dimensions": meta["embedding_length"],
+        }
     config = ModelConfig(
         format="gguf",
         architecture=meta["architecture"],
@@ -272,13 +384,14 @@ def draft_from_gguf(path: Path) -> ModelDraft:
         parameter_count=meta["parameter_count"],
         license=meta["license"],
         source={"kind": "gguf", "name": path.name},
+        embedding=embedding,
         chat_template=meta["chat_template"],
         model_info=meta["model_info"],
         fim_tokens=meta["fim_tokens"],
     )
     config.features = metadata.features(
         meta["present_tokens"],
-        embedding=meta["embedding"],
+        embedding=embedding is not None,
         vision=meta["vision"],
         fim=config.fim_tokens,
     )

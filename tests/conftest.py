@@ -71,6 +71,14 @@ def tiny_store(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> ModelSt
     return store
 
 
+@pytest.fixture(scope="session")
+def scripted_models(tmp_path_factory: pytest.TempPathFactory):
+    """Every scripted family (``tests/fixtures/scripted_models.py``) in both formats."""
+    from tests.fixtures.scripted_models import build_scripted_models
+
+    return build_scripted_models(tmp_path_factory.mktemp("scripted"))
+
+
 def populated_store(root: Path, tiny_models) -> ModelStore:
     from modelstore.importer import import_path
 
@@ -87,6 +95,35 @@ def daemon(tiny_models, tmp_path_factory: pytest.TempPathFactory):
 
     store = populated_store(tmp_path_factory.mktemp("daemon") / "home", tiny_models)
     running = Daemon(store.root).start()
+    yield running
+    running.stop()
+
+
+def chat_store(root: Path, tiny_models, scripted_models, default_model: bool) -> ModelStore:
+    """A store for the chat API tests: the tiny models, every scripted family in both
+    formats (``scripted-<family>:mlx`` / ``:gguf``), and optionally the default model."""
+    from modelstore.default_model import ensure_default_model
+    from modelstore.importer import import_path
+    from tests.fixtures.scripted_models import model_name
+
+    store = populated_store(root, tiny_models)
+    for scripted in scripted_models.values():
+        import_path(store, scripted.hf_folder, model_name(scripted.family, "mlx"))
+        import_path(store, scripted.gguf_path, model_name(scripted.family, "gguf"))
+    if default_model:
+        ensure_default_model(store)
+    return store
+
+
+@pytest.fixture(scope="session")
+def chat_daemon(tiny_models, scripted_models, tmp_path_factory: pytest.TempPathFactory):
+    """A real daemon over the chat store, with the default model ``smollm2:135m`` too; one for
+    the session, since the chat API and LangChain tests only read from it."""
+    from tests.daemon import Daemon
+
+    root = tmp_path_factory.mktemp("chat-daemon") / "home"
+    running = Daemon(chat_store(root, tiny_models, scripted_models, default_model=True).root)
+    running.start()
     yield running
     running.stop()
 

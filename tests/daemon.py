@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -20,6 +22,25 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+RING_PORTS = range(20000, 32000, 2)
+"""Below Linux's ephemeral range (32768+): a port there is not handed out to some client
+connection between our check and the ring's bind."""
+
+
+def free_ring_port(ranks: int = 2) -> int:
+    """A first port for ``--ring-port`` with the next ``ranks - 1`` free too (mlx's ring binds
+    one port per rank, consecutively)."""
+    for base in random.sample(RING_PORTS, len(RING_PORTS)):
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + ranks):
+                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free ring ports")
 
 
 @dataclass

@@ -114,6 +114,10 @@ def prepare(loaded: LoadedModel, chat: ChatRequest) -> Prepared:
     family = loaded.family
     if chat.think and not family.thinks:
         raise InvalidRequestError(f"{loaded.model.name} does not support thinking", param="think")
+    if loaded.model.vision is None and any(message.images for message in chat.messages):
+        raise InvalidRequestError(
+            f"{loaded.model.name} is not a vision model: it cannot read images", param="images"
+        )
     forced = forced_tools(chat.tools, chat.tool_choice) if chat.tools else []
     if chat.tool_choice not in ("auto", "none") and not chat.tools:
         raise InvalidRequestError("tool_choice needs tools", param="tool_choice")

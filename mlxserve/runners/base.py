@@ -57,6 +57,23 @@ class GenerateRequest(Sampling):
 
 
 @dataclass
+class EmbedRequest:
+    """Texts to embed in one call; runners embed them in padded batches (``pooling.py``)."""
+
+    inputs: list[str]
+    truncate: bool = True
+    """Cut an input longer than the model's limit; ``False`` refuses it (naming the input)."""
+
+
+@dataclass
+class EmbedResult:
+    vectors: list[list[float]]
+    """One unit-norm vector per input, in order (unless the model declares no normalisation)."""
+    prompt_tokens: int
+    """Tokens embedded, after truncation: the usage the APIs report."""
+
+
+@dataclass
 class TokenLogprob:
     token_id: int
     token: str
@@ -146,7 +163,7 @@ class ModelRunner(Protocol):
 
     def detokenize(self, token_ids: list[int]) -> str: ...
 
-    async def embed(self, texts: list[str]) -> list[list[float]]: ...
+    async def embed(self, request: EmbedRequest) -> EmbedResult: ...
 
     def describe(self) -> LoadedModelInfo: ...
 

@@ -20,10 +20,11 @@ from mlxserve.errors import (
     InferenceError,
     ModelNotLoadedError,
     RunnerUnavailableError,
-    UnsupportedFeatureError,
     UnsupportedFormatError,
 )
 from mlxserve.runners.base import (
+    EmbedRequest,
+    EmbedResult,
     GenerateChunk,
     GenerateRequest,
     LoadedModelInfo,
@@ -197,10 +198,10 @@ class LlamaCppRunner:
     def detokenize(self, token_ids: list[int]) -> str:
         return self._require().detokenize(token_ids).decode("utf-8", "replace")
 
-    async def embed(self, texts: list[str]) -> list[list[float]]:
-        raise UnsupportedFeatureError(
-            "embeddings are served by the MLX runner; this model runs on llama.cpp"
-        )
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        from mlxserve.runners.llamacpp_embed import embed_with_chat_context
+
+        return await self._worker.call(embed_with_chat_context, self._require(), request)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         model = self._require()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,12 +27,15 @@ from typing import Any
 from mlxserve import platform
 from mlxserve.errors import (
     InferenceError,
+    MlxserveError,
     ModelNotLoadedError,
     RunnerUnavailableError,
     UnsupportedArchitectureError,
     UnsupportedFeatureError,
 )
 from mlxserve.runners.base import (
+    EmbedRequest,
+    EmbedResult,
     GenerateChunk,
     GenerateRequest,
     LoadedModelInfo,
@@ -39,9 +43,10 @@ from mlxserve.runners.base import (
     TokenLogprob,
 )
 from mlxserve.runners.decode import DecodeState, SampledToken, prompt_and_budget
-from mlxserve.runners.engine import shared_engine
+from mlxserve.runners.engine import EngineThread, shared_engine
 from mlxserve.runners.kvcache import KvCacheType, kv_cache_type, mlx_group_size
 from mlxserve.runners.loading import context_length, kv_bytes_per_token, load_options
+from mlxserve.runners.pooling import length_batches, over_limit, padded, pool
 from mlxserve.runners.textstream import MlxDetokenizer, TextStream
 from mlxserve.runners.threads import END, drain
 from modelstore.model import LocalModel
@@ -71,6 +76,10 @@ def derived_folder(model: LocalModel, dequantized: bool) -> Path:
 
 
 DEFAULT_MAX_PARALLEL = 4
+KEEP_MLX_CACHE = threading.Event()
+"""Set once a distributed group fails (``distributed/runner.py``): mlx may then hold one of its
+collectives pending for good, and while one is, ``mx.clear_cache`` blocks holding the GIL, so
+unloading a model stops handing MLX's buffer cache back to the system."""
 
 
 def request_sampler(request: GenerateRequest) -> Any:
@@ -132,7 +141,7 @@ class _Active:
 class MlxRunner:
     name = "mlx"
 
-    def __init__(self) -> None:
+    def __init__(self, engine: EngineThread | None = None) -> None:
         self._model: Any = None
         self._tokenizer: Any = None
         self._info: LoadedModelInfo | None = None
@@ -143,7 +152,7 @@ class MlxRunner:
         self._batch: Any = None
         self._active: dict[int, _Active] = {}
         self._guidance_tokenizer: Any = None
-        self._engine = shared_engine()
+        self._engine = engine or shared_engine()
         self._kv_cache: KvCacheType = kv_cache_type(None)
         self._kv_group = 0
         self._draft: Any = None
@@ -160,7 +169,7 @@ class MlxRunner:
         return self._model, self._tokenizer
 
     async def load(self, model: LocalModel, options: RunnerOptions) -> LoadedModelInfo:
-        mx, mlx_lm = _import_mlx()
+        mx, _ = _import_mlx()
         started = time.perf_counter_ns()
         options = load_options(model, options)
         dequantize = platform.mlx_dequantize_weights()
@@ -181,8 +190,12 @@ class MlxRunner:
                     model.weights[0], derived_folder(model, dequantize), dequantize=dequantize
                 )
             try:
-                adapter = str(model.adapter) if model.adapter else None
-                loaded, tokenizer = mlx_lm.load(str(folder), adapter_path=adapter)
+                loaded, tokenizer = self._load_weights(folder)
+                if model.adapter is not None:
+                    from mlx_lm.utils import load_adapters
+
+                    loaded = load_adapters(loaded, str(model.adapter))
+                    loaded.eval()
             except ValueError as exc:
                 raise UnsupportedArchitectureError(
                     f"mlx-lm cannot load {model.name}: {exc}"
@@ -259,6 +272,12 @@ class MlxRunner:
         head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
         return mlx_group_size(self._kv_cache, head_dim)
 
+    def _load_weights(self, folder: Path) -> tuple[Any, Any]:
+        """The model and tokenizer from an MLX folder (a sharded runner loads its part)."""
+        import mlx_lm
+
+        return mlx_lm.load(str(folder))
+
     async def unload(self) -> None:
         def release() -> None:
             import mlx.core as mx
@@ -273,7 +292,8 @@ class MlxRunner:
             self._model = self._tokenizer = self._prompt_cache = self._batch = None
             self._draft = None
             self._guidance_tokenizer = None
-            mx.clear_cache()
+            if not KEEP_MLX_CACHE.is_set():
+                mx.clear_cache()
 
         await self._engine.call(release)
 
@@ -297,20 +317,25 @@ class MlxRunner:
     def detokenize(self, token_ids: list[int]) -> str:
         return self._require()[1].decode(token_ids)
 
-    async def embed(self, texts: list[str]) -> list[list[float]]:
-        """Mean-pooled, normalised final hidden states: an embedding from any decoder model."""
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        """Mean-pooled, normalised final hidden states, in right-padded batches: an embedding
+        from any decoder model (embedding models have their own runner, ``embeddings.py``)."""
         model, tokenizer = self._require()
 
-        def run() -> list[list[float]]:
+        def run() -> EmbedResult:
             import mlx.core as mx
 
-            vectors = []
-            for text in texts:
-                ids = mx.array(tokenizer.encode(text))[None]
-                hidden = model.model(ids).mean(axis=1)[0]
-                hidden = hidden / mx.linalg.norm(hidden)
-                vectors.append(hidden.astype(mx.float32).tolist())
-            return vectors
+            ids = [list(tokenizer.encode(text)) for text in request.inputs]
+            for index in over_limit([len(t) for t in ids], self._context, request.truncate):
+                ids[index] = ids[index][: self._context]
+            vectors: list[list[float]] = [[] for _ in ids]
+            for batch in length_batches([len(t) for t in ids]):
+                input_ids, mask = padded([ids[i] for i in batch], tokenizer.eos_token_id or 0)
+                pooled = pool(model.model(input_ids), mask, "mean", normalize=True)
+                mx.eval(pooled)
+                for index, vector in zip(batch, pooled.tolist(), strict=True):
+                    vectors[index] = vector
+            return EmbedResult(vectors, sum(len(t) for t in ids))
 
         return await self._engine.call(run)
 
@@ -363,12 +388,9 @@ class MlxRunner:
         or run it solo: on the draft model when nothing else is active, or on a quantized KV
         cache (see the module docstring)."""
         try:
-            from mlx_lm.generate import StopSequences
-            from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
             from mlx_lm.sample_utils import make_logits_processors
 
-            model, tokenizer = self._model, self._tokenizer
-            if model is None:
+            if self._model is None:
                 raise ModelNotLoadedError("the model was unloaded")
             processors = make_logits_processors(
                 logit_bias=request.logit_bias or None,
@@ -382,44 +404,101 @@ class MlxRunner:
             if constraint is not None:
                 processors.append(constraint)
             speculative = self._draft is not None and not self._active and constraint is None
-            if speculative:
-                cache, remaining = make_prompt_cache(model) + make_prompt_cache(self._draft), prompt
-            else:
-                cache, remaining = self._prompt_cache.fetch_nearest_cache(id(model), prompt)
-                if cache is None:
-                    cache, remaining = make_prompt_cache(model), prompt
-                if not remaining:
-                    trim_prompt_cache(cache, 1)
-                    remaining = prompt[-1:]
-            cached = len(prompt) - len(remaining)
-            state = DecodeState(
-                text=TextStream(MlxDetokenizer(copy.copy(tokenizer.detokenizer)), request.stop),
-                is_end_of_sequence=tokenizer.eos_token_ids.__contains__,
-                max_tokens=max_tokens,
-                cancel=request.cancel,
-                prompt_tokens=len(prompt),
-                cached_prompt_tokens=cached,
-            )
             if speculative or self._kv_cache.quantized:
-                steps = self._solo_steps(
-                    request, remaining, max_tokens, cache, processors, speculative
-                )
-                solo = _Solo(steps, cache, list(prompt), speculative)
-                self._active[self._solo_uid] = _Active(state, emit, request.logprobs, solo)
-                self._solo_uid -= 1
+                self._join_solo(request, prompt, max_tokens, emit, processors, speculative)
                 return
-            (uid,) = self._batch.insert(
-                [remaining],
-                max_tokens=[max_tokens],
-                caches=[cache],
-                all_tokens=[prompt[:cached]],
-                samplers=[request_sampler(request)],
-                logits_processors=[processors],
-                stop_sequences=[StopSequences([[e] for e in tokenizer.eos_token_ids])],
+            uid, cached = self._insert(
+                prompt, max_tokens, self._sampler(request_sampler(request)), processors
             )
+            state = self._decode_state(request, prompt, max_tokens, cached)
             self._active[uid] = _Active(state, emit, request.logprobs)
         except BaseException as exc:
             emit(exc)
+
+    def _insert(
+        self, prompt: list[int], max_tokens: int, sampler: Any, processors: list[Any]
+    ) -> tuple[int, int]:
+        """Insert one sequence, reusing the longest cached prefix; its uid and how many prompt
+        tokens came from the cache. Deterministic given the same history of inserts and ends,
+        which is what lets every rank of a group replay rank 0's batch (``distributed/``)."""
+        from mlx_lm.generate import StopSequences
+        from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+        model = self._model
+        cache, remaining = self._prompt_cache.fetch_nearest_cache(id(model), prompt)
+        if cache is None:
+            cache, remaining = make_prompt_cache(model), prompt
+        if not remaining:
+            trim_prompt_cache(cache, 1)
+            remaining = prompt[-1:]
+        cached = len(prompt) - len(remaining)
+        (uid,) = self._batch.insert(
+            [remaining],
+            max_tokens=[max_tokens],
+            caches=[cache],
+            all_tokens=[prompt[:cached]],
+            samplers=[sampler],
+            logits_processors=[processors],
+            stop_sequences=[StopSequences([[e] for e in self._tokenizer.eos_token_ids])],
+        )
+        self._batch_changed(
+            {"op": "join", "uid": uid, "prompt": prompt, "max_tokens": max_tokens, "cached": cached}
+        )
+        return uid, cached
+
+    def _sampler(self, sampler: Any) -> Any:
+        """Hook: the sampler a sequence uses (a group shares rank 0's choice with all ranks)."""
+        return sampler
+
+    def _batch_changed(self, change: dict[str, Any]) -> None:
+        """Hook: a sequence joined or left the batch (a group replays this on every rank)."""
+
+    def _next(self) -> Any:
+        """Hook: one ``BatchGenerator`` step (a group first sends rank 0's changes)."""
+        return self._batch.next()
+
+    def _decode_state(
+        self, request: GenerateRequest, prompt: list[int], max_tokens: int, cached: int
+    ) -> DecodeState:
+        tokenizer = self._tokenizer
+        return DecodeState(
+            text=TextStream(MlxDetokenizer(copy.copy(tokenizer.detokenizer)), request.stop),
+            is_end_of_sequence=tokenizer.eos_token_ids.__contains__,
+            max_tokens=max_tokens,
+            cancel=request.cancel,
+            prompt_tokens=len(prompt),
+            cached_prompt_tokens=cached,
+        )
+
+    def _join_solo(
+        self,
+        request: GenerateRequest,
+        prompt: list[int],
+        max_tokens: int,
+        emit: Any,
+        processors: list[Any],
+        speculative: bool,
+    ) -> None:
+        """Run a request outside the batch (see the module docstring). A speculative one
+        starts from fresh caches for the model and the draft; one on a quantized KV cache from
+        the longest cached prefix, as a batched one does."""
+        from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+        model = self._model
+        if speculative:
+            cache, remaining = make_prompt_cache(model) + make_prompt_cache(self._draft), prompt
+        else:
+            cache, remaining = self._prompt_cache.fetch_nearest_cache(id(model), prompt)
+            if cache is None:
+                cache, remaining = make_prompt_cache(model), prompt
+            if not remaining:
+                trim_prompt_cache(cache, 1)
+                remaining = prompt[-1:]
+        state = self._decode_state(request, prompt, max_tokens, len(prompt) - len(remaining))
+        steps = self._solo_steps(request, remaining, max_tokens, cache, processors, speculative)
+        solo = _Solo(steps, cache, list(prompt), speculative)
+        self._active[self._solo_uid] = _Active(state, emit, request.logprobs, solo)
+        self._solo_uid -= 1
 
     def _solo_steps(
         self,
@@ -492,9 +571,9 @@ class MlxRunner:
         if not any(active.solo is None for active in self._active.values()):
             return bool(self._active)
         try:
-            _, responses = self._batch.next()
+            _, responses = self._next()
         except Exception as exc:  # the whole batch failed: every request hears why
-            error = InferenceError(f"MLX failed: {exc}")
+            error = exc if isinstance(exc, MlxserveError) else InferenceError(f"MLX failed: {exc}")
             for active in self._active.values():
                 active.emit(error)
             self._active.clear()
@@ -526,7 +605,9 @@ class MlxRunner:
             active.solo.steps.close()
             if not active.solo.speculative:
                 cache_and_tokens = (active.solo.cache, active.solo.tokens)
-        elif cache_and_tokens is None:
+        else:
+            self._batch_changed({"op": "end", "uid": uid, "finished": cache_and_tokens is not None})
+        if active.solo is None and cache_and_tokens is None:
             cache_and_tokens = self._batch.remove([uid], return_prompt_caches=True).get(uid)
         if cache_and_tokens is not None:
             self._remember(*cache_and_tokens)

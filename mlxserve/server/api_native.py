@@ -110,6 +110,7 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
     chat.messages = [_message(i, m) for i, m in enumerate(messages)]
     chat.tools = tools_of(body.get("tools"))
     chat.tool_choice = validate.tool_choice(body.get("tool_choice"))
+    chat.parallel_tool_calls = validate.optional(body, "parallel_tool_calls", bool)
     return chat
 
 

@@ -30,7 +30,13 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def build_app(settings: Settings) -> web.Application:
-    from mlxserve.server import routes_chat, routes_native, routes_openai, routes_store
+    from mlxserve.server import (
+        routes_chat,
+        routes_embed,
+        routes_native,
+        routes_openai,
+        routes_store,
+    )
 
     metrics = Metrics()
     app = web.Application(
@@ -45,6 +51,7 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_routes(routes_native.routes)
     app.router.add_routes(routes_store.routes)
     app.router.add_routes(routes_openai.routes)
+    app.router.add_routes(routes_embed.routes)
     app.router.add_get("/", root)
     app.router.add_get("/openapi.yaml", openapi)
     app.on_response_prepare.append(add_request_id)

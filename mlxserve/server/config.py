@@ -35,6 +35,7 @@ ENVIRONMENT = {
     "log_level": "MLXSERVE_LOG_LEVEL",
     "sse_keepalive_s": "MLXSERVE_SSE_KEEPALIVE_S",
     "prompt_cache_bytes": "MLXSERVE_PROMPT_CACHE_BYTES",
+    "group_step_timeout_s": "MLXSERVE_GROUP_STEP_TIMEOUT_S",
 }
 
 
@@ -86,6 +87,9 @@ class Settings:
     batching from growing memory without limit, with ``num_parallel`` x context for slots."""
     sse_keepalive_s: float = 5.0
     """How often an SSE stream sends a comment line while the prompt is still being read."""
+    group_step_timeout_s: float = 30.0
+    """With ``--distributed``: a batch step (a long prefill included) that takes longer means a
+    rank hangs; its model is then marked unavailable (docs/DISTRIBUTED.md)."""
 
     @property
     def is_loopback(self) -> bool:

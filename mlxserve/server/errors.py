@@ -22,6 +22,8 @@ OPENAI_TYPES = {
     429: "rate_limit_error",
 }
 RETRY_AFTER_SECONDS = 1
+RETRY_STATUSES = frozenset({429, 503})
+"""Statuses that are worth retrying: the client is told when (``Retry-After``)."""
 
 
 def status_for(error: MlxserveError) -> int:
@@ -73,7 +75,7 @@ def error_body(error: MlxserveError, style: ErrorStyle) -> dict[str, object]:
 
 def error_response(error: MlxserveError, path: str) -> web.Response:
     status = status_for(error)
-    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 429 else None
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status in RETRY_STATUSES else None
     return web.Response(
         status=status,
         text=json.dumps(error_body(error, style_for_path(path)), default=str),

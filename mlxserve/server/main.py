@@ -7,11 +7,17 @@ import errno
 import logging
 import socket
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from mlxserve.distributed.group import BACKENDS, DEFAULT_RING_PORT
 from mlxserve.server.config import ConfigError, load_settings
 from modelstore.errors import MlxserveError
+
+if TYPE_CHECKING:
+    from mlxserve.distributed.serve import DistributedOptions
 
 
 def serve_options(function):  # type: ignore[no-untyped-def]
@@ -24,17 +30,80 @@ def serve_options(function):  # type: ignore[no-untyped-def]
             click.option("--max-loaded-models", type=int),
             click.option("--num-parallel", type=int, help="Parallel slots per model."),
             click.option("--max-queue", type=int, help="Waiting requests per model before 429."),
+            click.option(
+                "--distributed",
+                "hostfile",
+                type=click.Path(dir_okay=False),
+                help="Serve --model sharded over the hosts of this mlx hostfile "
+                "(docs/DISTRIBUTED.md); start it on every host.",
+            ),
+            click.option(
+                "--model", "group_model", help="With --distributed: the model the group serves."
+            ),
+            click.option(
+                "--backend",
+                type=click.Choice(BACKENDS),
+                help="With --distributed: mx.distributed backend (default: the "
+                "hostfile's, else ring).",
+            ),
+            click.option(
+                "--rank",
+                type=int,
+                help="With --distributed: this host's rank (default: MLX_RANK, else "
+                "the hostfile entry naming this machine).",
+            ),
+            click.option(
+                "--pipeline",
+                is_flag=True,
+                default=None,
+                help="With --distributed: pipeline instead of tensor parallelism.",
+            ),
+            click.option(
+                "--ring-port",
+                type=int,
+                help="With --distributed: the ring backend's first port (default "
+                f"{DEFAULT_RING_PORT}, as mlx.launch).",
+            ),
         ]
     ):
         function = option(function)
     return function
 
 
-def run_daemon(**flags: object) -> None:
+def distributed_options(flags: dict[str, Any]) -> DistributedOptions | None:
+    """Take the ``--distributed`` flags out of ``flags`` (they are not daemon settings)."""
+    from mlxserve.distributed.serve import DistributedOptions
+
+    hostfile = flags.pop("hostfile", None)
+    group = {
+        key: flags.pop(key, None)
+        for key in ("group_model", "backend", "rank", "pipeline", "ring_port")
+    }
+    if hostfile is None:
+        if any(value is not None for value in group.values()):
+            raise ConfigError(
+                "--model, --backend, --rank, --pipeline and --ring-port go with "
+                "--distributed HOSTFILE"
+            )
+        return None
+    if not group["group_model"]:
+        raise ConfigError("--distributed needs --model: the model the group serves")
+    return DistributedOptions(
+        hostfile=Path(str(hostfile)),
+        model=str(group["group_model"]),
+        backend=group["backend"],
+        rank=group["rank"],
+        pipeline=bool(group["pipeline"]),
+        ring_port=group["ring_port"] or DEFAULT_RING_PORT,
+    )
+
+
+def run_daemon(**flags: Any) -> None:
     from aiohttp import web
 
     from mlxserve.server.app import build_app
 
+    distributed = distributed_options(flags)
     settings = load_settings(flags)
     settings.check()
     logging.basicConfig(
@@ -42,8 +111,17 @@ def run_daemon(**flags: object) -> None:
         format="%(message)s",
         stream=sys.stderr,
     )
+    if distributed is not None:
+        from mlxserve.distributed import serve
+
+        group = serve.join(settings, distributed)
+        if group.rank > 0:  # the engine only: no HTTP, no port
+            serve.follow(group, settings, distributed)
+            return
     require_free_port(settings.host, settings.port)
     app = build_app(settings)
+    if distributed is not None:
+        app.cleanup_ctx.append(serve.group_context(group, settings, distributed))
     print(
         f"mlxserve listening on http://{settings.host}:{settings.port}", file=sys.stderr, flush=True
     )
@@ -89,8 +167,9 @@ def serve_command(**flags: object) -> None:
     """Start the daemon (Ollama-compatible API at /api, OpenAI-compatible at /v1).
 
     \b
-    Example:
+    Examples:
       mlxctl serve --port 11500
+      mlxctl serve --distributed hosts.json --model qwen3:30b   (on every host of hosts.json)
     """
     run_daemon(**flags)
 

@@ -40,9 +40,12 @@ class Resident:
     keep_alive: float
     last_used: float = field(default_factory=time.monotonic)
     expires_at: float | None = None
+    pinned: bool = False
+    """Loaded at start-up for the daemon's lifetime (a distributed group's model): never
+    evicted, never unloaded by ``keep_alive``."""
 
     def touch(self, keep_alive: float | None) -> None:
-        if keep_alive is not None:
+        if keep_alive is not None and not self.pinned:
             self.keep_alive = keep_alive
         self.last_used = time.monotonic()
         self.expires_at = None if self.keep_alive < 0 else self.last_used + self.keep_alive
@@ -109,6 +112,16 @@ class ModelManager:
             self._queues[name] = queue
         return queue
 
+    def pin(self, loaded: LoadedModel) -> None:
+        """Serve a model loaded outside the manager (a distributed group's, started with the
+        daemon) until the daemon stops."""
+        name = self.canonical(str(loaded.model.name))
+        queue = self._queue(name, loaded.runner.max_parallel)
+        self.residents[name] = Resident(name, loaded, queue, keep_alive=-1, pinned=True)
+        self.residents[name].touch(None)
+        self.metrics.loaded_models.set(len(self.residents))
+        self.metrics.model_memory.labels(name).set(loaded.info.memory_bytes)
+
     @contextlib.asynccontextmanager
     async def use(
         self,
@@ -152,6 +165,8 @@ class ModelManager:
         lock = self._load_locks.setdefault(name, asyncio.Lock())
         async with lock:
             resident = self.residents.get(name)
+            if resident is not None and resident.pinned:
+                return resident
             if resident is not None and runner not in (None, resident.loaded.info.runner):
                 if resident.queue.busy:
                     raise QueueFullError(f"{name} is busy on another runner; retry shortly")
@@ -196,8 +211,8 @@ class ModelManager:
         await asyncio.to_thread(
             self._digests.check, name, [model.manifest_digest, *model.manifest.blob_digests()]
         )
-        while len(self.residents) >= self.settings.max_loaded_models:
-            idle = [r for r in self.residents.values() if not r.queue.busy]
+        while sum(not r.pinned for r in self.residents.values()) >= self.settings.max_loaded_models:
+            idle = [r for r in self.residents.values() if not r.queue.busy and not r.pinned]
             if not idle:
                 raise QueueFullError(
                     f"{len(self.residents)} models are loaded and busy "
@@ -226,7 +241,7 @@ class ModelManager:
         """``keep_alive: 0``: unload now if idle, else as soon as its requests finish."""
         name = self.canonical(name)
         resident = self.residents.get(name)
-        if resident is None:
+        if resident is None or resident.pinned:
             return False
         resident.keep_alive = 0
         resident.expires_at = time.monotonic()

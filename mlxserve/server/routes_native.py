@@ -1,5 +1,6 @@
-"""The native API's routes other than chat (``routes_chat.py``): the store, embeddings, the
-process list, blobs and health, with Ollama's paths, field names and semantics."""
+"""The native API's routes other than chat (``routes_chat.py``) and embeddings
+(``routes_embed.py``): the store, the process list, blobs and health, with Ollama's paths, field
+names and semantics."""
 
 from __future__ import annotations
 
@@ -7,72 +8,20 @@ import asyncio
 import queue
 import time
 from collections.abc import Iterator
-from typing import Any
 
 from aiohttp import web
 
 from mlxserve import __version__
 from mlxserve.api.types import utc_timestamp
-from mlxserve.errors import InvalidRequestError
 from mlxserve.server.describe import tag_entry
 from mlxserve.server.state import MANAGER, METRICS, STORE
-from mlxserve.server.validate import json_body, keep_alive, model_name, optional, required_str
+from mlxserve.server.validate import json_body, model_name, required_str
 from modelstore.reference import validate_digest
 
 routes = web.RouteTableDef()
 UPLOAD_CHUNK_BYTES = 1 << 20
 UPLOAD_QUEUE_CHUNKS = 8
 """Blob uploads stream to disk through a short queue: memory stays bounded for any size."""
-
-
-def embed_inputs(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        return value
-    raise InvalidRequestError(
-        "'input' must be a string or a non-empty list of strings", param="input"
-    )
-
-
-async def embed_texts(
-    request: web.Request, name: str, texts: list[str], keep_alive_s: float | None
-) -> tuple[list[list[float]], int, int]:
-    started = time.perf_counter_ns()
-    request["log"]["model"] = name
-    async with request.app[MANAGER].use(name, keep_alive=keep_alive_s) as resident:
-        runner = resident.loaded.runner
-        vectors = await runner.embed(texts)
-        tokens = sum(len(runner.tokenize(text)) for text in texts)
-    return vectors, tokens, time.perf_counter_ns() - started
-
-
-@routes.post("/api/embed")
-async def embed(request: web.Request) -> web.Response:
-    body = await json_body(request)
-    name = model_name(body)
-    texts = embed_inputs(body.get("input"))
-    vectors, tokens, duration = await embed_texts(
-        request, name, texts, keep_alive(body.get("keep_alive"))
-    )
-    return web.json_response(
-        {
-            "model": name,
-            "embeddings": vectors,
-            "total_duration": duration,
-            "load_duration": 0,
-            "prompt_eval_count": tokens,
-        }
-    )
-
-
-@routes.post("/api/embeddings")
-async def embeddings_legacy(request: web.Request) -> web.Response:
-    body = await json_body(request)
-    name = model_name(body)
-    prompt = optional(body, "prompt", str, "")
-    vectors, _, _ = await embed_texts(request, name, [prompt], keep_alive(body.get("keep_alive")))
-    return web.json_response({"embedding": vectors[0]})
 
 
 @routes.get("/api/tags")
@@ -125,6 +74,8 @@ async def ps(request: web.Request) -> web.Response:
             active=resident.queue.active,
             queued=resident.queue.waiting,
         )
+        if "distributed" in info.details:
+            entry["distributed"] = info.details["distributed"]
         models.append(entry)
     return web.json_response({"models": models})
 

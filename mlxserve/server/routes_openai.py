@@ -1,51 +1,16 @@
-"""The OpenAI-compatible routes under ``/v1`` other than chat (``routes_chat.py``): embeddings
-and models. The ``model`` field only ever names a model in the store: nothing is downloaded."""
+"""The OpenAI-compatible routes under ``/v1`` other than chat (``routes_chat.py``) and embeddings
+(``routes_embed.py``): models. The ``model`` field only ever names a model in the store."""
 
 from __future__ import annotations
 
-import base64
-import struct
 from typing import Any
 
 from aiohttp import web
 
-from mlxserve.errors import InvalidRequestError
-from mlxserve.server.routes_native import embed_inputs, embed_texts
 from mlxserve.server.state import STORE
-from mlxserve.server.validate import json_body, model_name
 
 routes = web.RouteTableDef()
 OWNER = "mlxserve"
-
-
-@routes.post("/v1/embeddings")
-async def embeddings(request: web.Request) -> web.Response:
-    body = await json_body(request)
-    name = model_name(body)
-    texts = embed_inputs(body.get("input"))
-    encoding = body.get("encoding_format") or "float"
-    if encoding not in {"float", "base64"}:
-        raise InvalidRequestError(
-            "encoding_format must be float or base64", param="encoding_format"
-        )
-    vectors, tokens, _ = await embed_texts(request, name, texts, None)
-
-    def encode(vector: list[float]) -> list[float] | str:
-        if encoding == "float":
-            return vector
-        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-
-    return web.json_response(
-        {
-            "object": "list",
-            "data": [
-                {"object": "embedding", "index": i, "embedding": encode(v)}
-                for i, v in enumerate(vectors)
-            ],
-            "model": name,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }
-    )
 
 
 def model_entry(model: Any) -> dict[str, Any]:

@@ -1,0 +1,231 @@
+"""Embeddings through llama.cpp: a context in embedding mode (``Llama(embedding=True)``).
+
+Two users: the llama.cpp runner, whose chat models embed through a second, embedding-mode
+context over the same GGUF (weights are memory-mapped, so they are shared), made on the first
+embedding request and dropped with the chat context; and ``LlamaCppEmbeddingRunner``, which
+serves GGUF embedding models (BERT, nomic-bert, Qwen3-Embedding, ...) with only that context.
+llama-cpp-python's ``embed`` packs several inputs into one decode (one sequence each), so a
+list is embedded in batches, not one input at a time.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from mlxserve import platform
+from mlxserve.errors import (
+    InferenceError,
+    ModelNotLoadedError,
+    RunnerUnavailableError,
+    UnsupportedFormatError,
+)
+from mlxserve.runners.base import (
+    EmbedRequest,
+    EmbedResult,
+    GenerateChunk,
+    GenerateRequest,
+    LoadedModelInfo,
+    RunnerOptions,
+)
+from mlxserve.runners.loading import context_length, load_options
+from mlxserve.runners.pooling import over_limit, refuse_generation
+from mlxserve.runners.threads import WorkerThread
+from modelstore.model import LocalModel
+
+POOLING_TYPES = {
+    "mean": "LLAMA_POOLING_TYPE_MEAN",
+    "cls": "LLAMA_POOLING_TYPE_CLS",
+    "last": "LLAMA_POOLING_TYPE_LAST",
+}
+"""The store's pooling names (``modelstore/sources.py``) as llama.cpp's constants."""
+CAUSAL_UBATCH = 512
+"""Tokens per compute pass for a chat model's embedding context: a causal model may split an
+input across passes, so its compute buffers need not be sized for the whole context."""
+CHAT_MODEL_POOLING = "mean"
+"""A chat model declares no pooling; mean over its final states, as the MLX runner does."""
+
+
+def _import_llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise RunnerUnavailableError(
+            "the llama.cpp runner is not installed: pip install 'mlxserve[llamacpp]'"
+        ) from exc
+    return llama_cpp
+
+
+class LlamaCppEmbedder:
+    """One embedding-mode context; every call must come from its owner's worker thread."""
+
+    def __init__(
+        self,
+        path: Path,
+        pooling: str,
+        limit: int,
+        n_threads: int,
+        n_gpu_layers: int,
+        normalize: bool = True,
+        causal: bool = False,
+    ) -> None:
+        llama_cpp = _import_llama_cpp()
+        self.limit = limit
+        self.normalize = normalize
+        try:
+            # n_batch = the context: llama-cpp-python packs inputs up to n_batch tokens per
+            # decode. An encoder must also see a whole input in one ubatch.
+            self.llama = llama_cpp.Llama(
+                model_path=str(path),
+                embedding=True,
+                pooling_type=getattr(llama_cpp, POOLING_TYPES[pooling]),
+                n_ctx=limit,
+                n_batch=limit,
+                n_ubatch=min(limit, CAUSAL_UBATCH) if causal else limit,
+                n_threads=n_threads,
+                n_threads_batch=n_threads,
+                n_gpu_layers=n_gpu_layers,
+                verbose=False,
+            )
+        except ValueError as exc:
+            raise InferenceError(
+                f"llama.cpp could not load {path.name} for embedding: {exc}"
+            ) from exc
+
+    def tokenize(self, text: str) -> list[int]:
+        """As ``Llama.embed`` tokenizes (BOS/CLS added, special-token text kept literal)."""
+        return self.llama.tokenize(text.encode())
+
+    def embed(self, request: EmbedRequest) -> EmbedResult:
+        over_limit(
+            [len(self.tokenize(text)) for text in request.inputs], self.limit, request.truncate
+        )
+        try:
+            vectors, count = self.llama.embed(
+                request.inputs, normalize=self.normalize, truncate=True, return_count=True
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise InferenceError(f"llama.cpp embedding failed: {exc}") from exc
+        return EmbedResult([list(map(float, vector)) for vector in vectors], count)
+
+    def close(self) -> None:
+        self.llama.close()
+
+
+_FOR_CHAT_CONTEXT: weakref.WeakKeyDictionary[Any, LlamaCppEmbedder] = weakref.WeakKeyDictionary()
+"""A chat context's embedding twin, made once and released when the chat context is."""
+
+
+def embed_with_chat_context(chat: Any, request: EmbedRequest) -> EmbedResult:
+    """Embed with a chat model's ``Llama`` (call on its worker thread): through an
+    embedding-mode twin of it, since a generating context cannot pool."""
+    embedder = _FOR_CHAT_CONTEXT.get(chat)
+    if embedder is None:
+        embedder = LlamaCppEmbedder(
+            Path(chat.model_path),
+            CHAT_MODEL_POOLING,
+            chat.n_ctx(),
+            chat.n_threads,
+            chat.model_params.n_gpu_layers,
+            causal=True,
+        )
+        _FOR_CHAT_CONTEXT[chat] = embedder
+        weakref.finalize(chat, embedder.close)
+    return embedder.embed(request)
+
+
+class LlamaCppEmbeddingRunner:
+    """GGUF embedding models (the store recorded a pooling type), on llama.cpp."""
+
+    name = "llamacpp-embeddings"
+
+    def __init__(self) -> None:
+        self._embedder: LlamaCppEmbedder | None = None
+        self._info: LoadedModelInfo | None = None
+        self._model_name = ""
+        self._worker = WorkerThread(self.name)
+
+    @property
+    def max_parallel(self) -> int:
+        return 1
+
+    def _require(self) -> LlamaCppEmbedder:
+        if self._embedder is None:
+            raise ModelNotLoadedError("no model is loaded in the llama.cpp embedding runner")
+        return self._embedder
+
+    async def load(self, model: LocalModel, options: RunnerOptions) -> LoadedModelInfo:
+        if model.format != "gguf" or not model.weights or model.embedding is None:
+            raise UnsupportedFormatError(
+                f"the {self.name} runner runs GGUF embedding models; {model.name} is not one"
+            )
+        started = time.perf_counter_ns()
+        options = load_options(model, options)
+        record = model.embedding
+        limit = context_length(model, options)
+        limit = min(limit, record.get("max_tokens") or limit)
+
+        def build() -> LlamaCppEmbedder:
+            return LlamaCppEmbedder(
+                model.weights[0],
+                record.get("pooling", "mean"),
+                limit,
+                options.n_threads or platform.default_threads(),
+                options.n_gpu_layers
+                if options.n_gpu_layers is not None
+                else platform.default_gpu_layers(),
+                normalize=bool(record.get("normalize", True)),
+            )
+
+        self._embedder = await self._worker.call(build)
+        self._model_name = model.name
+        llama = self._embedder.llama
+        self._info = LoadedModelInfo(
+            runner=self.name,
+            format="gguf",
+            architecture=model.architecture,
+            parameter_count=llama._model.n_params(),
+            quantization=model.quantization,
+            context_length=limit,
+            memory_bytes=llama._model.size(),
+            max_parallel=1,
+            load_duration_ns=time.perf_counter_ns() - started,
+            details={"pooling": record.get("pooling")},
+        )
+        return self._info
+
+    async def unload(self) -> None:
+        embedder, self._embedder = self._embedder, None
+        if embedder is not None:
+            await self._worker.call(embedder.close)
+        self._worker.shutdown()
+        self._worker = WorkerThread(self.name)
+
+    def describe(self) -> LoadedModelInfo:
+        if self._info is None:
+            raise ModelNotLoadedError("no model is loaded in the llama.cpp embedding runner")
+        return self._info
+
+    @property
+    def chat_template(self) -> str | None:
+        return None
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        return {"bos_token": "", "eos_token": ""}
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._require().llama.tokenize(text.encode(), add_bos=add_special_tokens)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return self._require().llama.detokenize(token_ids).decode("utf-8", "replace")
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        embedder = self._require()
+        return await self._worker.call(embedder.embed, request)
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        raise refuse_generation(self._model_name)

@@ -1,0 +1,267 @@
+"""The MLX vision runner: vision-language models (HF folders mlx-vlm supports) through
+``mlx-vlm``, with the images a ``GenerateRequest`` carries.
+
+mlx-vlm loads the model and its processor (``mlx_vlm.load``) and samples tokens
+(``generate_step``); the request's images are checked and decoded by ``images.open_image`` and
+turned into pixel values by the model's own HF processor, which also expands each image token
+into the model's image-patch tokens (so ``prompt_eval_count`` counts them). The processor is
+called here rather than through ``mlx_vlm.prepare_inputs``, which passes text-only arguments
+(``padding``) that transformers 5's image processors refuse. Generation runs on the one MLX
+engine thread, one token per engine step, like the text runner's batches (``engine.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from mlxserve.errors import (
+    ContextOverflowError,
+    InferenceError,
+    ModelNotLoadedError,
+    RunnerUnavailableError,
+    UnsupportedArchitectureError,
+    UnsupportedFeatureError,
+    UnsupportedFormatError,
+)
+from mlxserve.images import open_image
+from mlxserve.runners.base import (
+    EmbedRequest,
+    EmbedResult,
+    GenerateChunk,
+    GenerateRequest,
+    LoadedModelInfo,
+    RunnerOptions,
+)
+from mlxserve.runners.decode import DEFAULT_MAX_TOKENS, DecodeState, SampledToken, decode_loop
+from mlxserve.runners.engine import shared_engine
+from mlxserve.runners.loading import context_length, load_options
+from mlxserve.runners.mlx import request_sampler
+from mlxserve.runners.textstream import MlxDetokenizer, TextStream
+from mlxserve.runners.threads import END, drain
+from modelstore.model import LocalModel
+
+DEFAULT_IMAGE_TOKEN = "<image>"
+
+
+class MlxVisionRunner:
+    name = "mlx-vlm"
+
+    def __init__(self) -> None:
+        self._model: Any = None
+        self._processor: Any = None
+        self._wrapper: Any = None
+        self._image_token = DEFAULT_IMAGE_TOKEN
+        self._context = 0
+        self._info: LoadedModelInfo | None = None
+        self._engine = shared_engine()
+
+    @property
+    def max_parallel(self) -> int:
+        return 1
+
+    def _require(self) -> tuple[Any, Any]:
+        if self._model is None:
+            raise ModelNotLoadedError("no model is loaded in the MLX vision runner")
+        return self._model, self._processor
+
+    async def load(self, model: LocalModel, options: RunnerOptions) -> LoadedModelInfo:
+        if model.format != "mlx" or model.vision is None:
+            raise UnsupportedFormatError(
+                f"the {self.name} runner runs HF-folder vision models; {model.name} is not one"
+            )
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            import mlx.core as mx
+            import mlx_vlm
+            from mlx_lm.tokenizer_utils import TokenizerWrapper
+        except ImportError as exc:
+            raise RunnerUnavailableError(
+                f"the {self.name} runner is not installed: pip install 'mlxserve[vision]'"
+            ) from exc
+        started = time.perf_counter_ns()
+        options = load_options(model, options)
+
+        def build() -> None:
+            try:
+                loaded, processor = mlx_vlm.load(str(model.path))
+            except (ValueError, FileNotFoundError) as exc:
+                raise UnsupportedArchitectureError(
+                    f"mlx-vlm cannot load {model.name}: {exc}"
+                ) from exc
+            self._model, self._processor = loaded, processor
+            self._wrapper = TokenizerWrapper(processor.tokenizer)
+
+        await self._engine.call(build)
+        from mlx.utils import tree_flatten
+
+        self._image_token = getattr(self._processor, "image_token", None) or DEFAULT_IMAGE_TOKEN
+        self._context = context_length(model, options)
+        self._info = LoadedModelInfo(
+            runner=self.name,
+            format=model.format,
+            architecture=model.architecture,
+            parameter_count=sum(v.size for _, v in tree_flatten(self._model.parameters())),
+            quantization=model.quantization,
+            context_length=self._context,
+            memory_bytes=int(mx.get_active_memory()),
+            max_parallel=1,
+            load_duration_ns=time.perf_counter_ns() - started,
+            details={"vision_model": model.vision.get("vision_model")},
+        )
+        return self._info
+
+    async def unload(self) -> None:
+        def release() -> None:
+            import mlx.core as mx
+
+            self._model = self._processor = self._wrapper = None
+            mx.clear_cache()
+
+        await self._engine.call(release)
+
+    def describe(self) -> LoadedModelInfo:
+        if self._info is None:
+            raise ModelNotLoadedError("no model is loaded in the MLX vision runner")
+        return self._info
+
+    @property
+    def chat_template(self) -> str | None:
+        processor = self._require()[1]
+        return getattr(processor, "chat_template", None) or getattr(
+            processor.tokenizer, "chat_template", None
+        )
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        tokenizer = self._require()[1].tokenizer
+        return {"bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or ""}
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        tokenizer = self._require()[1].tokenizer
+        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return self._require()[1].tokenizer.decode(token_ids)
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        raise UnsupportedFeatureError("vision models do not embed on the mlx-vlm runner")
+
+    def _prompt(self, request: GenerateRequest) -> str:
+        """The rendered prompt, with one image token per image: a chat template that does not
+        place them (or a raw prompt) gets the missing ones in front, as mlx-vlm does."""
+        prompt = request.prompt
+        if prompt is None:
+            prompt = self.detokenize(request.prompt_tokens or [])
+        missing = len(request.images) - prompt.count(self._image_token)
+        return self._image_token * max(missing, 0) + prompt
+
+    def _inputs(self, request: GenerateRequest) -> tuple[Any, Any, Any]:
+        """Token ids (image tokens expanded), pixel values and mask from the HF processor."""
+        import mlx.core as mx
+
+        processor = self._processor
+        images = [open_image(data, index) for index, data in enumerate(request.images)]
+        try:
+            inputs = processor(
+                text=[self._prompt(request)], images=images or None, return_tensors="np"
+            )
+        except (ValueError, TypeError) as exc:
+            raise InferenceError(f"the model's processor failed: {exc}") from exc
+        pixels = inputs.get("pixel_values")
+        return (
+            mx.array(inputs["input_ids"]),
+            None if pixels is None else mx.array(pixels),
+            mx.array(inputs["attention_mask"]),
+        )
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        self._require()
+        if request.response_format or request.logprobs is not None:
+            raise UnsupportedFeatureError(
+                f"the {self.name} runner does not support JSON output or logprobs"
+            )
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[object] = asyncio.Queue()
+
+        def emit(item: object) -> None:
+            loop.call_soon_threadsafe(chunks.put_nowait, item)
+
+        def start() -> None:
+            try:
+                steps = self._decode(request)
+            except BaseException as exc:  # handed to the consumer, raised there
+                emit(exc)
+                emit(END)
+                return
+
+            def step() -> bool:
+                try:
+                    chunk = next(steps)
+                except BaseException as exc:  # handed to the consumer, raised there
+                    emit(exc)
+                    chunk = None
+                if chunk is not None:
+                    emit(chunk)
+                if chunk is None or chunk.done:
+                    emit(END)
+                    self._engine.unregister(step)
+                    return False
+                return True
+
+            self._engine.register(step)
+
+        self._engine.submit(start)
+        try:
+            async for item in drain(chunks):
+                yield item
+        finally:
+            request.cancel.cancel()
+
+    def _decode(self, request: GenerateRequest) -> Iterator[GenerateChunk]:
+        """Runs on the engine thread: the prompt's inputs, then one chunk per ``next``."""
+        from mlx_lm.sample_utils import make_logits_processors
+        from mlx_vlm.generate.ar import generate_step
+
+        input_ids, pixels, mask = self._inputs(request)
+        prompt_tokens = int(input_ids.shape[1])
+        if prompt_tokens >= self._context:
+            raise ContextOverflowError(
+                f"the prompt (images included) has {prompt_tokens} tokens; the context holds "
+                f"{self._context}",
+                prompt_tokens=prompt_tokens,
+                context_length=self._context,
+            )
+        budget = min(request.max_tokens or DEFAULT_MAX_TOKENS, self._context - prompt_tokens)
+        processors = make_logits_processors(
+            logit_bias=request.logit_bias or None,
+            repetition_penalty=request.repetition_penalty
+            if request.repetition_penalty != 1.0
+            else None,
+            repetition_context_size=request.repetition_context_size,
+        )
+        tokens = generate_step(
+            input_ids,
+            self._model,
+            pixels,
+            mask,
+            max_tokens=budget,
+            sampler=request_sampler(request),
+            logits_processors=[*processors, *request.logits_processors],
+        )
+        wrapper = self._wrapper
+        state = DecodeState(
+            text=TextStream(MlxDetokenizer(wrapper.detokenizer), request.stop),
+            is_end_of_sequence=wrapper.eos_token_ids.__contains__,
+            max_tokens=budget,
+            cancel=request.cancel,
+            prompt_tokens=prompt_tokens,
+        )
+        sampled = (SampledToken(int(token)) for token, _ in tokens)
+        try:
+            yield from decode_loop(sampled, state)
+        finally:
+            tokens.close()

@@ -1,0 +1,60 @@
+"""Untrusted images are refused with a 400 before they cost time or memory (``images.py``)."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import pytest
+from PIL import Image
+
+from mlxserve.errors import InvalidRequestError
+from mlxserve.images import MAX_IMAGE_BYTES, open_image
+
+
+def png(width: int = 8, height: int = 8, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming ``width`` x ``height`` with a tiny (wrong) IDAT."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_a_small_png_opens_as_rgb():
+    image = open_image(png(5, 7))
+    assert image.size == (5, 7) and image.mode == "RGB"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"not an image at all", png()[:40], b"%PDF-1.4\n" + b"0" * 100],
+    ids=["empty", "text", "truncated", "pdf"],
+)
+def test_bad_images_are_refused(data):
+    with pytest.raises(InvalidRequestError):
+        open_image(data, 1)
+
+
+def test_a_decompression_bomb_is_refused_from_its_header():
+    with pytest.raises(InvalidRequestError, match="pixels"):
+        open_image(bomb_png(100_000, 100_000))
+
+
+def test_oversized_images_are_refused_before_decoding():
+    with pytest.raises(InvalidRequestError, match="MiB"):
+        open_image(b"\x00" * (MAX_IMAGE_BYTES + 1))
