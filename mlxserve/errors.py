@@ -7,6 +7,7 @@ Codes are stable: clients match on them. Each class carries its HTTP status;
 from __future__ import annotations
 
 from modelstore.errors import MlxserveError
+from modelstore.errors import TemplateError as TemplateError  # lives with the template sandbox
 
 
 class ModelNotLoadedError(MlxserveError):
@@ -69,10 +70,11 @@ class UnsupportedFeatureError(MlxserveError):
     http_status = 400
 
 
-class TemplateError(MlxserveError):
-    """A chat template that fails to compile or render (including sandbox violations)."""
+class InvalidFormatError(MlxserveError):
+    """A ``format`` / ``response_format`` JSON Schema that is invalid, unsatisfiable or uses
+    what the grammar engine cannot enforce (checked before any runner sees it)."""
 
-    code = "template_error"
+    code = "invalid_format"
     http_status = 400
 
 

@@ -84,6 +84,14 @@ class SpecValidationError(MlxserveError):
     http_status = 400
 
 
+class TemplateError(MlxserveError):
+    """A chat template that fails to compile or render (including sandbox violations and an
+    exhausted render budget, see ``modelstore.chat_template``)."""
+
+    code = "template_error"
+    http_status = 400
+
+
 class StoreLockedError(MlxserveError):
     code = "store_locked"
     http_status = 503

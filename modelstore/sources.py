@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from modelstore import mediatypes, metadata
+from modelstore.chat_template import refuse_hostile_template
 from modelstore.draft import LayerSource, ModelConfig, ModelDraft
 from modelstore.errors import ImportSourceError
+from modelstore.gguf_header import check_gguf_header
 from modelstore.manifest import is_safe_file_name
 
 TOKENIZER_FILES = frozenset(
@@ -187,6 +189,29 @@ def vision_record(layers: list[LayerSource], hf_config: dict[str, Any]) -> dict[
     return {"vision_model": vision.get("model_type"), "processor_files": processors}
 
 
+def _folder_templates(folder: Path) -> list[str]:
+    """The chat templates an HF folder ships (``chat_template.jinja``, or in
+    ``tokenizer_config.json`` as one string or a list of named ones)."""
+    templates = []
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.is_file():
+        templates.append(jinja_file.read_text(errors="replace"))
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return templates
+    found = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(found, str):
+        templates.append(found)
+    elif isinstance(found, list):
+        templates.extend(
+            item["template"]
+            for item in found
+            if isinstance(item, dict) and isinstance(item.get("template"), str)
+        )
+    return templates
+
+
 def draft_from_hf_folder(folder: Path) -> ModelDraft:
     """An MLX model: an HF-style folder with ``config.json`` and ``*.safetensors``."""
     config_path = folder / "config.json"
@@ -212,6 +237,8 @@ def draft_from_hf_folder(folder: Path) -> ModelDraft:
         raise ImportSourceError(f"{folder} has no *.safetensors weights", path=str(folder))
     if not any(layer.media_type == mediatypes.TOKENIZER for layer in layers):
         raise ImportSourceError(f"{folder} has no tokenizer files", path=str(folder))
+    for template in _folder_templates(folder):
+        refuse_hostile_template(template)
     config = ModelConfig(
         format="mlx",
         architecture=hf_config.get("model_type"),
@@ -305,6 +332,7 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
     """
     from gguf import GGUFReader, LlamaFileType
 
+    check_gguf_header(path)
     try:
         reader = GGUFReader(path)
     except Exception as exc:  # the reader raises ValueError, struct.error, ... on bad files
@@ -376,6 +404,8 @@ def draft_from_gguf(path: Path) -> ModelDraft:
             "max_tokens": meta["context_length"],
             "dimensions": meta["embedding_length"],
         }
+    if isinstance(meta["chat_template"], str):
+        refuse_hostile_template(meta["chat_template"])
     config = ModelConfig(
         format="gguf",
         architecture=meta["architecture"],

@@ -21,6 +21,7 @@ from jsonschema import Draft202012Validator
 from modelstore import mediatypes
 from modelstore.adapters import adapter_layers, fuse_adapter
 from modelstore.blobs import hash_file, sha256_digest
+from modelstore.chat_template import probe_template
 from modelstore.draft import (
     LICENSE_TITLE,
     PARAMS_TITLE,
@@ -35,6 +36,7 @@ from modelstore.errors import (
     MlxserveError,
     ModelNotFoundError,
     SpecValidationError,
+    TemplateError,
 )
 from modelstore.hfhub import HF_SCHEME, HubModel, cached_snapshot
 from modelstore.quantize import quantize_draft
@@ -165,32 +167,26 @@ def _semantic_problems(spec: ModelSpec, lines: dict[str, int]) -> list[SpecProbl
             add(f"/{key}", f"{data[key]}: no such file")
     template = _template_text(spec)
     if template is not None:
-        error = template_compile_error(template)
+        error = template_error(template)
         if error:
             pointer = "/template" if "template" in data else "/template_file"
             add(pointer, error)
     return problems
 
 
-def template_compile_error(template: str) -> str | None:
-    """Why a chat template does not compile (with its line), or ``None``.
-
-    Syntax only, with the same Jinja extension ``mlxserve.prompts`` renders with (the store
-    layer never imports the inference package); rendering itself happens in that sandbox.
-    A Go template (Ollama's) gets its own message: it would compile as Jinja text and render
-    its ``{{ .Prompt }}`` literally... or fail far from where it was written.
+def template_error(template: str) -> str | None:
+    """Why a chat template may not be stored, or ``None``: a Go template (Ollama's) gets its own
+    message (it would compile as Jinja text and render its ``{{ .Prompt }}`` literally); a
+    Jinja one must compile (the message has its line) and not be hostile: rendering a probe
+    conversation must stay inside the sandbox and its budget (``modelstore.chat_template``).
     """
-    from jinja2 import TemplateSyntaxError
-
     go_error = go_template_error(template)
     if go_error:
         return go_error
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     try:
-        ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
-    except TemplateSyntaxError as exc:
-        return f"chat template does not compile (template line {exc.lineno}): {exc.message}"
+        probe_template(template)
+    except TemplateError as exc:
+        return exc.message
     return None
 
 

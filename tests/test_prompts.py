@@ -9,6 +9,7 @@ import pytest
 
 from mlxserve.errors import TemplateError
 from mlxserve.prompts import CHATML_TEMPLATE, build_messages, compile_check, render_chat
+from modelstore.chat_template import probe_template
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -159,3 +160,99 @@ def test_build_messages_keeps_the_conversations_own_system_prompt() -> None:
 
 def test_build_messages_without_a_default_is_unchanged() -> None:
     assert build_messages(CONVERSATION[1:], None) == CONVERSATION[1:]
+
+
+HOSTILE_TEMPLATES = {
+    "recursive macro": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+    "nested range loops": (
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    ),
+    "output in a loop": "{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}",
+    "center": "{{ ('x'|center(8000000000))|length }}",
+    "str.center": "{{ 'x'.center(8000000000)|length }}",
+    "ljust": "{{ 'x'.ljust(8000000000) }}",
+    "indent": "{{ ('x\\n' * 100000)|indent(100000) }}",
+    "format filter": "{{ '%99999999999s'|format('x') }}",
+    "percent formatting": "{{ '%99999999999s' % 'x' }}",
+    "percent star width": "{{ '%*s' % (99999999999, 'x') }}",
+    "str.format width": "{{ '{:>99999999999}'.format('x') }}",
+    "str.format nested width": "{{ '{:>{w}}'.format('x', w=99999999999) }}",
+    "namespace doubling with ~": (
+        "{% set ns = namespace(s='x') %}{% for i in range(64) %}"
+        "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}"
+    ),
+    "namespace doubling with +": (
+        "{% set ns = namespace(s='x') %}{% for i in range(64) %}"
+        "{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s|length }}"
+    ),
+    "list doubling": (
+        "{% set ns = namespace(l=[1]) %}{% for i in range(64) %}"
+        "{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l|length }}"
+    ),
+    "shared-list blow-up": (
+        "{% set ns = namespace(l=[1]) %}{% for i in range(64) %}"
+        "{% set ns.l = [ns.l, ns.l] %}{% endfor %}{{ ns.l }}"
+    ),
+    "join": "{{ range(100000)|join('x' * 100000) }}",
+    "str.join": "{{ ('x' * 100000).join(['a'] * 100000) }}",
+    "replace": "{{ ('x' * 100000)|replace('x', 'y' * 100000) }}",
+    "string multiplication": "{{ 'x' * 10000000000 }}",
+    "list multiplication": "{{ ([1] * 10000000000)|length }}",
+    "batch": "{{ [1]|batch(10000000000, 'x')|list|length }}",
+    "slice": "{{ [1]|slice(10000000000, 'x')|list|length }}",
+    "wordwrap": "{{ ('x ' * 500000)|wordwrap(1, wrapstring='y' * 100000) }}",
+    "tojson indent": "{{ [[[[1]]]]|tojson(indent=100000000) }}",
+    "sum of lists": "{{ ([[1] * 1000] * 1000)|sum(start=[])|length }}",
+    "integer squaring": (
+        "{% set ns = namespace(n=3) %}{% for i in range(64) %}"
+        "{% set ns.n = ns.n * ns.n %}{% endfor %}{{ ns.n > 0 }}"
+    ),
+    "huge power": "{{ (10 ** 1000) ** 1000 }}",
+    "recursive loop": (
+        "{% for i in range(100000) recursive %}{{ loop(range(100000)) }}{% endfor %}"
+    ),
+}
+
+
+@pytest.mark.parametrize("template", HOSTILE_TEMPLATES.values(), ids=HOSTILE_TEMPLATES.keys())
+def test_a_template_over_its_budget_is_a_template_error(template: str) -> None:
+    with pytest.raises(TemplateError) as info:
+        render_chat(template, [{"role": "user", "content": "x"}])
+    assert info.value.code == "template_error"
+
+
+@pytest.mark.parametrize("template", HOSTILE_TEMPLATES.values(), ids=HOSTILE_TEMPLATES.keys())
+def test_a_hostile_template_fails_the_probe(template: str) -> None:
+    with pytest.raises(TemplateError):
+        probe_template(template)
+
+
+def test_lipsum_is_not_available() -> None:
+    with pytest.raises(TemplateError, match="lipsum"):
+        render_chat("{{ lipsum(100000000) }}", [])
+
+
+def test_the_probe_passes_a_template_that_only_refuses_the_probe_conversation() -> None:
+    probe_template("{% if messages|length > 1 %}{{ raise_exception('one turn only') }}{% endif %}")
+    probe_template(CHATML_TEMPLATE)
+
+
+def test_a_render_on_another_thread_keeps_its_own_budget() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    loop = (
+        "{% for i in range(500) %}{% for j in range(800) %}{% endfor %}{% endfor %}"
+        "{{ messages[0].content }}"
+    )
+    with ThreadPoolExecutor(4) as pool:
+        prompts = list(
+            pool.map(
+                lambda n: render_chat(loop, [{"role": "user", "content": n}]), ["a", "b", "c", "d"]
+            )
+        )
+    assert prompts == ["a", "b", "c", "d"]
+
+
+def test_a_large_honest_conversation_still_renders() -> None:
+    messages = [{"role": "user", "content": "word " * 400_000}] * 3
+    assert len(render_chat(CHATML_TEMPLATE, messages)) > 6_000_000

@@ -4,8 +4,12 @@ Why llguidance: its Rust core computes a token mask in microseconds, it builds f
 tokenizer and a JSON Schema directly, and its numpy path needs neither torch nor Metal, so the
 same code runs on the CPU here and on a Mac (xgrammar and outlines pull in torch). Each request
 gets its own matcher inside its own logits processor, so constrained and free requests share
-one ``BatchGenerator`` batch and batching keeps working. (The llama.cpp runner uses llama.cpp's
-own grammar sampler instead, which it already ships.)
+one ``BatchGenerator`` batch and batching keeps working.
+
+A schema is untrusted input: ``check_format`` validates it (the JSON Schema meta-schema, then
+llguidance's grammar compiler, which also finds unsatisfiable schemas such as ``{"enum": []}``)
+before any runner sees it, so every runner accepts and refuses the same schemas (llama.cpp's own
+schema converter crashes the process on some).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from mlxserve.errors import InvalidRequestError, UnsupportedFeatureError
+from mlxserve.errors import InvalidFormatError, UnsupportedFeatureError
 
 JSON_MODE_SCHEMA: dict[str, Any] = {"type": "object"}
 """``format: "json"`` / ``json_object``: any JSON object, as OpenAI and Ollama document."""
@@ -25,17 +29,43 @@ COMPACT: dict[str, Any] = {"whitespace_flexible": False}
 whitespace until ``max_tokens`` runs out (a schema's ``x-guidance`` may override it)."""
 
 
+def check_format(response_format: dict[str, Any] | None) -> None:
+    """Raise ``InvalidFormatError`` (HTTP 400, saying why) unless every runner can honour this
+    ``format`` / ``response_format``; ``None`` (free text) always passes."""
+    if response_format:
+        grammar_for(response_format)
+
+
+def _meta_schema_error(schema: Any) -> str | None:
+    from jsonschema import validators
+    from jsonschema.exceptions import SchemaError
+
+    if not isinstance(schema, dict):
+        return "a JSON Schema must be an object"
+    try:
+        validators.validator_for(schema, default=validators.Draft202012Validator).check_schema(
+            schema
+        )
+    except SchemaError as exc:
+        where = "/".join(str(part) for part in exc.absolute_path)
+        return f"{exc.message} (at /{where})" if where else exc.message
+    return None
+
+
 def grammar_for(response_format: dict[str, Any]) -> str:
+    """The llguidance grammar for a ``format``: ``InvalidFormatError`` if it has none."""
     from llguidance import LLMatcher
 
     schema = response_format.get("schema") or JSON_MODE_SCHEMA
     try:
-        grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=COMPACT)
-    except ValueError as exc:
-        raise InvalidRequestError(f"invalid JSON schema: {exc}", param="format") from None
-    error = LLMatcher.validate_grammar(grammar)
+        error = _meta_schema_error(schema)
+        if error is None:
+            grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=COMPACT)
+            error = LLMatcher.validate_grammar(grammar)
+    except (ValueError, TypeError, RecursionError) as exc:
+        error = str(exc) or type(exc).__name__
     if error:
-        raise InvalidRequestError(f"unsupported JSON schema: {error}", param="format")
+        raise InvalidFormatError(f"invalid or unsupported JSON schema: {error}")
     return grammar
 
 
@@ -63,7 +93,7 @@ class JsonConstraint:
 
         self._matcher = LLMatcher(tokenizer, grammar, log_level=0)
         if self._matcher.is_error():
-            raise InvalidRequestError(f"unsupported JSON schema: {self._matcher.get_error()}")
+            raise InvalidFormatError(f"unsupported JSON schema: {self._matcher.get_error()}")
         self._vocab = tokenizer.vocab_size
         self._bitmask = allocate_token_bitmask(1, self._vocab)
         self._started = False

@@ -596,6 +596,9 @@ def open_gguf(gguf_path: Path) -> tuple[Any, GgufMeta, Architecture]:
     """Read the header and refuse what cannot become an mlx-lm model, before any work."""
     from gguf import GGUFReader
 
+    from modelstore.gguf_header import check_gguf_header
+
+    check_gguf_header(gguf_path)  # gguf-py trusts header counts: bound them first
     try:
         reader = GGUFReader(gguf_path)
     except Exception as exc:  # gguf-py raises ValueError, struct.error, ... on bad files

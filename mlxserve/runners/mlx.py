@@ -27,6 +27,7 @@ from typing import Any
 from mlxserve import platform
 from mlxserve.errors import (
     InferenceError,
+    InvalidRequestError,
     MlxserveError,
     ModelNotLoadedError,
     RunnerUnavailableError,
@@ -340,13 +341,23 @@ class MlxRunner:
         return await self._engine.call(run)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
-        tokenizer = self._require()[1]
+        model, tokenizer = self._require()
         constraint = None
         if request.response_format:
             constraint = await asyncio.to_thread(self._constraint, request.response_format)
         prompt, max_tokens = prompt_and_budget(
             request, self.tokenize, [tokenizer.bos_token_id or 0], self._context
         )
+        vocabulary = getattr(getattr(model, "args", None), "vocab_size", None)
+        if isinstance(vocabulary, int) and request.top_k >= vocabulary:
+            request.top_k = 0  # as many as there are tokens: no limit (mlx-lm refuses it)
+        if isinstance(vocabulary, int) and any(
+            not 0 <= token < vocabulary for token in request.logit_bias or {}
+        ):
+            # MLX does not bounds-check a scatter: an id past the vocabulary is a crash.
+            raise InvalidRequestError(
+                f"logit_bias token ids must be between 0 and {vocabulary - 1}", param="logit_bias"
+            )
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[object] = asyncio.Queue()
 

@@ -143,8 +143,10 @@ def _tool_choice(value: Any) -> tuple[str, bool | None]:
     """Anthropic's ``auto``/``any``/``tool``/``none`` -> ours, and parallel tool use."""
     if value is None:
         return "auto", None
-    kind = value.get("type") if isinstance(value, dict) else None
-    parallel = None if not value.get("disable_parallel_tool_use") else False  # type: ignore[union-attr]
+    if not isinstance(value, dict):
+        raise InvalidRequestError("'tool_choice' must be an object", param="tool_choice")
+    kind = value.get("type")
+    parallel = None if not value.get("disable_parallel_tool_use") else False
     if kind in ("auto", "none"):
         return kind, parallel
     if kind == "any":

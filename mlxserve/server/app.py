@@ -8,6 +8,7 @@ from pathlib import Path
 from aiohttp import web
 
 from mlxserve.server.config import Settings
+from mlxserve.server.errors import hide_paths_under
 from mlxserve.server.metrics import Metrics
 from mlxserve.server.middleware import add_cors_headers, add_request_id, make_middlewares
 from mlxserve.server.residency import ModelManager
@@ -43,6 +44,7 @@ def build_app(settings: Settings) -> web.Application:
         middlewares=make_middlewares(settings, metrics), client_max_size=settings.max_body_bytes
     )
     store = ModelStore(settings.home)
+    hide_paths_under(settings.home)
     app[SETTINGS] = settings
     app[STORE] = store
     app[METRICS] = metrics

@@ -7,6 +7,7 @@ The defaults file is committed and documented; a user file (``$MLXSERVE_HOME/con
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -48,12 +49,22 @@ _DURATION = re.compile(r"(-?\d+(?:\.\d+)?)(ms|s|m|h)?")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
+MAX_DURATION_S = 100 * 365 * 24 * 3600.0
+"""Longer durations are held at this (a century): an expiry time must stay a real date."""
+
+
+def _bounded(seconds: float) -> float:
+    return max(-MAX_DURATION_S, min(MAX_DURATION_S, seconds))
+
+
 def parse_duration(value: Any) -> float:
     """Ollama's ``keep_alive``: ``"5m"``, ``"1h30m"``, seconds as a number; negative = forever."""
     if isinstance(value, bool):
         raise ConfigError(f"invalid duration {value!r}")
     if isinstance(value, int | float):
-        return float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"invalid duration {value!r}")
+        return _bounded(float(value))
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"invalid duration {value!r}")
     total, position, text = 0.0, 0, value.strip()
@@ -61,9 +72,9 @@ def parse_duration(value: Any) -> float:
         match = _DURATION.match(text, position)
         if not match or match.end() == position:
             raise ConfigError(f"invalid duration {value!r} (examples: 30s, 5m, 1h, -1)")
-        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        total += _bounded(float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
         position = match.end()
-    return total
+    return _bounded(total)
 
 
 @dataclass
@@ -96,6 +107,11 @@ class Settings:
         return self.host in LOOPBACK_HOSTS
 
     def check(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError(
+                "the API key is blank: a blank key would leave the daemon open; set a real "
+                "key or unset MLXSERVE_API_KEY / --api-key"
+            )
         if not self.is_loopback and not self.api_key:
             raise ConfigError(
                 f"binding to {self.host} exposes the daemon beyond this machine: set an API key "

@@ -8,6 +8,9 @@ routes answer OpenAI's (``{"error": {"message", "type", "code", "param"}}``), an
 from __future__ import annotations
 
 import json
+import re
+import tempfile
+from pathlib import Path
 from typing import Literal
 
 from aiohttp import web
@@ -51,7 +54,30 @@ def style_for_path(path: str) -> ErrorStyle:
     return "native"
 
 
+_private_roots: list[str] = [str(Path(tempfile.gettempdir()).resolve()), tempfile.gettempdir()]
+
+
+def hide_paths_under(root: Path) -> None:
+    """Never name a file under ``root`` (the store) in an error body: clients see file names,
+    not where the daemon keeps them. Temporary folders are hidden from the start."""
+    for text in (str(root), str(root.resolve())):
+        if text not in _private_roots:
+            _private_roots.append(text)
+
+
+def _redacted(text: str) -> str:
+    """``text`` with every path under a private root cut to its last component."""
+    roots = "|".join(re.escape(root.rstrip("/")) for root in sorted(_private_roots, key=len)[::-1])
+    pattern = re.compile(rf"(?:{roots})(?:/[^\s'\"(),:]*)?")
+    return pattern.sub(lambda match: Path(match.group(0)).name or "<server path>", text)
+
+
 def error_body(error: MlxserveError, style: ErrorStyle) -> dict[str, object]:
+    """The error as the client sees it (paths on this machine cut to file names)."""
+    return json.loads(_redacted(json.dumps(_error_body(error, style), default=str)))
+
+
+def _error_body(error: MlxserveError, style: ErrorStyle) -> dict[str, object]:
     status = status_for(error)
     if style == "openai":
         return {

@@ -12,14 +12,12 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from mlxserve.errors import (
     ForbiddenError,
     InternalError,
-    InvalidRequestError,
     MethodNotAllowedError,
     NotFoundError,
     RequestTooLargeError,
@@ -35,6 +33,9 @@ REQUEST_ID_HEADER = "X-Request-Id"
 CLIENT_CLOSED_REQUEST = 499
 """Logged (never sent) when the client went away mid-request: nginx's convention."""
 LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::[0-9]{1,5})?")
+"""RFC 9110 ``Host`` for the names a local daemon answers to: a DNS name or an IP literal and
+a port; no userinfo, no percent-escapes, nothing a lenient URL parser could read two ways."""
 OPEN_PATHS = frozenset({"/api/health"})
 """Answer without an API key: liveness checks carry no data."""
 log = logging.getLogger("mlxserve.access")
@@ -64,8 +65,10 @@ def _allowed_hosts(settings: Settings) -> set[str]:
     return {name.lower() for name in names}
 
 
-def _host_name(value: str) -> str:
-    return (urlsplit(f"//{value}").hostname or "").lower()
+def _host_name(value: str) -> str | None:
+    """The host of a ``Host`` header, or ``None`` if it is outside the grammar."""
+    match = _HOST.fullmatch(value)
+    return match.group(1).strip("[]").lower() if match else None
 
 
 def _supplied_key(request: web.Request) -> bytes:
@@ -94,11 +97,17 @@ def make_middlewares(settings: Settings, metrics: Metrics) -> list[Callable]:
             return response
         except MlxserveError as error:
             response = error_response(error, request.path)
+            if isinstance(error, MethodNotAllowedError):
+                response.headers["Allow"] = ", ".join(error.details["allowed"])
             status = response.status
             metrics.errors.labels(error.code).inc()
             request["log"]["error"] = error.code
             return response
-        except (asyncio.CancelledError, ConnectionResetError):
+        except ConnectionResetError:
+            # The client went away (often during ``write_eof``): a log line, not a traceback.
+            status = CLIENT_CLOSED_REQUEST
+            return web.Response(status=CLIENT_CLOSED_REQUEST)
+        except asyncio.CancelledError:
             status = CLIENT_CLOSED_REQUEST
             raise
         finally:
@@ -140,19 +149,26 @@ def make_middlewares(settings: Settings, metrics: Metrics) -> list[Callable]:
             ) from None
         except web.HTTPNotFound:
             raise NotFoundError(f"no route {request.method} {request.path}") from None
-        except web.HTTPMethodNotAllowed:
+        except web.HTTPMethodNotAllowed as exc:
             raise MethodNotAllowedError(
-                f"{request.method} is not allowed on {request.path}"
+                f"{request.method} is not allowed on {request.path}",
+                allowed=sorted(exc.allowed_methods),
             ) from None
         except web.HTTPException:
             raise
         except (ConnectionResetError, TimeoutError):
             raise
-        except ValueError as exc:
-            raise InvalidRequestError(str(exc)) from None
         except Exception:
-            logging.getLogger("mlxserve").exception("unhandled error on %s", request.path)
-            raise InternalError("internal error; see the daemon log") from None
+            # Never the exception's text: it can carry paths and internals. The request id
+            # finds the trace in the log.
+            request_id = request["request_id"]
+            logging.getLogger("mlxserve").exception(
+                "unhandled error on %s (request id %s)", request.path, request_id
+            )
+            raise InternalError(
+                f"internal error (request id {request_id}); see the daemon log",
+                request_id=request_id,
+            ) from None
 
     @web.middleware
     async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -108,9 +108,13 @@ class ModelManager:
     def _queue(self, name: str, parallel: int) -> ModelQueue:
         queue = self._queues.get(name)
         if queue is None or (queue.parallel != parallel and not queue.busy):
-            queue = ModelQueue(name, parallel, self.settings.max_queue)
+            queue = ModelQueue(name, parallel, self.settings.max_queue, self._gauges)
             self._queues[name] = queue
         return queue
+
+    def _gauges(self, queue: ModelQueue) -> None:
+        self.metrics.queue_depth.labels(queue.name).set(queue.waiting)
+        self.metrics.active.labels(queue.name).set(queue.active)
 
     def pin(self, loaded: LoadedModel) -> None:
         """Serve a model loaded outside the manager (a distributed group's, started with the
@@ -141,15 +145,11 @@ class ModelManager:
             name, runner=runner, keep_alive=keep_alive, context_length=context_length
         )
         async with resident.queue.slot():
-            self.metrics.queue_depth.labels(name).set(resident.queue.waiting)
-            self.metrics.active.labels(name).set(resident.queue.active)
             resident.touch(keep_alive)
             try:
                 yield resident
             finally:
                 resident.touch(keep_alive)
-        self.metrics.active.labels(name).set(resident.queue.active)
-        self.metrics.queue_depth.labels(name).set(resident.queue.waiting)
         if resident.keep_alive == 0 and not resident.queue.busy:
             await self._unload(name)
 

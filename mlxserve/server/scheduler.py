@@ -9,19 +9,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from mlxserve.errors import QueueFullError
 
 
 class ModelQueue:
-    def __init__(self, name: str, parallel: int, max_queue: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        parallel: int,
+        max_queue: int,
+        on_change: Callable[[ModelQueue], None] | None = None,
+    ) -> None:
         self.name = name
         self.parallel = parallel
         self.max_queue = max_queue
         self._slots = asyncio.Semaphore(parallel)
         self.waiting = 0
         self.active = 0
+        self._on_change = on_change
+        """Told after every change of ``waiting`` / ``active`` (the metrics' gauges), in
+        ``finally`` paths too: a client that goes away while waiting or generating counts."""
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self)
 
     @property
     def busy(self) -> bool:
@@ -41,13 +54,19 @@ class ModelQueue:
     async def slot(self) -> AsyncIterator[None]:
         self.admit()
         self.waiting += 1
+        self._changed()
         try:
             await self._slots.acquire()
-        finally:
+        except BaseException:
             self.waiting -= 1
+            self._changed()
+            raise
+        self.waiting -= 1
         self.active += 1
+        self._changed()
         try:
             yield
         finally:
             self.active -= 1
             self._slots.release()
+            self._changed()

@@ -199,7 +199,7 @@ def reasoning_effort(value: Any, param: str) -> bool | str | None:
     """OpenAI's ``reasoning_effort`` (chat) / ``reasoning.effort`` (Responses)."""
     if value is None:
         return None
-    if value not in EFFORTS:
+    if not isinstance(value, str) or value not in EFFORTS:
         raise InvalidRequestError(f"'{param}' must be one of {', '.join(EFFORTS)}", param=param)
     return EFFORTS[value]
 
