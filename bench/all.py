@@ -12,6 +12,7 @@ BENCHMARKS = [
     "bench.show_metadata",
     "bench.embed",
     "bench.distributed",
+    "bench.shape",
 ]
 
 

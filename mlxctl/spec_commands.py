@@ -76,15 +76,21 @@ def pack_command(file: Path, out: Path, name: str | None, as_json: bool) -> None
     Example:
       mlxctl spec pack model.yaml -o model.tar && sha256sum model.tar
     """
+    import tempfile
+
     from modelstore.ocilayout import pack
-    from modelstore.spec import build_draft, load_spec, require_valid
+    from modelstore.spec import build_draft, load_spec, require_valid, reshape
 
     spec = load_spec(file)
     require_valid(spec)
     reference = _name_for(spec.data, name, file)
-    draft = build_draft(spec, ModelStore())
-    with byte_progress(f"packing {out.name}", draft.total_source_bytes()) as progress:
-        result = pack(draft, reference, out, progress)
+    store = ModelStore()
+    draft = build_draft(spec, store)
+    with tempfile.TemporaryDirectory(prefix="mlxctl-pack-") as work:
+        with console.status(f"building {reference}") as status:
+            draft = reshape(spec, draft, Path(work), report=status.update)
+        with byte_progress(f"packing {out.name}", draft.total_source_bytes()) as progress:
+            result = pack(draft, reference, out, progress)
     if as_json:
         print_json({"path": str(result.path), "digest": result.digest,
                     "manifest": result.manifest_digest, "size": result.size})
@@ -97,20 +103,33 @@ def pack_command(file: Path, out: Path, name: str | None, as_json: bool) -> None
 @click.option("-f", "--file", "file", required=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The ModelSpec to build.")
-def create_command(name: str | None, file: Path) -> None:
+@click.option("-q", "--quantize", default=None, metavar="RECIPE",
+              help="Quantize the weights: Q4/Q6/Q8 (MLX) or Q4_K_M/Q5_K_M/Q6_K/Q8_0 (GGUF).")
+@click.option("--fuse", is_flag=True,
+              help="Fuse the spec's adapter into new weights instead of storing it.")
+def create_command(name: str | None, file: Path, quantize: str | None, fuse: bool) -> None:
     """Build a model into the store from a ModelSpec.
 
     \b
     Example:
       mlxctl create mymodel:latest -f mymodel.modelspec.yaml
+      mlxctl create mymodel:q4 -f mymodel.modelspec.yaml --quantize Q4_K_M
+      mlxctl create tuned:fused -f tuned.modelspec.yaml --fuse
     """
-    from modelstore.spec import build_draft, load_spec, require_valid
+    import tempfile
+
+    from modelstore.spec import build_draft, load_spec, require_valid, reshape
 
     spec = load_spec(file)
     require_valid(spec)
     reference = _name_for(spec.data, name, file)
     store = ModelStore()
     draft = build_draft(spec, store)
-    with byte_progress(f"creating {reference}", draft.total_source_bytes()) as progress:
-        result = store.commit(draft, reference, progress=progress)
+    store.blobs.tmp_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=store.blobs.tmp_dir) as work:
+        with console.status(f"building {reference}") as status:
+            draft = reshape(spec, draft, Path(work), quantize=quantize, fuse=fuse,
+                            report=status.update)
+        with byte_progress(f"creating {reference}", draft.total_source_bytes()) as progress:
+            result = store.commit(draft, reference, progress=progress)
     console.print(f"created [bold]{result.model.name}[/] ({human_size(result.model.size)})")

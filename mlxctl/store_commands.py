@@ -166,6 +166,7 @@ def _show_data(store: ModelStore, model: StoredModel) -> dict[str, Any]:
         description=config.description,
         license=config.license,
         source=config.source,
+        draft_model=config.draft_model,
     )
     params = store.text_layer(model, mediatypes.PARAMS)
     data["parameters"] = json.loads(params) if params else {}
@@ -205,7 +206,7 @@ def show_command(name: str, as_json: bool) -> None:
     facts.add_column(style="bold")
     facts.add_column()
     for key in ("name", "digest", "format", "architecture", "quantization", "parameter_count",
-                "context_length", "license", "description"):
+                "context_length", "draft_model", "license", "description"):
         if data.get(key) is not None:
             facts.add_row(key.replace("_", " "), str(data[key]))
     facts.add_row("size", human_size(data["size"]))

@@ -53,6 +53,8 @@ class ModelConfig:
     (``pooling``, ``normalize``, ``max_tokens``, ``dimensions``; see ``sources.py``)."""
     vision: dict[str, Any] | None = None
     """Set for a vision-language model: its vision tower and processor files."""
+    draft_model: str | None = None
+    """The draft model for speculative decoding, pinned: ``NAME:TAG@sha256:...`` in the store."""
 
     def to_bytes(self) -> bytes:
         body = {k: v for k, v in asdict(self).items() if v not in (None, {}, "", [])}

@@ -109,3 +109,11 @@ class RegistryAuthError(RegistryError):
 
     code = "registry_unauthorized"
     http_status = 401
+
+
+class QuantizeError(MlxserveError):
+    """A quantization that cannot be done: an unknown recipe, an already quantized source, or
+    not enough disk or memory (refused before any work starts)."""
+
+    code = "quantize_error"
+    http_status = 400

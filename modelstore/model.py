@@ -18,7 +18,14 @@ ModelFormat = Literal["mlx", "gguf"]
 GENERATION_PARAMETERS = SPEC_PARAMETERS
 """Default generation parameters a ModelSpec may set; a request overrides each."""
 
-RUNNER_PARAMETERS = ("context_length", "n_gpu_layers", "n_threads", "max_parallel")
+RUNNER_PARAMETERS = (
+    "context_length",
+    "n_gpu_layers",
+    "n_threads",
+    "max_parallel",
+    "kv_cache_type",
+    "num_draft_tokens",
+)
 """Load-time parameters a ModelSpec may set (``RunnerOptions``)."""
 
 OLLAMA_LOAD_NAMES = {"num_ctx": "context_length", "num_gpu": "n_gpu_layers",
@@ -31,6 +38,10 @@ OLLAMA_PARAMETER_NAMES = {
 parameters whose names differ (``num_predict``, ``repeat_penalty``, ``num_ctx``...): sampling
 ones from ``parameters.Sampling``, load-time ones here."""
 MODELSPEC_TO_OLLAMA = {spec: ollama for ollama, spec in OLLAMA_PARAMETER_NAMES.items()}
+
+KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")
+"""What the KV cache may hold, in Ollama's names (``OLLAMA_KV_CACHE_TYPE``); ``f16`` means the
+model's own float type, unquantized."""
 
 
 @dataclass
@@ -67,3 +78,7 @@ class LocalModel:
     generative model."""
     vision: dict[str, Any] | None = None
     """The store's record of a vision-language model (``ModelConfig.vision``)."""
+    draft: LocalModel | None = None
+    """The ModelSpec's draft model for speculative decoding (same tokenizer), if any."""
+    adapter: Path | None = None
+    """A folder holding the LoRA adapter as mlx-lm reads it (``adapters.py``), if any."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from modelstore import mediatypes
+from modelstore.adapters import adapter_folder
 from modelstore.draft import ModelConfig
 from modelstore.model import LocalModel
 from modelstore.store import ModelStore, StoredModel
@@ -73,4 +74,6 @@ def open_model(store: ModelStore, name: str) -> LocalModel:
         derived_dir=store.root / "derived",
         embedding=config.embedding,
         vision=config.vision,
+        draft=open_model(store, config.draft_model) if config.draft_model else None,
+        adapter=adapter_folder(folder, store.root / "derived" / "adapters"),
     )

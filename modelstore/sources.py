@@ -69,22 +69,30 @@ def _classify(name: str) -> str:
     return mediatypes.OTHER_FILE
 
 
-def safetensors_parameter_count(path: Path) -> int:
-    """Count parameters from a safetensors header (8-byte length, then JSON) without loading."""
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Each tensor's shape, from a safetensors header (8-byte length, then JSON), unloaded."""
     with open(path, "rb") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
         if length > SAFETENSORS_HEADER_LIMIT:
             raise ImportSourceError(f"{path.name}: safetensors header too large", path=str(path))
         try:
             header = json.loads(handle.read(length))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             raise ImportSourceError(f"{path.name}: not a safetensors file") from None
+    if not isinstance(header, dict):
+        raise ImportSourceError(f"{path.name}: not a safetensors file")
+    return {
+        name: list(info.get("shape", []))
+        for name, info in header.items()
+        if name != "__metadata__" and isinstance(info, dict)
+    }
+
+
+def safetensors_parameter_count(path: Path) -> int:
     count = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
+    for shape in safetensors_shapes(path).values():
         elements = 1
-        for dim in info.get("shape", []):
+        for dim in shape:
             elements *= dim
         count += elements
     return count

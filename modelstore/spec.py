@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -18,6 +19,8 @@ import yaml
 from jsonschema import Draft202012Validator
 
 from modelstore import mediatypes
+from modelstore.adapters import adapter_layers, fuse_adapter
+from modelstore.blobs import hash_file, sha256_digest
 from modelstore.chat_template import probe_template
 from modelstore.draft import (
     LICENSE_TITLE,
@@ -36,6 +39,7 @@ from modelstore.errors import (
     TemplateError,
 )
 from modelstore.hfhub import HF_SCHEME, HubModel, cached_snapshot
+from modelstore.quantize import quantize_draft
 from modelstore.reference import parse_reference
 from modelstore.sources import draft_from_path
 from modelstore.store import ModelStore
@@ -252,6 +256,43 @@ def _source_draft(spec: ModelSpec, store: ModelStore | None) -> ModelDraft:
     return draft_from_path(spec.resolve_file(source))
 
 
+def _tokenizer_digests(layers: list[LayerSource]) -> dict[str, str]:
+    return {
+        layer.title: hash_file(layer.path)[0] if layer.path else sha256_digest(layer.data or b"")
+        for layer in layers
+        if layer.media_type == mediatypes.TOKENIZER
+    }
+
+
+def _pinned_draft(spec: ModelSpec, model: ModelDraft, store: ModelStore | None) -> str:
+    """``draft:`` as a digest-pinned reference, refused now (not at the first request) unless
+    the draft is in the store, of the same format, with the very same tokenizer files."""
+    name = spec.data["draft"]
+
+    def refuse(why: str) -> SpecValidationError:
+        return SpecValidationError(
+            f"{spec.path}: draft {name}: {why}", errors=[{"pointer": "/draft", "message": why}]
+        )
+
+    if store is None:
+        raise refuse("a draft model must be in the store")
+    try:
+        stored = store.resolve(name)
+    except ModelNotFoundError:
+        raise refuse("not in the store") from None
+    config = store.config(stored)
+    if config.format != model.config.format or config.format != "mlx":
+        raise refuse("draft models run on the MLX runner: both must be MLX models")
+    theirs = {
+        layer.title: layer.digest
+        for layer in stored.manifest.layers
+        if layer.media_type == mediatypes.TOKENIZER
+    }
+    if not theirs or theirs != _tokenizer_digests(model.layers):
+        raise refuse("it does not share this model's tokenizer files")
+    return f"{stored.name}@{stored.manifest_digest}"
+
+
 def _inherited_parameters(draft: ModelDraft) -> dict[str, Any]:
     """The parent's parameters (a ``model://`` source): a child overrides them one by one,
     as Ollama's ``FROM parent`` plus ``PARAMETER`` lines do."""
@@ -278,6 +319,16 @@ def build_draft(spec: ModelSpec, store: ModelStore | None = None) -> ModelDraft:
     config.quantization = data.get("quantization", config.quantization)
     config.description = data.get("description", config.description)
     config.source = {"kind": "modelspec", "from": data["from"]}
+    if data.get("draft"):
+        config.draft_model = _pinned_draft(spec, draft, store)
+    for index, adapter in enumerate(data.get("adapters", [])):
+        try:
+            draft.layers.extend(adapter_layers(spec.resolve_file(adapter), draft))
+        except ImportSourceError as exc:
+            raise SpecValidationError(
+                f"{spec.path}: adapter {adapter}: {exc.message}",
+                errors=[{"pointer": f"/adapters/{index}", "message": exc.message}],
+            ) from None
     template = _template_text(spec)
     if template is not None:
         draft.replace_layer(mediatypes.CHAT_TEMPLATE, TEMPLATE_TITLE, template.encode())
@@ -297,4 +348,27 @@ def build_draft(spec: ModelSpec, store: ModelStore | None = None) -> ModelDraft:
         draft.replace_layer(mediatypes.LICENSE, LICENSE_TITLE, license_text.encode())
         first_line = license_text.strip().splitlines()[0]
         config.license = first_line if len(first_line) <= 64 else config.license
+    return draft
+
+
+def reshape(
+    spec: ModelSpec,
+    draft: ModelDraft,
+    work: Path,
+    *,
+    quantize: str | None = None,
+    fuse: bool = False,
+    report: Callable[[str], None] = lambda _: None,
+) -> ModelDraft:
+    """What changes the weights themselves, after ``build_draft``: fusing the adapter, then
+    quantizing (``quantize`` or the spec's own). ``mlxctl create``, ``mlxctl spec pack`` and
+    ``/api/create`` all build through here, so a packed spec gives the model ``create`` does.
+    New weight files are written under ``work``; the caller removes it once they are stored."""
+    if fuse:
+        report("fusing the adapter into the weights")
+        draft = fuse_adapter(draft, work / "fuse")
+    recipe = quantize or spec.data.get("quantize")
+    if recipe:
+        report(f"quantizing model weights to {recipe}")
+        draft = quantize_draft(draft, recipe, work / "quantize")
     return draft

@@ -276,6 +276,7 @@ def record(http_log: dict[str, Any], metrics: Any, name: str, done: Done) -> Non
         tokens_in=stats.prompt_eval_count,
         tokens_out=stats.eval_count,
         cached_tokens=stats.cached_prompt_tokens,
+        draft_tokens=stats.draft_tokens,
         ttft_ms=round(stats.time_to_first_token / 1e6, 1),
         done_reason=done.reason,
     )

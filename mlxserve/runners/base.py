@@ -94,6 +94,8 @@ class GenerationStats:
     cached_prompt_tokens: int = 0
     """How many prompt tokens came from the prompt cache instead of being recomputed."""
     time_to_first_token: int = 0
+    draft_tokens: int = 0
+    """Generated tokens the draft model proposed and the model accepted (speculative decoding)."""
 
 
 @dataclass
@@ -116,6 +118,10 @@ class RunnerOptions:
     n_gpu_layers: int | None = None
     n_threads: int | None = None
     max_parallel: int | None = None
+    kv_cache_type: str | None = None
+    """``f16`` (the default), ``q8_0`` or ``q4_0``: see ``kvcache.py``."""
+    num_draft_tokens: int | None = None
+    """Tokens the draft model proposes per step, when the model has one (``draft:``)."""
     prompt_cache_entries: int = 8
     prompt_cache_bytes: int = 1 << 30
 

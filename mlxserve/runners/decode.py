@@ -54,6 +54,8 @@ class DecodeState:
         self.started = time.perf_counter_ns()
         self.first_token_at: int | None = None
         self.count = 0
+        self.draft_tokens = 0
+        """Of ``count``, how many a draft model proposed (speculative decoding)."""
         self.reason: DoneReason | None = None
 
     @property
@@ -95,6 +97,7 @@ class DecodeState:
             total_duration=finished - self.started,
             cached_prompt_tokens=self.cached_prompt_tokens,
             time_to_first_token=first - self.started,
+            draft_tokens=self.draft_tokens,
         )
         return GenerateChunk(tail, done=True, done_reason=self.reason, stats=stats)
 

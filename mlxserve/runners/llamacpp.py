@@ -34,6 +34,7 @@ from mlxserve.runners.base import (
 )
 from mlxserve.runners.decode import prompt_and_budget
 from mlxserve.runners.engine import EngineThread
+from mlxserve.runners.kvcache import kv_cache_type
 from mlxserve.runners.llamacpp_slots import SlotEngine, TokenMask, kv_bytes_per_token, token_piece
 from mlxserve.runners.loading import context_length, load_options, parallel_slots
 from mlxserve.runners.threads import drain
@@ -86,6 +87,7 @@ class LlamaCppRunner:
         started = time.perf_counter_ns()
         options = load_options(model, options)
         slot_context = context_length(model, options)
+        kv_cache = kv_cache_type(options.kv_cache_type)
         engine = EngineThread("llamacpp-engine")
 
         def build() -> tuple[Any, SlotEngine, int]:
@@ -108,7 +110,7 @@ class LlamaCppRunner:
                 path_model=str(model.weights[0]), params=params, verbose=False
             )
             try:
-                slot_bytes = slot_context * kv_bytes_per_token(llama_cpp, loaded)
+                slot_bytes = slot_context * kv_bytes_per_token(llama_cpp, loaded, kv_cache)
                 slots = parallel_slots(model.name, options.max_parallel, loaded.size(), slot_bytes)
                 eog = {
                     token
@@ -122,6 +124,8 @@ class LlamaCppRunner:
                     slot_context=slot_context,
                     n_threads=options.n_threads or platform.default_threads(),
                     eog=eog,
+                    kv_cache=kv_cache,
+                    lookup_tokens=options.num_draft_tokens or 0,
                 )
             except BaseException:
                 loaded.close()
@@ -150,7 +154,7 @@ class LlamaCppRunner:
             memory_bytes=loaded.size() + kv_bytes,
             max_parallel=len(slots.slots),
             load_duration_ns=time.perf_counter_ns() - started,
-            details={"kv_cache_bytes": kv_bytes},
+            details={"kv_cache_bytes": kv_bytes, "kv_cache_type": kv_cache.name},
         )
         return self._info
 

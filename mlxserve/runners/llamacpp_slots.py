@@ -15,7 +15,6 @@ jobs and reads the chunks each sequence emits.
 
 from __future__ import annotations
 
-import ctypes
 import time
 from collections import deque
 from collections.abc import Callable
@@ -27,6 +26,7 @@ import numpy as np
 from mlxserve.errors import InferenceError, InvalidFormatError
 from mlxserve.runners.base import GenerateRequest, TokenLogprob
 from mlxserve.runners.decode import DecodeState, SampledToken
+from mlxserve.runners.kvcache import KvCacheType, ggml_bytes_per_token, ggml_check
 from mlxserve.runners.textstream import ByteDetokenizer, TextStream
 from mlxserve.runners.threads import END
 
@@ -103,6 +103,10 @@ class Sequence:
     """The last sampled token, fed to the model in the next step."""
     logits_index: int = -1
     generated: list[int] = field(default_factory=list)
+    drafts: list[int] = field(default_factory=list)
+    """Tokens prompt lookup proposed after ``pending_token``, decoded with it this step."""
+    draft_indices: list[int] = field(default_factory=list)
+    """Batch rows of the pending token and each draft, whose logits verify the drafts."""
 
 
 @dataclass
@@ -140,6 +144,8 @@ class SlotEngine:
         slot_context: int,
         n_threads: int,
         eog: set[int],
+        kv_cache: KvCacheType,
+        lookup_tokens: int = 0,
     ) -> None:
         from llama_cpp import _internals
 
@@ -153,6 +159,10 @@ class SlotEngine:
         params.n_batch = params.n_ubatch = self._capacity
         params.n_threads = params.n_threads_batch = n_threads
         params.no_perf = True
+        params.type_k = params.type_v = kv_cache.ggml_type
+        if kv_cache.quantized:
+            # llama.cpp keeps a quantized V cache only with flash attention.
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         self._context = _internals.LlamaContext(model=model, params=params, verbose=False)
         self.slot_context = min(slot_context, llama_cpp.llama_n_ctx_seq(self._context.ctx))
         self._batch = llama_cpp.llama_batch_init(self._capacity, 0, 1)
@@ -160,6 +170,11 @@ class SlotEngine:
         self._vocab = model.n_vocab()
         self._eog = eog
         self.slots = [Slot(seq_id) for seq_id in range(slots)]
+        self._lookup = None
+        if lookup_tokens:
+            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+            self._lookup = LlamaPromptLookupDecoding(num_pred_tokens=lookup_tokens)
         self._waiting: deque[Sequence] = deque()
 
     def close(self) -> None:
@@ -265,8 +280,14 @@ class SlotEngine:
         sampling: list[Sequence] = []
         for sequence in active:
             if sequence.pending_token is not None:
+                room = STEP_TOKENS - batch.n_tokens - 1
+                sequence.drafts = self._drafts(sequence, room)
                 self._add(sequence, sequence.pending_token, logits=True)
                 sequence.pending_token = None
+                sequence.draft_indices = [sequence.logits_index]
+                for token in sequence.drafts:
+                    self._add(sequence, token, logits=True)
+                    sequence.draft_indices.append(sequence.logits_index)
                 sampling.append(sequence)
         room = self._capacity - batch.n_tokens
         for sequence in active:
@@ -287,8 +308,61 @@ class SlotEngine:
                 self._finish(sequence, error=error)
             return bool(self._waiting)
         for sequence in sampling:
-            self._advance(sequence)
+            if sequence.drafts:
+                self._verify(sequence)
+            else:
+                self._advance(sequence)
         return True
+
+    def _drafts(self, sequence: Sequence, room: int) -> list[int]:
+        """Prompt lookup's guess at the tokens after the pending one: what followed the last
+        n-gram where it occurred before (llama-cpp-python's ``LlamaPromptLookupDecoding``).
+        Greedy, unconstrained requests only: there a guess changes nothing but the speed."""
+        request = sequence.request
+        if (
+            self._lookup is None
+            or room <= 0
+            or request.temperature > 0
+            or sequence.mask is not None
+            or request.logits_processors
+        ):
+            return []
+        history = np.array([*sequence.prompt, *sequence.generated], dtype=np.intc)
+        left = sequence.state.max_tokens - sequence.state.count - 1
+        return [int(t) for t in self._lookup(history)[: min(room, max(left, 0))]]
+
+    def _verify(self, sequence: Sequence) -> None:
+        """Sample at the pending token and after each draft until a sample differs from the
+        draft: every sample was taken on a correct prefix, so the answer is the one plain
+        decoding gives. The KV of rejected drafts is removed before anything is emitted."""
+        drafts, indices, slot = sequence.drafts, sequence.draft_indices, sequence.slot
+        assert slot is not None
+        sequence.drafts, sequence.draft_indices = [], []
+        samples: list[SampledToken] = []
+        for position, index in enumerate(indices):
+            sequence.logits_index = index
+            try:
+                samples.append(self._sample(sequence))
+            except Exception as exc:  # a caller's logits bias failed
+                self._finish(sequence, error=exc)
+                return
+            if position == len(drafts) or samples[-1].token_id != drafts[position]:
+                break
+        keep = len(slot.tokens) - len(drafts) + len(samples) - 1
+        if keep < len(slot.tokens):
+            self._llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1)
+            del slot.tokens[keep:]
+        for position, sampled in enumerate(samples):
+            if position < len(samples) - 1:
+                sequence.state.draft_tokens += 1
+            chunk = sequence.state.push(sampled)
+            if chunk is not None:
+                sequence.emit(chunk)
+            if sequence.state.done:
+                self._finish(sequence)
+                return
+            sequence.generated.append(sampled.token_id)
+        sequence.pending_token = samples[-1].token_id
 
     def _add(self, sequence: Sequence, token: int, *, logits: bool) -> None:
         batch, slot = self._batch, sequence.slot
@@ -390,11 +464,12 @@ class SlotEngine:
         sequence.emit(END)
 
 
-def kv_bytes_per_token(llama_cpp: Any, model: Any) -> int:
-    """KV cache bytes one token takes (f16 keys and values over every layer), for memory
-    admission before the context exists."""
+def kv_bytes_per_token(llama_cpp: Any, model: Any, cache: KvCacheType) -> int:
+    """KV cache bytes one token takes (keys and values of ``cache``'s type over every layer),
+    for memory admission before the context exists."""
     handle = model.model
     heads = max(llama_cpp.llama_model_n_head(handle), 1)
     head_dim = llama_cpp.llama_model_n_embd(handle) // heads
+    ggml_check(cache, head_dim)
     kv_width = llama_cpp.llama_model_n_head_kv(handle) * head_dim
-    return 2 * llama_cpp.llama_model_n_layer(handle) * kv_width * ctypes.sizeof(ctypes.c_uint16)
+    return ggml_bytes_per_token(cache, llama_cpp.llama_model_n_layer(handle), kv_width)

@@ -16,6 +16,12 @@ import dataclasses
 from mlxserve import platform
 from mlxserve.errors import InvalidRequestError, OutOfMemoryError
 from mlxserve.runners.base import RunnerOptions
+from mlxserve.runners.kvcache import (
+    KvCacheType,
+    ggml_bytes_per_token,
+    kv_cache_type,
+    mlx_bytes_per_token,
+)
 from modelstore.model import RUNNER_PARAMETERS, LocalModel
 
 FALLBACK_TRAINED_CONTEXT = 4096
@@ -48,10 +54,12 @@ def kv_element_bytes(model: LocalModel) -> int:
     return F32_KV_ELEMENT_BYTES if f32 else KV_ELEMENT_BYTES
 
 
-def kv_bytes_per_token(model: LocalModel) -> int:
-    """K and V for one position in every layer, from the metadata kept at import; 0 when the
-    model's files do not say (then only the weights are counted)."""
+def kv_bytes_per_token(model: LocalModel, cache: KvCacheType | None = None) -> int:
+    """K and V for one position in every layer, in ``cache``'s type (``kvcache.py``; f16 when
+    none), from the metadata kept at import; 0 when the model's files do not say (then only
+    the weights are counted)."""
     info, arch = model.model_info, model.architecture or ""
+    cache = cache or kv_cache_type(None)
 
     def get(key: str) -> int:
         value = info.get(f"{arch}.{key}")
@@ -62,17 +70,23 @@ def kv_bytes_per_token(model: LocalModel) -> int:
     layers, heads = get("block_count"), get("attention.head_count")
     kv_heads = get("attention.head_count_kv") or heads
     head_dim = get("attention.key_length") or (get("embedding_length") // heads if heads else 0)
-    return 2 * layers * kv_heads * head_dim * kv_element_bytes(model)
+    if not (layers and kv_heads and head_dim):
+        return 0
+    if model.format == "gguf":
+        return ggml_bytes_per_token(cache, layers, kv_heads * head_dim)
+    return mlx_bytes_per_token(cache, layers, kv_heads, head_dim, kv_element_bytes(model))
 
 
-def memory_needed(model: LocalModel, context: int, parallel: int) -> int:
-    return model.size_bytes + kv_bytes_per_token(model) * context * max(1, parallel)
+def memory_needed(
+    model: LocalModel, context: int, parallel: int, cache: KvCacheType | None = None
+) -> int:
+    return model.size_bytes + kv_bytes_per_token(model, cache) * context * max(1, parallel)
 
 
-def _default_context(model: LocalModel, parallel: int) -> int:
+def _default_context(model: LocalModel, parallel: int, cache: KvCacheType) -> int:
     trained = model.context_length or FALLBACK_TRAINED_CONTEXT
     context = min(trained, DEFAULT_CONTEXT_CEILING)
-    per_token = kv_bytes_per_token(model) * max(1, parallel)
+    per_token = kv_bytes_per_token(model, cache) * max(1, parallel)
     available = platform.total_memory_bytes()
     if per_token and available:
         free = available / MEMORY_HEADROOM - model.size_bytes
@@ -86,10 +100,11 @@ def context_length(model: LocalModel, options: RunnerOptions, parallel: int = 1)
     """The context to load with (see the module docstring), checked against memory for the
     KV cache of ``parallel`` slots before anything is allocated."""
     requested = options.context_length
+    cache = kv_cache_type(options.kv_cache_type)
     trained = model.context_length
     from_spec = requested is not None and requested == model.parameters.get("context_length")
     if requested is None:
-        context = _default_context(model, parallel)
+        context = _default_context(model, parallel, cache)
     else:
         context = int(requested)
         if context < 1:
@@ -103,7 +118,10 @@ def context_length(model: LocalModel, options: RunnerOptions, parallel: int = 1)
                 limit=trained,
             )
     require_memory(
-        model.name, memory_needed(model, context, parallel), context=context, parallel=parallel
+        model.name,
+        memory_needed(model, context, parallel, cache),
+        context=context,
+        parallel=parallel,
     )
     return context
 

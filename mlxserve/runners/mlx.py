@@ -4,6 +4,12 @@ Batching, sampling, logits processors, KV caches and the prompt cache are mlx-lm
 (``BatchGenerator``, ``sample_utils``, ``LRUPromptCache``); this module wires them to the
 ModelRunner protocol. Concurrent requests join one ``BatchGenerator`` and advance together, one
 token per step, on the runner's engine thread (``engine.py``).
+
+Two things mlx-lm does only one sequence at a time: a quantized KV cache (its batch caches
+cannot merge ``QuantizedKVCache``) and speculative decoding with a draft model. A request that
+needs one runs "solo", on mlx-lm's own ``generate_step`` / ``speculative_generate_step``,
+stepped one yield per engine step beside the batch. mlx-lm's server turns batching off for
+both; here a draft is used while one request is active and later ones batch as usual.
 """
 
 from __future__ import annotations
@@ -13,8 +19,8 @@ import copy
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +32,7 @@ from mlxserve.errors import (
     ModelNotLoadedError,
     RunnerUnavailableError,
     UnsupportedArchitectureError,
+    UnsupportedFeatureError,
 )
 from mlxserve.runners.base import (
     EmbedRequest,
@@ -38,7 +45,8 @@ from mlxserve.runners.base import (
 )
 from mlxserve.runners.decode import DecodeState, SampledToken, prompt_and_budget
 from mlxserve.runners.engine import EngineThread, shared_engine
-from mlxserve.runners.loading import context_length, load_options
+from mlxserve.runners.kvcache import KvCacheType, kv_cache_type, mlx_group_size
+from mlxserve.runners.loading import context_length, kv_bytes_per_token, load_options
 from mlxserve.runners.pooling import length_batches, over_limit, padded, pool
 from mlxserve.runners.textstream import MlxDetokenizer, TextStream
 from mlxserve.runners.threads import END, drain
@@ -106,13 +114,29 @@ def request_sampler(request: GenerateRequest) -> Any:
     return sample
 
 
+DEFAULT_NUM_DRAFT_TOKENS = 3
+"""Draft tokens per step when the ModelSpec sets none (mlx-lm's server defaults to 3)."""
+
+
+@dataclass
+class _Solo:
+    """A request outside the batch, on an mlx-lm generator (see the module docstring)."""
+
+    steps: Iterator[tuple[Any, ...]]
+    cache: list[Any]
+    tokens: list[int]
+    """The prompt and every token generated so far: what ``cache`` holds, for the prompt cache."""
+    speculative: bool
+
+
 @dataclass
 class _Active:
-    """A request inside the batch."""
+    """A request inside the batch, or running solo."""
 
     state: DecodeState
     emit: Callable[[object], None]
     top_logprobs: int | None
+    solo: _Solo | None = field(default=None)
 
 
 class MlxRunner:
@@ -130,6 +154,11 @@ class MlxRunner:
         self._active: dict[int, _Active] = {}
         self._guidance_tokenizer: Any = None
         self._engine = engine or shared_engine()
+        self._kv_cache: KvCacheType = kv_cache_type(None)
+        self._kv_group = 0
+        self._draft: Any = None
+        self._num_draft = DEFAULT_NUM_DRAFT_TOKENS
+        self._solo_uid = -1
 
     @property
     def max_parallel(self) -> int:
@@ -146,6 +175,8 @@ class MlxRunner:
         options = load_options(model, options)
         dequantize = platform.mlx_dequantize_weights()
         self._parallel = options.max_parallel or DEFAULT_MAX_PARALLEL
+        self._kv_cache = kv_cache_type(options.kv_cache_type)
+        self._num_draft = options.num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS
         context = context_length(model, options, self._parallel)  # checks memory first
 
         def build() -> None:
@@ -161,6 +192,11 @@ class MlxRunner:
                 )
             try:
                 loaded, tokenizer = self._load_weights(folder)
+                if model.adapter is not None:
+                    from mlx_lm.utils import load_adapters
+
+                    loaded = load_adapters(loaded, str(model.adapter))
+                    loaded.eval()
             except ValueError as exc:
                 raise UnsupportedArchitectureError(
                     f"mlx-lm cannot load {model.name}: {exc}"
@@ -170,7 +206,9 @@ class MlxRunner:
 
                 loaded = dequantize_model(loaded)
                 mx.eval(loaded.parameters())
+            self._draft = self._load_draft(model, tokenizer, dequantize)
             self._model, self._tokenizer = loaded, tokenizer
+            self._kv_group = self._kv_group_size()
             self._prompt_cache = LRUPromptCache(
                 max_size=options.prompt_cache_entries, max_bytes=options.prompt_cache_bytes
             )
@@ -185,6 +223,7 @@ class MlxRunner:
         from mlx_lm.utils import get_total_parameters
 
         self._context = context
+        kv_bytes = context * self._parallel * kv_bytes_per_token(model, self._kv_cache)
         self._info = LoadedModelInfo(
             runner=self.name,
             format=model.format,
@@ -192,12 +231,47 @@ class MlxRunner:
             parameter_count=get_total_parameters(self._model),
             quantization=None if dequantize else model.quantization,
             context_length=self._context,
-            memory_bytes=int(mx.get_active_memory()),
+            memory_bytes=int(mx.get_active_memory()) + kv_bytes,
             max_parallel=self._parallel,
             load_duration_ns=time.perf_counter_ns() - started,
-            details={"dequantized": dequantize, "metal": platform.is_apple_silicon()},
+            details={
+                "dequantized": dequantize,
+                "metal": platform.is_apple_silicon(),
+                "kv_cache_type": self._kv_cache.name,
+                "kv_cache_bytes": kv_bytes,
+                "draft": model.draft.name if model.draft else None,
+            },
         )
         return self._info
+
+    def _load_draft(self, model: LocalModel, tokenizer: Any, dequantize: bool) -> Any:
+        """The ModelSpec's draft model, which must share the model's tokenizer (checked again
+        here because the store may hold a draft re-created since)."""
+        if model.draft is None:
+            return None
+        import mlx.core as mx
+        import mlx_lm
+
+        draft, draft_tokenizer = mlx_lm.load(str(model.draft.path))
+        if draft_tokenizer.vocab_size != tokenizer.vocab_size:
+            raise UnsupportedFeatureError(
+                f"the draft {model.draft.name} does not share {model.name}'s tokenizer"
+            )
+        if dequantize:
+            from mlx_lm.utils import dequantize_model
+
+            draft = dequantize_model(draft)
+        mx.eval(draft.parameters())
+        return draft
+
+    def _kv_group_size(self) -> int:
+        """The quantization group of this model's KV heads (0: an unquantized cache); refuses
+        heads ``mx.quantize`` cannot split into whole groups."""
+        if not self._kv_cache.quantized:
+            return 0
+        args = self._model.args
+        head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+        return mlx_group_size(self._kv_cache, head_dim)
 
     def _load_weights(self, folder: Path) -> tuple[Any, Any]:
         """The model and tokenizer from an MLX folder (a sharded runner loads its part)."""
@@ -217,6 +291,7 @@ class MlxRunner:
                 self._batch.close()
                 self._engine.unregister(self._step)
             self._model = self._tokenizer = self._prompt_cache = self._batch = None
+            self._draft = None
             self._guidance_tokenizer = None
             if not KEEP_MLX_CACHE.is_set():
                 mx.clear_cache()
@@ -320,11 +395,12 @@ class MlxRunner:
         emit: Any,
         constraint: Any = None,
     ) -> None:
-        """Add a request to the batch, starting from the longest cached prefix of its prompt."""
+        """Add a request to the batch, starting from the longest cached prefix of its prompt;
+        or run it solo: on the draft model when nothing else is active, or on a quantized KV
+        cache (see the module docstring)."""
         try:
             from mlx_lm.sample_utils import make_logits_processors
 
-            tokenizer = self._tokenizer
             if self._model is None:
                 raise ModelNotLoadedError("the model was unloaded")
             processors = make_logits_processors(
@@ -338,17 +414,14 @@ class MlxRunner:
             ) + list(request.logits_processors)
             if constraint is not None:
                 processors.append(constraint)
+            speculative = self._draft is not None and not self._active and constraint is None
+            if speculative or self._kv_cache.quantized:
+                self._join_solo(request, prompt, max_tokens, emit, processors, speculative)
+                return
             uid, cached = self._insert(
                 prompt, max_tokens, self._sampler(request_sampler(request)), processors
             )
-            state = DecodeState(
-                text=TextStream(MlxDetokenizer(copy.copy(tokenizer.detokenizer)), request.stop),
-                is_end_of_sequence=tokenizer.eos_token_ids.__contains__,
-                max_tokens=max_tokens,
-                cancel=request.cancel,
-                prompt_tokens=len(prompt),
-                cached_prompt_tokens=cached,
-            )
+            state = self._decode_state(request, prompt, max_tokens, cached)
             self._active[uid] = _Active(state, emit, request.logprobs)
         except BaseException as exc:
             emit(exc)
@@ -395,14 +468,119 @@ class MlxRunner:
         """Hook: one ``BatchGenerator`` step (a group first sends rank 0's changes)."""
         return self._batch.next()
 
+    def _decode_state(
+        self, request: GenerateRequest, prompt: list[int], max_tokens: int, cached: int
+    ) -> DecodeState:
+        tokenizer = self._tokenizer
+        return DecodeState(
+            text=TextStream(MlxDetokenizer(copy.copy(tokenizer.detokenizer)), request.stop),
+            is_end_of_sequence=tokenizer.eos_token_ids.__contains__,
+            max_tokens=max_tokens,
+            cancel=request.cancel,
+            prompt_tokens=len(prompt),
+            cached_prompt_tokens=cached,
+        )
+
+    def _join_solo(
+        self,
+        request: GenerateRequest,
+        prompt: list[int],
+        max_tokens: int,
+        emit: Any,
+        processors: list[Any],
+        speculative: bool,
+    ) -> None:
+        """Run a request outside the batch (see the module docstring). A speculative one
+        starts from fresh caches for the model and the draft; one on a quantized KV cache from
+        the longest cached prefix, as a batched one does."""
+        from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+        model = self._model
+        if speculative:
+            cache, remaining = make_prompt_cache(model) + make_prompt_cache(self._draft), prompt
+        else:
+            cache, remaining = self._prompt_cache.fetch_nearest_cache(id(model), prompt)
+            if cache is None:
+                cache, remaining = make_prompt_cache(model), prompt
+            if not remaining:
+                trim_prompt_cache(cache, 1)
+                remaining = prompt[-1:]
+        state = self._decode_state(request, prompt, max_tokens, len(prompt) - len(remaining))
+        steps = self._solo_steps(request, remaining, max_tokens, cache, processors, speculative)
+        solo = _Solo(steps, cache, list(prompt), speculative)
+        self._active[self._solo_uid] = _Active(state, emit, request.logprobs, solo)
+        self._solo_uid -= 1
+
+    def _solo_steps(
+        self,
+        request: GenerateRequest,
+        remaining: list[int],
+        max_tokens: int,
+        cache: list[Any],
+        processors: list[Any],
+        speculative: bool,
+    ) -> Iterator[tuple[Any, ...]]:
+        """mlx-lm's one-sequence generator: ``(token, logprobs[, from_draft])`` per yield."""
+        import mlx.core as mx
+        from mlx_lm.generate import generate_step, speculative_generate_step
+
+        kv = {}
+        if self._kv_cache.quantized:
+            kv = {
+                "kv_bits": self._kv_cache.mlx_bits,
+                "kv_group_size": self._kv_group,
+                "quantized_kv_start": 0,
+            }
+        common = {
+            "max_tokens": max_tokens,
+            "sampler": request_sampler(request),
+            "logits_processors": processors,
+            "prompt_cache": cache,
+            **kv,
+        }
+        prompt = mx.array(remaining)
+        if speculative:
+            return speculative_generate_step(
+                prompt, self._model, self._draft, num_draft_tokens=self._num_draft, **common
+            )
+        return generate_step(prompt, self._model, **common)
+
+    def _advance_solo(self, uid: int, active: _Active) -> None:
+        """One yield of a solo request's generator (several tokens' worth of work when a
+        draft is accepted, but still one token out)."""
+        solo = active.solo
+        assert solo is not None
+        try:
+            token, logprobs, *from_draft = next(solo.steps)
+        except StopIteration:
+            self._end(uid, "length", None)
+            return
+        except Exception as exc:  # this request failed; the others go on
+            self._active.pop(uid)
+            active.emit(InferenceError(f"MLX failed: {exc}"))
+            active.emit(END)
+            return
+        if from_draft and from_draft[0]:
+            active.state.draft_tokens += 1
+        solo.tokens.append(token)
+        chunk = active.state.push(
+            SampledToken(token, self._logprob(token, logprobs, active.top_logprobs))
+        )
+        if chunk is not None:
+            active.emit(chunk)
+        if active.state.done:
+            self._end(uid, active.state.reason, None)
+
     def _step(self) -> bool:
-        """One batch step: a token for every active request (and prefill for new ones)."""
+        """One engine step: a token for every active request (and prefill for new ones)."""
         if not self._active:
             return False
         for uid in [u for u, a in self._active.items() if a.state.cancel.cancelled]:
             self._end(uid, "cancelled", None)
-        if not self._active:
-            return False
+        for uid, active in [(u, a) for u, a in self._active.items() if a.solo is not None]:
+            self._advance_solo(uid, active)
+        if not any(active.solo is None for active in self._active.values()):
+            return bool(self._active)
         try:
             _, responses = self._next()
         except Exception as exc:  # the whole batch failed: every request hears why
@@ -434,8 +612,13 @@ class MlxRunner:
 
     def _end(self, uid: int, reason: Any, cache_and_tokens: tuple[Any, Any] | None) -> None:
         active = self._active.pop(uid)
-        self._batch_changed({"op": "end", "uid": uid, "finished": cache_and_tokens is not None})
-        if cache_and_tokens is None:
+        if active.solo is not None:
+            active.solo.steps.close()
+            if not active.solo.speculative:
+                cache_and_tokens = (active.solo.cache, active.solo.tokens)
+        else:
+            self._batch_changed({"op": "end", "uid": uid, "finished": cache_and_tokens is not None})
+        if active.solo is None and cache_and_tokens is None:
             cache_and_tokens = self._batch.remove([uid], return_prompt_caches=True).get(uid)
         if cache_and_tokens is not None:
             self._remember(*cache_and_tokens)

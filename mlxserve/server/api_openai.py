@@ -129,6 +129,10 @@ def usage(done: Done | None) -> dict[str, Any]:
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": stats.cached_prompt_tokens if stats else 0},
+        # OpenAI's name for predicted tokens the model accepted: here, the draft model's.
+        "completion_tokens_details": {
+            "accepted_prediction_tokens": stats.draft_tokens if stats else 0
+        },
     }
 
 

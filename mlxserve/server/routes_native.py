@@ -69,6 +69,8 @@ async def ps(request: web.Request) -> web.Response:
             runner=info.runner,
             context_length=info.context_length,
             slots=resident.queue.parallel,
+            kv_cache_type=info.details.get("kv_cache_type"),
+            kv_cache_bytes=info.details.get("kv_cache_bytes"),
             active=resident.queue.active,
             queued=resident.queue.waiting,
         )

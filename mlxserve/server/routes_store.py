@@ -134,13 +134,12 @@ def without_paths(error: MlxserveError, folder: Path) -> MlxserveError:
 
 @routes.post("/api/create")
 async def create(request: web.Request) -> web.StreamResponse:
-    from modelstore.spec import build_draft, load_spec, require_valid
+    from modelstore.spec import build_draft, load_spec, require_valid, reshape
 
     body = await json_body(request)
     name = parse_reference(model_name(body))  # an invalid name is refused before any work
     store = request.app[STORE]
-    if body.get("quantize"):
-        raise InvalidRequestError("'quantize' is not supported; import a quantized model")
+    quantize = validate.optional(body, "quantize", str, None)
     stream = validate.optional(body, "stream", bool, True)
 
     async def work(report: Callable[[dict[str, Any]], None]) -> None:
@@ -152,6 +151,14 @@ async def create(request: web.Request) -> web.StreamResponse:
                 spec = load_spec(spec_path)
                 require_valid(spec)
                 draft = await asyncio.to_thread(build_draft, spec, store)
+                draft = await asyncio.to_thread(
+                    reshape,
+                    spec,
+                    draft,
+                    folder,
+                    quantize=quantize,
+                    report=lambda status: report({"status": status}),
+                )
             except MlxserveError as error:
                 raise without_paths(error, folder) from None
             report({"status": "writing manifest"})
