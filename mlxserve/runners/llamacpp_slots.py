@@ -15,6 +15,7 @@ jobs and reads the chunks each sequence emits.
 
 from __future__ import annotations
 
+import ctypes
 import time
 from collections import deque
 from collections.abc import Callable
@@ -280,7 +281,7 @@ class SlotEngine:
         sampling: list[Sequence] = []
         for sequence in active:
             if sequence.pending_token is not None:
-                room = STEP_TOKENS - batch.n_tokens - 1
+                room = self._capacity - batch.n_tokens - 1
                 sequence.drafts = self._drafts(sequence, room)
                 self._add(sequence, sequence.pending_token, logits=True)
                 sequence.pending_token = None
