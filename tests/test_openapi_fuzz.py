@@ -48,12 +48,14 @@ STATE_DEPENDENT_CODES = frozenset(
 )
 """400 codes a schema cannot rule out: they depend on the model, the store or the bytes."""
 STATE_DEPENDENT_PARAMS = frozenset(
-    {"logit_bias", "num_ctx", "think", "thinking", "tool_choice", "images", "dimensions"}
+    {"logit_bias", "num_ctx", "think", "thinking", "tool_choice", "images", "dimensions",
+     "arguments"}
 )
 """``invalid_request`` about these depends on the model or on another field: a token id past
 the vocabulary, a context past the trained one, thinking asked of a model without it, a
 named tool the request does not list, images sent to a model without vision, more dimensions
-than the model's vectors have.
+than the model's vectors have, and tool call ``arguments`` text that is not a JSON object (a
+string's content is beyond what a JSON Schema here can say).
 (From ``/api/create`` it can name a blob that was never uploaded.)"""
 
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from mlxserve.errors import ContextOverflowError
+from mlxserve.errors import ContextOverflowError, InvalidRequestError
 from mlxserve.runners.base import (
     CancelToken,
     DoneReason,
@@ -122,6 +122,18 @@ def prompt_and_budget(
             context_length=context,
         )
     return list(prompt), min(request.max_tokens or DEFAULT_MAX_TOKENS, context - len(prompt))
+
+
+def check_token_ids(request: GenerateRequest, vocabulary: int) -> None:
+    """Token ids a request names (``logit_bias``) must exist: neither MLX's scatter nor a numpy
+    index into the logits checks them, so one past the vocabulary would be a crash or a 500.
+    A ``top_k`` of the whole vocabulary or more means no limit (mlx-lm refuses it)."""
+    if request.top_k >= vocabulary:
+        request.top_k = 0
+    if any(not 0 <= token < vocabulary for token in request.logit_bias or {}):
+        raise InvalidRequestError(
+            f"logit_bias token ids must be between 0 and {vocabulary - 1}", param="logit_bias"
+        )
 
 
 def decode_loop(tokens: Iterator[SampledToken], state: DecodeState) -> Iterator[GenerateChunk]:

@@ -32,7 +32,7 @@ from mlxserve.runners.base import (
     LoadedModelInfo,
     RunnerOptions,
 )
-from mlxserve.runners.decode import prompt_and_budget
+from mlxserve.runners.decode import check_token_ids, prompt_and_budget
 from mlxserve.runners.engine import EngineThread
 from mlxserve.runners.kvcache import kv_cache_type
 from mlxserve.runners.llamacpp_slots import SlotEngine, TokenMask, kv_bytes_per_token, token_piece
@@ -244,6 +244,7 @@ class LlamaCppRunner:
         prompt, max_tokens = prompt_and_budget(
             request, self.tokenize, [model.token_bos()], slots.slot_context
         )
+        check_token_ids(request, model.n_vocab())
         mask = None
         if request.response_format:
             mask = await asyncio.to_thread(self._mask, request.response_format)

@@ -27,7 +27,6 @@ from typing import Any
 from mlxserve import platform
 from mlxserve.errors import (
     InferenceError,
-    InvalidRequestError,
     MlxserveError,
     ModelNotLoadedError,
     RunnerUnavailableError,
@@ -43,7 +42,7 @@ from mlxserve.runners.base import (
     RunnerOptions,
     TokenLogprob,
 )
-from mlxserve.runners.decode import DecodeState, SampledToken, prompt_and_budget
+from mlxserve.runners.decode import DecodeState, SampledToken, check_token_ids, prompt_and_budget
 from mlxserve.runners.engine import EngineThread, shared_engine
 from mlxserve.runners.kvcache import KvCacheType, kv_cache_type, mlx_group_size
 from mlxserve.runners.loading import context_length, kv_bytes_per_token, load_options
@@ -349,15 +348,8 @@ class MlxRunner:
             request, self.tokenize, [tokenizer.bos_token_id or 0], self._context
         )
         vocabulary = getattr(getattr(model, "args", None), "vocab_size", None)
-        if isinstance(vocabulary, int) and request.top_k >= vocabulary:
-            request.top_k = 0  # as many as there are tokens: no limit (mlx-lm refuses it)
-        if isinstance(vocabulary, int) and any(
-            not 0 <= token < vocabulary for token in request.logit_bias or {}
-        ):
-            # MLX does not bounds-check a scatter: an id past the vocabulary is a crash.
-            raise InvalidRequestError(
-                f"logit_bias token ids must be between 0 and {vocabulary - 1}", param="logit_bias"
-            )
+        if isinstance(vocabulary, int):
+            check_token_ids(request, vocabulary)
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[object] = asyncio.Queue()
 

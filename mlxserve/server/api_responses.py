@@ -8,6 +8,7 @@ items (reasoning, message, function calls) or the typed stream events (``respons
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 import uuid
@@ -40,8 +41,10 @@ def _fresh(prefix: str) -> str:
 def _items(value: Any) -> list[Message]:
     if isinstance(value, str):
         return [Message("user", value)]
-    if not isinstance(value, list):
-        raise InvalidRequestError("'input' must be a string or a list of items", param="input")
+    if not isinstance(value, list) or not value:
+        raise InvalidRequestError(
+            "'input' must be a string or a non-empty list of items", param="input"
+        )
     messages: list[Message] = []
     pending_thinking: str | None = None
     for position, item in enumerate(value):
@@ -105,8 +108,6 @@ def parse(body: dict[str, Any]) -> ChatRequest:
     instructions = validate.optional(body, "instructions", str)
     if instructions:
         messages.insert(0, Message("system", instructions))
-    if not messages:
-        raise InvalidRequestError("'input' must not be empty", param="input")
     tools = [validate.function_tool(tool) for tool in body.get("tools") or []]
     reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
     return ChatRequest(
@@ -148,7 +149,7 @@ class ResponsesEncoder:
             "created_at": self.created,
             "status": status,
             "model": self.chat.model,
-            "output": self.output,
+            "output": copy.deepcopy(self.output),
             "error": None,
             "incomplete_details": (
                 {"reason": "max_output_tokens"} if done and done.reason == "length" else None

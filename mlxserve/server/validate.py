@@ -163,16 +163,20 @@ def schema_format(schema: Any, param: str) -> dict[str, Any]:
 
 
 def tool_arguments(value: Any, param: str) -> dict[str, Any]:
-    """Arguments of an earlier tool call: an object, or (OpenAI's wire form) its JSON text."""
+    """Arguments of an earlier tool call: an object, or (OpenAI's wire form) its JSON text.
+
+    The error names ``arguments``: that text must hold a JSON object, which no JSON Schema of
+    the request can say (``tests/test_openapi_fuzz.py`` knows it)."""
+    where = f"{param} (tool call arguments)"
     if isinstance(value, str):
         try:
             value = json.loads(value) if value.strip() else {}
         except json.JSONDecodeError:
-            raise InvalidRequestError("tool call arguments must be JSON", param=param) from None
+            raise InvalidRequestError(f"{where} must be JSON", param="arguments") from None
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise InvalidRequestError("tool call arguments must be a JSON object", param=param)
+        raise InvalidRequestError(f"{where} must be a JSON object", param="arguments")
     return value
 
 
