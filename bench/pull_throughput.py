@@ -59,8 +59,9 @@ def bench_pull(work: Path, weights: Path, size: int, rounds: int) -> dict[str, A
     registry = Registry(work / "registry").start()
     try:
         source = ModelStore(work / "source")
-        draft = ModelDraft(ModelConfig("gguf"),
-                           [LayerSource(mediatypes.WEIGHTS_GGUF, weights.name, path=weights)])
+        draft = ModelDraft(
+            ModelConfig("gguf"), [LayerSource(mediatypes.WEIGHTS_GGUF, weights.name, path=weights)]
+        )
         source.commit(draft, "bench:1")
         target = f"{registry.host}/bench/pull:1"
         asyncio.run(push_model(source, "bench:1", target, insecure=True))
@@ -69,16 +70,31 @@ def bench_pull(work: Path, weights: Path, size: int, rounds: int) -> dict[str, A
         ours, curl, curl_synced = [], [], []
         for index in range(rounds):  # interleaved, so drift on the machine hits all alike
             out = work / f"curl-{index}.bin"
-            curl.append(timed(lambda out=out: subprocess.run(
-                ["curl", "-sS", "-f", "-o", str(out), url], check=True)))
+            curl.append(
+                timed(
+                    lambda out=out: subprocess.run(
+                        ["curl", "-sS", "-f", "-o", str(out), url], check=True
+                    )
+                )
+            )
             out.unlink()
             # The same download made durable (fsync), as the store makes every blob.
-            curl_synced.append(timed(lambda out=out: subprocess.run(
-                f"curl -sS -f -o {out} {url} && sync {out}", shell=True, check=True)))
+            curl_synced.append(
+                timed(
+                    lambda out=out: subprocess.run(
+                        f"curl -sS -f -o {out} {url} && sync {out}", shell=True, check=True
+                    )
+                )
+            )
             out.unlink()
             home = work / f"pull-{index}"
-            ours.append(timed(lambda home=home: asyncio.run(
-                pull_model(ModelStore(home), target, insecure=True))))
+            ours.append(
+                timed(
+                    lambda home=home: asyncio.run(
+                        pull_model(ModelStore(home), target, insecure=True)
+                    )
+                )
+            )
             shutil.rmtree(home)
     finally:
         registry.stop()
@@ -97,8 +113,11 @@ def bench_pull(work: Path, weights: Path, size: int, rounds: int) -> dict[str, A
 def bench_hash(weights: Path, size: int, rounds: int) -> dict[str, Any]:
     ours, reference = [], []
     for _ in range(rounds):
-        reference.append(timed(lambda: subprocess.run(
-            ["sha256sum", str(weights)], check=True, capture_output=True)))
+        reference.append(
+            timed(
+                lambda: subprocess.run(["sha256sum", str(weights)], check=True, capture_output=True)
+            )
+        )
         ours.append(timed(lambda: hash_file(weights)))
     return {
         "file_bytes": size,

@@ -68,8 +68,11 @@ async def follow_up_ttft(loaded: LoadedModel, fresh: bool) -> tuple[float, int]:
     answer = "".join([c.text async for c in loaded.generate(first)])
     if fresh:
         await reset_caches(loaded)
-    turn2 = [*turn1, {"role": "assistant", "content": answer},
-             {"role": "user", "content": "Now make it sadder."}]
+    turn2 = [
+        *turn1,
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "Now make it sadder."},
+    ]
     request = loaded.chat_request(turn2, {"temperature": 0.0, "max_tokens": 1})
     final = [c async for c in loaded.generate(request)][-1]
     await reset_caches(loaded)
@@ -87,8 +90,9 @@ async def reset_caches(loaded: LoadedModel) -> None:
 async def measure(runner_name: str, tokens: int, rounds: int) -> dict[str, Any]:
     store = bench_store()
     loaded = await LoadedModel.load(store, MODEL, runner_name)
-    prompt = loaded.runner.tokenize(loaded.chat_prompt([{"role": "user", "content": QUESTION}]),
-                                    False)
+    prompt = loaded.runner.tokenize(
+        loaded.chat_prompt([{"role": "user", "content": QUESTION}]), False
+    )
     ours, bare = [], []
     if runner_name == "mlx":
         from mlx_lm import load
@@ -109,8 +113,12 @@ async def measure(runner_name: str, tokens: int, rounds: int) -> dict[str, Any]:
         from llama_cpp import Llama
 
         local = open_model(store, MODEL)
-        llama = Llama(str(local.weights[0]), n_ctx=loaded.info.context_length,
-                      n_threads=platform.default_threads(), verbose=False)
+        llama = Llama(
+            str(local.weights[0]),
+            n_ctx=loaded.info.context_length,
+            n_threads=platform.default_threads(),
+            verbose=False,
+        )
         for _ in range(rounds):
             await reset_caches(loaded)
             ours.append(await ours_tokens_per_second(loaded, prompt, tokens))

@@ -74,8 +74,12 @@ class DaemonClient:
     def _send(self, method: str, path: str, body: Any = None) -> http.client.HTTPResponse:
         connection = self._connection()
         try:
-            connection.request(method, path, body=json.dumps(body) if body is not None else None,
-                               headers=self._headers())
+            connection.request(
+                method,
+                path,
+                body=json.dumps(body) if body is not None else None,
+                headers=self._headers(),
+            )
             response = connection.getresponse()
         except OSError as exc:
             raise DaemonUnavailableError(
@@ -84,8 +88,9 @@ class DaemonClient:
             ) from None
         if response.status >= 400:
             payload = json.loads(response.read() or b"{}")
-            raise DaemonError(payload.get("error", f"HTTP {response.status}"),
-                              payload.get("code", "daemon_error"))
+            raise DaemonError(
+                payload.get("error", f"HTTP {response.status}"), payload.get("code", "daemon_error")
+            )
         return response
 
     def get(self, path: str) -> Any:

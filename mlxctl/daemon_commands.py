@@ -27,9 +27,15 @@ def ps_command(as_json: bool) -> None:
     for column in ("NAME", "ID", "SIZE", "RUNNER", "CONTEXT", "ACTIVE", "UNTIL"):
         table.add_column(column)
     for model in models:
-        table.add_row(model["name"], model["digest"][:12], human_size(model["size"]),
-                      model.get("runner", ""), str(model.get("context_length", "")),
-                      str(model.get("active", 0)), model["expires_at"])
+        table.add_row(
+            model["name"],
+            model["digest"][:12],
+            human_size(model["size"]),
+            model.get("runner", ""),
+            str(model.get("context_length", "")),
+            str(model.get("active", 0)),
+            model["expires_at"],
+        )
     console.print(table)
     for model in models:
         if "distributed" in model:
@@ -41,11 +47,16 @@ def print_group(name: str, group: dict[str, Any]) -> None:
     status = group.get("status", "ok")
     if group.get("error"):
         status = f"{status}: {group['error']}"
-    console.print(f"{name}: {len(group['ranks'])} ranks, {group['backend']} backend, "
-                  f"{group['mode']} parallel, {status}", markup=False)
+    console.print(
+        f"{name}: {len(group['ranks'])} ranks, {group['backend']} backend, "
+        f"{group['mode']} parallel, {status}",
+        markup=False,
+    )
     for rank in group["ranks"]:
-        console.print(f"  rank {rank['rank']}  {rank['host']}  "
-                      f"{human_size(rank['memory_bytes'])}", markup=False)
+        console.print(
+            f"  rank {rank['rank']}  {rank['host']}  {human_size(rank['memory_bytes'])}",
+            markup=False,
+        )
 
 
 @click.command("stop")

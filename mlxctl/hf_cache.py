@@ -77,6 +77,7 @@ def import_from_hf_cache(
         table.add_column(column)
     for m in cached:
         hub_model = m.hub_model()
-        table.add_row(m.repo_id, str(hub_model.revision), human_size(m.size),
-                      hub_model.store_name())
+        table.add_row(
+            m.repo_id, str(hub_model.revision), human_size(m.size), hub_model.store_name()
+        )
     console.print(table if cached else "the Hugging Face cache holds no models")

@@ -134,9 +134,7 @@ def push_command(name: str, target: str | None, insecure: bool, as_json: bool) -
 
     store = ModelStore()
     with layer_bars() as on_event:
-        result = asyncio.run(
-            push_model(store, name, target, insecure=insecure, progress=on_event)
-        )
+        result = asyncio.run(push_model(store, name, target, insecure=insecure, progress=on_event))
     if as_json:
         print_json(
             {

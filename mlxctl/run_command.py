@@ -62,8 +62,13 @@ def split_model_and_prompt(model: str | None, prompt: str | None) -> tuple[str, 
     return model, prompt
 
 
-def print_stats(stats: dict[str, Any], reason: str | None, where: str, runner: str | None,
-                load_ns: int | None = None) -> None:
+def print_stats(
+    stats: dict[str, Any],
+    reason: str | None,
+    where: str,
+    runner: str | None,
+    load_ns: int | None = None,
+) -> None:
     """The ``--verbose`` table, the same whether the model ran in this process or in the
     daemon (``stats`` uses Ollama's names, as the daemon's final line does)."""
 
@@ -76,10 +81,15 @@ def print_stats(stats: dict[str, Any], reason: str | None, where: str, runner: s
         ("ran", where),
         ("runner", runner or "-"),
         ("load duration", f"{load / 1e9:.3f}s"),
-        ("prompt eval count", f"{stats.get('prompt_eval_count', 0)} token(s)"
-         + (f" ({cached} from cache)" if cached else "")),
-        ("prompt eval rate", rate(stats.get("prompt_eval_count", 0) - cached,
-                                  stats.get("prompt_eval_duration", 0))),
+        (
+            "prompt eval count",
+            f"{stats.get('prompt_eval_count', 0)} token(s)"
+            + (f" ({cached} from cache)" if cached else ""),
+        ),
+        (
+            "prompt eval rate",
+            rate(stats.get("prompt_eval_count", 0) - cached, stats.get("prompt_eval_duration", 0)),
+        ),
         ("eval count", f"{stats.get('eval_count', 0)} token(s)"),
         ("eval rate", rate(stats.get("eval_count", 0), stats.get("eval_duration", 0))),
         ("total duration", f"{stats.get('total_duration', 0) / 1e9:.3f}s"),
@@ -141,9 +151,12 @@ class DaemonSession:
                     if not self.as_json:
                         sys.stdout.write("\n")
                     if self.verbose:
-                        print_stats(line, line.get("done_reason"),
-                                    f"through the daemon at {self.client.address}",
-                                    self.runner())
+                        print_stats(
+                            line,
+                            line.get("done_reason"),
+                            f"through the daemon at {self.client.address}",
+                            self.runner(),
+                        )
         except KeyboardInterrupt:
             self.last_reason = "cancelled"
             click.echo("\n[stopped]", err=True)
@@ -390,8 +403,11 @@ def interactive(session: Session | DaemonSession, state: ChatState) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Stream NDJSON chunks (daemon shape).")
 @click.option("--verbose", is_flag=True, help="Print load time and tokens/s afterwards.")
 @click.option("--insecure", is_flag=True, help="Pull a missing model over plain HTTP.")
-@click.option("--host", envvar="MLXSERVE_HOST",
-              help="The daemon's address, host:port (default: MLXSERVE_HOST, else the config).")
+@click.option(
+    "--host",
+    envvar="MLXSERVE_HOST",
+    help="The daemon's address, host:port (default: MLXSERVE_HOST, else the config).",
+)
 def run_command(
     model: str | None,
     prompt: str | None,
@@ -444,8 +460,14 @@ def run_command(
             from mlxserve.chat.types import ChatRequest
 
             session.answer(
-                ChatRequest(name, prompt=prompt, system=state.system, raw=raw,
-                            sampling=dict(state.overrides), think=state.think)
+                ChatRequest(
+                    name,
+                    prompt=prompt,
+                    system=state.system,
+                    raw=raw,
+                    sampling=dict(state.overrides),
+                    think=state.think,
+                )
             )
     finally:
         session.close()
@@ -462,8 +484,9 @@ def not_found(name: str, known: list[str]) -> ModelNotFoundError:
     import difflib
 
     short = {n.removesuffix(":latest"): n for n in known}
-    close = [short[c] for c in difflib.get_close_matches(name, list(short), SUGGESTIONS,
-                                                          SIMILARITY)]
+    close = [
+        short[c] for c in difflib.get_close_matches(name, list(short), SUGGESTIONS, SIMILARITY)
+    ]
     lines = [f"no model named '{name}' (`mlxctl list` shows the models in the store)."]
     if close:
         lines.append("Did you mean: " + ", ".join(close) + "?")
@@ -472,7 +495,11 @@ def not_found(name: str, known: list[str]) -> ModelNotFoundError:
 
 
 def choose_session(
-    name: str, runner: str | None, local: bool, as_json: bool, verbose: bool,
+    name: str,
+    runner: str | None,
+    local: bool,
+    as_json: bool,
+    verbose: bool,
     host: str | None = None,
 ) -> Session | DaemonSession:
     """The daemon when one is up (it keeps models warm), else this process.

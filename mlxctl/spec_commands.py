@@ -54,8 +54,9 @@ def validate_command(file: Path, as_json: bool) -> None:
         )
     elif spec.problems:
         for problem in spec.problems:
-            click.echo(f"{file}:{problem.line or 0}: {problem.pointer or '/'}: {problem.message}",
-                       err=True)
+            click.echo(
+                f"{file}:{problem.line or 0}: {problem.pointer or '/'}: {problem.message}", err=True
+            )
         click.echo(f"{len(spec.problems)} error(s)", err=True)
     else:
         console.print(f"{file}: valid")
@@ -65,8 +66,14 @@ def validate_command(file: Path, as_json: bool) -> None:
 
 @spec_group.command("pack")
 @spec_file
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
-              help="The archive to write (an OCI image layout in a tar).")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The archive to write (an OCI image layout in a tar).",
+)
 @click.option("--name", help="Reference recorded in the archive (default: the spec's name).")
 @click.option("--json", "as_json", is_flag=True)
 def pack_command(file: Path, out: Path, name: str | None, as_json: bool) -> None:
@@ -92,21 +99,38 @@ def pack_command(file: Path, out: Path, name: str | None, as_json: bool) -> None
         with byte_progress(f"packing {out.name}", draft.total_source_bytes()) as progress:
             result = pack(draft, reference, out, progress)
     if as_json:
-        print_json({"path": str(result.path), "digest": result.digest,
-                    "manifest": result.manifest_digest, "size": result.size})
+        print_json(
+            {
+                "path": str(result.path),
+                "digest": result.digest,
+                "manifest": result.manifest_digest,
+                "size": result.size,
+            }
+        )
     else:
         console.print(f"packed {reference} into {out} ({human_size(result.size)}, {result.digest})")
 
 
 @click.command("create")
 @click.argument("name", required=False)
-@click.option("-f", "--file", "file", required=True,
-              type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="The ModelSpec to build.")
-@click.option("-q", "--quantize", default=None, metavar="RECIPE",
-              help="Quantize the weights: Q4/Q6/Q8 (MLX) or Q4_K_M/Q5_K_M/Q6_K/Q8_0 (GGUF).")
-@click.option("--fuse", is_flag=True,
-              help="Fuse the spec's adapter into new weights instead of storing it.")
+@click.option(
+    "-f",
+    "--file",
+    "file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The ModelSpec to build.",
+)
+@click.option(
+    "-q",
+    "--quantize",
+    default=None,
+    metavar="RECIPE",
+    help="Quantize the weights: Q4/Q6/Q8 (MLX) or Q4_K_M/Q5_K_M/Q6_K/Q8_0 (GGUF).",
+)
+@click.option(
+    "--fuse", is_flag=True, help="Fuse the spec's adapter into new weights instead of storing it."
+)
 def create_command(name: str | None, file: Path, quantize: str | None, fuse: bool) -> None:
     """Build a model into the store from a ModelSpec.
 
@@ -128,8 +152,9 @@ def create_command(name: str | None, file: Path, quantize: str | None, fuse: boo
     store.blobs.tmp_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=store.blobs.tmp_dir) as work:
         with console.status(f"building {reference}") as status:
-            draft = reshape(spec, draft, Path(work), quantize=quantize, fuse=fuse,
-                            report=status.update)
+            draft = reshape(
+                spec, draft, Path(work), quantize=quantize, fuse=fuse, report=status.update
+            )
         with byte_progress(f"creating {reference}", draft.total_source_bytes()) as progress:
             result = store.commit(draft, reference, progress=progress)
     console.print(f"created [bold]{result.model.name}[/] ({human_size(result.model.size)})")

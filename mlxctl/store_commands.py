@@ -35,15 +35,21 @@ def short_digest(digest: str) -> str:
 @click.option("--name", "-n", help="Name to store it under (an archive names itself).")
 @click.option("--copy", "force_copy", is_flag=True, help="Copy files even where a link would do.")
 @click.option(
-    "--from-hf-cache", "from_hf_cache", is_flag=True,
+    "--from-hf-cache",
+    "from_hf_cache",
+    is_flag=True,
     help="PATH is ORG/REPO[@REVISION] in the local Hugging Face cache; no PATH lists the cache.",
 )
 @click.option(
-    "--from-ollama", "from_ollama", is_flag=True,
+    "--from-ollama",
+    "from_ollama",
+    is_flag=True,
     help="PATH is NAME[:TAG] in Ollama's store ($OLLAMA_MODELS); no PATH lists the store.",
 )
 @click.option(
-    "--from-lmstudio", "from_lmstudio", is_flag=True,
+    "--from-lmstudio",
+    "from_lmstudio",
+    is_flag=True,
     help="PATH is PUBLISHER/REPO[/FILE.gguf] in LM Studio's models folder ($LMSTUDIO_MODELS).",
 )
 @click.option("--all", "import_all", is_flag=True, help="With --from-*: import every model.")
@@ -81,8 +87,15 @@ def import_command(
         from mlxctl.foreign_stores import import_from_lmstudio, import_from_ollama
 
         run = import_from_ollama if from_ollama else import_from_lmstudio
-        run(store, path, name, import_all=import_all, dry_run=dry_run, as_json=as_json,
-            allow_link=not force_copy)
+        run(
+            store,
+            path,
+            name,
+            import_all=import_all,
+            dry_run=dry_run,
+            as_json=as_json,
+            allow_link=not force_copy,
+        )
         return
     if from_hf_cache:
         from mlxctl.hf_cache import import_from_hf_cache
@@ -101,8 +114,16 @@ def report_import(result: ImportResult, as_json: bool) -> None:
     models, hows = result.models, {k: str(v) for k, v in result.files.items()}
     if as_json:
         print_json(
-            [{"name": m.name, "digest": m.manifest_digest, "size": m.size, "files": hows,
-              "warnings": result.warnings} for m in models]
+            [
+                {
+                    "name": m.name,
+                    "digest": m.manifest_digest,
+                    "size": m.size,
+                    "files": hows,
+                    "warnings": result.warnings,
+                }
+                for m in models
+            ]
         )
         return
     for warning in result.warnings:
@@ -205,8 +226,18 @@ def show_command(name: str, as_json: bool) -> None:
     facts = Table(box=None, show_header=False)
     facts.add_column(style="bold")
     facts.add_column()
-    for key in ("name", "digest", "format", "architecture", "quantization", "parameter_count",
-                "context_length", "draft_model", "license", "description"):
+    for key in (
+        "name",
+        "digest",
+        "format",
+        "architecture",
+        "quantization",
+        "parameter_count",
+        "context_length",
+        "draft_model",
+        "license",
+        "description",
+    ):
         if data.get(key) is not None:
             facts.add_row(key.replace("_", " "), str(data[key]))
     facts.add_row("size", human_size(data["size"]))
@@ -228,11 +259,13 @@ def show_command(name: str, as_json: bool) -> None:
     generated = set(GENERATED_LAYERS.values())
     for layer in data["layers"]:
         kind = layer["media_type"].removeprefix("application/vnd.mlxserve.model.")
-        origin = "inferred" if data["template_source"] and kind.startswith("template") \
-            else "from spec"
+        origin = (
+            "inferred" if data["template_source"] and kind.startswith("template") else "from spec"
+        )
         title = layer["title"] + (f" ({origin})" if layer["title"] in generated else "")
-        files.add_row(title, kind, human_size(layer["size"]), layer["storage"],
-                      short_digest(layer["digest"]))
+        files.add_row(
+            title, kind, human_size(layer["size"]), layer["storage"], short_digest(layer["digest"])
+        )
     console.print()
     console.print(files)
 
@@ -265,9 +298,7 @@ def verify_command(as_json: bool) -> None:
     with byte_progress("verifying", total) as progress:
         problems = store.verify((lambda _d, n: progress(n)) if progress else None)
     if as_json:
-        print_json(
-            {"ok": not problems, "problems": [p.__dict__ for p in problems]}
-        )
+        print_json({"ok": not problems, "problems": [p.__dict__ for p in problems]})
     elif problems:
         for problem in problems:
             click.echo(

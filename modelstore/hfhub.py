@@ -17,8 +17,15 @@ from modelstore.errors import ImportSourceError, InvalidReferenceError, ModelNot
 HF_SCHEME = "hf://"
 HF_HOST = "hf.co"
 MODEL_FILE_PATTERNS = [
-    "*.json", "*.safetensors", "*.gguf", "*.jinja", "*.txt", "*.model", "*.tiktoken",
-    "LICENSE*", "README.md",
+    "*.json",
+    "*.safetensors",
+    "*.gguf",
+    "*.jinja",
+    "*.txt",
+    "*.model",
+    "*.tiktoken",
+    "LICENSE*",
+    "README.md",
 ]
 """What a model needs; skips PyTorch ``.bin``/``.pth`` twins of the safetensors weights."""
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -28,8 +28,11 @@ RUNNER_PARAMETERS = (
 )
 """Load-time parameters a ModelSpec may set (``RunnerOptions``)."""
 
-OLLAMA_LOAD_NAMES = {"num_ctx": "context_length", "num_gpu": "n_gpu_layers",
-                     "num_thread": "n_threads"}
+OLLAMA_LOAD_NAMES = {
+    "num_ctx": "context_length",
+    "num_gpu": "n_gpu_layers",
+    "num_thread": "n_threads",
+}
 OLLAMA_PARAMETER_NAMES = {
     **{wire: name for wire, (name, _) in api_names("ollama").items() if wire != name},
     **OLLAMA_LOAD_NAMES,

@@ -89,9 +89,10 @@ def pack(
     out.parent.mkdir(parents=True, exist_ok=True)
     temp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     try:
-        with open(temp, "wb") as raw, tarfile.open(
-            fileobj=raw, mode="w", format=tarfile.GNU_FORMAT
-        ) as tar:
+        with (
+            open(temp, "wb") as raw,
+            tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar,
+        ):
             tar.addfile(_tar_info("oci-layout", len(OCI_LAYOUT_BODY)), io.BytesIO(OCI_LAYOUT_BODY))
             index = index_bytes(manifest_digest, len(manifest), ref)
             tar.addfile(_tar_info("index.json", len(index)), io.BytesIO(index))
@@ -141,9 +142,7 @@ def import_archive(
     except (tarfile.TarError, OSError) as exc:
         raise ImportSourceError(f"{path} is not a readable archive: {exc}") from None
     with tar:
-        members = {
-            m.name.removeprefix("./"): m for m in tar.getmembers() if m.isfile()
-        }
+        members = {m.name.removeprefix("./"): m for m in tar.getmembers() if m.isfile()}
 
         def read_small(entry: str) -> bytes:
             member = members.get(entry)

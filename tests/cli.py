@@ -20,8 +20,13 @@ def mlxctl(
 ) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, "MLXSERVE_HOME": str(home), "COLUMNS": "200", **(env or {})}
     result = subprocess.run(
-        [MLXCTL, *args], env=full_env, capture_output=True, text=True, check=False,
-        input=stdin, timeout=timeout,
+        [MLXCTL, *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        check=False,
+        input=stdin,
+        timeout=timeout,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"mlxctl {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")

@@ -67,8 +67,7 @@ class Registry:
             "log:\n  level: error\n  accesslog:\n    disabled: true\n"
             f"storage:\n  filesystem:\n    rootdirectory: {self.data_dir}\n"
             "  delete:\n    enabled: true\n"
-            f"http:\n  addr: {self.host}\n"
-            + auth
+            f"http:\n  addr: {self.host}\n" + auth
         )
         self.process = subprocess.Popen(
             [binary, "serve", str(config)],

@@ -51,8 +51,14 @@ def test_example_runs(daemon, tiny_models, tmp_path, example):
         .replace("curl ", "curl --fail-with-body --max-time 120 ")
     )
     try:
-        result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True,
-                                text=True, check=False, timeout=300, cwd=tmp_path)
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=300,
+            cwd=tmp_path,
+        )
     finally:
         if registry:
             registry.stop()

@@ -10,8 +10,9 @@ from tests.cli import mlxctl as run_mlxctl
 
 def mlxctl(daemon, *args: str) -> subprocess.CompletedProcess[str]:
     """``mlxctl`` pointed at this daemon (its store and its port)."""
-    return run_mlxctl(*args, home=daemon.home, check=False, timeout=120,
-                      env={"MLXSERVE_PORT": str(daemon.port)})
+    return run_mlxctl(
+        *args, home=daemon.home, check=False, timeout=120, env={"MLXSERVE_PORT": str(daemon.port)}
+    )
 
 
 def test_run_uses_the_daemon_when_it_is_up(daemon):

@@ -101,15 +101,31 @@ def test_store_commands_never_import_heavy_libraries(command, store_home):
         " if m in sys.modules]\n"
         "print(','.join(heavy))\n"
     )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == ""
 
 
 def test_help_lists_every_command(store_home):
     out = mlxctl("--help", home=store_home).stdout
-    for command in ("run", "serve", "pull", "push", "list", "show", "rm", "cp", "import",
-                    "verify", "ps", "stop", "create", "spec", "gc"):
+    for command in (
+        "run",
+        "serve",
+        "pull",
+        "push",
+        "list",
+        "show",
+        "rm",
+        "cp",
+        "import",
+        "verify",
+        "ps",
+        "stop",
+        "create",
+        "spec",
+        "gc",
+    ):
         assert command in out
 
 

@@ -27,8 +27,7 @@ def openai_client(daemon):
 
 
 def test_ollama_generate(ollama_client):
-    response = ollama_client.generate(model=GGUF, prompt="The capital of France is",
-                                      options=QUIET)
+    response = ollama_client.generate(model=GGUF, prompt="The capital of France is", options=QUIET)
     assert response.done and response.done_reason == "length"
     assert response.eval_count == 8
     assert response.response
@@ -55,21 +54,35 @@ def test_ollama_chat_on_each_runner(ollama_client, model):
 
 
 def test_ollama_chat_streams(ollama_client):
-    parts = list(ollama_client.chat(model=GGUF, messages=[{"role": "user", "content": "Hi"}],
-                                    options=QUIET, stream=True))
+    parts = list(
+        ollama_client.chat(
+            model=GGUF, messages=[{"role": "user", "content": "Hi"}], options=QUIET, stream=True
+        )
+    )
     assert parts[-1].done and parts[-1].done_reason == "length"
     assert "".join(p.message.content for p in parts)
 
 
 def test_ollama_chat_accepts_tools_and_tool_history(ollama_client):
-    tool = {"type": "function", "function": {
-        "name": "get_weather", "description": "Weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                       "required": ["city"]}}}
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
     messages = [
         {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": "",
-         "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+        },
         {"role": "tool", "content": "18C and sunny", "tool_name": "get_weather"},
     ]
     response = ollama_client.chat(model=GGUF, messages=messages, tools=[tool], options=QUIET)
@@ -111,12 +124,21 @@ def test_ollama_unknown_model_is_404(ollama_client):
 
 @pytest.mark.parametrize("model", [GGUF, MLX])
 def test_ollama_json_schema_format_on_each_runner(ollama_client, model):
-    schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]},
-                                               "n": {"type": "integer", "minimum": 0,
-                                                     "maximum": 99}},
-              "required": ["city", "n"], "additionalProperties": False}
-    response = ollama_client.generate(model=model, prompt="Give a city as JSON", format=schema,
-                                      options={"temperature": 0, "num_predict": 60})
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"enum": ["Paris", "Rome"]},
+            "n": {"type": "integer", "minimum": 0, "maximum": 99},
+        },
+        "required": ["city", "n"],
+        "additionalProperties": False,
+    }
+    response = ollama_client.generate(
+        model=model,
+        prompt="Give a city as JSON",
+        format=schema,
+        options={"temperature": 0, "num_predict": 60},
+    )
     value = json.loads(response.response)
     assert value["city"] in {"Paris", "Rome"}
     assert isinstance(value["n"], int)
@@ -124,8 +146,7 @@ def test_ollama_json_schema_format_on_each_runner(ollama_client, model):
 
 def test_an_invalid_schema_is_400(ollama_client):
     with pytest.raises(ollama.ResponseError) as info:
-        ollama_client.generate(model=MLX, prompt="Hi", format={"type": "nonsense"},
-                               options=QUIET)
+        ollama_client.generate(model=MLX, prompt="Hi", format={"type": "nonsense"}, options=QUIET)
     assert info.value.status_code == 400
 
 
@@ -141,8 +162,12 @@ def test_openai_chat_completion(openai_client):
 
 def test_openai_chat_stream_with_usage(openai_client):
     stream = openai_client.chat.completions.create(
-        model=GGUF, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0,
-        stream=True, stream_options={"include_usage": True},
+        model=GGUF,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     chunks = list(stream)
     assert chunks[-1].usage.completion_tokens == 6
@@ -160,8 +185,12 @@ def test_openai_cached_tokens_are_reported(openai_client):
 
 def test_openai_logprobs(openai_client):
     response = openai_client.chat.completions.create(
-        model=GGUF, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0,
-        logprobs=True, top_logprobs=2,
+        model=GGUF,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=3,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
     )
     content = response.choices[0].logprobs.content
     assert len(content) == 3
@@ -170,17 +199,29 @@ def test_openai_logprobs(openai_client):
 
 def test_openai_json_schema_response_format(openai_client):
     response = openai_client.chat.completions.create(
-        model=GGUF, messages=[{"role": "user", "content": "A number please"}], max_tokens=40,
+        model=GGUF,
+        messages=[{"role": "user", "content": "A number please"}],
+        max_tokens=40,
         temperature=0,
-        response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": {
-            "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}},
+        response_format={
+            "type": "json_schema",
+            "json_schema": {
+                "name": "n",
+                "schema": {
+                    "type": "object",
+                    "properties": {"n": {"type": "integer"}},
+                    "required": ["n"],
+                },
+            },
+        },
     )
     assert isinstance(json.loads(response.choices[0].message.content)["n"], int)
 
 
 def test_openai_completions(openai_client):
-    response = openai_client.completions.create(model=GGUF, prompt="Once upon a time",
-                                                max_tokens=5, temperature=0)
+    response = openai_client.completions.create(
+        model=GGUF, prompt="Once upon a time", max_tokens=5, temperature=0
+    )
     assert response.choices[0].text
     assert response.usage.completion_tokens == 5
 
@@ -198,8 +239,9 @@ def test_openai_models(openai_client):
 
 def test_openai_errors_have_openai_shape(openai_client):
     with pytest.raises(openai.NotFoundError) as info:
-        openai_client.chat.completions.create(model="nope:1",
-                                              messages=[{"role": "user", "content": "x"}])
+        openai_client.chat.completions.create(
+            model="nope:1", messages=[{"role": "user", "content": "x"}]
+        )
     assert info.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError):
         openai_client.chat.completions.create(model=GGUF, messages=[], max_tokens=1)

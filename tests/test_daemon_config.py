@@ -17,8 +17,9 @@ def test_defaults_come_from_the_committed_file(monkeypatch, tmp_path):
 
 def test_user_file_then_environment_then_flags(monkeypatch, tmp_path):
     monkeypatch.setenv("MLXSERVE_HOME", str(tmp_path))
-    (tmp_path / "config.json").write_text(json.dumps({"port": 1, "max_queue": 3,
-                                                      "keep_alive": "1m"}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"port": 1, "max_queue": 3, "keep_alive": "1m"})
+    )
     monkeypatch.setenv("MLXSERVE_PORT", "2")
     monkeypatch.setenv("MLXSERVE_ORIGINS", "https://a.example, https://b.example")
     settings = load_settings({"port": 3})
@@ -36,9 +37,10 @@ def test_unknown_settings_are_refused(monkeypatch, tmp_path):
         load_settings()
 
 
-@pytest.mark.parametrize(("text", "seconds"),
-                         [("5m", 300), ("1h30m", 5400), ("30s", 30), (-1, -1), ("0", 0),
-                          (2.5, 2.5), ("250ms", 0.25)])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("5m", 300), ("1h30m", 5400), ("30s", 30), (-1, -1), ("0", 0), (2.5, 2.5), ("250ms", 0.25)],
+)
 def test_durations_parse_like_ollama(text, seconds):
     assert parse_duration(text) == seconds
 

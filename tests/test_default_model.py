@@ -34,8 +34,17 @@ def run_mlxctl(home: Path, *args: str, stdin: str | None = None) -> subprocess.C
 
 @pytest.mark.parametrize("runner", ["mlx", "llamacpp"])
 def test_run_answers_paris_on_each_runner(shared_home, runner):
-    result = run_mlxctl(shared_home, "run", "--local", "--runner", runner, "--temperature", "0",
-                        DEFAULT_MODEL, QUESTION)
+    result = run_mlxctl(
+        shared_home,
+        "run",
+        "--local",
+        "--runner",
+        runner,
+        "--temperature",
+        "0",
+        DEFAULT_MODEL,
+        QUESTION,
+    )
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     assert "[stopped]" not in result.stderr
@@ -50,8 +59,17 @@ def test_run_with_no_model_imports_the_default_model_on_first_use(tmp_path):
 
 
 def test_json_stream_ends_with_done_and_stats(shared_home):
-    result = run_mlxctl(shared_home, "run", "--runner", "llamacpp", "--json", "--temperature",
-                        "0", DEFAULT_MODEL, QUESTION)
+    result = run_mlxctl(
+        shared_home,
+        "run",
+        "--runner",
+        "llamacpp",
+        "--json",
+        "--temperature",
+        "0",
+        DEFAULT_MODEL,
+        QUESTION,
+    )
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert all(not line["done"] for line in lines[:-1])
     assert lines[-1]["done"] is True
@@ -61,14 +79,31 @@ def test_json_stream_ends_with_done_and_stats(shared_home):
 
 
 def test_prompt_can_be_piped_on_stdin(shared_home):
-    result = run_mlxctl(shared_home, "run", "--runner", "llamacpp", "--temperature", "0",
-                        DEFAULT_MODEL, stdin=QUESTION)
+    result = run_mlxctl(
+        shared_home,
+        "run",
+        "--runner",
+        "llamacpp",
+        "--temperature",
+        "0",
+        DEFAULT_MODEL,
+        stdin=QUESTION,
+    )
     assert "Paris" in result.stdout
 
 
 def test_verbose_reports_rates(shared_home):
-    result = run_mlxctl(shared_home, "run", "--runner", "llamacpp", "--verbose", "--temperature",
-                        "0", DEFAULT_MODEL, QUESTION)
+    result = run_mlxctl(
+        shared_home,
+        "run",
+        "--runner",
+        "llamacpp",
+        "--verbose",
+        "--temperature",
+        "0",
+        DEFAULT_MODEL,
+        QUESTION,
+    )
     assert "eval rate:" in result.stderr and "load duration:" in result.stderr
 
 
@@ -118,8 +153,11 @@ def test_interactive_chat_keeps_history_and_obeys_commands(shared_home):
     env = {**os.environ, "MLXSERVE_HOME": str(shared_home), "TERM": "dumb"}
     pid, fd = pty.fork()
     if pid == 0:
-        os.execve(MLXCTL, [MLXCTL, "run", "--runner", "llamacpp", "--temperature", "0",
-                           DEFAULT_MODEL], env)
+        os.execve(
+            MLXCTL,
+            [MLXCTL, "run", "--runner", "llamacpp", "--temperature", "0", DEFAULT_MODEL],
+            env,
+        )
     try:
         _read_until(fd, b">>> ")
         os.write(fd, QUESTION.encode() + b"\n")

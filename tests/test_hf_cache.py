@@ -41,8 +41,9 @@ def hf_env(tmp_path: Path, mini_hf_folder: Path) -> dict[str, str]:
 
 
 def test_lists_what_the_cache_holds(store_home, hf_env):
-    listed = json.loads(mlxctl("import", "--from-hf-cache", "--json", home=store_home,
-                               env=hf_env).stdout)
+    listed = json.loads(
+        mlxctl("import", "--from-hf-cache", "--json", home=store_home, env=hf_env).stdout
+    )
     assert [(m["repo_id"], m["revision"], m["refs"]) for m in listed] == [
         ("TestOrg/Mini-Model", COMMIT, ["main"])
     ]
@@ -52,8 +53,11 @@ def test_lists_what_the_cache_holds(store_home, hf_env):
 
 
 def test_imports_from_the_cache_with_hard_links(store_home, hf_env, mini_hf_folder):
-    out = json.loads(mlxctl("import", "--from-hf-cache", "TestOrg/Mini-Model", "--json",
-                            home=store_home, env=hf_env).stdout)
+    out = json.loads(
+        mlxctl(
+            "import", "--from-hf-cache", "TestOrg/Mini-Model", "--json", home=store_home, env=hf_env
+        ).stdout
+    )
     assert out[0]["name"] == "hf.co/testorg/mini-model:main"
     assert out[0]["files"]["model.safetensors"] == "hardlink"
     cache = Path(hf_env["HF_HUB_CACHE"])
@@ -65,15 +69,34 @@ def test_imports_from_the_cache_with_hard_links(store_home, hf_env, mini_hf_fold
 
 
 def test_pull_hf_uses_the_cache_without_network(store_home, hf_env):
-    pulled = json.loads(mlxctl("pull", "hf://TestOrg/Mini-Model", "--json", home=store_home,
-                               env=hf_env).stdout)
-    imported = json.loads(mlxctl("import", "--from-hf-cache", "TestOrg/Mini-Model@main",
-                                 "--name", "again:1", "--json", home=store_home,
-                                 env=hf_env).stdout)
+    pulled = json.loads(
+        mlxctl("pull", "hf://TestOrg/Mini-Model", "--json", home=store_home, env=hf_env).stdout
+    )
+    imported = json.loads(
+        mlxctl(
+            "import",
+            "--from-hf-cache",
+            "TestOrg/Mini-Model@main",
+            "--name",
+            "again:1",
+            "--json",
+            home=store_home,
+            env=hf_env,
+        ).stdout
+    )
     assert pulled["name"] == "hf.co/testorg/mini-model:latest"
     assert pulled["digest"] == imported[0]["digest"]
-    named = json.loads(mlxctl("pull", f"hf://TestOrg/Mini-Model@{COMMIT}", "--name", "mini:hf",
-                              "--json", home=store_home, env=hf_env).stdout)
+    named = json.loads(
+        mlxctl(
+            "pull",
+            f"hf://TestOrg/Mini-Model@{COMMIT}",
+            "--name",
+            "mini:hf",
+            "--json",
+            home=store_home,
+            env=hf_env,
+        ).stdout
+    )
     assert named["name"] == "mini:hf" and named["digest"] == pulled["digest"]
 
 
@@ -81,8 +104,9 @@ def test_missing_repo_offline_is_a_clear_error(store_home, hf_env):
     missing = mlxctl("pull", "hf://TestOrg/Absent", home=store_home, env=hf_env, check=False)
     assert missing.returncode == 1
     assert "Error [model_not_found]" in missing.stderr and "HF_HUB_OFFLINE" in missing.stderr
-    cached = mlxctl("import", "--from-hf-cache", "TestOrg/Absent", home=store_home, env=hf_env,
-                    check=False)
+    cached = mlxctl(
+        "import", "--from-hf-cache", "TestOrg/Absent", home=store_home, env=hf_env, check=False
+    )
     assert cached.returncode == 1 and "Error [model_not_found]" in cached.stderr
     bad = mlxctl("pull", "hf://../etc", home=store_home, env=hf_env, check=False)
     assert bad.returncode == 1 and "Error [invalid_reference]" in bad.stderr
@@ -91,8 +115,10 @@ def test_missing_repo_offline_is_a_clear_error(store_home, hf_env):
 @pytest.mark.parametrize(
     ("text", "name"),
     [
-        ("hf://mlx-community/SmolLM2-135M-Instruct",
-         "hf.co/mlx-community/smollm2-135m-instruct:latest"),
+        (
+            "hf://mlx-community/SmolLM2-135M-Instruct",
+            "hf.co/mlx-community/smollm2-135m-instruct:latest",
+        ),
         ("Qwen/Qwen2.5_0.5B@v1.0", "hf.co/qwen/qwen2-5-0-5b:v1.0"),
     ],
 )

@@ -78,8 +78,13 @@ def test_every_error_code_is_listed(document):
     assert all_error_codes() - listed == set()
 
 
-def response_schema(document: dict[str, Any], method: str, path: str, status: int,
-                    media_type: str = "application/json") -> dict[str, Any]:
+def response_schema(
+    document: dict[str, Any],
+    method: str,
+    path: str,
+    status: int,
+    media_type: str = "application/json",
+) -> dict[str, Any]:
     response = document["paths"][path][method]["responses"][str(status)]
     if "$ref" in response:
         response = document["components"]["responses"][response["$ref"].rsplit("/", 1)[1]]
@@ -89,8 +94,12 @@ def response_schema(document: dict[str, Any], method: str, path: str, status: in
 
 def call(daemon, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(daemon.url + path, data=data, method=method.upper(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        daemon.url + path,
+        data=data,
+        method=method.upper(),
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, json.loads(response.read() or b"null")
@@ -105,28 +114,47 @@ CASES = [
     ("get", "/api/ps", "/api/ps", None, 200),
     ("post", "/api/show", "/api/show", {"model": "tiny:gguf"}, 200),
     ("post", "/api/show", "/api/show", {"model": "absent:1"}, 404),
-    ("post", "/api/generate", "/api/generate",
-     {"model": "tiny:gguf", "prompt": "hi", "stream": False, "options": {"num_predict": 3}}, 200),
-    ("post", "/api/chat", "/api/chat",
-     {"model": "tiny:gguf", "messages": [{"role": "user", "content": "hi"}], "stream": False,
-      "options": {"num_predict": 3}}, 200),
+    (
+        "post",
+        "/api/generate",
+        "/api/generate",
+        {"model": "tiny:gguf", "prompt": "hi", "stream": False, "options": {"num_predict": 3}},
+        200,
+    ),
+    (
+        "post",
+        "/api/chat",
+        "/api/chat",
+        {
+            "model": "tiny:gguf",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": False,
+            "options": {"num_predict": 3},
+        },
+        200,
+    ),
     ("post", "/api/generate", "/api/generate", {"model": "tiny:gguf", "options": 3}, 400),
     ("post", "/api/pull", "/api/pull", {"model": "no-host:1", "stream": False}, 400),
     ("get", "/v1/models", "/v1/models", None, 200),
     ("get", "/v1/models/{model}", "/v1/models/tiny:gguf", None, 200),
     ("get", "/v1/models/{model}", "/v1/models/absent:1", None, 404),
-    ("post", "/v1/chat/completions", "/v1/chat/completions",
-     {"model": "tiny:gguf", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
-     200),
-    ("post", "/v1/completions", "/v1/completions",
-     {"model": "absent:1", "prompt": "hi"}, 404),
+    (
+        "post",
+        "/v1/chat/completions",
+        "/v1/chat/completions",
+        {"model": "tiny:gguf", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+        200,
+    ),
+    ("post", "/v1/completions", "/v1/completions", {"model": "absent:1", "prompt": "hi"}, 404),
 ]
 
 
-@pytest.mark.parametrize(("method", "documented", "path", "body", "status"), CASES,
-                         ids=[f"{c[0]} {c[2]} {c[4]}" for c in CASES])
-def test_real_answers_match_the_document(daemon, document, method, documented, path, body,
-                                         status):
+@pytest.mark.parametrize(
+    ("method", "documented", "path", "body", "status"),
+    CASES,
+    ids=[f"{c[0]} {c[2]} {c[4]}" for c in CASES],
+)
+def test_real_answers_match_the_document(daemon, document, method, documented, path, body, status):
     answered, payload = call(daemon, method, path, body)
     assert answered == status, payload
     jsonschema.validate(payload, response_schema(document, method, documented, status))

@@ -48,8 +48,16 @@ STATE_DEPENDENT_CODES = frozenset(
 )
 """400 codes a schema cannot rule out: they depend on the model, the store or the bytes."""
 STATE_DEPENDENT_PARAMS = frozenset(
-    {"logit_bias", "num_ctx", "think", "thinking", "tool_choice", "images", "dimensions",
-     "arguments"}
+    {
+        "logit_bias",
+        "num_ctx",
+        "think",
+        "thinking",
+        "tool_choice",
+        "images",
+        "dimensions",
+        "arguments",
+    }
 )
 """``invalid_request`` about these depends on the model or on another field: a token id past
 the vocabulary, a context past the trained one, thinking asked of a model without it, a

@@ -102,8 +102,9 @@ def test_push_then_pull_round_trip_keeps_every_digest(registry, tiny_models, tmp
     assert remote.manifest == local.manifest
     assert mlxctl("verify", home=target).returncode == 0
     assert not list((target / "tmp").glob("*"))
-    shown = json.loads(mlxctl("show", f"{registry.host}/team/tiny:gguf", "--json",
-                              home=target).stdout)
+    shown = json.loads(
+        mlxctl("show", f"{registry.host}/team/tiny:gguf", "--json", home=target).stdout
+    )
     assert shown["format"] == "gguf"
 
 
@@ -121,8 +122,9 @@ def test_chunked_upload_and_cross_repository_mount(registry, tmp_path):
     first, second = ModelStore(tmp_path / "a"), ModelStore(tmp_path / "b")
     digest = weights_model(first, "chunky:1", tmp_path / "src", (3 << 20) + 123, seed=2)
     result = asyncio.run(
-        push_model(first, "chunky:1", f"{registry.host}/team/chunky:1", insecure=True,
-                   chunk_size=1 << 20)
+        push_model(
+            first, "chunky:1", f"{registry.host}/team/chunky:1", insecure=True, chunk_size=1 << 20
+        )
     )
     assert len(result.uploaded) == 3
     pulled = asyncio.run(pull_model(second, f"{registry.host}/team/chunky:1", insecure=True))
@@ -130,14 +132,21 @@ def test_chunked_upload_and_cross_repository_mount(registry, tmp_path):
     # The pulled model remembers its repository: pushing it to another repository of the same
     # registry mounts every blob there instead of sending it again.
     moved = asyncio.run(
-        push_model(second, f"{registry.host}/team/chunky:1", f"{registry.host}/other/chunky:1",
-                   insecure=True)
+        push_model(
+            second,
+            f"{registry.host}/team/chunky:1",
+            f"{registry.host}/other/chunky:1",
+            insecure=True,
+        )
     )
     assert moved.uploaded == [] and sorted(moved.mounted) == sorted(result.uploaded)
     third = ModelStore(tmp_path / "c")
-    assert asyncio.run(
-        pull_model(third, f"{registry.host}/other/chunky:1", insecure=True)
-    ).manifest_digest == digest
+    assert (
+        asyncio.run(
+            pull_model(third, f"{registry.host}/other/chunky:1", insecure=True)
+        ).manifest_digest
+        == digest
+    )
 
 
 def test_pull_fetches_only_the_blobs_the_store_lacks(registry, tmp_path):
@@ -148,9 +157,12 @@ def test_pull_fetches_only_the_blobs_the_store_lacks(registry, tmp_path):
     consumer = ModelStore(tmp_path / "consumer")
     weights = tmp_path / "src" / "weights-3.gguf"
     consumer.commit(
-        ModelDraft(ModelConfig("gguf", description="mine"),
-                   [LayerSource(mediatypes.WEIGHTS_GGUF, weights.name, path=weights)]),
-        "mine:1", allow_link=False,
+        ModelDraft(
+            ModelConfig("gguf", description="mine"),
+            [LayerSource(mediatypes.WEIGHTS_GGUF, weights.name, path=weights)],
+        ),
+        "mine:1",
+        allow_link=False,
     )
     weights_blob = consumer.blobs.path(sha256_digest(weights.read_bytes()))
     inode = weights_blob.stat().st_ino
@@ -176,12 +188,15 @@ def test_killed_pull_resumes_with_a_range_request(registry, tmp_path):
     slow = TcpProxy(registry.port, bytes_per_second=2 << 20).start()
     env = {**os.environ, "MLXSERVE_HOME": str(home)}
     process = subprocess.Popen(
-        [MLXCTL, "pull", "--insecure", f"{slow.host}/team/big:1"], env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [MLXCTL, "pull", "--insecure", f"{slow.host}/team/big:1"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not (partial.exists() and
-                                               partial.stat().st_size >= 2 << 20):
+    while time.monotonic() < deadline and not (
+        partial.exists() and partial.stat().st_size >= 2 << 20
+    ):
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -211,9 +226,13 @@ def test_two_pulls_of_one_model_at_once_share_the_download(registry, tmp_path):
     env = {**os.environ, "MLXSERVE_HOME": str(home)}
     try:
         pulls = [
-            subprocess.Popen([MLXCTL, "pull", "--insecure", "--json",
-                              f"{slow.host}/team/twice-at-once:1"],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            subprocess.Popen(
+                [MLXCTL, "pull", "--insecure", "--json", f"{slow.host}/team/twice-at-once:1"],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             for _ in range(2)
         ]
         results = [p.communicate(timeout=60) for p in pulls]
@@ -239,8 +258,9 @@ def test_tampered_blob_is_refused_and_the_store_is_unchanged(registry, tmp_path)
     home = tmp_path / "consumer"
     weights_model(ModelStore(home), "mine:1", tmp_path / "own", 1000, seed=6)
     before = store_state(home)
-    result = mlxctl("pull", "--insecure", f"{registry.host}/team/tampered:1", home=home,
-                    check=False)
+    result = mlxctl(
+        "pull", "--insecure", f"{registry.host}/team/tampered:1", home=home, check=False
+    )
     assert result.returncode == 1
     assert "Error [digest_mismatch]" in result.stderr and weights.digest in result.stderr
     assert store_state(home) == before
@@ -250,8 +270,11 @@ def test_tampered_blob_is_refused_and_the_store_is_unchanged(registry, tmp_path)
 def test_manifest_checks_refuse_wrong_digests_and_bad_blob_names():
     good = (
         b'{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",'
-        b'"config":{"mediaType":"' + mediatypes.MODEL_CONFIG.encode() + b'","digest":"sha256:'
-        + b"a" * 64 + b'","size":2},"layers":[]}'
+        b'"config":{"mediaType":"'
+        + mediatypes.MODEL_CONFIG.encode()
+        + b'","digest":"sha256:'
+        + b"a" * 64
+        + b'","size":2},"layers":[]}'
     )
     assert check_manifest(good, sha256_digest(good), None).layers == []
     with pytest.raises(DigestMismatchError):
@@ -268,15 +291,26 @@ def test_run_pulls_a_missing_model_first(registry, tiny_models, tmp_path):
     publisher, user = tmp_path / "publisher", tmp_path / "user"
     mlxctl("import", str(tiny_models.gguf_path), "--name", "tiny:gguf", home=publisher)
     push_json(publisher, "tiny:gguf", f"{registry.host}/team/run-me:1")
-    ran = mlxctl("run", "--local", "--insecure", "--max-tokens", "4", "--temperature", "0",
-                 f"{registry.host}/team/run-me:1", "hello", home=user)
+    ran = mlxctl(
+        "run",
+        "--local",
+        "--insecure",
+        "--max-tokens",
+        "4",
+        "--temperature",
+        "0",
+        f"{registry.host}/team/run-me:1",
+        "hello",
+        home=user,
+    )
     assert ran.stdout.strip()
     assert ModelStore(user).exists(f"{registry.host}/team/run-me:1")
 
 
 def test_unknown_model_and_missing_host_are_clear_errors(registry, tmp_path):
-    missing = mlxctl("pull", "--insecure", f"{registry.host}/team/nothing:1", home=tmp_path,
-                     check=False)
+    missing = mlxctl(
+        "pull", "--insecure", f"{registry.host}/team/nothing:1", home=tmp_path, check=False
+    )
     assert missing.returncode == 1 and "Error [model_not_found]" in missing.stderr
     no_host = mlxctl("pull", "team/nothing:1", home=tmp_path, check=False)
     assert no_host.returncode == 1 and "Error [invalid_reference]" in no_host.stderr
@@ -295,8 +329,15 @@ def test_password_protected_registry(auth_registry, tmp_path):
     digest = weights_model(ModelStore(home), "secret:1", tmp_path / "src", 1 << 16, seed=7)
     target = f"{auth_registry.host}/team/secret:1"
 
-    anonymous = mlxctl("push", "--insecure", "secret:1", target, home=home, check=False,
-                       env={"MLXSERVE_REGISTRY_AUTH_FILE": str(tmp_path / "none.json")})
+    anonymous = mlxctl(
+        "push",
+        "--insecure",
+        "secret:1",
+        target,
+        home=home,
+        check=False,
+        env={"MLXSERVE_REGISTRY_AUTH_FILE": str(tmp_path / "none.json")},
+    )
     assert anonymous.returncode == 1
     assert "Error [registry_unauthorized]" in anonymous.stderr
     assert "needs a login" in anonymous.stderr
@@ -339,12 +380,17 @@ def test_bearer_token_flow(token_registry, tmp_path):
     assert tokens.issued[-1] == ["repository:team/tokened:pull"]
 
     wrong = docker_config(tmp_path / "wrong.json", registry.host, "ci", "nope")
-    refused = mlxctl("pull", "--insecure", target, home=tmp_path / "third", check=False,
-                     env=wrong)
+    refused = mlxctl("pull", "--insecure", target, home=tmp_path / "third", check=False, env=wrong)
     assert refused.returncode == 1
     assert "Error [registry_unauthorized]" in refused.stderr and "'ci'" in refused.stderr
-    anonymous = mlxctl("pull", "--insecure", target, home=tmp_path / "third", check=False,
-                       env={"MLXSERVE_REGISTRY_AUTH_FILE": str(tmp_path / "none.json")})
+    anonymous = mlxctl(
+        "pull",
+        "--insecure",
+        target,
+        home=tmp_path / "third",
+        check=False,
+        env={"MLXSERVE_REGISTRY_AUTH_FILE": str(tmp_path / "none.json")},
+    )
     assert "needs a login" in anonymous.stderr
     assert store_state(tmp_path / "third") == ([], [])
 
@@ -371,11 +417,15 @@ def test_daemon_pull_and_push_stream_ollama_progress(registry, tiny_models, tmp_
         assert name in [m.model for m in client.list().models]
 
         client.copy(name, f"{registry.host}/team/daemon-copy:1")
-        pushed = list(client.push(f"{registry.host}/team/daemon-copy:1", insecure=True,
-                                  stream=True))
+        pushed = list(
+            client.push(f"{registry.host}/team/daemon-copy:1", insecure=True, stream=True)
+        )
         assert pushed[-1].status == "success"
-        again = asyncio.run(pull_model(ModelStore(tmp_path / "check"),
-                                       f"{registry.host}/team/daemon-copy:1", insecure=True))
+        again = asyncio.run(
+            pull_model(
+                ModelStore(tmp_path / "check"), f"{registry.host}/team/daemon-copy:1", insecure=True
+            )
+        )
         assert again.manifest_digest == ModelStore(publisher).resolve("tiny:gguf").manifest_digest
 
         with pytest.raises(ollama.ResponseError) as refused:

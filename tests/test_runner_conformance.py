@@ -164,11 +164,17 @@ async def test_logprobs_report_the_chosen_token_and_top_alternatives(loaded):
 
 
 async def test_follow_up_prompt_reuses_the_cached_prefix(loaded):
-    first = build_request(loaded.model, {"temperature": 0.0, "max_tokens": 2},
-                          prompt="Once upon a time there was a small model")
+    first = build_request(
+        loaded.model,
+        {"temperature": 0.0, "max_tokens": 2},
+        prompt="Once upon a time there was a small model",
+    )
     await collect(loaded, first)
-    follow = build_request(loaded.model, {"temperature": 0.0, "max_tokens": 2},
-                           prompt="Once upon a time there was a small model that generated")
+    follow = build_request(
+        loaded.model,
+        {"temperature": 0.0, "max_tokens": 2},
+        prompt="Once upon a time there was a small model that generated",
+    )
     chunks = await collect(loaded, follow)
     assert chunks[-1].stats.cached_prompt_tokens >= 5
 
@@ -254,10 +260,18 @@ async def test_mlx_json_constraint_batches_with_free_requests(tiny_store):
 
     model = await LoadedModel.load(tiny_store, "tiny:mlx", "mlx")
     try:
-        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}},
-                  "required": ["ok"], "additionalProperties": False}
-        constrained = make_request(model, max_tokens=30, logit_bias={},
-                                   response_format={"type": "json_schema", "schema": schema})
+        schema = {
+            "type": "object",
+            "properties": {"ok": {"type": "boolean"}},
+            "required": ["ok"],
+            "additionalProperties": False,
+        }
+        constrained = make_request(
+            model,
+            max_tokens=30,
+            logit_bias={},
+            response_format={"type": "json_schema", "schema": schema},
+        )
         free = make_request(model, max_tokens=30)
         results = await asyncio.gather(collect(model, constrained), collect(model, free))
         assert json.loads(text_of(results[0])) in ({"ok": True}, {"ok": False})

@@ -95,10 +95,13 @@ def test_format_that_contradicts_the_source_is_refused(store, mini_hf_folder):
 
 
 def test_spec_can_build_on_a_model_in_the_store(store, mini_hf_folder):
-    store.commit(build_draft(load_spec(write(mini_hf_folder.parent / "a.yaml",
-                                             "from: ./mini-model\n"))), "base:1")
-    spec = load_spec(write(mini_hf_folder.parent / "b.yaml",
-                           "from: model://base:1\nsystem: You are terse.\n"))
+    store.commit(
+        build_draft(load_spec(write(mini_hf_folder.parent / "a.yaml", "from: ./mini-model\n"))),
+        "base:1",
+    )
+    spec = load_spec(
+        write(mini_hf_folder.parent / "b.yaml", "from: model://base:1\nsystem: You are terse.\n")
+    )
     model = store.commit(build_draft(spec, store), "derived:1").model
     assert model.manifest.layers_of(mediatypes.SYSTEM_PROMPT)
     assert store.verify() == []

@@ -170,8 +170,14 @@ CRASHING_IMPORT = textwrap.dedent(
 @pytest.mark.parametrize("crash_after", [1, 10 << 20, 60 << 20], ids=["first-chunk", "mid", "late"])
 def test_a_crash_mid_import_leaves_nothing_partial(store, default_gguf, crash_after):
     process = subprocess.run(
-        [sys.executable, "-c", CRASHING_IMPORT, str(store.root), str(default_gguf),
-         str(crash_after)],
+        [
+            sys.executable,
+            "-c",
+            CRASHING_IMPORT,
+            str(store.root),
+            str(default_gguf),
+            str(crash_after),
+        ],
         check=False,
     )
     assert process.returncode == -9

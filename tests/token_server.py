@@ -49,7 +49,9 @@ class TokenServer:
         now = datetime.datetime.now(datetime.UTC)
         self.cert = (
             x509.CertificateBuilder()
-            .subject_name(name).issuer_name(name).public_key(self.key.public_key())
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self.key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=1))
@@ -79,10 +81,19 @@ class TokenServer:
         for scope in scopes:
             kind, name, actions = scope.split(":")
             access.append({"type": kind, "name": name, "actions": actions.split(",")})
-        claims = {"iss": ISSUER, "sub": self.username, "aud": SERVICE, "exp": now + 300,
-                  "nbf": now - 10, "iat": now, "jti": uuid.uuid4().hex, "access": access}
-        signing_input = (_b64url(json.dumps(header).encode()) + "."
-                         + _b64url(json.dumps(claims).encode()))
+        claims = {
+            "iss": ISSUER,
+            "sub": self.username,
+            "aud": SERVICE,
+            "exp": now + 300,
+            "nbf": now - 10,
+            "iat": now,
+            "jti": uuid.uuid4().hex,
+            "access": access,
+        }
+        signing_input = (
+            _b64url(json.dumps(header).encode()) + "." + _b64url(json.dumps(claims).encode())
+        )
         signature = self.key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
         return signing_input + "." + _b64url(signature)
 

@@ -60,8 +60,10 @@ def tools_of(value: Any) -> list[Tool]:
 
 def _message(position: int, value: Any) -> Message:
     where = f"messages[{position}]"
-    if not isinstance(value, dict) or not isinstance(value.get("role"), str) or (
-        value["role"] not in ROLES
+    if (
+        not isinstance(value, dict)
+        or not isinstance(value.get("role"), str)
+        or (value["role"] not in ROLES)
     ):
         raise InvalidRequestError(
             f"{where} must be an object with a role of {', '.join(ROLES)}", param="messages"

@@ -156,8 +156,9 @@ def split_host(value: str) -> tuple[str, int | None]:
         parts = urlsplit(text)
         port = parts.port
     except ValueError:
-        raise ConfigError(f"invalid host {value!r} (examples: 127.0.0.1, 127.0.0.1:11500)") \
-            from None
+        raise ConfigError(
+            f"invalid host {value!r} (examples: 127.0.0.1, 127.0.0.1:11500)"
+        ) from None
     if not parts.hostname or parts.path not in ("", "/") or parts.username:
         raise ConfigError(f"invalid host {value!r} (examples: 127.0.0.1, 127.0.0.1:11500)")
     return parts.hostname, port

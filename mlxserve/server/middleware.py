@@ -40,8 +40,12 @@ OPEN_PATHS = frozenset({"/api/health"})
 """Answer without an API key: liveness checks carry no data."""
 log = logging.getLogger("mlxserve.access")
 DEFAULT_ORIGINS = (
-    *(f"{scheme}://{host}{port}" for scheme in ("http", "https")
-      for host in ("localhost", "127.0.0.1", "0.0.0.0", "[::1]") for port in ("", ":*")),
+    *(
+        f"{scheme}://{host}{port}"
+        for scheme in ("http", "https")
+        for host in ("localhost", "127.0.0.1", "0.0.0.0", "[::1]")
+        for port in ("", ":*")
+    ),
     "app://*",
     "file://*",
     "tauri://*",

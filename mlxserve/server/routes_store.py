@@ -112,8 +112,10 @@ def spec_parameters(parameters: Any) -> dict[str, Any]:
     for key, value in parameters.items():
         name = OLLAMA_PARAMETER_NAMES.get(key, key)
         if name in renamed:
-            raise InvalidRequestError(f"parameter {name!r} is given twice ({key!r} is its "
-                                      "Ollama name)", param="parameters")
+            raise InvalidRequestError(
+                f"parameter {name!r} is given twice ({key!r} is its Ollama name)",
+                param="parameters",
+            )
         renamed[name] = value
     return renamed
 
