@@ -209,7 +209,8 @@ def test_openai_json_schema_response_format(openai_client):
                 "name": "n",
                 "schema": {
                     "type": "object",
-                    "properties": {"n": {"type": "integer"}},
+                    # Bounded: a random-weight model never ends an unbounded number by itself.
+                    "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999}},
                     "required": ["n"],
                 },
             },

@@ -23,6 +23,7 @@ from mlxserve.errors import (
 )
 from mlxserve.runners import gguf_convert
 from mlxserve.runners.gguf_convert import convert_gguf, mlx_can_convert
+from modelstore.errors import ImportSourceError
 from tests.fixtures.gguf_models import ARCHITECTURES, MORE_QUANTS, QUANTS, build_gguf
 
 STEPS = 32
@@ -248,7 +249,8 @@ def test_a_malformed_gguf_is_a_clear_error_not_a_crash(tmp_path):
     with pytest.raises(UnsupportedArchitectureError, match="vocabulary"):
         convert_gguf(write_gguf(tmp_path / "x.gguf", "llama"), tmp_path / "out", dequantize=True)
     (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\xff" * 64)
-    with pytest.raises(UnsupportedArchitectureError, match="not a readable GGUF"):
+    # The bounded header check (modelstore/gguf_header.py) refuses it before gguf-py reads it.
+    with pytest.raises(ImportSourceError, match="not a valid GGUF"):
         convert_gguf(tmp_path / "bad.gguf", tmp_path / "out", dequantize=True)
 
 

@@ -322,13 +322,20 @@ async def test_gauges_count_waiting_requests_and_fall_back_after_aborts(daemon, 
         "options": {"num_predict": 100000},
     }
     async with aiohttp.ClientSession() as session:
-        running = await session.post(f"{daemon.url}/api/generate", json=stream)
-        await running.content.readline()
+        running = [await session.post(f"{daemon.url}/api/generate", json=stream)]
+        await running[0].content.readline()
+        async with session.get(f"{daemon.url}/api/ps") as listed:
+            (entry,) = [m for m in (await listed.json())["models"] if m["name"] == slow_model]
+        slots = entry["slots"]
+        for _ in range(slots - 1):
+            running.append(await session.post(f"{daemon.url}/api/generate", json=stream))
+            await running[-1].content.readline()
         waiting = asyncio.ensure_future(session.post(f"{daemon.url}/api/generate", json=stream))
-        await wait_for_gauges(session, daemon, slow_model, (1.0, 1.0))
+        await wait_for_gauges(session, daemon, slow_model, (float(slots), 1.0))
         waiting.cancel()
-        await wait_for_gauges(session, daemon, slow_model, (1.0, 0.0))
-        running.close()
+        await wait_for_gauges(session, daemon, slow_model, (float(slots), 0.0))
+        for response in running:
+            response.close()
         await wait_for_gauges(session, daemon, slow_model, (0.0, 0.0))
         await assert_healthy(session, daemon)
 
