@@ -209,9 +209,11 @@ def test_openai_json_schema_response_format(openai_client):
                 "name": "n",
                 "schema": {
                     "type": "object",
-                    # Bounded: a random-weight model never ends an unbounded number by itself.
+                    # Bounded, and closed: a random-weight model never ends an unbounded number
+                    # or stops adding keys by itself.
                     "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999}},
                     "required": ["n"],
+                    "additionalProperties": False,
                 },
             },
         },
