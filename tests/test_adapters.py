@@ -160,3 +160,44 @@ def test_mlxctl_create_fuse_stores_fused_weights_and_no_adapter(store_home, tiny
     shown = json.loads(mlxctl("show", "tiny:fused-cli", "--json", home=store_home).stdout)
     assert "adapter" not in json.dumps([layer["media_type"] for layer in shown["layers"]])
     assert shown["source"]["fused_adapter"].startswith("sha256:")
+
+
+def test_api_create_takes_ollamas_adapters_field(store, trained):
+    """Ollama's ``/api/create`` ``adapters`` (uploaded blobs by file name) gives the same
+    adapter layers as a ModelSpec's ``adapters:`` folder."""
+    import hashlib
+    import urllib.request
+
+    from tests.daemon import Daemon
+
+    daemon = Daemon(store.root).start()
+    try:
+        uploaded = {}
+        for name in ("adapters.safetensors", "adapter_config.json"):
+            data = (trained / "adapters" / name).read_bytes()
+            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            urllib.request.urlopen(
+                urllib.request.Request(
+                    f"{daemon.url}/api/blobs/{digest}", data=data, method="POST"
+                ),
+                timeout=60,
+            )
+            uploaded[name] = digest
+        body = {"model": "tiny:lora-api", "from": "tiny:mlx", "adapters": uploaded, "stream": False}
+        request = urllib.request.Request(
+            f"{daemon.url}/api/create",
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            assert json.loads(response.read())["status"] == "success"
+    finally:
+        daemon.stop()
+
+    def adapter_digests(name: str) -> set[str]:
+        kinds = {mediatypes.ADAPTER, mediatypes.ADAPTER_CONFIG}
+        layers = store.resolve(name).manifest.layers
+        return {layer.digest for layer in layers if layer.media_type in kinds}
+
+    assert adapter_digests("tiny:lora-api") == adapter_digests("tiny:lora")

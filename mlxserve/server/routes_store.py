@@ -64,9 +64,23 @@ async def run_with_status(request: web.Request, stream: bool, work: Work) -> web
     return response
 
 
+def link_blobs(store: Any, files: dict[str, Any], target: Path, param: str) -> None:
+    """Uploaded blobs (``{file name: digest}``) as a folder of those names, for a spec."""
+    target.mkdir()
+    for file_name, digest in files.items():
+        if not isinstance(file_name, str) or "/" in file_name or file_name.startswith("."):
+            raise InvalidRequestError(f"bad file name {file_name!r} in '{param}'", param=param)
+        blob = store.blobs.path(validate_digest(digest))
+        if not blob.is_file():
+            raise InvalidRequestError(
+                f"blob {digest} was not uploaded (POST /api/blobs/{digest} first)", param=param
+            )
+        (target / file_name).symlink_to(blob)
+
+
 def spec_from_create_body(body: dict[str, Any], store: Any, folder: Path) -> Path:
-    """Ollama's create fields (``from``, ``files``, ``template``, ``system``, ``parameters``,
-    ``license``) become a ModelSpec, so ``create`` has one code path."""
+    """Ollama's create fields (``from``, ``files``, ``adapters``, ``template``, ``system``,
+    ``parameters``, ``license``) become a ModelSpec, so ``create`` has one code path."""
     spec: dict[str, Any] = {}
     source = body.get("from")
     files = body.get("files")
@@ -75,21 +89,19 @@ def spec_from_create_body(body: dict[str, Any], store: Any, folder: Path) -> Pat
     if isinstance(source, str) and source:
         spec["from"] = f"model://{source}"
     elif isinstance(files, dict) and files:
-        weights = folder / "weights"
-        weights.mkdir()
-        for file_name, digest in files.items():
-            if not isinstance(file_name, str) or "/" in file_name or file_name.startswith("."):
-                raise InvalidRequestError(f"bad file name {file_name!r} in 'files'")
-            blob = store.blobs.path(validate_digest(digest))
-            if not blob.is_file():
-                raise InvalidRequestError(
-                    f"blob {digest} was not uploaded (POST /api/blobs/{digest} first)"
-                )
-            (weights / file_name).symlink_to(blob)
+        link_blobs(store, files, folder / "weights", "files")
         ggufs = [name for name in files if name.endswith(".gguf")]
         spec["from"] = f"./weights/{ggufs[0]}" if len(ggufs) == 1 else "./weights"
     else:
         raise InvalidRequestError("'from' (a model) or 'files' (uploaded blobs) is required")
+    adapters = body.get("adapters")
+    if adapters:
+        if not isinstance(adapters, dict):
+            raise InvalidRequestError(
+                "'adapters' must map file names to uploaded blob digests", param="adapters"
+            )
+        link_blobs(store, adapters, folder / "adapter", "adapters")
+        spec["adapters"] = ["./adapter"]
     for key in ("template", "system", "license"):
         value = body.get(key)
         if isinstance(value, list):
@@ -127,6 +139,7 @@ def without_paths(error: MlxserveError, folder: Path) -> MlxserveError:
     error.message = (
         error.message.replace(f"{spec} has", "the request has")
         .replace(f"{folder}/weights/", "")
+        .replace(f"{folder}/adapter/", "")
         .replace(f"{folder}/", "")
         .replace(str(folder), "the request")
     )
