@@ -19,7 +19,6 @@ from mlxserve.chat.types import (
     Message,
     TextDelta,
     ThinkingDelta,
-    Tool,
     ToolCall,
     ToolCallEvent,
 )
@@ -61,27 +60,6 @@ def _format(value: Any) -> dict[str, Any] | None:
     raise InvalidRequestError("'format' must be \"json\" or a JSON Schema object", param="format")
 
 
-def _tool(value: Any) -> Tool:
-    function = value.get("function") if isinstance(value, dict) else None
-    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-        raise InvalidRequestError(
-            'each tool must be {"type": "function", "function": {"name": ..., "parameters": ...}}',
-            param="tools",
-        )
-    parameters = function.get("parameters") or {"type": "object", "properties": {}}
-    if not isinstance(parameters, dict):
-        raise InvalidRequestError("a tool's parameters must be a JSON Schema object", param="tools")
-    return Tool(function["name"], function.get("description") or "", parameters)
-
-
-def tools_of(value: Any) -> list[Tool]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise InvalidRequestError("'tools' must be a list", param="tools")
-    return [_tool(tool) for tool in value]
-
-
 def _message(position: int, value: Any) -> Message:
     where = f"messages[{position}]"
     if not isinstance(value, dict) or value.get("role") not in ROLES:
@@ -108,7 +86,7 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
     if not isinstance(messages, list):
         raise InvalidRequestError("'messages' must be a list", param="messages")
     chat.messages = [_message(i, m) for i, m in enumerate(messages)]
-    chat.tools = tools_of(body.get("tools"))
+    chat.tools = validate.function_tools(body.get("tools"))
     chat.tool_choice = validate.tool_choice(body.get("tool_choice"))
     chat.parallel_tool_calls = validate.optional(body, "parallel_tool_calls", bool)
     return chat

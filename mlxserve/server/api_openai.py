@@ -22,7 +22,6 @@ from mlxserve.chat.types import (
     Message,
     TextDelta,
     ThinkingDelta,
-    Tool,
     ToolCall,
     ToolCallEvent,
 )
@@ -48,14 +47,6 @@ ROLES = {
     "assistant": "assistant",
     "tool": "tool",
 }
-
-
-def tools_of(value: Any) -> list[Tool]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise InvalidRequestError("'tools' must be a list", param="tools")
-    return [validate.function_tool(tool) for tool in value]
 
 
 def _message(position: int, value: Any) -> Message:
@@ -96,7 +87,7 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
     if not isinstance(messages, list) or not messages:
         raise InvalidRequestError("'messages' must be a non-empty list", param="messages")
     chat.messages = [_message(i, m) for i, m in enumerate(messages)]
-    chat.tools = tools_of(body.get("tools"))
+    chat.tools = validate.function_tools(body.get("tools"))
     chat.tool_choice = validate.tool_choice(body.get("tool_choice"))
     chat.parallel_tool_calls = validate.optional(body, "parallel_tool_calls", bool)
     chat.format = validate.response_format(body.get("response_format"), "response_format")

@@ -108,7 +108,7 @@ def parse(body: dict[str, Any]) -> ChatRequest:
     instructions = validate.optional(body, "instructions", str)
     if instructions:
         messages.insert(0, Message("system", instructions))
-    tools = [validate.function_tool(tool) for tool in body.get("tools") or []]
+    tools = validate.function_tools(body.get("tools"))
     reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
     return ChatRequest(
         model=validate.model_name(body),

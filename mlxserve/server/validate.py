@@ -259,6 +259,15 @@ def function_tool(value: Any) -> Tool:
     return Tool(function["name"], function.get("description") or "", parameters)
 
 
+def function_tools(value: Any) -> list[Tool]:
+    """A request's ``tools``: Ollama's and OpenAI chat's nested form or the Responses flat one."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InvalidRequestError("'tools' must be a list", param="tools")
+    return [function_tool(tool) for tool in value]
+
+
 def content_parts(content: Any, where: str) -> tuple[str, list[bytes]]:
     """A message's content: a string, or parts (text and base64 ``image_url``)."""
     if content is None or isinstance(content, str):
