@@ -139,11 +139,14 @@ class DaemonSession:
             for line in lines:
                 if "error" in line:
                     raise DaemonError(line["error"], line.get("code", "daemon_error"))
-                text = line[field]["content"] if field == "message" else line[field]
+                part = line[field] if field == "message" else line
+                text = part["content"] if field == "message" else part[field]
                 pieces.append(text)
                 if self.as_json:
                     sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
                 else:
+                    if part.get("thinking"):
+                        click.secho(part["thinking"], dim=True, nl=False)
                     sys.stdout.write(text)
                 sys.stdout.flush()
                 if line.get("done"):
@@ -284,12 +287,13 @@ class Session:
 
         if isinstance(event, ErrorEvent):
             raise event.error
+        if isinstance(event, TextDelta):
+            pieces.append(event.text)
         if self.as_json:
             for line in encoder.encode(event):
                 sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
         elif isinstance(event, TextDelta):
             sys.stdout.write(event.text)
-            pieces.append(event.text)
         elif isinstance(event, ThinkingDelta):
             click.secho(event.text, dim=True, nl=False)
         elif isinstance(event, ToolCallEvent):
