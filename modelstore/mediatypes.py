@@ -30,6 +30,9 @@ LICENSE: Final = "application/vnd.mlxserve.model.license.v1+text"
 OTHER_FILE: Final = "application/vnd.mlxserve.model.file"
 ADAPTER: Final = "application/vnd.mlxserve.model.adapter.safetensors"
 """LoRA/DoRA weights as ``mlx_lm.lora`` writes them (``adapters.safetensors``)."""
+ADAPTER_GGUF: Final = "application/vnd.mlxserve.model.adapter.gguf"
+"""A GGUF LoRA for a GGUF model (llama.cpp's ``convert_lora_to_gguf.py``; Ollama's ``adapter``
+layer), applied by llama.cpp at load."""
 ADAPTER_CONFIG: Final = "application/vnd.mlxserve.model.adapter.config.v1+json"
 """The adapter's ``adapter_config.json`` (rank, scale, layers it touches)."""
 
@@ -40,4 +43,6 @@ ANNOTATION_CREATED: Final = "org.opencontainers.image.created"
 ANNOTATION_DESCRIPTION: Final = "org.opencontainers.image.description"
 ANNOTATION_LICENSES: Final = "org.opencontainers.image.licenses"
 
+ADAPTER_TYPES: Final = frozenset({ADAPTER, ADAPTER_GGUF})
+"""The layers that hold an adapter's weights, one per model whatever its format."""
 WEIGHT_TYPES: Final = frozenset({WEIGHTS_SAFETENSORS, WEIGHTS_GGUF})

@@ -84,4 +84,5 @@ class LocalModel:
     draft: LocalModel | None = None
     """The ModelSpec's draft model for speculative decoding (same tokenizer), if any."""
     adapter: Path | None = None
-    """A folder holding the LoRA adapter as mlx-lm reads it (``adapters.py``), if any."""
+    """The LoRA adapter, if any (``adapters.py``): for an MLX model a folder as mlx-lm reads
+    it, for a GGUF model the GGUF LoRA file llama.cpp applies."""

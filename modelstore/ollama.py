@@ -11,6 +11,7 @@ Jinja one). ``registry/ollama.py`` applies the same mapping to what it pulls.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from modelstore import mediatypes
+from modelstore.adapters import adapter_layers
 from modelstore.blobs import ProgressCallback
 from modelstore.draft import (
     LICENSE_TITLE,
@@ -54,7 +56,6 @@ MESSAGES = "application/vnd.ollama.image.messages"
 TEMPLATE_TITLE = "ollama.template.gotmpl"
 """The Go template, stored as a plain file: for reference, never rendered."""
 KEPT_FILES = {
-    ADAPTER: "ollama.adapter.gguf",
     PROJECTOR: "ollama.projector.gguf",
     MESSAGES: "ollama.messages.json",
 }
@@ -232,6 +233,9 @@ def ollama_draft(model: OllamaModel, locate: Any) -> tuple[ModelDraft, list[str]
                     mediatypes.OTHER_FILE, TEMPLATE_TITLE, path=existing(layer), digest=layer.digest
                 )
             )
+        elif layer.media_type == ADAPTER:
+            (adapter,) = adapter_layers(existing(layer), draft)
+            draft.layers.append(dataclasses.replace(adapter, digest=layer.digest))
         elif layer.media_type in KEPT_FILES:
             draft.layers.append(
                 LayerSource(

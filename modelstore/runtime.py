@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from modelstore import mediatypes
-from modelstore.adapters import adapter_folder
+from modelstore.adapters import runner_adapter
 from modelstore.draft import ModelConfig
 from modelstore.model import LocalModel
 from modelstore.store import ModelStore, StoredModel
@@ -75,5 +75,5 @@ def open_model(store: ModelStore, name: str) -> LocalModel:
         embedding=config.embedding,
         vision=config.vision,
         draft=open_model(store, config.draft_model) if config.draft_model else None,
-        adapter=adapter_folder(folder, store.root / "derived" / "adapters"),
+        adapter=runner_adapter(folder, store.root / "derived" / "adapters"),
     )

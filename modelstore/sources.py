@@ -370,6 +370,7 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
     if not isinstance(adds_bos, bool):
         adds_bos = values.get("tokenizer.ggml.model") in SPM_ADDS_BOS_BY_DEFAULT
     return {
+        "type": values.get("general.type"),
         "architecture": architecture,
         "quantization": quantization,
         "context_length": values.get(f"{architecture}.context_length"),
@@ -396,6 +397,12 @@ def draft_from_gguf(path: Path) -> ModelDraft:
         if handle.read(4) != b"GGUF":
             raise ImportSourceError(f"{path.name} is not a GGUF file (bad magic)", path=str(path))
     meta = read_gguf_metadata(path)
+    if meta["type"] == "adapter":
+        raise ImportSourceError(
+            f"{path.name} is a LoRA adapter, not a model: name it in a ModelSpec's adapters: "
+            "over its base model",
+            path=str(path),
+        )
     embedding = None
     if meta["embedding"]:
         embedding = {

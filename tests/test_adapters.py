@@ -144,9 +144,9 @@ def test_an_adapter_for_another_base_is_refused_at_create(store, trained, tiny_m
         create(store, tmp_path, "bad:lora", spec)
 
 
-def test_an_adapter_on_a_gguf_model_is_refused_at_create(store, trained, tmp_path):
+def test_an_mlx_adapter_on_a_gguf_model_is_refused_at_create(store, trained, tmp_path):
     spec = {"from": "model://tiny:gguf", "adapters": [str(trained / "adapters")]}
-    with pytest.raises(SpecValidationError, match="MLX models"):
+    with pytest.raises(SpecValidationError, match="one GGUF LoRA file"):
         create(store, tmp_path, "bad:gguf", spec)
 
 
@@ -201,3 +201,191 @@ def test_api_create_takes_ollamas_adapters_field(store, trained):
         return {layer.digest for layer in layers if layer.media_type in kinds}
 
     assert adapter_digests("tiny:lora-api") == adapter_digests("tiny:lora")
+
+
+# -- GGUF LoRA on llama.cpp ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gguf_lora(tiny_models, tmp_path_factory) -> Path:
+    """A folder with ``adapter.gguf`` (a GGUF LoRA for the tiny GGUF) and ``fused.gguf``."""
+    from tests.fixtures.gguf_lora import make_fused_gguf, make_gguf_lora
+
+    root = tmp_path_factory.mktemp("gguf-lora")
+    make_gguf_lora(root / "adapter.gguf", tiny_models.hf_folder)
+    make_fused_gguf(root / "fused.gguf", tiny_models.hf_folder, root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def gguf_store(store, gguf_lora) -> ModelStore:
+    import_path(store, gguf_lora / "fused.gguf", "tiny:gguf-fused")
+    create(
+        store,
+        gguf_lora,
+        "tiny:gguf-lora",
+        {"from": "model://tiny:gguf", "adapters": ["adapter.gguf"]},
+    )
+    return store
+
+
+async def llamacpp_greedy(store: ModelStore, name: str) -> list[list[int]]:
+    from mlxserve.runners.llamacpp import LlamaCppRunner
+
+    runner = LlamaCppRunner()
+    await runner.load(open_model(store, name), RunnerOptions(max_parallel=1))
+    try:
+        answers = []
+        for prompt in PROMPTS:
+            request = GenerateRequest(prompt=prompt, temperature=0.0, max_tokens=GENERATED)
+            answers.append([t async for c in runner.generate(request) for t in c.token_ids])
+        return answers
+    finally:
+        await runner.unload()
+
+
+def test_a_gguf_adapter_is_stored_as_its_own_layer(gguf_store):
+    layers = gguf_store.resolve("tiny:gguf-lora").manifest.layers
+    assert [layer.media_type for layer in layers].count(mediatypes.ADAPTER_GGUF) == 1
+    base = {layer.digest for layer in gguf_store.resolve("tiny:gguf").manifest.layers}
+    weights = [layer for layer in layers if layer.media_type == mediatypes.WEIGHTS_GGUF]
+    assert [layer.digest in base for layer in weights] == [True]
+
+
+async def test_a_gguf_adapter_changes_the_output_and_matches_the_fused_gguf(gguf_store):
+    base = await llamacpp_greedy(gguf_store, "tiny:gguf")
+    adapted = await llamacpp_greedy(gguf_store, "tiny:gguf-lora")
+    fused = await llamacpp_greedy(gguf_store, "tiny:gguf-fused")
+    assert adapted != base
+    assert adapted == fused
+
+
+def test_a_gguf_model_with_an_adapter_runs_on_llama_cpp(gguf_store):
+    """The GGUF-to-MLX converter does not apply adapters: such a model stays on llama.cpp."""
+    from mlxserve.runners.select import capable_runners
+
+    model = open_model(gguf_store, "tiny:gguf-lora")
+    assert model.adapter is not None and model.adapter.is_file()
+    assert [plugin.name for plugin in capable_runners(model)] == ["llamacpp"]
+    assert "mlx" in [plugin.name for plugin in capable_runners(open_model(gguf_store, "tiny:gguf"))]
+
+
+def _other_arch_lora(path: Path, tiny_models) -> Path:
+    from tests.fixtures.gguf_lora import lora_pairs, write_gguf_lora
+
+    return write_gguf_lora(path, lora_pairs(tiny_models.hf_folder), architecture="qwen2")
+
+
+def _wrong_shape_lora(path: Path, tiny_models) -> Path:
+    import numpy as np
+
+    from tests.fixtures.gguf_lora import lora_pairs, write_gguf_lora
+
+    pairs = lora_pairs(tiny_models.hf_folder)
+    name = next(iter(pairs))
+    a, b = pairs[name]
+    pairs[name] = (np.zeros((a.shape[0], a.shape[1] * 2), np.float32), b)
+    return write_gguf_lora(path, pairs)
+
+
+def _missing_tensor_lora(path: Path, tiny_models) -> Path:
+    from tests.fixtures.gguf_lora import lora_pairs, write_gguf_lora
+
+    pairs = lora_pairs(tiny_models.hf_folder)
+    pairs["model.layers.9.mlp.down_proj.weight"] = next(iter(pairs.values()))
+    return write_gguf_lora(path, pairs)
+
+
+def _a_model_not_an_adapter(path: Path, tiny_models) -> Path:
+    import shutil
+
+    return Path(shutil.copy(tiny_models.gguf_path, path))
+
+
+def _lying_header(path: Path, tiny_models) -> Path:
+    """A GGUF header claiming 2^62 tensors: refused by the bounded header walk."""
+    import struct
+
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1 << 62, 0))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (_other_arch_lora, "adapts a qwen2 model"),
+        (_wrong_shape_lora, "maps 128 values"),
+        (_missing_tensor_lora, "lacks"),
+        (_a_model_not_an_adapter, "not a GGUF LoRA adapter"),
+        (_lying_header, "tensor count"),
+    ],
+    ids=["architecture", "shape", "tensor", "not-an-adapter", "lying-header"],
+)
+def test_a_mismatched_gguf_adapter_is_refused_at_create(
+    gguf_store, tiny_models, tmp_path, make, message
+):
+    make(tmp_path / "bad.gguf", tiny_models)
+    spec = {"from": "model://tiny:gguf", "adapters": ["bad.gguf"]}
+    with pytest.raises(SpecValidationError, match=message):
+        create(gguf_store, tmp_path, "bad:gguf-lora", spec)
+
+
+async def test_an_ollama_model_with_an_adapter_layer_imports_and_applies_it(
+    gguf_store, gguf_lora, tiny_models, tmp_path
+):
+    """Ollama's ``ADAPTER`` (a GGUF LoRA layer) becomes our adapter layer, checked against the
+    base and applied by llama.cpp, instead of a file kept aside."""
+    from modelstore.ollama import ADAPTER, find_model, import_ollama
+    from tests.fixtures.ollama_store import add_ollama_model
+
+    root = tmp_path / "ollama"
+    extra = [(ADAPTER, gguf_lora / "adapter.gguf")]
+    add_ollama_model(root, "tiny", "lora", tiny_models.gguf_path, extra_layers=extra)
+    import_ollama(gguf_store, find_model("tiny:lora", root), root, name="tiny:ollama-lora")
+    types = [layer.media_type for layer in gguf_store.resolve("tiny:ollama-lora").manifest.layers]
+    assert types.count(mediatypes.ADAPTER_GGUF) == 1
+    assert await llamacpp_greedy(gguf_store, "tiny:ollama-lora") == await llamacpp_greedy(
+        gguf_store, "tiny:gguf-fused"
+    )
+
+
+def test_the_ollama_client_creates_a_model_with_a_gguf_adapter(gguf_store, gguf_lora):
+    """``ollama.create(..., adapters=...)`` after uploading the GGUF LoRA as a blob, as
+    ``ollama create`` does for a Modelfile's ``ADAPTER`` line; then it chats on llama.cpp."""
+    import hashlib
+
+    import ollama
+
+    from tests.daemon import Daemon
+
+    data = (gguf_lora / "adapter.gguf").read_bytes()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    daemon = Daemon(gguf_store.root).start()
+    try:
+        client = ollama.Client(host=daemon.url, timeout=120)
+        client.create_blob(gguf_lora / "adapter.gguf")
+        client.create(model="tiny:client-lora", from_="tiny:gguf", adapters={"a.gguf": digest})
+        shown = client.show("tiny:client-lora")
+        answer = client.generate(
+            model="tiny:client-lora",
+            prompt=PROMPTS[0],
+            options={"temperature": 0, "num_predict": 8},
+        )
+        assert answer.done and answer.eval_count == 8
+    finally:
+        daemon.stop()
+    layers = gguf_store.resolve("tiny:client-lora").manifest.layers
+    assert [layer.digest for layer in layers if layer.media_type == mediatypes.ADAPTER_GGUF] == [
+        digest
+    ]
+    assert shown.details.parent_model
+    assert f"ADAPTER {digest}" in shown.modelfile
+
+
+def test_importing_a_gguf_adapter_as_a_model_says_what_it_is(store_home, gguf_lora):
+    from tests.cli import mlxctl
+
+    adapter = str(gguf_lora / "adapter.gguf")
+    result = mlxctl("import", adapter, "--name", "a:b", home=store_home, check=False)
+    assert result.returncode != 0
+    assert "is a LoRA adapter, not a model" in result.stderr

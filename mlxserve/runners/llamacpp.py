@@ -54,6 +54,17 @@ def _import_llama_cpp() -> Any:
     return llama_cpp
 
 
+def load_lora(llama_cpp: Any, model: Any, adapter: Path | None) -> Any:
+    """The model's GGUF LoRA (checked against the base when the model was created,
+    ``modelstore/adapters.py``), loaded for the slot engine's context; freed with the model."""
+    if adapter is None:
+        return None
+    lora = llama_cpp.llama_adapter_lora_init(model.model, str(adapter).encode())
+    if not lora:
+        raise InferenceError(f"llama.cpp could not load the adapter {adapter.name}")
+    return lora
+
+
 class LlamaCppRunner:
     name = "llamacpp"
 
@@ -66,7 +77,7 @@ class LlamaCppRunner:
         self._eog: set[int] = set()
         self._guidance_tokenizer: Any = None
         self._embedder: Any = None
-        self._embed_params: tuple[Path, int, int] | None = None
+        self._embed_params: tuple[Path, int, int, Path | None] | None = None
 
     @property
     def max_parallel(self) -> int:
@@ -105,11 +116,13 @@ class LlamaCppRunner:
                 Path(model.weights[0]),
                 options.n_threads or platform.default_threads(),
                 layers,
+                model.adapter,
             )
             loaded = _internals.LlamaModel(
                 path_model=str(model.weights[0]), params=params, verbose=False
             )
             try:
+                lora = load_lora(llama_cpp, loaded, model.adapter)
                 slot_bytes = slot_context * kv_bytes_per_token(llama_cpp, loaded, kv_cache)
                 slots = parallel_slots(model.name, options.max_parallel, loaded.size(), slot_bytes)
                 eog = {
@@ -126,6 +139,7 @@ class LlamaCppRunner:
                     eog=eog,
                     kv_cache=kv_cache,
                     lookup_tokens=options.num_draft_tokens or 0,
+                    lora=lora,
                 )
             except BaseException:
                 loaded.close()
@@ -224,7 +238,7 @@ class LlamaCppRunner:
 
         def run() -> EmbedResult:
             if self._embedder is None:
-                path, n_threads, n_gpu_layers = params
+                path, n_threads, n_gpu_layers, adapter = params
                 self._embedder = LlamaCppEmbedder(
                     path,
                     CHAT_MODEL_POOLING,
@@ -232,6 +246,7 @@ class LlamaCppRunner:
                     n_threads,
                     n_gpu_layers,
                     causal=True,
+                    adapter=adapter,
                 )
             return self._embedder.embed(request)
 

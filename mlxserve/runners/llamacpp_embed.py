@@ -71,6 +71,7 @@ class LlamaCppEmbedder:
         n_gpu_layers: int,
         normalize: bool = True,
         causal: bool = False,
+        adapter: Path | None = None,
     ) -> None:
         llama_cpp = _import_llama_cpp()
         self.limit = limit
@@ -88,6 +89,7 @@ class LlamaCppEmbedder:
                 n_threads=n_threads,
                 n_threads_batch=n_threads,
                 n_gpu_layers=n_gpu_layers,
+                lora_path=str(adapter) if adapter else None,
                 verbose=False,
             )
         except ValueError as exc:

@@ -38,6 +38,8 @@ PREFILL_TOKENS = 512
 that bounds how long a new prompt can hold back the sequences already decoding."""
 
 
+LORA_SCALE = 1.0
+"""The adapter at the strength it was trained for (llama.cpp scales by its ``alpha / rank``)."""
 PIECE_BUFFER_BYTES = 64
 """A first guess at a token's size; a longer piece is read again with the size llama.cpp asks."""
 
@@ -147,6 +149,7 @@ class SlotEngine:
         eog: set[int],
         kv_cache: KvCacheType,
         lookup_tokens: int = 0,
+        lora: Any = None,
     ) -> None:
         from llama_cpp import _internals
 
@@ -165,6 +168,12 @@ class SlotEngine:
             # llama.cpp keeps a quantized V cache only with flash attention.
             params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         self._context = _internals.LlamaContext(model=model, params=params, verbose=False)
+        if lora is not None:
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(lora)
+            scales = (ctypes.c_float * 1)(LORA_SCALE)
+            if llama_cpp.llama_set_adapters_lora(self._context.ctx, adapters, 1, scales) != 0:
+                self._context.close()
+                raise InferenceError("llama.cpp could not apply the model's adapter")
         self.slot_context = min(slot_context, llama_cpp.llama_n_ctx_seq(self._context.ctx))
         self._batch = llama_cpp.llama_batch_init(self._capacity, 0, 1)
         self._memory = llama_cpp.llama_get_memory(self._context.ctx)

@@ -72,10 +72,11 @@ def _resolve(target: str) -> Any:
 
 
 def mlx_converts(model: LocalModel) -> bool:
-    """A GGUF runs on MLX when ``gguf_convert`` can convert its architecture and file type."""
+    """A GGUF runs on MLX when ``gguf_convert`` can convert its architecture and file type,
+    and carries no GGUF LoRA (llama.cpp applies those; the converter does not)."""
     from mlxserve.runners.gguf_convert import mlx_can_convert
 
-    return mlx_can_convert(model.architecture, model.quantization)
+    return model.adapter is None and mlx_can_convert(model.architecture, model.quantization)
 
 
 MLX = RunnerPlugin(
