@@ -110,10 +110,10 @@ async def measure(runner_name: str, tokens: int, rounds: int) -> dict[str, Any]:
             ours.append(await ours_tokens_per_second(loaded, prompt, tokens))
             bare.append(bare_mlx_tokens_per_second(model, tokenizer, prompt, tokens))
     else:
-        from llama_cpp import Llama
+        from mlxserve.runners.llamacpp import import_llama_cpp
 
         local = open_model(store, MODEL)
-        llama = Llama(
+        llama = import_llama_cpp().Llama(
             str(local.weights[0]),
             n_ctx=loaded.info.context_length,
             n_threads=platform.default_threads(),

@@ -12,6 +12,7 @@ import os
 import platform
 import sys
 from functools import cache
+from typing import Any
 
 PREFERRED_RUNNERS_ON_METAL = ("mlx", "llamacpp")
 PREFERRED_RUNNERS_ELSEWHERE = ("llamacpp", "mlx")
@@ -43,6 +44,41 @@ def default_threads() -> int:
     """Physical-ish cores: llama.cpp slows down when hyper-threads fight over one core."""
     count = os.cpu_count() or 1
     return max(1, count if count <= 4 else count // 2)
+
+
+LLAMA_CPP_UNSAFE_FEATURES = ("AMX_INT8 = 1",)
+"""CPU features (as ``llama_print_system_info`` reports them) under which llama.cpp's "extra"
+CPU buffer types crash: with the AMX buffer type that a native build enables on Xeons with AMX,
+``llama_decode`` dies with SIGSEGV for AMX-eligible weights (Q4_0, Q4_1, Q8_0, K-quants: the
+default model's Q4_1 included), measured with llama-cpp-python 0.3.36 on this project's Linux
+machines; F32/F16 weights never use it."""
+
+
+def make_llama_cpp_safe(llama_cpp: Any) -> Any:
+    """``llama_cpp``, with every model it loads from now on kept out of llama.cpp's extra CPU
+    buffer types (AMX tiles, repacked layouts) on a CPU where they crash the process.
+
+    Done by wrapping llama-cpp-python's ``llama_model_default_params``, because both our own
+    loader and its ``Llama`` class (the embedding context, tests, benches) start from it and
+    ``Llama`` has no parameter for ``use_extra_bufts``. Elsewhere (every Mac) nothing changes;
+    where it applies, weights are not repacked, which only costs prompt speed on such Xeons.
+    Idempotent."""
+    low = llama_cpp.llama_cpp
+    if getattr(low, "_mlxserve_checked", False):
+        return llama_cpp
+    info = low.llama_print_system_info().decode("utf-8", "replace")
+    if any(feature in info for feature in LLAMA_CPP_UNSAFE_FEATURES):
+        defaults = low.llama_model_default_params
+
+        def without_extra_buffers() -> Any:
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        low.llama_model_default_params = without_extra_buffers
+        llama_cpp.llama_model_default_params = without_extra_buffers
+    low._mlxserve_checked = True
+    return llama_cpp
 
 
 def exit_process(code: int) -> None:

@@ -128,6 +128,18 @@ def chat_daemon(tiny_models, scripted_models, tmp_path_factory: pytest.TempPathF
     running.stop()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests that open GGUFs with llama-cpp-python's ``Llama`` directly get the same CPU
+    safety the runners apply (``platform.make_llama_cpp_safe``)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return
+    from mlxserve.platform import make_llama_cpp_safe
+
+    make_llama_cpp_safe(llama_cpp)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     session.config.stash[_EXIT_STATUS] = int(exitstatus)
 

@@ -4,6 +4,9 @@ estimate used for admission and ``/api/ps`` says so before any token is generate
 
 from __future__ import annotations
 
+import json
+import urllib.request
+
 import pytest
 
 from mlxserve.errors import InvalidRequestError, UnsupportedFeatureError
@@ -147,3 +150,41 @@ async def test_api_ps_shows_the_kv_cache_and_a_type_the_heads_cannot_hold_is_ref
         )
         assert refused.status == 400
         assert (await refused.json())["code"] == "unsupported_feature"
+
+
+def test_a_request_chooses_the_kv_cache_type_through_options(smol_store):
+    """``options.kv_cache_type`` reloads the model with that cache (as ``num_ctx`` reloads it
+    with that context), through the real ``ollama`` client; later requests that do not ask
+    keep it; an unknown type is a 400 before anything loads."""
+    import ollama
+
+    from tests.daemon import Daemon
+
+    daemon = Daemon(smol_store.root).start()
+
+    def loaded() -> dict:
+        with urllib.request.urlopen(f"{daemon.url}/api/ps", timeout=30) as response:
+            (entry,) = json.loads(response.read())["models"]
+        return entry
+
+    try:
+        client = ollama.Client(host=daemon.url, timeout=120)
+        options = {"num_predict": 2, "temperature": 0, "num_ctx": 512}
+        client.generate(model="smol:kv", prompt="Hi", options=options)
+        f16 = loaded()
+        client.generate(model="smol:kv", prompt="Hi", options={**options, "kv_cache_type": "q8_0"})
+        q8 = loaded()
+        client.generate(model="smol:kv", prompt="Hi", options=options)
+        kept = loaded()
+        with pytest.raises(ollama.ResponseError) as refused:
+            client.generate(model="smol:kv", prompt="Hi", options={"kv_cache_type": "q3_x"})
+    finally:
+        daemon.stop()
+    assert (f16["kv_cache_type"], q8["kv_cache_type"], kept["kv_cache_type"]) == (
+        "f16",
+        "q8_0",
+        "q8_0",
+    )
+    assert q8["context_length"] == f16["context_length"] == 512
+    assert q8["kv_cache_bytes"] < f16["kv_cache_bytes"] * 0.6
+    assert refused.value.status_code == 400 and "q8_0" in str(refused.value)

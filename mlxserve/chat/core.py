@@ -290,9 +290,7 @@ async def start_chat(
     the ``with`` body leaves, which frees the slot."""
     http_log["model"] = chat.model
     asked = time.perf_counter_ns()
-    async with manager.use(
-        chat.model, keep_alive=chat.keep_alive, context_length=chat.num_ctx
-    ) as resident:
+    async with manager.use(chat.model, keep_alive=chat.keep_alive, load=chat.load) as resident:
         ready = max(1, time.perf_counter_ns() - asked)
         prepared = await asyncio.to_thread(prepare, resident.loaded, chat)
         run = ChatRun(chat, resident.loaded, prepared, load_ns=ready)

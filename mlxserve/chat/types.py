@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from mlxserve.runners.base import GenerationStats, TokenLogprob
+from mlxserve.runners.base import GenerationStats, LoadAsk, TokenLogprob
 from modelstore.errors import MlxserveError
 
 Role = Literal["system", "user", "assistant", "tool"]
@@ -106,7 +106,8 @@ class ChatRequest:
     """Overrides of ``Sampling`` fields, by field name; absent means the model's default."""
     logprobs: int | None = None
     keep_alive: float | None = None
-    num_ctx: int | None = None
+    load: LoadAsk = field(default_factory=LoadAsk)
+    """``options.num_ctx`` and ``options.kv_cache_type``: how the model should be loaded."""
     stream: bool = True
     return_context: bool = False
     """Report the conversation's token ids in ``Done.context`` (Ollama's ``/api/generate``)."""

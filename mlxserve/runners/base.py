@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from mlxserve.errors import UnsupportedFeatureError
 from modelstore.model import LocalModel
 from modelstore.parameters import Sampling
 
@@ -124,6 +125,30 @@ class RunnerOptions:
     """Tokens the draft model proposes per step, when the model has one (``draft:``)."""
     prompt_cache_entries: int = 8
     prompt_cache_bytes: int = 1 << 30
+
+
+@dataclass(frozen=True)
+class LoadAsk:
+    """How one request asks for its model to be loaded (Ollama's ``options.num_ctx``, and
+    ``options.kv_cache_type``): a model loaded otherwise is reloaded once its running requests
+    finish, as Ollama reloads for ``num_ctx``; what a request leaves unset keeps what is
+    loaded."""
+
+    context_length: int | None = None
+    kv_cache_type: str | None = None
+
+    def unmet(self, info: LoadedModelInfo) -> bool:
+        """Whether the model loaded as ``info`` must be reloaded for this ask. A runner that
+        reports no KV cache type (embedding and vision runners) has no choice to make."""
+        if self.context_length not in (None, info.context_length):
+            return True
+        loaded_cache = info.details.get("kv_cache_type")
+        if self.kv_cache_type is not None and loaded_cache is None:
+            raise UnsupportedFeatureError(
+                f"the {info.runner} runner has no choice of KV cache type",
+                param="kv_cache_type",
+            )
+        return self.kv_cache_type not in (None, loaded_cache)
 
 
 @dataclass

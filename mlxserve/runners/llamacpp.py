@@ -44,14 +44,15 @@ ALL_LAYERS = 0x7FFFFFFF
 """``n_gpu_layers`` for "every layer" in llama.cpp's model params (what ``-1`` means to us)."""
 
 
-def _import_llama_cpp() -> Any:
+def import_llama_cpp() -> Any:
+    """llama-cpp-python, made safe for this CPU (``platform.make_llama_cpp_safe``)."""
     try:
         import llama_cpp
     except ImportError as exc:
         raise RunnerUnavailableError(
             "the llama.cpp runner is not installed: pip install 'mlxserve[llamacpp]'"
         ) from exc
-    return llama_cpp
+    return platform.make_llama_cpp_safe(llama_cpp)
 
 
 def load_lora(llama_cpp: Any, model: Any, adapter: Path | None) -> Any:
@@ -94,7 +95,7 @@ class LlamaCppRunner:
                 f"the llama.cpp runner runs GGUF models; {model.name} is {model.format}",
                 runners=["mlx"],
             )
-        llama_cpp = _import_llama_cpp()
+        llama_cpp = import_llama_cpp()
         started = time.perf_counter_ns()
         options = load_options(model, options)
         slot_context = context_length(model, options)
@@ -217,14 +218,14 @@ class LlamaCppRunner:
         if token < 0:
             return ""
         vocab = self._require().vocab
-        return token_piece(_import_llama_cpp(), vocab, token).decode("utf-8", "replace")
+        return token_piece(import_llama_cpp(), vocab, token).decode("utf-8", "replace")
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._require().tokenize(text.encode(), add_bos=add_special_tokens, special=True)
 
     def detokenize(self, token_ids: list[int]) -> str:
         vocab = self._require().vocab
-        pieces = b"".join(token_piece(_import_llama_cpp(), vocab, t) for t in token_ids)
+        pieces = b"".join(token_piece(import_llama_cpp(), vocab, t) for t in token_ids)
         return pieces.decode("utf-8", "replace")
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:

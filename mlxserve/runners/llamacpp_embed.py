@@ -14,13 +14,11 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 from mlxserve import platform
 from mlxserve.errors import (
     InferenceError,
     ModelNotLoadedError,
-    RunnerUnavailableError,
     UnsupportedFormatError,
 )
 from mlxserve.runners.base import (
@@ -31,6 +29,7 @@ from mlxserve.runners.base import (
     LoadedModelInfo,
     RunnerOptions,
 )
+from mlxserve.runners.llamacpp import import_llama_cpp
 from mlxserve.runners.loading import context_length, load_options
 from mlxserve.runners.pooling import over_limit, refuse_generation
 from mlxserve.runners.threads import WorkerThread
@@ -49,16 +48,6 @@ CHAT_MODEL_POOLING = "mean"
 """A chat model declares no pooling; mean over its final states, as the MLX runner does."""
 
 
-def _import_llama_cpp() -> Any:
-    try:
-        import llama_cpp
-    except ImportError as exc:
-        raise RunnerUnavailableError(
-            "the llama.cpp runner is not installed: pip install 'mlxserve[llamacpp]'"
-        ) from exc
-    return llama_cpp
-
-
 class LlamaCppEmbedder:
     """One embedding-mode context; every call must come from its owner's worker thread."""
 
@@ -73,7 +62,7 @@ class LlamaCppEmbedder:
         causal: bool = False,
         adapter: Path | None = None,
     ) -> None:
-        llama_cpp = _import_llama_cpp()
+        llama_cpp = import_llama_cpp()
         self.limit = limit
         self.normalize = normalize
         try:

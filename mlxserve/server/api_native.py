@@ -33,7 +33,7 @@ MESSAGE_FIELDS = ("content", "thinking", "tool_calls")
 
 
 def _common(body: dict[str, Any]) -> ChatRequest:
-    sampling, num_ctx = validate.ollama_options(body.get("options"))
+    sampling, load = validate.ollama_options(body.get("options"))
     logprobs = None
     if validate.optional(body, "logprobs", bool, False):
         logprobs = validate.optional(body, "top_logprobs", int, 0)
@@ -42,7 +42,7 @@ def _common(body: dict[str, Any]) -> ChatRequest:
         think=validate.think_value(body.get("think")),
         format=_format(body.get("format")),
         sampling=sampling,
-        num_ctx=num_ctx,
+        load=load,
         logprobs=logprobs,
         keep_alive=validate.keep_alive(body.get("keep_alive")),
         stream=validate.optional(body, "stream", bool, True),

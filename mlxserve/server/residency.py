@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mlxserve.errors import QueueFullError
 from mlxserve.inference import LoadedModel
-from mlxserve.runners.base import RunnerOptions
+from mlxserve.runners.base import LoadAsk, RunnerOptions
 from mlxserve.runners.loading import context_length as check_context
 from mlxserve.runners.loading import load_options
 from mlxserve.server.config import Settings
@@ -133,17 +133,15 @@ class ModelManager:
         *,
         runner: str | None = None,
         keep_alive: float | None = None,
-        context_length: int | None = None,
+        load: LoadAsk | None = None,
     ) -> AsyncIterator[Resident]:
-        """A loaded model with a slot held for the ``with`` body; ``context_length`` (a
-        request's ``num_ctx``) reloads it with that context when it was loaded with another."""
+        """A loaded model with a slot held for the ``with`` body; ``load`` (a request's
+        ``num_ctx`` and ``kv_cache_type``) reloads it so when it was loaded otherwise."""
         name = self.canonical(name)
         waiting = self._queues.get(name)
         if waiting is not None:
             waiting.admit()
-        resident = await self.ensure_loaded(
-            name, runner=runner, keep_alive=keep_alive, context_length=context_length
-        )
+        resident = await self.ensure_loaded(name, runner=runner, keep_alive=keep_alive, load=load)
         async with resident.queue.slot():
             resident.touch(keep_alive)
             try:
@@ -159,9 +157,10 @@ class ModelManager:
         *,
         runner: str | None = None,
         keep_alive: float | None = None,
-        context_length: int | None = None,
+        load: LoadAsk | None = None,
     ) -> Resident:
         name = self.canonical(name)
+        load = load or LoadAsk()
         lock = self._load_locks.setdefault(name, asyncio.Lock())
         async with lock:
             resident = self.residents.get(name)
@@ -172,30 +171,28 @@ class ModelManager:
                     raise QueueFullError(f"{name} is busy on another runner; retry shortly")
                 await self._unload(name)
                 resident = None
-            if resident is not None and context_length not in (
-                None,
-                resident.loaded.info.context_length,
-            ):
-                # As Ollama: the model is reloaded with the asked context once its running
-                # requests finish (new ones wait on this lock meanwhile).
-                await self._checked_options(name, context_length)  # a refusal keeps it loaded
+            if resident is not None and load.unmet(resident.loaded.info):
+                # As Ollama: the model is reloaded as asked once its running requests finish
+                # (new ones wait on this lock meanwhile).
+                await self._checked_options(name, load)  # a refusal keeps it loaded
                 while resident.queue.busy:
                     await asyncio.sleep(REAP_INTERVAL_S)
-                log.info("reloading %s with a context of %d tokens", name, context_length)
+                log.info("reloading %s as asked: %s", name, load)
                 runner = runner or resident.loaded.info.runner
                 await self._unload(name)
                 resident = None
             if resident is None:
-                resident = await self._load(name, runner, keep_alive, context_length)
+                resident = await self._load(name, runner, keep_alive, load)
             resident.touch(keep_alive)
             return resident
 
-    async def _checked_options(self, name: str, context_length: int | None) -> RunnerOptions:
+    async def _checked_options(self, name: str, load: LoadAsk) -> RunnerOptions:
         """The load options, once the context's bounds and the memory for weights and KV cache
         are checked: before anything is evicted or unloaded for a model that cannot load (the
         runner checks again with its own slot count)."""
         options = RunnerOptions(
-            context_length=context_length,
+            context_length=load.context_length,
+            kv_cache_type=load.kv_cache_type,
             max_parallel=self.settings.num_parallel,
             prompt_cache_bytes=self.settings.prompt_cache_bytes,
         )
@@ -204,10 +201,10 @@ class ModelManager:
         return options
 
     async def _load(
-        self, name: str, runner: str | None, keep_alive: float | None, context_length: int | None
+        self, name: str, runner: str | None, keep_alive: float | None, load: LoadAsk
     ) -> Resident:
         model = self.store.resolve(name)
-        options = await self._checked_options(name, context_length)
+        options = await self._checked_options(name, load)
         await asyncio.to_thread(
             self._digests.check, name, [model.manifest_digest, *model.manifest.blob_digests()]
         )

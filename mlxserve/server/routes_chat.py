@@ -64,9 +64,7 @@ async def _load_or_unload(request: web.Request, chat: ChatRequest) -> web.Respon
         await manager.unload(chat.model)
         reason = "unload"
     else:
-        await manager.ensure_loaded(
-            chat.model, keep_alive=chat.keep_alive, context_length=chat.num_ctx
-        )
+        await manager.ensure_loaded(chat.model, keep_alive=chat.keep_alive, load=chat.load)
         reason = "load"
     body: dict[str, Any] = {
         "model": chat.model,

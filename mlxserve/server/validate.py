@@ -17,6 +17,8 @@ from aiohttp import web
 
 from mlxserve.chat.types import Tool, ToolCall
 from mlxserve.errors import InvalidRequestError
+from mlxserve.runners.base import LoadAsk
+from mlxserve.runners.kvcache import kv_cache_type
 from mlxserve.server.config import ConfigError, parse_duration
 from modelstore.parameters import Api, api_names
 
@@ -27,6 +29,7 @@ UNLIMITED_TOKENS = 1 << 30
 LOAD_TIME_OPTIONS = frozenset(
     {
         "num_ctx",
+        "kv_cache_type",
         "num_gpu",
         "num_thread",
         "num_batch",
@@ -131,10 +134,12 @@ def sampling(body: dict[str, Any], api: Api) -> dict[str, Any]:
     return overrides
 
 
-def ollama_options(options: Any) -> tuple[dict[str, Any], int | None]:
-    """Ollama's ``options``: sampling overrides, and ``num_ctx`` (the context to load with)."""
+def ollama_options(options: Any) -> tuple[dict[str, Any], LoadAsk]:
+    """Ollama's ``options``: sampling overrides, and how to load the model: ``num_ctx`` (the
+    context) and ``kv_cache_type`` (ours: Ollama sets it for the whole server with
+    ``OLLAMA_KV_CACHE_TYPE``; here a request may choose, as it may choose ``num_ctx``)."""
     if options is None:
-        return {}, None
+        return {}, LoadAsk()
     if not isinstance(options, dict):
         raise InvalidRequestError("'options' must be an object", param="options")
     known = api_names("ollama")
@@ -144,7 +149,10 @@ def ollama_options(options: Any) -> tuple[dict[str, Any], int | None]:
     num_ctx = optional(options, "num_ctx", int)
     if num_ctx is not None and num_ctx < 1:
         raise InvalidRequestError("'num_ctx' must be at least 1", param="num_ctx")
-    return sampling(options, "ollama"), num_ctx
+    cache = optional(options, "kv_cache_type", str)
+    if cache is not None:
+        kv_cache_type(cache)  # an unknown type is refused before anything loads
+    return sampling(options, "ollama"), LoadAsk(num_ctx, cache)
 
 
 def keep_alive(value: Any) -> float | None:
