@@ -283,3 +283,26 @@ def test_a_hung_rank_1_is_noticed_within_the_step_timeout(tiny_models, tmp_path)
         assert_unavailable_but_serving_others(leader)
     finally:
         stop_group(leader, follower)
+
+
+@pytest.mark.parametrize("feature", ["draft", "kv_cache_type"])
+def test_features_that_run_one_sequence_in_one_process_are_refused_for_a_group(
+    tiny_models, tmp_path, feature
+):
+    """Drafts and quantized KV caches run solo on mlx-lm's loop in one process, which the
+    other ranks would never follow: refused when the group starts, not hung on at a step."""
+    import dataclasses
+
+    from mlxserve.distributed.runner import refuse_solo_features
+    from mlxserve.errors import UnsupportedFeatureError
+    from mlxserve.runners.base import RunnerOptions
+    from modelstore.runtime import open_model
+
+    model = open_model(populated_store(tmp_path / "home", tiny_models), "tiny:mlx")
+    refuse_solo_features(model, RunnerOptions())
+    if feature == "draft":
+        model = dataclasses.replace(model, draft=model)
+    else:
+        model = dataclasses.replace(model, parameters={"kv_cache_type": "q8_0"})
+    with pytest.raises(UnsupportedFeatureError, match="distributed group"):
+        refuse_solo_features(model, RunnerOptions())
