@@ -92,8 +92,8 @@ def pack_command(file: Path, out: Path, name: str | None, as_json: bool) -> None
     require_valid(spec)
     reference = _name_for(spec.data, name, file)
     store = ModelStore()
-    draft = build_draft(spec, store)
     with tempfile.TemporaryDirectory(prefix="mlxctl-pack-") as work:
+        draft = build_draft(spec, store, Path(work))
         with console.status(f"building {reference}") as status:
             draft = reshape(spec, draft, Path(work), report=status.update)
         with byte_progress(f"packing {out.name}", draft.total_source_bytes()) as progress:
@@ -148,9 +148,9 @@ def create_command(name: str | None, file: Path, quantize: str | None, fuse: boo
     require_valid(spec)
     reference = _name_for(spec.data, name, file)
     store = ModelStore()
-    draft = build_draft(spec, store)
     store.blobs.tmp_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=store.blobs.tmp_dir) as work:
+        draft = build_draft(spec, store, Path(work))
         with console.status(f"building {reference}") as status:
             draft = reshape(
                 spec, draft, Path(work), quantize=quantize, fuse=fuse, report=status.update

@@ -41,9 +41,21 @@ ZIP_MAX_BYTES = 256 << 30
 @contextlib.contextmanager
 def unpacked_zip(path: Path, scratch: Path) -> Iterator[Path]:
     """A zipped model folder (``all_minilm_l6_v2/model.zip``) unpacked under the store's
-    scratch folder: the same file system as the blobs, so committing it hard-links instead of
-    copying. Every member name is checked first (no absolute paths, no ``..``), and the sizes
-    the zip declares are bounded; ``zipfile`` then refuses a member longer than declared."""
+    scratch folder (the same file system as the blobs, so committing it hard-links instead of
+    copying), removed when the ``with`` body leaves."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    target = Path(tempfile.mkdtemp(prefix="import-zip-", dir=scratch))
+    try:
+        yield extract_zip(path, target)
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def extract_zip(path: Path, target: Path) -> Path:
+    """Unpack the zipped model folder ``path`` into the empty folder ``target`` (the caller
+    removes it) and return the model's folder: the zip's single top folder, else ``target``.
+    Every member name is checked first (no absolute paths, no ``..``), and the sizes the zip
+    declares are bounded; ``zipfile`` then refuses a member longer than declared."""
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -60,18 +72,13 @@ def unpacked_zip(path: Path, scratch: Path) -> Iterator[Path]:
                 )
         if sum(member.file_size for member in members) > ZIP_MAX_BYTES:
             raise ImportSourceError(f"{path}: unpacks to more than {ZIP_MAX_BYTES} bytes")
-        scratch.mkdir(parents=True, exist_ok=True)
-        target = Path(tempfile.mkdtemp(prefix="import-zip-", dir=scratch))
         try:
-            try:
-                archive.extractall(target)
-            except (zipfile.BadZipFile, OSError) as exc:
-                raise ImportSourceError(f"{path}: cannot unpack ({exc})", path=str(path)) from None
-            entries = list(target.iterdir())
-            only_folder = len(entries) == 1 and entries[0].is_dir()
-            yield entries[0] if only_folder else target
-        finally:
-            shutil.rmtree(target, ignore_errors=True)
+            archive.extractall(target)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise ImportSourceError(f"{path}: cannot unpack ({exc})", path=str(path)) from None
+    entries = list(target.iterdir())
+    only_folder = len(entries) == 1 and entries[0].is_dir()
+    return entries[0] if only_folder else target
 
 
 def import_path(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -228,13 +229,26 @@ def require_valid(spec: ModelSpec) -> None:
         )
 
 
-def _source_draft(spec: ModelSpec, store: ModelStore | None) -> ModelDraft:
+def _draft_from_file(path: Path, work: Path | None) -> ModelDraft:
+    """A folder, a ``.gguf``, or a ``.zip`` of a model folder (as ``mlxctl import`` takes one),
+    unpacked under ``work``, which the caller removes once the model is stored."""
+    if path.suffix != ".zip" or not path.is_file():
+        return draft_from_path(path)
+    if work is None:
+        raise ImportSourceError(f"{path.name}: a .zip source needs a scratch folder")
+    from modelstore.importer import extract_zip  # the importer builds on this module's kin
+
+    work.mkdir(parents=True, exist_ok=True)
+    return draft_from_path(extract_zip(path, Path(tempfile.mkdtemp(prefix="zip-", dir=work))))
+
+
+def _source_draft(spec: ModelSpec, store: ModelStore | None, work: Path | None) -> ModelDraft:
     source = spec.data["from"]
     if source.startswith("pkg://"):
         path = package_file(source)
         if path is None:
             raise ImportSourceError(f"{source}: not found in the installed packages")
-        return draft_from_path(path)
+        return _draft_from_file(path, work)
     if source.startswith("model://"):
         if store is None:
             raise ImportSourceError("model:// sources need the store")
@@ -253,7 +267,7 @@ def _source_draft(spec: ModelSpec, store: ModelStore | None) -> ModelDraft:
         except ModelNotFoundError as exc:
             raise ImportSourceError(f"{exc.message} (no downloads here)") from None
         return draft_from_path(folder)
-    return draft_from_path(spec.resolve_file(source))
+    return _draft_from_file(spec.resolve_file(source), work)
 
 
 def _tokenizer_digests(layers: list[LayerSource]) -> dict[str, str]:
@@ -303,11 +317,14 @@ def _inherited_parameters(draft: ModelDraft) -> dict[str, Any]:
     return {}
 
 
-def build_draft(spec: ModelSpec, store: ModelStore | None = None) -> ModelDraft:
-    """The model a valid spec describes: its source, with the spec's settings as layers."""
+def build_draft(
+    spec: ModelSpec, store: ModelStore | None = None, work: Path | None = None
+) -> ModelDraft:
+    """The model a valid spec describes: its source, with the spec's settings as layers.
+    ``work`` is a scratch folder for a zipped source (the caller removes it after commit)."""
     require_valid(spec)
     data = spec.data
-    draft = _source_draft(spec, store)
+    draft = _source_draft(spec, store, work)
     config = draft.config
     if data.get("format") and data["format"] != config.format:
         raise SpecValidationError(

@@ -288,3 +288,25 @@ def test_litellm_embedding(embed_daemon, monkeypatch):
 def test_an_input_with_no_tokens_is_a_400_naming_it(embed_daemon):
     status, body = post(embed_daemon, "/api/embed", {"model": "smollm2:135m", "input": ["x", ""]})
     assert status == 400 and "input 1" in body["error"]
+
+
+def test_a_modelspec_builds_from_the_zip_as_import_does(minilm_zip, tmp_path):
+    """``from:`` a ``.zip`` (here the shipped ``pkg://`` one) gives the very layers
+    ``mlxctl import`` stores from it, and leaves nothing unpacked behind."""
+    from tests.cli import mlxctl
+
+    spec = tmp_path / "minilm.modelspec.yaml"
+    spec.write_text(f"from: {MINILM_ZIP}\nname: minilm:spec\n")
+    home = tmp_path / "home"
+    mlxctl("import", str(minilm_zip), "--name", "minilm:import", home=home)
+    mlxctl("create", "minilm:spec", "-f", str(spec), home=home)
+    shown = {
+        name: json.loads(mlxctl("show", name, "--json", home=home).stdout)
+        for name in ("minilm:import", "minilm:spec")
+    }
+
+    def layers(name: str) -> set[tuple[str, str]]:
+        return {(layer["media_type"], layer["digest"]) for layer in shown[name]["layers"]}
+
+    assert layers("minilm:spec") == layers("minilm:import")
+    assert not [path for path in home.rglob("*") if "zip-" in path.name]

@@ -165,7 +165,7 @@ async def create(request: web.Request) -> web.StreamResponse:
                 report({"status": "parsing modelspec"})
                 spec = load_spec(spec_path)
                 require_valid(spec)
-                draft = await asyncio.to_thread(build_draft, spec, store)
+                draft = await asyncio.to_thread(build_draft, spec, store, folder / "source")
                 draft = await asyncio.to_thread(
                     reshape,
                     spec,
