@@ -92,10 +92,10 @@ def store(tiny_models, trained, tmp_path_factory) -> ModelStore:
     return store
 
 
-async def greedy(store: ModelStore, name: str) -> list[list[int]]:
-    from mlxserve.runners.mlx import MlxRunner
+async def greedy(store: ModelStore, name: str, runner_name: str = "mlx") -> list[list[int]]:
+    from mlxserve.runners.select import make_runner
 
-    runner = MlxRunner()
+    runner = make_runner(runner_name)
     await runner.load(open_model(store, name), RunnerOptions(max_parallel=1))
     try:
         answers = []
@@ -230,18 +230,7 @@ def gguf_store(store, gguf_lora) -> ModelStore:
 
 
 async def llamacpp_greedy(store: ModelStore, name: str) -> list[list[int]]:
-    from mlxserve.runners.llamacpp import LlamaCppRunner
-
-    runner = LlamaCppRunner()
-    await runner.load(open_model(store, name), RunnerOptions(max_parallel=1))
-    try:
-        answers = []
-        for prompt in PROMPTS:
-            request = GenerateRequest(prompt=prompt, temperature=0.0, max_tokens=GENERATED)
-            answers.append([t async for c in runner.generate(request) for t in c.token_ids])
-        return answers
-    finally:
-        await runner.unload()
+    return await greedy(store, name, "llamacpp")
 
 
 def test_a_gguf_adapter_is_stored_as_its_own_layer(gguf_store):
