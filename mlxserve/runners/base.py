@@ -139,7 +139,8 @@ class LoadAsk:
 
     def unmet(self, info: LoadedModelInfo) -> bool:
         """Whether the model loaded as ``info`` must be reloaded for this ask. A runner that
-        reports no KV cache type (embedding and vision runners) has no choice to make."""
+        reports no KV cache type (embedding and vision runners) cannot honour one: refused.
+        A reload starts from the model's own settings for whatever the request leaves unset."""
         if self.context_length not in (None, info.context_length):
             return True
         loaded_cache = info.details.get("kv_cache_type")
