@@ -33,6 +33,9 @@ ADAPTER: Final = "application/vnd.mlxserve.model.adapter.safetensors"
 ADAPTER_GGUF: Final = "application/vnd.mlxserve.model.adapter.gguf"
 """A GGUF LoRA for a GGUF model (llama.cpp's ``convert_lora_to_gguf.py``; Ollama's ``adapter``
 layer), applied by llama.cpp at load."""
+PROJECTOR_GGUF: Final = "application/vnd.mlxserve.model.projector.gguf"
+"""A GGUF model's multimodal projector (llama.cpp's ``mmproj``; Ollama's ``projector`` layer):
+the vision tower libmtmd loads next to the text model, which makes the model a vision model."""
 ADAPTER_CONFIG: Final = "application/vnd.mlxserve.model.adapter.config.v1+json"
 """The adapter's ``adapter_config.json`` (rank, scale, layers it touches)."""
 

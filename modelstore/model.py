@@ -81,6 +81,8 @@ class LocalModel:
     generative model."""
     vision: dict[str, Any] | None = None
     """The store's record of a vision-language model (``ModelConfig.vision``)."""
+    projector: Path | None = None
+    """A GGUF vision model's multimodal projector (``mmproj``), which libmtmd loads."""
     draft: LocalModel | None = None
     """The ModelSpec's draft model for speculative decoding (same tokenizer), if any."""
     adapter: Path | None = None

@@ -34,7 +34,7 @@ from modelstore.importer import ImportResult
 from modelstore.manifest import Descriptor
 from modelstore.parameters import SPEC_PARAMETERS, api_names
 from modelstore.reference import ModelReference, parse_reference
-from modelstore.sources import draft_from_gguf
+from modelstore.sources import draft_from_gguf, projector_layer
 from modelstore.store import ModelStore
 
 OLLAMA_MODELS_ENV = "OLLAMA_MODELS"
@@ -56,7 +56,6 @@ MESSAGES = "application/vnd.ollama.image.messages"
 TEMPLATE_TITLE = "ollama.template.gotmpl"
 """The Go template, stored as a plain file: for reference, never rendered."""
 KEPT_FILES = {
-    PROJECTOR: "ollama.projector.gguf",
     MESSAGES: "ollama.messages.json",
 }
 """Layers no runner here uses yet, kept so that nothing the user had is lost."""
@@ -236,6 +235,10 @@ def ollama_draft(model: OllamaModel, locate: Any) -> tuple[ModelDraft, list[str]
         elif layer.media_type == ADAPTER:
             (adapter,) = adapter_layers(existing(layer), draft)
             draft.layers.append(dataclasses.replace(adapter, digest=layer.digest))
+        elif layer.media_type == PROJECTOR:
+            draft.layers.append(
+                dataclasses.replace(projector_layer(existing(layer), draft), digest=layer.digest)
+            )
         elif layer.media_type in KEPT_FILES:
             draft.layers.append(
                 LayerSource(

@@ -8,6 +8,7 @@ from modelstore import mediatypes
 from modelstore.adapters import runner_adapter
 from modelstore.draft import ModelConfig
 from modelstore.model import LocalModel
+from modelstore.sources import PROJECTOR_TITLE
 from modelstore.store import ModelStore, StoredModel
 
 HF_TEMPLATE_FILES = ("chat_template.jinja", "tokenizer_config.json")
@@ -74,6 +75,7 @@ def open_model(store: ModelStore, name: str) -> LocalModel:
         derived_dir=store.root / "derived",
         embedding=config.embedding,
         vision=config.vision,
+        projector=folder / PROJECTOR_TITLE if (folder / PROJECTOR_TITLE).is_file() else None,
         draft=open_model(store, config.draft_model) if config.draft_model else None,
         adapter=runner_adapter(folder, store.root / "derived" / "adapters"),
     )

@@ -325,6 +325,46 @@ SPM_ADDS_BOS_BY_DEFAULT = frozenset({"llama"})
 """Tokenizer models for which llama.cpp adds BOS when ``add_bos_token`` is absent."""
 
 
+PROJECTOR_TITLE = "mmproj.gguf"
+"""The projector's file name in the model's folder (``LocalModel.projector``)."""
+
+
+def projector_layer(path: Path, draft: ModelDraft) -> LayerSource:
+    """The multimodal projector of the GGUF model in ``draft``, which becomes a vision model.
+
+    Checked here (the header, ``general.architecture`` ``clip`` with a vision encoder) so that a
+    wrong file is refused at import; whether its output fits the text model's embedding width
+    libmtmd checks at load, with a clear message (``LlamaCppRunner``).
+    """
+    from gguf import GGUFReader
+
+    if draft.config.format != "gguf":
+        raise ImportSourceError("a projector (mmproj) goes with a GGUF model")
+    check_gguf_header(path)
+    try:
+        fields = GGUFReader(path).fields
+        values = {
+            key: fields[key].contents()
+            for key in ("general.architecture", "clip.has_vision_encoder", "clip.projector_type")
+            if key in fields
+        }
+    except Exception as exc:  # the reader raises ValueError, struct.error, ... on bad files
+        raise ImportSourceError(f"{path.name} is not a valid GGUF file: {exc}") from None
+    if values.get("general.architecture") != "clip" or not values.get("clip.has_vision_encoder"):
+        raise ImportSourceError(
+            f"{path.name} is not a vision projector (mmproj): it needs general.architecture "
+            "clip and clip.has_vision_encoder"
+        )
+    projector_type = values.get("clip.projector_type")
+    draft.config.vision = {
+        "projector": PROJECTOR_TITLE,
+        "projector_type": projector_type if isinstance(projector_type, str) else None,
+    }
+    if "vision" not in draft.config.features:
+        draft.config.features = [*draft.config.features, "vision"]
+    return LayerSource(mediatypes.PROJECTOR_GGUF, PROJECTOR_TITLE, path=path)
+
+
 def read_gguf_metadata(path: Path) -> dict[str, Any]:
     """The GGUF key/values we keep (the ``gguf`` package parses; it memory-maps, never loads).
 

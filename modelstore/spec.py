@@ -42,7 +42,7 @@ from modelstore.errors import (
 from modelstore.hfhub import HF_SCHEME, HubModel, cached_snapshot
 from modelstore.quantize import quantize_draft
 from modelstore.reference import parse_reference
-from modelstore.sources import draft_from_path
+from modelstore.sources import draft_from_path, projector_layer
 from modelstore.store import ModelStore
 from modelstore.templates import go_template_error
 
@@ -163,7 +163,7 @@ def _semantic_problems(spec: ModelSpec, lines: dict[str, int]) -> list[SpecProbl
             add("/from", exc.message)
     elif not spec.resolve_file(source).exists():
         add("/from", f"{source}: no such file or folder (relative to {spec.base_dir})")
-    for key in ("template_file", "license_file"):
+    for key in ("template_file", "license_file", "projector"):
         if key in data and not spec.resolve_file(data[key]).is_file():
             add(f"/{key}", f"{data[key]}: no such file")
     template = _template_text(spec)
@@ -345,6 +345,14 @@ def build_draft(
             raise SpecValidationError(
                 f"{spec.path}: adapter {adapter}: {exc.message}",
                 errors=[{"pointer": f"/adapters/{index}", "message": exc.message}],
+            ) from None
+    if data.get("projector"):
+        try:
+            draft.layers.append(projector_layer(spec.resolve_file(data["projector"]), draft))
+        except ImportSourceError as exc:
+            raise SpecValidationError(
+                f"{spec.path}: projector {data['projector']}: {exc.message}",
+                errors=[{"pointer": "/projector", "message": exc.message}],
             ) from None
     template = _template_text(spec)
     if template is not None:

@@ -19,7 +19,9 @@ from typing import Any
 
 from mlxserve import platform
 from mlxserve.errors import (
+    ContextOverflowError,
     InferenceError,
+    InvalidRequestError,
     ModelNotLoadedError,
     RunnerUnavailableError,
     UnsupportedFormatError,
@@ -32,7 +34,7 @@ from mlxserve.runners.base import (
     LoadedModelInfo,
     RunnerOptions,
 )
-from mlxserve.runners.decode import check_token_ids, prompt_and_budget
+from mlxserve.runners.decode import DEFAULT_MAX_TOKENS, check_token_ids, prompt_and_budget
 from mlxserve.runners.engine import EngineThread
 from mlxserve.runners.kvcache import kv_cache_type
 from mlxserve.runners.llamacpp_slots import SlotEngine, TokenMask, kv_bytes_per_token, token_piece
@@ -141,6 +143,7 @@ class LlamaCppRunner:
                     kv_cache=kv_cache,
                     lookup_tokens=options.num_draft_tokens or 0,
                     lora=lora,
+                    projector=model.projector,
                 )
             except BaseException:
                 loaded.close()
@@ -257,9 +260,13 @@ class LlamaCppRunner:
         model = self._require()
         slots, engine = self._slots, self._engine
         assert slots is not None and engine is not None
-        prompt, max_tokens = prompt_and_budget(
-            request, self.tokenize, [model.token_bos()], slots.slot_context
-        )
+        media = None
+        if request.images:
+            prompt, media, max_tokens = await self._media_prompt(request)
+        else:
+            prompt, max_tokens = prompt_and_budget(
+                request, self.tokenize, [model.token_bos()], slots.slot_context
+            )
         check_token_ids(request, model.n_vocab())
         mask = None
         if request.response_format:
@@ -275,13 +282,43 @@ class LlamaCppRunner:
             if joined.exception() is not None:
                 emit(joined.exception())
 
-        joined = engine.submit(lambda: slots.join(request, prompt, max_tokens, emit, mask))
+        joined = engine.submit(
+            lambda: slots.join(request, prompt, max_tokens, emit, mask, media=media)
+        )
         joined.add_done_callback(report)
         try:
             async for item in drain(chunks):
                 yield item
         finally:
             request.cancel.cancel()
+
+    async def _media_prompt(self, request: GenerateRequest) -> tuple[list[int], Any, int]:
+        """A prompt with images: libmtmd's chunks (tokenized on the engine thread, which owns
+        the projector), its token list with the image positions, and the generation budget."""
+        slots, engine = self._slots, self._engine
+        assert slots is not None and engine is not None
+        if slots.media is None:
+            raise InvalidRequestError(
+                "this model has no vision projector: it cannot read images",
+                param="images",
+            )
+        projector = slots.media
+        text = request.prompt
+        if text is None:
+            text = self.detokenize(request.prompt_tokens or [])
+        prompt, media = await engine.call(
+            lambda: projector.tokenize(text, request.add_special_tokens, request.images)
+        )
+        context = slots.slot_context
+        if len(prompt) >= context:
+            await engine.call(lambda: projector.free(media))
+            raise ContextOverflowError(
+                f"the prompt (images included) has {len(prompt)} tokens; the context holds "
+                f"{context}",
+                prompt_tokens=len(prompt),
+                context_length=context,
+            )
+        return prompt, media, min(request.max_tokens or DEFAULT_MAX_TOKENS, context - len(prompt))
 
     def _mask(self, response_format: dict[str, Any]) -> TokenMask:
         """The request's JSON grammar (validated before any byte is sent) over this GGUF's

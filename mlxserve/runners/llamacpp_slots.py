@@ -20,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ from mlxserve.errors import InferenceError, InvalidFormatError
 from mlxserve.runners.base import GenerateRequest, TokenLogprob
 from mlxserve.runners.decode import DecodeState, SampledToken
 from mlxserve.runners.kvcache import KvCacheType, ggml_bytes_per_token, ggml_check
+from mlxserve.runners.llamacpp_media import IMAGE_POSITION, MediaProjector
 from mlxserve.runners.textstream import ByteDetokenizer, TextStream
 from mlxserve.runners.threads import END
 
@@ -110,6 +112,8 @@ class Sequence:
     """Tokens prompt lookup proposed after ``pending_token``, decoded with it this step."""
     draft_indices: list[int] = field(default_factory=list)
     """Batch rows of the pending token and each draft, whose logits verify the drafts."""
+    media: Any = None
+    """libmtmd's text and image chunks (``llamacpp_media``), prefilled whole on admission."""
 
 
 @dataclass
@@ -150,6 +154,7 @@ class SlotEngine:
         kv_cache: KvCacheType,
         lookup_tokens: int = 0,
         lora: Any = None,
+        projector: Path | None = None,
     ) -> None:
         from llama_cpp import _internals
 
@@ -186,12 +191,22 @@ class SlotEngine:
 
             self._lookup = LlamaPromptLookupDecoding(num_pred_tokens=lookup_tokens)
         self._waiting: deque[Sequence] = deque()
+        self.media: MediaProjector | None = None
+        if projector is not None:
+            try:
+                self.media = MediaProjector(llama_cpp, model.model, projector, n_threads)
+            except BaseException:
+                self._llama_cpp.llama_batch_free(self._batch)
+                self._context.close()
+                raise
 
     def close(self) -> None:
         """Finish every sequence as cancelled and free the context (on the engine thread)."""
         for sequence in [*self._waiting, *(s.sequence for s in self.slots if s.sequence)]:
             self._finish(sequence, "cancelled")
         self._waiting.clear()
+        if self.media is not None:
+            self.media.close()
         self._llama_cpp.llama_batch_free(self._batch)
         self._context.close()
 
@@ -211,8 +226,10 @@ class SlotEngine:
         max_tokens: int,
         emit: Callable[[object], None],
         mask: TokenMask | None,
+        media: Any = None,
     ) -> None:
-        """Queue a request; it takes a slot at the start of the next step."""
+        """Queue a request; it takes a slot at the start of the next step. ``media`` are its
+        libmtmd chunks (``prompt`` then has ``IMAGE_POSITION`` for each image position)."""
         try:
             state = DecodeState(
                 text=TextStream(ByteDetokenizer(self._token_bytes), request.stop),
@@ -223,9 +240,11 @@ class SlotEngine:
             )
             sampler = self._sampler(request)
         except Exception as exc:  # handed to the request's stream
+            if media is not None and self.media is not None:
+                self.media.free(media)
             emit(exc)
             return
-        self._waiting.append(Sequence(request, prompt, state, emit, sampler, mask))
+        self._waiting.append(Sequence(request, prompt, state, emit, sampler, mask, media=media))
 
     def _sampler(self, request: GenerateRequest) -> Any:
         """llama.cpp's sampler chain, in the order ``Llama.generate`` builds it (penalties
@@ -265,6 +284,8 @@ class SlotEngine:
             prompt = sequence.prompt
             slot = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.last_used))
             cached = min(common_prefix(slot.tokens, prompt), len(prompt) - 1)
+            if sequence.media is not None:
+                cached = 0  # libmtmd prefills the whole prompt, text and images, in one call
             if not self._llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, cached, -1):
                 self._llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, 0, -1)
                 cached = 0
@@ -282,6 +303,9 @@ class SlotEngine:
             if slot.sequence is not None and slot.sequence.state.cancel.cancelled:
                 self._finish(slot.sequence, "cancelled")
         self._admit()
+        for slot in self.slots:
+            if slot.sequence is not None and slot.sequence.media is not None:
+                self._prefill_media(slot.sequence)
         active = [slot.sequence for slot in self.slots if slot.sequence is not None]
         if not active:
             return bool(self._waiting)
@@ -324,6 +348,23 @@ class SlotEngine:
                 self._advance(sequence)
         return True
 
+    def _prefill_media(self, sequence: Sequence) -> None:
+        """Prefill a prompt with images through libmtmd into the sequence's slot, in its own
+        decodes, and sample its first token from the logits that leaves (before this step's
+        batch overwrites them); from then on it decodes in the batch like any other."""
+        slot, chunks = sequence.slot, sequence.media
+        assert slot is not None and self.media is not None
+        sequence.media = None
+        try:
+            self.media.prefill(self._context.ctx, chunks, slot.seq_id, self._capacity)
+        except Exception as exc:
+            self._finish(sequence, error=exc)
+            return
+        slot.tokens = list(sequence.prompt)
+        sequence.prefilled = len(sequence.prompt)
+        sequence.logits_index = -1
+        self._advance(sequence)
+
     def _drafts(self, sequence: Sequence, room: int) -> list[int]:
         """Prompt lookup's guess at the tokens after the pending one: what followed the last
         n-gram where it occurred before (llama-cpp-python's ``LlamaPromptLookupDecoding``).
@@ -335,6 +376,7 @@ class SlotEngine:
             or request.temperature > 0
             or sequence.mask is not None
             or request.logits_processors
+            or IMAGE_POSITION in sequence.prompt
         ):
             return []
         history = np.array([*sequence.prompt, *sequence.generated], dtype=np.intc)
@@ -459,6 +501,9 @@ class SlotEngine:
         self, sequence: Sequence, reason: Any = None, *, error: BaseException | None = None
     ) -> None:
         """Free the sequence's slot (its KV stays for a follow-up) and end its stream."""
+        if sequence.media is not None and self.media is not None:
+            self.media.free(sequence.media)
+            sequence.media = None
         slot = sequence.slot
         if slot is not None:
             slot.sequence, sequence.slot = None, None

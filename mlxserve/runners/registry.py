@@ -92,7 +92,8 @@ LLAMACPP = RunnerPlugin(
     name="llamacpp",
     factory="mlxserve.runners.llamacpp:LlamaCppRunner",
     formats=("gguf",),
-    capabilities=(COMPLETION,),
+    # A GGUF vision model is one with a projector (mmproj), which the runner loads with libmtmd.
+    capabilities=(COMPLETION, VISION),
     requires=("llama_cpp",),
     install_hint="pip install 'mlxserve[llamacpp]'",
 )

@@ -1,0 +1,142 @@
+"""A GGUF vision model on llama.cpp: the tiny GGUF text model with a generated random-weight
+LLaVA projector (``mmproj``), created from a ModelSpec and imported from an Ollama store with a
+``projector`` layer. Images go through libmtmd into a slot of the slot engine; they change the
+answer, count as prompt tokens, and reach the model through every API."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mlxserve.errors import InvalidRequestError
+from mlxserve.inference import LoadedModel
+from mlxserve.runners.select import choose_runner
+from mlxserve.server.describe import show_body
+from modelstore import mediatypes
+from modelstore.errors import SpecValidationError
+from modelstore.importer import import_path
+from modelstore.runtime import open_model
+from modelstore.spec import build_draft, load_spec
+from modelstore.store import ModelStore
+from tests.fixtures.gguf_mmproj import IMAGE_TOKENS, make_tiny_mmproj
+from tests.test_vision import APIS, QUESTION, b64, chat, png, reply_text
+
+
+def create(store: ModelStore, folder, name: str, spec: dict) -> None:
+    path = folder / f"{name.replace(':', '-')}.modelspec.json"
+    path.write_text(json.dumps(spec))
+    store.commit(build_draft(load_spec(path), store), name)
+
+
+@pytest.fixture(scope="module")
+def mmproj(tmp_path_factory):
+    return make_tiny_mmproj(tmp_path_factory.mktemp("mmproj") / "mmproj.gguf")
+
+
+@pytest.fixture(scope="module")
+def gguf_vision_store(tiny_models, mmproj, tmp_path_factory) -> ModelStore:
+    """``tiny:gguf-vision`` (ModelSpec with a projector), ``tiny:ollama-vision`` (an Ollama
+    model with a ``projector`` layer) and, to refuse images, the plain ``tiny:gguf``."""
+    from modelstore.ollama import PROJECTOR, find_model, import_ollama
+    from tests.fixtures.ollama_store import add_ollama_model
+
+    work = tmp_path_factory.mktemp("gguf-vision")
+    store = ModelStore(work / "home")
+    import_path(store, tiny_models.gguf_path, "tiny:gguf")
+    spec = {"from": str(tiny_models.gguf_path), "projector": str(mmproj)}
+    create(store, work, "tiny:gguf-vision", spec)
+    root = work / "ollama"
+    extra = [(PROJECTOR, mmproj)]
+    add_ollama_model(root, "tiny", "llava", tiny_models.gguf_path, extra_layers=extra)
+    import_ollama(store, find_model("tiny:llava", root), root, name="tiny:ollama-vision")
+    return store
+
+
+@pytest.fixture(scope="module")
+async def gguf_vision(gguf_vision_store):
+    loaded = await LoadedModel.load(gguf_vision_store, "tiny:gguf-vision")
+    yield loaded
+    await loaded.unload()
+
+
+async def answer(loaded: LoadedModel, images: list[bytes]) -> tuple[list[int], int]:
+    request = loaded.chat_request(QUESTION, {"temperature": 0.0, "max_tokens": 8})
+    request.images = images
+    chunks = [chunk async for chunk in loaded.generate(request)]
+    tokens = [token for chunk in chunks for token in chunk.token_ids]
+    return tokens, chunks[-1].stats.prompt_eval_count
+
+
+@pytest.mark.parametrize("name", ["tiny:gguf-vision", "tiny:ollama-vision"])
+def test_the_store_knows_the_projector(gguf_vision_store, name):
+    stored = gguf_vision_store.resolve(name)
+    types = [layer.media_type for layer in stored.manifest.layers]
+    assert types.count(mediatypes.PROJECTOR_GGUF) == 1
+    assert types.count(mediatypes.WEIGHTS_GGUF) == 1
+    assert choose_runner(open_model(gguf_vision_store, name)) == "llamacpp"
+    body = show_body(gguf_vision_store, stored)
+    assert "vision" in body["capabilities"]
+    assert (
+        "vision"
+        not in show_body(gguf_vision_store, gguf_vision_store.resolve("tiny:gguf"))["capabilities"]
+    )
+
+
+def test_a_projector_that_is_not_one_is_refused_at_create(gguf_vision_store, tiny_models, tmp_path):
+    spec = {"from": str(tiny_models.gguf_path), "projector": str(tiny_models.gguf_path)}
+    with pytest.raises(SpecValidationError, match="not a vision projector"):
+        create(gguf_vision_store, tmp_path, "bad:projector", spec)
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\xff" * 60)
+    spec["projector"] = str(tmp_path / "junk.gguf")
+    with pytest.raises(SpecValidationError, match="projector"):
+        create(gguf_vision_store, tmp_path, "bad:junk", spec)
+
+
+async def test_a_different_image_changes_the_answer_at_temperature_0(gguf_vision):
+    red = (await answer(gguf_vision, [png((255, 0, 0))]))[0]
+    red_again = (await answer(gguf_vision, [png((255, 0, 0))]))[0]
+    blue = (await answer(gguf_vision, [png((0, 0, 255))]))[0]
+    assert red == red_again
+    assert red != blue
+
+
+async def test_image_tokens_count_in_the_prompt(gguf_vision):
+    with_image = (await answer(gguf_vision, [png((0, 255, 0))]))[1]
+    without = (await answer(gguf_vision, []))[1]
+    assert with_image - without == IMAGE_TOKENS
+
+
+@pytest.mark.parametrize(
+    "data", [b"not an image", png((1, 2, 3))[:30]], ids=["garbage", "truncated"]
+)
+async def test_a_bad_image_is_refused(gguf_vision, data):
+    with pytest.raises(InvalidRequestError, match="image 0"):
+        await answer(gguf_vision, [data])
+
+
+# -- through the daemon: one table of cases for every API ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gguf_vision_daemon(gguf_vision_store):
+    from tests.daemon import Daemon
+
+    running = Daemon(gguf_vision_store.root).start()
+    yield running
+    running.stop()
+
+
+@pytest.mark.parametrize("model", ["tiny:gguf-vision", "tiny:ollama-vision"])
+@pytest.mark.parametrize("api", APIS, ids=lambda api: api.__name__)
+def test_each_api_answers_about_the_image(gguf_vision_daemon, api, model):
+    status, red = chat(gguf_vision_daemon, api, b64(png((255, 0, 0))), model=model)
+    assert status == 200, red
+    _, blue = chat(gguf_vision_daemon, api, b64(png((0, 0, 255))), model=model)
+    assert reply_text(red) != reply_text(blue)
+
+
+@pytest.mark.parametrize("api", APIS, ids=lambda api: api.__name__)
+def test_the_gguf_without_a_projector_refuses_images(gguf_vision_daemon, api):
+    status, body = chat(gguf_vision_daemon, api, b64(png((255, 0, 0))), model="tiny:gguf")
+    assert status == 400 and "not a vision model" in json.dumps(body)
