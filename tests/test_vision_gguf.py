@@ -75,6 +75,7 @@ def test_the_store_knows_the_projector(gguf_vision_store, name):
     assert types.count(mediatypes.PROJECTOR_GGUF) == 1
     assert types.count(mediatypes.WEIGHTS_GGUF) == 1
     assert choose_runner(open_model(gguf_vision_store, name)) == "llamacpp"
+    assert gguf_vision_store.config(stored).vision["projector_type"] == "mlp"
     body = show_body(gguf_vision_store, stored)
     assert "vision" in body["capabilities"]
     assert (
@@ -93,12 +94,32 @@ def test_a_projector_that_is_not_one_is_refused_at_create(gguf_vision_store, tin
         create(gguf_vision_store, tmp_path, "bad:junk", spec)
 
 
+def test_an_ollama_projector_layer_that_is_not_one_is_refused(tiny_models, tmp_path):
+    from modelstore.errors import ImportSourceError
+    from modelstore.ollama import PROJECTOR, find_model, import_ollama
+    from tests.fixtures.ollama_store import add_ollama_model
+
+    root = tmp_path / "ollama"
+    extra = [(PROJECTOR, tiny_models.gguf_path)]  # a text model, not a vision tower
+    add_ollama_model(root, "tiny", "bad", tiny_models.gguf_path, extra_layers=extra)
+    store = ModelStore(tmp_path / "home")
+    with pytest.raises(ImportSourceError, match="not a vision projector"):
+        import_ollama(store, find_model("tiny:bad", root), root, name="tiny:bad")
+
+
 async def test_a_different_image_changes_the_answer_at_temperature_0(gguf_vision):
     red = (await answer(gguf_vision, [png((255, 0, 0))]))[0]
     red_again = (await answer(gguf_vision, [png((255, 0, 0))]))[0]
     blue = (await answer(gguf_vision, [png((0, 0, 255))]))[0]
     assert red == red_again
     assert red != blue
+
+
+async def test_a_text_turn_after_an_image_turn_is_not_confused_by_its_cache(gguf_vision):
+    """The slot keeps the image turn's KV; a text prompt must not reuse it past the image."""
+    first = (await answer(gguf_vision, []))[0]
+    await answer(gguf_vision, [png((9, 99, 199))])
+    assert (await answer(gguf_vision, []))[0] == first
 
 
 async def test_image_tokens_count_in_the_prompt(gguf_vision):
