@@ -27,8 +27,12 @@ class MediaProjector:
     """libmtmd's context for one text model and its projector."""
 
     def __init__(self, llama_cpp: Any, model: Any, path: Path, n_threads: int) -> None:
-        from llama_cpp import mtmd_cpp
+        from llama_cpp import _logger, mtmd_cpp
 
+        # libmtmd logs every image it encodes; route it through llama-cpp-python's callback,
+        # which the runner has set to errors only, as llama.cpp's own log already is.
+        mtmd_cpp.mtmd_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        mtmd_cpp.mtmd_helper_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
         self._mtmd = mtmd_cpp
         self._llama_cpp = llama_cpp
         params = mtmd_cpp.mtmd_context_params_default()
