@@ -2,9 +2,10 @@
 
 The root is ``$LMSTUDIO_MODELS`` if set, else ``~/.lmstudio/models`` (or the older
 ``~/.cache/lm-studio/models``). Each GGUF file (but a vision projector, ``mmproj-*.gguf``) is
-one model; a repo folder with ``config.json`` and ``*.safetensors`` is one MLX model. LM Studio
-keeps no digests, so what is imported is hashed as it is linked; the files are hard-linked
-into the store, so nothing is copied.
+one model, which takes the folder's projector if it has one (LM Studio pairs them the same way;
+the model becomes a vision model); a repo folder with ``config.json`` and ``*.safetensors`` is
+one MLX model. LM Studio keeps no digests, so what is imported is hashed as it is linked; the
+files are hard-linked into the store, so nothing is copied.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Literal
 
 from modelstore.draft import ModelDraft
 from modelstore.errors import ImportSourceError
-from modelstore.sources import draft_from_gguf, draft_from_hf_folder
+from modelstore.sources import draft_from_gguf, draft_from_hf_folder, projector_layer
 
 LMSTUDIO_MODELS_ENV = "LMSTUDIO_MODELS"
 DEFAULT_ROOTS = (Path(".lmstudio") / "models", Path(".cache") / "lm-studio" / "models")
@@ -70,7 +71,21 @@ class LmStudioModel:
             draft_from_gguf(self.path) if self.kind == "gguf" else draft_from_hf_folder(self.path)
         )
         draft.config.source = {"kind": "lmstudio", "name": self.display_name}
+        if self.kind == "gguf":
+            projectors = _projectors(self.path.parent)
+            if projectors:
+                # Several (F16, Q8_0, ...) are the same projector at other precisions: the
+                # first by name, so the choice is the same on every import.
+                draft.layers.append(projector_layer(projectors[0], draft))
         return draft
+
+
+def _is_projector(path: Path) -> bool:
+    return path.name.lower().startswith(PROJECTOR_PREFIX)
+
+
+def _projectors(folder: Path) -> list[Path]:
+    return [p for p in sorted(folder.glob("*.gguf")) if p.is_file() and _is_projector(p)]
 
 
 def _is_mlx_folder(folder: Path) -> bool:
@@ -87,7 +102,7 @@ def list_models(root: Path | None = None) -> list[LmStudioModel]:
         if _is_mlx_folder(repo):
             found.append(LmStudioModel(publisher, repo.name, "mlx", repo))
         for gguf in sorted(repo.glob("*.gguf")):
-            if gguf.is_file() and not gguf.name.lower().startswith(PROJECTOR_PREFIX):
+            if gguf.is_file() and not _is_projector(gguf):
                 found.append(LmStudioModel(publisher, repo.name, "gguf", gguf))
     return found
 

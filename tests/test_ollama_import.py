@@ -19,6 +19,7 @@ from modelstore.ollama import PARAMETER_NAMES, map_parameters
 from modelstore.parameters import SPEC_PARAMETERS
 from modelstore.store import ModelStore
 from tests.cli import mlxctl
+from tests.fixtures.gguf_mmproj import make_tiny_mmproj
 from tests.fixtures.ollama_store import LICENSE, SYSTEM, add_ollama_model
 
 
@@ -114,7 +115,7 @@ def lmstudio_root(tmp_path: Path, tiny_models) -> Path:
     gguf_repo = root / "lmstudio-community" / "Tiny-Llama-GGUF"
     gguf_repo.mkdir(parents=True)
     shutil.copyfile(tiny_models.gguf_path, gguf_repo / "Tiny-Llama-F32.gguf")
-    shutil.copyfile(tiny_models.gguf_path, gguf_repo / "mmproj-Tiny-Llama-F16.gguf")
+    make_tiny_mmproj(gguf_repo / "mmproj-Tiny-Llama-F16.gguf")
     shutil.copytree(tiny_models.hf_folder, root / "mlx-community" / "Tiny-Llama-MLX")
     return root
 
@@ -150,6 +151,8 @@ def test_lmstudio_import_hard_links_both_kinds(store_home, lmstudio_root):
     store = ModelStore(store_home)
     gguf = store.resolve("lmstudio-community/tiny-llama-gguf:tiny-llama-f32")
     (weights,) = gguf.manifest.layers_of(mediatypes.WEIGHTS_GGUF)
+    assert len(gguf.manifest.layers_of(mediatypes.PROJECTOR_GGUF)) == 1  # the folder's mmproj
+    assert "vision" in store.config(gguf).features
     source = lmstudio_root / "lmstudio-community" / "Tiny-Llama-GGUF" / "Tiny-Llama-F32.gguf"
     assert store.blobs.path(weights.digest).stat().st_ino == source.stat().st_ino
     mlx = store.resolve("mlx-community/tiny-llama-mlx:mlx")
