@@ -283,3 +283,17 @@ def test_a_hung_rank_1_is_noticed_within_the_step_timeout(tiny_models, tmp_path)
         assert_unavailable_but_serving_others(leader)
     finally:
         stop_group(leader, follower)
+
+
+def test_pipeline_on_an_architecture_without_it_is_a_clear_error(tiny_models):
+    """mlx-lm 0.32's llama has no ``pipeline``: ``--pipeline`` names the fix, not a ValueError."""
+    import mlx.core as mx
+
+    from mlxserve.distributed.group import Group, GroupPlan
+    from mlxserve.distributed.runner import _ShardedRunner
+    from mlxserve.errors import DistributedError
+
+    group = Group(mx.distributed.init(), GroupPlan(hosts=["localhost"], rank=0, backend="ring"))
+    runner = _ShardedRunner(group, pipeline=True)
+    with pytest.raises(DistributedError, match="--pipeline is not supported"):
+        runner._load_weights(Path(tiny_models.hf_folder))

@@ -108,8 +108,20 @@ def _shut_down_if_ring(fd: int, addresses: set[tuple[str, int]]) -> int:
 
 
 def read_hostfile(path: Path) -> Any:
-    """mlx's parser for its own format (a private module: mlx exposes no public one)."""
-    from mlx._distributed_utils.common import Hostfile
+    """mlx's parser for its own format.
+
+    Kept rather than parsing the JSON ourselves: the format is mlx's (``mlx.distributed_config``
+    writes it, ``mlx.launch`` reads it with this class), so mlx's own reader follows any change
+    to it, where a copy of ours would drift. It is a private module (mlx exposes no public
+    parser), hence the guarded import: if it moves, a clear error instead of a crash.
+    """
+    try:
+        from mlx._distributed_utils.common import Hostfile
+    except ImportError as exc:
+        raise DistributedError(
+            f"this mlx has no hostfile parser at mlx._distributed_utils.common ({exc}); "
+            "install the mlx version pinned by mlxserve"
+        ) from None
 
     try:
         hostfile = Hostfile.from_file(str(path))

@@ -127,6 +127,11 @@ class _ShardedRunner(MlxRunner):
             return sharded_load(str(folder), pipeline_group=group)
         except FileNotFoundError as exc:  # pipelining reads the weights' index to split files
             raise DistributedError(f"--pipeline needs a sharded checkpoint: {exc}") from None
+        except ValueError as exc:  # mlx-lm: the architecture has no ``model.pipeline``
+            raise DistributedError(
+                f"--pipeline is not supported for this model's architecture ({exc}); "
+                "serve it tensor parallel (without --pipeline)"
+            ) from None
 
     async def run(self, function: Any) -> Any:
         """Run on this runner's engine thread (where every collective of the group runs)."""
