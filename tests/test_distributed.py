@@ -297,3 +297,53 @@ def test_pipeline_on_an_architecture_without_it_is_a_clear_error(tiny_models):
     runner = _ShardedRunner(group, pipeline=True)
     with pytest.raises(DistributedError, match="--pipeline is not supported"):
         runner._load_weights(Path(tiny_models.hf_folder))
+
+
+@pytest.mark.parametrize("feature", ["draft", "kv_cache_type"])
+def test_features_that_run_one_sequence_in_one_process_are_refused_for_a_group(
+    tiny_models, tmp_path, feature
+):
+    """Drafts and quantized KV caches run solo on mlx-lm's loop in one process, which the
+    other ranks would never follow: refused when the group starts, not hung on at a step."""
+    import dataclasses
+
+    from mlxserve.distributed.runner import refuse_solo_features
+    from mlxserve.errors import UnsupportedFeatureError
+    from mlxserve.runners.base import RunnerOptions
+    from modelstore.runtime import open_model
+
+    model = open_model(populated_store(tmp_path / "home", tiny_models), "tiny:mlx")
+    refuse_solo_features(model, RunnerOptions())
+    if feature == "draft":
+        model = dataclasses.replace(model, draft=model)
+    else:
+        model = dataclasses.replace(model, parameters={"kv_cache_type": "q8_0"})
+    with pytest.raises(UnsupportedFeatureError, match="distributed group"):
+        refuse_solo_features(model, RunnerOptions())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attempt", range(int(os.environ.get("MLXSERVE_REPEAT_FAILOVER", "1"))))
+def test_another_mlx_model_on_rank_0_still_answers_after_rank_1_dies(
+    tiny_models, tmp_path, attempt
+):
+    """After rank 1 dies mid-step, a non-distributed MLX model on rank 0 (the same weights
+    under another name, so its own runner and engine thread) must answer within a bound:
+    a collective left pending in mlx must not stall the rest of the process."""
+    from modelstore.importer import import_path
+    from modelstore.store import ModelStore
+
+    leader, follower = start_group(tmp_path, tiny_models)
+    try:
+        import_path(ModelStore(leader.home), tiny_models.hf_folder, "other:mlx")
+        fail_rank_1_mid_generation(leader, follower, signal.SIGKILL)
+        started = time.monotonic()
+        status, _, body = call(
+            leader.url,
+            "/api/generate",
+            {"model": "other:mlx", "prompt": "Hi", "stream": False, "options": GREEDY},
+        )
+        assert status == 200, body
+        assert time.monotonic() - started < FAILURE_BOUND_S
+    finally:
+        stop_group(leader, follower)

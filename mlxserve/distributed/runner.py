@@ -44,6 +44,8 @@ from mlxserve.errors import (
 )
 from mlxserve.runners.base import GenerateChunk, GenerateRequest, LoadedModelInfo, RunnerOptions
 from mlxserve.runners.engine import EngineThread
+from mlxserve.runners.kvcache import kv_cache_type
+from mlxserve.runners.loading import load_options
 from mlxserve.runners.mlx import KEEP_MLX_CACHE, MlxRunner
 from modelstore.model import LocalModel
 from modelstore.runtime import open_model
@@ -54,6 +56,24 @@ UNSTICK_WAIT_S = 5.0
 HEARTBEAT_S = 2.0
 """How often an idle rank 0 checks that every rank still answers."""
 log = logging.getLogger("mlxserve.distributed")
+
+
+def refuse_solo_features(model: LocalModel, options: RunnerOptions) -> None:
+    """A group runs every request in the batch every rank follows. The MLX runner runs a request
+    on a draft model, or on a quantized KV cache, "solo" on mlx-lm's own generation loop in one
+    process, which the other ranks would never join: refused at start, on every rank, instead of
+    a step that hangs until the watchdog fails the model."""
+    filled = load_options(model, options)
+    if model.draft is not None:
+        raise UnsupportedFeatureError(
+            f"{model.name} has a draft model; a distributed group cannot run speculative decoding"
+        )
+    if kv_cache_type(filled.kv_cache_type).quantized:
+        raise UnsupportedFeatureError(
+            f"{model.name} asks for a {filled.kv_cache_type} KV cache; a distributed group runs "
+            "f16 caches only",
+            param="kv_cache_type",
+        )
 
 
 def memory_report(group: Group) -> dict[str, Any]:
@@ -139,6 +159,7 @@ class _ShardedRunner(MlxRunner):
 
     async def load_group(self, model: LocalModel, options: RunnerOptions) -> LoadedModelInfo:
         """Load this rank's part; every rank's memory is then known to every rank."""
+        refuse_solo_features(model, options)
         info = await self.load(model, options)
         ranks = await self.run(lambda: gather_json(self.group.group, memory_report(self.group)))
         info.memory_bytes = sum(r["memory_bytes"] for r in ranks)
