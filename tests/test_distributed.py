@@ -73,7 +73,9 @@ def group_flags(hostfile: Path, ring_port: int) -> list[str]:
     ]
 
 
-def start_group(root: Path, tiny_models) -> tuple[Daemon, subprocess.Popen]:
+def start_group(
+    root: Path, tiny_models, step_timeout: str = STEP_TIMEOUT_S
+) -> tuple[Daemon, subprocess.Popen]:
     """Rank 1 (follower) and rank 0 (the daemon) over two stores holding the same model,
     started back to back: mlx's ring gives up on a peer that is not there within ~30 s."""
     hostfile = write_hostfile(root / "hosts.json")
@@ -83,7 +85,7 @@ def start_group(root: Path, tiny_models) -> tuple[Daemon, subprocess.Popen]:
     leader = Daemon(
         homes[0],
         group_flags(hostfile, ring_port),
-        {"MLXSERVE_GROUP_STEP_TIMEOUT_S": STEP_TIMEOUT_S},
+        {"MLXSERVE_GROUP_STEP_TIMEOUT_S": step_timeout},
     )
     try:
         leader.start()
@@ -346,4 +348,36 @@ def test_another_mlx_model_on_rank_0_still_answers_after_rank_1_dies(
         assert status == 200, body
         assert time.monotonic() - started < FAILURE_BOUND_S
     finally:
+        stop_group(leader, follower)
+
+
+def test_another_mlx_model_answers_while_a_group_collective_is_pending(tiny_models, tmp_path):
+    """The stall above, made certain: rank 1 stopped mid-generation leaves rank 0's step
+    pending in mlx (for the whole, long step timeout). Off Metal, ``mx.clear_cache`` (which
+    mlx-lm calls during every prefill) would wait for that step holding the GIL, so the other
+    model, and the daemon with it, stalled past the client's 60 s (``hold_mlx_cache``). A new
+    prompt: one the other model's prompt cache holds would skip the prefill."""
+    from modelstore.importer import import_path
+    from modelstore.store import ModelStore
+
+    leader, follower = start_group(tmp_path, tiny_models, step_timeout="40")
+    other = {"model": "other:mlx", "prompt": "Hi", "stream": False, "options": GREEDY}
+    try:
+        import_path(ModelStore(leader.home), tiny_models.hf_folder, "other:mlx")
+        assert call(leader.url, "/api/generate", other)[0] == 200  # loaded before the stop
+        body = {"model": "tiny:mlx", "prompt": "Hi", "options": {"num_predict": 1800}}
+        request = urllib.request.Request(leader.url + "/api/generate", json.dumps(body).encode())
+        with urllib.request.urlopen(request, timeout=60) as response:
+            lines = iter(response)
+            for _ in range(3):
+                assert "error" not in json.loads(next(lines))
+            follower.send_signal(signal.SIGSTOP)
+            time.sleep(0.5)  # rank 0's next step is now waiting on rank 1
+            started = time.monotonic()
+            again = {**other, "prompt": "The capital of France is a long way from"}
+            status, _, answer = call(leader.url, "/api/generate", again)
+            assert status == 200, answer
+            assert time.monotonic() - started < FAILURE_BOUND_S
+    finally:
+        follower.send_signal(signal.SIGCONT)
         stop_group(leader, follower)
