@@ -97,6 +97,29 @@ def exit_process(code: int) -> None:
     os._exit(code)
 
 
+def hold_mlx_cache(mx: Any) -> None:
+    """Make ``mx.clear_cache`` a no-op for the rest of this process, off Metal. Called once a
+    process joins a distributed group, before its first collective.
+
+    Off Metal, mlx's allocator (``backend/no_gpu/allocator.cpp``) clears its cache only after
+    ``synchronize_cpu_streams()``, which waits for every CPU stream, and holds the GIL while
+    it waits. When a rank dies mid-step, the group's stream can keep a collective pending for
+    good (mlx cannot cancel one, and ``BatchGenerator`` dispatches the next step's before it is
+    asked for), so any later ``clear_cache`` (mlx-lm calls it during every prefill, on every
+    model's thread) would stall every MLX model and the event loop with it. Patched on the
+    module because mlx-lm's calls must be covered too. Little is lost: that allocator caches at
+    most 32 MiB. Metal's ``clear_cache`` only empties its pool and is left alone.
+    """
+    if is_apple_silicon() or getattr(mx.clear_cache, "_mlxserve_held", False):
+        return
+
+    def held() -> None:
+        """``mx.clear_cache``, held by ``platform.hold_mlx_cache``: a no-op."""
+
+    held._mlxserve_held = True  # type: ignore[attr-defined]
+    mx.clear_cache = held
+
+
 def total_memory_bytes() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -73,7 +73,9 @@ def group_flags(hostfile: Path, ring_port: int) -> list[str]:
     ]
 
 
-def start_group(root: Path, tiny_models) -> tuple[Daemon, subprocess.Popen]:
+def start_group(
+    root: Path, tiny_models, step_timeout: str = STEP_TIMEOUT_S
+) -> tuple[Daemon, subprocess.Popen]:
     """Rank 1 (follower) and rank 0 (the daemon) over two stores holding the same model,
     started back to back: mlx's ring gives up on a peer that is not there within ~30 s."""
     hostfile = write_hostfile(root / "hosts.json")
@@ -83,7 +85,7 @@ def start_group(root: Path, tiny_models) -> tuple[Daemon, subprocess.Popen]:
     leader = Daemon(
         homes[0],
         group_flags(hostfile, ring_port),
-        {"MLXSERVE_GROUP_STEP_TIMEOUT_S": STEP_TIMEOUT_S},
+        {"MLXSERVE_GROUP_STEP_TIMEOUT_S": step_timeout},
     )
     try:
         leader.start()
@@ -285,6 +287,20 @@ def test_a_hung_rank_1_is_noticed_within_the_step_timeout(tiny_models, tmp_path)
         stop_group(leader, follower)
 
 
+def test_pipeline_on_an_architecture_without_it_is_a_clear_error(tiny_models):
+    """mlx-lm 0.32's llama has no ``pipeline``: ``--pipeline`` names the fix, not a ValueError."""
+    import mlx.core as mx
+
+    from mlxserve.distributed.group import Group, GroupPlan
+    from mlxserve.distributed.runner import _ShardedRunner
+    from mlxserve.errors import DistributedError
+
+    group = Group(mx.distributed.init(), GroupPlan(hosts=["localhost"], rank=0, backend="ring"))
+    runner = _ShardedRunner(group, pipeline=True)
+    with pytest.raises(DistributedError, match="--pipeline is not supported"):
+        runner._load_weights(Path(tiny_models.hf_folder))
+
+
 @pytest.mark.parametrize("feature", ["draft", "kv_cache_type"])
 def test_features_that_run_one_sequence_in_one_process_are_refused_for_a_group(
     tiny_models, tmp_path, feature
@@ -306,3 +322,62 @@ def test_features_that_run_one_sequence_in_one_process_are_refused_for_a_group(
         model = dataclasses.replace(model, parameters={"kv_cache_type": "q8_0"})
     with pytest.raises(UnsupportedFeatureError, match="distributed group"):
         refuse_solo_features(model, RunnerOptions())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attempt", range(int(os.environ.get("MLXSERVE_REPEAT_FAILOVER", "1"))))
+def test_another_mlx_model_on_rank_0_still_answers_after_rank_1_dies(
+    tiny_models, tmp_path, attempt
+):
+    """After rank 1 dies mid-step, a non-distributed MLX model on rank 0 (the same weights
+    under another name, so its own runner and engine thread) must answer within a bound:
+    a collective left pending in mlx must not stall the rest of the process."""
+    from modelstore.importer import import_path
+    from modelstore.store import ModelStore
+
+    leader, follower = start_group(tmp_path, tiny_models)
+    try:
+        import_path(ModelStore(leader.home), tiny_models.hf_folder, "other:mlx")
+        fail_rank_1_mid_generation(leader, follower, signal.SIGKILL)
+        started = time.monotonic()
+        status, _, body = call(
+            leader.url,
+            "/api/generate",
+            {"model": "other:mlx", "prompt": "Hi", "stream": False, "options": GREEDY},
+        )
+        assert status == 200, body
+        assert time.monotonic() - started < FAILURE_BOUND_S
+    finally:
+        stop_group(leader, follower)
+
+
+def test_another_mlx_model_answers_while_a_group_collective_is_pending(tiny_models, tmp_path):
+    """The stall above, made certain: rank 1 stopped mid-generation leaves rank 0's step
+    pending in mlx (for the whole, long step timeout). Off Metal, ``mx.clear_cache`` (which
+    mlx-lm calls during every prefill) would wait for that step holding the GIL, so the other
+    model, and the daemon with it, stalled past the client's 60 s (``hold_mlx_cache``). A new
+    prompt: one the other model's prompt cache holds would skip the prefill."""
+    from modelstore.importer import import_path
+    from modelstore.store import ModelStore
+
+    leader, follower = start_group(tmp_path, tiny_models, step_timeout="40")
+    other = {"model": "other:mlx", "prompt": "Hi", "stream": False, "options": GREEDY}
+    try:
+        import_path(ModelStore(leader.home), tiny_models.hf_folder, "other:mlx")
+        assert call(leader.url, "/api/generate", other)[0] == 200  # loaded before the stop
+        body = {"model": "tiny:mlx", "prompt": "Hi", "options": {"num_predict": 1800}}
+        request = urllib.request.Request(leader.url + "/api/generate", json.dumps(body).encode())
+        with urllib.request.urlopen(request, timeout=60) as response:
+            lines = iter(response)
+            for _ in range(3):
+                assert "error" not in json.loads(next(lines))
+            follower.send_signal(signal.SIGSTOP)
+            time.sleep(0.5)  # rank 0's next step is now waiting on rank 1
+            started = time.monotonic()
+            again = {**other, "prompt": "The capital of France is a long way from"}
+            status, _, answer = call(leader.url, "/api/generate", again)
+            assert status == 200, answer
+            assert time.monotonic() - started < FAILURE_BOUND_S
+    finally:
+        follower.send_signal(signal.SIGCONT)
+        stop_group(leader, follower)

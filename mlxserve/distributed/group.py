@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlxserve import platform
 from mlxserve.errors import DistributedError
 
 BACKENDS = ("ring", "jaccl", "mpi", "any")
@@ -64,9 +65,9 @@ class Group:
         """Shut down this rank's ring sockets, so that a collective waiting on a hung peer
         fails ("connection to a peer was lost") instead of waiting forever; returns how many.
 
-        mlx has no way to cancel a collective or close a group, and one left pending blocks
-        ``mx.clear_cache`` (which mlx-lm calls during every prefill) for every model in the
-        process. The ring's sockets are the ones bound to, or connected to, the addresses in
+        mlx has no way to cancel a collective or close a group, and one left pending holds the
+        group's engine thread (other models never wait on it: ``platform.hold_mlx_cache``).
+        The ring's sockets are the ones bound to, or connected to, the addresses in
         ``MLX_HOSTFILE``; other backends have none to find here (0).
         """
         ring = os.environ.get("MLX_HOSTFILE")
@@ -108,8 +109,20 @@ def _shut_down_if_ring(fd: int, addresses: set[tuple[str, int]]) -> int:
 
 
 def read_hostfile(path: Path) -> Any:
-    """mlx's parser for its own format (a private module: mlx exposes no public one)."""
-    from mlx._distributed_utils.common import Hostfile
+    """mlx's parser for its own format.
+
+    Kept rather than parsing the JSON ourselves: the format is mlx's (``mlx.distributed_config``
+    writes it, ``mlx.launch`` reads it with this class), so mlx's own reader follows any change
+    to it, where a copy of ours would drift. It is a private module (mlx exposes no public
+    parser), hence the guarded import: if it moves, a clear error instead of a crash.
+    """
+    try:
+        from mlx._distributed_utils.common import Hostfile
+    except ImportError as exc:
+        raise DistributedError(
+            f"this mlx has no hostfile parser at mlx._distributed_utils.common ({exc}); "
+            "install the mlx version pinned by mlxserve"
+        ) from None
 
     try:
         hostfile = Hostfile.from_file(str(path))
@@ -193,6 +206,7 @@ def start_group(
         group = mx.distributed.init(strict=True, backend=backend)
     except RuntimeError as exc:
         raise DistributedError(f"cannot start the {backend} group: {exc}") from None
+    platform.hold_mlx_cache(mx)
     if group.size() != len(hostfile.hosts) or group.rank() != rank:
         raise DistributedError(
             f"the {backend} group has {group.size()} ranks (this is rank {group.rank()}); the "

@@ -46,7 +46,7 @@ from mlxserve.runners.base import GenerateChunk, GenerateRequest, LoadedModelInf
 from mlxserve.runners.engine import EngineThread
 from mlxserve.runners.kvcache import kv_cache_type
 from mlxserve.runners.loading import load_options
-from mlxserve.runners.mlx import KEEP_MLX_CACHE, MlxRunner
+from mlxserve.runners.mlx import MlxRunner
 from modelstore.model import LocalModel
 from modelstore.runtime import open_model
 from modelstore.store import ModelStore
@@ -147,6 +147,11 @@ class _ShardedRunner(MlxRunner):
             return sharded_load(str(folder), pipeline_group=group)
         except FileNotFoundError as exc:  # pipelining reads the weights' index to split files
             raise DistributedError(f"--pipeline needs a sharded checkpoint: {exc}") from None
+        except ValueError as exc:  # mlx-lm: the architecture has no ``model.pipeline``
+            raise DistributedError(
+                f"--pipeline is not supported for this model's architecture ({exc}); "
+                "serve it tensor parallel (without --pipeline)"
+            ) from None
 
     async def run(self, function: Any) -> Any:
         """Run on this runner's engine thread (where every collective of the group runs)."""
@@ -234,8 +239,8 @@ class GroupRunner(_ShardedRunner):
 
     @property
     def broken(self) -> bool:
-        """The group failed (not merely unloaded): mlx may hold collectives pending forever,
-        and while one is, ``mx.clear_cache`` blocks holding the GIL."""
+        """The group failed (not merely unloaded): mlx may hold collectives pending forever
+        (harmless to other models: ``platform.hold_mlx_cache``)."""
         return self._failure is not None and not self._unloaded
 
     def _watch(self) -> None:
@@ -261,13 +266,12 @@ class GroupRunner(_ShardedRunner):
 
     def _fail(self, reason: str) -> ModelUnavailableError:
         """Mark the model unavailable, wake every request waiting on it, and sever the ring
-        (any thread). Severing fails a hung step's collective; left pending, it would block
-        MLX's cache release in every other model. Collectives that ``BatchGenerator`` had
-        already dispatched for the next step may still stay pending in mlx, so from now on our
-        runners no longer release MLX's cache (``KEEP_MLX_CACHE``)."""
+        (any thread). Severing fails a hung step's collective, so the group's engine thread
+        is usually freed. Collectives that ``BatchGenerator`` had already dispatched for the
+        next step may still stay pending in mlx; the process never waits on them, since
+        ``mx.clear_cache`` is a no-op in a group's process (``platform.hold_mlx_cache``)."""
         with self._lock:
             if self._failure is None:
-                KEEP_MLX_CACHE.set()
                 self.group.sever()
                 log.error("distributed model unavailable: %s", reason)
                 self._failure = ModelUnavailableError(

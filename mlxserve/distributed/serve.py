@@ -84,7 +84,7 @@ def group_context(
         app[MANAGER].pin(LoadedModel(model, runner, info))
         log.info("serving %s over %d ranks", model.name, group.size)
         yield
-        if runner.broken:  # unloading other MLX models could wait on mlx's pending collectives
+        if runner.broken:  # its engine thread may be stuck in a collective mlx cannot cancel
             log.error("the group broke earlier; exiting without unloading")
             exit_process(0)
 

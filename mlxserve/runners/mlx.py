@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -76,10 +75,6 @@ def derived_folder(model: LocalModel, dequantized: bool) -> Path:
 
 
 DEFAULT_MAX_PARALLEL = 4
-KEEP_MLX_CACHE = threading.Event()
-"""Set once a distributed group fails (``distributed/runner.py``): mlx may then hold one of its
-collectives pending for good, and while one is, ``mx.clear_cache`` blocks holding the GIL, so
-unloading a model stops handing MLX's buffer cache back to the system."""
 
 
 def request_sampler(request: GenerateRequest) -> Any:
@@ -292,8 +287,7 @@ class MlxRunner:
             self._model = self._tokenizer = self._prompt_cache = self._batch = None
             self._draft = None
             self._guidance_tokenizer = None
-            if not KEEP_MLX_CACHE.is_set():
-                mx.clear_cache()
+            mx.clear_cache()  # a no-op in a distributed group's process (hold_mlx_cache)
 
         await self._engine.call(release)
 
