@@ -96,25 +96,25 @@ async def test_queue_full_is_429_with_retry_after_and_nothing_sticks(make_daemon
 
 
 async def test_a_disconnect_mid_stream_frees_the_slot_at_once(make_daemon, slow_store):
+    """With one slot and no queue, a request after three abandoned streams gets the slot (a
+    held slot would answer 429) about as fast as on an idle daemon: measured against that
+    baseline in the same run, so a loaded machine slows both alike."""
     daemon = make_daemon("--num-parallel", "1", "--max-queue", "0", store=slow_store)
+    short = {"model": "slow:gguf", "prompt": "Hi", "stream": False, "options": {"num_predict": 2}}
     async with aiohttp.ClientSession() as session:
+        assert (await session.post(f"{daemon.url}/api/generate", json=short)).status == 200  # loads
+        started = time.monotonic()
+        assert (await session.post(f"{daemon.url}/api/generate", json=short)).status == 200
+        baseline = time.monotonic() - started
         for _ in range(3):
             response = await session.post(f"{daemon.url}/api/generate", json=SLOW)
             await first_line(response)
             response.close()
             await asyncio.sleep(0.2)
         started = time.monotonic()
-        after = await session.post(
-            f"{daemon.url}/api/generate",
-            json={
-                "model": "slow:gguf",
-                "prompt": "Hi",
-                "stream": False,
-                "options": {"num_predict": 2},
-            },
-        )
+        after = await session.post(f"{daemon.url}/api/generate", json=short)
         assert after.status == 200
-        assert time.monotonic() - started < 2.0
+        assert time.monotonic() - started < 1.0 + 3 * baseline
     assert daemon.log().count('"status": 499') == 3
 
 
