@@ -10,6 +10,10 @@ And on the llama.cpp runner (the default GGUF as it is):
     one slot (``--num-parallel 1``: today's one-request-at-a-time runner).
 
     python -m bench.load [--tokens 32] [--clients 1 4 8] [--runner all|mlx|llamacpp] [--rounds 2]
+        [--threads N]
+
+``--threads N`` runs (c) on a copy of the default model made with ``/api/create`` and
+``num_thread N`` (llama.cpp's ``n_threads``): on a shared CPU one thread can beat two.
 """
 
 from __future__ import annotations
@@ -163,12 +167,33 @@ def start_mlx_lm_server(folder: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("mlx_lm.server did not start")
 
 
+async def with_threads(store: Any, threads: int) -> str:
+    """The default model under a name of its own whose parameters fix llama.cpp's threads,
+    made through the daemon's ``/api/create`` (the way a user would)."""
+    name = f"bench/smollm2-threads{threads}:latest"
+    daemon = Daemon(store.root, []).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            body = {
+                "model": name,
+                "from": MODEL,
+                "parameters": {"num_thread": threads},
+                "stream": False,
+            }
+            async with session.post(f"{daemon.url}/api/create", json=body) as response:
+                response.raise_for_status()
+    finally:
+        daemon.stop()
+    return name
+
+
 async def llamacpp_slots(
-    store: Any, tokens: int, client_counts: list[int], rounds: int
+    store: Any, tokens: int, client_counts: list[int], rounds: int, threads: int | None = None
 ) -> dict[str, Any]:
     """The default GGUF on the llama.cpp runner: N slots against one, same clients. The two
     daemons take turns, ``rounds`` times, and each figure is the median of its rounds, so a
     burst of load from elsewhere on this shared machine lands on both sides alike."""
+    model = await with_threads(store, threads) if threads else MODEL
     configs = {"slots": max(client_counts), "one_slot": 1}
     runs: dict[str, dict[int, list[dict[str, float]]]] = {
         label: {n: [] for n in client_counts} for label in configs
@@ -180,11 +205,11 @@ async def llamacpp_slots(
             try:
                 for n in client_counts:
                     runs[label][n].append(
-                        await concurrent(daemon.url, MODEL, n, tokens, distinct=True)
+                        await concurrent(daemon.url, model, n, tokens, distinct=True)
                     )
             finally:
                 daemon.stop()
-    result: dict[str, Any] = {"model": MODEL, "rounds": rounds}
+    result: dict[str, Any] = {"model": model, "rounds": rounds}
     for label in configs:
         result[label] = [
             {
@@ -212,12 +237,12 @@ async def llamacpp_slots(
 
 
 async def measure(
-    tokens: int, client_counts: list[int], runner: str, rounds: int
+    tokens: int, client_counts: list[int], runner: str, rounds: int, threads: int | None
 ) -> dict[str, Any]:
     store = bench_store()
     result: dict[str, Any] = {"benchmark": "load", "tokens": tokens}
     if runner in ("all", "llamacpp"):
-        result["llamacpp"] = await llamacpp_slots(store, tokens, client_counts, rounds)
+        result["llamacpp"] = await llamacpp_slots(store, tokens, client_counts, rounds, threads)
     if runner in ("all", "mlx"):
         result.update(await mlx_load(store, tokens, client_counts))
     return result
@@ -261,8 +286,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--runner", choices=["all", "mlx", "llamacpp"], default="all")
     parser.add_argument("--rounds", type=int, default=2, help="llama.cpp: turns per daemon")
+    parser.add_argument("--threads", type=int, help="llama.cpp: n_threads (num_thread)")
     args = parser.parse_args()
-    emit(asyncio.run(measure(args.tokens, args.clients, args.runner, args.rounds)))
+    emit(asyncio.run(measure(args.tokens, args.clients, args.runner, args.rounds, args.threads)))
 
 
 if __name__ == "__main__":
