@@ -20,7 +20,7 @@ from modelstore.runtime import open_model
 from modelstore.spec import build_draft, load_spec
 from modelstore.store import ModelStore
 from tests.fixtures.gguf_mmproj import IMAGE_TOKENS, make_tiny_mmproj
-from tests.test_vision import APIS, QUESTION, b64, chat, png, reply_text
+from tests.test_vision import APIS, answer, b64, chat, png, reply_text
 
 
 def create(store: ModelStore, folder, name: str, spec: dict) -> None:
@@ -58,14 +58,6 @@ async def gguf_vision(gguf_vision_store):
     loaded = await LoadedModel.load(gguf_vision_store, "tiny:gguf-vision")
     yield loaded
     await loaded.unload()
-
-
-async def answer(loaded: LoadedModel, images: list[bytes]) -> tuple[list[int], int]:
-    request = loaded.chat_request(QUESTION, {"temperature": 0.0, "max_tokens": 8})
-    request.images = images
-    chunks = [chunk async for chunk in loaded.generate(request)]
-    tokens = [token for chunk in chunks for token in chunk.token_ids]
-    return tokens, chunks[-1].stats.prompt_eval_count
 
 
 @pytest.mark.parametrize("name", ["tiny:gguf-vision", "tiny:ollama-vision"])
