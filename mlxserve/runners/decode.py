@@ -115,13 +115,21 @@ def prompt_and_budget(
         prompt = tokenize(request.prompt or "", request.add_special_tokens)
     if not prompt:
         prompt = empty_prompt
-    if len(prompt) >= context:
+    return list(prompt), generation_budget(request, len(prompt), context)
+
+
+def generation_budget(
+    request: GenerateRequest, prompt_tokens: int, context: int, what: str = "the prompt"
+) -> int:
+    """How many tokens may follow a prompt of ``prompt_tokens`` (images included, for vision
+    models); a prompt that leaves no room is refused, never truncated."""
+    if prompt_tokens >= context:
         raise ContextOverflowError(
-            f"the prompt has {len(prompt)} tokens; the context holds {context}",
-            prompt_tokens=len(prompt),
+            f"{what} has {prompt_tokens} tokens; the context holds {context}",
+            prompt_tokens=prompt_tokens,
             context_length=context,
         )
-    return list(prompt), min(request.max_tokens or DEFAULT_MAX_TOKENS, context - len(prompt))
+    return min(request.max_tokens or DEFAULT_MAX_TOKENS, context - prompt_tokens)
 
 
 def check_token_ids(request: GenerateRequest, vocabulary: int) -> None:

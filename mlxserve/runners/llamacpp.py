@@ -34,7 +34,7 @@ from mlxserve.runners.base import (
     LoadedModelInfo,
     RunnerOptions,
 )
-from mlxserve.runners.decode import DEFAULT_MAX_TOKENS, check_token_ids, prompt_and_budget
+from mlxserve.runners.decode import check_token_ids, generation_budget, prompt_and_budget
 from mlxserve.runners.engine import EngineThread
 from mlxserve.runners.kvcache import kv_cache_type
 from mlxserve.runners.llamacpp_slots import SlotEngine, TokenMask, kv_bytes_per_token, token_piece
@@ -309,16 +309,14 @@ class LlamaCppRunner:
         prompt, media = await engine.call(
             lambda: projector.tokenize(text, request.add_special_tokens, request.images)
         )
-        context = slots.slot_context
-        if len(prompt) >= context:
-            await engine.call(lambda: projector.free(media))
-            raise ContextOverflowError(
-                f"the prompt (images included) has {len(prompt)} tokens; the context holds "
-                f"{context}",
-                prompt_tokens=len(prompt),
-                context_length=context,
+        try:
+            budget = generation_budget(
+                request, len(prompt), slots.slot_context, "the prompt (images included)"
             )
-        return prompt, media, min(request.max_tokens or DEFAULT_MAX_TOKENS, context - len(prompt))
+        except ContextOverflowError:
+            await engine.call(lambda: projector.free(media))
+            raise
+        return prompt, media, budget
 
     def _mask(self, response_format: dict[str, Any]) -> TokenMask:
         """The request's JSON grammar (validated before any byte is sent) over this GGUF's

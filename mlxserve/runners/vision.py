@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from mlxserve.errors import (
-    ContextOverflowError,
     InferenceError,
     ModelNotLoadedError,
     RunnerUnavailableError,
@@ -36,7 +35,7 @@ from mlxserve.runners.base import (
     LoadedModelInfo,
     RunnerOptions,
 )
-from mlxserve.runners.decode import DEFAULT_MAX_TOKENS, DecodeState, SampledToken, decode_loop
+from mlxserve.runners.decode import DecodeState, SampledToken, decode_loop, generation_budget
 from mlxserve.runners.engine import shared_engine
 from mlxserve.runners.loading import context_length, load_options
 from mlxserve.runners.mlx import request_sampler
@@ -228,14 +227,9 @@ class MlxVisionRunner:
 
         input_ids, pixels, mask = self._inputs(request)
         prompt_tokens = int(input_ids.shape[1])
-        if prompt_tokens >= self._context:
-            raise ContextOverflowError(
-                f"the prompt (images included) has {prompt_tokens} tokens; the context holds "
-                f"{self._context}",
-                prompt_tokens=prompt_tokens,
-                context_length=self._context,
-            )
-        budget = min(request.max_tokens or DEFAULT_MAX_TOKENS, self._context - prompt_tokens)
+        budget = generation_budget(
+            request, prompt_tokens, self._context, "the prompt (images included)"
+        )
         processors = make_logits_processors(
             logit_bias=request.logit_bias or None,
             repetition_penalty=request.repetition_penalty
