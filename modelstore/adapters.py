@@ -25,9 +25,8 @@ from modelstore import mediatypes
 from modelstore.blobs import hash_file
 from modelstore.draft import LayerSource, ModelDraft
 from modelstore.errors import ImportSourceError
-from modelstore.gguf_header import check_gguf_header
 from modelstore.quantize import REWRITTEN_TYPES, rewrite_mlx_weights
-from modelstore.sources import safetensors_shapes
+from modelstore.sources import open_gguf, safetensors_shapes
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -168,13 +167,7 @@ class GgufTensors:
 def gguf_tensors(path: Path) -> GgufTensors:
     """A GGUF's type, architecture and tensor shapes; the header is walked with its counts
     checked against the file's size first (``gguf_header``), as for every GGUF from outside."""
-    from gguf import GGUFReader
-
-    check_gguf_header(path)
-    try:
-        reader = GGUFReader(path)
-    except Exception as exc:  # the reader raises ValueError, struct.error, ... on bad files
-        raise ImportSourceError(f"{path.name} is not a valid GGUF file: {exc}") from None
+    reader = open_gguf(path)
 
     def text(key: str) -> str | None:
         field = reader.get_field(key)

@@ -325,6 +325,19 @@ SPM_ADDS_BOS_BY_DEFAULT = frozenset({"llama"})
 """Tokenizer models for which llama.cpp adds BOS when ``add_bos_token`` is absent."""
 
 
+def open_gguf(path: Path) -> Any:
+    """gguf-py's ``GGUFReader`` over ``path`` (memory-mapped, never loaded), once the bounded
+    header walk (``gguf_header``) found its counts consistent with its size: every GGUF from
+    outside (a model, an adapter, a projector) is opened here."""
+    from gguf import GGUFReader
+
+    check_gguf_header(path)
+    try:
+        return GGUFReader(path)
+    except Exception as exc:  # the reader raises ValueError, struct.error, ... on bad files
+        raise ImportSourceError(f"{path.name} is not a valid GGUF file: {exc}") from None
+
+
 PROJECTOR_TITLE = "mmproj.gguf"
 """The projector's file name in the model's folder (``LocalModel.projector``)."""
 
@@ -336,19 +349,16 @@ def projector_layer(path: Path, draft: ModelDraft) -> LayerSource:
     wrong file is refused at import; whether its output fits the text model's embedding width
     libmtmd checks at load, with a clear message (``LlamaCppRunner``).
     """
-    from gguf import GGUFReader
-
     if draft.config.format != "gguf":
         raise ImportSourceError("a projector (mmproj) goes with a GGUF model")
-    check_gguf_header(path)
+    fields = open_gguf(path).fields
     try:
-        fields = GGUFReader(path).fields
         values = {
             key: fields[key].contents()
             for key in ("general.architecture", "clip.has_vision_encoder", "clip.projector_type")
             if key in fields
         }
-    except Exception as exc:  # the reader raises ValueError, struct.error, ... on bad files
+    except Exception as exc:  # a field this gguf version cannot decode
         raise ImportSourceError(f"{path.name} is not a valid GGUF file: {exc}") from None
     if values.get("general.architecture") != "clip" or not values.get("clip.has_vision_encoder"):
         raise ImportSourceError(
@@ -370,13 +380,9 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
 
     The token list is scanned once for the few tokens that matter (``metadata``), never kept.
     """
-    from gguf import GGUFReader, LlamaFileType
+    from gguf import LlamaFileType
 
-    check_gguf_header(path)
-    try:
-        reader = GGUFReader(path)
-    except Exception as exc:  # the reader raises ValueError, struct.error, ... on bad files
-        raise ImportSourceError(f"{path.name} is not a valid GGUF file: {exc}") from None
+    reader = open_gguf(path)
     values: dict[str, Any] = {}
     tokens: list[str] = []
     for key, field in reader.fields.items():
