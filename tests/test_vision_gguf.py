@@ -153,3 +153,53 @@ def test_each_api_answers_about_the_image(gguf_vision_daemon, api, model):
 def test_the_gguf_without_a_projector_refuses_images(gguf_vision_daemon, api):
     status, body = chat(gguf_vision_daemon, api, b64(png((255, 0, 0))), model="tiny:gguf")
     assert status == 400 and "not a vision model" in json.dumps(body)
+
+
+def test_the_real_clients_send_images_to_a_gguf_vision_model(gguf_vision_daemon):
+    """The ``ollama``, ``openai`` and ``anthropic`` packages, as users call them, each get an
+    answer about the image, and each answer changes with the image at temperature 0."""
+    import anthropic
+    import ollama
+    import openai
+
+    url = gguf_vision_daemon.url
+    ollama_client = ollama.Client(host=url, timeout=120)
+    openai_client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120)
+    anthropic_client = anthropic.Anthropic(base_url=url, api_key="unused", timeout=120)
+
+    def by_ollama(image: str) -> str:
+        message = {"role": "user", "content": "What is this?", "images": [image]}
+        answer = ollama_client.chat(
+            model="tiny:gguf-vision",
+            messages=[message],
+            options={"temperature": 0, "num_predict": 8},
+        )
+        return answer.message.content
+
+    def by_openai(image: str) -> str:
+        content = [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
+        ]
+        answer = openai_client.chat.completions.create(
+            model="tiny:gguf-vision",
+            messages=[{"role": "user", "content": content}],
+            temperature=0,
+            max_tokens=8,
+        )
+        return answer.choices[0].message.content or ""
+
+    def by_anthropic(image: str) -> str:
+        source = {"type": "base64", "media_type": "image/png", "data": image}
+        content = [{"type": "image", "source": source}, {"type": "text", "text": "What is this?"}]
+        answer = anthropic_client.messages.create(
+            model="tiny:gguf-vision",
+            messages=[{"role": "user", "content": content}],
+            max_tokens=8,
+            extra_body={"temperature": 0},  # the client no longer names it; the API takes it
+        )
+        return "".join(block.text for block in answer.content if block.type == "text")
+
+    red, blue = b64(png((255, 0, 0))), b64(png((0, 0, 255)))
+    for ask in (by_ollama, by_openai, by_anthropic):
+        assert ask(red) != ask(blue), ask.__name__
