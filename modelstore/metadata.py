@@ -31,6 +31,11 @@ INTERESTING_TOKENS: Final = frozenset(
 EMBEDDING_ARCHITECTURES: Final = frozenset(
     {"bert", "nomic-bert", "nomic_bert", "jina-bert-v2", "xlm-roberta", "modernbert", "new", "gte"}
 )
+CROSS_ENCODER_ARCHITECTURES: Final = frozenset({"bert"})
+"""HF ``model_type``s whose ``*ForSequenceClassification`` folders are stored as rerankers."""
+RANK_POOLING: Final = "rank"
+"""The pooling name of a reranker (a cross-encoder's classification head, llama.cpp's
+``LLAMA_POOLING_TYPE_RANK``): one relevance score per (query, document) pair, not a vector."""
 HF_MODEL_INFO: Final = {
     "context_length": "max_position_embeddings",
     "embedding_length": "hidden_size",
@@ -58,13 +63,24 @@ def fim_tokens(present: set[str]) -> dict[str, str]:
     return {}
 
 
-def features(present: set[str], *, embedding: bool, vision: bool, fim: dict[str, str]) -> list[str]:
+def features(
+    present: set[str],
+    *,
+    embedding: bool,
+    vision: bool,
+    fim: dict[str, str],
+    rerank: bool = False,
+) -> list[str]:
+    """Ollama's capabilities beyond ``completion``; a reranker (an embedding record with rank
+    pooling) is listed as ``rerank``, not ``embedding``: it makes scores, not vectors."""
     found = []
     if set(THINK_TOKENS) <= present:
         found.append("thinking")
     if fim:
         found.append("insert")
-    if embedding:
+    if rerank:
+        found.append("rerank")
+    elif embedding:
         found.append("embedding")
     if vision:
         found.append("vision")

@@ -36,7 +36,9 @@ def build_app(settings: Settings) -> web.Application:
         routes_embed,
         routes_native,
         routes_openai,
+        routes_rerank,
         routes_store,
+        routes_tokens,
     )
 
     metrics = Metrics()
@@ -54,6 +56,8 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_routes(routes_store.routes)
     app.router.add_routes(routes_openai.routes)
     app.router.add_routes(routes_embed.routes)
+    app.router.add_routes(routes_rerank.routes)
+    app.router.add_routes(routes_tokens.routes)
     app.router.add_get("/", root)
     app.router.add_get("/openapi.yaml", openapi)
     app.on_response_prepare.append(add_request_id)

@@ -15,6 +15,8 @@ from modelstore.store import ModelStore, StoredModel
 from modelstore.templates import template_warning
 
 READS_TOOLS = re.compile(r"\btools\b")
+ENCODER_CAPABILITIES = frozenset({"embedding", "rerank"})
+"""A model with one of these is an encoder: it neither completes nor takes tools."""
 """A template that mentions ``tools`` renders tool definitions: the model takes tools."""
 
 
@@ -109,8 +111,9 @@ def capabilities(config: ModelConfig, template: str | None) -> list[str]:
     """Ollama's ``capabilities``: from the vocabulary and config (kept at import) and whether
     the template in use renders tools."""
     features = list(config.features)
-    found = [] if features == ["embedding"] else ["completion"]
-    if template and READS_TOOLS.search(template) and "embedding" not in features:
+    encoder = bool(ENCODER_CAPABILITIES & set(features))
+    found = [] if encoder else ["completion"]
+    if template and READS_TOOLS.search(template) and not encoder:
         found.append("tools")
     return found + features
 

