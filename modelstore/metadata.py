@@ -36,6 +36,12 @@ CROSS_ENCODER_ARCHITECTURES: Final = frozenset({"bert"})
 RANK_POOLING: Final = "rank"
 """The pooling name of a reranker (a cross-encoder's classification head, llama.cpp's
 ``LLAMA_POOLING_TYPE_RANK``): one relevance score per (query, document) pair, not a vector."""
+RANKING_PIPELINE_TAG: Final = "text-ranking"
+"""An HF model card's ``pipeline_tag`` for rerankers: on a causal model it marks an LLM
+reranker of the Qwen3-Reranker kind (a yes/no question through its template)."""
+RERANKER_NAME_WORD: Final = "reranker"
+"""What a GGUF of such a model says in its name (``general.name`` / ``general.basename``,
+written from the model card by ``convert_hf_to_gguf.py``)."""
 HF_MODEL_INFO: Final = {
     "context_length": "max_position_embeddings",
     "embedding_length": "hidden_size",
@@ -50,6 +56,23 @@ HF_MODEL_INFO: Final = {
 """Ollama's ``<arch>.*`` model_info keys and the ``config.json`` keys that hold them."""
 MAX_LIST_IN_INFO: Final = 1024
 """model_info keeps short lists (per-layer head counts) and drops vocab-sized ones."""
+
+
+def card_pipeline_tag(card: str) -> str | None:
+    """The ``pipeline_tag`` of an HF model card's YAML front matter (``README.md``)."""
+    if not card.startswith("---"):
+        return None
+    front, _, _ = card[3:].partition("\n---")
+    for line in front.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "pipeline_tag":
+            return value.strip().strip("'\"") or None
+    return None
+
+
+def gguf_names_a_reranker(values: dict[str, Any]) -> bool:
+    names = (values.get("general.name"), values.get("general.basename"))
+    return any(isinstance(n, str) and RERANKER_NAME_WORD in n.lower() for n in names)
 
 
 def interesting_tokens(tokens: Iterable[str]) -> set[str]:

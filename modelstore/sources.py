@@ -316,12 +316,21 @@ def _describe_hf_folder(draft: ModelDraft, folder: Path, hf_config: dict[str, An
     )
     embedding = config.embedding is not None
     config.fim_tokens = metadata.fim_tokens(present)
+    card = folder / "README.md"
+    causal_reranker = (
+        not embedding
+        and card.is_file()
+        and card.stat().st_size <= SMALL_JSON_LIMIT
+        and metadata.card_pipeline_tag(card.read_text(errors="replace"))
+        == metadata.RANKING_PIPELINE_TAG
+    )
     config.features = metadata.features(
         present,
         embedding=embedding,
         vision=config.vision is not None,
         fim=config.fim_tokens,
-        rerank=embedding and config.embedding.get("pooling") == metadata.RANK_POOLING,
+        rerank=causal_reranker
+        or (embedding and config.embedding.get("pooling") == metadata.RANK_POOLING),
     )
     config.model_info = metadata.hf_model_info(hf_config, config.parameter_count)
     if not embedding:
@@ -450,6 +459,7 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
         "embedding": f"{architecture}.pooling_type" in values
         or architecture in metadata.EMBEDDING_ARCHITECTURES,
         "vision": bool(values.get("clip.has_vision_encoder")),
+        "reranker_name": metadata.gguf_names_a_reranker(values),
         "model_info": metadata.gguf_model_info(values, len(tokens) or None, parameter_count),
     }
 
@@ -495,7 +505,9 @@ def draft_from_gguf(path: Path) -> ModelDraft:
         embedding=embedding is not None,
         vision=meta["vision"],
         fim=config.fim_tokens,
-        rerank=embedding is not None and embedding["pooling"] == metadata.RANK_POOLING,
+        rerank=meta["reranker_name"]
+        if embedding is None
+        else embedding["pooling"] == metadata.RANK_POOLING,
     )
     draft = ModelDraft(config, [LayerSource(mediatypes.WEIGHTS_GGUF, path.name, path=path)])
     if not meta["embedding"]:

@@ -23,7 +23,12 @@ from modelstore.importer import import_path
 from modelstore.spec import package_file
 from modelstore.store import ModelStore
 from tests.conftest import DEFAULT_GGUF
-from tests.fixtures.rerankers import CONTEXT, cross_encoder_to_gguf, make_cross_encoder_folder
+from tests.fixtures.rerankers import (
+    CONTEXT,
+    cross_encoder_to_gguf,
+    make_causal_reranker,
+    make_cross_encoder_folder,
+)
 
 MINILM_ZIP = "pkg://all_minilm_l6_v2/model.zip"
 QUERY = "what is a cat"
@@ -37,8 +42,10 @@ DOCUMENTS = [
 LONG_DOCUMENT = "word " * 400
 """Over the fixture's 128-token context."""
 LLAMA_CPP_TOLERANCE = 2e-3
-"""llama.cpp against transformers: ggml's CPU GELU reads an fp16 table, which moves a score by
-up to ~1e-3; llama.cpp against itself (batched vs alone) agrees to 1e-4."""
+"""llama.cpp against another computation: ggml's CPU GELU reads an fp16 table (cross-encoders),
+and the llama.cpp runner's context keeps flash attention on and reuses cached prompt prefixes
+where llama-cpp-python's ``Llama`` recomputes without it (causal rerankers); on these random
+models with wide logits either moves a score by up to ~5e-4. MLX agrees to 1e-4."""
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +58,14 @@ def cross_encoder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def rerank_store(cross_encoder, tmp_path_factory) -> ModelStore:
-    """``ce`` (HF folder), ``ce:gguf`` (rank pooling), ``all-minilm`` (an embedding model) and
-    ``smollm2:135m`` (a chat model): the last two cannot rerank."""
+    """``ce`` (HF folder), ``ce:gguf`` (rank pooling), ``qr:mlx`` / ``qr:gguf`` (a causal
+    reranker), ``all-minilm`` (an embedding model) and ``smollm2:135m`` (a chat model): the
+    last two cannot rerank."""
     work = tmp_path_factory.mktemp("rerank")
     store = ModelStore(work / "home")
+    causal_folder, causal_gguf = make_causal_reranker(work)
+    import_path(store, causal_folder, "qr:mlx")
+    import_path(store, causal_gguf, "qr:gguf")
     import_path(store, cross_encoder, "ce")
     import_path(store, cross_encoder_to_gguf(cross_encoder, work / "ce.gguf"), "ce:gguf")
     import_path(store, package_file(MINILM_ZIP), "all-minilm")
@@ -148,6 +159,82 @@ def test_budget_batches_keep_every_pass_within_the_budget():
         assert cost <= 400 or len(batch) == 1
 
 
+# -- causal (Qwen3-Reranker-style) rerankers -------------------------------------------------
+
+CAUSAL_QUERY = "Where did the cat sit?"
+CAUSAL_DOCUMENTS = [
+    "The cat sat on the mat.",
+    "Paris is the capital of France.",
+    "Water boils at one hundred degrees.",
+]
+
+
+@pytest.fixture(scope="module", params=["qr:mlx", "qr:gguf"])
+async def causal(request, rerank_store):
+    loaded = await LoadedModel.load(rerank_store, request.param)
+    yield loaded
+    await loaded.unload()
+
+
+def library_score(loaded: LoadedModel, tokens: list[int], answers: tuple[int, int]) -> float:
+    """The model card's score computed by the model's library itself: mlx-lm's forward pass,
+    or llama.cpp's logits through llama-cpp-python."""
+    if loaded.model.format == "mlx":
+        import mlx.core as mx
+        from mlx_lm import load
+
+        model, _ = load(str(loaded.model.path))
+        logits = np.array(model(mx.array([tokens]))[0, -1])
+    else:
+        import llama_cpp
+
+        llama = llama_cpp.Llama(
+            str(loaded.model.weights[0]), n_ctx=len(tokens) + 8, logits_all=True, verbose=False
+        )
+        llama.eval(tokens)
+        logits = np.array(llama.scores[llama.n_tokens - 1])
+        llama.close()
+    yes, no = (float(logits[answer]) for answer in answers)
+    return 1.0 / (1.0 + np.exp(no - yes))
+
+
+def test_a_causal_reranker_is_recorded_from_its_card_or_name(rerank_store):
+    for name in ("qr:mlx", "qr:gguf"):
+        config = rerank_store.config(rerank_store.resolve(name))
+        assert "rerank" in config.features and config.embedding is None
+
+
+async def test_causal_scores_match_the_library(causal):
+    from mlxserve.chat.core import prepare
+    from mlxserve.chat.rerank import answer_ids, causal_rerank, judged
+
+    result = await causal_rerank(causal, RerankRequest(CAUSAL_QUERY, CAUSAL_DOCUMENTS))
+    answers = answer_ids(causal)
+    expected = []
+    for document in CAUSAL_DOCUMENTS:
+        prepared = prepare(causal, judged(causal, CAUSAL_QUERY, document, answers))
+        assert prepared.prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        assert f"<Query>: {CAUSAL_QUERY}\n<Document>: {document}" in prepared.prompt
+        expected.append(library_score(causal, prepared.request.prompt_tokens, answers))
+    tolerance = 1e-4 if causal.model.format == "mlx" else LLAMA_CPP_TOLERANCE
+    np.testing.assert_allclose(result.scores, expected, atol=tolerance)
+    alone = [
+        (await causal_rerank(causal, RerankRequest(CAUSAL_QUERY, [d]))).scores[0]
+        for d in CAUSAL_DOCUMENTS
+    ]
+    np.testing.assert_allclose(result.scores, alone, atol=tolerance)
+
+
+async def test_causal_truncation_fits_the_context(causal):
+    from mlxserve.chat.rerank import causal_rerank
+
+    long_document = "The cat sat on the mat. " * 400
+    with pytest.raises(InvalidRequestError, match="document 0"):
+        await causal_rerank(causal, RerankRequest(CAUSAL_QUERY, [long_document], truncate=False))
+    result = await causal_rerank(causal, RerankRequest(CAUSAL_QUERY, [long_document]))
+    assert result.prompt_tokens < causal.info.context_length
+
+
 # -- through the daemon ------------------------------------------------------------------------
 
 
@@ -211,6 +298,19 @@ def test_a_model_that_cannot_rerank_is_a_400(rerank_daemon, model):
 def test_show_lists_rerank(rerank_daemon):
     _, shown = post(rerank_daemon, "/api/show", {"model": "ce:gguf"})
     assert shown["capabilities"] == ["rerank"]
+    _, shown = post(rerank_daemon, "/api/show", {"model": "qr:gguf"})
+    assert "completion" in shown["capabilities"] and "rerank" in shown["capabilities"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["qr:mlx", "qr:gguf"])
+def test_a_causal_reranker_through_the_daemon(rerank_daemon, model):
+    body = {"model": model, "query": CAUSAL_QUERY, "documents": CAUSAL_DOCUMENTS, "top_n": 2}
+    status, answer = post(rerank_daemon, "/v1/rerank", body)
+    assert status == 200, answer
+    scores = [r["relevance_score"] for r in answer["results"]]
+    assert len(scores) == 2 and scores == sorted(scores, reverse=True)
+    assert all(0.0 <= score <= 1.0 for score in scores)
 
 
 @pytest.mark.slow

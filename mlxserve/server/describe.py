@@ -15,8 +15,6 @@ from modelstore.store import ModelStore, StoredModel
 from modelstore.templates import template_warning
 
 READS_TOOLS = re.compile(r"\btools\b")
-ENCODER_CAPABILITIES = frozenset({"embedding", "rerank"})
-"""A model with one of these is an encoder: it neither completes nor takes tools."""
 """A template that mentions ``tools`` renders tool definitions: the model takes tools."""
 
 
@@ -109,9 +107,10 @@ def model_info(config: ModelConfig) -> dict[str, Any]:
 
 def capabilities(config: ModelConfig, template: str | None) -> list[str]:
     """Ollama's ``capabilities``: from the vocabulary and config (kept at import) and whether
-    the template in use renders tools."""
+    the template in use renders tools. An encoder (an embedding model or cross-encoder: the
+    store recorded how it pools) neither completes nor takes tools; a causal reranker does."""
     features = list(config.features)
-    encoder = bool(ENCODER_CAPABILITIES & set(features))
+    encoder = config.embedding is not None
     found = [] if encoder else ["completion"]
     if template and READS_TOOLS.search(template) and not encoder:
         found.append("tools")

@@ -5,8 +5,9 @@ sorted by ``relevance_score``, with ``usage``.
 
 Whether a model can rerank is known from its stored config (the ``rerank`` capability recorded
 at import), so a model that cannot is refused before anything is loaded; the scoring itself is
-the runner's ``rerank`` (``runners/rerank.py``), through the same queue and budgets as any
-request.
+the runner's ``rerank`` for a cross-encoder (``runners/rerank.py``) and a yes/no question
+through ``generate`` for a causal reranker (``chat/rerank.py``), through the same queue and
+budgets as any request.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from mlxserve.chat.rerank import causal_rerank
 from mlxserve.errors import InvalidRequestError
 from mlxserve.runners.base import RerankRequest
 from mlxserve.runners.rerank import refuse_rerank
@@ -93,8 +95,13 @@ async def rerank(request: web.Request) -> web.Response:
     request["log"]["model"] = name
     started = time.perf_counter_ns()
     manager = request.app[MANAGER]
+    asked = RerankRequest(query, documents, truncate)
     async with manager.use(name, keep_alive=keep_alive(body.get("keep_alive"))) as resident:
-        result = await resident.loaded.runner.rerank(RerankRequest(query, documents, truncate))
+        loaded = resident.loaded
+        if loaded.model.embedding is None:  # a causal model asked yes or no
+            result = await causal_rerank(loaded, asked)
+        else:  # a cross-encoder: its head scores the pair
+            result = await loaded.runner.rerank(asked)
     order = sorted(range(len(documents)), key=lambda index: -result.scores[index])[:wanted]
     results = []
     for index in order:
