@@ -17,7 +17,7 @@ import pytest
 
 from mlxserve.errors import InvalidRequestError, UnsupportedFeatureError
 from mlxserve.inference import LoadedModel
-from mlxserve.runners.base import EmbedRequest, RerankRequest
+from mlxserve.runners.base import EmbedRequest, GenerateRequest, RerankRequest
 from mlxserve.runners.rerank import budget_batches
 from modelstore.importer import import_path
 from modelstore.spec import package_file
@@ -145,9 +145,11 @@ async def test_truncate_false_names_the_long_document(each_ce):
     assert caught.value.details["index"] == 1
 
 
-async def test_a_reranker_refuses_to_embed(each_ce):
+async def test_a_cross_encoder_refuses_to_embed_or_generate(each_ce):
     with pytest.raises(UnsupportedFeatureError, match="reranker"):
         await each_ce.runner.embed(EmbedRequest(["hi"]))
+    with pytest.raises(UnsupportedFeatureError, match="reranker"):
+        each_ce.runner.generate(GenerateRequest(prompt="hi"))
 
 
 def test_budget_batches_keep_every_pass_within_the_budget():

@@ -51,8 +51,8 @@ from mlxserve.runners.pooling import (
 )
 from mlxserve.runners.rerank import (
     budget_batches,
-    refuse_embedding,
     refuse_rerank,
+    reranker_only,
     too_long,
 )
 from modelstore.metadata import RANK_POOLING
@@ -244,7 +244,7 @@ class MlxEmbeddingRunner:
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         model, tokenizer = self._require()
         if self._record.get("pooling") == RANK_POOLING:
-            raise refuse_embedding(self._model_name)
+            raise reranker_only(self._model_name)
         mode = self._record.get("pooling", "mean")
         normalize = bool(self._record.get("normalize", True))
 
@@ -276,4 +276,6 @@ class MlxEmbeddingRunner:
         return await self._engine.call(run)
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        if self._record.get("pooling") == RANK_POOLING:
+            raise reranker_only(self._model_name)
         raise refuse_generation(self._model_name)

@@ -40,8 +40,8 @@ from mlxserve.runners.pooling import over_limit, refuse_generation
 from mlxserve.runners.rerank import (
     budget_batches,
     cut_pair,
-    refuse_embedding,
     refuse_rerank,
+    reranker_only,
 )
 from mlxserve.runners.threads import WorkerThread
 from modelstore.metadata import RANK_POOLING
@@ -255,7 +255,7 @@ class LlamaCppEmbeddingRunner:
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         embedder = self._require()
         if embedder.ranks:
-            raise refuse_embedding(self._model_name)
+            raise reranker_only(self._model_name)
         return await self._worker.call(embedder.embed, request)
 
     async def rerank(self, request: RerankRequest) -> RerankResult:
@@ -265,4 +265,6 @@ class LlamaCppEmbeddingRunner:
         return await self._worker.call(embedder.rank, request)
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        if self._embedder is not None and self._embedder.ranks:
+            raise reranker_only(self._model_name)
         raise refuse_generation(self._model_name)

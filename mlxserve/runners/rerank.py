@@ -17,10 +17,11 @@ RERANK_TOKEN_BUDGET = 8192
 request of 10,000 documents still runs in bounded memory."""
 
 
-def refuse_embedding(model_name: str) -> UnsupportedFeatureError:
-    """What a reranker answers to embedding requests: its head makes a score, not a vector."""
+def reranker_only(model_name: str) -> UnsupportedFeatureError:
+    """What a cross-encoder answers to embedding, chat and generate requests: its head makes
+    one score per pair, neither a vector nor text."""
     return UnsupportedFeatureError(
-        f"{model_name} is a reranker: it scores (query, document) pairs; use /v1/rerank"
+        f"{model_name} is a reranker: it only scores (query, document) pairs; use /v1/rerank"
     )
 
 
