@@ -39,6 +39,7 @@ RANK_POOLING: Final = "rank"
 RANKING_PIPELINE_TAG: Final = "text-ranking"
 """An HF model card's ``pipeline_tag`` for rerankers: on a causal model it marks an LLM
 reranker of the Qwen3-Reranker kind (a yes/no question through its template)."""
+MATRYOSHKA_WORD: Final = "matryoshka"
 RERANKER_NAME_WORD: Final = "reranker"
 """What a GGUF of such a model says in its name (``general.name`` / ``general.basename``,
 written from the model card by ``convert_hf_to_gguf.py``)."""
@@ -68,6 +69,13 @@ def card_pipeline_tag(card: str) -> str | None:
         if key.strip() == "pipeline_tag":
             return value.strip().strip("'\"") or None
     return None
+
+
+def card_allows_matryoshka(card: str) -> bool:
+    """Whether an embedding model's card says it was trained to be shortened (Matryoshka
+    representation learning: the ``matryoshka`` tag, or sentence-transformers'
+    ``MatryoshkaLoss`` in its training details)."""
+    return MATRYOSHKA_WORD in card.lower()
 
 
 def gguf_names_a_reranker(values: dict[str, Any]) -> bool:

@@ -129,6 +129,14 @@ def _pooling_mode(config: Any, path: Path) -> str:
     return modes[0]
 
 
+def model_card(folder: Path) -> str | None:
+    """The folder's HF model card (``README.md``), if it has a small one."""
+    card = folder / "README.md"
+    if not card.is_file() or card.stat().st_size > SMALL_JSON_LIMIT:
+        return None
+    return card.read_text(errors="replace")
+
+
 def cross_encoder(hf_config: dict[str, Any]) -> bool:
     """A reranker: a ``*ForSequenceClassification`` of an architecture we run as one, with a
     single label (its one logit is the relevance score)."""
@@ -156,6 +164,9 @@ def embedding_record(folder: Path, hf_config: dict[str, Any]) -> dict[str, Any] 
     }
     if cross_encoder(hf_config):
         return {**record, "pooling": metadata.RANK_POOLING, "dimensions": 1}
+    card = model_card(folder)
+    if card and metadata.card_allows_matryoshka(card):
+        record["matryoshka"] = True
     if not modules_path.is_file():
         causal = any(str(a).endswith("ForCausalLM") for a in hf_config.get("architectures") or [])
         if hf_config.get("model_type") not in metadata.EMBEDDING_ARCHITECTURES or causal:
@@ -316,13 +327,11 @@ def _describe_hf_folder(draft: ModelDraft, folder: Path, hf_config: dict[str, An
     )
     embedding = config.embedding is not None
     config.fim_tokens = metadata.fim_tokens(present)
-    card = folder / "README.md"
+    card = model_card(folder)
     causal_reranker = (
         not embedding
-        and card.is_file()
-        and card.stat().st_size <= SMALL_JSON_LIMIT
-        and metadata.card_pipeline_tag(card.read_text(errors="replace"))
-        == metadata.RANKING_PIPELINE_TAG
+        and card is not None
+        and metadata.card_pipeline_tag(card) == metadata.RANKING_PIPELINE_TAG
     )
     config.features = metadata.features(
         present,

@@ -36,6 +36,8 @@ ANCHOR = "A man is eating food."
 CLOSE = "A man is eating a piece of bread."
 FAR = ["A man is riding a horse.", "A monkey is playing drums."]
 SENTENCES = [ANCHOR, CLOSE, *FAR]
+MATRYOSHKA_CARD = "---\ntags:\n- sentence-transformers\n- matryoshka\n---\n"
+"""A model card's front matter as sentence-transformers writes it for Matryoshka training."""
 LONG_TEXT = "word " * 600
 """602 tokens: over MiniLM's 256 (sentence_bert_config.json) and its GGUF's 512."""
 
@@ -51,7 +53,8 @@ def minilm_zip() -> Path:
 @pytest.fixture(scope="module")
 def embed_store(minilm_zip, tmp_path_factory) -> ModelStore:
     """``all-minilm`` (the zip, for MLX), ``all-minilm:gguf`` (the same weights as a BERT
-    GGUF, for llama.cpp) and the embedded default model ``smollm2:135m``."""
+    GGUF, for llama.cpp), the embedded default model ``smollm2:135m``, and
+    ``minilm-matryoshka`` (the same folder with a card that says Matryoshka)."""
     work = tmp_path_factory.mktemp("embed")
     store = ModelStore(work / "home")
     import_path(store, minilm_zip, "all-minilm")
@@ -60,6 +63,8 @@ def embed_store(minilm_zip, tmp_path_factory) -> ModelStore:
         archive.extractall(folder)
     import_path(store, bert_folder_to_gguf(folder, work / "minilm.gguf"), "all-minilm:gguf")
     import_path(store, package_file(DEFAULT_GGUF), "smollm2:135m")
+    (folder / "README.md").write_text(MATRYOSHKA_CARD)
+    import_path(store, folder, "minilm-matryoshka")
     return store
 
 
@@ -228,18 +233,30 @@ def test_base64_encoding_is_the_float32_vector(embed_daemon):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", ["/api/embed", "/v1/embeddings"])
-def test_dimensions_shortens_and_renormalises(embed_daemon, path):
-    status, body = post(
-        embed_daemon, path, {"model": "all-minilm", "input": [ANCHOR], "dimensions": 64}
-    )
+@pytest.mark.parametrize(
+    ("path", "model"), [("/api/embed", "all-minilm"), ("/v1/embeddings", "minilm-matryoshka")]
+)
+def test_dimensions_shortens_and_renormalises(embed_daemon, path, model):
+    status, body = post(embed_daemon, path, {"model": model, "input": [ANCHOR], "dimensions": 64})
     assert status == 200
     vector = body["embeddings"][0] if "embeddings" in body else body["data"][0]["embedding"]
     assert len(vector) == 64 and abs(np.linalg.norm(vector) - 1) < 1e-5
-    status, body = post(
-        embed_daemon, path, {"model": "all-minilm", "input": [ANCHOR], "dimensions": 385}
-    )
+    status, body = post(embed_daemon, path, {"model": model, "input": [ANCHOR], "dimensions": 385})
     assert status == 400
+
+
+def test_a_matryoshka_card_is_recorded(embed_store):
+    assert embed_store.config(embed_store.resolve("minilm-matryoshka")).embedding["matryoshka"]
+    assert "matryoshka" not in embed_store.config(embed_store.resolve("all-minilm")).embedding
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["all-minilm", "smollm2:135m"])
+def test_openai_dimensions_without_a_matryoshka_card_is_a_400(embed_daemon, model):
+    body = {"model": model, "input": [ANCHOR], "dimensions": 64}
+    status, answer = post(embed_daemon, "/v1/embeddings", body)
+    assert status == 400 and answer["error"]["code"] == "unsupported_feature", answer
+    assert answer["error"]["param"] == "dimensions"
 
 
 @pytest.mark.slow
@@ -314,8 +331,9 @@ def test_openai_client_dimensions_and_base64(embed_daemon):
     from openai import OpenAI
 
     client = OpenAI(base_url=embed_daemon.url + "/v1", api_key="unused")
-    full = client.embeddings.create(model="all-minilm", input=[ANCHOR], encoding_format="float")
-    short = client.embeddings.create(model="all-minilm", input=[ANCHOR], dimensions=64)
+    model = "minilm-matryoshka"
+    full = client.embeddings.create(model=model, input=[ANCHOR], encoding_format="float")
+    short = client.embeddings.create(model=model, input=[ANCHOR], dimensions=64)
     vector = np.array(short.data[0].embedding)
     head = np.array(full.data[0].embedding[:64])
     np.testing.assert_allclose(vector, head / np.linalg.norm(head), atol=1e-6)

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from mlxserve.errors import InvalidRequestError, UnsupportedFeatureError
 from mlxserve.runners.base import EmbedRequest
-from mlxserve.server.state import MANAGER
+from mlxserve.server.state import MANAGER, STORE
 from mlxserve.server.validate import json_body, keep_alive, model_name, optional
 
 routes = web.RouteTableDef()
@@ -107,7 +107,8 @@ def openai_token_texts(value: Any) -> list[str] | None:
 
 def shorten(vectors: list[list[float]], dimensions: int | None) -> list[list[float]]:
     """The first ``dimensions`` components, re-normalised (Matryoshka-style shortening, as
-    Ollama does); more dimensions than the model makes is a 400."""
+    Ollama does for any model; OpenAI's route only where the model card says Matryoshka);
+    more dimensions than the model makes is a 400."""
     if dimensions is None or not vectors:
         return vectors
     size = len(vectors[0])
@@ -214,7 +215,18 @@ async def openai_embeddings(request: web.Request) -> web.Response:
         texts = embed_inputs(body.get("input"))
     if not texts:
         raise InvalidRequestError("'input' must not be empty", param="input")
-    embedded = await embed_texts(request, name, texts, dimensions=optional(body, "dimensions", int))
+    dimensions = optional(body, "dimensions", int)
+    if dimensions is not None:
+        store = request.app[STORE]
+        record = store.config(store.resolve(name)).embedding or {}
+        if not record.get("matryoshka"):
+            raise UnsupportedFeatureError(
+                f"{name} was not trained to be shortened: its model card does not say "
+                "Matryoshka, so 'dimensions' would give vectors of lower quality (Ollama's "
+                "/api/embed shortens any model's vectors if you want that)",
+                param="dimensions",
+            )
+    embedded = await embed_texts(request, name, texts, dimensions=dimensions)
     return web.json_response(
         {
             "object": "list",
