@@ -52,10 +52,15 @@ def embed_inputs(value: Any) -> list[str]:
     raise InvalidRequestError("'input' must be a string or a list of strings", param="input")
 
 
+def is_token_id(value: Any) -> bool:
+    """An integer, as JSON Schema counts them (``3.0`` is one; ``true`` is not)."""
+    if isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def is_token_ids(value: Any) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    )
+    return isinstance(value, list) and all(is_token_id(v) for v in value)
 
 
 def openai_token_texts(value: Any) -> list[str] | None:
@@ -87,7 +92,8 @@ def openai_token_texts(value: Any) -> list[str] | None:
             param="input",
         ) from None
     texts = []
-    for index, ids in enumerate(lists):
+    for index, given in enumerate(lists):
+        ids = [int(token) for token in given]
         if any(not 0 <= token < encoding.n_vocab for token in ids):
             raise InvalidRequestError(
                 f"input {index} has a token id outside cl100k_base (0 to {encoding.n_vocab - 1})",

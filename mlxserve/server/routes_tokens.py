@@ -18,6 +18,7 @@ from aiohttp import web
 from mlxserve.chat.core import prepare
 from mlxserve.errors import InvalidRequestError
 from mlxserve.server import api_openai
+from mlxserve.server.routes_embed import is_token_ids
 from mlxserve.server.state import MANAGER
 from mlxserve.server.validate import json_body, keep_alive, model_name, optional, think_value
 from modelstore.model import LocalModel
@@ -28,10 +29,9 @@ routes = web.RouteTableDef()
 def token_ids(value: Any, vocab_size: int | None) -> list[int]:
     """``tokens`` as ids the model has: a native tokenizer given an id outside its vocabulary
     may abort the process (llama.cpp), so every id is checked first."""
-    if not isinstance(value, list) or not all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
+    if not is_token_ids(value):
         raise InvalidRequestError("'tokens' must be a list of integers", param="tokens")
+    value = [int(token) for token in value]
     upper = vocab_size if vocab_size else None
     for index, token in enumerate(value):
         if token < 0 or (upper is not None and token >= upper):
