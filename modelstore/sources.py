@@ -163,6 +163,9 @@ def embedding_record(folder: Path, hf_config: dict[str, Any]) -> dict[str, Any] 
         "dimensions": hidden if isinstance(hidden, int) else None,
     }
     if cross_encoder(hf_config):
+        if hf_config.get("model_type") == "xlm-roberta" and isinstance(record["max_tokens"], int):
+            # RoBERTa's positions start after the padding id: 514 positions hold 512 tokens.
+            record["max_tokens"] -= int(hf_config.get("pad_token_id", 1)) + 1
         return {**record, "pooling": metadata.RANK_POOLING, "dimensions": 1}
     card = model_card(folder)
     if card and metadata.card_allows_matryoshka(card):

@@ -28,6 +28,7 @@ from tests.fixtures.rerankers import (
     cross_encoder_to_gguf,
     make_causal_reranker,
     make_cross_encoder_folder,
+    make_xlmr_cross_encoder,
 )
 
 MINILM_ZIP = "pkg://all_minilm_l6_v2/model.zip"
@@ -58,11 +59,13 @@ def cross_encoder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def rerank_store(cross_encoder, tmp_path_factory) -> ModelStore:
-    """``ce`` (HF folder), ``ce:gguf`` (rank pooling), ``qr:mlx`` / ``qr:gguf`` (a causal
+    """``ce`` (HF folder), ``ce:gguf`` (rank pooling), ``xr`` (an XLM-RoBERTa cross-encoder,
+    the bge-reranker kind), ``qr:mlx`` / ``qr:gguf`` (a causal
     reranker), ``all-minilm`` (an embedding model) and ``smollm2:135m`` (a chat model): the
     last two cannot rerank."""
     work = tmp_path_factory.mktemp("rerank")
     store = ModelStore(work / "home")
+    import_path(store, make_xlmr_cross_encoder(work / "xlmr-cross-encoder"), "xr")
     causal_folder, causal_gguf = make_causal_reranker(work)
     import_path(store, causal_folder, "qr:mlx")
     import_path(store, causal_gguf, "qr:gguf")
@@ -120,6 +123,27 @@ def test_import_records_the_rerank_capability(rerank_store):
 
 async def test_mlx_scores_match_transformers(mlx_ce, transformers_scores):
     np.testing.assert_allclose(await scores_of(mlx_ce, DOCUMENTS), transformers_scores, atol=1e-4)
+
+
+async def test_xlm_roberta_scores_match_transformers(rerank_store):
+    """RoBERTa's pair layout and head (``dense``, tanh, ``out_proj`` on ``<s>``), no pooler."""
+    torch = pytest.importorskip("torch", reason="torch (the dev extra) computes the reference")
+    from transformers import AutoTokenizer, XLMRobertaForSequenceClassification
+
+    folder = str(rerank_store.root.parent / "xlmr-cross-encoder")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = XLMRobertaForSequenceClassification.from_pretrained(folder).eval()
+    encoded = tokenizer([QUERY] * len(DOCUMENTS), DOCUMENTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**encoded).logits[:, 0].numpy()
+    assert rerank_store.config(rerank_store.resolve("xr")).features == ["rerank"]
+    loaded = await LoadedModel.load(rerank_store, "xr")
+    try:
+        np.testing.assert_allclose(await scores_of(loaded, DOCUMENTS), expected, atol=1e-4)
+        alone = [(await scores_of(loaded, [document]))[0] for document in DOCUMENTS]
+        np.testing.assert_allclose(alone, expected, atol=1e-4)
+    finally:
+        await loaded.unload()
 
 
 async def test_llamacpp_scores_match_transformers(gguf_ce, transformers_scores):

@@ -58,34 +58,54 @@ from mlxserve.runners.rerank import (
 from modelstore.metadata import RANK_POOLING
 from modelstore.model import LocalModel
 
-CROSS_ENCODER_PREFIXES = {"bert": "bert"}
+CROSS_ENCODER_PREFIXES = {"bert": "bert", "xlm-roberta": "roberta"}
 """Architectures whose ``*ForSequenceClassification`` folders run here, and the prefix their
 encoder's weights carry in such a folder."""
 
 
 def cross_encoder_classes(config: dict[str, Any]) -> tuple[Any, Any, None, None]:
     """``load_model``'s hook: the architecture's mlx-embeddings model under its folder prefix,
-    with the classifier (``Linear(hidden, 1)``) beside it, as the HF class lays them out."""
+    with the classification head beside it, as the HF classes lay them out: BERT's classifier
+    (``Linear(hidden, 1)``) over its pooler; RoBERTa's head (``dense``, tanh, ``out_proj``)
+    over the first token's state, with no pooler."""
     import importlib
 
+    import mlx.core as mx
     import mlx.nn as nn
 
     model_type = config.get("model_type")
     if model_type not in CROSS_ENCODER_PREFIXES:
         raise ValueError(f"no cross-encoder for the {model_type!r} architecture")
-    arch = importlib.import_module(f"mlx_embeddings.models.{model_type}")
+    arch = importlib.import_module(f"mlx_embeddings.models.{model_type.replace('-', '_')}")
     prefix = CROSS_ENCODER_PREFIXES[model_type]
+    pooled = model_type == "bert"
+
+    class RobertaHead(nn.Module):
+        def __init__(self, hidden: int) -> None:
+            super().__init__()
+            self.dense = nn.Linear(hidden, hidden)
+            self.out_proj = nn.Linear(hidden, 1)
+
+        def __call__(self, first: Any) -> Any:
+            return self.out_proj(mx.tanh(self.dense(first)))
 
     class CrossEncoder(nn.Module):
         def __init__(self, args: Any) -> None:
             super().__init__()
+            if not pooled:
+                args.add_pooling_layer = False
             setattr(self, prefix, arch.Model(args))
-            self.classifier = nn.Linear(args.hidden_size, 1)
+            hidden = args.hidden_size
+            self.classifier = nn.Linear(hidden, 1) if pooled else RobertaHead(hidden)
 
         def __call__(self, input_ids: Any, token_type_ids: Any, attention_mask: Any) -> Any:
             encoder = getattr(self, prefix)
-            output = encoder(input_ids, token_type_ids, attention_mask)
-            return self.classifier(output.pooler_output)[:, 0]
+            output = encoder(
+                input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask
+            )
+            if pooled:
+                return self.classifier(output.pooler_output)[:, 0]
+            return self.classifier(output.last_hidden_state[:, 0])[:, 0]
 
         def sanitize(self, weights: dict[str, Any]) -> dict[str, Any]:
             return {key: value for key, value in weights.items() if "position_ids" not in key}
@@ -211,7 +231,8 @@ class MlxEmbeddingRunner:
 
             queries = [request.query] * len(request.documents)
             encoded = tokenizer(queries, request.documents)
-            ids, types = encoded["input_ids"], encoded["token_type_ids"]
+            ids = encoded["input_ids"]
+            types = encoded.get("token_type_ids") or [[0] * len(t) for t in ids]
             over = [index for index, tokens in enumerate(ids) if len(tokens) > limit]
             if over and not request.truncate:
                 raise too_long(over[0], len(ids[over[0]]), limit)
@@ -222,9 +243,10 @@ class MlxEmbeddingRunner:
                     truncation=True,
                     max_length=limit,
                 )
+                cut_types = cut.get("token_type_ids")
                 for place, index in enumerate(over):
                     ids[index] = cut["input_ids"][place]
-                    types[index] = cut["token_type_ids"][place]
+                    types[index] = cut_types[place] if cut_types else [0] * len(ids[index])
             scores = [0.0] * len(ids)
             pad = tokenizer.pad_token_id or 0
             for batch in budget_batches([len(t) for t in ids]):
