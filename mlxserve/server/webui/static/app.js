@@ -6,19 +6,22 @@ import * as dashboard from "./dashboard.js";
 
 const $ = (id) => document.getElementById(id);
 
+// One prompt however many calls were refused at once: they all wait for the same answer.
+let asking = null;
 function askKey() {
-  const dialog = $("key-dialog");
-  return new Promise((resolve) => {
+  asking ??= new Promise((resolve) => {
     $("key-form").addEventListener(
       "submit",
       () => {
+        asking = null;
         resolve($("key-input").value);
         $("key-input").value = "";
       },
       { once: true },
     );
-    if (!dialog.open) dialog.showModal();
+    $("key-dialog").showModal();
   });
+  return asking;
 }
 
 function route() {
