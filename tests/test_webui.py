@@ -69,6 +69,11 @@ def api(daemon: Daemon, path: str, body: dict | None = None, method: str | None 
     return json.loads(text) if text.strip() else {}
 
 
+def busy_slots(daemon: Daemon, model: str) -> int:
+    loaded = api(daemon, "/api/ps")["models"]
+    return next(entry["active"] for entry in loaded if entry["name"] == model)
+
+
 def png(color: tuple[int, int, int]) -> bytes:
     from PIL import Image
 
@@ -297,10 +302,10 @@ def test_stop_cancels_the_generation_on_the_daemon(page, webui_daemon):
     page.wait_for_function(f"() => {ANSWER_LENGTH} > 2000")
     seen = page.evaluate(ANSWER_LENGTH)
     page.wait_for_function(f"() => {ANSWER_LENGTH} > {seen}")
-    assert api(webui_daemon, "/api/ps")["models"][0]["active"] == 1
+    assert busy_slots(webui_daemon, "hostile:gguf") == 1
     page.locator("#stop").click()
     stopped = time.monotonic()
-    while api(webui_daemon, "/api/ps")["models"][0]["active"] != 0:
+    while busy_slots(webui_daemon, "hostile:gguf") != 0:
         assert time.monotonic() - stopped < 1.0, "the slot is still busy a second after Stop"
         time.sleep(0.05)
     finished(page)
