@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import shutil
 import time
 import urllib.error
 import urllib.request
@@ -18,10 +17,20 @@ import pytest
 
 from mlxserve.server.config import load_settings
 from mlxserve.server.webui import CONTENT_SECURITY_POLICY, STATIC
+from tests.browser import (
+    CHROMIUM,
+    WAIT_MS,
+    build_store,
+    choose,
+    finished,
+    last_answer,
+    launch,
+    send,
+)
+from tests.browser import open_page as browser_open_page
 from tests.daemon import Daemon
 from tests.registry import Registry, registry_binary
 
-CHROMIUM = shutil.which("chromium")
 API_KEY = "webui-test-key"
 KEEP_ALIVE_S = 4
 PAGE_BUDGET_BYTES = 200_000
@@ -32,7 +41,6 @@ LINE_CHUNKS = 32_768
 RESPONSIVE_S = 10.0
 PULL_BYTES = 24 << 20
 """Big enough that a pull over loopback reports progress before it completes."""
-WAIT_MS = 30_000
 ANSWER_LENGTH = (
     "document.querySelector('.message.assistant:last-child .content').textContent.length"
 )
@@ -84,25 +92,7 @@ def png(color: tuple[int, int, int]) -> bytes:
 
 @pytest.fixture(scope="module")
 def webui_store(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``tiny:gguf``, a vision model, and the scripted thinking, tool-calling and hostile
-    models (GGUF: the fast runner here)."""
-    from modelstore.importer import import_path
-    from modelstore.spec import build_draft, load_spec
-    from modelstore.store import ModelStore
-    from tests.fixtures.gguf_mmproj import make_tiny_mmproj
-    from tests.fixtures.scripted_models import HERMES, HOSTILE, THINKING, make_scripted_model
-
-    work = tmp_path_factory.mktemp("webui")
-    store = ModelStore(work / "home")
-    import_path(store, tiny_models.gguf_path, "tiny:gguf")
-    for family in (THINKING, HERMES, HOSTILE):
-        scripted = make_scripted_model(family, work / "scripted")
-        import_path(store, scripted.gguf_path, f"{family.name}:gguf")
-    spec = work / "vision.modelspec.json"
-    mmproj = make_tiny_mmproj(work / "mmproj.gguf")
-    spec.write_text(json.dumps({"from": str(tiny_models.gguf_path), "projector": str(mmproj)}))
-    store.commit(build_draft(load_spec(spec), store), "tiny:vision")
-    return store.root
+    return build_store(tiny_models, tmp_path_factory.mktemp("webui"))
 
 
 @pytest.fixture(scope="module")
@@ -175,10 +165,7 @@ def test_the_setting_reads_from_the_environment(monkeypatch):
 @pytest.fixture(scope="module")
 def browser():
     with playwright.sync_playwright() as driver:
-        launched = driver.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--host-resolver-rules=MAP evil.test 127.0.0.1"],
-        )
+        launched = launch(driver)
         yield launched
         launched.close()
 
@@ -201,38 +188,7 @@ def page(browser, webui_daemon):
 
 
 def open_page(page, path: str = "/") -> None:
-    """Load the page and answer its API key prompt, as a user does."""
-    page.goto(path)
-    page.wait_for_function(
-        "() => document.body.classList.contains('ready') || document.querySelector('dialog').open"
-    )
-    if page.locator("#key-dialog").get_attribute("open") is not None:
-        page.locator("#key-input").fill(API_KEY)
-        page.locator("#key-form button").click()
-    page.wait_for_selector("body.ready")
-
-
-def choose(page, model: str, **settings: str) -> None:
-    page.locator("#model").select_option(model)
-    if settings:
-        page.locator("#settings summary").click()
-        for name, value in settings.items():
-            page.locator(f"#{name}").fill(value)
-        page.locator("#settings summary").click()
-
-
-def send(page, text: str) -> None:
-    page.locator("#prompt").fill(text)
-    page.locator("#send").click()
-
-
-def last_answer(page):
-    return page.locator(".message.assistant").last
-
-
-def finished(page) -> None:
-    """The answer is complete: its stats line is written when the stream ends."""
-    page.wait_for_function("() => !document.querySelector('#send').disabled")
+    browser_open_page(page, path, API_KEY)
 
 
 @needs_browser
