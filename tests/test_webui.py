@@ -220,6 +220,78 @@ def test_thinking_is_apart_and_the_conversation_survives_a_reload(page, webui_da
 
 
 @needs_browser
+def test_settings_edit_regenerate_and_export(page):
+    from tests.fixtures.scripted_models import THINKING_ANSWER
+
+    open_page(page)
+    choose(page, "thinking:gguf", system="Be brief.", temperature="0", seed="7", num_predict="16")
+    send(page, "First question")
+    finished(page)
+    page.locator(".message.user .edit").click()
+    page.locator("#prompt").fill("Edited question")
+    with page.expect_request("**/api/chat") as edited:
+        page.locator("#send").click()
+    finished(page)
+    sent = json.loads(edited.value.post_data)
+    assert sent["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Edited question"},
+    ]
+    assert sent["options"] == {"temperature": 0, "seed": 7, "num_predict": 16}
+    assert sent["think"] is True
+    with page.expect_request("**/api/chat") as regenerated:
+        page.locator(".regenerate").click()
+    finished(page)
+    assert json.loads(regenerated.value.post_data)["messages"] == sent["messages"]
+    assert page.locator(".message").count() == 2
+    assert last_answer(page).locator(".content").inner_text().strip() == THINKING_ANSWER
+    with page.expect_download() as download:
+        page.locator("#export").click()
+    exported = json.loads(Path(download.value.path()).read_text())
+    assert [m["content"] for m in exported[0]["messages"]] == ["Edited question", THINKING_ANSWER]
+    assert exported[0]["settings"]["system"] == "Be brief."
+
+
+@needs_browser
+def test_markdown_renders_code_and_only_web_links(page):
+    answer = (
+        "# Title\n\nSome **bold** and `code`, [a site](https://example.com/x) and "
+        "[bad](javascript:alert(1)) and [data](data:text/html,hi).\n\n"
+        "```python\nprint('<b>hi</b>')\n```\n- one\n- two"
+    )
+    lines = [
+        {"message": {"role": "assistant", "content": answer[:40]}, "done": False},
+        {"message": {"role": "assistant", "content": answer[40:]}, "done": False},
+        {"message": {"role": "assistant", "content": ""}, "done": True, "eval_count": 2},
+    ]
+    open_page(page)
+    choose(page, "tiny:gguf")
+    page.route(
+        "**/api/chat",
+        lambda route: route.fulfill(
+            body="".join(json.dumps(line) + "\n" for line in lines),
+            content_type="application/x-ndjson",
+        ),
+    )
+    send(page, "Markdown, please")
+    finished(page)
+    content = last_answer(page).locator(".content")
+    assert content.locator("h3").inner_text() == "Title"
+    assert content.locator("strong").inner_text() == "bold"
+    code = content.locator("pre code")
+    assert (
+        code.inner_text() == "print('<b>hi</b>')"
+        and code.get_attribute("data-language") == "python"
+    )
+    assert content.locator("b").count() == 0
+    links = content.locator("a")
+    assert links.count() == 1 and links.get_attribute("href") == "https://example.com/x"
+    assert links.get_attribute("rel") == "noopener noreferrer"
+    assert "[bad](javascript:alert(1))" in content.inner_text()
+    assert content.locator("li").all_inner_texts() == ["one", "two"]
+
+
+@needs_browser
 def test_a_tool_call_is_shown_as_a_call(page):
     from tests.fixtures.scripted_models import WEATHER_TOOL
 
