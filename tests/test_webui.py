@@ -453,6 +453,7 @@ def test_pull_shows_progress_and_delete_asks_first(page, webui_daemon, tmp_path)
         row = page.locator("#store tbody tr", has_text=target)
         row.wait_for()
         row.locator(".delete").click()
+        row.locator(".delete.confirm").wait_for()
         assert row.locator(".delete").inner_text() == "Really delete?"
         assert target in [m["name"] for m in api(webui_daemon, "/api/tags")["models"]]
         row.locator(".delete").click()

@@ -44,7 +44,8 @@ function deleteButton(name) {
   node.addEventListener("click", async () => {
     if (confirming !== name) {
       confirming = name;
-      refresh();
+      node.className = "delete confirm";
+      node.textContent = "Really delete?";
       return;
     }
     confirming = null;
