@@ -319,6 +319,7 @@ def test_an_image_goes_to_the_vision_model(page, tmp_path):
     assert sent["messages"][-1]["images"] == [base64.b64encode(image.read_bytes()).decode()]
     finished(page)
     assert page.locator(".message.user img").count() == 1
+    page.wait_for_function("() => document.querySelector('.message.user img').naturalWidth == 56")
     assert not last_answer(page).locator(".note").inner_text()
 
 

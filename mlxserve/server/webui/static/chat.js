@@ -204,6 +204,10 @@ function messageNode(message, index) {
   }
   const thinking = element("details", "thinking");
   thinking.append(element("summary", "", "Thinking"), element("div", "thinking-text"));
+  thinking.open = Boolean(message.thinkingOpen);
+  thinking.addEventListener("toggle", () => {
+    message.thinkingOpen = thinking.open;
+  });
   node.append(
     thinking,
     element("div", "content"),
