@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxserve.server.config import load_settings
+from mlxserve.server.config import ConfigError, load_settings
 from mlxserve.server.webui import CONTENT_SECURITY_POLICY, STATIC
 from tests.browser import (
     CHROMIUM,
@@ -151,11 +151,12 @@ def test_no_webui_serves_the_heartbeat_to_browsers_too(webui_store):
         off.stop()
 
 
-def test_the_setting_reads_from_the_environment(monkeypatch):
+def test_the_setting_reads_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLXSERVE_HOME", str(tmp_path))
     monkeypatch.setenv("MLXSERVE_WEBUI", "off")
     assert load_settings().webui is False
     monkeypatch.setenv("MLXSERVE_WEBUI", "maybe")
-    with pytest.raises(Exception, match="invalid value for webui"):
+    with pytest.raises(ConfigError, match="invalid value for webui"):
         load_settings()
 
 
