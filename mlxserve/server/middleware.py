@@ -23,6 +23,7 @@ from mlxserve.errors import (
     RequestTooLargeError,
     UnauthorizedError,
 )
+from mlxserve.server import webui
 from mlxserve.server.config import Settings
 from mlxserve.server.errors import error_response
 from mlxserve.server.metrics import Metrics
@@ -133,7 +134,11 @@ def make_middlewares(settings: Settings, metrics: Metrics) -> list[Callable]:
         """DNS rebinding (Host) and the API key (browsers' Origin: ``cors``)."""
         if _host_name(request.headers.get("Host", "")) not in hosts:
             raise ForbiddenError("this Host is not allowed (DNS rebinding protection)")
-        needs_key = key is not None and request.path not in OPEN_PATHS
+        needs_key = (
+            key is not None
+            and request.path not in OPEN_PATHS
+            and not (settings.webui and webui.is_page_request(request))
+        )
         if needs_key and not hmac.compare_digest(_supplied_key(request), key):
             raise UnauthorizedError(
                 "missing or wrong API key (Authorization: Bearer ..., or x-api-key)"
