@@ -176,6 +176,20 @@ async def test_a_cross_encoder_refuses_to_embed_or_generate(each_ce):
         each_ce.runner.generate(GenerateRequest(prompt="hi"))
 
 
+async def test_a_causal_gguf_with_rank_pooling_is_refused_at_load(rerank_store):
+    """A Qwen3-Reranker GGUF (a causal architecture with rank pooling) needs llama.cpp's
+    rerank template; the BERT pair layout would give wrong scores, so it is refused."""
+    from mlxserve.errors import UnsupportedArchitectureError
+    from mlxserve.runners.base import RunnerOptions
+    from mlxserve.runners.llamacpp_embed import LlamaCppEmbeddingRunner
+    from modelstore.runtime import open_model
+
+    model = open_model(rerank_store, "ce:gguf")
+    model.architecture = "qwen3"
+    with pytest.raises(UnsupportedArchitectureError, match="rerank template"):
+        await LlamaCppEmbeddingRunner().load(model, RunnerOptions())
+
+
 def test_budget_batches_keep_every_pass_within_the_budget():
     lengths = [5, 300, 40, 40, 7, 1000, 12]
     batches = budget_batches(lengths, 400)

@@ -22,6 +22,7 @@ from mlxserve import platform
 from mlxserve.errors import (
     InferenceError,
     ModelNotLoadedError,
+    UnsupportedArchitectureError,
     UnsupportedFormatError,
 )
 from mlxserve.runners.base import (
@@ -44,7 +45,7 @@ from mlxserve.runners.rerank import (
     reranker_only,
 )
 from mlxserve.runners.threads import WorkerThread
-from modelstore.metadata import RANK_POOLING
+from modelstore.metadata import EMBEDDING_ARCHITECTURES, RANK_POOLING
 from modelstore.model import LocalModel
 
 POOLING_TYPES = {
@@ -191,9 +192,18 @@ class LlamaCppEmbeddingRunner:
             raise UnsupportedFormatError(
                 f"the {self.name} runner runs GGUF embedding models; {model.name} is not one"
             )
+        record = model.embedding
+        if (
+            record.get("pooling") == RANK_POOLING
+            and model.architecture not in EMBEDDING_ARCHITECTURES
+        ):
+            raise UnsupportedArchitectureError(
+                f"{model.name} is a {model.architecture} GGUF with rank pooling: an LLM reranker "
+                "that llama.cpp scores through its rerank template, which this runner does not "
+                "apply yet; import the model's HF folder instead (it runs as a causal reranker)"
+            )
         started = time.perf_counter_ns()
         options = load_options(model, options)
-        record = model.embedding
         limit = context_length(model, options)
         limit = min(limit, record.get("max_tokens") or limit)
 
