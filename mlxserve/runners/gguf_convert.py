@@ -39,6 +39,7 @@ from mlxserve.errors import (
     UnsupportedArchitectureError,
     UnsupportedQuantizationError,
 )
+from mlxserve.mlx_lm_private import model_classes
 
 ConvertProgress = Callable[[int], None]
 """Called with the number of GGUF bytes just converted."""
@@ -326,10 +327,9 @@ def model_skeleton(config: dict[str, Any]) -> tuple[dict[str, tuple[int, ...]], 
     The model is built but never evaluated: MLX arrays are lazy, so this allocates nothing.
     """
     from mlx.utils import tree_flatten
-    from mlx_lm.utils import _get_classes
 
     try:
-        model_class, args_class = _get_classes(config)
+        model_class, args_class = model_classes(config)
         model = model_class(args_class.from_dict(config))
     except (ValueError, TypeError, KeyError) as exc:
         raise UnsupportedArchitectureError(f"mlx-lm cannot build this model: {exc}") from exc
