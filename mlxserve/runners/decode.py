@@ -23,8 +23,6 @@ from mlxserve.runners.base import (
 )
 from mlxserve.runners.textstream import TextStream
 
-DEFAULT_MAX_TOKENS = 512
-
 
 @dataclass
 class SampledToken:
@@ -122,14 +120,17 @@ def generation_budget(
     request: GenerateRequest, prompt_tokens: int, context: int, what: str = "the prompt"
 ) -> int:
     """How many tokens may follow a prompt of ``prompt_tokens`` (images included, for vision
-    models); a prompt that leaves no room is refused, never truncated."""
+    models): ``max_tokens``, or without it what the context has left (no silent cap: the model
+    stops, or the context is full, as the real services and Ollama do); a prompt that leaves
+    no room is refused, never truncated."""
     if prompt_tokens >= context:
         raise ContextOverflowError(
             f"{what} has {prompt_tokens} tokens; the context holds {context}",
             prompt_tokens=prompt_tokens,
             context_length=context,
         )
-    return min(request.max_tokens or DEFAULT_MAX_TOKENS, context - prompt_tokens)
+    room = context - prompt_tokens
+    return min(request.max_tokens or room, room)
 
 
 def check_token_ids(request: GenerateRequest, vocabulary: int) -> None:

@@ -1,0 +1,121 @@
+"""What coding agents send and lean on, through the real daemon (issue 19).
+
+The requests are written the way the agents' current releases send them on the wire (Claude
+Code, Codex, aider, llm; see ``/work/shared/FACTS.md``), so most go through ``httpx`` as JSON:
+the SDKs would send the same bytes, and some of these fields are not in their types. The
+models are the fixtures of ``tests/conftest.py``'s ``chat_daemon``: ``tiny:gguf`` never emits
+EOS under greedy decoding (it runs to whatever limit it is given), the scripted families say
+their script.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import anthropic
+import httpx
+import pytest
+
+TIMEOUT_S = 120.0
+SMALL_CONTEXT = 600
+"""A context the tiny model is loaded with so that "until the context is full" is short."""
+
+
+def post(daemon: Any, path: str, body: dict[str, Any], **headers: str) -> httpx.Response:
+    return httpx.post(f"{daemon.url}{path}", json=body, headers=headers, timeout=TIMEOUT_S)
+
+
+def sse_events(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """``(event name or "", data)`` of each SSE message with JSON data."""
+    events = []
+    for block in text.split("\n\n"):
+        name, data = "", None
+        for line in block.splitlines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: ") and line != "data: [DONE]":
+                data = json.loads(line.removeprefix("data: "))
+        if data is not None:
+            events.append((name, data))
+    return events
+
+
+# --- Limits: no silent output cap; overflow worded as each service words it -------------------
+
+
+def test_without_a_limit_generation_runs_until_the_context_is_full(chat_daemon) -> None:
+    """No API has a hidden output cap: a model that never stops fills the context (Codex sends
+    no ``max_output_tokens`` and gives up on a silently cut answer)."""
+    loaded = post(
+        chat_daemon,
+        "/api/chat",
+        {
+            "model": "tiny:gguf",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "options": {"num_ctx": SMALL_CONTEXT, "temperature": 0},
+            "stream": False,
+        },
+    ).json()
+    assert loaded["done_reason"] == "length", loaded
+    assert loaded["prompt_eval_count"] + loaded["eval_count"] == SMALL_CONTEXT
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = post(
+        chat_daemon,
+        "/v1/chat/completions",
+        {"model": "tiny:gguf", "messages": messages, "temperature": 0},
+    ).json()
+    assert chat["choices"][0]["finish_reason"] == "length"
+    assert chat["usage"]["total_tokens"] == SMALL_CONTEXT
+    responses = post(
+        chat_daemon, "/v1/responses", {"model": "tiny:gguf", "input": "Hi", "temperature": 0}
+    ).json()
+    assert responses["status"] == "incomplete"
+    assert responses["usage"]["total_tokens"] == SMALL_CONTEXT
+
+
+OVERFLOW = "word " * 3000
+"""Longer than any context the tiny models are loaded with (they are trained for 2048)."""
+
+
+def test_context_overflow_is_worded_as_each_service_words_it(chat_daemon) -> None:
+    """Agents compact the conversation when the error reads like their service's, and retry
+    (or give up) otherwise."""
+    user = [{"role": "user", "content": OVERFLOW}]
+    native = post(chat_daemon, "/api/chat", {"model": "tiny:gguf", "messages": user})
+    assert native.status_code == 400
+    assert native.json()["code"] == "context_overflow"
+    assert native.json()["error"].startswith("the input length exceeds the context length")
+    for path, body in (
+        ("/v1/chat/completions", {"messages": user}),
+        ("/v1/chat/completions", {"messages": user, "stream": True}),
+        ("/v1/responses", {"input": OVERFLOW}),
+        ("/v1/responses", {"input": OVERFLOW, "stream": True}),
+    ):
+        answer = post(chat_daemon, path, {"model": "tiny:gguf", **body})
+        assert answer.status_code == 400, (path, body.keys())
+        error = answer.json()["error"]
+        assert error["code"] == "context_length_exceeded"
+        assert error["type"] == "invalid_request_error"
+        assert re.search(r"maximum context length is \d+ tokens", error["message"]), error
+    for stream in (False, True):
+        answer = post(
+            chat_daemon,
+            "/v1/messages",
+            {"model": "tiny:gguf", "max_tokens": 8, "messages": user, "stream": stream},
+        )
+        assert answer.status_code == 400
+        error = answer.json()["error"]
+        assert error["type"] == "invalid_request_error"
+        found = re.fullmatch(r"prompt is too long: (\d+) tokens > (\d+) maximum", error["message"])
+        assert found and int(found[1]) > int(found[2]), error
+
+
+def test_anthropic_overflow_reaches_the_sdk_as_claude_code_reads_it(chat_daemon) -> None:
+    client = anthropic.Anthropic(base_url=chat_daemon.url, api_key="unused", max_retries=0)
+    with pytest.raises(anthropic.BadRequestError) as info:
+        client.messages.create(
+            model="tiny:gguf", max_tokens=8, messages=[{"role": "user", "content": OVERFLOW}]
+        )
+    assert "prompt is too long" in str(info.value)
