@@ -40,8 +40,9 @@ What these tests assume of the daemon where the issue leaves a choice:
   vocabularies; llama.cpp's ``detokenize`` drops such tokens unless asked for them.
 - Errors: native ``{"error": "..."}``, OpenAI chat and Responses ``{"error": {"message": ...,
   "type": ...}}``, Anthropic ``{"type": "error", "error": {"type": ..., "message": ...}}``.
-  An unknown model is 404; ``think`` on a model without thinking, a named ``tool_choice`` that
-  names no given tool, and Responses' ``previous_response_id`` are 400.
+  An unknown model is 404; a named ``tool_choice`` that names no given tool, and Responses'
+  ``previous_response_id`` are 400. Thinking asked of a model without it is the leniency
+  table's (``tests/test_leniency.py``): native 400, elsewhere ignored.
 - ``parallel_tool_calls: false`` (Anthropic: ``disable_parallel_tool_use``) keeps the first
   call. Ollama's API has no such field; natively it is an mlxserve extension, like
   ``tool_choice``.
@@ -905,11 +906,6 @@ def cases() -> list[Case]:
             "thinking-off-answers-without-a-thought",
             Ask(model_name(THINKING, "gguf"), think=False),
             says(THINKING_ANSWER),
-        ),
-        Case(
-            "think-on-a-model-without-thinking-is-400",
-            Ask(model_name(PLAIN, "gguf"), think=True),
-            status=400,
         ),
         Case(
             "think-off-on-a-model-without-thinking-is-ignored",
