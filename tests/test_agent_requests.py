@@ -263,3 +263,21 @@ def test_a_custom_tools_grammar_that_cannot_be_enforced_is_400(chat_daemon):
         },
     )
     assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_format"
+
+
+# --- Identity ---------------------------------------------------------------------------------
+
+CODEX_OSS_MINIMUM = (0, 13, 4)
+"""``codex --oss`` refuses an Ollama older than this."""
+
+
+def test_version_is_an_ollama_api_version_clients_accept(chat_daemon) -> None:
+    from mlxserve import __version__
+
+    answer = httpx.get(f"{chat_daemon.url}/api/version", timeout=TIMEOUT_S)
+    body = answer.json()
+    assert tuple(int(part) for part in body["version"].split(".")) >= CODEX_OSS_MINIMUM
+    assert body["mlxserve_version"] == __version__
+    assert answer.headers["X-Mlxserve-Version"] == __version__
+    tags = httpx.get(f"{chat_daemon.url}/api/tags", timeout=TIMEOUT_S)
+    assert tags.headers["X-Mlxserve-Version"] == __version__
