@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Literal
 
 import anthropic
 import httpx
 import pytest
+from pydantic import BaseModel
 
 TIMEOUT_S = 120.0
 SMALL_CONTEXT = 600
@@ -281,3 +282,93 @@ def test_version_is_an_ollama_api_version_clients_accept(chat_daemon) -> None:
     assert answer.headers["X-Mlxserve-Version"] == __version__
     tags = httpx.get(f"{chat_daemon.url}/api/tags", timeout=TIMEOUT_S)
     assert tags.headers["X-Mlxserve-Version"] == __version__
+
+
+# --- What agents lean on: Anthropic ----------------------------------------------------------
+
+
+def anthropic_client(daemon: Any) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=daemon.url, api_key="unused", max_retries=0)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_sequence_is_reported_as_anthropic_reports_it(chat_daemon, stream) -> None:
+    client = anthropic_client(chat_daemon)
+    ask = {
+        "model": "scripted-plain:gguf",
+        "max_tokens": 16,
+        "stop_sequences": [" is", "never said"],
+        "messages": [{"role": "user", "content": "Weather?"}],
+    }
+    if stream:
+        with client.messages.stream(**ask) as events:
+            message = events.get_final_message()
+    else:
+        message = client.messages.create(**ask)
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", " is")
+    assert message.content[0].text == "The weather in Paris"
+    plain = client.messages.create(**{**ask, "stop_sequences": []})
+    assert (plain.stop_reason, plain.stop_sequence) == ("end_turn", None)
+
+
+def test_thinking_budget_tokens_cuts_the_reasoning_then_the_model_answers(chat_daemon) -> None:
+    """``budget_tokens`` is a real budget: the scripted model's one-token thought plus its
+    ``<think>`` is two tokens; with a budget of one the reasoning is closed after ``<think>``
+    and the model answers."""
+    from tests.fixtures.scripted_models import THINKING_ANSWER, THINKING_REASONING
+
+    client = anthropic_client(chat_daemon)
+    ask = {
+        "model": "scripted-thinking:gguf",
+        "max_tokens": 32,
+        "messages": [{"role": "user", "content": "Weather?"}],
+    }
+    free = client.messages.create(**ask, thinking={"type": "enabled", "budget_tokens": 1024})
+    assert [block.type for block in free.content] == ["thinking", "text"]
+    assert free.content[0].thinking.strip() == THINKING_REASONING
+    cut = client.messages.create(**ask, thinking={"type": "enabled", "budget_tokens": 1})
+    assert [block.text.strip() for block in cut.content if block.type == "text"] == [
+        THINKING_ANSWER
+    ]
+    assert not any(block.type == "thinking" and block.thinking.strip() for block in cut.content)
+    assert cut.stop_reason == "end_turn"
+    assert cut.usage.input_tokens == free.usage.input_tokens
+
+
+class Answer(BaseModel):
+    """Bounded by enums: the SDK moves numeric bounds out of the schema it sends."""
+
+    city: Literal["Paris", "Rome"]
+    size: Literal["small", "large"]
+
+
+@pytest.mark.parametrize("model", ["tiny:gguf", "tiny:mlx"])
+def test_anthropic_structured_output_is_enforced(chat_daemon, model) -> None:
+    """``messages.parse`` sends ``output_config.format``: a random model's answer holds."""
+    client = anthropic_client(chat_daemon)
+    message = client.messages.parse(
+        model=model,
+        max_tokens=64,
+        messages=[{"role": "user", "content": "A city and a number."}],
+        output_format=Answer,
+    )
+    assert isinstance(message.parsed_output, Answer), message
+
+
+def test_models_answer_in_anthropics_shape_to_the_anthropic_sdk(chat_daemon) -> None:
+    client = anthropic_client(chat_daemon)
+    ids = [model.id for model in client.models.list()]
+    assert "tiny:gguf" in ids
+    assert client.models.retrieve("tiny:gguf").type == "model"
+    openai_shape = httpx.get(f"{chat_daemon.url}/v1/models", timeout=TIMEOUT_S).json()
+    assert openai_shape["object"] == "list"
+
+
+def test_anthropic_usage_has_the_cache_fields(chat_daemon) -> None:
+    message = anthropic_client(chat_daemon).messages.create(
+        model="scripted-plain:gguf",
+        max_tokens=4,
+        messages=[{"role": "user", "content": "Hi"}],
+    )
+    assert message.usage.cache_creation_input_tokens == 0
+    assert message.usage.cache_read_input_tokens == 0
