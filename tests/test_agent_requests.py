@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import anthropic
 import httpx
+import openai
 import pytest
 from pydantic import BaseModel
 
@@ -372,3 +373,55 @@ def test_anthropic_usage_has_the_cache_fields(chat_daemon) -> None:
     )
     assert message.usage.cache_creation_input_tokens == 0
     assert message.usage.cache_read_input_tokens == 0
+
+
+# --- What agents lean on: Responses and OpenAI chat -------------------------------------------
+
+
+def test_responses_reasoning_items_round_trip_with_codexs_flags(chat_daemon) -> None:
+    """Codex sends the previous output (reasoning items included) back as input, with
+    ``include``, ``store: false`` and ``parallel_tool_calls``."""
+    flags = {
+        "include": ["reasoning.encrypted_content"],
+        "store": False,
+        "parallel_tool_calls": False,
+        "reasoning": {"effort": "high", "summary": "auto"},
+        "max_output_tokens": 32,
+    }
+    first = responses(
+        chat_daemon,
+        {"model": "scripted-thinking:gguf", "input": "Weather?", **flags},
+    )
+    kinds = [item["type"] for item in first["output"]]
+    assert kinds == ["reasoning", "message"], first["output"]
+    assert first["parallel_tool_calls"] is False
+    again = [
+        {"role": "user", "content": "Weather?"},
+        *({**item, "encrypted_content": None} for item in first["output"]),
+        {"role": "user", "content": "And tomorrow?"},
+    ]
+    second = responses(chat_daemon, {"model": "scripted-thinking:gguf", "input": again, **flags})
+    assert second["usage"]["input_tokens"] > first["usage"]["input_tokens"] + 5
+
+
+def test_openai_chat_developer_role_completion_limit_and_stream_usage(chat_daemon) -> None:
+    client = openai.OpenAI(base_url=f"{chat_daemon.url}/v1", api_key="unused", max_retries=0)
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny:gguf",
+            messages=[
+                {"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+            ],
+            max_completion_tokens=3,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None
+    assert usage.completion_tokens == 3
+    finish = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finish == ["length"]
