@@ -74,7 +74,9 @@ def _messages(value: Any) -> list[Message]:
     for position, item in enumerate(value):
         where = f"messages[{position}]"
         if not isinstance(item, dict) or item.get("role") not in ("user", "assistant", "system"):
-            raise InvalidRequestError(f"{where} must have role user or assistant", param="messages")
+            raise InvalidRequestError(
+                f"{where} must have role user, assistant or system", param="messages"
+            )
         role = item["role"]
         content = item.get("content")
         if role == "system":  # Claude Code's, mid-conversation: the chat core places it
