@@ -1,0 +1,246 @@
+"""The coding agents' real releases, headless, against the real daemon (issue 19).
+
+Each agent of ``tests/agents.py`` is installed once per machine (its current release, from npm
+or PyPI, into the agents' cache) and run as a user runs it, with the settings that
+``docs/INTEGRATIONS.md`` shows, against a daemon on loopback behind a recording proxy
+(``tests/recording_proxy.py``), so each test also sees what the agent sent. The models are
+scripted (``tests/fixtures/agent_models.py``): a one-shot prompt gets ``PLAIN``'s sentence; a
+tool round trip gets a call to the agent's own tool, which the agent runs and answers with the
+tool's result, and then the scripted final answer, which must reach the agent's output.
+
+With ``MLXSERVE_AGENTS_CAPTURE=DIR`` each run also writes what went over the wire to
+``DIR/<test>.json``; ``tests/data/agents/`` holds trimmed copies that
+``tests/test_agent_captures.py`` replays in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.agents import (
+    AGENTS,
+    AGENTS_BY_NAME,
+    Agent,
+    RegistryUnreachable,
+    cache_folder,
+    install,
+)
+from tests.daemon import Daemon
+from tests.fixtures.agent_models import (
+    AGENT_ANSWER_TEXT,
+    AGENT_CONTEXT,
+    AGENT_FAMILIES,
+    AGENT_SHAPE,
+    AIDER_WHOLE,
+    CLAUDE_BASH,
+    CODEX_EXEC,
+    CONTINUE_READ,
+    EDITED_NOTE_TEXT,
+    LLM_VERSION,
+    NOTE_FILE,
+    NOTE_TEXT,
+    ONE_SHOT,
+    OPENCODE_BASH,
+)
+from tests.fixtures.scripted_models import Family, make_scripted_model
+from tests.recording_proxy import Exchange, RecordingProxy
+
+pytestmark = pytest.mark.slow
+
+AGENT_TIMEOUT_S = 300
+"""One agent run: a cold prefill of an agent's ~20k-token prompt takes tens of seconds on a
+busy 2-core machine; nothing here should need more."""
+CAPTURE_ENV = "MLXSERVE_AGENTS_CAPTURE"
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def model(family: Family) -> str:
+    return f"{family.name}:gguf"
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RecordingProxy]:
+    """A daemon holding every agent model (GGUF: llama.cpp prefills the agents' long prompts
+    fastest), behind the recording proxy the agents talk to."""
+    from modelstore.importer import import_path
+    from modelstore.store import ModelStore
+
+    root = tmp_path_factory.mktemp("agents")
+    store = ModelStore(root / "home")
+    for family in AGENT_FAMILIES:
+        built = make_scripted_model(family, root / "models", AGENT_CONTEXT, AGENT_SHAPE)
+        import_path(store, built.gguf_path, model(family))
+    daemon = Daemon(store.root).start()
+    recording = RecordingProxy(daemon.url).start()
+    yield recording
+    recording.stop()
+    daemon.stop()
+
+
+_installed: dict[str, Path] = {}
+
+
+def agent_binary(agent: Agent) -> Path:
+    """The agent's executable from the cache, installed on first use; skipped (saying why) only
+    when its registry cannot be reached."""
+    key = agent.package.folder
+    if key not in _installed:
+        try:
+            _installed[key] = install(agent.package, cache_folder())
+        except RegistryUnreachable as error:
+            pytest.skip(str(error))
+    return _installed[key]
+
+
+@dataclass
+class Run:
+    returncode: int
+    output: str
+    exchanges: list[Exchange]
+    work: Path
+
+    def posts(self) -> list[Exchange]:
+        return [e for e in self.exchanges if e.method == "POST"]
+
+
+def run_agent(
+    agent: Agent, family: Family, prompt: str, proxy: RecordingProxy, tmp: Path, tool: bool
+) -> Run:
+    binary = agent_binary(agent)
+    home, config, work = tmp / "home", tmp / "config", tmp / "work"
+    for folder in (home, config, work):
+        folder.mkdir()
+    (work / NOTE_FILE).write_text(NOTE_TEXT)
+    settings = agent.settings(proxy.url, model(family), str(config))
+    for name, content in settings.files.items():
+        (config / name).write_text(content)
+    argv = [str(binary), *settings.argv[1:], *(settings.tool_argv if tool else ()), prompt]
+    if agent.name == "aider" and tool:
+        argv.append(NOTE_FILE)
+    node = shutil.which("node")
+    env = {
+        "PATH": os.pathsep.join([*([str(Path(node).parent)] if node else []), "/usr/bin", "/bin"]),
+        "HOME": str(home),
+        # opencode installs its provider package (from npm) under here on first use: keep it.
+        "XDG_CACHE_HOME": str(cache_folder() / "xdg-cache"),
+        "LANG": "C.UTF-8",
+        "NO_COLOR": "1",
+        "TERM": "dumb",
+        "LLM_USER_PATH": str(home / "llm"),
+        **settings.env,
+    }
+    first = len(proxy.exchanges)
+    done = subprocess.run(
+        argv,
+        cwd=work,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=AGENT_TIMEOUT_S,
+    )
+    run = Run(
+        done.returncode,
+        ANSI.sub("", done.stdout + done.stderr),
+        proxy.exchanges[first:],
+        work,
+    )
+    save_capture(agent, tool, run)
+    return run
+
+
+def save_capture(agent: Agent, tool: bool, run: Run) -> None:
+    folder = os.environ.get(CAPTURE_ENV)
+    if folder:
+        path = Path(folder) / f"{agent.name}-{'tool' if tool else 'one-shot'}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps([e.as_dict() for e in run.exchanges], indent=1) + "\n")
+
+
+def explain(run: Run) -> str:
+    """What a failing assertion shows: the agent's output and each request's fate."""
+    lines = [f"exit {run.returncode}", run.output[-3000:]]
+    for e in run.exchanges:
+        lines.append(f"{e.method} {e.path}?{e.query} -> {e.status} {e.response[:300]!r}")
+    return "\n".join(lines)
+
+
+def failed_posts(run: Run) -> list[Exchange]:
+    return [e for e in run.posts() if e.status >= 400]
+
+
+@pytest.mark.parametrize("name", [agent.name for agent in AGENTS])
+def test_a_one_shot_prompt_is_answered(name: str, proxy: RecordingProxy, tmp_path: Path) -> None:
+    """The agent's first request is accepted as it is sent, and the answer is printed."""
+    run = run_agent(AGENTS_BY_NAME[name], ONE_SHOT, "Say hello", proxy, tmp_path, tool=False)
+    assert run.returncode == 0, explain(run)
+    assert ONE_SHOT.text in run.output, explain(run)
+    assert run.posts() and not failed_posts(run), explain(run)
+
+
+TOOL_CASES = {
+    "claude-code": CLAUDE_BASH,
+    "codex": CODEX_EXEC,
+    "codex-oss": CODEX_EXEC,
+    "opencode": OPENCODE_BASH,
+    "continue-ollama": CONTINUE_READ,
+    "llm": LLM_VERSION,
+}
+"""The agents whose own tool a scripted model calls: each reads ``NOTE_FILE`` (llm's
+``llm_version`` reports llm's version instead)."""
+
+
+@pytest.mark.parametrize("name", sorted(TOOL_CASES))
+def test_a_tool_round_trip_reaches_the_final_answer(
+    name: str, proxy: RecordingProxy, tmp_path: Path
+) -> None:
+    """The model calls the agent's tool; the agent runs it and sends the result back; the
+    model's answer after the result is what the agent prints."""
+    family = TOOL_CASES[name]
+    run = run_agent(AGENTS_BY_NAME[name], family, "Read note.txt", proxy, tmp_path, tool=True)
+    assert run.returncode == 0, explain(run)
+    assert AGENT_ANSWER_TEXT in run.output, explain(run)
+    assert not failed_posts(run), explain(run)
+    last = json.dumps(run.posts()[-1].body)
+    evidence = '"role": "tool"' if family is LLM_VERSION else NOTE_TEXT.split(".")[0]
+    assert evidence in last, "the tool's result did not go back to the model\n" + explain(run)
+
+
+def test_aider_applies_the_models_whole_file_edit(proxy: RecordingProxy, tmp_path: Path) -> None:
+    """aider's tool is its edit format: the scripted reply names the file and gives its new
+    content, and aider writes it."""
+    run = run_agent(
+        AGENTS_BY_NAME["aider"], AIDER_WHOLE, "Change the word", proxy, tmp_path, tool=True
+    )
+    assert run.returncode == 0, explain(run)
+    assert (run.work / NOTE_FILE).read_text() == EDITED_NOTE_TEXT, explain(run)
+    assert NOTE_TEXT.strip() in json.dumps(run.posts()[-1].body), explain(run)
+
+
+def test_codex_oss_accepts_the_daemons_version(proxy: RecordingProxy, tmp_path: Path) -> None:
+    """``codex --oss`` reads ``/api/version`` and refuses an Ollama older than it needs."""
+    run = run_agent(AGENTS_BY_NAME["codex-oss"], ONE_SHOT, "Say hello", proxy, tmp_path, False)
+    assert any(e.path == "/api/version" and e.status == 200 for e in run.exchanges), explain(run)
+    assert "too old" not in run.output, explain(run)
+    assert run.returncode == 0, explain(run)
+
+
+def test_llm_sends_tools_to_a_model_without_a_tool_template(
+    proxy: RecordingProxy, tmp_path: Path
+) -> None:
+    """llm-ollama sends ``-T`` tools only to a model whose ``capabilities`` list ``tools``:
+    every model here accepts tools, native template or not (``PLAIN`` has none)."""
+    run = run_agent(AGENTS_BY_NAME["llm"], ONE_SHOT, "What version?", proxy, tmp_path, True)
+    assert run.returncode == 0, explain(run)
+    chats = [e for e in run.posts() if e.path == "/api/chat"]
+    assert chats and chats[0].body.get("tools"), explain(run)
+    assert ONE_SHOT.text in run.output, explain(run)
