@@ -23,6 +23,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 CACHE_ENV = "MLXSERVE_AGENTS_CACHE"
 DEFAULT_CACHE = Path("~/.cache/mlxserve-agents")
@@ -34,9 +35,15 @@ PYPI_INDEX = "https://pypi.org/simple/"
 INSTALLED_MARKER = ".installed"
 DUMMY_KEY = "mlxserve"
 """What every agent gets as its API key: the daemon asks for none."""
-DOC_BASE_URL = "http://localhost:11434"
+DOC_BASE_URL = "http://127.0.0.1:11500"
 DOC_MODEL = "qwen3-coder:30b"
 """What the doc shows in place of the test's loopback URL and scripted model."""
+DOC_CONFIG_FOLDERS = {
+    "codex": "~/.codex",
+    "opencode": "~/.config/opencode",
+    "continue": "~/.continue",
+}
+"""Where the doc puts each agent's config files: the agent's own folder."""
 
 
 @dataclass(frozen=True)
@@ -317,12 +324,67 @@ def install(package: Package, cache: Path) -> Path:
     return package.binary(cache)
 
 
+MODEL_ROUTES = (
+    "/api/chat",
+    "/api/generate",
+    "/v1/chat/completions",
+    "/v1/responses",
+    "/v1/messages",
+)
+TRIM_CHARS = 80
+"""Strings in a kept capture are cut to this: the structure is what a replay checks."""
+UNTRIMMED_KEYS = frozenset({"pattern", "model", "type", "role", "name"})
+
+
+def trimmed_capture(exchanges: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The requests an agent sent to the model routes, small enough to replay on the tiny
+    fixtures: each long string cut, and of the tools only the first of each shape (its type
+    and its keys: a ``namespace``, a ``custom`` tool, one with ``defer_loading``...)."""
+    kept = []
+    for exchange in exchanges:
+        if exchange["method"] != "POST" or exchange["path"] not in MODEL_ROUTES:
+            continue
+        body = _one_tool_per_shape(exchange["body"])
+        kept.append(
+            {
+                "path": exchange["path"],
+                "query": exchange["query"],
+                "headers": exchange["headers"],
+                "body": _trim(body),
+            }
+        )
+    return kept
+
+
+def _one_tool_per_shape(holder: dict[str, Any]) -> dict[str, Any]:
+    """``holder`` with the first tool of each shape in its ``tools`` (a ``namespace`` tool's
+    own ``tools`` too)."""
+    if not isinstance(holder.get("tools"), list):
+        return holder
+    shapes: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for tool in holder["tools"]:
+        shapes.setdefault((tool.get("type"), *sorted(tool)), _one_tool_per_shape(tool))
+    return {**holder, "tools": list(shapes.values())}
+
+
+def _trim(value: Any, key: str = "") -> Any:
+    if isinstance(value, dict):
+        return {k: _trim(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_trim(v, key) for v in value]
+    if isinstance(value, str) and len(value) > TRIM_CHARS and key not in UNTRIMMED_KEYS:
+        return value[:TRIM_CHARS]
+    return value
+
+
 def render_settings(agent: Agent) -> str:
     """The agent's settings as the doc shows them (``DOC_BASE_URL``, ``DOC_MODEL``)."""
-    config = {"codex": "~/.codex", "codex-oss": "~/.codex"}.get(agent.name, "~/.config/mlxserve")
+    config = DOC_CONFIG_FOLDERS.get(agent.name.split("-")[0], "~")
     settings = agent.settings(DOC_BASE_URL, DOC_MODEL, config)
     lines = ["```sh"]
     lines += [f"export {key}={value}" for key, value in settings.env.items()]
+    if settings.files:
+        lines.append(f"mkdir -p {config}")
     for name, content in settings.files.items():
         lines += [f"cat > {config}/{name} <<'EOF'", content.rstrip("\n"), "EOF"]
     command = " ".join(_quote(part) for part in settings.argv)

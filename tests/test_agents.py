@@ -8,9 +8,9 @@ scripted (``tests/fixtures/agent_models.py``): a one-shot prompt gets ``PLAIN``'
 tool round trip gets a call to the agent's own tool, which the agent runs and answers with the
 tool's result, and then the scripted final answer, which must reach the agent's output.
 
-With ``MLXSERVE_AGENTS_CAPTURE=DIR`` each run also writes what went over the wire to
-``DIR/<test>.json``; ``tests/data/agents/`` holds trimmed copies that
-``tests/test_agent_captures.py`` replays in-process.
+With ``MLXSERVE_AGENTS_CAPTURE=DIR`` each run also writes the requests it sent to the model
+routes, trimmed (``tests.agents.trimmed_capture``), to ``DIR/<agent>-<test>.json``; copies
+kept in ``tests/data/agents/`` are replayed by the fast ``tests/test_agent_captures.py``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from tests.agents import (
     RegistryUnreachable,
     cache_folder,
     install,
+    trimmed_capture,
 )
 from tests.daemon import Daemon
 from tests.fixtures.agent_models import (
@@ -130,7 +131,7 @@ def run_agent(
     env = {
         "PATH": os.pathsep.join([*([str(Path(node).parent)] if node else []), "/usr/bin", "/bin"]),
         "HOME": str(home),
-        # opencode installs its provider package (from npm) under here on first use: keep it.
+        # The agents' own caches last from run to run, as on a user's machine.
         "XDG_CACHE_HOME": str(cache_folder() / "xdg-cache"),
         "LANG": "C.UTF-8",
         "NO_COLOR": "1",
@@ -163,7 +164,8 @@ def save_capture(agent: Agent, tool: bool, run: Run) -> None:
     if folder:
         path = Path(folder) / f"{agent.name}-{'tool' if tool else 'one-shot'}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps([e.as_dict() for e in run.exchanges], indent=1) + "\n")
+        capture = trimmed_capture([e.as_dict() for e in run.exchanges])
+        path.write_text(json.dumps(capture, indent=1, ensure_ascii=False) + "\n")
 
 
 def explain(run: Run) -> str:
@@ -223,7 +225,8 @@ def test_aider_applies_the_models_whole_file_edit(proxy: RecordingProxy, tmp_pat
     )
     assert run.returncode == 0, explain(run)
     assert (run.work / NOTE_FILE).read_text() == EDITED_NOTE_TEXT, explain(run)
-    assert NOTE_TEXT.strip() in json.dumps(run.posts()[-1].body), explain(run)
+    chats = [e for e in run.posts() if e.path == "/api/chat"]
+    assert chats and NOTE_TEXT.strip() in json.dumps(chats[0].body), explain(run)
 
 
 def test_codex_oss_accepts_the_daemons_version(proxy: RecordingProxy, tmp_path: Path) -> None:
