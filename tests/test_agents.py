@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.agents import (
@@ -79,8 +80,21 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RecordingProxy]:
     store = ModelStore(root / "home")
     for family in AGENT_FAMILIES:
         built = make_scripted_model(family, root / "models", AGENT_CONTEXT, AGENT_SHAPE)
-        import_path(store, built.gguf_path, model(family))
+        import_path(store, built.gguf_path, f"{family.name}:imported")
     daemon = Daemon(store.root).start()
+    for family in AGENT_FAMILIES:
+        # As a user gives a model the context an agent's prompt needs (docs/INTEGRATIONS.md).
+        created = httpx.post(
+            f"{daemon.url}/api/create",
+            json={
+                "model": model(family),
+                "from": f"{family.name}:imported",
+                "parameters": {"num_ctx": AGENT_CONTEXT},
+                "stream": False,
+            },
+            timeout=60,
+        )
+        assert created.status_code == 200, created.text
     recording = RecordingProxy(daemon.url).start()
     yield recording
     recording.stop()
