@@ -79,7 +79,8 @@ class Settings:
     files: dict[str, str] = field(default_factory=dict)
     argv: tuple[str, ...] = ()
     tool_argv: tuple[str, ...] = ()
-    """Extra arguments for a run that lets the model use the agent's tool."""
+    """Extra arguments, after the prompt, for a run that lets the model use the agent's tool
+    (after it: Claude Code's ``--allowedTools`` takes every argument that follows)."""
 
 
 @dataclass(frozen=True)
@@ -391,7 +392,7 @@ def render_settings(agent: Agent) -> str:
     lines.append(f'{command} "Say hello"')
     if settings.tool_argv:
         tool = " ".join(_quote(part) for part in settings.tool_argv)
-        lines.append(f'{command} {tool} "Read note.txt"')
+        lines.append(f'{command} "Read note.txt" {tool}')
     lines.append("```")
     return "\n".join(lines)
 

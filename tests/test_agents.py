@@ -138,7 +138,7 @@ def run_agent(
     settings = agent.settings(proxy.url, model(family), str(config))
     for name, content in settings.files.items():
         (config / name).write_text(content)
-    argv = [str(binary), *settings.argv[1:], *(settings.tool_argv if tool else ()), prompt]
+    argv = [str(binary), *settings.argv[1:], prompt, *(settings.tool_argv if tool else ())]
     if agent.name == "aider" and tool:
         argv.append(NOTE_FILE)
     node = shutil.which("node")
