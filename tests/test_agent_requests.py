@@ -119,3 +119,165 @@ def test_anthropic_overflow_reaches_the_sdk_as_claude_code_reads_it(chat_daemon)
             model="tiny:gguf", max_tokens=8, messages=[{"role": "user", "content": OVERFLOW}]
         )
     assert "prompt is too long" in str(info.value)
+
+
+# --- Codex's tools on /v1/responses ------------------------------------------------------------
+
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+
+
+def responses(daemon: Any, body: dict[str, Any]) -> dict[str, Any]:
+    answer = post(daemon, "/v1/responses", body)
+    assert answer.status_code == 200, answer.text
+    if not body.get("stream"):
+        return answer.json()
+    events = sse_events(answer.text)
+    assert events[-1][0] == "response.completed", events[-1]
+    return {"events": events, **events[-1][1]["response"]}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_namespace_function_is_called_by_its_name_in_the_namespace(chat_daemon, stream):
+    """Codex groups MCP tools in ``namespace`` tools; the model sees them flattened (a
+    namespace ending in ``_`` is a prefix: ``get_`` + ``weather`` is the scripted model's
+    ``get_weather``) and the call comes back named as the client named it."""
+    answer = responses(
+        chat_daemon,
+        {
+            "model": "scripted-hermes:gguf",
+            "input": "What is the weather in Paris?",
+            "tools": [
+                {
+                    "type": "namespace",
+                    "name": "get_",
+                    "description": "Weather tools.",
+                    "tools": [{"type": "function", "name": "weather", "parameters": CITY}],
+                },
+                {"type": "web_search"},
+            ],
+            "max_output_tokens": 32,
+            "stream": stream,
+        },
+    )
+    (call,) = [item for item in answer["output"] if item["type"] == "function_call"]
+    assert (call["namespace"], call["name"]) == ("get_", "weather")
+    assert json.loads(call["arguments"]) == {"city": "Paris"}
+
+
+def test_a_namespace_call_in_the_history_reaches_the_prompt(chat_daemon):
+    call = {"type": "function_call", "namespace": "get_", "name": "weather", "call_id": "c1"}
+    body = {
+        "model": "scripted-plain:gguf",
+        "input": [
+            {"role": "user", "content": "Weather?"},
+            {**call, "arguments": '{"city": "Paris"}'},
+            {"type": "function_call_output", "call_id": "c1", "output": "Sunny"},
+        ],
+        "tools": [
+            {
+                "type": "namespace",
+                "name": "get_",
+                "tools": [{"type": "function", "name": "weather", "parameters": CITY}],
+            }
+        ],
+        "max_output_tokens": 4,
+    }
+    assert responses(chat_daemon, body)["output"]  # answered (the scripted text, cut at 4)
+
+
+PATCH_REGEX = r"\*\*\* Begin Patch\n[a-z]{1,8}\n\*\*\* End Patch"
+PATCH_LARK = r"""
+start: begin body end
+begin: "*** Begin Patch\n"
+body: /[a-z]{1,8}\n/
+end: "*** End Patch"
+"""
+"""A patch tool's grammar, bounded so that a random model completes it within the limit."""
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("syntax", ["lark", "regex"])
+@pytest.mark.parametrize("model", ["tiny:gguf", "tiny:mlx"])
+def test_a_forced_custom_tool_call_follows_its_grammar(chat_daemon, model, syntax, stream):
+    """Codex's ``apply_patch`` is a ``custom`` tool with a Lark grammar: forced, the model's
+    input is held to that grammar (llguidance, on both runners) and comes back as a
+    ``custom_tool_call`` item, streamed with ``response.custom_tool_call_input`` events."""
+    definition = PATCH_LARK if syntax == "lark" else PATCH_REGEX
+    tool = {
+        "type": "custom",
+        "name": "apply_patch",
+        "description": "Apply a patch.",
+        "format": {"type": "grammar", "syntax": syntax, "definition": definition},
+    }
+    answer = responses(
+        chat_daemon,
+        {
+            "model": model,
+            "input": "Fix the typo.",
+            "tools": [tool],
+            "tool_choice": {"type": "custom", "name": "apply_patch"},
+            "max_output_tokens": 64,
+            "temperature": 0,
+            "stream": stream,
+        },
+    )
+    (call,) = answer["output"]
+    assert call["type"] == "custom_tool_call" and call["name"] == "apply_patch", call
+    assert re.fullmatch(PATCH_REGEX, call["input"]), call
+    if stream:
+        names = [name for name, _ in answer["events"]]
+        assert "response.custom_tool_call_input.delta" in names
+        (done,) = [data for name, data in answer["events"] if name.endswith("input.done")]
+        assert done["input"] == call["input"]
+
+
+def test_a_custom_tool_call_in_the_history_is_accepted(chat_daemon):
+    body = {
+        "model": "scripted-plain:gguf",
+        "input": [
+            {"role": "user", "content": "Fix it."},
+            {"type": "custom_tool_call", "call_id": "p1", "name": "apply_patch", "input": "x"},
+            {"type": "custom_tool_call_output", "call_id": "p1", "output": "Done!"},
+        ],
+        "tools": [{"type": "custom", "name": "apply_patch", "description": "Apply a patch."}],
+        "max_output_tokens": 4,
+    }
+    assert responses(chat_daemon, body)["output"]  # answered (the scripted text, cut at 4)
+
+
+def test_a_custom_tools_grammar_that_cannot_be_enforced_is_400(chat_daemon):
+    tool = {
+        "type": "custom",
+        "name": "apply_patch",
+        "format": {"type": "grammar", "syntax": "lark", "definition": "start: undefined_rule"},
+    }
+    answer = post(
+        chat_daemon,
+        "/v1/responses",
+        {
+            "model": "tiny:gguf",
+            "input": "Fix it.",
+            "tools": [tool],
+            "tool_choice": "required",
+            "max_output_tokens": 8,
+        },
+    )
+    assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_format"
+
+
+# --- Identity ---------------------------------------------------------------------------------
+
+CODEX_OSS_MINIMUM = (0, 13, 4)
+"""``codex --oss`` refuses an Ollama older than this."""
+
+
+def test_version_is_an_ollama_api_version_clients_accept(chat_daemon) -> None:
+    from mlxserve import __version__
+
+    answer = httpx.get(f"{chat_daemon.url}/api/version", timeout=TIMEOUT_S)
+    body = answer.json()
+    assert tuple(int(part) for part in body["version"].split(".")) >= CODEX_OSS_MINIMUM
+    assert body["mlxserve_version"] == __version__
+    assert answer.headers["X-Mlxserve-Version"] == __version__
+    tags = httpx.get(f"{chat_daemon.url}/api/tags", timeout=TIMEOUT_S)
+    assert tags.headers["X-Mlxserve-Version"] == __version__

@@ -40,8 +40,9 @@ What these tests assume of the daemon where the issue leaves a choice:
   vocabularies; llama.cpp's ``detokenize`` drops such tokens unless asked for them.
 - Errors: native ``{"error": "..."}``, OpenAI chat and Responses ``{"error": {"message": ...,
   "type": ...}}``, Anthropic ``{"type": "error", "error": {"type": ..., "message": ...}}``.
-  An unknown model is 404; ``think`` on a model without thinking, a named ``tool_choice`` that
-  names no given tool, and Responses' ``previous_response_id`` are 400.
+  An unknown model is 404; a named ``tool_choice`` that names no given tool, and Responses'
+  ``previous_response_id`` are 400. Thinking asked of a model without it is the leniency
+  table's (``tests/test_leniency.py``): native 400, elsewhere ignored.
 - ``parallel_tool_calls: false`` (Anthropic: ``disable_parallel_tool_use``) keeps the first
   call. Ollama's API has no such field; natively it is an mlxserve extension, like
   ``tool_choice``.
@@ -907,11 +908,6 @@ def cases() -> list[Case]:
             says(THINKING_ANSWER),
         ),
         Case(
-            "think-on-a-model-without-thinking-is-400",
-            Ask(model_name(PLAIN, "gguf"), think=True),
-            status=400,
-        ),
-        Case(
             "think-off-on-a-model-without-thinking-is-ignored",
             Ask(model_name(PLAIN, "gguf"), think=False),
             says(PLAIN.text),
@@ -1057,22 +1053,30 @@ def test_native_think_levels_turn_thinking_on(apis) -> None:
 
 
 @pytest.mark.parametrize(
-    ("model", "present", "absent"),
+    ("model", "present", "absent", "native"),
     [
-        (model_name(HERMES, "mlx"), {"completion", "tools"}, {"thinking", "embedding"}),
+        (model_name(HERMES, "mlx"), {"completion", "tools"}, {"thinking", "embedding"}, True),
         *(
-            (model_name(family, "gguf"), {"completion", "tools"}, {"thinking"})
+            (model_name(family, "gguf"), {"completion", "tools"}, {"thinking"}, True)
             for family in TOOL_FAMILIES
         ),
-        (model_name(THINKING, "mlx"), {"completion", "thinking"}, {"tools"}),
-        (model_name(THINKING, "gguf"), {"completion", "thinking"}, {"tools"}),
-        (model_name(PLAIN, "gguf"), {"completion"}, {"tools", "thinking", "vision"}),
+        (model_name(THINKING, "mlx"), {"completion", "thinking", "tools"}, set(), False),
+        (model_name(THINKING, "gguf"), {"completion", "thinking", "tools"}, set(), False),
+        (model_name(PLAIN, "gguf"), {"completion", "tools"}, {"thinking", "vision"}, False),
+        (DEFAULT_MODEL, {"completion", "tools"}, {"thinking", "vision"}, False),
     ],
 )
-def test_show_reports_capabilities_from_template_and_vocabulary(apis, model, present, absent):
-    capabilities = set(apis["native"].client.show(model).capabilities or [])
+def test_show_reports_capabilities_from_template_and_vocabulary(
+    apis, model, present, absent, native
+):
+    """Every model that completes accepts tools (llm's Ollama plugin refuses to send tools
+    unless ``tools`` is listed); ``native_tools`` says whether its template shows them."""
+    shown = apis["native"].client.show(model)
+    capabilities = set(shown.capabilities or [])
     assert present <= capabilities
     assert not absent & capabilities
+    raw = httpx.post(f"{apis['native'].url}/api/show", json={"model": model}, timeout=TIMEOUT_S)
+    assert raw.json()["native_tools"] is native
 
 
 def test_anthropic_client_authenticates_with_x_api_key(tiny_models, tmp_path) -> None:

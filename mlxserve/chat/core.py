@@ -32,7 +32,7 @@ from mlxserve.chat.types import (
     ToolCall,
     ToolCallEvent,
 )
-from mlxserve.errors import InvalidRequestError, UnsupportedFeatureError
+from mlxserve.errors import InvalidRequestError, TemplateError, UnsupportedFeatureError
 from mlxserve.inference import LoadedModel, build_request
 from mlxserve.prompts import build_messages, render_chat
 from mlxserve.runners.base import GenerateChunk, GenerateRequest, TokenLogprob
@@ -85,13 +85,32 @@ def render_prompt(loaded: LoadedModel, chat: ChatRequest) -> tuple[str, bool]:
     if chat.raw:
         return chat.prompt or "", True
     messages = _template_messages(loaded, chat)
+    try:
+        return _render(loaded, chat, messages), False
+    except TemplateError:
+        folded = fold_system_messages(messages)
+        if folded == messages:
+            raise
+        log.info("%s: the template refuses system messages there: folded", loaded.model.name)
+        return _render(loaded, chat, folded), False
+
+
+def fold_system_messages(messages: list[Message]) -> list[Message]:
+    """Every system message folded, in order, into one at the start: for templates that allow
+    a system message only there (Claude Code sends them mid-conversation)."""
+    system = [m.content for m in messages if m.role == "system"]
+    rest = [m for m in messages if m.role != "system"]
+    return [Message("system", "\n\n".join(system)), *rest] if system else rest
+
+
+def _render(loaded: LoadedModel, chat: ChatRequest, messages: list[Message]) -> str:
     tools = chat.tools if chat.tool_choice != "none" else []
     shown_tools = None
-    if tools and family.template_shows_tools:
+    if tools and loaded.family.template_shows_tools:
         shown_tools = [tool.for_template() for tool in tools]
     elif tools:
         messages = with_tool_preamble(messages, tools)
-    prompt = render_chat(
+    return render_chat(
         loaded.template,
         build_messages([m.for_template() for m in messages], loaded.model.system),
         add_generation_prompt=True,
@@ -99,7 +118,6 @@ def render_prompt(loaded: LoadedModel, chat: ChatRequest) -> tuple[str, bool]:
         **_template_kwargs(loaded, chat),
         **loaded.runner.special_tokens,
     )
-    return prompt, False
 
 
 def _no_call_bias(loaded: LoadedModel) -> dict[int, float]:
@@ -113,7 +131,12 @@ def prepare(loaded: LoadedModel, chat: ChatRequest) -> Prepared:
     """Render and tokenize (call it off the event loop: templates and tokenizers take time)."""
     family = loaded.family
     if chat.think and not family.thinks:
-        raise InvalidRequestError(f"{loaded.model.name} does not support thinking", param="think")
+        if not chat.think_optional:
+            raise InvalidRequestError(
+                f"{loaded.model.name} does not support thinking", param="think"
+            )
+        log.info("%s has no thinking: the request's thinking is ignored", loaded.model.name)
+        chat.think = None
     if loaded.model.vision is None and any(message.images for message in chat.messages):
         raise InvalidRequestError(
             f"{loaded.model.name} is not a vision model: it cannot read images", param="images"
@@ -130,9 +153,13 @@ def prepare(loaded: LoadedModel, chat: ChatRequest) -> Prepared:
     if chat.tools and chat.tool_choice == "none":
         overrides["logit_bias"] = {**overrides.get("logit_bias", {}), **_no_call_bias(loaded)}
     overrides["logprobs"] = chat.logprobs
-    overrides["response_format"] = (
-        call_format(forced, bool(chat.parallel_tool_calls)) if forced else chat.format
-    )
+    custom = forced[0] if len(forced) == 1 and forced[0].custom else None
+    if custom is not None:
+        overrides["response_format"] = custom.grammar
+    elif forced:
+        overrides["response_format"] = call_format(forced, bool(chat.parallel_tool_calls))
+    else:
+        overrides["response_format"] = chat.format
     request = build_request(loaded.model, overrides, prompt=prompt, prompt_tokens=tokens)
     request.images = [image for message in chat.messages for image in message.images]
     tools = [] if chat.tool_choice == "none" or chat.raw or chat.suffix else chat.tools
@@ -140,6 +167,7 @@ def prepare(loaded: LoadedModel, chat: ChatRequest) -> Prepared:
         family,
         tools,
         constrained=bool(forced),
+        custom_call=custom.name if custom is not None else None,
         starts_in_reasoning=bool(family.thinks)
         and not raw
         and not overrides["response_format"]
@@ -178,7 +206,7 @@ class ChatRun:
                     yield event
                 self._generated += chunk.token_ids
                 if chunk.done:
-                    for event in parser.finish():
+                    for event in parser.finish(cut=chunk.done_reason == "length"):
                         yield event
                     yield self._finish(chunk)
                     return

@@ -106,13 +106,19 @@ def model_info(config: ModelConfig) -> dict[str, Any]:
 
 
 def capabilities(config: ModelConfig, template: str | None) -> list[str]:
-    """Ollama's ``capabilities``: from the vocabulary and config (kept at import) and whether
-    the template in use renders tools."""
+    """Ollama's ``capabilities``: from the vocabulary and config (kept at import). Every model
+    that completes accepts tools (its template shows them, or a system preamble does:
+    ``mlxserve/chat/tooling.py``), and clients refuse tools unless ``tools`` is listed (llm's
+    Ollama plugin); ``native_tools`` says which."""
     features = list(config.features)
-    found = [] if features == ["embedding"] else ["completion"]
-    if template and READS_TOOLS.search(template) and "embedding" not in features:
-        found.append("tools")
-    return found + features
+    if features == ["embedding"]:
+        return features
+    return ["completion", "tools", *features]
+
+
+def native_tools(template: str | None) -> bool:
+    """Whether the template in use renders tools itself (else the chat core's preamble does)."""
+    return bool(template and READS_TOOLS.search(template))
 
 
 def warnings(config: ModelConfig) -> list[str]:
@@ -148,6 +154,7 @@ def show_body(store: ModelStore, model: StoredModel) -> dict[str, Any]:
         "details": details(store, model, config),
         "model_info": model_info(config),
         "capabilities": capabilities(config, template),
+        "native_tools": native_tools(template) and config.features != ["embedding"],
         "modified_at": utc_timestamp(model.modified),
     }
     if config.template_source:

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from mlxserve import __version__
 from mlxserve.errors import (
     ForbiddenError,
     InternalError,
@@ -30,6 +31,7 @@ from modelstore.errors import MlxserveError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID_HEADER = "X-Request-Id"
+VERSION_HEADER = "X-Mlxserve-Version"
 CLIENT_CLOSED_REQUEST = 499
 """Logged (never sent) when the client went away mid-request: nginx's convention."""
 LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -226,6 +228,8 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
 
 
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: every response, streams included, carries the request id."""
+    """``on_response_prepare``: every response, streams included, carries the request id and
+    mlxserve's version (``/api/version`` answers the Ollama API version clients gate on)."""
+    response.headers[VERSION_HEADER] = __version__
     if "request_id" in request:
         response.headers[REQUEST_ID_HEADER] = request["request_id"]
