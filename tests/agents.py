@@ -332,9 +332,9 @@ MODEL_ROUTES = (
     "/v1/responses",
     "/v1/messages",
 )
-TRIM_CHARS = 80
+TRIM_CHARS = 48
 """Strings in a kept capture are cut to this: the structure is what a replay checks."""
-UNTRIMMED_KEYS = frozenset({"pattern", "model", "type", "role", "name"})
+UNTRIMMED_KEYS = frozenset({"pattern", "model", "type", "role", "name", "arguments", "input"})
 
 
 def trimmed_capture(exchanges: list[dict[str, Any]]) -> list[dict[str, Any]]:

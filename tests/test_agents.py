@@ -9,7 +9,7 @@ tool round trip gets a call to the agent's own tool, which the agent runs and an
 tool's result, and then the scripted final answer, which must reach the agent's output.
 
 With ``MLXSERVE_AGENTS_CAPTURE=DIR`` each run also writes the requests it sent to the model
-routes, trimmed (``tests.agents.trimmed_capture``), to ``DIR/<agent>-<test>.json``; copies
+routes, trimmed (``tests.agents.trimmed_capture``), to ``DIR/<test>.json``; copies
 kept in ``tests/data/agents/`` are replayed by the fast ``tests/test_agent_captures.py``.
 """
 
@@ -169,14 +169,16 @@ def run_agent(
         proxy.exchanges[first:],
         work,
     )
-    save_capture(agent, tool, run)
+    save_capture(run)
     return run
 
 
-def save_capture(agent: Agent, tool: bool, run: Run) -> None:
+def save_capture(run: Run) -> None:
+    """The run's requests, trimmed, in ``$MLXSERVE_AGENTS_CAPTURE/<test>.json``."""
     folder = os.environ.get(CAPTURE_ENV)
     if folder:
-        path = Path(folder) / f"{agent.name}-{'tool' if tool else 'one-shot'}.json"
+        test = os.environ["PYTEST_CURRENT_TEST"].split("::")[-1].split(" ")[0]
+        path = Path(folder) / (re.sub(r"[^\w-]+", "-", test).strip("-") + ".json")
         path.parent.mkdir(parents=True, exist_ok=True)
         capture = trimmed_capture([e.as_dict() for e in run.exchanges])
         path.write_text(json.dumps(capture, indent=1, ensure_ascii=False) + "\n")
