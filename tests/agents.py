@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -27,8 +28,9 @@ from typing import Any
 
 CACHE_ENV = "MLXSERVE_AGENTS_CACHE"
 DEFAULT_CACHE = Path("~/.cache/mlxserve-agents")
-INSTALL_TIMEOUT_S = 900
-"""A first install (npm, or aider's large dependency set through pip) on a slow link."""
+INSTALL_TIMEOUT_S = 480
+"""A first install (npm, or aider's large dependency set through pip) on a slow link; under
+pytest's own per-test timeout."""
 REGISTRY_TIMEOUT_S = 10
 NPM_REGISTRY = "https://registry.npmjs.org/"
 PYPI_INDEX = "https://pypi.org/simple/"
@@ -289,7 +291,8 @@ def cache_folder() -> Path:
 
 
 class RegistryUnreachable(Exception):
-    """The package registry did not answer: the caller skips, saying so."""
+    """The package registry did not answer (or npm, its client, is missing): the caller
+    skips, saying so."""
 
 
 def registry_reachable(package: Package) -> bool:
@@ -306,6 +309,8 @@ def install(package: Package, cache: Path) -> Path:
     Raises :class:`RegistryUnreachable` when it must install and the registry does not answer."""
     if package.installed(cache):
         return package.binary(cache)
+    if package.registry == "npm" and shutil.which("npm") is None:
+        raise RegistryUnreachable("npm is not installed (scripts/install-system-deps.sh does it)")
     if not registry_reachable(package):
         where = "npm registry" if package.registry == "npm" else "PyPI"
         raise RegistryUnreachable(f"the {where} cannot be reached to install {package.names}")
