@@ -55,7 +55,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Annotated, Any
 
 import anthropic
 import httpx
@@ -63,6 +63,9 @@ import jsonschema
 import ollama
 import openai
 import pytest
+from langchain_core.tools import tool as langchain_tool
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import Field
 
 from tests.fixtures.scripted_models import (
     DETOUR_TEXT,
@@ -104,9 +107,25 @@ FORECAST_TOOL: dict[str, Any] = {
     },
 }
 """A schema a random model cannot satisfy by chance: bounds, an enum, no extra keys."""
+
+
+@langchain_tool
+def find_files(
+    pattern: Annotated[str, Field(max_length=12)],
+    max_results: Annotated[int, Field(ge=1, le=50)] = 10,
+    recursive: bool = True,
+) -> str:
+    """Find files whose names match a glob pattern."""
+    return ""
+
+
+LANGCHAIN_TOOL: dict[str, Any] = convert_to_openai_tool(find_files)
+"""As LangChain's ``@tool`` writes a tool: no ``additionalProperties``. Its values are bounded
+so that a random model completes the call within the limit (an unbounded string it may write
+until ``max_tokens``, which is ``forced-call-cut-short``)."""
 TOOL_SCHEMAS = {
     tool["function"]["name"]: tool["function"]["parameters"]
-    for tool in (WEATHER_TOOL, FORECAST_TOOL)
+    for tool in (WEATHER_TOOL, FORECAST_TOOL, LANGCHAIN_TOOL)
 }
 ANSWER_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -775,6 +794,21 @@ def calls_validly(name: str | None) -> Expect:
     return expect
 
 
+def calls_with_declared_keys_only(reply: Reply, resend: Resend) -> None:
+    """A forced call to a tool whose schema leaves ``additionalProperties`` unsaid: still one
+    structured call, whose arguments hold only the declared keys."""
+    calls_validly(None)(reply, resend)
+    (call,) = reply.tool_calls
+    strict = {**TOOL_SCHEMAS[call["name"]], "additionalProperties": False}
+    jsonschema.validate(call["arguments"], strict)
+
+
+def a_forced_call_cut_short_is_neither_call_nor_text(reply: Reply, _resend: Resend) -> None:
+    """Out of tokens mid-call: no call, no half-written JSON as text, and the finish reason
+    (``length``, ``max_tokens``, ``incomplete``) says why."""
+    assert (reply.tool_calls, reply.text.strip(), reply.finish) == ([], "", "length")
+
+
 def thinks_then_answers(reply: Reply, _resend: Resend) -> None:
     assert reply.thinking.strip() == THINKING_REASONING
     assert reply.text.strip() == THINKING_ANSWER
@@ -891,6 +925,28 @@ def cases() -> list[Case]:
                     max_tokens=CONSTRAINED_MAX_TOKENS,
                 ),
                 calls_validly(None),
+            )
+            for model in TINY_MODELS
+        ),
+        *(
+            Case(
+                f"forced-call-with-a-langchain-schema-{model}",
+                Ask(
+                    model,
+                    tools=(LANGCHAIN_TOOL,),
+                    tool_choice="required",
+                    max_tokens=CONSTRAINED_MAX_TOKENS,
+                ),
+                calls_with_declared_keys_only,
+                slow=model == DEFAULT_MODEL,
+            )
+            for model in (*TINY_MODELS, DEFAULT_MODEL)
+        ),
+        *(
+            Case(
+                f"forced-call-cut-short-{model}",
+                Ask(model, tools=(FORECAST_TOOL,), tool_choice="get_forecast", max_tokens=4),
+                a_forced_call_cut_short_is_neither_call_nor_text,
             )
             for model in TINY_MODELS
         ),
