@@ -210,7 +210,9 @@ TOOL_CASES = {
     "codex": CODEX_EXEC,
     "codex-oss": CODEX_EXEC,
     "opencode": OPENCODE_BASH,
+    "continue-openai": CONTINUE_READ,
     "continue-ollama": CONTINUE_READ,
+    "continue-anthropic": CONTINUE_READ,
     "llm": LLM_VERSION,
 }
 """The agents whose own tool a scripted model calls: each reads ``NOTE_FILE`` (llm's
