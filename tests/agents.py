@@ -4,11 +4,12 @@ One home for what ``tests/test_agents.py`` runs and what ``docs/INTEGRATIONS.md`
 each :class:`Agent` knows its package (npm or PyPI), where it lands in the agents' cache, and
 the exact settings (environment, config files, command line) that aim it at a daemon. The doc's
 settings blocks are rendered from here (``python -m tests.agents`` prints them, and
-``test_agents.test_the_integrations_doc_holds_the_settings_the_tests_run`` checks the doc
-against them), so the doc says what the tests really ran.
+``test_agent_captures.test_the_integrations_doc_holds_the_settings_the_tests_run`` checks
+the doc against them), so the doc says what the tests really ran.
 
 The agents' releases install once per machine into ``$MLXSERVE_AGENTS_CACHE`` (default
-``~/.cache/mlxserve-agents``), outside git, and are reused from there. Every base URL points
+``~/.cache/mlxserve-agents``), outside git, and are reused from there (remove a folder there
+to test the agent's newest release). Every base URL points
 at the daemon, every key is a dummy, and telemetry and update checks are off through each
 agent's documented variables, so no agent reaches a model service on the internet.
 """

@@ -60,6 +60,7 @@ class RecordingProxy:
     _thread: threading.Thread | None = None
     _ready: threading.Event = field(default_factory=threading.Event)
     _stopped: asyncio.Event | None = None
+    _session: ClientSession | None = None
 
     @property
     def url(self) -> str:
@@ -112,6 +113,7 @@ class RecordingProxy:
         )
         self.exchanges.append(exchange)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        assert self._session is not None
         async with self._session.request(
             request.method, self.upstream + request.rel_url.path_qs, data=raw, headers=headers
         ) as upstream:
