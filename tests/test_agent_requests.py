@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Literal
 
 import anthropic
 import httpx
+import openai
 import pytest
+from pydantic import BaseModel
 
 TIMEOUT_S = 120.0
 SMALL_CONTEXT = 600
@@ -281,3 +283,145 @@ def test_version_is_an_ollama_api_version_clients_accept(chat_daemon) -> None:
     assert answer.headers["X-Mlxserve-Version"] == __version__
     tags = httpx.get(f"{chat_daemon.url}/api/tags", timeout=TIMEOUT_S)
     assert tags.headers["X-Mlxserve-Version"] == __version__
+
+
+# --- What agents lean on: Anthropic ----------------------------------------------------------
+
+
+def anthropic_client(daemon: Any) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=daemon.url, api_key="unused", max_retries=0)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_sequence_is_reported_as_anthropic_reports_it(chat_daemon, stream) -> None:
+    client = anthropic_client(chat_daemon)
+    ask = {
+        "model": "scripted-plain:gguf",
+        "max_tokens": 16,
+        "stop_sequences": [" is", "never said"],
+        "messages": [{"role": "user", "content": "Weather?"}],
+    }
+    if stream:
+        with client.messages.stream(**ask) as events:
+            message = events.get_final_message()
+    else:
+        message = client.messages.create(**ask)
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", " is")
+    assert message.content[0].text == "The weather in Paris"
+    plain = client.messages.create(**{**ask, "stop_sequences": []})
+    assert (plain.stop_reason, plain.stop_sequence) == ("end_turn", None)
+
+
+def test_thinking_budget_tokens_cuts_the_reasoning_then_the_model_answers(chat_daemon) -> None:
+    """``budget_tokens`` is a real budget: the scripted model's one-token thought plus its
+    ``<think>`` is two tokens; with a budget of one the reasoning is closed after ``<think>``
+    and the model answers."""
+    from tests.fixtures.scripted_models import THINKING_ANSWER, THINKING_REASONING
+
+    client = anthropic_client(chat_daemon)
+    ask = {
+        "model": "scripted-thinking:gguf",
+        "max_tokens": 32,
+        "messages": [{"role": "user", "content": "Weather?"}],
+    }
+    free = client.messages.create(**ask, thinking={"type": "enabled", "budget_tokens": 1024})
+    assert [block.type for block in free.content] == ["thinking", "text"]
+    assert free.content[0].thinking.strip() == THINKING_REASONING
+    cut = client.messages.create(**ask, thinking={"type": "enabled", "budget_tokens": 1})
+    assert [block.text.strip() for block in cut.content if block.type == "text"] == [
+        THINKING_ANSWER
+    ]
+    assert not any(block.type == "thinking" and block.thinking.strip() for block in cut.content)
+    assert cut.stop_reason == "end_turn"
+    assert cut.usage.input_tokens == free.usage.input_tokens
+
+
+class Answer(BaseModel):
+    """Bounded by enums: the SDK moves numeric bounds out of the schema it sends."""
+
+    city: Literal["Paris", "Rome"]
+    size: Literal["small", "large"]
+
+
+@pytest.mark.parametrize("model", ["tiny:gguf", "tiny:mlx"])
+def test_anthropic_structured_output_is_enforced(chat_daemon, model) -> None:
+    """``messages.parse`` sends ``output_config.format``: a random model's answer holds."""
+    client = anthropic_client(chat_daemon)
+    message = client.messages.parse(
+        model=model,
+        max_tokens=64,
+        messages=[{"role": "user", "content": "A city and a number."}],
+        output_format=Answer,
+    )
+    assert isinstance(message.parsed_output, Answer), message
+
+
+def test_models_answer_in_anthropics_shape_to_the_anthropic_sdk(chat_daemon) -> None:
+    client = anthropic_client(chat_daemon)
+    ids = [model.id for model in client.models.list()]
+    assert "tiny:gguf" in ids
+    assert client.models.retrieve("tiny:gguf").type == "model"
+    openai_shape = httpx.get(f"{chat_daemon.url}/v1/models", timeout=TIMEOUT_S).json()
+    assert openai_shape["object"] == "list"
+
+
+def test_anthropic_usage_has_the_cache_fields(chat_daemon) -> None:
+    message = anthropic_client(chat_daemon).messages.create(
+        model="scripted-plain:gguf",
+        max_tokens=4,
+        messages=[{"role": "user", "content": "Hi"}],
+    )
+    assert message.usage.cache_creation_input_tokens == 0
+    assert message.usage.cache_read_input_tokens == 0
+
+
+# --- What agents lean on: Responses and OpenAI chat -------------------------------------------
+
+
+def test_responses_reasoning_items_round_trip_with_codexs_flags(chat_daemon) -> None:
+    """Codex sends the previous output (reasoning items included) back as input, with
+    ``include``, ``store: false`` and ``parallel_tool_calls``."""
+    flags = {
+        "include": ["reasoning.encrypted_content"],
+        "store": False,
+        "parallel_tool_calls": False,
+        "reasoning": {"effort": "high", "summary": "auto"},
+        "max_output_tokens": 32,
+    }
+    first = responses(
+        chat_daemon,
+        {"model": "scripted-thinking:gguf", "input": "Weather?", **flags},
+    )
+    kinds = [item["type"] for item in first["output"]]
+    assert kinds == ["reasoning", "message"], first["output"]
+    assert first["parallel_tool_calls"] is False
+    again = [
+        {"role": "user", "content": "Weather?"},
+        *({**item, "encrypted_content": None} for item in first["output"]),
+        {"role": "user", "content": "And tomorrow?"},
+    ]
+    second = responses(chat_daemon, {"model": "scripted-thinking:gguf", "input": again, **flags})
+    assert second["usage"]["input_tokens"] > first["usage"]["input_tokens"] + 5
+
+
+def test_openai_chat_developer_role_completion_limit_and_stream_usage(chat_daemon) -> None:
+    client = openai.OpenAI(base_url=f"{chat_daemon.url}/v1", api_key="unused", max_retries=0)
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny:gguf",
+            messages=[
+                {"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+            ],
+            max_completion_tokens=3,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None
+    assert usage.completion_tokens == 3
+    finish = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finish == ["length"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,7 +36,7 @@ from mlxserve.chat.types import (
 from mlxserve.errors import InvalidRequestError, TemplateError, UnsupportedFeatureError
 from mlxserve.inference import LoadedModel, build_request
 from mlxserve.prompts import build_messages, render_chat
-from mlxserve.runners.base import GenerateChunk, GenerateRequest, TokenLogprob
+from mlxserve.runners.base import CancelToken, GenerateChunk, GenerateRequest, TokenLogprob
 from modelstore.errors import MlxserveError
 
 Heartbeat = Callable[[], Awaitable[None]]
@@ -192,28 +193,64 @@ class ChatRun:
         self._events = self._produce()
         self._started = False
         self._generated: list[int] = []
+        self._earlier = 0
+        """Tokens generated before a restart (``_end_reasoning``)."""
+        self._prompt_tokens = len(prepared.request.prompt_tokens or [])
         self.done: Done | None = None
 
     @property
     def prompt_tokens(self) -> int:
-        return len(self.prepared.request.prompt_tokens or [])
+        return self._prompt_tokens
 
     async def _produce(self) -> AsyncIterator[Event]:
         parser = self.prepared.parser
+        budget = self.chat.think_budget if self.loaded.family.thinks else None
+        reasoning = 0
         try:
-            async for chunk in self._chunks:
-                for event in parser.feed(chunk.text, chunk.logprobs):
-                    yield event
-                self._generated += chunk.token_ids
-                if chunk.done:
-                    for event in parser.finish(cut=chunk.done_reason == "length"):
+            while True:
+                async for chunk in self._chunks:
+                    for event in parser.feed(chunk.text, chunk.logprobs):
                         yield event
-                    yield self._finish(chunk)
+                    self._generated += chunk.token_ids
+                    if chunk.done:
+                        for event in parser.finish(cut=chunk.done_reason == "length"):
+                            yield event
+                        yield self._finish(chunk)
+                        return
+                    reasoning += len(chunk.token_ids) if parser.reasoning else 0
+                    if budget is not None and parser.reasoning and reasoning >= budget:
+                        break
+                else:
                     return
+                for event in await self._end_reasoning():
+                    yield event
+                budget = None
         except MlxserveError as error:
             if not (self._started and self.chat.stream):
                 raise
             yield ErrorEvent(error)
+
+    async def _end_reasoning(self) -> list[Event]:
+        """``budget_tokens`` spent: the reasoning is closed with the family's think-end marker
+        and generation goes on from there, to the answer (the prompt cache keeps the restart
+        cheap). The marker goes through the parser, which leaves reasoning on it."""
+        old = self.prepared.request
+        old.cancel.cancel()
+        with contextlib.suppress(Exception):
+            await self._chunks.aclose()
+        end = self.loaded.family.think_end or ""
+        events = self.prepared.parser.feed(end)
+        closing = self.loaded.runner.tokenize(end, add_special_tokens=False)
+        self._earlier += len(self._generated)
+        prompt = [*(old.prompt_tokens or []), *self._generated, *closing]
+        self._generated = []
+        left = None if old.max_tokens is None else max(1, old.max_tokens - self._earlier)
+        request = dataclasses.replace(
+            old, prompt=None, prompt_tokens=prompt, max_tokens=left, cancel=CancelToken()
+        )
+        self.prepared.request = request
+        self._chunks = self.loaded.generate(request)
+        return events
 
     def _finish(self, chunk: GenerateChunk) -> Done:
         reason = chunk.done_reason or "stop"
@@ -224,9 +261,12 @@ class ChatRun:
             context = [*(self.prepared.request.prompt_tokens or []), *self._generated]
         stats = chunk.stats
         assert stats is not None
+        if self._earlier:  # generation restarted after the reasoning budget
+            stats.eval_count += self._earlier
+            stats.prompt_eval_count = self._prompt_tokens
         stats.load_duration = self.load_ns
         stats.total_duration += self.load_ns
-        self.done = Done(reason, stats, context)
+        self.done = Done(reason, stats, context, chunk.stop_sequence if reason == "stop" else None)
         return self.done
 
     async def first(

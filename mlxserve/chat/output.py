@@ -110,6 +110,11 @@ class OutputParser:
         self._after_reasoning = False
         self.calls: list[ToolCall] = []
 
+    @property
+    def reasoning(self) -> bool:
+        """Whether the text so far leaves the model reasoning."""
+        return self._state[0] == REASONING
+
     def feed(self, text: str, logprobs: list[TokenLogprob] | None = None) -> list[Event]:
         if not text:
             return [TextDelta("", logprobs)] if logprobs else []

@@ -114,6 +114,8 @@ class ChatRequest:
     tool_choice: ToolChoice = "auto"
     parallel_tool_calls: bool | None = None
     think: Think = None
+    think_budget: int | None = None
+    """At most this many tokens of reasoning (Anthropic's ``budget_tokens``), then the answer."""
     think_optional: bool = False
     """Thinking is a preference, not a requirement (OpenAI's and Anthropic's APIs): a model
     without it answers without, where Ollama's API refuses."""
@@ -156,6 +158,8 @@ class Done:
     reason: DoneReason
     stats: GenerationStats
     context: list[int] | None = None
+    stop_sequence: str | None = None
+    """The stop string that ended the answer (``reason`` is then ``stop``)."""
 
 
 @dataclass

@@ -109,6 +109,8 @@ class GenerateChunk:
     done: bool = False
     done_reason: DoneReason | None = None
     stats: GenerationStats | None = None
+    stop_sequence: str | None = None
+    """On the last chunk: the stop string that ended the output, if one did."""
 
 
 @dataclass

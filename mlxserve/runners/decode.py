@@ -97,7 +97,13 @@ class DecodeState:
             time_to_first_token=first - self.started,
             draft_tokens=self.draft_tokens,
         )
-        return GenerateChunk(tail, done=True, done_reason=self.reason, stats=stats)
+        return GenerateChunk(
+            tail,
+            done=True,
+            done_reason=self.reason,
+            stats=stats,
+            stop_sequence=self.text.matched_stop,
+        )
 
 
 def prompt_and_budget(

@@ -74,7 +74,9 @@ def _messages(value: Any) -> list[Message]:
     for position, item in enumerate(value):
         where = f"messages[{position}]"
         if not isinstance(item, dict) or item.get("role") not in ("user", "assistant", "system"):
-            raise InvalidRequestError(f"{where} must have role user or assistant", param="messages")
+            raise InvalidRequestError(
+                f"{where} must have role user, assistant or system", param="messages"
+            )
         role = item["role"]
         content = item.get("content")
         if role == "system":  # Claude Code's, mid-conversation: the chat core places it
@@ -190,6 +192,19 @@ def _think(value: Any, effort: Any) -> Think:
     )
 
 
+def _budget(value: Any) -> int | None:
+    """``thinking.budget_tokens`` of enabled thinking: a real budget (the chat core closes the
+    reasoning there and the model answers)."""
+    if not isinstance(value, dict) or value.get("type") != "enabled":
+        return None
+    budget = validate.optional(value, "budget_tokens", int)
+    if budget is not None and budget < 1:
+        raise InvalidRequestError(
+            "thinking.budget_tokens must be at least 1", param="thinking.budget_tokens"
+        )
+    return budget
+
+
 def _output_format(config: dict[str, Any]) -> dict[str, Any] | None:
     """``output_config.format`` (what ``messages.parse`` sends): a JSON Schema, enforced."""
     spec = config.get("format")
@@ -219,6 +234,7 @@ def parse(body: dict[str, Any], *, count_only: bool = False) -> ChatRequest:
         tool_choice=choice,
         parallel_tool_calls=parallel,
         think=_think(body.get("thinking"), config.get("effort")),
+        think_budget=_budget(body.get("thinking")),
         think_optional=True,
         format=_output_format(config),
         sampling=sampling,
@@ -239,6 +255,10 @@ def _usage(prompt_tokens: int, done: Done | None) -> dict[str, Any]:
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": 0,
     }
+
+
+def _stop_reason(done: Done) -> str:
+    return "stop_sequence" if done.stop_sequence else STOP_REASONS[done.reason]
 
 
 def _tool_use(call: ToolCall) -> dict[str, Any]:
@@ -272,8 +292,8 @@ class MessagesEncoder:
             "role": "assistant",
             "model": self.chat.model,
             "content": content,
-            "stop_reason": STOP_REASONS[done.reason] if done else None,
-            "stop_sequence": None,
+            "stop_reason": _stop_reason(done) if done else None,
+            "stop_sequence": done.stop_sequence if done else None,
             "usage": _usage(prompt_tokens, done),
         }
 
@@ -357,7 +377,10 @@ class MessagesEncoder:
                     "message_delta",
                     {
                         "type": "message_delta",
-                        "delta": {"stop_reason": STOP_REASONS[event.reason], "stop_sequence": None},
+                        "delta": {
+                            "stop_reason": _stop_reason(event),
+                            "stop_sequence": event.stop_sequence,
+                        },
                         "usage": _usage(0, event),
                     },
                 ),
