@@ -65,6 +65,10 @@ CAPTURE_ENV = "MLXSERVE_AGENTS_CAPTURE"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
+CLAUDE_NAME = "claude-sonnet-4-5"
+"""``ONE_SHOT`` under a name Claude Code takes for one of Anthropic's models."""
+
+
 def model(family: Family) -> str:
     return f"{family.name}:gguf"
 
@@ -82,12 +86,13 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RecordingProxy]:
         built = make_scripted_model(family, root / "models", AGENT_CONTEXT, AGENT_SHAPE)
         import_path(store, built.gguf_path, f"{family.name}:imported")
     daemon = Daemon(store.root).start()
-    for family in AGENT_FAMILIES:
+    names = [(model(family), family) for family in AGENT_FAMILIES]
+    for name, family in [*names, (CLAUDE_NAME, ONE_SHOT)]:
         # As a user gives a model the context an agent's prompt needs (docs/INTEGRATIONS.md).
         created = httpx.post(
             f"{daemon.url}/api/create",
             json={
-                "model": model(family),
+                "model": name,
                 "from": f"{family.name}:imported",
                 "parameters": {"num_ctx": AGENT_CONTEXT},
                 "stream": False,
@@ -128,14 +133,21 @@ class Run:
 
 
 def run_agent(
-    agent: Agent, family: Family, prompt: str, proxy: RecordingProxy, tmp: Path, tool: bool
+    agent: Agent,
+    family: Family,
+    prompt: str,
+    proxy: RecordingProxy,
+    tmp: Path,
+    tool: bool,
+    name: str | None = None,
 ) -> Run:
+    """Run ``agent`` once on ``prompt`` against ``family``'s model (or the model ``name``)."""
     binary = agent_binary(agent)
     home, config, work = tmp / "home", tmp / "config", tmp / "work"
     for folder in (home, config, work):
         folder.mkdir()
     (work / NOTE_FILE).write_text(NOTE_TEXT)
-    settings = agent.settings(proxy.url, model(family), str(config))
+    settings = agent.settings(proxy.url, name or model(family), str(config))
     for name, content in settings.files.items():
         (config / name).write_text(content)
     argv = [str(binary), *settings.argv[1:], prompt, *(settings.tool_argv if tool else ())]
@@ -265,3 +277,16 @@ def test_llm_sends_tools_to_a_model_without_a_tool_template(
     chats = [e for e in run.posts() if e.path == "/api/chat"]
     assert chats and chats[0].body.get("tools"), explain(run)
     assert ONE_SHOT.text in run.output, explain(run)
+
+
+def test_claude_code_under_a_claude_name_is_answered_without_thinking(
+    proxy: RecordingProxy, tmp_path: Path
+) -> None:
+    """Under a ``claude-*`` name Claude Code asks for ``thinking`` with a large budget; a model
+    without thinking answers anyway on the Anthropic API (docs/API.md, leniency)."""
+    agent = AGENTS_BY_NAME["claude-code"]
+    run = run_agent(agent, ONE_SHOT, "Say hello", proxy, tmp_path, False, CLAUDE_NAME)
+    assert run.returncode == 0, explain(run)
+    assert ONE_SHOT.text in run.output, explain(run)
+    asked = [e.body.get("thinking") for e in run.posts() if e.path == "/v1/messages"]
+    assert any(asked), explain(run)
