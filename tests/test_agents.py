@@ -67,6 +67,9 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 CLAUDE_NAME = "claude-sonnet-4-5"
 """``ONE_SHOT`` under a name Claude Code takes for one of Anthropic's models."""
+SMALL_NAME = "agent-plain-small:gguf"
+SMALL_CONTEXT = 4096
+"""``ONE_SHOT`` loaded with a context no agent's prompt fits in."""
 
 
 def model(family: Family) -> str:
@@ -86,15 +89,16 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RecordingProxy]:
         built = make_scripted_model(family, root / "models", AGENT_CONTEXT, AGENT_SHAPE)
         import_path(store, built.gguf_path, f"{family.name}:imported")
     daemon = Daemon(store.root).start()
-    names = [(model(family), family) for family in AGENT_FAMILIES]
-    for name, family in [*names, (CLAUDE_NAME, ONE_SHOT)]:
+    names = [(model(family), family, AGENT_CONTEXT) for family in AGENT_FAMILIES]
+    extra = [(CLAUDE_NAME, ONE_SHOT, AGENT_CONTEXT), (SMALL_NAME, ONE_SHOT, SMALL_CONTEXT)]
+    for name, family, context in [*names, *extra]:
         # As a user gives a model the context an agent's prompt needs (docs/INTEGRATIONS.md).
         created = httpx.post(
             f"{daemon.url}/api/create",
             json={
                 "model": name,
                 "from": f"{family.name}:imported",
-                "parameters": {"num_ctx": AGENT_CONTEXT},
+                "parameters": {"num_ctx": context},
                 "stream": False,
             },
             timeout=60,
@@ -290,3 +294,17 @@ def test_claude_code_under_a_claude_name_is_answered_without_thinking(
     assert ONE_SHOT.text in run.output, explain(run)
     asked = [e.body.get("thinking") for e in run.posts() if e.path == "/v1/messages"]
     assert any(asked), explain(run)
+
+
+def test_claude_code_reads_the_overflow_as_anthropics_and_does_not_retry(
+    proxy: RecordingProxy, tmp_path: Path
+) -> None:
+    """A prompt larger than the context is refused in Anthropic's words (``prompt is too long:
+    N tokens > M maximum``), which Claude Code recognises: it reports it instead of retrying
+    the same request."""
+    agent = AGENTS_BY_NAME["claude-code"]
+    run = run_agent(agent, ONE_SHOT, "Say hello", proxy, tmp_path, False, SMALL_NAME)
+    refused = [e for e in run.posts() if e.path == "/v1/messages"]
+    assert len(refused) == 1 and refused[0].status == 400, explain(run)
+    assert "prompt is too long" in refused[0].response, explain(run)
+    assert "prompt is too long" in run.output.lower(), explain(run)
