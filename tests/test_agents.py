@@ -70,6 +70,9 @@ CLAUDE_NAME = "claude-sonnet-4-5"
 SMALL_NAME = "agent-plain-small:gguf"
 SMALL_CONTEXT = 4096
 """``ONE_SHOT`` loaded with a context no agent's prompt fits in."""
+SHORT_TRAINED_NAME = "agent-plain-short:gguf"
+SHORT_TRAINED_CONTEXT = 4096
+"""``ONE_SHOT`` trained (so its GGUF says) for less context than aider asks for."""
 
 
 def model(family: Family) -> str:
@@ -88,6 +91,8 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RecordingProxy]:
     for family in AGENT_FAMILIES:
         built = make_scripted_model(family, root / "models", AGENT_CONTEXT, AGENT_SHAPE)
         import_path(store, built.gguf_path, f"{family.name}:imported")
+    short = make_scripted_model(ONE_SHOT, root / "short", SHORT_TRAINED_CONTEXT, AGENT_SHAPE)
+    import_path(store, short.gguf_path, SHORT_TRAINED_NAME)
     daemon = Daemon(store.root).start()
     names = [(model(family), family, AGENT_CONTEXT) for family in AGENT_FAMILIES]
     extra = [(CLAUDE_NAME, ONE_SHOT, AGENT_CONTEXT), (SMALL_NAME, ONE_SHOT, SMALL_CONTEXT)]
@@ -308,3 +313,16 @@ def test_claude_code_reads_the_overflow_as_anthropics_and_does_not_retry(
     assert len(refused) == 1 and refused[0].status == 400, explain(run)
     assert "prompt is too long" in refused[0].response, explain(run)
     assert "prompt is too long" in run.output.lower(), explain(run)
+
+
+def test_aider_asking_more_context_than_the_model_was_trained_for_is_answered(
+    proxy: RecordingProxy, tmp_path: Path
+) -> None:
+    """aider sizes ``options.num_ctx`` to its prompt, above a small model's trained context:
+    the daemon holds it at the trained context, as Ollama does, instead of refusing."""
+    agent = AGENTS_BY_NAME["aider"]
+    run = run_agent(agent, ONE_SHOT, "Say hello", proxy, tmp_path, False, SHORT_TRAINED_NAME)
+    chats = [e for e in run.posts() if e.path == "/api/chat"]
+    assert chats and chats[0].body["options"]["num_ctx"] > SHORT_TRAINED_CONTEXT, explain(run)
+    assert run.returncode == 0 and not failed_posts(run), explain(run)
+    assert ONE_SHOT.text in run.output, explain(run)
