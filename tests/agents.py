@@ -259,7 +259,7 @@ AGENTS = (
         "continue-ollama",
         "Continue CLI (Ollama provider)",
         CONTINUE_PACKAGE,
-        "Ollama",
+        "OpenAI chat completions under the Ollama base URL (`/v1/chat/completions`)",
         continue_cli("ollama"),
     ),
     Agent(
