@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # System packages the test suite needs beyond Python: a real OCI registry (Debian's
 # docker-registry) for the distribution tests, and a headless browser (Debian's chromium) for
-# the CORS tests that call the daemon from a real web page, and Node with npm for the coding
-# agents of tests/test_agents.py. Installs what is missing when we may
+# the CORS tests that call the daemon from a real web page. Installs what is missing when we may
 # (root, or passwordless sudo); otherwise says so, and those tests skip with that reason.
 set -euo pipefail
 
