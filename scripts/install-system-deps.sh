@@ -12,6 +12,9 @@ fi
 if ! command -v chromium >/dev/null 2>&1; then
     missing+=(chromium)
 fi
+if ! command -v npm >/dev/null 2>&1; then
+    missing+=(nodejs npm)  # the coding agents of tests/test_agents.py come from npm
+fi
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0
 fi
