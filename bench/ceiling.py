@@ -35,7 +35,7 @@ from bench.llamacpp_batch import decode_steps
 from bench.load import MLX_MODEL, QUESTION, client_question, mlx_copy
 from mlxserve import platform
 from mlxserve.inference import LoadedModel
-from mlxserve.runners.llamacpp import import_llama_cpp
+from mlxserve.runners.llama_library import import_llama_cpp
 from modelstore.runtime import open_model
 from tests.daemon import Daemon
 
