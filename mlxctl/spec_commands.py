@@ -39,7 +39,7 @@ def validate_command(file: Path, as_json: bool) -> None:
 
     \b
     Example:
-      mlxctl spec validate config/smollm2-135m.modelspec.yaml
+      mlxctl spec validate my-model.modelspec.yaml
     """
     from modelstore.spec import load_spec
 

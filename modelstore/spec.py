@@ -46,7 +46,8 @@ from modelstore.sources import draft_from_path, projector_layer
 from modelstore.store import ModelStore
 from modelstore.templates import go_template_error
 
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "modelspec.schema.json"
+SCHEMA_PATH = Path(__file__).resolve().parent / "data" / "modelspec.schema.json"
+"""Package data, so an installed wheel validates ModelSpecs as a checkout does."""
 
 
 @lru_cache(maxsize=1)
