@@ -19,10 +19,8 @@ import click
 from mlxctl.client import DaemonError
 from mlxctl.output import byte_progress
 from modelstore.default_model import DEFAULT_MODEL
-from modelstore.errors import InvalidReferenceError, ModelNotFoundError
-from modelstore.hfhub import HF_SCHEME
+from modelstore.errors import ModelNotFoundError
 from modelstore.parameters import CLI_PARAMETERS, SAMPLING_FIELDS, kind_of
-from modelstore.reference import parse_reference
 
 CHAT_HELP = """\
 Commands:
@@ -51,13 +49,14 @@ SAMPLING_HELP = {"seed": "Same seed, same request, same model: same tokens."}
 
 
 def split_model_and_prompt(model: str | None, prompt: str | None) -> tuple[str, str | None]:
-    """``mlxctl run "a question"`` means the default model: a prompt is never a valid name."""
+    """``mlxctl run "a question"`` means the default model: a prompt is never a valid name, a
+    path or an ``ORG/REPO``."""
     if model is None:
         return DEFAULT_MODEL, prompt
-    if prompt is None and not model.startswith(HF_SCHEME):
-        try:
-            parse_reference(model)
-        except InvalidReferenceError:
+    if prompt is None:
+        from mlxctl.names import looks_like_name
+
+        if not looks_like_name(model):
             return DEFAULT_MODEL, model
     return model, prompt
 
@@ -438,9 +437,7 @@ def run_command(
     """
     name, prompt = split_model_and_prompt(model, prompt)
     if name != DEFAULT_MODEL:
-        from mlxctl.registry_commands import ensure_pulled
-
-        name = ensure_pulled(name, insecure=insecure)
+        name = resolve_model(name, insecure)
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read().strip() or None
     state = ChatState(
@@ -482,7 +479,23 @@ SIMILARITY = 0.5
 """``difflib`` ratio above which a known name is offered as "did you mean"."""
 
 
-def not_found(name: str, known: list[str]) -> ModelNotFoundError:
+def resolve_model(text: str, insecure: bool) -> str:
+    """What the user typed -> a stored model, pulled or imported first when needed
+    (``mlxctl/names.py``); a miss names the sources tried and the close names stored."""
+    from mlxctl.names import resolve_for_run
+    from mlxctl.registry_commands import pull_any
+    from modelstore.store import ModelStore
+
+    store = ModelStore()
+    try:
+        return resolve_for_run(
+            store, text, lambda target, ref: pull_any(target, ref, insecure=insecure)
+        )
+    except ModelNotFoundError as error:
+        raise not_found(text, [m.name for m in store.list()], error.message) from None
+
+
+def not_found(name: str, known: list[str], detail: str | None = None) -> ModelNotFoundError:
     """``mlxctl run hi``: "hi" names no model; say which names are close and how to ask the
     default model a one-word question, instead of only "model 'hi:latest' not found"."""
     import difflib
@@ -491,7 +504,7 @@ def not_found(name: str, known: list[str]) -> ModelNotFoundError:
     close = [
         short[c] for c in difflib.get_close_matches(name, list(short), SUGGESTIONS, SIMILARITY)
     ]
-    lines = [f"no model named '{name}' (`mlxctl list` shows the models in the store)."]
+    lines = [detail or f"no model named '{name}' (`mlxctl list` shows the models in the store)."]
     if close:
         lines.append("Did you mean: " + ", ".join(close) + "?")
     lines.append(f'To ask the default model, name it first: mlxctl run {DEFAULT_MODEL} "{name}"')

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import tempfile
 import zipfile
@@ -32,6 +33,22 @@ def source_size(path: Path) -> int:
     if path.is_dir():
         return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
     return path.stat().st_size if path.exists() else 0
+
+
+_NOT_IN_NAMES = re.compile(r"[^a-z0-9._-]+")
+_SEPARATOR_RUNS = re.compile(r"[._-]{2,}")
+NAME_LENGTH = 64
+
+
+def derived_name(path: Path) -> str:
+    """The name ``import`` (and ``run ./path``) stores a folder or file under when none is
+    given: ``./Qwen2.5-0.5B-Instruct`` -> ``qwen2.5-0.5b-instruct``, ``Tiny-Q8_0.gguf`` ->
+    ``tiny-q8_0``; folded into the reference grammar, tag ``latest``."""
+    resolved = path.expanduser().resolve()
+    stem = resolved.name if resolved.is_dir() else resolved.stem
+    folded = _NOT_IN_NAMES.sub("-", stem.lower())
+    folded = _SEPARATOR_RUNS.sub("-", folded).strip("._-")[:NAME_LENGTH].strip("._-")
+    return folded or "model"
 
 
 ZIP_MAX_BYTES = 256 << 30
@@ -95,8 +112,7 @@ def import_path(
         raise ImportSourceError(f"{path}: no such file or folder", path=str(path))
     if path.is_file() and path.suffix != ".gguf" and is_archive(path):
         return ImportResult(import_archive(store, path, name, progress))
-    if name is None:
-        raise ImportSourceError(f"importing {path} needs a name: add --name NAME", path=str(path))
+    name = name or derived_name(path)
     if path.is_file() and path.suffix == ".zip":
         with unpacked_zip(path, store.blobs.tmp_dir) as folder:
             draft = draft_from_path(folder)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from modelstore.default_model import DEFAULT_SPEC
+from modelstore.store import ModelStore
 from tests.cli import MLXCTL, mlxctl
 
 
@@ -129,7 +130,8 @@ def test_help_lists_every_command(store_home):
         assert command in out
 
 
-def test_import_needs_a_name_for_a_folder(store_home, mini_hf_folder):
+def test_import_names_a_folder_after_it_when_no_name_is_given(store_home, mini_hf_folder):
     result = mlxctl("import", str(mini_hf_folder), home=store_home, check=False)
-    assert result.returncode != 0
+    assert result.returncode == 0, result.stderr
+    assert ModelStore(store_home).exists("mini-model:latest")
     assert shutil.which(MLXCTL) or Path(MLXCTL).exists()
