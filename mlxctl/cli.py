@@ -6,7 +6,9 @@ never pays for aiohttp, mlx, transformers or llama_cpp (``tests/test_cli_startup
 
 from __future__ import annotations
 
+import functools
 import importlib
+from typing import Any
 
 import click
 
@@ -31,6 +33,40 @@ COMMANDS: dict[str, str] = {
 }
 
 
+STORE_ACCESS: dict[str, bool] = {
+    "import": True,
+    "list": False,
+    "show": False,
+    "rm": True,
+    "cp": True,
+    "verify": False,
+    "gc": True,
+    "create": True,
+    "run": True,
+    "pull": True,
+    "push": False,
+}
+"""Commands that use the store, and whether they write to it: the store is checked first
+(``ModelStore.check``), so a bad home is one line, never a traceback or an empty list."""
+
+
+def checking_store(command: click.Command, write: bool) -> click.Command:
+    callback = command.callback
+    if callback is None or getattr(callback, "checks_store", False):
+        return command
+
+    @functools.wraps(callback)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        from modelstore.store import ModelStore
+
+        ModelStore().check(write=write)
+        return callback(*args, **kwargs)
+
+    checked.checks_store = True  # type: ignore[attr-defined]
+    command.callback = checked
+    return command
+
+
 class LazyGroup(click.Group):
     """A click group that imports a subcommand's module only when that subcommand runs."""
 
@@ -48,7 +84,10 @@ class LazyGroup(click.Group):
             if exc.name == module_name:
                 return None
             raise
-        return getattr(module, attribute)
+        command: click.Command = getattr(module, attribute)
+        if cmd_name in STORE_ACCESS:
+            return checking_store(command, STORE_ACCESS[cmd_name])
+        return command
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -174,6 +174,11 @@ def list_command(as_json: bool) -> None:
             human_age(row["modified_at"]),
         )
     console.print(table)
+    if not rows:
+        click.echo(
+            f"The store {store.root} holds no models yet (mlxctl pull NAME or mlxctl import PATH).",
+            err=True,
+        )
 
 
 def _show_data(store: ModelStore, model: StoredModel) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from mlxserve.server.config import (
     setting_kind,
 )
 from modelstore.errors import MlxserveError
+from modelstore.store import ModelStore
 
 if TYPE_CHECKING:
     from mlxserve.distributed.serve import DistributedOptions
@@ -126,6 +127,7 @@ def run_daemon(**flags: Any) -> None:
     distributed = distributed_options(flags)
     settings = load_settings(flags)
     settings.check()
+    ModelStore(settings.home).check(write=True)
     logging.basicConfig(
         level=getattr(logging, settings.log_level.upper(), logging.INFO),
         format="%(message)s",
