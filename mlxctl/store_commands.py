@@ -23,6 +23,13 @@ if TYPE_CHECKING:
     from modelstore.importer import ImportResult
 
 EXIT_VERIFY_FAILED = 1
+IMPORT_VERBS = {
+    "hardlink": "hard-linked",
+    "clone": "cloned (copy-on-write)",
+    "copy": "copied",
+    "existing": "already stored",
+}
+"""How ``import`` says each file got in (``StoredHow``), in the order it lists them."""
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
@@ -33,7 +40,15 @@ def short_digest(digest: str) -> str:
 @click.command("import")
 @click.argument("path", required=False)
 @click.option("--name", "-n", help="Name to store it under (an archive names itself).")
-@click.option("--copy", "force_copy", is_flag=True, help="Copy files even where a link would do.")
+@click.option(
+    "--copy", "force_copy", is_flag=True, help="Copy files even where a clone or link would do."
+)
+@click.option(
+    "--link",
+    "hard_link",
+    is_flag=True,
+    help="Hard-link files (no copy; editing the source then changes the stored model).",
+)
 @click.option(
     "--from-hf-cache",
     "from_hf_cache",
@@ -59,6 +74,7 @@ def import_command(
     path: str | None,
     name: str | None,
     force_copy: bool,
+    hard_link: bool,
     from_hf_cache: bool,
     from_ollama: bool,
     from_lmstudio: bool,
@@ -67,6 +83,9 @@ def import_command(
     as_json: bool,
 ) -> None:
     """Add a model to the store: an HF-style folder, a .gguf file or a packed archive.
+
+    Files are cloned copy-on-write where the file system can (APFS, btrfs, XFS), else copied;
+    --link hard-links them instead. The output says which each file got.
 
     \b
     Examples:
@@ -106,7 +125,14 @@ def import_command(
         raise click.UsageError("give a PATH to import (or --from-hf-cache)")
     source = Path(path)
     with byte_progress(f"importing {source.name}", source_size(source)) as progress:
-        result = import_path(store, source, name, allow_link=not force_copy, progress=progress)
+        result = import_path(
+            store,
+            source,
+            name,
+            allow_link=hard_link and not force_copy,
+            allow_clone=not force_copy,
+            progress=progress,
+        )
     report_import(result, as_json)
 
 
@@ -128,9 +154,9 @@ def report_import(result: ImportResult, as_json: bool) -> None:
         return
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
+    counts = {how: list(hows.values()).count(how) for how in IMPORT_VERBS}
+    note = "".join(f", {n} file(s) {IMPORT_VERBS[how]}" for how, n in counts.items() if n)
     for model in models:
-        linked = sum(1 for how in hows.values() if how == "hardlink")
-        note = f", {linked} file(s) hard-linked" if linked else ""
         console.print(
             f"imported [bold]{model.name}[/] ({human_size(model.size)}, "
             f"{short_digest(model.manifest_digest)}{note})"

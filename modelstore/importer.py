@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from modelstore.blobs import ProgressCallback, StoredHow
-from modelstore.errors import ImportSourceError
+from modelstore.errors import ImportSourceError, MlxserveError
 from modelstore.manifest import is_safe_file_name
 from modelstore.ocilayout import import_archive, is_archive
 from modelstore.sources import draft_from_path
@@ -30,9 +30,18 @@ class ImportResult:
 
 
 def source_size(path: Path) -> int:
+    """The bytes an import of ``path`` reads: the files its model is made of (a folder's other
+    files are not imported, so a progress bar counting them would never fill)."""
+    if not path.exists():
+        return 0
+    if path.is_dir() or path.suffix == ".gguf":
+        try:
+            return draft_from_path(path).total_source_bytes()
+        except MlxserveError:
+            pass  # import_path reports what is wrong with it
     if path.is_dir():
         return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-    return path.stat().st_size if path.exists() else 0
+    return path.stat().st_size
 
 
 _NOT_IN_NAMES = re.compile(r"[^a-z0-9._-]+")
@@ -103,11 +112,16 @@ def import_path(
     path: Path,
     name: str | None = None,
     *,
-    allow_link: bool = True,
+    allow_link: bool = False,
+    allow_clone: bool = True,
     progress: ProgressCallback | None = None,
 ) -> ImportResult:
     """Import an HF-style folder (or a ``.zip`` of one), a ``.gguf`` file or a packed archive
-    (which names itself)."""
+    (which names itself; anything else is named after itself, ``derived_name``).
+
+    A user's folder can still change under the store, so its files are cloned (or copied),
+    hard-linked only with ``allow_link`` (``import --link``; the HF cache, whose blobs never
+    change)."""
     if not path.exists():
         raise ImportSourceError(f"{path}: no such file or folder", path=str(path))
     if path.is_file() and path.suffix != ".gguf" and is_archive(path):
@@ -120,6 +134,8 @@ def import_path(
             result = store.commit(draft, name, progress=progress)
     else:
         draft = draft_from_path(path)
-        result = store.commit(draft, name, allow_link=allow_link, progress=progress)
+        result = store.commit(
+            draft, name, allow_link=allow_link, allow_clone=allow_clone, progress=progress
+        )
     warning = template_warning(draft.config.template_source)
     return ImportResult([result.model], result.blobs, [warning] if warning else [])

@@ -233,6 +233,7 @@ class ModelStore:
         name: str | ModelReference,
         *,
         allow_link: bool = True,
+        allow_clone: bool = True,
         progress: ProgressCallback | None = None,
     ) -> CommitResult:
         """Store every layer of ``draft``, then its config, then the manifest (last)."""
@@ -245,6 +246,7 @@ class ModelStore:
                     written = self.blobs.import_file(
                         layer.path,
                         allow_link=allow_link,
+                        allow_clone=allow_clone,
                         progress=progress,
                         expected_digest=layer.digest,
                     )

@@ -16,7 +16,9 @@ from tests.cli import MLXCTL, mlxctl
 
 
 def test_import_list_show_cp_rm_gc(store_home, mini_hf_folder):
-    out = mlxctl("import", str(mini_hf_folder), "--name", "mini:1", home=store_home).stdout
+    out = mlxctl(
+        "import", str(mini_hf_folder), "--name", "mini:1", "--link", home=store_home
+    ).stdout
     assert "imported mini:1" in out
     assert "hard-linked" in out
     listed = json.loads(mlxctl("list", "--json", home=store_home).stdout)["models"]
