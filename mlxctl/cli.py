@@ -31,6 +31,8 @@ COMMANDS: dict[str, str] = {
     "push": "mlxctl.registry_commands:push_command",
     "service": "mlxctl.service_commands:service_group",
 }
+ALIASES = {"ls": "list"}
+"""Ollama's and habit's other names for commands."""
 
 
 STORE_ACCESS: dict[str, bool] = {
@@ -74,6 +76,9 @@ class LazyGroup(click.Group):
         return sorted(COMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name == "help":
+            return help_command
+        cmd_name = ALIASES.get(cmd_name, cmd_name)
         target = COMMANDS.get(cmd_name)
         if target is None:
             return None
@@ -101,6 +106,25 @@ def cli() -> None:
       mlxctl import ./my-model --name my:1b    add an HF-style folder to the store
       mlxctl list                              what the store holds
     """
+
+
+@click.command("help")
+@click.argument("command", required=False)
+@click.pass_context
+def help_command(ctx: click.Context, command: str | None) -> None:
+    """Show help for mlxctl, or for one COMMAND (as mlxctl COMMAND --help)."""
+    group = ctx.parent.command if ctx.parent else cli
+    assert isinstance(group, click.Group)
+    target = group.get_command(ctx, command) if command else None
+    if command and target is None:
+        raise click.UsageError(f"no such command '{command}'")
+    parent = ctx.parent or ctx
+    shown = (
+        target.get_help(click.Context(target, info_name=command, parent=parent))
+        if target
+        else group.get_help(parent)
+    )
+    click.echo(shown)
 
 
 def main() -> None:

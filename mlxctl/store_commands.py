@@ -332,14 +332,32 @@ def verify_command(as_json: bool) -> None:
         print_json({"ok": not problems, "problems": [p.__dict__ for p in problems]})
     elif problems:
         for problem in problems:
-            click.echo(
-                f"BAD {problem.digest}: {problem.problem}; breaks {', '.join(problem.models)}",
-                err=True,
-            )
+            click.echo(bad_blob_line(store, problem), err=True)
     else:
         console.print(f"ok: every blob matches its digest ({human_size(total)} checked)")
     if problems:
         sys.exit(EXIT_VERIFY_FAILED)
+
+
+def bad_blob_line(store: ModelStore, problem: Any) -> str:
+    """One bad blob: its file, which file of which model it is, and how to get a good copy."""
+    titles = sorted(
+        {
+            layer.title or layer.media_type
+            for name in problem.models
+            for layer in store.resolve(name).manifest.layers
+            if layer.digest == problem.digest
+        }
+    )
+    path = store.blobs.path(problem.digest)
+    linked = path.is_file() and path.stat().st_nlink > 1
+    cause = " (hard-linked: its source was edited in place)" if linked else ""
+    models = ", ".join(problem.models)
+    return (
+        f"BAD {problem.digest} ({path}): {problem.problem}{cause}; it is "
+        f"{', '.join(titles) or 'a blob'} of "
+        f"{models}. Fix: mlxctl rm {models}, then import or pull it again, then mlxctl gc"
+    )
 
 
 @click.command("gc")
