@@ -10,6 +10,7 @@ import asyncio
 import json
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,11 +106,17 @@ class DaemonSession:
         self, client: Any, name: str, as_json: bool, verbose: bool, num_ctx: int | None = None
     ) -> None:
         self.client, self.name, self.num_ctx = client, name, num_ctx
+        self.load_ns: int | None = None
         self.as_json, self.verbose = as_json, verbose
         self.last_reason: str | None = None
 
     def load(self) -> None:
+        """Load the model (as ``ollama run`` does first); the time that took is the first
+        answer's load duration in ``--verbose``, as in-process (the daemon's answer to a load
+        request carries no timing, as Ollama's does not)."""
+        started = time.perf_counter_ns()
         self.client.post("/api/generate", {"model": self.name, "options": self._options({})})
+        self.load_ns = time.perf_counter_ns() - started
 
     def model_names(self) -> list[str]:
         """What the daemon's store holds (its store may not be this machine's)."""
@@ -146,11 +153,13 @@ class DaemonSession:
                     if not self.as_json:
                         sys.stdout.write("\n")
                     if self.verbose:
+                        load_ns, self.load_ns = self.load_ns, None
                         print_stats(
                             line,
                             line.get("done_reason"),
                             f"through the daemon at {self.client.address}",
                             self.runner(),
+                            max(load_ns or 0, line.get("load_duration", 0)),
                         )
         except KeyboardInterrupt:
             self.last_reason = "cancelled"

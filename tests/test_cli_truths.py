@@ -97,3 +97,15 @@ def test_the_overflow_error_says_how_to_raise_the_context():
     with pytest.raises(ContextOverflowError) as info:
         generation_budget(GenerateRequest(prompt="x"), prompt_tokens=10, context=8)
     assert "num_ctx" in info.value.message and "context_length" in info.value.message
+
+
+def test_verbose_through_the_daemon_shows_the_load_time(daemon, tmp_path):
+    host = f"127.0.0.1:{daemon.port}"
+    loaded = json.loads(mlxctl("ps", "--host", host, "--json", home=tmp_path).stdout)["models"]
+    if any(model["name"] == "tiny:gguf" for model in loaded):
+        mlxctl("stop", "--host", host, "tiny:gguf", home=tmp_path)
+    result = mlxctl(
+        "run", "--verbose", "--host", host, "tiny:gguf", "Hi", "--max-tokens", "1", home=daemon.home
+    )
+    seconds = float(re.search(r"load duration:\s+([\d.]+)s", result.stderr).group(1))
+    assert seconds > 0, "the load happened before the answer, and counts"
