@@ -16,7 +16,7 @@ import click
 from rich.progress import TaskID
 
 from mlxctl.output import console, human_size, print_json, transfer_progress
-from modelstore.hfhub import HF_SCHEME, HubModel, snapshot_folder
+from modelstore.hfhub import HF_SCHEME, HubModel, snapshot_source
 from modelstore.store import ModelStore, StoredModel
 
 if TYPE_CHECKING:
@@ -90,15 +90,17 @@ def pull_command(reference: str, insecure: bool, name: str | None, as_json: bool
 def pull_any(
     store: ModelStore, reference: str, *, name: str | None = None, insecure: bool = False
 ) -> StoredModel:
-    """``hf://ORG/REPO[@REV]`` through the hub (cache first), ``ollama://`` from Ollama's
-    registry, anything else from its registry."""
+    """``hf://ORG/REPO[@REV]`` through the hub (cache first; MLX weights on Apple Silicon, one
+    GGUF elsewhere, when the repo has both), ``ollama://`` from Ollama's registry, anything else
+    from its registry."""
     if reference.startswith(HF_SCHEME):
         from mlxctl.hf_cache import import_snapshot
+        from mlxserve.platform import is_apple_silicon
 
         hub_model = HubModel.parse(reference)
-        folder = snapshot_folder(hub_model)
+        source = snapshot_source(hub_model, prefer_gguf=not is_apple_silicon())
         target = name or hub_model.store_name()
-        return import_snapshot(store, hub_model.repo_id, folder, target).models[0]
+        return import_snapshot(store, hub_model.repo_id, source, target).models[0]
     from modelstore.registry import pull_model
     from modelstore.registry.ollama import is_ollama_url, pull_ollama
 

@@ -127,3 +127,32 @@ def test_run_imports_a_path_on_the_fly_under_a_derived_name(store_home, tiny_mod
 def test_import_derives_the_name_when_none_is_given(store_home, tiny_models):
     out = json.loads(mlxctl("import", str(tiny_models.hf_folder), "--json", home=store_home).stdout)
     assert out[0]["name"] == f"{tiny_models.hf_folder.name.lower()}:latest"
+
+
+def test_a_hub_repo_of_ggufs_gives_one_file_and_gguf_wins_off_apple_silicon(
+    store_home, tiny_models, mini_hf_folder, tmp_path
+):
+    from mlxserve.platform import is_apple_silicon
+    from modelstore.hfhub import choose_gguf
+
+    ggufs = tmp_path / "ggufs"
+    ggufs.mkdir()
+    for quant in ("Q8_0", "Q4_K_M"):
+        shutil.copyfile(tiny_models.gguf_path, ggufs / f"Tiny-{quant}.gguf")
+    both = tmp_path / "both"
+    shutil.copytree(mini_hf_folder, both)
+    shutil.copyfile(tiny_models.gguf_path, both / "tiny-Q8_0.gguf")
+    cache = tmp_path / "hf" / "hub"
+    build_hf_cache(cache, "TestOrg/Tiny-GGUF", ggufs)
+    build_hf_cache(cache, "TestOrg/Both", both)
+    env = {"HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    assert choose_gguf(["a-Q8_0.gguf", "a-Q4_K_M.gguf", "mmproj-a-F16.gguf"]) == "a-Q4_K_M.gguf"
+    name = pulled(store_home, "TestOrg/Tiny-GGUF", env=env)["name"]
+    shown = json.loads(mlxctl("show", name, "--json", home=store_home).stdout)
+    assert shown["format"] == "gguf"
+    assert [layer["title"] for layer in shown["layers"] if layer["title"].endswith(".gguf")] == [
+        "Tiny-Q4_K_M.gguf"
+    ]
+    name = pulled(store_home, "TestOrg/Both", env=env)["name"]
+    shown = json.loads(mlxctl("show", name, "--json", home=store_home).stdout)
+    assert shown["format"] == ("mlx" if is_apple_silicon() else "gguf")
