@@ -177,6 +177,16 @@ class Settings:
     )
     """Its model is then marked unavailable (docs/DISTRIBUTED.md); it must exceed the longest
     prefill."""
+    webui: bool = field(
+        default=True,
+        metadata=_about(
+            env="MLXSERVE_WEBUI",
+            help="Serve the chat and dashboard page at / to browsers (off: the heartbeat text).",
+            shown="on",
+        ),
+    )
+    """``GET /`` from a browser serves the page (``mlxserve/server/webui``); off
+    (``--no-webui``), every client gets the heartbeat text."""
 
     @property
     def is_loopback(self) -> bool:
@@ -209,7 +219,7 @@ def setting_kind(name: str) -> type:
     if name in _DURATIONS:
         return str
     annotation = str(SETTINGS[name].type)
-    for kind in (int, float, Path):
+    for kind in (bool, int, float, Path):
         if annotation.startswith(kind.__name__):
             return kind
     return list if name in _LISTS else str
@@ -228,6 +238,8 @@ def _coerce(name: str, value: Any) -> Any:
                 else list(value)
             )
         kind = setting_kind(name)
+        if kind is bool:
+            return value if isinstance(value, bool) else _boolean(value)
         if kind is Path:
             return Path(value).expanduser()
         if kind in (int, float):
@@ -246,7 +258,9 @@ def shown_default(name: str) -> str:
 
 
 def flag_name(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    """``--max-queue``; a switch is ``--webui/--no-webui``."""
+    flag = "--" + name.replace("_", "-")
+    return f"{flag}/--no-{flag[2:]}" if setting_kind(name) is bool else flag
 
 
 def setting_help(name: str) -> str:
@@ -268,6 +282,20 @@ def settings_reference() -> str:
             f"| {spec.metadata['help']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _boolean(text: Any) -> bool:
+    """A switch from the environment: ``1/true/yes/on`` or ``0/false/no/off``."""
+    if not isinstance(text, str):
+        raise TypeError(text)
+    word = text.strip().lower()
+    if word not in _TRUE | _FALSE:
+        raise ValueError(text)
+    return word in _TRUE
 
 
 def split_host(value: str) -> tuple[str, int | None]:

@@ -36,6 +36,11 @@ def setting_options() -> list[Any]:
         if not spec.metadata["flag"]:
             continue
         kind = setting_kind(name)
+        if kind is bool:  # a switch: --webui/--no-webui, unset (None) unless given
+            options.append(
+                click.option(flag_name(name), name, default=None, help=setting_help(name))
+            )
+            continue
         options.append(
             click.option(
                 flag_name(name),
