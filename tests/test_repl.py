@@ -11,10 +11,11 @@ import time
 import pexpect
 import pytest
 
+from mlxctl.names import OLLAMA_LIBRARY_ENV
 from modelstore import mediatypes
 from modelstore.importer import import_path
 from modelstore.store import ModelStore
-from tests.cli import MLXCTL, mlxctl
+from tests.cli import MLXCTL, NO_LIBRARY, mlxctl
 
 PROMPT = ">>> "
 NO_DAEMON = {"MLXSERVE_PORT": "1"}
@@ -30,7 +31,13 @@ def home(tiny_models, tmp_path_factory):
 
 
 def chat(home, *args: str) -> pexpect.spawn:
-    env = {**os.environ, "MLXSERVE_HOME": str(home), "TERM": "xterm", **NO_DAEMON}
+    env = {
+        **os.environ,
+        "MLXSERVE_HOME": str(home),
+        "TERM": "xterm",
+        OLLAMA_LIBRARY_ENV: NO_LIBRARY,
+        **NO_DAEMON,
+    }
     child = pexpect.spawn(
         MLXCTL,
         ["run", "--local", "tiny:gguf", "--temperature", "0", *args],
@@ -96,9 +103,12 @@ def test_set_and_show_take_ollamas_names_and_ours(home):
     assert "Unknown command '/frobnicate'. Type /? for help" in say(child, "/frobnicate")
     assert "Available Commands" in say(child, "/?")
     assert "Cleared session context" in say(child, "/clear")
-    too_big = say(child, "/set parameter num_ctx 999999")
-    assert "Error [" in too_big and "Traceback" not in too_big
-    assert "context length  1024" in say(child, "/show info"), "a failed reload keeps the model"
+    missing = say(child, "/load nothing-here:1")
+    assert "Error [model_not_found]" in missing and "Traceback" not in missing
+    info = say(child, "/show info")
+    assert "model           tiny:gguf" in info and "context length  1024" in info, (
+        "a failed /load keeps the model as it was"
+    )
     leave(child)
 
 
