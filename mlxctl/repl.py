@@ -260,7 +260,7 @@ class Repl:
             ("format", details.get("format")),
             ("architecture", details.get("architecture")),
             ("parameters", details.get("parameter_count")),
-            ("context length", self.num_ctx or details.get("context_length")),
+            ("context length", self.session.loaded_context() or details.get("context_length")),
             ("quantization", details.get("quantization")),
         ]
         return "\n".join(f"  {k:<16}{v}" for k, v in rows if v is not None)

@@ -166,6 +166,13 @@ class DaemonSession:
             click.echo("\n[stopped]", err=True)
         return "".join(pieces)
 
+    def loaded_context(self) -> int | None:
+        """The context the daemon loaded the model with (``/api/ps``), for ``/show info``."""
+        for model in self.client.get("/api/ps").get("models", []):
+            if model.get("name") == self.name or model.get("model") == self.name:
+                return model.get("context_length")
+        return None
+
     def runner(self) -> str | None:
         """Which runner the daemon holds the model in (``/api/ps``), for the stats table."""
         for model in self.client.get("/api/ps").get("models", []):
@@ -259,6 +266,10 @@ class Session:
         from modelstore.store import ModelStore
 
         return [model.name for model in ModelStore().list()]
+
+    def loaded_context(self) -> int | None:
+        """The context the runner loaded the model with, for ``/show info``."""
+        return self.loaded.info.context_length if self.loaded is not None else None
 
     def answer(self, chat: Any) -> str:
         """Stream one answer to stdout; Ctrl-C cancels it (within a token) and keeps the chat.

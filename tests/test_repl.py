@@ -103,6 +103,10 @@ def test_set_and_show_take_ollamas_names_and_ours(home):
     assert "Unknown command '/frobnicate'. Type /? for help" in say(child, "/frobnicate")
     assert "Available Commands" in say(child, "/?")
     assert "Cleared session context" in say(child, "/clear")
+    too_big = say(child, "/set parameter num_ctx 999999")
+    assert "Traceback" not in too_big
+    assert "context length  2048" in say(child, "/show info"), "the context loaded, not asked"
+    say(child, "/set parameter num_ctx 1024")
     missing = say(child, "/load nothing-here:1")
     assert "Error [model_not_found]" in missing and "Traceback" not in missing
     info = say(child, "/show info")
