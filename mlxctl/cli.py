@@ -6,7 +6,9 @@ never pays for aiohttp, mlx, transformers or llama_cpp (``tests/test_cli_startup
 
 from __future__ import annotations
 
+import functools
 import importlib
+from typing import Any
 
 import click
 
@@ -29,6 +31,42 @@ COMMANDS: dict[str, str] = {
     "push": "mlxctl.registry_commands:push_command",
     "service": "mlxctl.service_commands:service_group",
 }
+ALIASES = {"ls": "list"}
+"""Ollama's and habit's other names for commands."""
+
+
+STORE_ACCESS: dict[str, bool] = {
+    "import": True,
+    "list": False,
+    "show": False,
+    "rm": True,
+    "cp": True,
+    "verify": False,
+    "gc": True,
+    "create": True,
+    "run": True,
+    "pull": True,
+    "push": False,
+}
+"""Commands that use the store, and whether they write to it: the store is checked first
+(``ModelStore.check``), so a bad home is one line, never a traceback or an empty list."""
+
+
+def checking_store(command: click.Command, write: bool) -> click.Command:
+    callback = command.callback
+    if callback is None or getattr(callback, "checks_store", False):
+        return command
+
+    @functools.wraps(callback)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        from modelstore.store import ModelStore
+
+        ModelStore().check(write=write)
+        return callback(*args, **kwargs)
+
+    checked.checks_store = True  # type: ignore[attr-defined]
+    command.callback = checked
+    return command
 
 
 class LazyGroup(click.Group):
@@ -38,6 +76,9 @@ class LazyGroup(click.Group):
         return sorted(COMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name == "help":
+            return help_command
+        cmd_name = ALIASES.get(cmd_name, cmd_name)
         target = COMMANDS.get(cmd_name)
         if target is None:
             return None
@@ -48,7 +89,10 @@ class LazyGroup(click.Group):
             if exc.name == module_name:
                 return None
             raise
-        return getattr(module, attribute)
+        command: click.Command = getattr(module, attribute)
+        if cmd_name in STORE_ACCESS:
+            return checking_store(command, STORE_ACCESS[cmd_name])
+        return command
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,6 +106,25 @@ def cli() -> None:
       mlxctl import ./my-model --name my:1b    add an HF-style folder to the store
       mlxctl list                              what the store holds
     """
+
+
+@click.command("help")
+@click.argument("command", required=False)
+@click.pass_context
+def help_command(ctx: click.Context, command: str | None) -> None:
+    """Show help for mlxctl, or for one COMMAND (as mlxctl COMMAND --help)."""
+    group = ctx.parent.command if ctx.parent else cli
+    assert isinstance(group, click.Group)
+    target = group.get_command(ctx, command) if command else None
+    if command and target is None:
+        raise click.UsageError(f"no such command '{command}'")
+    parent = ctx.parent or ctx
+    shown = (
+        target.get_help(click.Context(target, info_name=command, parent=parent))
+        if target
+        else group.get_help(parent)
+    )
+    click.echo(shown)
 
 
 def main() -> None:

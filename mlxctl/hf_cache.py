@@ -33,9 +33,10 @@ def find_cached(wanted: HubModel, cached: list[CachedModel]) -> CachedModel:
 
 
 def import_snapshot(store: ModelStore, repo_id: str, folder: Path, name: str) -> ImportResult:
-    """Import a snapshot folder (cache or fresh download), with a bar for large ones."""
+    """Import a snapshot folder (cache or fresh download), with a bar for large ones; its
+    files are hard-linked: the cache's blobs are named by their content and never change."""
     with byte_progress(f"importing {repo_id}", source_size(folder)) as progress:
-        return import_path(store, folder, name, progress=progress)
+        return import_path(store, folder, name, allow_link=True, progress=progress)
 
 
 def import_cached(store: ModelStore, model: CachedModel, name: str | None) -> ImportResult:

@@ -25,7 +25,9 @@ from modelstore.blobs import ProgressCallback
 PROGRESS_THRESHOLD_BYTES = 32 << 20
 """Below this, a progress bar would only flicker."""
 
-console = Console(highlight=False)
+PIPED_WIDTH = 1 << 16
+"""Into a pipe or a file, a table is as wide as its rows: no column is cut to fit 80."""
+console = Console(highlight=False, width=None if sys.stdout.isatty() else PIPED_WIDTH)
 err_console = Console(stderr=True, highlight=False)
 
 

@@ -16,7 +16,7 @@ import click
 from rich.progress import TaskID
 
 from mlxctl.output import console, human_size, print_json, transfer_progress
-from modelstore.hfhub import HF_SCHEME, HubModel, snapshot_folder
+from modelstore.hfhub import HF_SCHEME, HubModel, snapshot_source
 from modelstore.store import ModelStore, StoredModel
 
 if TYPE_CHECKING:
@@ -54,16 +54,31 @@ def layer_bars() -> Iterator[Callable[[ProgressEvent], None]]:
 @click.option("--name", "-n", help="Store an hf:// or ollama:// model under this name.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def pull_command(reference: str, insecure: bool, name: str | None, as_json: bool) -> None:
-    """Pull a model from an OCI registry or the Hugging Face hub into the store.
+    """Pull a model from an OCI registry, Ollama's library or the Hugging Face hub.
+
+    A bare name (llama3.2, qwen3:0.6b) comes from Ollama's library, ORG/REPO from the Hugging
+    Face hub (then Ollama's library), HOST/... from that registry.
 
     \b
     Examples:
+      mlxctl pull qwen3:0.6b
+      mlxctl pull mlx-community/Qwen3-0.6B-4bit
       mlxctl pull registry.example.com/team/llama:8b-q4
       mlxctl pull --insecure 127.0.0.1:5000/team/llama:8b-q4
       mlxctl pull hf://mlx-community/SmolLM2-135M-Instruct
       mlxctl pull ollama://qwen3:0.6b
     """
-    model = pull_any(ModelStore(), reference, name=name, insecure=insecure)
+    from mlxctl.names import fetch_first
+
+    store = ModelStore()
+    pulled: list[StoredModel] = []
+    fetch_first(
+        store,
+        reference,
+        lambda target, ref: pulled.append(pull_any(target, ref, name=name, insecure=insecure)),
+        reuse_stored=False,
+    )
+    model = pulled[0]
     if as_json:
         print_json({"name": model.name, "digest": model.manifest_digest, "size": model.size})
     else:
@@ -75,15 +90,17 @@ def pull_command(reference: str, insecure: bool, name: str | None, as_json: bool
 def pull_any(
     store: ModelStore, reference: str, *, name: str | None = None, insecure: bool = False
 ) -> StoredModel:
-    """``hf://ORG/REPO[@REV]`` through the hub (cache first), ``ollama://`` from Ollama's
-    registry, anything else from its registry."""
+    """``hf://ORG/REPO[@REV]`` through the hub (cache first; MLX weights on Apple Silicon, one
+    GGUF elsewhere, when the repo has both), ``ollama://`` from Ollama's registry, anything else
+    from its registry."""
     if reference.startswith(HF_SCHEME):
         from mlxctl.hf_cache import import_snapshot
+        from mlxserve.platform import is_apple_silicon
 
         hub_model = HubModel.parse(reference)
-        folder = snapshot_folder(hub_model)
+        source = snapshot_source(hub_model, prefer_gguf=not is_apple_silicon())
         target = name or hub_model.store_name()
-        return import_snapshot(store, hub_model.repo_id, folder, target).models[0]
+        return import_snapshot(store, hub_model.repo_id, source, target).models[0]
     from modelstore.registry import pull_model
     from modelstore.registry.ollama import is_ollama_url, pull_ollama
 
@@ -93,27 +110,6 @@ def pull_any(
                 pull_ollama(store, reference, name=name, insecure=insecure, progress=on_event)
             )
         return asyncio.run(pull_model(store, reference, insecure=insecure, progress=on_event))
-
-
-def ensure_pulled(name: str, *, insecure: bool) -> str:
-    """For ``run``: pull a registry or hub model the store lacks, as ``ollama run`` does;
-    returns the name to run it under."""
-    from modelstore.registry.ollama import is_ollama_url, local_name
-
-    store = ModelStore()
-    if name.startswith(HF_SCHEME):
-        stored_name = HubModel.parse(name).store_name()
-    elif is_ollama_url(name):
-        stored_name = local_name(name)
-    else:
-        from modelstore.reference import parse_reference
-
-        if parse_reference(name).host is None:
-            return name
-        stored_name = name
-    if not store.exists(stored_name):
-        pull_any(store, name, insecure=insecure)
-    return stored_name
 
 
 @click.command("push")

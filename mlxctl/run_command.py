@@ -10,6 +10,7 @@ import asyncio
 import json
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,22 +20,8 @@ import click
 from mlxctl.client import DaemonError
 from mlxctl.output import byte_progress
 from modelstore.default_model import DEFAULT_MODEL
-from modelstore.errors import InvalidReferenceError, ModelNotFoundError
-from modelstore.hfhub import HF_SCHEME
-from modelstore.parameters import CLI_PARAMETERS, SAMPLING_FIELDS, kind_of
-from modelstore.reference import parse_reference
-
-CHAT_HELP = """\
-Commands:
-  /bye                      leave
-  /clear                    forget the conversation
-  /set parameter NAME VALUE set temperature, top_p, top_k, min_p, seed, max_tokens, ...
-  /set system TEXT          set the system prompt
-  /show parameters          print the parameters in use
-  /?                        this help
-Ctrl-C stops the current answer; Ctrl-D leaves."""
-SETTABLE = {name: kind_of(name) for name in SAMPLING_FIELDS if kind_of(name) is not dict}
-"""``/set parameter NAME VALUE``: every sampling knob (``modelstore/parameters.py``)."""
+from modelstore.errors import ModelNotFoundError
+from modelstore.parameters import CLI_PARAMETERS, kind_of
 
 
 def sampling_options(command: Callable) -> Callable:
@@ -51,13 +38,14 @@ SAMPLING_HELP = {"seed": "Same seed, same request, same model: same tokens."}
 
 
 def split_model_and_prompt(model: str | None, prompt: str | None) -> tuple[str, str | None]:
-    """``mlxctl run "a question"`` means the default model: a prompt is never a valid name."""
+    """``mlxctl run "a question"`` means the default model: a prompt is never a valid name, a
+    path or an ``ORG/REPO``."""
     if model is None:
         return DEFAULT_MODEL, prompt
-    if prompt is None and not model.startswith(HF_SCHEME):
-        try:
-            parse_reference(model)
-        except InvalidReferenceError:
+    if prompt is None:
+        from mlxctl.names import looks_like_name
+
+        if not looks_like_name(model):
             return DEFAULT_MODEL, model
     return model, prompt
 
@@ -114,13 +102,21 @@ class ChatState:
 class DaemonSession:
     """The same interface as ``Session``, answered by a running daemon (``mlxctl serve``)."""
 
-    def __init__(self, client: Any, name: str, as_json: bool, verbose: bool) -> None:
-        self.client, self.name = client, name
+    def __init__(
+        self, client: Any, name: str, as_json: bool, verbose: bool, num_ctx: int | None = None
+    ) -> None:
+        self.client, self.name, self.num_ctx = client, name, num_ctx
+        self.load_ns: int | None = None
         self.as_json, self.verbose = as_json, verbose
         self.last_reason: str | None = None
 
     def load(self) -> None:
-        self.client.post("/api/generate", {"model": self.name})
+        """Load the model (as ``ollama run`` does first); the time that took is the first
+        answer's load duration in ``--verbose``, as in-process (the daemon's answer to a load
+        request carries no timing, as Ollama's does not)."""
+        started = time.perf_counter_ns()
+        self.client.post("/api/generate", {"model": self.name, "options": self._options({})})
+        self.load_ns = time.perf_counter_ns() - started
 
     def model_names(self) -> list[str]:
         """What the daemon's store holds (its store may not be this machine's)."""
@@ -131,7 +127,10 @@ class DaemonSession:
         from modelstore.parameters import api_names
 
         ollama_names = {field: wire for wire, (field, _) in api_names("ollama").items()}
-        return {ollama_names.get(k, k): v for k, v in overrides.items()}
+        options = {ollama_names.get(k, k): v for k, v in overrides.items()}
+        if self.num_ctx is not None:
+            options["num_ctx"] = self.num_ctx
+        return options
 
     def _print(self, lines: Any, field: str) -> str:
         pieces = []
@@ -154,16 +153,25 @@ class DaemonSession:
                     if not self.as_json:
                         sys.stdout.write("\n")
                     if self.verbose:
+                        load_ns, self.load_ns = self.load_ns, None
                         print_stats(
                             line,
                             line.get("done_reason"),
                             f"through the daemon at {self.client.address}",
                             self.runner(),
+                            max(load_ns or 0, line.get("load_duration", 0)),
                         )
         except KeyboardInterrupt:
             self.last_reason = "cancelled"
             click.echo("\n[stopped]", err=True)
         return "".join(pieces)
+
+    def loaded_context(self) -> int | None:
+        """The context the daemon loaded the model with (``/api/ps``), for ``/show info``."""
+        for model in self.client.get("/api/ps").get("models", []):
+            if model.get("name") == self.name or model.get("model") == self.name:
+                return model.get("context_length")
+        return None
 
     def runner(self) -> str | None:
         """Which runner the daemon holds the model in (``/api/ps``), for the stats table."""
@@ -221,8 +229,16 @@ def convert_with_progress(store: Any, name: str, runner: str | None) -> None:
 class Session:
     """One loaded model and the event loop it streams on."""
 
-    def __init__(self, name: str, runner: str | None, as_json: bool, verbose: bool) -> None:
+    def __init__(
+        self,
+        name: str,
+        runner: str | None,
+        as_json: bool,
+        verbose: bool,
+        context_length: int | None = None,
+    ) -> None:
         self.name, self.runner_name = name, runner
+        self.context_length = context_length
         self.as_json, self.verbose = as_json, verbose
         self.loop = asyncio.new_event_loop()
         self.loaded: Any = None
@@ -238,8 +254,11 @@ class Session:
         if self.name == DEFAULT_MODEL:
             ensure_default_model(store)
         convert_with_progress(store, self.name, self.runner_name)
+        from mlxserve.runners.base import RunnerOptions
+
+        options = RunnerOptions(context_length=self.context_length)
         self.loaded = self.loop.run_until_complete(
-            LoadedModel.load(store, self.name, self.runner_name)
+            LoadedModel.load(store, self.name, self.runner_name, options)
         )
         self.load_ns = self.loaded.info.load_duration_ns
 
@@ -247,6 +266,10 @@ class Session:
         from modelstore.store import ModelStore
 
         return [model.name for model in ModelStore().list()]
+
+    def loaded_context(self) -> int | None:
+        """The context the runner loaded the model with, for ``/show info``."""
+        return self.loaded.info.context_length if self.loaded is not None else None
 
     def answer(self, chat: Any) -> str:
         """Stream one answer to stdout; Ctrl-C cancels it (within a token) and keeps the chat.
@@ -316,6 +339,8 @@ class Session:
                 )
 
     def close(self) -> None:
+        if self.loop.is_closed():
+            return  # closed already: /load and /set parameter num_ctx replace a session
         if self.loaded is not None:
             self.loop.run_until_complete(self.loaded.unload())
         self.loop.close()
@@ -343,52 +368,51 @@ def chat_turn(session: Session | DaemonSession, state: ChatState, text: str) -> 
     state.history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
 
 
-def handle_command(line: str, state: ChatState) -> bool:
-    """Apply a ``/`` command; return False to leave the chat."""
-    words = line.split(maxsplit=3)
-    if words[0] in {"/bye", "/exit", "/quit"}:
-        return False
-    if words[0] == "/clear":
-        state.history.clear()
-        click.echo("Cleared the conversation.")
-    elif words[:2] == ["/set", "parameter"] and len(words) == 4 and words[2] in SETTABLE:
-        name, raw = words[2], words[3]
-        try:
-            state.overrides[name] = [raw] if name == "stop" else SETTABLE[name](raw)
-        except ValueError:
-            click.echo(f"{name} needs a {SETTABLE[name].__name__}")
-        else:
-            click.echo(f"Set parameter '{name}' to '{raw}'")
-    elif words[:2] == ["/set", "system"] and len(words) >= 3:
-        state.system = line.split(maxsplit=2)[2]
-        click.echo("Set system message.")
-    elif words[:2] == ["/show", "parameters"]:
-        click.echo(json.dumps(state.overrides, indent=2))
-    else:
-        click.echo(CHAT_HELP)
-    return True
+def save_model(
+    source: str, name: str, overrides: dict[str, Any], system: str | None, num_ctx: int | None
+) -> str:
+    """``/save NAME``: ``source`` with the chat's parameters and system message as its own
+    defaults, built as a ModelSpec ``from: model://SOURCE`` would be."""
+    from pathlib import Path
+
+    from modelstore.spec import ModelSpec, build_draft
+    from modelstore.store import ModelStore
+
+    parameters = dict(overrides)
+    if num_ctx is not None:
+        parameters["context_length"] = num_ctx
+    data: dict[str, Any] = {"from": f"model://{source}", "parameters": parameters}
+    if system:
+        data["system"] = system
+    store = ModelStore()
+    draft = build_draft(ModelSpec(Path.cwd() / "saved.modelspec.yaml", data), store)
+    return store.commit(draft, name).model.name
 
 
-def interactive(session: Session | DaemonSession, state: ChatState) -> None:
-    import readline  # noqa: F401 - line editing and history for input()
+def model_details(name: str) -> dict[str, Any]:
+    """What ``/show`` prints: ``mlxctl show NAME --json``'s data."""
+    from mlxctl.store_commands import _show_data
+    from modelstore.store import ModelStore
 
-    click.echo(f"Chatting with {session.name}. /? for help, /bye to leave.", err=True)
-    while True:
-        try:
-            line = input(">>> ")
-        except EOFError:
-            click.echo()
-            return
-        except KeyboardInterrupt:
-            click.echo("\nUse /bye or Ctrl-D to leave.")
-            continue
-        if not line.strip():
-            continue
-        if line.startswith("/"):
-            if not handle_command(line.strip(), state):
-                return
-            continue
-        chat_turn(session, state, line)
+    store = ModelStore()
+    return _show_data(store, store.resolve(name))
+
+
+def interactive(
+    session: Session | DaemonSession,
+    state: ChatState,
+    open_session: Callable[[str, int | None], Session | DaemonSession],
+) -> None:
+    from mlxctl.repl import Repl
+
+    Repl(
+        session,
+        state,
+        open_session=open_session,
+        details=model_details,
+        save=save_model,
+        turn=chat_turn,
+    ).run()
 
 
 @click.command("run")
@@ -433,16 +457,16 @@ def run_command(
       mlxctl run                                   chat with the default model (smollm2:135m)
       mlxctl run "Why is the sky blue?"            one answer from the default model
       mlxctl run smollm2:135m "Hi" --temperature 0 --verbose
-      echo "Summarise: ..." | mlxctl run mymodel
+      cat notes.txt | mlxctl run mymodel "Summarize"   the piped text, then the prompt
       mlxctl run registry.example.com/team/llama:8b   pulled first if the store lacks it
     """
     name, prompt = split_model_and_prompt(model, prompt)
     if name != DEFAULT_MODEL:
-        from mlxctl.registry_commands import ensure_pulled
-
-        name = ensure_pulled(name, insecure=insecure)
-    if prompt is None and not sys.stdin.isatty():
-        prompt = sys.stdin.read().strip() or None
+        name = resolve_model(name, insecure)
+    if not sys.stdin.isatty():
+        piped = sys.stdin.read().strip()
+        if piped:  # as Ollama: the piped text first, then the prompt argument
+            prompt = f"{piped}\n\n{prompt}" if prompt else piped
     state = ChatState(
         {k: v for k, v in sampling.items() if v is not None},
         system,
@@ -457,7 +481,14 @@ def run_command(
                 raise
             raise not_found(name, session.model_names()) from None
         if prompt is None:
-            interactive(session, state)
+
+            def open_session(model: str, num_ctx: int | None) -> Session | DaemonSession:
+                target = model if model == name else resolve_model(model, insecure)
+                opened = choose_session(target, runner, local, as_json, verbose, host, num_ctx)
+                opened.load()
+                return opened
+
+            interactive(session, state, open_session)
         elif isinstance(session, DaemonSession):
             session.one_shot(prompt, state, raw)
         else:
@@ -482,7 +513,23 @@ SIMILARITY = 0.5
 """``difflib`` ratio above which a known name is offered as "did you mean"."""
 
 
-def not_found(name: str, known: list[str]) -> ModelNotFoundError:
+def resolve_model(text: str, insecure: bool) -> str:
+    """What the user typed -> a stored model, pulled or imported first when needed
+    (``mlxctl/names.py``); a miss names the sources tried and the close names stored."""
+    from mlxctl.names import resolve_for_run
+    from mlxctl.registry_commands import pull_any
+    from modelstore.store import ModelStore
+
+    store = ModelStore()
+    try:
+        return resolve_for_run(
+            store, text, lambda target, ref: pull_any(target, ref, insecure=insecure)
+        )
+    except ModelNotFoundError as error:
+        raise not_found(text, [m.name for m in store.list()], error.message) from None
+
+
+def not_found(name: str, known: list[str], detail: str | None = None) -> ModelNotFoundError:
     """``mlxctl run hi``: "hi" names no model; say which names are close and how to ask the
     default model a one-word question, instead of only "model 'hi:latest' not found"."""
     import difflib
@@ -491,7 +538,7 @@ def not_found(name: str, known: list[str]) -> ModelNotFoundError:
     close = [
         short[c] for c in difflib.get_close_matches(name, list(short), SUGGESTIONS, SIMILARITY)
     ]
-    lines = [f"no model named '{name}' (`mlxctl list` shows the models in the store)."]
+    lines = [detail or f"no model named '{name}' (`mlxctl list` shows the models in the store)."]
     if close:
         lines.append("Did you mean: " + ", ".join(close) + "?")
     lines.append(f'To ask the default model, name it first: mlxctl run {DEFAULT_MODEL} "{name}"')
@@ -505,6 +552,7 @@ def choose_session(
     as_json: bool,
     verbose: bool,
     host: str | None = None,
+    num_ctx: int | None = None,
 ) -> Session | DaemonSession:
     """The daemon when one is up (it keeps models warm), else this process.
 
@@ -520,5 +568,5 @@ def choose_session(
                 from modelstore.store import ModelStore
 
                 ensure_default_model(ModelStore())
-            return DaemonSession(client, name, as_json, verbose)
-    return Session(name, runner, as_json, verbose)
+            return DaemonSession(client, name, as_json, verbose, num_ctx)
+    return Session(name, runner, as_json, verbose, num_ctx)

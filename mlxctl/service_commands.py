@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import plistlib
+import re
 import shlex
 import subprocess
 import sys
@@ -78,11 +79,21 @@ def launchd_file(port: int | None) -> ServiceFile:
     )
 
 
+def systemd_quote(word: str, *, expands_dollar: bool = True) -> str:
+    """One word as systemd reads it (``systemd.service(5)``, "Command lines"): double-quoted
+    with ``\\`` and ``"`` escaped, ``%`` doubled (a specifier otherwise) and, in ``ExecStart=``,
+    ``$`` doubled (a variable otherwise); shell quoting is not systemd's."""
+    escaped = word.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    if expands_dollar:
+        escaped = escaped.replace("$", "$$")
+    return f'"{escaped}"'
+
+
 def systemd_file(port: int | None) -> ServiceFile:
     config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
     path = config / "systemd" / "user" / UNIT
     environment = "".join(
-        f"Environment={shlex.quote(f'{key}={value}')}\n"
+        f"Environment={systemd_quote(f'{key}={value}', expands_dollar=False)}\n"
         for key, value in daemon_environment().items()
     )
     text = (
@@ -91,7 +102,7 @@ def systemd_file(port: int | None) -> ServiceFile:
         "After=network.target\n\n"
         "[Service]\n"
         "Type=simple\n"
-        f"ExecStart={shlex.join(daemon_command(port))}\n"
+        f"ExecStart={' '.join(systemd_quote(word) for word in daemon_command(port))}\n"
         f"{environment}"
         "Restart=on-failure\n"
         f"RestartSec={RESTART_DELAY_S}\n\n"
@@ -185,6 +196,16 @@ def uninstall_command(kind: str | None) -> None:
     console.print(f"removed {service.path}")
 
 
+def installed_port(service: ServiceFile) -> int | None:
+    """The ``--port`` the installed unit starts the daemon with, if it names one."""
+    try:
+        text = service.path.read_text()
+    except OSError:
+        return None
+    found = re.search(r"--port\W+(\d+)", text)
+    return int(found.group(1)) if found else None
+
+
 @service_group.command("status")
 @kind_option
 @click.option("--json", "as_json", is_flag=True)
@@ -202,6 +223,9 @@ def status_command(kind: str | None, as_json: bool) -> None:
         except FileNotFoundError:
             loaded = False
     client = DaemonClient.from_environment()
+    unit_port = installed_port(service)
+    if unit_port is not None:
+        client = DaemonClient(client.host, unit_port, client.api_key)
     state = {
         "kind": service.kind,
         "file": str(service.path),

@@ -32,35 +32,44 @@ def spec_group() -> None:
 
 
 @spec_group.command("validate")
-@spec_file
+@click.argument(
+    "files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the errors as JSON.")
-def validate_command(file: Path, as_json: bool) -> None:
-    """Check a ModelSpec against the schema, its files and its template; exit 1 on any error.
+def validate_command(files: tuple[Path, ...], as_json: bool) -> None:
+    """Check ModelSpecs against the schema, their files and their templates, every error of
+    every file in one pass; exit 1 if any is invalid.
 
     \b
-    Example:
-      mlxctl spec validate config/smollm2-135m.modelspec.yaml
+    Examples:
+      mlxctl spec validate my-model.modelspec.yaml
+      mlxctl spec validate specs/*.yaml --json
     """
     from modelstore.spec import load_spec
 
-    spec = load_spec(file)
+    specs = [(file, load_spec(file)) for file in files]
+    reports = [
+        {
+            "file": str(file),
+            "valid": not spec.problems,
+            "errors": [problem.__dict__ for problem in spec.problems],
+        }
+        for file, spec in specs
+    ]
     if as_json:
-        print_json(
-            {
-                "file": str(file),
-                "valid": not spec.problems,
-                "errors": [problem.__dict__ for problem in spec.problems],
-            }
-        )
-    elif spec.problems:
+        print_json(reports[0] if len(reports) == 1 else reports)
+    for file, spec in specs:
+        if as_json:
+            continue
         for problem in spec.problems:
             click.echo(
                 f"{file}:{problem.line or 0}: {problem.pointer or '/'}: {problem.message}", err=True
             )
-        click.echo(f"{len(spec.problems)} error(s)", err=True)
-    else:
-        console.print(f"{file}: valid")
-    if spec.problems:
+        if spec.problems:
+            click.echo(f"{file}: {len(spec.problems)} error(s)", err=True)
+        else:
+            console.print(f"{file}: valid")
+    if any(spec.problems for _, spec in specs):
         sys.exit(EXIT_INVALID)
 
 

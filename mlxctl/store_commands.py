@@ -23,6 +23,13 @@ if TYPE_CHECKING:
     from modelstore.importer import ImportResult
 
 EXIT_VERIFY_FAILED = 1
+IMPORT_VERBS = {
+    "hardlink": "hard-linked",
+    "clone": "cloned (copy-on-write)",
+    "copy": "copied",
+    "existing": "already stored",
+}
+"""How ``import`` says each file got in (``StoredHow``), in the order it lists them."""
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
@@ -33,7 +40,15 @@ def short_digest(digest: str) -> str:
 @click.command("import")
 @click.argument("path", required=False)
 @click.option("--name", "-n", help="Name to store it under (an archive names itself).")
-@click.option("--copy", "force_copy", is_flag=True, help="Copy files even where a link would do.")
+@click.option(
+    "--copy", "force_copy", is_flag=True, help="Copy files even where a clone or link would do."
+)
+@click.option(
+    "--link",
+    "hard_link",
+    is_flag=True,
+    help="Hard-link files (no copy; editing the source then changes the stored model).",
+)
 @click.option(
     "--from-hf-cache",
     "from_hf_cache",
@@ -59,6 +74,7 @@ def import_command(
     path: str | None,
     name: str | None,
     force_copy: bool,
+    hard_link: bool,
     from_hf_cache: bool,
     from_ollama: bool,
     from_lmstudio: bool,
@@ -67,6 +83,9 @@ def import_command(
     as_json: bool,
 ) -> None:
     """Add a model to the store: an HF-style folder, a .gguf file or a packed archive.
+
+    Files are cloned copy-on-write where the file system can (APFS, btrfs, XFS), else copied;
+    --link hard-links them instead. The output says which each file got.
 
     \b
     Examples:
@@ -106,7 +125,14 @@ def import_command(
         raise click.UsageError("give a PATH to import (or --from-hf-cache)")
     source = Path(path)
     with byte_progress(f"importing {source.name}", source_size(source)) as progress:
-        result = import_path(store, source, name, allow_link=not force_copy, progress=progress)
+        result = import_path(
+            store,
+            source,
+            name,
+            allow_link=hard_link and not force_copy,
+            allow_clone=not force_copy,
+            progress=progress,
+        )
     report_import(result, as_json)
 
 
@@ -128,9 +154,9 @@ def report_import(result: ImportResult, as_json: bool) -> None:
         return
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
+    counts = {how: list(hows.values()).count(how) for how in IMPORT_VERBS}
+    note = "".join(f", {n} file(s) {IMPORT_VERBS[how]}" for how, n in counts.items() if n)
     for model in models:
-        linked = sum(1 for how in hows.values() if how == "hardlink")
-        note = f", {linked} file(s) hard-linked" if linked else ""
         console.print(
             f"imported [bold]{model.name}[/] ({human_size(model.size)}, "
             f"{short_digest(model.manifest_digest)}{note})"
@@ -174,6 +200,11 @@ def list_command(as_json: bool) -> None:
             human_age(row["modified_at"]),
         )
     console.print(table)
+    if not rows:
+        click.echo(
+            f"The store {store.root} holds no models yet (mlxctl pull NAME or mlxctl import PATH).",
+            err=True,
+        )
 
 
 def _show_data(store: ModelStore, model: StoredModel) -> dict[str, Any]:
@@ -301,14 +332,32 @@ def verify_command(as_json: bool) -> None:
         print_json({"ok": not problems, "problems": [p.__dict__ for p in problems]})
     elif problems:
         for problem in problems:
-            click.echo(
-                f"BAD {problem.digest}: {problem.problem}; breaks {', '.join(problem.models)}",
-                err=True,
-            )
+            click.echo(bad_blob_line(store, problem), err=True)
     else:
         console.print(f"ok: every blob matches its digest ({human_size(total)} checked)")
     if problems:
         sys.exit(EXIT_VERIFY_FAILED)
+
+
+def bad_blob_line(store: ModelStore, problem: Any) -> str:
+    """One bad blob: its file, which file of which model it is, and how to get a good copy."""
+    titles = sorted(
+        {
+            layer.title or layer.media_type
+            for name in problem.models
+            for layer in store.resolve(name).manifest.layers
+            if layer.digest == problem.digest
+        }
+    )
+    path = store.blobs.path(problem.digest)
+    linked = path.is_file() and path.stat().st_nlink > 1
+    cause = " (hard-linked: its source was edited in place)" if linked else ""
+    models = ", ".join(problem.models)
+    return (
+        f"BAD {problem.digest} ({path}): {problem.problem}{cause}; it is "
+        f"{', '.join(titles) or 'a blob'} of "
+        f"{models}. Fix: mlxctl rm {models}, then import or pull it again, then mlxctl gc"
+    )
 
 
 @click.command("gc")

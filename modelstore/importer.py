@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import tempfile
 import zipfile
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from modelstore.blobs import ProgressCallback, StoredHow
-from modelstore.errors import ImportSourceError
+from modelstore.errors import ImportSourceError, MlxserveError
 from modelstore.manifest import is_safe_file_name
 from modelstore.ocilayout import import_archive, is_archive
 from modelstore.sources import draft_from_path
@@ -29,9 +30,34 @@ class ImportResult:
 
 
 def source_size(path: Path) -> int:
+    """The bytes an import of ``path`` reads: the files its model is made of (a folder's other
+    files are not imported, so a progress bar counting them would never fill)."""
+    if not path.exists():
+        return 0
+    if path.is_dir() or path.suffix == ".gguf":
+        try:
+            return draft_from_path(path).total_source_bytes()
+        except MlxserveError:
+            pass  # import_path reports what is wrong with it
     if path.is_dir():
         return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-    return path.stat().st_size if path.exists() else 0
+    return path.stat().st_size
+
+
+_NOT_IN_NAMES = re.compile(r"[^a-z0-9._-]+")
+_SEPARATOR_RUNS = re.compile(r"[._-]{2,}")
+NAME_LENGTH = 64
+
+
+def derived_name(path: Path) -> str:
+    """The name ``import`` (and ``run ./path``) stores a folder or file under when none is
+    given: ``./Qwen2.5-0.5B-Instruct`` -> ``qwen2.5-0.5b-instruct``, ``Tiny-Q8_0.gguf`` ->
+    ``tiny-q8_0``; folded into the reference grammar, tag ``latest``."""
+    resolved = path.expanduser().resolve()
+    stem = resolved.name if resolved.is_dir() else resolved.stem
+    folded = _NOT_IN_NAMES.sub("-", stem.lower())
+    folded = _SEPARATOR_RUNS.sub("-", folded).strip("._-")[:NAME_LENGTH].strip("._-")
+    return folded or "model"
 
 
 ZIP_MAX_BYTES = 256 << 30
@@ -86,17 +112,21 @@ def import_path(
     path: Path,
     name: str | None = None,
     *,
-    allow_link: bool = True,
+    allow_link: bool = False,
+    allow_clone: bool = True,
     progress: ProgressCallback | None = None,
 ) -> ImportResult:
     """Import an HF-style folder (or a ``.zip`` of one), a ``.gguf`` file or a packed archive
-    (which names itself)."""
+    (which names itself; anything else is named after itself, ``derived_name``).
+
+    A user's folder can still change under the store, so its files are cloned (or copied),
+    hard-linked only with ``allow_link`` (``import --link``; the HF cache, whose blobs never
+    change)."""
     if not path.exists():
         raise ImportSourceError(f"{path}: no such file or folder", path=str(path))
     if path.is_file() and path.suffix != ".gguf" and is_archive(path):
         return ImportResult(import_archive(store, path, name, progress))
-    if name is None:
-        raise ImportSourceError(f"importing {path} needs a name: add --name NAME", path=str(path))
+    name = name or derived_name(path)
     if path.is_file() and path.suffix == ".zip":
         with unpacked_zip(path, store.blobs.tmp_dir) as folder:
             draft = draft_from_path(folder)
@@ -104,6 +134,8 @@ def import_path(
             result = store.commit(draft, name, progress=progress)
     else:
         draft = draft_from_path(path)
-        result = store.commit(draft, name, allow_link=allow_link, progress=progress)
+        result = store.commit(
+            draft, name, allow_link=allow_link, allow_clone=allow_clone, progress=progress
+        )
     warning = template_warning(draft.config.template_source)
     return ImportResult([result.model], result.blobs, [warning] if warning else [])

@@ -46,7 +46,8 @@ from modelstore.sources import draft_from_path, projector_layer
 from modelstore.store import ModelStore
 from modelstore.templates import go_template_error
 
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "modelspec.schema.json"
+SCHEMA_PATH = Path(__file__).resolve().parent / "data" / "modelspec.schema.json"
+"""Package data, so an installed wheel validates ModelSpecs as a checkout does."""
 
 
 @lru_cache(maxsize=1)
@@ -126,8 +127,7 @@ def load_spec(path: Path) -> ModelSpec:
     for error in Draft202012Validator(schema()).iter_errors(data):
         pointer = _pointer(error.absolute_path)
         spec.problems.append(SpecProblem(pointer, lines.get(pointer), error.message))
-    if not spec.problems:
-        spec.problems.extend(_semantic_problems(spec, lines))
+    spec.problems.extend(_semantic_problems(spec, lines))  # in the same pass: every error at once
     spec.problems.sort(key=lambda p: (p.line or 0, p.pointer))
     return spec
 
@@ -147,8 +147,10 @@ def _semantic_problems(spec: ModelSpec, lines: dict[str, int]) -> list[SpecProbl
             parse_reference(data["name"])
         except MlxserveError as exc:
             add("/name", exc.message)
-    source = data["from"]
-    if source.startswith("pkg://"):
+    source = data.get("from")
+    if not isinstance(source, str):
+        pass  # the schema's error says what "from" must be
+    elif source.startswith("pkg://"):
         if package_file(source) is None:
             add("/from", f"{source}: no such file in an installed package")
     elif source.startswith("model://"):
@@ -164,10 +166,10 @@ def _semantic_problems(spec: ModelSpec, lines: dict[str, int]) -> list[SpecProbl
     elif not spec.resolve_file(source).exists():
         add("/from", f"{source}: no such file or folder (relative to {spec.base_dir})")
     for key in ("template_file", "license_file", "projector"):
-        if key in data and not spec.resolve_file(data[key]).is_file():
+        if isinstance(data.get(key), str) and not spec.resolve_file(data[key]).is_file():
             add(f"/{key}", f"{data[key]}: no such file")
     template = _template_text(spec)
-    if template is not None:
+    if isinstance(template, str):
         error = template_error(template)
         if error:
             pointer = "/template" if "template" in data else "/template_file"
@@ -194,7 +196,7 @@ def template_error(template: str) -> str | None:
 def _template_text(spec: ModelSpec) -> str | None:
     if "template" in spec.data:
         return spec.data["template"]
-    if "template_file" in spec.data:
+    if isinstance(spec.data.get("template_file"), str):
         path = spec.resolve_file(spec.data["template_file"])
         return path.read_text() if path.is_file() else None
     return None

@@ -23,17 +23,24 @@ from pathlib import Path
 
 from modelstore.blobs import BlobStore, BlobWrite, ProgressCallback, StoredHow, sha256_digest
 from modelstore.draft import ModelConfig, ModelDraft, draft_manifest
-from modelstore.errors import CorruptStoreError, ModelNotFoundError
+from modelstore.errors import CorruptStoreError, ModelNotFoundError, StoreHomeError
 from modelstore.locks import locked, locked_async
 from modelstore.manifest import Manifest
 from modelstore.reference import ModelReference, parse_reference
 
 HOME_ENV = "MLXSERVE_HOME"
+MIN_FREE_BYTES = 64 << 20
+"""Below this much free space the store's disk counts as full: no write is started."""
+_MOVE_IT = f"or set {HOME_ENV} to another folder"
 GC_LOCK = "gc.lock"
 
 
 def default_root() -> Path:
     return Path(os.environ.get(HOME_ENV) or Path.home() / ".mlxserve")
+
+
+def _read_only(path: Path) -> bool:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,55 @@ class ModelStore:
         self.blobs = BlobStore(self.root)
         self.manifests_dir = self.root / "manifests"
         self.runtime_dir = self.root / "runtime"
+
+    def check(self, *, write: bool) -> None:
+        """Raise ``StoreHomeError`` (one line: the path, what is wrong, what to do) unless the
+        store can be read, and with ``write`` also written, so a bad home is never a traceback
+        halfway through a command nor a store that quietly looks empty."""
+        root = self.root
+        try:
+            is_folder = root.is_dir()
+            exists = is_folder or root.exists()
+        except PermissionError:
+            raise StoreHomeError(
+                f"the store {root} cannot be reached (permission denied on a parent folder): "
+                f"give this user access {_MOVE_IT}"
+            ) from None
+        except OSError as exc:
+            raise StoreHomeError(
+                f"the store {root} is unusable ({exc.strerror}): {_MOVE_IT}"
+            ) from None
+        if exists and not is_folder:
+            raise StoreHomeError(
+                f"the store {root} is a file, not a folder: move it away {_MOVE_IT}"
+            )
+        if not exists:
+            if not write:
+                return  # nothing stored yet: truly empty
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreHomeError(
+                    f"the store {root} cannot be created ({exc.strerror}): create it {_MOVE_IT}"
+                ) from None
+        if not os.access(root, os.R_OK | os.X_OK):
+            raise StoreHomeError(
+                f"the store {root} cannot be read (permission denied): give this user access "
+                f"(chown/chmod) {_MOVE_IT}"
+            )
+        if not write:
+            return
+        if not os.access(root, os.W_OK):
+            why = "read-only file system" if _read_only(root) else "permission denied"
+            raise StoreHomeError(
+                f"the store {root} cannot be written ({why}): make it writable {_MOVE_IT}"
+            )
+        free = shutil.disk_usage(root).free
+        if free < MIN_FREE_BYTES:
+            raise StoreHomeError(
+                f"the store {root} is on a full disk ({free >> 20} MiB free): free some space "
+                f"(mlxctl rm, then mlxctl gc) {_MOVE_IT}"
+            )
 
     # -- locks -------------------------------------------------------------------------------
 
@@ -177,6 +233,7 @@ class ModelStore:
         name: str | ModelReference,
         *,
         allow_link: bool = True,
+        allow_clone: bool = True,
         progress: ProgressCallback | None = None,
     ) -> CommitResult:
         """Store every layer of ``draft``, then its config, then the manifest (last)."""
@@ -189,6 +246,7 @@ class ModelStore:
                     written = self.blobs.import_file(
                         layer.path,
                         allow_link=allow_link,
+                        allow_clone=allow_clone,
                         progress=progress,
                         expected_digest=layer.digest,
                     )

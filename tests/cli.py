@@ -7,7 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mlxctl.names import OLLAMA_LIBRARY_ENV
+
 MLXCTL = str(Path(sys.executable).with_name("mlxctl"))
+NO_LIBRARY = "127.0.0.1:9"
+"""Where bare names are pulled from in tests (nothing listens there): a test never reaches
+Ollama's real library; the tests of name resolution point it at a local registry."""
 
 
 def mlxctl(
@@ -17,8 +22,15 @@ def mlxctl(
     env: dict[str, str] | None = None,
     stdin: str | None = None,
     timeout: float = 300,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "MLXSERVE_HOME": str(home), "COLUMNS": "200", **(env or {})}
+    full_env = {
+        **os.environ,
+        "MLXSERVE_HOME": str(home),
+        "COLUMNS": "200",
+        OLLAMA_LIBRARY_ENV: NO_LIBRARY,
+        **(env or {}),
+    }
     result = subprocess.run(
         [MLXCTL, *args],
         env=full_env,
@@ -27,6 +39,7 @@ def mlxctl(
         check=False,
         input=stdin,
         timeout=timeout,
+        cwd=cwd,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"mlxctl {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")

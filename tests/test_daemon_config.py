@@ -1,4 +1,4 @@
-"""Settings precedence: config/config.json < user file < environment < flags."""
+"""Settings precedence: the declared defaults < user file < environment < flags."""
 
 from __future__ import annotations
 

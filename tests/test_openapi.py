@@ -1,4 +1,4 @@
-"""``schemas/openapi.yaml`` stays true: a valid OpenAPI 3.1 document, every route the daemon
+"""``mlxserve/server/openapi.yaml`` stays true: a valid OpenAPI 3.1 document, every route the daemon
 serves is in it and every path in it is served, every error code is listed, and real answers
 of the running daemon validate against the schemas it gives."""
 
@@ -55,7 +55,7 @@ def test_document_is_valid_openapi(document):
 
 def test_every_route_is_documented_and_every_path_is_served(document, tmp_path):
     served, documented = served_operations(tmp_path), documented_operations(document)
-    assert served - documented == set(), "routes missing from schemas/openapi.yaml"
+    assert served - documented == set(), "routes missing from mlxserve/server/openapi.yaml"
     assert documented - served == set(), "documented routes the daemon does not serve"
 
 

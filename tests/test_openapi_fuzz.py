@@ -1,4 +1,4 @@
-"""schemathesis over ``schemas/openapi.yaml`` against a real daemon: no 5xx, no answer the
+"""schemathesis over ``mlxserve/server/openapi.yaml`` against a real daemon: no 5xx, no answer the
 document does not describe (status, content type, headers, body), and no schema-valid request
 refused with a 400 unless only the store's state can say so.
 

@@ -16,7 +16,7 @@ from mlxserve.server.validate import UNLIMITED_TOKENS
 from modelstore.model import RUNNER_PARAMETERS
 from modelstore.parameters import CLI_PARAMETERS, SPEC_PARAMETERS, Sampling, api_names
 
-SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "modelspec.schema.json"
+SCHEMA = Path(__file__).resolve().parents[1] / "modelstore" / "data" / "modelspec.schema.json"
 
 
 def test_the_modelspec_schema_lists_exactly_the_spec_parameters():

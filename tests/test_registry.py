@@ -313,7 +313,8 @@ def test_unknown_model_and_missing_host_are_clear_errors(registry, tmp_path):
     )
     assert missing.returncode == 1 and "Error [model_not_found]" in missing.stderr
     no_host = mlxctl("pull", "team/nothing:1", home=tmp_path, check=False)
-    assert no_host.returncode == 1 and "Error [invalid_reference]" in no_host.stderr
+    assert no_host.returncode == 1 and "Error [model_not_found]" in no_host.stderr
+    assert "mlxctl pull ollama://" in no_host.stderr, "a name without a host is Ollama's"
     no_tls = mlxctl("pull", f"{registry.host}/team/nothing:1", home=tmp_path, check=False)
     assert no_tls.returncode == 1 and "--insecure" in no_tls.stderr
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import plistlib
+import re
 import shlex
 import shutil
 import subprocess
@@ -111,3 +112,42 @@ def test_install_without_a_user_manager_says_so_in_one_line(tmp_path: Path):
     if result.returncode == 0:
         pytest.skip("this machine has a systemd user manager: install really started")
     assert "Error [service_error]" in result.stderr and "Traceback" not in result.stderr
+
+
+def systemd_unquote(text: str) -> list[str]:
+    """systemd's reading of a command line (``systemd.service(5)``), for the words we write:
+    double-quoted, ``\\\\`` and ``\\"`` escaped, ``%%`` and ``$$`` for literal ``%`` and ``$``."""
+    words = []
+    for quoted in re.findall(r'"((?:[^"\\]|\\.)*)"', text):
+        word = re.sub(r"\\(.)", r"\1", quoted).replace("%%", "%").replace("$$", "$")
+        words.append(word)
+    return words
+
+
+def test_unit_files_escape_paths_and_status_checks_the_units_port(tmp_path: Path):
+    home = tmp_path / "a store" / '100% $HOME "quoted"'
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "config"), "MLXSERVE_PORT": "1"}
+    mlxctl(
+        "service",
+        "install",
+        "--kind",
+        "systemd",
+        "--no-start",
+        "--port",
+        "11777",
+        home=home,
+        env=env,
+    )
+    unit = tmp_path / "config" / "systemd" / "user" / "mlxserve.service"
+    lines = dict(line.split("=", 1) for line in unit.read_text().splitlines() if "=" in line)
+    assert systemd_unquote(lines["Environment"]) == [f"MLXSERVE_HOME={home}"]
+    assert systemd_unquote(lines["ExecStart"])[1:] == ["--port", "11777"]
+    if shutil.which("systemd-analyze"):
+        verified = subprocess.run(
+            ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, check=False
+        )
+        assert verified.returncode == 0, verified.stderr
+    status = json.loads(
+        mlxctl("service", "status", "--kind", "systemd", "--json", home=home, env=env).stdout
+    )
+    assert status["daemon"] == "127.0.0.1:11777", "status asks the port the unit starts on"

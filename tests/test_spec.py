@@ -31,7 +31,8 @@ def write(path: Path, text: str) -> Path:
 
 
 def test_schema_is_committed_where_the_issue_says():
-    assert Path(__file__).resolve().parents[1] / "schemas/modelspec.schema.json" == SCHEMA_PATH
+    root = Path(__file__).resolve().parents[1]
+    assert root / "modelstore/data/modelspec.schema.json" == SCHEMA_PATH
     assert json.loads(SCHEMA_PATH.read_text())["type"] == "object"
 
 

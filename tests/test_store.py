@@ -71,7 +71,7 @@ def test_bad_name_is_refused_before_anything_is_written(store, mini_hf_folder):
 
 
 def test_hard_link_is_used_on_the_same_file_system(store, mini_hf_folder):
-    result = import_path(store, mini_hf_folder, "mini:1")
+    result = import_path(store, mini_hf_folder, "mini:1", allow_link=True)
     assert result.files["model.safetensors"] is StoredHow.HARDLINK
     weights = result.models[0].manifest.layers_of(mediatypes.WEIGHTS_SAFETENSORS)[0]
     assert store.blobs.path(weights.digest).stat().st_ino == (
@@ -80,7 +80,7 @@ def test_hard_link_is_used_on_the_same_file_system(store, mini_hf_folder):
 
 
 def test_copy_mode_copies(store, mini_hf_folder):
-    result = import_path(store, mini_hf_folder, "mini:1", allow_link=False)
+    result = import_path(store, mini_hf_folder, "mini:1", allow_link=False, allow_clone=False)
     assert result.files["model.safetensors"] is StoredHow.COPY
 
 

@@ -131,7 +131,9 @@ def generation_budget(
     no room is refused, never truncated."""
     if prompt_tokens >= context:
         raise ContextOverflowError(
-            f"{what} has {prompt_tokens} tokens; the context holds {context}",
+            f"{what} has {prompt_tokens} tokens; the context holds {context}: shorten it or "
+            f"raise the context (options.num_ctx, `/set parameter num_ctx N` in mlxctl run, "
+            f"or context_length in a ModelSpec)",
             prompt_tokens=prompt_tokens,
             context_length=context,
         )

@@ -16,7 +16,7 @@ from mlxserve.server.residency import ModelManager
 from mlxserve.server.state import MANAGER, METRICS, SETTINGS, STORE
 from modelstore.store import ModelStore
 
-OPENAPI_PATH = Path(__file__).resolve().parents[2] / "schemas" / "openapi.yaml"
+OPENAPI_PATH = Path(__file__).resolve().parent / "openapi.yaml"
 
 
 RUNNING_TEXT = "mlxserve is running"

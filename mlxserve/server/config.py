@@ -1,7 +1,11 @@
-"""Daemon settings: ``config/config.json`` < user config file < environment < flags.
+"""Daemon settings, declared once: defaults < user config file < environment < flags.
 
-The defaults file is committed and documented; a user file (``$MLXSERVE_HOME/config.json`` or
-``$MLXSERVE_CONFIG``) overrides it, then ``MLXSERVE_*`` environment variables, then flags.
+Each field of ``Settings`` carries its environment variable, its help line and whether
+``mlxserve``/``mlxctl serve`` take it as a flag (``metadata``); the config-file keys (the field
+names), the environment table, the command-line options, ``mlxctl serve --help`` and the
+reference in docs/SETTINGS.md are all derived from it, as ``modelstore/parameters.py`` does for
+sampling. A user file (``$MLXSERVE_HOME/config.json`` or ``$MLXSERVE_CONFIG``) overrides the
+defaults, then ``MLXSERVE_*`` environment variables, then flags.
 """
 
 from __future__ import annotations
@@ -18,27 +22,11 @@ from urllib.parse import urlsplit
 from modelstore.errors import MlxserveError
 from modelstore.store import HOME_ENV, default_root
 
-DEFAULTS_PATH = Path(__file__).resolve().parents[2] / "config" / "config.json"
 DEFAULT_PORT = 11500
-"""Not Ollama's 11434, so both can run side by side."""
+"""Not Ollama's 11434, so both can run side by side (docs/TROUBLESHOOTING.md)."""
+CONFIG_ENV = "MLXSERVE_CONFIG"
+"""Where the user config file is, when not ``$MLXSERVE_HOME/config.json``."""
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
-ENVIRONMENT = {
-    "host": "MLXSERVE_HOST",
-    "port": "MLXSERVE_PORT",
-    "api_key": "MLXSERVE_API_KEY",
-    "keep_alive": "MLXSERVE_KEEP_ALIVE",
-    "max_loaded_models": "MLXSERVE_MAX_LOADED_MODELS",
-    "num_parallel": "MLXSERVE_NUM_PARALLEL",
-    "max_queue": "MLXSERVE_MAX_QUEUE",
-    "max_body_bytes": "MLXSERVE_MAX_BODY_BYTES",
-    "allowed_origins": "MLXSERVE_ORIGINS",
-    "allowed_hosts": "MLXSERVE_ALLOWED_HOSTS",
-    "log_level": "MLXSERVE_LOG_LEVEL",
-    "sse_keepalive_s": "MLXSERVE_SSE_KEEPALIVE_S",
-    "prompt_cache_bytes": "MLXSERVE_PROMPT_CACHE_BYTES",
-    "group_step_timeout_s": "MLXSERVE_GROUP_STEP_TIMEOUT_S",
-    "webui": "MLXSERVE_WEBUI",
-}
 
 
 class ConfigError(MlxserveError):
@@ -78,33 +66,127 @@ def parse_duration(value: Any) -> float:
     return _bounded(total)
 
 
+def _about(*, env: str, help: str, shown: str | None = None, flag: bool = True) -> dict[str, Any]:
+    """A setting's metadata: its ``MLXSERVE_*`` variable, its one-line help, the default as a
+    person writes it (``shown``, e.g. ``5m``) and whether the daemon takes it as a flag."""
+    return {"env": env, "help": help, "shown": shown, "flag": flag}
+
+
 @dataclass
 class Settings:
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    home: Path = field(default_factory=default_root)
-    api_key: str | None = None
-    keep_alive: float = 300.0
-    max_loaded_models: int = 2
-    num_parallel: int | None = None
-    """Parallel slots per model; default: what the runner can serve (MLX batches 4)."""
-    max_queue: int = 16
-    """Requests that may wait per model beyond its slots; one more gets 429."""
-    max_body_bytes: int = 32 << 20
-    allowed_origins: list[str] = field(default_factory=list)
-    allowed_hosts: list[str] = field(default_factory=list)
-    log_level: str = "info"
-    prompt_cache_bytes: int = 1 << 30
-    """Per model: KV caches kept for follow-up prompts (mlx-lm's LRU); the bound that keeps
-    batching from growing memory without limit, with ``num_parallel`` x context for slots."""
-    sse_keepalive_s: float = 5.0
-    """How often an SSE stream sends a comment line while the prompt is still being read."""
-    group_step_timeout_s: float = 30.0
-    """With ``--distributed``: a batch step (a long prefill included) that takes longer means a
-    rank hangs; its model is then marked unavailable (docs/DISTRIBUTED.md)."""
-    webui: bool = True
-    """``GET /`` from a browser serves the chat and dashboard page (``mlxserve/server/webui``);
-    off (``--no-webui``), every client gets the heartbeat text."""
+    host: str = field(
+        default="127.0.0.1",
+        metadata=_about(
+            env="MLXSERVE_HOST",
+            help="Address to bind; takes host:port or a URL, as OLLAMA_HOST does.",
+        ),
+    )
+    port: int = field(
+        default=DEFAULT_PORT, metadata=_about(env="MLXSERVE_PORT", help="Port to listen on.")
+    )
+    home: Path = field(
+        default_factory=default_root,
+        metadata=_about(
+            env=HOME_ENV,
+            help="The model store (and the user config file, config.json).",
+            shown="~/.mlxserve",
+        ),
+    )
+    api_key: str | None = field(
+        default=None,
+        metadata=_about(
+            env="MLXSERVE_API_KEY",
+            help="Bearer key every request must send; required for a non-loopback bind.",
+        ),
+    )
+    keep_alive: float = field(
+        default=300.0,
+        metadata=_about(
+            env="MLXSERVE_KEEP_ALIVE",
+            help="How long an idle model stays loaded (30s, 5m, 1h; negative: forever).",
+            shown="5m",
+        ),
+    )
+    max_loaded_models: int = field(
+        default=2,
+        metadata=_about(env="MLXSERVE_MAX_LOADED_MODELS", help="Models held in memory at once."),
+    )
+    num_parallel: int | None = field(
+        default=None,
+        metadata=_about(
+            env="MLXSERVE_NUM_PARALLEL",
+            help="Parallel slots per model.",
+            shown="what the runner can serve (MLX batches 4)",
+        ),
+    )
+    max_queue: int = field(
+        default=16,
+        metadata=_about(
+            env="MLXSERVE_MAX_QUEUE",
+            help="Requests that may wait per model beyond its slots; one more gets 429.",
+        ),
+    )
+    max_body_bytes: int = field(
+        default=32 << 20,
+        metadata=_about(
+            env="MLXSERVE_MAX_BODY_BYTES", help="Largest request body accepted (413 above)."
+        ),
+    )
+    allowed_origins: list[str] = field(
+        default_factory=list,
+        metadata=_about(
+            env="MLXSERVE_ORIGINS",
+            help="Browser origins allowed besides the local ones (comma-separated, * wildcards).",
+            shown="none",
+        ),
+    )
+    allowed_hosts: list[str] = field(
+        default_factory=list,
+        metadata=_about(
+            env="MLXSERVE_ALLOWED_HOSTS",
+            help="Host header names allowed besides local ones (comma-separated).",
+            shown="none",
+        ),
+    )
+    log_level: str = field(
+        default="info",
+        metadata=_about(env="MLXSERVE_LOG_LEVEL", help="debug, info, warning or error."),
+    )
+    prompt_cache_bytes: int = field(
+        default=1 << 30,
+        metadata=_about(
+            env="MLXSERVE_PROMPT_CACHE_BYTES",
+            help="Per model: bytes of KV cache kept for follow-up prompts.",
+        ),
+    )
+    """mlx-lm's LRU: the bound that keeps batching from growing memory without limit, with
+    ``num_parallel`` x context for slots."""
+    sse_keepalive_s: float = field(
+        default=5.0,
+        metadata=_about(
+            env="MLXSERVE_SSE_KEEPALIVE_S",
+            help="Seconds between SSE comment lines while a prompt is still being read.",
+        ),
+    )
+    group_step_timeout_s: float = field(
+        default=30.0,
+        metadata=_about(
+            env="MLXSERVE_GROUP_STEP_TIMEOUT_S",
+            help="With --distributed: a batch step slower than this means a rank hangs.",
+        ),
+    )
+    """Its model is then marked unavailable (docs/DISTRIBUTED.md); it must exceed the longest
+    prefill."""
+    webui: bool = field(
+        default=True,
+        metadata=_about(
+            env="MLXSERVE_WEBUI",
+            help="Serve the chat and dashboard page at / to browsers (off: the heartbeat text).",
+            shown="on",
+        ),
+    )
+    """``GET /`` from a browser serves the page (``mlxserve/server/webui``); off
+    (``--no-webui``), every client gets the heartbeat text."""
 
     @property
     def is_loopback(self) -> bool:
@@ -125,31 +207,81 @@ class Settings:
             raise ConfigError("max_loaded_models must be >= 1 and max_queue >= 0")
 
 
+SETTINGS = {spec.name: spec for spec in fields(Settings)}
+ENVIRONMENT = {name: spec.metadata["env"] for name, spec in SETTINGS.items()}
+"""``{setting: MLXSERVE_* variable}``, derived from the declaration."""
+_LISTS = frozenset({"allowed_origins", "allowed_hosts"})
+_DURATIONS = frozenset({"keep_alive"})
+
+
+def setting_kind(name: str) -> type:
+    """What a setting is written as on a command line (a duration stays text until parsed)."""
+    if name in _DURATIONS:
+        return str
+    annotation = str(SETTINGS[name].type)
+    for kind in (bool, int, float, Path):
+        if annotation.startswith(kind.__name__):
+            return kind
+    return list if name in _LISTS else str
+
+
 def _coerce(name: str, value: Any) -> Any:
-    kinds = {f.name: f.type for f in fields(Settings)}
-    kind = kinds[name]
     try:
-        if name == "keep_alive":
+        if name in _DURATIONS:
             return parse_duration(value)
-        if name == "home":
-            return Path(value).expanduser()
         if value is None:
             return None
-        if name in {"allowed_origins", "allowed_hosts"}:
+        if name in _LISTS:
             return (
                 [v.strip() for v in value.split(",") if v.strip()]
                 if isinstance(value, str)
                 else list(value)
             )
-        if kind == "bool":
+        kind = setting_kind(name)
+        if kind is bool:
             return value if isinstance(value, bool) else _boolean(value)
-        if "int" in str(kind):
-            return int(value)
-        if "float" in str(kind):
-            return float(value)
+        if kind is Path:
+            return Path(value).expanduser()
+        if kind in (int, float):
+            return kind(value)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid value for {name}: {value!r}") from exc
     return value
+
+
+def shown_default(name: str) -> str:
+    """The default as ``--help`` and docs/SETTINGS.md write it."""
+    spec = SETTINGS[name]
+    if spec.metadata["shown"] is not None:
+        return str(spec.metadata["shown"])
+    return "none" if spec.default is None else str(spec.default)
+
+
+def flag_name(name: str) -> str:
+    """``--max-queue``; a switch is ``--webui/--no-webui``."""
+    flag = "--" + name.replace("_", "-")
+    return f"{flag}/--no-{flag[2:]}" if setting_kind(name) is bool else flag
+
+
+def setting_help(name: str) -> str:
+    """One setting's ``--help`` line: what it does, its variable and its default."""
+    spec = SETTINGS[name]
+    return f"{spec.metadata['help']} [env {spec.metadata['env']}; default: {shown_default(name)}]"
+
+
+def settings_reference() -> str:
+    """The Markdown table of docs/SETTINGS.md (tests/test_settings_doc.py keeps them equal)."""
+    lines = [
+        "| config key | environment | flag | default | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for name, spec in SETTINGS.items():
+        flag = f"`{flag_name(name)}`" if spec.metadata["flag"] else ""
+        lines.append(
+            f"| `{name}` | `{spec.metadata['env']}` | {flag} | {shown_default(name)} "
+            f"| {spec.metadata['help']} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -185,9 +317,8 @@ def split_host(value: str) -> tuple[str, int | None]:
 
 
 def _apply(settings: Settings, values: dict[str, Any], source: str) -> None:
-    known = {f.name for f in fields(Settings)}
     for key, value in values.items():
-        if key not in known:
+        if key not in SETTINGS:
             raise ConfigError(f"{source}: unknown setting {key!r}")
         if key == "host" and isinstance(value, str):
             value, port = split_host(value)
@@ -197,12 +328,11 @@ def _apply(settings: Settings, values: dict[str, Any], source: str) -> None:
 
 
 def load_settings(flags: dict[str, Any] | None = None) -> Settings:
+    flags = {key: value for key, value in (flags or {}).items() if value is not None}
     settings = Settings()
-    if DEFAULTS_PATH.is_file():
-        _apply(settings, json.loads(DEFAULTS_PATH.read_text()), str(DEFAULTS_PATH))
-    home = Path(os.environ.get(HOME_ENV) or settings.home).expanduser()
+    home = Path(flags.get("home") or os.environ.get(HOME_ENV) or settings.home).expanduser()
     settings.home = home
-    user_file = Path(os.environ.get("MLXSERVE_CONFIG") or home / "config.json")
+    user_file = Path(os.environ.get(CONFIG_ENV) or home / "config.json")
     if user_file.is_file():
         try:
             _apply(settings, json.loads(user_file.read_text()), str(user_file))
@@ -213,5 +343,5 @@ def load_settings(flags: dict[str, Any] | None = None) -> Settings:
         {k: os.environ[v] for k, v in ENVIRONMENT.items() if os.environ.get(v) is not None},
         "environment",
     )
-    _apply(settings, {k: v for k, v in (flags or {}).items() if v is not None}, "flags")
+    _apply(settings, flags, "flags")
     return settings

@@ -13,28 +13,49 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from mlxserve.distributed.group import BACKENDS, DEFAULT_RING_PORT
-from mlxserve.server.config import ConfigError, load_settings
+from mlxserve.server.config import (
+    SETTINGS,
+    ConfigError,
+    flag_name,
+    load_settings,
+    setting_help,
+    setting_kind,
+)
 from modelstore.errors import MlxserveError
+from modelstore.store import ModelStore
 
 if TYPE_CHECKING:
     from mlxserve.distributed.serve import DistributedOptions
 
 
+def setting_options() -> list[Any]:
+    """One option per daemon setting, derived from its declaration (``config.Settings``): the
+    help line names its environment variable and its default."""
+    options = []
+    for name, spec in SETTINGS.items():
+        if not spec.metadata["flag"]:
+            continue
+        kind = setting_kind(name)
+        if kind is bool:  # a switch: --webui/--no-webui, unset (None) unless given
+            options.append(
+                click.option(flag_name(name), name, default=None, help=setting_help(name))
+            )
+            continue
+        options.append(
+            click.option(
+                flag_name(name),
+                name,
+                type=kind if kind in (int, float) else str,
+                help=setting_help(name),
+            )
+        )
+    return options
+
+
 def serve_options(function):  # type: ignore[no-untyped-def]
     for option in reversed(
         [
-            click.option("--host", help="Address to bind (default 127.0.0.1)."),
-            click.option("--port", type=int, help="Port (default 11500)."),
-            click.option("--api-key", help="Required for any non-loopback bind."),
-            click.option("--keep-alive", help="How long idle models stay loaded (e.g. 5m)."),
-            click.option("--max-loaded-models", type=int),
-            click.option("--num-parallel", type=int, help="Parallel slots per model."),
-            click.option("--max-queue", type=int, help="Waiting requests per model before 429."),
-            click.option(
-                "--webui/--no-webui",
-                default=None,
-                help="Serve the chat and dashboard page at / to browsers (default: on).",
-            ),
+            *setting_options(),
             click.option(
                 "--distributed",
                 "hostfile",
@@ -111,6 +132,7 @@ def run_daemon(**flags: Any) -> None:
     distributed = distributed_options(flags)
     settings = load_settings(flags)
     settings.check()
+    ModelStore(settings.home).check(write=True)
     logging.basicConfig(
         level=getattr(logging, settings.log_level.upper(), logging.INFO),
         format="%(message)s",
