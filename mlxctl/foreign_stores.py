@@ -10,6 +10,7 @@ from typing import Any
 
 from rich.table import Table
 
+from mlxctl.import_report import report_import
 from mlxctl.output import byte_progress, console, human_size, print_json
 from modelstore import lmstudio, ollama
 from modelstore.importer import ImportResult
@@ -41,8 +42,6 @@ def import_from_ollama(
     as_json: bool,
     allow_link: bool,
 ) -> None:
-    from mlxctl.store_commands import report_import
-
     root = ollama.ollama_root()
     chosen = [ollama.find_model(wanted, root)] if wanted is not None else ollama.list_models(root)
     rows = [
@@ -74,8 +73,6 @@ def import_from_lmstudio(
     as_json: bool,
     allow_link: bool,
 ) -> None:
-    from mlxctl.store_commands import report_import
-
     root = lmstudio.lmstudio_root()
     chosen = lmstudio.find_models(wanted, root) if wanted else lmstudio.list_models(root)
     if name is not None and len(chosen) > 1:

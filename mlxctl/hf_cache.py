@@ -11,6 +11,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from mlxctl.import_report import report_import
 from mlxctl.output import byte_progress, console, human_size, print_json
 from modelstore.errors import ModelNotFoundError
 from modelstore.hfhub import CachedModel, HubModel, cached_models
@@ -47,8 +48,6 @@ def import_cached(store: ModelStore, model: CachedModel, name: str | None) -> Im
 def import_from_hf_cache(
     store: ModelStore, repo: str | None, name: str | None, *, import_all: bool, as_json: bool
 ) -> None:
-    from mlxctl.store_commands import report_import
-
     cached = cached_models()
     if repo is not None:
         chosen = find_cached(HubModel.parse(repo), cached)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from rich.table import Table
 
+from mlxctl.import_report import report_import, short_digest
 from mlxctl.output import byte_progress, console, human_age, human_size, print_json
 from modelstore import mediatypes
 from modelstore.draft import GENERATED_LAYERS, ModelConfig
@@ -20,21 +21,10 @@ from modelstore.store import ModelStore, StoredModel
 from modelstore.templates import template_warning
 
 if TYPE_CHECKING:
-    from modelstore.importer import ImportResult
+    pass
 
 EXIT_VERIFY_FAILED = 1
-IMPORT_VERBS = {
-    "hardlink": "hard-linked",
-    "clone": "cloned (copy-on-write)",
-    "copy": "copied",
-    "existing": "already stored",
-}
-"""How ``import`` says each file got in (``StoredHow``), in the order it lists them."""
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-
-
-def short_digest(digest: str) -> str:
-    return digest.removeprefix("sha256:")[:12]
 
 
 @click.command("import")
@@ -134,33 +124,6 @@ def import_command(
             progress=progress,
         )
     report_import(result, as_json)
-
-
-def report_import(result: ImportResult, as_json: bool) -> None:
-    models, hows = result.models, {k: str(v) for k, v in result.files.items()}
-    if as_json:
-        print_json(
-            [
-                {
-                    "name": m.name,
-                    "digest": m.manifest_digest,
-                    "size": m.size,
-                    "files": hows,
-                    "warnings": result.warnings,
-                }
-                for m in models
-            ]
-        )
-        return
-    for warning in result.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
-    counts = {how: list(hows.values()).count(how) for how in IMPORT_VERBS}
-    note = "".join(f", {n} file(s) {IMPORT_VERBS[how]}" for how, n in counts.items() if n)
-    for model in models:
-        console.print(
-            f"imported [bold]{model.name}[/] ({human_size(model.size)}, "
-            f"{short_digest(model.manifest_digest)}{note})"
-        )
 
 
 def _summary(
