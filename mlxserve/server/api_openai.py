@@ -93,7 +93,7 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
     chat.format = validate.response_format(body.get("response_format"), "response_format")
     chat.think = validate.reasoning_effort(body.get("reasoning_effort"), "reasoning_effort")
     if validate.optional(body, "logprobs", bool, False):
-        chat.logprobs = validate.optional(body, "top_logprobs", int, 0)
+        chat.logprobs = validate.top_logprobs(body)
     return chat
 
 
