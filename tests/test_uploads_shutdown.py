@@ -117,3 +117,73 @@ async def test_twelve_slow_uploads_leave_every_other_route_answering(daemon):
             async with other.head(f"{daemon.url}/api/blobs/{digest_of(blob)}") as response:
                 assert response.status == 200
     assert max(waits) < OTHER_ROUTE_WITHIN_S, waits
+
+
+IN_FLIGHT = 10
+"""Uploads and generations each, in flight when SIGTERM arrives."""
+EXIT_WITHIN_S = 5.0
+LONG_GENERATION = 100_000
+
+
+START_WITHIN_S = 60.0
+"""Both models load and every generation streams its first line (this machine is shared)."""
+
+
+async def read_forever(
+    session: aiohttp.ClientSession, url: str, body: dict, streaming: asyncio.Semaphore
+) -> None:
+    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+        async with session.post(url, json=body) as response:
+            await response.content.readline()
+            streaming.release()
+            async for _ in response.content:
+                pass
+
+
+async def test_sigterm_during_uploads_and_generations_exits_in_time_with_the_store_intact(
+    tiny_models, tmp_path
+):
+    from modelstore.store import ModelStore
+    from tests.conftest import populated_store
+
+    store = populated_store(tmp_path / "home", tiny_models)
+    # Every generation gets a slot (half per model), so each is streaming, not queued.
+    daemon = Daemon(store.root, ["--num-parallel", str(IN_FLIGHT // 2)]).start()
+    try:
+        hi = [{"role": "user", "content": "Tell me a very long story."}]
+        streaming = asyncio.Semaphore(0)
+        async with aiohttp.ClientSession() as session:
+            work = [
+                asyncio.ensure_future(read_forever(session, f"{daemon.url}/api/chat", {
+                    "model": "tiny:gguf" if i % 2 else "tiny:mlx", "messages": hi,
+                    "options": {"num_predict": LONG_GENERATION}}, streaming))
+                for i in range(IN_FLIGHT)
+            ] + [
+                asyncio.ensure_future(session.post(
+                    f"{daemon.url}/api/blobs/{digest_of(blob)}", data=trickle(blob)))
+                for blob in (os.urandom(64 * SLOW_PIECE_BYTES) for _ in range(IN_FLIGHT))
+            ]  # fmt: skip
+            async with asyncio.timeout(START_WITHIN_S):
+                for _ in range(IN_FLIGHT):
+                    await streaming.acquire()
+            assert not any(w.done() for w in work), "the work ended before SIGTERM"
+            assert daemon.process is not None
+            daemon.process.terminate()
+            started = time.monotonic()
+            while daemon.process.poll() is None and time.monotonic() - started < 2 * EXIT_WITHIN_S:
+                await asyncio.sleep(0.05)
+            elapsed = time.monotonic() - started
+            for pending in work:
+                pending.cancel()
+            await asyncio.gather(*work, return_exceptions=True)
+        assert daemon.process.poll() is not None, "the daemon ignored SIGTERM"
+        assert elapsed < EXIT_WITHIN_S, elapsed
+        reopened = ModelStore(store.root)
+        assert reopened.verify() == []
+        assert {str(m.name) for m in reopened.list()} >= {
+            str(reopened.resolve(n).name) for n in ("tiny:gguf", "tiny:mlx")
+        }
+        reopened.gc()
+        assert not list((store.root / "tmp").glob("*.partial"))
+    finally:
+        daemon.stop()
