@@ -26,6 +26,7 @@ from mlxserve.errors import (
     RunnerUnavailableError,
     UnsupportedFormatError,
 )
+from mlxserve.runners import quiet
 from mlxserve.runners.base import (
     EmbedRequest,
     EmbedResult,
@@ -47,14 +48,15 @@ ALL_LAYERS = 0x7FFFFFFF
 
 
 def import_llama_cpp() -> Any:
-    """llama-cpp-python, made safe for this CPU (``platform.make_llama_cpp_safe``)."""
+    """llama-cpp-python, made safe for this CPU (``platform.make_llama_cpp_safe``), with its
+    quiet-output redirect made re-entrant (``runners/quiet.py``)."""
     try:
         import llama_cpp
     except ImportError as exc:
         raise RunnerUnavailableError(
             "the llama.cpp runner is not installed: pip install 'mlxserve[llamacpp]'"
         ) from exc
-    return platform.make_llama_cpp_safe(llama_cpp)
+    return platform.make_llama_cpp_safe(quiet.install(llama_cpp))
 
 
 def load_lora(llama_cpp: Any, model: Any, adapter: Path | None) -> Any:
