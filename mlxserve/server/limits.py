@@ -22,6 +22,8 @@ MAX_STRING_CHARS = 16 << 20
 MAX_MESSAGES = 10_000
 """Messages (or Responses input items) of one conversation."""
 MAX_TOOLS = 512
+MAX_EMBED_INPUTS = 2048
+"""Texts one embedding request may hold, as OpenAI allows."""
 MAX_STOP_SEQUENCES = 64
 MAX_STOP_BYTES = 16 << 10
 """All stop strings of a request together, UTF-8."""
@@ -41,6 +43,7 @@ LIMITS: dict[str, tuple[int, str]] = {
     "string": (MAX_STRING_CHARS, "characters in one string"),
     "messages": (MAX_MESSAGES, "messages"),
     "tools": (MAX_TOOLS, "tools"),
+    "inputs": (MAX_EMBED_INPUTS, "embedding inputs"),
     "stop": (MAX_STOP_SEQUENCES, "stop sequences"),
     "stop_bytes": (MAX_STOP_BYTES, "bytes of stop sequences"),
     "int_digits": (MAX_INT_DIGITS, "digits in one integer"),
