@@ -26,6 +26,9 @@ a thread,
 but Python's C JSON parser holds the GIL for the whole parse, and 100,000 small objects
 (3.5 MB) take ~50 ms on an idle core and up to ~200 ms on this shared 2-core machine. No
 parser can yield mid-document; ``max_body_bytes`` bounds that stall."""
+LARGE_BODY_REFUSED_WITHIN_S = 2.0
+"""The 400 for such a body: sending 3.5 MB and parsing it take ~0.3 s idle, but up to ~1.5 s
+when the full suite and other sessions load this 2-core machine (load average 15)."""
 REFUSED_WITHIN_S = 1.0
 """The hostile request's own 400; its body is sent over loopback first."""
 
@@ -281,12 +284,9 @@ async def test_a_hostile_request_is_refused_fast_and_the_loop_keeps_answering(da
         payload = await response.json()
         assert response.status == 400, payload
         assert error_code(path, payload) == "request_limit", payload
-        assert elapsed < REFUSED_WITHIN_S, elapsed
-        bound = (
-            VERSION_WITHIN_S
-            if len(data) <= limits.PARSE_OFF_LOOP_BYTES
-            else LARGE_BODY_VERSION_WITHIN_S
-        )
+        large = len(data) > limits.PARSE_OFF_LOOP_BYTES
+        assert elapsed < (LARGE_BODY_REFUSED_WITHIN_S if large else REFUSED_WITHIN_S), elapsed
+        bound = LARGE_BODY_VERSION_WITHIN_S if large else VERSION_WITHIN_S
         assert max(waits, default=0) < bound, waits
 
 
