@@ -27,8 +27,10 @@ MAX_EMBED_INPUTS = 2048
 MAX_STOP_SEQUENCES = 64
 MAX_STOP_BYTES = 16 << 10
 """All stop strings of a request together, UTF-8."""
-MAX_INT_DIGITS = 32
-"""Digits of one JSON integer (Python's own limit, 4,300, is far past any sane value)."""
+MAX_INT_DIGITS = 4300
+"""Digits of one JSON integer: Python's own limit for turning text into an int, refused as a
+400 here instead of escaping as a ``ValueError`` 500. Free-form fields (tool call arguments)
+may hold big integers; each parameter's own range is checked where it is read."""
 MAX_DURATION_CHARS = 64
 """A ``keep_alive`` string such as ``1h30m``."""
 MAX_TOP_LOGPROBS = 20
