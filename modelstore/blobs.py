@@ -6,6 +6,7 @@ sha256 matched; a crash at any point leaves at most a file in ``tmp/`` that ``gc
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from modelstore.errors import BlobNotFoundError, DigestMismatchError
+from modelstore.errors import BlobNotFoundError, DigestMismatchError, DiskFullError
 from modelstore.reference import validate_digest
 
 CHUNK_SIZE = 4 << 20
@@ -117,6 +118,64 @@ class BlobWrite:
     how: StoredHow
 
 
+def _disk_full(error: OSError) -> OSError | DiskFullError:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError("the store's disk is full; the partial blob was removed")
+    return error
+
+
+class BlobWriter:
+    """One blob being written: ``write`` pieces, then ``finish``; closing it before
+    ``finish`` (or after a failure) removes the partial file. A full disk is a
+    ``DiskFullError`` (507)."""
+
+    def __init__(self, blobs: BlobStore, temp: Path) -> None:
+        self._blobs = blobs
+        self._temp = temp
+        self._handle = open(temp, "wb")  # noqa: SIM115 - closed by finish or close
+        self._hasher = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        try:
+            self._handle.write(chunk)
+        except OSError as error:
+            raise _disk_full(error) from None
+        self._hasher.update(chunk)
+        self.size += len(chunk)
+
+    def finish(self, expected_digest: str | None = None) -> BlobWrite:
+        try:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+        except OSError as error:
+            raise _disk_full(error) from None
+        digest = "sha256:" + self._hasher.hexdigest()
+        if expected_digest is not None and digest != expected_digest:
+            raise DigestMismatchError(
+                f"content hashes to {digest}, expected {expected_digest}",
+                expected=expected_digest,
+                actual=digest,
+            )
+        if self._blobs.exists(digest):
+            return BlobWrite(digest, self.size, StoredHow.EXISTING)
+        self._blobs._publish(self._temp, digest)
+        return BlobWrite(digest, self.size, StoredHow.WRITTEN)
+
+    def close(self) -> None:
+        """Drop whatever was not published (a no-op once ``finish`` moved it into place)."""
+        with contextlib.suppress(OSError):
+            self._handle.close()
+        self._temp.unlink(missing_ok=True)
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class BlobStore:
     """The ``blobs/`` half of the store; knows nothing about manifests or names."""
 
@@ -177,33 +236,17 @@ class BlobStore:
             for _ in chunks:
                 pass
             return BlobWrite(expected_digest, self.size(expected_digest), StoredHow.EXISTING)
-        temp = self._temp_path()
-        hasher = hashlib.sha256()
-        size = 0
-        try:
-            with open(temp, "wb") as handle:
-                for chunk in chunks:
-                    handle.write(chunk)
-                    hasher.update(chunk)
-                    size += len(chunk)
-                    if progress:
-                        progress(len(chunk))
-                handle.flush()
-                os.fsync(handle.fileno())
-            digest = "sha256:" + hasher.hexdigest()
-            if expected_digest is not None and digest != expected_digest:
-                raise DigestMismatchError(
-                    f"content hashes to {digest}, expected {expected_digest}",
-                    expected=expected_digest,
-                    actual=digest,
-                )
-            if self.exists(digest):
-                temp.unlink()
-                return BlobWrite(digest, size, StoredHow.EXISTING)
-            self._publish(temp, digest)
-            return BlobWrite(digest, size, StoredHow.WRITTEN)
-        finally:
-            temp.unlink(missing_ok=True)
+        with self.open_writer() as writer:
+            for chunk in chunks:
+                writer.write(chunk)
+                if progress:
+                    progress(len(chunk))
+            return writer.finish(expected_digest)
+
+    def open_writer(self) -> BlobWriter:
+        """A blob written piece by piece (an upload feeding it from the network); each call is
+        short disk work, so a caller never parks a thread waiting for the next piece."""
+        return BlobWriter(self, self._temp_path())
 
     def write_bytes(self, data: bytes) -> BlobWrite:
         return self.write_chunks([data])

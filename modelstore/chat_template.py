@@ -25,7 +25,7 @@ import re
 import string
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from typing import Any, NoReturn
@@ -53,7 +53,11 @@ MAX_FORMAT_WIDTH = 10_000
 MAX_JSON_INDENT = 16
 MAX_INT_BITS = 1 << 16
 """Largest integer arithmetic may build (repeated squaring doubles the bits each time)."""
-_CHECK_TIME_EVERY = 256
+MAX_ITEMS = 100_000
+"""Longest list, tuple or mapping a template may build (as Jinja's sandbox bounds ``range``),
+whatever the conversation's size: sorting or de-duplicating one costs at most milliseconds,
+where a list of the conversation's characters took minutes (issue 21). A chat has at most
+``mlxserve/server/limits.py``'s 10,000 messages."""
 _WIDTH_ARGUMENT_METHODS = frozenset({"center", "ljust", "rjust", "zfill"})
 _REFUSED_METHODS = frozenset({"translate", "maketrans"})
 """String methods whose output size a caller-built table decides: no chat template uses them."""
@@ -78,17 +82,19 @@ class RenderBudget:
     iterations: int = 0
     written: int = 0
     depth: int = 0
-    _ticks: int = field(default=0, repr=False)
 
     def tick(self) -> None:
-        self._ticks += 1
-        if self._ticks % _CHECK_TIME_EVERY == 0 and time.monotonic() > self.deadline:
+        """Every step checks the clock (~50 ns): the budget is one of time, not of steps, and
+        one step can be a sort of a large list."""
+        if time.monotonic() > self.deadline:
             raise SecurityError(f"rendering took longer than {RENDER_TIME_LIMIT_S:g} s")
 
     def size(self, value: Any, what: str = "a value") -> Any:
         """``value`` if its (shallow) length is within the budget."""
         if isinstance(value, str | bytes | list | tuple | dict) and len(value) > self.max_chars:
             raise SecurityError(f"{what} of {len(value)} items is over the template budget")
+        if isinstance(value, list | tuple | dict | set | frozenset) and len(value) > MAX_ITEMS:
+            raise SecurityError(f"{what} of {len(value)} items is over {MAX_ITEMS} items")
         return value
 
     def expanded(self, value: Any) -> int:
@@ -345,7 +351,7 @@ class TemplateEnvironment(ImmutableSandboxedEnvironment):
             sequences = all(isinstance(side, str | list | tuple) for side in (left, right))
             if sequences and len(left) + len(right) > budget.max_chars:
                 raise SecurityError("a concatenation over the template budget")
-            return left + right
+            return budget.size(left + right, "a concatenation")
         for sequence, count in ((left, right), (right, left)):
             if (
                 isinstance(sequence, str | bytes | list | tuple)
@@ -353,6 +359,9 @@ class TemplateEnvironment(ImmutableSandboxedEnvironment):
                 and len(sequence) * count > budget.max_chars
             ):
                 raise SecurityError("sequence repetition too large")
+            repeated_list = isinstance(sequence, list | tuple) and isinstance(count, int)
+            if repeated_list and len(sequence) * count > MAX_ITEMS:
+                raise SecurityError(f"a repeated list of over {MAX_ITEMS} items")
         integers = isinstance(left, int) and isinstance(right, int)
         if integers and left.bit_length() + right.bit_length() > MAX_INT_BITS:
             raise SecurityError("a product over the template budget")

@@ -125,3 +125,10 @@ class QuantizeError(MlxserveError):
 
     code = "quantize_error"
     http_status = 400
+
+
+class DiskFullError(MlxserveError):
+    """The store's disk filled while writing; the partial file was removed."""
+
+    code = "disk_full"
+    http_status = 507

@@ -23,6 +23,11 @@ SUPPORTED_VERSIONS = frozenset({2, 3})
 MAX_ITEMS = 4_000_000
 """Most metadata keys, array items (a vocabulary or merges list) or tensors a header may hold:
 the largest vocabularies have ~256k tokens and ~500k merges; gguf-py makes objects per item."""
+MAX_STRING_ITEMS = 1 << 20
+"""Strings in all metadata arrays together. gguf-py makes ~1.6 KB of Python and numpy objects
+per string, so this bounds what reading the metadata costs (a 16 MB file of 2M empty strings
+drove ``/api/create`` to 3.3 GB); the largest real vocabularies (~262k tokens, plus ~500k BPE
+merges) stay well within it."""
 MAX_STRING_BYTES = 64 << 20
 """Longest single string (a chat template is a few KiB)."""
 MAX_ARRAY_DEPTH = 4
@@ -41,6 +46,8 @@ class _Cursor:
         self.size = size
         self.endian = endian
         self.position = handle.tell()
+        self.strings = 0
+        """Strings in metadata arrays so far (``MAX_STRING_ITEMS``)."""
 
     def need(self, count: int, what: str) -> None:
         if count < 0 or count > self.size - self.position:
@@ -91,6 +98,13 @@ def _value(cursor: _Cursor, kind: int, depth: int = 0) -> None:
             cursor.skip(count * _SCALAR_SIZES[item_kind], "array items")
             return
         count = _count(cursor, "array items", 8 if item_kind == _STRING else 12)
+        if item_kind == _STRING:
+            cursor.strings += count
+            if cursor.strings > MAX_STRING_ITEMS:
+                raise _Bad(
+                    f"its metadata arrays hold over {MAX_STRING_ITEMS} strings (no model's "
+                    "vocabulary is that large)"
+                )
         for _ in range(count):
             _value(cursor, item_kind, depth + 1)
     else:

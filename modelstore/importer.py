@@ -62,6 +62,9 @@ def derived_name(path: Path) -> str:
 
 ZIP_MAX_BYTES = 256 << 30
 """A model zip claiming more than this unpacked is refused before anything is written."""
+ZIP_MAX_RATIO = 50
+"""Unpacked / packed bytes: weights barely compress (~1.1x), tokenizer and config text ~5x; a
+zip bomb claims thousands. Refused before anything is written."""
 
 
 @contextlib.contextmanager
@@ -96,8 +99,15 @@ def extract_zip(path: Path, target: Path) -> Path:
                 raise ImportSourceError(
                     f"{path}: unsafe member name {member.filename!r}", path=str(path)
                 )
-        if sum(member.file_size for member in members) > ZIP_MAX_BYTES:
+        unpacked = sum(member.file_size for member in members)
+        if unpacked > ZIP_MAX_BYTES:
             raise ImportSourceError(f"{path}: unpacks to more than {ZIP_MAX_BYTES} bytes")
+        packed = sum(member.compress_size for member in members)
+        if unpacked > ZIP_MAX_RATIO * max(packed, 1):
+            raise ImportSourceError(
+                f"{path}: unpacks to {unpacked} bytes from {packed}, over the limit of "
+                f"{ZIP_MAX_RATIO}x compression (a zip bomb?)"
+            )
         try:
             archive.extractall(target)
         except (zipfile.BadZipFile, OSError) as exc:

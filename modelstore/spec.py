@@ -80,6 +80,15 @@ class ModelSpec:
         """Relative to the spec; symlinks kept, so a linked ``x.gguf`` keeps its name."""
         return Path(os.path.abspath(self.base_dir / relative))
 
+    def confined_file(self, relative: str) -> Path | None:
+        """A text file the spec stores as a layer (``template_file``, ``license_file``), or
+        ``None`` when it lies outside the spec's folder (after symlinks): ``/api/show`` serves
+        that text, so a spec must not be able to name ``/etc/shadow``."""
+        path = self.resolve_file(relative)
+        if not path.resolve().is_relative_to(self.base_dir.resolve()):
+            return None
+        return path
+
 
 def _line_index(
     node: yaml.Node, pointer: str = "", index: dict[str, int] | None = None, line: int = 0
@@ -165,6 +174,9 @@ def _semantic_problems(spec: ModelSpec, lines: dict[str, int]) -> list[SpecProbl
             add("/from", exc.message)
     elif not spec.resolve_file(source).exists():
         add("/from", f"{source}: no such file or folder (relative to {spec.base_dir})")
+    for key in ("template_file", "license_file"):
+        if key in data and spec.confined_file(data[key]) is None:
+            add(f"/{key}", f"{data[key]}: must be a file in the ModelSpec's folder")
     for key in ("template_file", "license_file", "projector"):
         if isinstance(data.get(key), str) and not spec.resolve_file(data[key]).is_file():
             add(f"/{key}", f"{data[key]}: no such file")
@@ -197,8 +209,8 @@ def _template_text(spec: ModelSpec) -> str | None:
     if "template" in spec.data:
         return spec.data["template"]
     if isinstance(spec.data.get("template_file"), str):
-        path = spec.resolve_file(spec.data["template_file"])
-        return path.read_text() if path.is_file() else None
+        path = spec.confined_file(spec.data["template_file"])
+        return path.read_text() if path is not None and path.is_file() else None
     return None
 
 
@@ -370,7 +382,10 @@ def build_draft(
         draft.replace_layer(mediatypes.SYSTEM_PROMPT, SYSTEM_TITLE, data["system"].encode())
     license_text = data.get("license")
     if "license_file" in data:
-        license_text = spec.resolve_file(data["license_file"]).read_text()
+        path = spec.confined_file(data["license_file"])
+        if path is None:  # require_valid refused it already; never read it regardless
+            raise SpecValidationError(f"{data['license_file']}: outside the ModelSpec's folder")
+        license_text = path.read_text()
     if license_text:
         draft.replace_layer(mediatypes.LICENSE, LICENSE_TITLE, license_text.encode())
         first_line = license_text.strip().splitlines()[0]

@@ -95,6 +95,33 @@ async def test_queue_full_is_429_with_retry_after_and_nothing_sticks(make_daemon
         assert (await done.json())["eval_count"] == 3
 
 
+SPREAD_REQUESTS = 16
+SPREAD_NUM_CTX = (512, 640, 768, 896)
+
+
+async def test_a_burst_spread_over_num_ctx_values_is_admitted_as_one_queue(make_daemon):
+    """Issue 21: requests waiting for a reload with their ``num_ctx`` count against the
+    queue too (80 chats over 8 ``num_ctx`` values got no 429 and waited for minutes)."""
+    daemon = make_daemon("--num-parallel", "1", "--max-queue", "2")
+    capacity = 1 + 2
+
+    async def ask(session: aiohttp.ClientSession, num_ctx: int) -> int:
+        async with session.post(f"{daemon.url}/api/generate", json={
+            "model": "tiny:gguf", "prompt": "Hi", "stream": False,
+            "options": {"num_ctx": num_ctx, "num_predict": 2}}) as response:  # fmt: skip
+            await response.read()
+            return response.status
+
+    async with aiohttp.ClientSession() as session:
+        assert await ask(session, SPREAD_NUM_CTX[0]) == 200  # loaded: its queue exists
+        spread = [SPREAD_NUM_CTX[i % len(SPREAD_NUM_CTX)] for i in range(SPREAD_REQUESTS)]
+        burst = asyncio.gather(*(ask(session, num_ctx) for num_ctx in spread))
+        statuses = await asyncio.wait_for(burst, timeout=120)
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(200) <= capacity + 1, statuses  # one may finish while others arrive
+    assert statuses.count(429) >= SPREAD_REQUESTS - capacity - 1, statuses
+
+
 async def test_a_disconnect_mid_stream_frees_the_slot_at_once(make_daemon, slow_store):
     """With one slot and no queue, a request after three abandoned streams gets the slot (a
     held slot would answer 429) about as fast as on an idle daemon: measured against that

@@ -170,6 +170,90 @@ async def test_blobs_and_create_refuse_a_gguf_claiming_a_huge_array(daemon, tmp_
         await assert_healthy(session, daemon)
 
 
+EMPTY_STRINGS = 2_000_000
+DAEMON_PEAK_RSS_BYTES = 300 << 20
+"""Issue 21: the daemon's peak RSS (``VmHWM``) after refusing the empty-strings GGUF."""
+
+
+def string_array_gguf(path: Path, arrays: dict[str, list[bytes]]) -> Path:
+    """A GGUF header holding only string-array metadata (its sizes all true)."""
+    parts = [b"GGUF", struct.pack("<IQQ", 3, 0, len(arrays))]
+    for key, items in arrays.items():
+        parts.append(struct.pack("<Q", len(key)) + key.encode())
+        parts.append(struct.pack("<IIQ", 9, 8, len(items)))
+        parts.extend(struct.pack("<Q", len(item)) + item for item in items)
+    path.write_bytes(b"".join(parts))
+    return path
+
+
+def peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_real_sized_vocabulary_passes_the_header_check(tmp_path):
+    """~262k tokens (Gemma 3's vocabulary) and 500k BPE merges: a model, not an attack."""
+    tokens = [f"tok{i}".encode() for i in range(262_144)]
+    merges = [f"a{i} b{i}".encode() for i in range(500_000)]
+    gguf = tmp_path / "vocab.gguf"
+    check_gguf_header(
+        string_array_gguf(gguf, {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges})
+    )
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
+async def test_a_gguf_of_two_million_empty_strings_is_refused_with_the_daemon_small(
+    tiny_models, tmp_path
+):
+    from modelstore.blobs import hash_file
+
+    bomb = string_array_gguf(
+        tmp_path / "empty.gguf", {"tokenizer.ggml.tokens": [b""] * EMPTY_STRINGS}
+    )
+    assert bomb.stat().st_size >= 16_000_000
+    digest, _ = hash_file(bomb)
+    daemon = Daemon(tmp_path / "home").start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            uploaded = await session.post(
+                f"{daemon.url}/api/blobs/{digest}", data=bomb.read_bytes()
+            )
+            assert uploaded.status == 201
+            created = await session.post(
+                f"{daemon.url}/api/create",
+                json={"model": "empty:1", "files": {"model.gguf": digest}, "stream": False},
+            )
+            payload = await created.json()
+            assert created.status == 400, payload
+            assert payload["code"] == "invalid_import_source"
+            assert "strings" in payload["error"]
+            await assert_healthy(session, daemon)
+        assert daemon.process is not None
+        assert peak_rss(daemon.process.pid) < DAEMON_PEAK_RSS_BYTES
+    finally:
+        daemon.stop()
+
+
+def test_a_zip_bomb_is_refused_before_anything_is_written(tmp_path):
+    import zipfile
+
+    from modelstore.importer import ZIP_MAX_RATIO, extract_zip
+
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("model/config.json", "{}")
+        archive.writestr("model/model.safetensors", b"\0" * (64 << 20))
+    sizes = zipfile.ZipFile(bomb).infolist()
+    assert sum(i.file_size for i in sizes) > ZIP_MAX_RATIO * sum(i.compress_size for i in sizes)
+    target = tmp_path / "out"
+    target.mkdir()
+    with pytest.raises(ImportSourceError, match="compression"):
+        extract_zip(bomb, target)
+    assert not any(target.iterdir())
+
+
 async def test_show_and_load_survive_a_stored_gguf_claiming_a_huge_array(daemon, tmp_path):
     """As after a registry pull: the blob is in the store, nothing parsed it yet. ``show``
     answers from the manifest; loading it fails without taking the daemon down."""

@@ -58,6 +58,7 @@ STATE_DEPENDENT_PARAMS = frozenset(
         "images",
         "dimensions",
         "arguments",
+        "context",
     }
 )
 """``invalid_request`` about these depends on the model or on another field: a token id past

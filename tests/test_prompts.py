@@ -256,3 +256,48 @@ def test_a_render_on_another_thread_keeps_its_own_budget() -> None:
 def test_a_large_honest_conversation_still_renders() -> None:
     messages = [{"role": "user", "content": "word " * 400_000}] * 3
     assert len(render_chat(CHATML_TEMPLATE, messages)) > 6_000_000
+
+
+SLOW_STEP_TEMPLATES = {
+    "sort bomb": (
+        "{% set l = range(100000)|list %}{% for i in range(100000) %}"
+        "{{ (l|sort)|length }}{% endfor %}"
+    ),
+    "unique loop": (
+        "{% set l = range(100000)|list %}{% for i in range(100000) %}"
+        "{{ (l|unique|list)|length }}{% endfor %}"
+    ),
+}
+BUDGET_SLACK_S = 2.0
+"""Past ``RENDER_TIME_LIMIT_S``: one step of the template (a sort of 100,000 items) plus this
+loaded machine's scheduling; before issue 21 these took 36 s to minutes."""
+
+
+@pytest.mark.parametrize("template", SLOW_STEP_TEMPLATES.values(), ids=SLOW_STEP_TEMPLATES.keys())
+def test_the_render_budget_is_checked_on_time_not_every_256_steps(template: str) -> None:
+    import time
+
+    from modelstore.chat_template import RENDER_TIME_LIMIT_S
+
+    started = time.monotonic()
+    with pytest.raises(TemplateError, match="longer than"):
+        render_chat(template, [{"role": "user", "content": "x"}])
+    assert time.monotonic() - started < RENDER_TIME_LIMIT_S + BUDGET_SLACK_S
+
+
+def test_a_template_heavy_only_on_long_messages_is_bounded_whatever_their_size() -> None:
+    """Passes the probe (its messages are short), then meets a long conversation."""
+    import time
+
+    from modelstore.chat_template import RENDER_TIME_LIMIT_S
+
+    template = (
+        "{% for m in messages %}{% for c in m.content[:5000] %}"
+        "{{ (m.content|list|sort)|length }}{% endfor %}{% endfor %}"
+    )
+    probe_template(template)
+    for size in (90_000, 2_000_000):
+        started = time.monotonic()
+        with pytest.raises(TemplateError):
+            render_chat(template, [{"role": "user", "content": "x" * size}])
+        assert time.monotonic() - started < RENDER_TIME_LIMIT_S + BUDGET_SLACK_S

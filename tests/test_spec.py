@@ -121,3 +121,29 @@ def test_default_model_is_imported_on_first_use(store):
     again = ensure_default_model(store)
     assert again.manifest_digest == model.manifest_digest
     assert store.config(model).quantization == "Q4_1"
+
+
+@pytest.mark.parametrize("key", ["template_file", "license_file"])
+@pytest.mark.parametrize("where", ["/etc/passwd", "../outside.txt", "./link.txt"])
+def test_template_and_license_files_must_be_in_the_specs_folder(
+    tmp_path, mini_hf_folder, key, where
+):
+    """Issue 21: ``/api/show`` serves these texts, so a spec may not read any file it names
+    (a symlink in the folder pointing out of it included)."""
+    folder = tmp_path / "spec"
+    folder.mkdir()
+    (tmp_path / "outside.txt").write_text("secret")
+    (folder / "link.txt").symlink_to(tmp_path / "outside.txt")
+    text = f"from: {mini_hf_folder}\n{key}: {where}\n"
+    spec = load_spec(write(folder / "s.yaml", text))
+    messages = [p.message for p in spec.problems if p.pointer == f"/{key}"]
+    assert any("must be a file in the ModelSpec's folder" in m for m in messages), spec.problems
+
+
+def test_a_license_file_in_the_specs_folder_is_stored(store, mini_hf_folder):
+    (mini_hf_folder.parent / "docs").mkdir()
+    (mini_hf_folder.parent / "docs" / "LICENSE").write_text("MIT")
+    text = "from: ./mini-model\nformat: mlx\nlicense_file: docs/LICENSE\n"
+    spec = load_spec(write(mini_hf_folder.parent / "s.yaml", text))
+    assert spec.problems == []
+    assert open_model(store, store.commit(build_draft(spec, store), "lic:1").model.name).license

@@ -142,14 +142,20 @@ def generation_budget(
 
 
 def check_token_ids(request: GenerateRequest, vocabulary: int) -> None:
-    """Token ids a request names (``logit_bias``) must exist: neither MLX's scatter nor a numpy
-    index into the logits checks them, so one past the vocabulary would be a crash or a 500.
+    """Token ids a request names (``logit_bias``, ``context``) must exist: neither MLX's scatter
+    nor a numpy index into the logits checks them, so one past the vocabulary would be a crash
+    or a 500.
     A ``top_k`` of the whole vocabulary or more means no limit (mlx-lm refuses it)."""
     if request.top_k >= vocabulary:
         request.top_k = 0
     if any(not 0 <= token < vocabulary for token in request.logit_bias or {}):
         raise InvalidRequestError(
             f"logit_bias token ids must be between 0 and {vocabulary - 1}", param="logit_bias"
+        )
+    if any(not 0 <= token < vocabulary for token in request.prompt_tokens or ()):
+        # Only ``/api/generate``'s ``context`` can carry ids the tokenizer did not make.
+        raise InvalidRequestError(
+            f"context token ids must be between 0 and {vocabulary - 1}", param="context"
         )
 
 

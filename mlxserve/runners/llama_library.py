@@ -1,5 +1,6 @@
 """llama-cpp-python, imported once the same way by every llama.cpp runner and bench: a clear
-error when the extra is not installed, and made safe for this CPU (``platform.py``)."""
+error when the extra is not installed, made safe for this CPU (``platform.py``), and with its
+quiet-output redirect made re-entrant (``quiet.py``)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,16 @@ from typing import Any
 
 from mlxserve import platform
 from mlxserve.errors import RunnerUnavailableError
+from mlxserve.runners import quiet
 
 
 def import_llama_cpp() -> Any:
-    """llama-cpp-python, made safe for this CPU (``platform.make_llama_cpp_safe``)."""
+    """llama-cpp-python, made safe for this CPU (``platform.make_llama_cpp_safe``), with its
+    quiet-output redirect made re-entrant (``runners/quiet.py``)."""
     try:
         import llama_cpp
     except ImportError as exc:
         raise RunnerUnavailableError(
             "the llama.cpp runner is not installed: pip install 'mlxserve[llamacpp]'"
         ) from exc
-    return platform.make_llama_cpp_safe(llama_cpp)
+    return platform.make_llama_cpp_safe(quiet.install(llama_cpp))

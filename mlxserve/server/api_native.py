@@ -36,7 +36,7 @@ def _common(body: dict[str, Any]) -> ChatRequest:
     sampling, load = validate.ollama_options(body.get("options"))
     logprobs = None
     if validate.optional(body, "logprobs", bool, False):
-        logprobs = validate.optional(body, "top_logprobs", int, 0)
+        logprobs = validate.top_logprobs(body)
     return ChatRequest(
         model=validate.model_name(body),
         think=validate.think_value(body.get("think")),
@@ -73,7 +73,7 @@ def _message(position: int, value: Any) -> Message:
         role=value["role"],
         content=content or "",
         thinking=validate.optional(value, "thinking", str),
-        images=[validate.image_bytes(i, "images") for i in value.get("images") or []],
+        images=validate.images(value.get("images"), "images"),
         tool_calls=validate.tool_calls(value.get("tool_calls"), where),
         tool_name=validate.optional(value, "tool_name", str),
         tool_call_id=validate.optional(value, "tool_call_id", str),
@@ -103,14 +103,15 @@ def parse_generate(body: dict[str, Any]) -> ChatRequest:
             "'template' is not supported per request; set the model's template in its ModelSpec",
             param="template",
         )
-    images = body.get("images") or []
+    images = validate.images(body.get("images"), "images")
     if images:
-        chat.messages = [
-            Message("user", chat.prompt, images=[validate.image_bytes(i, "images") for i in images])
-        ]
+        chat.messages = [Message("user", chat.prompt, images=images)]
     context = body.get("context")
     if context is not None:
-        if not (isinstance(context, list) and all(isinstance(t, int) for t in context)):
+        if not (
+            isinstance(context, list)
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in context)
+        ):
             raise InvalidRequestError("'context' must be a list of token ids", param="context")
         chat.context = context
     chat.return_context = not chat.raw

@@ -94,7 +94,7 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
     chat.think = validate.reasoning_effort(body.get("reasoning_effort"), "reasoning_effort")
     chat.think_optional = True
     if validate.optional(body, "logprobs", bool, False):
-        chat.logprobs = validate.optional(body, "top_logprobs", int, 0)
+        chat.logprobs = validate.top_logprobs(body)
     return chat
 
 

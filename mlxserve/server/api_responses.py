@@ -98,7 +98,13 @@ def _items(value: Any) -> list[Message]:
             )
         elif kind == "reasoning":
             parts = item.get("content") or item.get("summary") or []
-            pending_thinking = "".join(p.get("text", "") for p in parts if isinstance(p, dict))
+            if not isinstance(parts, list):
+                raise InvalidRequestError(f"{where}.summary must be a list", param="input")
+            pending_thinking = "".join(
+                validate.typed(f"{where}.summary.text", p.get("text", ""), str)
+                for p in parts
+                if isinstance(p, dict)
+            )
         else:
             log.warning("%s: a %s item is dropped: no model here reads it", where, kind)
     return messages

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import faulthandler
 import logging
 import socket
 import sys
@@ -152,6 +153,7 @@ def run_daemon(**flags: Any) -> None:
     print(
         f"mlxserve listening on http://{settings.host}:{settings.port}", file=sys.stderr, flush=True
     )
+    app.on_shutdown.append(arm_exit_deadline)
     web.run_app(
         app,
         host=settings.host,
@@ -159,7 +161,26 @@ def run_daemon(**flags: Any) -> None:
         print=None,
         handler_cancellation=True,
         access_log=None,
+        shutdown_timeout=SHUTDOWN_GRACE_S,
     )
+
+
+SHUTDOWN_GRACE_S = 2.0
+"""After SIGTERM/SIGINT, how long in-flight requests may finish before they are cancelled."""
+SHUTDOWN_DEADLINE_S = 4.0
+"""After SIGTERM/SIGINT, the process is gone by then whatever still runs (a generation in a
+native library, a model load, a thread that ignores cancellation). The store needs no
+teardown: a blob or manifest appears only by an atomic rename, so a write cut short leaves at
+most a file in its ``tmp/`` that the next ``gc`` removes."""
+
+
+async def arm_exit_deadline(app: object) -> None:
+    """``on_shutdown``: end the process at ``SHUTDOWN_DEADLINE_S`` whatever still runs.
+
+    faulthandler's watchdog is a C thread: it fires even while a native call holds the GIL,
+    where a Python timer thread would wait with everything else. What was still running is
+    written to the log (every thread's stack), and the exit status is 1."""
+    faulthandler.dump_traceback_later(SHUTDOWN_DEADLINE_S, exit=True, file=sys.stderr)
 
 
 class AddressInUseError(MlxserveError):

@@ -88,6 +88,8 @@ class ModelManager:
         self.residents: dict[str, Resident] = {}
         self._queues: dict[str, ModelQueue] = {}
         self._load_locks: dict[str, asyncio.Lock] = {}
+        self._pending: dict[str, int] = {}
+        """Admitted requests per model not yet in its queue (waiting for a load)."""
         self._digests = DigestCache(store)
         self._reaper: asyncio.Task[None] | None = None
 
@@ -139,10 +141,14 @@ class ModelManager:
         """A loaded model with a slot held for the ``with`` body; ``load`` (a request's
         ``num_ctx`` and ``kv_cache_type``) reloads it so when it was loaded otherwise."""
         name = self.canonical(name)
-        waiting = self._queues.get(name)
-        if waiting is not None:
-            waiting.admit()
-        resident = await self.ensure_loaded(name, runner=runner, keep_alive=keep_alive, load=load)
+        self._admit(name)
+        self._pending[name] = self._pending.get(name, 0) + 1
+        try:
+            resident = await self.ensure_loaded(
+                name, runner=runner, keep_alive=keep_alive, load=load
+            )
+        finally:
+            self._pending[name] -= 1
         async with resident.queue.slot():
             resident.touch(keep_alive)
             try:
@@ -151,6 +157,21 @@ class ModelManager:
                 resident.touch(keep_alive)
         if resident.keep_alive == 0 and not resident.queue.busy:
             await self._unload(name)
+
+    def _admit(self, name: str) -> None:
+        """Every request counts against its model's queue from the moment it arrives, also
+        while it waits for a load or a reload (a request with another ``num_ctx`` waits for
+        the running ones to finish): otherwise a burst spread over many ``num_ctx`` values
+        would pass admission and wait without bound."""
+        pending = self._pending.get(name, 0)
+        queue = self._queues.get(name)
+        if queue is not None:
+            queue.admit(pending)
+        elif pending >= (self.settings.num_parallel or 1) + self.settings.max_queue:
+            raise QueueFullError(
+                f"model {name} is busy: {pending} requests wait for it to load; retry shortly",
+                queued=pending,
+            )
 
     async def ensure_loaded(
         self,

@@ -19,15 +19,18 @@ from aiohttp import web
 
 from mlxserve.errors import InvalidRequestError, UnsupportedFeatureError
 from mlxserve.runners.base import EmbedRequest
+from mlxserve.server import limits
 from mlxserve.server.state import MANAGER, STORE
 from mlxserve.server.validate import json_body, keep_alive, model_name, optional
 
 routes = web.RouteTableDef()
 OPENAI_TOKEN_ENCODING = "cl100k_base"
 """The tokenizer of OpenAI's embedding models, in which its API reads token-id ``input``."""
-MAX_INPUTS = 2048
-"""Inputs per request, as OpenAI allows: bounds the work one request can queue."""
 ENCODING_FORMATS = ("float", "base64")
+EMBED_CHUNK_INPUTS = 16
+"""Inputs handed to the runner at a time: a request its client abandons stops after the chunk
+in hand (issue 21: 2,048 inputs kept a model busy for minutes after the client left), and a
+chunk still fills a batch."""
 
 
 @dataclass
@@ -44,10 +47,7 @@ def embed_inputs(value: Any) -> list[str]:
     if isinstance(value, str):
         return [value]
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        if len(value) > MAX_INPUTS:
-            raise InvalidRequestError(
-                f"'input' has {len(value)} items; at most {MAX_INPUTS} per request", param="input"
-            )
+        limits.check_count(value, "inputs", "input")
         return value
     raise InvalidRequestError("'input' must be a string or a list of strings", param="input")
 
@@ -77,10 +77,7 @@ def openai_token_texts(value: Any) -> list[str] | None:
         lists = value
     else:
         return None
-    if len(lists) > MAX_INPUTS:
-        raise InvalidRequestError(
-            f"'input' has {len(lists)} items; at most {MAX_INPUTS} per request", param="input"
-        )
+    limits.check_count(lists, "inputs", "input")
     try:
         import tiktoken
 
@@ -143,10 +140,13 @@ async def embed_texts(
     request["log"]["model"] = name
     async with request.app[MANAGER].use(name, keep_alive=keep_alive_s) as resident:
         load_duration = max(1, time.perf_counter_ns() - started)
-        vectors, tokens = [], 0
-        if texts:
-            result = await resident.loaded.runner.embed(EmbedRequest(texts, truncate=truncate))
-            vectors, tokens = result.vectors, result.prompt_tokens
+        vectors: list[list[float]] = []
+        tokens = 0
+        for start in range(0, len(texts), EMBED_CHUNK_INPUTS):
+            chunk = EmbedRequest(texts[start : start + EMBED_CHUNK_INPUTS], truncate=truncate)
+            result = await resident.loaded.runner.embed(chunk)
+            vectors.extend(result.vectors)
+            tokens += result.prompt_tokens
     return Embedded(
         shorten(vectors, dimensions),
         tokens,

@@ -5,9 +5,8 @@ names and semantics."""
 from __future__ import annotations
 
 import asyncio
-import queue
 import time
-from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
@@ -20,8 +19,10 @@ from modelstore.reference import validate_digest
 
 routes = web.RouteTableDef()
 UPLOAD_CHUNK_BYTES = 1 << 20
-UPLOAD_QUEUE_CHUNKS = 8
-"""Blob uploads stream to disk through a short queue: memory stays bounded for any size."""
+"""Blob uploads stream to disk a piece at a time: memory stays bounded for any size."""
+UPLOAD_THREADS = 2
+UPLOAD_POOL = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="mlxserve-upload")
+"""The uploads' own threads (disk writes only); the default pool stays free for the rest."""
 
 
 @routes.get("/api/tags")
@@ -88,28 +89,23 @@ async def blob_exists(request: web.Request) -> web.Response:
 
 @routes.post("/api/blobs/{digest}")
 async def blob_upload(request: web.Request) -> web.Response:
-    """Stream a blob into the store, verified against the digest in the path."""
+    """Stream a blob into the store, verified against the digest in the path.
+
+    The coroutine reads from the network and hands each piece to ``UPLOAD_POOL`` for one
+    short write: no thread ever waits on a client, so slow uploads queue behind each other
+    there and never starve the default pool other routes need (issue 21: six slow uploads
+    holding both a feeder and a writer thread each deadlocked the daemon). A full disk is a
+    507 and the partial file is removed."""
     digest = validate_digest(request.match_info["digest"])
     store = request.app[STORE]
     if store.blobs.exists(digest):
         return web.Response(status=200)
-    pending: queue.Queue[bytes | None] = queue.Queue(maxsize=UPLOAD_QUEUE_CHUNKS)
-
-    def chunks() -> Iterator[bytes]:
-        while (chunk := pending.get()) is not None:
-            yield chunk
-
-    def write() -> None:
-        with store.writing():
-            store.blobs.write_chunks(chunks(), expected_digest=digest)
-
-    writer = asyncio.get_running_loop().run_in_executor(None, write)
-    try:
-        async for chunk in request.content.iter_chunked(UPLOAD_CHUNK_BYTES):
-            await asyncio.to_thread(pending.put, chunk)
-    finally:
-        await asyncio.to_thread(pending.put, None)
-        await writer
+    loop = asyncio.get_running_loop()
+    async with store.writing_async():
+        with store.blobs.open_writer() as writer:
+            async for chunk in request.content.iter_chunked(UPLOAD_CHUNK_BYTES):
+                await loop.run_in_executor(UPLOAD_POOL, writer.write, chunk)
+            await loop.run_in_executor(UPLOAD_POOL, writer.finish, digest)
     return web.Response(status=201)
 
 

@@ -105,7 +105,9 @@ def spec_from_create_body(body: dict[str, Any], store: Any, folder: Path) -> Pat
     for key in ("template", "system", "license"):
         value = body.get(key)
         if isinstance(value, list):
-            value = "\n".join(value)
+            value = "\n".join(validate.typed(key, v, str) for v in value)
+        elif value is not None:
+            value = validate.typed(key, value, str)
         if value:
             spec[key] = value
     if body.get("parameters"):

@@ -40,14 +40,16 @@ class ModelQueue:
     def busy(self) -> bool:
         return self.active > 0 or self.waiting > 0
 
-    def admit(self) -> None:
-        """Refuse now, before any waiting, if the queue is full."""
-        if self.active + self.waiting >= self.parallel + self.max_queue:
+    def admit(self, pending: int = 0) -> None:
+        """Refuse now, before any waiting, if the queue is full; ``pending`` counts requests
+        admitted earlier that wait to reach the queue (behind a reload with their ``num_ctx``)."""
+        queued = self.waiting + pending
+        if self.active + queued >= self.parallel + self.max_queue:
             raise QueueFullError(
-                f"model {self.name} is busy: {self.active} running, {self.waiting} queued "
+                f"model {self.name} is busy: {self.active} running, {queued} queued "
                 f"(limit {self.max_queue}); retry shortly",
                 running=self.active,
-                queued=self.waiting,
+                queued=queued,
             )
 
     @contextlib.asynccontextmanager

@@ -7,9 +7,9 @@ the one table in ``modelstore/parameters.py``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-import json
 import logging
 from typing import Any
 
@@ -19,6 +19,7 @@ from mlxserve.chat.types import CUSTOM_INPUT, Tool, ToolCall
 from mlxserve.errors import InvalidRequestError
 from mlxserve.runners.base import LoadAsk
 from mlxserve.runners.kvcache import kv_cache_type
+from mlxserve.server import limits
 from mlxserve.server.config import ConfigError, parse_duration
 from modelstore.parameters import Api, api_names
 
@@ -54,13 +55,11 @@ _KIND_NAMES = {
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidRequestError("the request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise InvalidRequestError("the request body must be a JSON object")
-    return body
+    """The body as a JSON object, parsed under ``limits`` (off the loop when it is large)."""
+    raw = await request.read()
+    if len(raw) > limits.PARSE_OFF_LOOP_BYTES:
+        return await asyncio.to_thread(limits.parse_body, raw)
+    return limits.parse_body(raw)
 
 
 def typed(name: str, value: Any, kind: type) -> Any:
@@ -124,6 +123,8 @@ def sampling(body: dict[str, Any], api: Api) -> dict[str, Any]:
         value = body.get(wire)
         if value is not None and field not in overrides:
             overrides[field] = typed(wire, value, kind)
+            if field == "stop":
+                limits.check_stop(overrides[field], wire)
     tokens = overrides.get("max_tokens")
     if tokens is not None:
         if api == "ollama" and tokens < 0:
@@ -149,6 +150,8 @@ def ollama_options(options: Any) -> tuple[dict[str, Any], LoadAsk]:
     num_ctx = optional(options, "num_ctx", int)
     if num_ctx is not None and num_ctx < 1:
         raise InvalidRequestError("'num_ctx' must be at least 1", param="num_ctx")
+    if num_ctx is not None:
+        limits.check_at_most(num_ctx, "context_length", "num_ctx")
     cache = optional(options, "kv_cache_type", str)
     if cache is not None:
         kv_cache_type(cache)  # an unknown type is refused before anything loads
@@ -158,6 +161,8 @@ def ollama_options(options: Any) -> tuple[dict[str, Any], LoadAsk]:
 def keep_alive(value: Any) -> float | None:
     if value is None:
         return None
+    if isinstance(value, str) and len(value) > limits.MAX_DURATION_CHARS:
+        raise limits.refuse("duration", "keep_alive")
     try:
         return parse_duration(value)
     except ConfigError as exc:
@@ -178,8 +183,10 @@ def tool_arguments(value: Any, param: str) -> dict[str, Any]:
     where = f"{param} (tool call arguments)"
     if isinstance(value, str):
         try:
-            value = json.loads(value) if value.strip() else {}
-        except json.JSONDecodeError:
+            value = limits.parse_json(value, where) if value.strip() else {}
+        except limits.RequestLimitError:
+            raise
+        except InvalidRequestError:
             raise InvalidRequestError(f"{where} must be JSON", param="arguments") from None
     if value is None:
         return {}
@@ -233,6 +240,22 @@ def image_bytes(data: Any, param: str) -> bytes:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidRequestError("an image is not valid base64", param=param) from None
+
+
+def images(value: Any, param: str) -> list[bytes]:
+    """Ollama's ``images``: a list of base64 strings."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InvalidRequestError(f"'{param}' must be a list of base64 strings", param=param)
+    return [image_bytes(image, param) for image in value]
+
+
+def top_logprobs(body: dict[str, Any]) -> int:
+    count = optional(body, "top_logprobs", int, 0)
+    if count < 0:
+        raise InvalidRequestError("'top_logprobs' must be at least 0", param="top_logprobs")
+    return limits.check_at_most(count, "top_logprobs", "top_logprobs")
 
 
 def tool_choice(value: Any) -> str:
@@ -320,6 +343,7 @@ def function_tools(value: Any) -> list[Tool]:
         return []
     if not isinstance(value, list):
         raise InvalidRequestError("'tools' must be a list", param="tools")
+    limits.check_count(value, "tools", "tools")
     tools: list[Tool] = []
     for tool in value:
         kind = tool.get("type", "function") if isinstance(tool, dict) else None
@@ -397,6 +421,8 @@ def response_format(value: Any, param: str) -> dict[str, Any] | None:
 
 def tool_calls(value: Any, where: str) -> list[ToolCall]:
     """An assistant message's earlier calls: ``[{"id"?, "function": {"name", "arguments"}}]``."""
+    if value is not None and not isinstance(value, list):
+        raise InvalidRequestError(f"{where}.tool_calls must be a list", param="messages")
     calls = []
     for index, call in enumerate(value or []):
         function = call.get("function") if isinstance(call, dict) else None
