@@ -26,7 +26,7 @@ from modelstore.errors import MlxserveError
 from modelstore.store import ModelStore
 
 if TYPE_CHECKING:
-    from mlxserve.distributed.serve import DistributedOptions
+    from mlxserve.server.distributed import DistributedOptions
 
 
 def setting_options() -> list[Any]:
@@ -99,7 +99,7 @@ def serve_options(function):  # type: ignore[no-untyped-def]
 
 def distributed_options(flags: dict[str, Any]) -> DistributedOptions | None:
     """Take the ``--distributed`` flags out of ``flags`` (they are not daemon settings)."""
-    from mlxserve.distributed.serve import DistributedOptions
+    from mlxserve.server.distributed import DistributedOptions
 
     hostfile = flags.pop("hostfile", None)
     group = {
@@ -130,7 +130,7 @@ def run_daemon(**flags: Any) -> None:
 
     from mlxserve.server.app import build_app
 
-    distributed = distributed_options(flags)
+    group_options = distributed_options(flags)
     settings = load_settings(flags)
     settings.check()
     ModelStore(settings.home).check(write=True)
@@ -139,17 +139,17 @@ def run_daemon(**flags: Any) -> None:
         format="%(message)s",
         stream=sys.stderr,
     )
-    if distributed is not None:
-        from mlxserve.distributed import serve
+    if group_options is not None:
+        from mlxserve.server import distributed
 
-        group = serve.join(settings, distributed)
+        group = distributed.join(settings, group_options)
         if group.rank > 0:  # the engine only: no HTTP, no port
-            serve.follow(group, settings, distributed)
+            distributed.follow(group, settings, group_options)
             return
     require_free_port(settings.host, settings.port)
     app = build_app(settings)
-    if distributed is not None:
-        app.cleanup_ctx.append(serve.group_context(group, settings, distributed))
+    if group_options is not None:
+        app.cleanup_ctx.append(distributed.group_context(group, settings, group_options))
     print(
         f"mlxserve listening on http://{settings.host}:{settings.port}", file=sys.stderr, flush=True
     )
