@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from mlxserve.server import limits
+from modelstore.spec import SCHEMA_PATH
 
 HI = [{"role": "user", "content": "Hi"}]
 VERSION_WITHIN_S = 0.1
@@ -296,8 +297,7 @@ def test_the_limits_in_docs_api_md_are_the_declared_ones():
 
 
 def test_the_modelspec_schema_bounds_context_length_by_the_limit():
-    schema = Path(__file__).resolve().parents[1] / "schemas" / "modelspec.schema.json"
-    text = json.loads(schema.read_text())
+    text = json.loads(SCHEMA_PATH.read_text())
     found = []
 
     def walk(value: object) -> None:
