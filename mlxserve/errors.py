@@ -91,6 +91,20 @@ class ModelUnavailableError(MlxserveError):
     http_status = 503
 
 
+class ModelCrashedError(MlxserveError):
+    """The model's worker process died (a library abort, a signal), hung past its deadline or
+    outgrew its memory limit (``runners/isolated.py``); the next request starts a new one."""
+
+    code = "model_crashed"
+
+
+class ModelCrashLoopError(MlxserveError):
+    """A model whose worker crashed again and again without serving anything in between:
+    refused, with the last crash's reason, until the model is created again."""
+
+    code = "model_crash_loop"
+
+
 class DistributedError(MlxserveError):
     """A distributed group that cannot start: a bad hostfile, a backend that is missing, a
     rank whose store lacks the model or holds different bytes (the message names the host)."""

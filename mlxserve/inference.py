@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,9 +90,12 @@ class LoadedModel:
         name: str,
         runner_name: str | None = None,
         options: RunnerOptions | None = None,
+        make: Callable[[str], ModelRunner] = make_runner,
     ) -> LoadedModel:
+        """``make`` builds the chosen runner by its name: in this process by default, in a
+        worker process for the daemon (``runners/isolated.py``)."""
         model = open_model(store, name)
-        runner = make_runner(choose_runner(model, runner_name))
+        runner = make(choose_runner(model, runner_name))
         info = await runner.load(model, options or RunnerOptions())
         return cls(model, runner, info)
 

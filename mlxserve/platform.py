@@ -140,6 +140,25 @@ def total_memory_bytes() -> int:
         return 0
 
 
+def process_memory_bytes(pid: int) -> int | None:
+    """The resident memory of process ``pid`` (a runner's worker), ``None`` if unknown."""
+    if sys.platform.startswith("linux"):
+        try:
+            with open(f"/proc/{pid}/statm") as statm:
+                return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return None
+    try:
+        import subprocess
+
+        out = subprocess.run(
+            ["ps", "-o", "rss=", "-p", str(pid)], capture_output=True, text=True, timeout=5
+        )
+        return int(out.stdout.strip()) * 1024
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
 def service_manager() -> str | None:
     """What starts user daemons at login here: ``launchd`` (macOS) or ``systemd`` (Linux)."""
     if sys.platform == "darwin":

@@ -187,6 +187,37 @@ class Settings:
     )
     """``GET /`` from a browser serves the page (``mlxserve/server/webui``); off
     (``--no-webui``), every client gets the heartbeat text."""
+    isolate_runners: bool = field(
+        default=True,
+        metadata=_about(
+            env="MLXSERVE_ISOLATE_RUNNERS",
+            help="Run each loaded model in its own worker process (off: in the daemon's).",
+            shown="on",
+        ),
+    )
+    """docs/RUNNERS.md; off, a library's abort takes the daemon down with it."""
+    runner_stall_timeout_s: float = field(
+        default=300.0,
+        metadata=_about(
+            env="MLXSERVE_RUNNER_STALL_TIMEOUT_S",
+            help="A worker owing an answer that sends nothing this long is killed (hung).",
+        ),
+    )
+    """Its requests end with ``model_crashed``; it must exceed the longest prefill step."""
+    runner_load_timeout_s: float = field(
+        default=600.0,
+        metadata=_about(
+            env="MLXSERVE_RUNNER_LOAD_TIMEOUT_S",
+            help="A worker still loading its model after this long is killed.",
+        ),
+    )
+    runner_memory_limit_bytes: int = field(
+        default=0,
+        metadata=_about(
+            env="MLXSERVE_RUNNER_MEMORY_LIMIT_BYTES",
+            help="A worker whose resident memory passes this is killed (0: no limit).",
+        ),
+    )
 
     @property
     def is_loopback(self) -> bool:

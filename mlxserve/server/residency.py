@@ -3,6 +3,11 @@
 Before a model is loaded its blobs are checked against their digests (a corrupt store is a
 clear error, never garbage output); results are cached per blob and redone when the file's
 size or mtime changes.
+
+Each model runs in its own worker process (``runners/isolated.py``) unless
+``isolate_runners`` is off. A worker that crashes is forgotten at once (the next request starts
+a new one) and its crash counted; a model whose workers crash ``CRASH_LOOP_LIMIT`` times in a
+row without serving anything is refused with the last reason until it is created again.
 """
 
 from __future__ import annotations
@@ -12,15 +17,17 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlxserve.errors import QueueFullError
+from mlxserve.errors import ModelCrashedError, ModelCrashLoopError, QueueFullError
 from mlxserve.inference import LoadedModel
-from mlxserve.runners.base import LoadAsk, RunnerOptions
+from mlxserve.runners.base import LoadAsk, ModelRunner, RunnerOptions
+from mlxserve.runners.isolated import WorkerRunner
 from mlxserve.runners.loading import clamped_context, load_options
 from mlxserve.runners.loading import context_length as check_context
+from mlxserve.runners.select import make_runner
 from mlxserve.server.config import Settings
 from mlxserve.server.metrics import Metrics
 from mlxserve.server.scheduler import ModelQueue
@@ -30,6 +37,8 @@ from modelstore.runtime import open_model
 from modelstore.store import ModelStore
 
 REAP_INTERVAL_S = 0.25
+CRASH_LOOP_LIMIT = 2
+"""Crashes in a row, with nothing served in between, after which a model is refused."""
 log = logging.getLogger("mlxserve.residency")
 
 
@@ -50,6 +59,15 @@ class Resident:
             self.keep_alive = keep_alive
         self.last_used = time.monotonic()
         self.expires_at = None if self.keep_alive < 0 else self.last_used + self.keep_alive
+
+
+@dataclass
+class CrashRecord:
+    """The crashes in a row of one model's workers, for the manifest they ran."""
+
+    manifest_digest: str
+    count: int
+    reason: str
 
 
 class DigestCache:
@@ -92,6 +110,7 @@ class ModelManager:
         """Admitted requests per model not yet in its queue (waiting for a load)."""
         self._digests = DigestCache(store)
         self._reaper: asyncio.Task[None] | None = None
+        self._crashes: dict[str, CrashRecord] = {}
 
     async def start(self) -> None:
         self._reaper = asyncio.create_task(self._reap())
@@ -247,7 +266,10 @@ class ModelManager:
             victim = min(idle, key=lambda r: r.last_used)
             log.info("evicting %s (least recently used)", victim.name)
             await self._unload(victim.name)
-        loaded = await LoadedModel.load(self.store, name, runner, options)
+        self._refuse_crash_loop(name, model.manifest_digest)
+        loaded = await LoadedModel.load(
+            self.store, name, runner, options, make=self._runner_maker(name, model.manifest_digest)
+        )
         parallel = min(
             self.settings.num_parallel or loaded.runner.max_parallel, loaded.runner.max_parallel
         )
@@ -262,6 +284,52 @@ class ModelManager:
         self.metrics.model_memory.labels(name).set(loaded.info.memory_bytes)
         self.metrics.slots.labels(name).set(parallel)
         return resident
+
+    def _runner_maker(self, name: str, digest: str) -> Callable[[str], ModelRunner]:
+        if not self.settings.isolate_runners:
+            return make_runner
+
+        def make(runner: str) -> ModelRunner:
+            return WorkerRunner(
+                runner,
+                stall_timeout_s=self.settings.runner_stall_timeout_s,
+                load_timeout_s=self.settings.runner_load_timeout_s,
+                memory_limit_bytes=self.settings.runner_memory_limit_bytes,
+                on_exit=lambda worker, error: self._worker_crashed(name, digest, worker, error),
+            )
+
+        return make
+
+    def _worker_crashed(
+        self, name: str, digest: str, worker: WorkerRunner, error: ModelCrashedError
+    ) -> None:
+        """Forget the model now (its requests already have their error; the next one starts a
+        new worker) and count the crash."""
+        resident = self.residents.get(name)
+        if resident is not None and resident.loaded.runner is worker:
+            del self.residents[name]
+            self.metrics.loaded_models.set(len(self.residents))
+            self.metrics.model_memory.remove(name)
+            self.metrics.slots.remove(name)
+        record = self._crashes.get(name)
+        if record is None or record.manifest_digest != digest or worker.served:
+            record = self._crashes[name] = CrashRecord(digest, 0, "")
+        record.count += 1
+        record.reason = str(error.details.get("reason") or error.message)
+
+    def _refuse_crash_loop(self, name: str, digest: str) -> None:
+        record = self._crashes.get(name)
+        if record and record.manifest_digest == digest and record.count >= CRASH_LOOP_LIMIT:
+            raise ModelCrashLoopError(
+                f"{name} crashed {record.count} times in a row without serving a request (last: "
+                f"{record.reason}); it is refused until it is created again",
+                model=name,
+                reason=record.reason,
+            )
+
+    def forget_crashes(self, name: str) -> None:
+        """The model was created again: its workers get a fresh start."""
+        self._crashes.pop(self.canonical(name), None)
 
     async def unload(self, name: str) -> bool:
         """``keep_alive: 0``: unload now if idle, else as soon as its requests finish."""

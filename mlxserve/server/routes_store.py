@@ -21,7 +21,7 @@ from mlxserve.server import validate
 from mlxserve.server.describe import show_body
 from mlxserve.server.encoders import NDJSON, open_stream, write_ndjson
 from mlxserve.server.errors import error_body
-from mlxserve.server.state import STORE
+from mlxserve.server.state import MANAGER, STORE
 from mlxserve.server.validate import json_body, model_name
 from modelstore.errors import MlxserveError
 from modelstore.model import OLLAMA_PARAMETER_NAMES
@@ -180,6 +180,7 @@ async def create(request: web.Request) -> web.StreamResponse:
                 raise without_paths(error, folder) from None
             report({"status": "writing manifest"})
             await asyncio.to_thread(store.commit, draft, name)
+            request.app[MANAGER].forget_crashes(str(name))
 
     return await run_with_status(request, stream, work)
 

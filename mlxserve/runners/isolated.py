@@ -1,0 +1,323 @@
+"""A runner in its own process: ``WorkerRunner`` implements ``ModelRunner`` by talking to a
+worker (``worker.py``) that runs the real runner.
+
+The daemon builds one per loaded model (``mlxserve/server/residency.py``), so a library that
+aborts, hangs or runs out of memory takes down one worker, never the daemon: the requests that
+worker was serving end with ``ModelCrashedError`` (``model_crashed``) and ``on_exit`` tells the
+residency manager, which forgets the model (the next request starts a new worker) and counts the
+crash. The worker is killed when it owes an answer and sends nothing for ``stall_timeout_s``
+(a hung library: a deadlock, two threads asserting at once), when its load takes longer than
+``load_timeout_s``, or when its resident memory passes
+``memory_limit_bytes``. Weights are loaded by the worker only: the daemon never maps them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+from mlxserve import platform
+from mlxserve.errors import ModelCrashedError, UnsupportedFeatureError
+from mlxserve.runners.base import (
+    EmbedRequest,
+    EmbedResult,
+    GenerateChunk,
+    GenerateRequest,
+    LoadedModelInfo,
+    RunnerOptions,
+)
+from mlxserve.runners.worker import LOG_LEVEL_ENV, frame, read_frame, unpack_error
+from modelstore.model import LocalModel
+
+DEFAULT_STALL_TIMEOUT_S = 300.0
+DEFAULT_LOAD_TIMEOUT_S = 600.0
+WATCH_INTERVAL_S = 0.25
+UNLOAD_TIMEOUT_S = 10.0
+"""An unload that takes longer (a hung library) ends with the worker killed."""
+EXIT_WAIT_S = 2.0
+"""How long a worker that closed its socket gets to exit before it is killed."""
+
+log = logging.getLogger("mlxserve.residency")
+
+
+@dataclasses.dataclass
+class _End:
+    error: Exception | None
+
+
+@dataclasses.dataclass
+class _Pending:
+    kind: str
+    items: asyncio.Queue[Any] = dataclasses.field(default_factory=asyncio.Queue)
+
+
+class WorkerRunner:
+    """The ``name`` runner, run in a worker process the proxy starts at ``load``."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
+        load_timeout_s: float = DEFAULT_LOAD_TIMEOUT_S,
+        memory_limit_bytes: int = 0,
+        on_exit: Callable[[WorkerRunner, ModelCrashedError], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.stall_timeout_s = stall_timeout_s
+        self.load_timeout_s = load_timeout_s
+        self.memory_limit_bytes = memory_limit_bytes
+        self.on_exit = on_exit
+        self.served = 0
+        """Generations and embeddings that ended well: a crash after some is not a crash loop."""
+        self.failure: ModelCrashedError | None = None
+        self._model = "the model"
+        self._process: subprocess.Popen[bytes] | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._sync: Connection | None = None
+        self._sync_lock = threading.Lock()
+        self._pending: dict[int, _Pending] = {}
+        self._ids = itertools.count()
+        self._progress = time.monotonic()
+        self._kill_reason: str | None = None
+        self._stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._statics: dict[str, Any] = {}
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def max_parallel(self) -> int:
+        return int(self._statics.get("max_parallel", 1))
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._statics.get("chat_template")
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        return dict(self._statics.get("special_tokens") or {})
+
+    async def load(self, model: LocalModel, options: RunnerOptions) -> LoadedModelInfo:
+        self._model = model.name
+        control, control_child = socket.socketpair()
+        sync, sync_child = socket.socketpair()
+        level = logging.getLevelName(logging.getLogger("mlxserve").getEffectiveLevel())
+        fds = (control_child.fileno(), sync_child.fileno())
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "mlxserve.runners.worker", *map(str, fds)],
+            pass_fds=fds,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, LOG_LEVEL_ENV: str(level)},
+        )
+        control_child.close()
+        sync_child.close()
+        log.info("started worker %d for %s (%s runner)", self._process.pid, model.name, self.name)
+        reader, self._writer = await asyncio.open_connection(sock=control)
+        self._sync = Connection(sync.detach())
+        self._tasks = [
+            asyncio.create_task(self._read(reader)),
+            asyncio.create_task(self._watch()),
+        ]
+        try:
+            self._statics = await self._call("load", self.name, model, options)
+        except BaseException:
+            await self.unload()
+            raise
+        return self._statics["info"]
+
+    async def unload(self) -> None:
+        if self._process is None:
+            return
+        self._stopping = True
+        if self.failure is None and self._process.poll() is None:
+            try:
+                await asyncio.wait_for(self._call("unload"), UNLOAD_TIMEOUT_S)
+            except TimeoutError:
+                log.warning("worker %d did not unload %s in time", self.pid, self._model)
+            except Exception:
+                log.exception("worker %d failed to unload %s", self.pid, self._model)
+        await self._reap()
+        for task in self._tasks:
+            task.cancel()
+        if self._writer is not None:
+            self._writer.close()
+        if self._sync is not None:
+            self._sync.close()
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        return self._generate(request)
+
+    async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        if request.logits_processors:
+            raise UnsupportedFeatureError(
+                "logits processors (Python callables) cannot reach a runner in its own process",
+                param="logits_processors",
+            )
+        plain = dataclasses.replace(request, cancel=None, logits_processors=[])
+        async for chunk in self._exchange("generate", plain, cancel=request.cancel):
+            yield chunk
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        return await self._call("embed", request)
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._sync_call("tokenize", text, add_special_tokens)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return self._sync_call("detokenize", token_ids)
+
+    def describe(self) -> LoadedModelInfo:
+        return self._sync_call("describe")
+
+    def kill(self, reason: str) -> None:
+        """Kill the worker now; its requests end with ``reason`` in their crash error."""
+        if self._process is not None and self._process.poll() is None:
+            log.error("killing worker %d of %s: %s", self._process.pid, self._model, reason)
+            self._kill_reason = reason
+            self._process.kill()
+
+    async def _call(self, kind: str, *args: Any) -> Any:
+        result = None
+        async for item in self._exchange(kind, *args):
+            result = item
+        return result
+
+    async def _exchange(self, kind: str, *args: Any, cancel: Any = None) -> AsyncIterator[Any]:
+        """Send one request; yield what comes back for it until its end."""
+        if self.failure is not None:
+            raise self.failure
+        ident = next(self._ids)
+        pending = _Pending(kind)
+        if not self._pending:
+            self._progress = time.monotonic()  # the stall clock runs while something is owed
+        self._pending[ident] = pending
+        self._send((kind, ident, *args))
+        ended = cancelled = False
+        try:
+            while True:
+                item = await pending.items.get()
+                if isinstance(item, _End):
+                    ended = True
+                    if item.error is not None:
+                        raise item.error
+                    return
+                yield item
+                if cancel is not None and cancel.cancelled and not cancelled:
+                    cancelled = True
+                    self._send(("cancel", ident))
+        finally:
+            if not ended and not cancelled:
+                self._send(("cancel", ident))
+
+    def _send(self, message: Any) -> None:
+        if self._writer is not None and self.failure is None and not self._writer.is_closing():
+            self._writer.write(frame(message))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, OSError):
+            while True:
+                kind, ident, value = await read_frame(reader)
+                self._progress = time.monotonic()
+                if kind == "item":
+                    if ident in self._pending:
+                        self._pending[ident].items.put_nowait(value)
+                    continue
+                pending = self._pending.pop(ident, None)
+                if pending is None:
+                    continue
+                if value is None and pending.kind in ("generate", "embed"):
+                    self.served += 1
+                pending.items.put_nowait(_End(unpack_error(value) if value else None))
+        await self._exited()
+
+    async def _exited(self) -> None:
+        """The worker closed its socket: an unload's end, or a crash to report."""
+        code = await self._reap()
+        if self._stopping and self._kill_reason is None:
+            return
+        if self._kill_reason is not None:
+            why = self._kill_reason
+        elif code is not None and code < 0:
+            why = f"its process was killed by {signal.Signals(-code).name}"
+        else:
+            why = f"its process exited with status {code}"
+        self.failure = ModelCrashedError(
+            f"{self._model} crashed ({self.name} runner): {why}", model=self._model, reason=why
+        )
+        log.error("%s", self.failure.message)
+        for pending in self._pending.values():
+            pending.items.put_nowait(_End(self.failure))
+        self._pending.clear()
+        if self.on_exit is not None and not self._stopping:
+            self.on_exit(self, self.failure)
+
+    async def _reap(self) -> int | None:
+        """Wait (without a thread) for the worker to exit; kill it if it lingers."""
+        process = self._process
+        if process is None:
+            return None
+        deadline = time.monotonic() + EXIT_WAIT_S
+        while process.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if process.poll() is None:
+            process.kill()
+            while process.poll() is None:
+                await asyncio.sleep(0.02)
+        return process.returncode
+
+    async def _watch(self) -> None:
+        while self._process is not None and self._process.poll() is None:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            loading = any(pending.kind == "load" for pending in self._pending.values())
+            deadline = self.load_timeout_s if loading else self.stall_timeout_s
+            if self._pending and time.monotonic() - self._progress > deadline:
+                self.kill(
+                    f"it did not load in {deadline:g} s"
+                    if loading
+                    else f"it made no progress for {deadline:g} s"
+                )
+            if self.memory_limit_bytes and self.pid is not None:
+                used = platform.process_memory_bytes(self.pid)
+                if used is not None and used > self.memory_limit_bytes:
+                    self.kill(f"it used {used} bytes of memory, over its limit")
+
+    def _sync_call(self, method: str, *args: Any) -> Any:
+        """A call the daemon makes without awaiting (tokenize before a generation), answered
+        by the worker's sync thread; a worker that does not answer in time is killed."""
+        if self.failure is not None:
+            raise self.failure
+        assert self._sync is not None, "the runner is not loaded"
+        with self._sync_lock:
+            try:
+                self._sync.send((method, args))
+                if not self._sync.poll(self.stall_timeout_s):
+                    self.kill(f"no answer to {method} in {self.stall_timeout_s:g} s")
+                    raise ModelCrashedError(
+                        f"{self._model} crashed ({self.name} runner): no answer to {method}",
+                        model=self._model,
+                    )
+                status, value = self._sync.recv()
+            except (EOFError, OSError):
+                raise ModelCrashedError(
+                    f"{self._model} crashed ({self.name} runner): its process is gone",
+                    model=self._model,
+                ) from None
+        if status == "error":
+            raise unpack_error(value)
+        return value

@@ -1,0 +1,216 @@
+"""The runner worker: one process per loaded model, holding its library and weights.
+
+The daemon starts it (``isolated.py``) as ``python -m mlxserve.runners.worker CONTROL SYNC``
+with two sockets: on CONTROL, framed pickled messages carry loads, generations (a chunk per
+token, written in one batch per turn of the event loop, so a batch step of many sequences is one
+write), embeddings, cancellations and the unload; on SYNC, the calls the daemon makes without
+awaiting (tokenize, detokenize, describe) are answered by a thread of their own. The worker
+builds the runner the daemon would have built in-process (``select.make_runner``), so a
+runner's code does not know it is isolated. A library that aborts (a llama.cpp assertion, a
+Metal error) takes down this process only; the daemon sees the socket close.
+
+Messages, daemon to worker: ``(kind, id, *args)`` with kind ``load``, ``generate``, ``embed``,
+``unload`` or ``cancel``. Worker to daemon: ``("item", id, value)`` (a chunk, or a call's result)
+and ``("end", id, error)`` (``error`` is ``None`` or ``pack_error``'s tuple).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+import threading
+from collections.abc import Coroutine
+from multiprocessing.connection import Connection
+from typing import Any
+
+from mlxserve import platform
+from mlxserve.runners.base import CancelToken, GenerateRequest, ModelRunner
+from modelstore.errors import MlxserveError
+
+HEADER = struct.Struct("!Q")
+"""A frame is its length, then the pickled message."""
+LOG_LEVEL_ENV = "MLXSERVE_WORKER_LOG_LEVEL"
+log = logging.getLogger("mlxserve.worker")
+
+PackedError = tuple[str, str, str, dict[str, Any]]
+
+
+def frame(message: Any) -> bytes:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return HEADER.pack(len(data)) + data
+
+
+async def read_frame(reader: asyncio.StreamReader) -> Any:
+    (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+    return pickle.loads(await reader.readexactly(size))
+
+
+def pack_error(error: BaseException) -> PackedError:
+    """An exception as plain data: an ``MlxserveError`` keeps its class (its code and status);
+    anything else becomes a 500 in the daemon, as it would have in-process."""
+    if isinstance(error, MlxserveError):
+        kind = type(error)
+        return kind.__module__, kind.__qualname__, error.message, dict(error.details)
+    return "", type(error).__name__, str(error), {}
+
+
+class WorkerFailure(RuntimeError):
+    """An unexpected exception in the worker (a bug): the daemon's 500 with a request id."""
+
+
+def unpack_error(packed: PackedError) -> Exception:
+    module, name, message, details = packed
+    if module:
+        with contextlib.suppress(ImportError, AttributeError):
+            kind = getattr(importlib.import_module(module), name)
+            if isinstance(kind, type) and issubclass(kind, MlxserveError):
+                error = kind.__new__(kind)
+                MlxserveError.__init__(error, message, **details)
+                return error
+    return WorkerFailure(f"{name}: {message}")
+
+
+class Worker:
+    def __init__(self, control: socket.socket, sync: Connection) -> None:
+        self.control = control
+        self.sync = sync
+        self.runner: ModelRunner | None = None
+        self.cancels: dict[int, CancelToken] = {}
+        self._outbox: list[bytes] = []
+        self._writer: asyncio.StreamWriter | None = None
+
+    def post(self, message: Any) -> None:
+        """Queue a message; everything posted in one turn of the loop goes in one write."""
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox.append(frame(message))
+
+    def _flush(self) -> None:
+        assert self._writer is not None
+        self._writer.write(b"".join(self._outbox))
+        self._outbox.clear()
+
+    async def serve(self) -> None:
+        reader, self._writer = await asyncio.open_connection(sock=self.control)
+        threading.Thread(target=self._serve_sync, name="worker-sync", daemon=True).start()
+        tasks: set[asyncio.Task[None]] = set()
+        while True:
+            try:
+                kind, ident, *args = await read_frame(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return  # the daemon is gone: so is the reason to live
+            if kind == "cancel":
+                token = self.cancels.get(ident)
+                if token is not None:
+                    token.cancel()
+                continue
+            if kind == "generate":
+                self.cancels[ident] = CancelToken()  # before a cancel for it can arrive
+                args.append(ident)
+            task = asyncio.create_task(self._run(ident, self._handler(kind, *args)))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            if kind == "unload":
+                await task
+                await self._writer.drain()
+                return
+
+    def _handler(self, kind: str, *args: Any) -> Coroutine[Any, Any, None]:
+        handlers = {
+            "load": self._load,
+            "generate": self._generate,
+            "embed": self._embed,
+            "unload": self._unload,
+        }
+        return handlers[kind](*args)
+
+    async def _run(self, ident: int, work: Coroutine[Any, Any, Any]) -> None:
+        try:
+            async for value in _as_items(work):
+                self.post(("item", ident, value))
+        except BaseException as error:  # everything goes back to the daemon
+            if not isinstance(error, MlxserveError):
+                log.exception("worker request %d failed", ident)
+            self.post(("end", ident, pack_error(error)))
+        else:
+            self.post(("end", ident, None))
+        finally:
+            self.cancels.pop(ident, None)
+
+    async def _load(self, runner_name: str, model: Any, options: Any) -> Any:
+        from mlxserve.runners.select import make_runner
+
+        self.runner = make_runner(runner_name)
+        info = await self.runner.load(model, options)
+        return {
+            "info": info,
+            "max_parallel": self.runner.max_parallel,
+            "chat_template": self.runner.chat_template,
+            "special_tokens": self.runner.special_tokens,
+        }
+
+    async def _generate(self, request: GenerateRequest, ident: int) -> Any:
+        assert self.runner is not None
+        request.cancel = self.cancels[ident]
+        return self.runner.generate(request)
+
+    async def _embed(self, request: Any) -> Any:
+        assert self.runner is not None
+        return await self.runner.embed(request)
+
+    async def _unload(self) -> None:
+        if self.runner is not None:
+            await self.runner.unload()
+
+    def _serve_sync(self) -> None:
+        """Tokenize, detokenize, describe: answered on their own socket, while the loop
+        serves generations (the runners already allow these calls from another thread)."""
+        while True:
+            try:
+                method, args = self.sync.recv()
+            except (EOFError, OSError):
+                return
+            try:
+                result = getattr(self.runner, method)(*args)
+            except Exception as error:
+                self.sync.send(("error", pack_error(error)))
+            else:
+                self.sync.send(("ok", result))
+
+
+async def _as_items(work: Coroutine[Any, Any, Any]) -> Any:
+    """A handler's result as the items to send: a generation's chunks one by one, anything
+    else (a load's info, an embedding) as one item; ``None`` as none."""
+    result = await work
+    if hasattr(result, "__anext__"):
+        async for chunk in result:
+            yield chunk
+    elif result is not None:
+        yield result
+
+
+def main() -> None:
+    control_fd, sync_fd = (int(arg) for arg in sys.argv[1:3])
+    # A Ctrl-C at the daemon's terminal reaches its whole process group: the daemon stops
+    # its workers itself, after answering what is in flight.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(
+        level=os.environ.get(LOG_LEVEL_ENV, "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s[worker %(process)d]: %(message)s",
+    )
+    control = socket.socket(fileno=control_fd)
+    worker = Worker(control, Connection(sync_fd))
+    asyncio.run(worker.serve())
+    platform.exit_process(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""Each loaded model runs in its own worker process (``mlxserve/runners/isolated.py``): a model
+that aborts its library, a worker killed or hung, ends its own requests with ``model_crashed``
+while the daemon and its other models keep answering; a model that keeps crashing is refused.
+
+The crash cases are real: GGUFs whose metadata lies in ways that make llama.cpp abort the
+process (``FACTS.md``), and real signals sent to the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import populated_store
+from tests.daemon import Daemon
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="finds the workers and their maps in /proc"
+)
+
+LIES: dict[str, dict[str, int | float]] = {
+    "block_count": {"llama.block_count": 10000},
+    "expert_count": {"llama.expert_count": 4},
+    "nan_epsilon": {"llama.attention.layer_norm_rms_epsilon": float("nan")},
+}
+"""Metadata lies that pass the import's checks and abort llama.cpp (SIGABRT) at load or at the
+first decode: a block count the tensors do not have, experts on a dense model, and a NaN norm
+epsilon (two threads assert at once)."""
+STALL_S = 15.0
+"""The daemon's ``runner_stall_timeout_s`` here (a load has its own, longer deadline): long
+enough for a decode step on a busy machine, short enough for the hang test."""
+CRASH_ANSWER_S = 30.0
+"""A crash is answered within seconds (the worker starts, loads and aborts on a busy CPU)."""
+VERSION_ANSWER_S = 1.0
+STREAM = {"prompt": "Tell a story", "stream": True, "options": {"num_predict": 100000}}
+
+
+@pytest.fixture(scope="module")
+def lying_ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from tests.fixtures.gguf_models import write_f32_gguf
+
+    root = tmp_path_factory.mktemp("lying")
+    return {
+        name: write_f32_gguf("llama", root / f"{name}.gguf", lies) for name, lies in LIES.items()
+    }
+
+
+@pytest.fixture
+def crash_daemon(tiny_models, default_gguf, tmp_path):
+    """The tiny models, and the default model as ``slow:gguf`` (a stream that lasts seconds)."""
+    from modelstore.importer import import_path
+
+    store = populated_store(tmp_path / "home", tiny_models)
+    import_path(store, default_gguf, "slow:gguf")
+    daemon = Daemon(store.root, env={"MLXSERVE_RUNNER_STALL_TIMEOUT_S": str(STALL_S)}).start()
+    yield daemon
+    daemon.stop()
+
+
+def workers(daemon: Daemon) -> set[int]:
+    """The daemon's child processes: its models' workers."""
+    assert daemon.process is not None
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == daemon.process.pid and fields[0] != "Z":
+                found.add(int(stat.parent.name))
+    return found
+
+
+async def new_worker(daemon: Daemon, before: set[int]) -> int:
+    deadline = time.monotonic() + CRASH_ANSWER_S
+    while time.monotonic() < deadline:
+        started = workers(daemon) - before
+        if started:
+            return started.pop()
+        await asyncio.sleep(0.05)
+    raise AssertionError("no worker started")
+
+
+async def chat(session: aiohttp.ClientSession, daemon: Daemon, model: str) -> tuple[int, Any]:
+    async with session.post(
+        f"{daemon.url}/api/chat",
+        json={"model": model, "messages": [{"role": "user", "content": "Hi"}], "stream": False,
+              "options": {"num_predict": 4}},
+    ) as response:  # fmt: skip
+        return response.status, await response.json()
+
+
+@contextlib.asynccontextmanager
+async def version_probe(
+    session: aiohttp.ClientSession, daemon: Daemon
+) -> AsyncIterator[list[float]]:
+    """``/api/version``, asked over and over while the body runs: its answer times."""
+    times: list[float] = []
+
+    async def probe() -> None:
+        while True:
+            started = time.monotonic()
+            async with session.get(f"{daemon.url}/api/version") as response:
+                assert response.status == 200
+            times.append(time.monotonic() - started)
+            await asyncio.sleep(0.05)
+
+    task = asyncio.create_task(probe())
+    try:
+        yield times
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def create_from_file(
+    session: aiohttp.ClientSession, daemon: Daemon, path: Path, name: str
+) -> tuple[int, Any]:
+    from modelstore.blobs import hash_file
+
+    digest, _ = hash_file(path)
+    uploaded = await session.post(f"{daemon.url}/api/blobs/{digest}", data=path.read_bytes())
+    assert uploaded.status in (200, 201)
+    async with session.post(
+        f"{daemon.url}/api/create",
+        json={"model": name, "files": {"model.gguf": digest}, "stream": False},
+    ) as response:
+        return response.status, await response.json()
+
+
+async def assert_serving(session: aiohttp.ClientSession, daemon: Daemon, model: str) -> None:
+    status, body = await chat(session, daemon, model)
+    assert status == 200, body
+    assert daemon.process is not None and daemon.process.poll() is None
+
+
+@pytest.mark.parametrize("lie", LIES)
+async def test_a_gguf_whose_metadata_aborts_llama_cpp_crashes_its_worker_only(
+    crash_daemon, lying_ggufs, lie
+):
+    daemon = crash_daemon
+    async with aiohttp.ClientSession() as session:
+        status, created = await create_from_file(session, daemon, lying_ggufs[lie], "liar:1")
+        if status != 200:  # refused at create is as good, if it says why
+            assert status == 400 and created["code"], created
+            return
+        await assert_serving(session, daemon, "tiny:gguf")
+        (other,) = workers(daemon)
+        for _ in range(2):
+            started = time.monotonic()
+            async with version_probe(session, daemon) as answers:
+                status, body = await chat(session, daemon, "liar:1")
+            assert status == 500, body
+            assert body["code"] == "model_crashed"
+            assert "SIGABRT" in body["error"] or "no progress" in body["error"]
+            assert time.monotonic() - started < CRASH_ANSWER_S
+            assert answers and max(answers) < VERSION_ANSWER_S
+            assert workers(daemon) == {other}  # its memory is returned: the worker is gone
+        status, body = await chat(session, daemon, "liar:1")
+        assert status == 500, body
+        assert body["code"] == "model_crash_loop"
+        assert "crashed 2 times in a row" in body["error"]
+        await assert_serving(session, daemon, "tiny:gguf")
+        assert workers(daemon) == {other}  # the other model never stopped
+
+
+async def stream_until_crash(
+    session: aiohttp.ClientSession, daemon: Daemon, hurt: signal.Signals
+) -> tuple[dict[str, Any], float]:
+    """Start a stream on ``slow:gguf``, send its worker ``hurt`` after the first token: the
+    stream's last line, and how long it took to come after the signal."""
+    before = workers(daemon)
+    async with session.post(
+        f"{daemon.url}/api/generate", json={**STREAM, "model": "slow:gguf"}
+    ) as (response):
+        assert response.status == 200
+        first = json.loads(await response.content.readline())
+        assert first["done"] is False
+        worker = await new_worker(daemon, before)
+        os.kill(worker, hurt)
+        hurt_at = time.monotonic()
+        lines = [json.loads(line) async for line in response.content if line.strip()]
+    return lines[-1], time.monotonic() - hurt_at
+
+
+async def test_a_worker_killed_mid_stream_ends_the_stream_and_then_is_refused(crash_daemon):
+    daemon = crash_daemon
+    async with aiohttp.ClientSession() as session:
+        await assert_serving(session, daemon, "tiny:gguf")
+        (other,) = workers(daemon)
+        for _ in range(2):
+            async with version_probe(session, daemon) as answers:
+                last, after = await stream_until_crash(session, daemon, signal.SIGKILL)
+            assert last["code"] == "model_crashed", last
+            assert "SIGKILL" in last["error"]
+            assert after < CRASH_ANSWER_S
+            assert answers and max(answers) < VERSION_ANSWER_S
+            assert workers(daemon) == {other}
+        status, body = await chat(session, daemon, "slow:gguf")
+        assert status == 500
+        assert body["code"] == "model_crash_loop", body
+        await assert_serving(session, daemon, "tiny:gguf")
+
+
+async def test_a_hung_worker_is_killed_at_its_deadline_and_the_next_request_restarts_it(
+    crash_daemon,
+):
+    daemon = crash_daemon
+    async with aiohttp.ClientSession() as session:
+        last, after = await stream_until_crash(session, daemon, signal.SIGSTOP)
+        assert last["code"] == "model_crashed", last
+        assert f"no progress for {STALL_S:g} s" in last["error"]
+        assert STALL_S - 1 < after < STALL_S + 5
+        assert workers(daemon) == set()
+        await assert_serving(session, daemon, "slow:gguf")  # a new worker, from the start
+
+
+async def test_the_daemon_maps_no_weights_its_worker_does(crash_daemon):
+    daemon = crash_daemon
+    assert daemon.process is not None
+    async with aiohttp.ClientSession() as session:
+        await assert_serving(session, daemon, "slow:gguf")
+    (worker,) = workers(daemon)
+    blobs = str(daemon.home / "blobs")
+    assert blobs not in Path(f"/proc/{daemon.process.pid}/maps").read_text()
+    assert blobs in Path(f"/proc/{worker}/maps").read_text()
