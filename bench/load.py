@@ -14,6 +14,10 @@ And on the llama.cpp runner (the default GGUF as it is):
 
 ``--threads N`` runs (c) on a copy of the default model made with ``/api/create`` and
 ``num_thread N`` (llama.cpp's ``n_threads``): on a shared CPU one thread can beat two.
+
+``--isolation`` measures instead what the worker process costs (docs/RUNNERS.md): the daemon
+with each model in its own worker against the same daemon with ``isolate_runners`` off,
+taking turns ``--rounds`` times, at each ``--clients`` count, on the runners asked.
 """
 
 from __future__ import annotations
@@ -236,6 +240,59 @@ async def llamacpp_slots(
     return result
 
 
+async def isolation_cost(
+    store: Any, model: str, tokens: int, client_counts: list[int], rounds: int
+) -> dict[str, Any]:
+    """Tokens/s and median time to first token with the runner in a worker process and in
+    the daemon's own, the two daemons taking turns so that load from elsewhere hits both."""
+    configs = {"worker_process": "1", "in_daemon": "0"}
+    runs: dict[str, dict[int, list[dict[str, float]]]] = {
+        label: {n: [] for n in client_counts} for label in configs
+    }
+    flags = ["--num-parallel", str(max(client_counts)), "--max-queue", "64"]
+    for _ in range(rounds):
+        for label, isolate in configs.items():
+            daemon = Daemon(store.root, flags, {"MLXSERVE_ISOLATE_RUNNERS": isolate}).start()
+            try:
+                for n in client_counts:
+                    runs[label][n].append(
+                        await concurrent(daemon.url, model, n, tokens, distinct=True)
+                    )
+            finally:
+                daemon.stop()
+    result: dict[str, Any] = {"model": model, "rounds": rounds}
+    for n in client_counts:
+        rate = {
+            label: median([r["aggregate_tokens_per_s"] for r in runs[label][n]])
+            for label in configs
+        }
+        ttft = {label: median([r["median_ttft_s"] for r in runs[label][n]]) for label in configs}
+        result[f"{n}_clients"] = {
+            "tokens_per_s": {label: round(value, 2) for label, value in rate.items()},
+            "median_ttft_s": {label: round(value, 3) for label, value in ttft.items()},
+            "tokens_per_s_worker_over_in_daemon": round(
+                rate["worker_process"] / rate["in_daemon"], 3
+            ),
+            "ttft_worker_minus_in_daemon_ms": round(
+                (ttft["worker_process"] - ttft["in_daemon"]) * 1000, 1
+            ),
+        }
+    return result
+
+
+async def measure_isolation(
+    tokens: int, client_counts: list[int], runner: str, rounds: int
+) -> dict[str, Any]:
+    store = bench_store()
+    result: dict[str, Any] = {"benchmark": "isolation", "tokens": tokens}
+    if runner in ("all", "llamacpp"):
+        result["llamacpp"] = await isolation_cost(store, MODEL, tokens, client_counts, rounds)
+    if runner in ("all", "mlx"):
+        mlx_copy(store)
+        result["mlx"] = await isolation_cost(store, MLX_MODEL, tokens, client_counts, rounds)
+    return result
+
+
 async def measure(
     tokens: int, client_counts: list[int], runner: str, rounds: int, threads: int | None
 ) -> dict[str, Any]:
@@ -287,7 +344,11 @@ def main() -> None:
     parser.add_argument("--runner", choices=["all", "mlx", "llamacpp"], default="all")
     parser.add_argument("--rounds", type=int, default=2, help="llama.cpp: turns per daemon")
     parser.add_argument("--threads", type=int, help="llama.cpp: n_threads (num_thread)")
+    parser.add_argument("--isolation", action="store_true", help="worker process vs in-daemon")
     args = parser.parse_args()
+    if args.isolation:
+        emit(asyncio.run(measure_isolation(args.tokens, args.clients, args.runner, args.rounds)))
+        return
     emit(asyncio.run(measure(args.tokens, args.clients, args.runner, args.rounds, args.threads)))
 
 

@@ -120,8 +120,8 @@ class ModelManager:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
-        for name in list(self.residents):
-            await self._unload(name)
+        # At once: each worker gets its bounded unload, so shutdown is as long as the slowest.
+        await asyncio.gather(*(self._unload(name) for name in list(self.residents)))
 
     @staticmethod
     def canonical(name: str) -> str:
