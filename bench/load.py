@@ -280,11 +280,46 @@ async def isolation_cost(
     return result
 
 
+async def channel_cost(chunks: int = 20000, per_write: int = 8) -> dict[str, Any]:
+    """The boundary alone: ``GenerateChunk``s framed, written ``per_write`` at a time (a batch
+    step of that many sequences) through a socket pair and read back, as ``worker.py`` and
+    ``isolated.py`` do; microseconds per chunk, free of the model's speed."""
+    import socket
+
+    from mlxserve.runners.base import GenerateChunk
+    from mlxserve.runners.worker import frame, read_frame
+
+    left, right = socket.socketpair()
+    reader, reader_side = await asyncio.open_connection(sock=left)
+    _, writer = await asyncio.open_connection(sock=right)  # both kept: a dropped one closes
+    chunk = GenerateChunk(text=" sea", token_ids=[7001])
+
+    async def write() -> None:
+        for _ in range(chunks // per_write):
+            writer.write(b"".join(frame(("item", 1, chunk)) for _ in range(per_write)))
+            await writer.drain()
+
+    started = time.perf_counter()
+    sender = asyncio.create_task(write())
+    for _ in range(chunks // per_write * per_write):
+        await read_frame(reader)
+    await sender
+    seconds = time.perf_counter() - started
+    writer.close()
+    reader_side.close()
+    return {
+        "chunks": chunks,
+        "per_write": per_write,
+        "us_per_chunk": round(seconds / chunks * 1e6, 2),
+    }
+
+
 async def measure_isolation(
     tokens: int, client_counts: list[int], runner: str, rounds: int
 ) -> dict[str, Any]:
     store = bench_store()
     result: dict[str, Any] = {"benchmark": "isolation", "tokens": tokens}
+    result["channel"] = [await channel_cost(per_write=n) for n in (1, 8)]
     if runner in ("all", "llamacpp"):
         result["llamacpp"] = await isolation_cost(store, MODEL, tokens, client_counts, rounds)
     if runner in ("all", "mlx"):

@@ -37,9 +37,10 @@ LIES: dict[str, dict[str, int | float]] = {
 """Metadata lies that pass the import's checks and abort llama.cpp (SIGABRT) at load or at the
 first decode: a block count the tensors do not have, experts on a dense model, and a NaN norm
 epsilon (two threads assert at once)."""
-STALL_S = 15.0
+STALL_S = 30.0
 """The daemon's ``runner_stall_timeout_s`` here (a load has its own, longer deadline): long
-enough for a decode step on a busy machine, short enough for the hang test."""
+enough for a cold prefill on this shared 2-core machine at its busiest (15 s was not), short
+enough for the hang test."""
 CRASH_ANSWER_S = 30.0
 """A crash is answered within seconds (the worker starts, loads and aborts on a busy CPU)."""
 VERSION_ANSWER_S = 1.0
@@ -212,6 +213,7 @@ async def test_a_worker_killed_mid_stream_ends_the_stream_and_then_is_refused(cr
         await assert_serving(session, daemon, "tiny:gguf")
 
 
+@pytest.mark.slow
 async def test_a_hung_worker_is_killed_at_its_deadline_and_the_next_request_restarts_it(
     crash_daemon,
 ):
@@ -220,7 +222,7 @@ async def test_a_hung_worker_is_killed_at_its_deadline_and_the_next_request_rest
         last, after = await stream_until_crash(session, daemon, signal.SIGSTOP)
         assert last["code"] == "model_crashed", last
         assert f"no progress for {STALL_S:g} s" in last["error"]
-        assert STALL_S - 1 < after < STALL_S + 5
+        assert STALL_S - 1 < after < STALL_S + 10
         assert workers(daemon) == set()
         await assert_serving(session, daemon, "slow:gguf")  # a new worker, from the start
 
@@ -234,3 +236,37 @@ async def test_the_daemon_maps_no_weights_its_worker_does(crash_daemon):
     blobs = str(daemon.home / "blobs")
     assert blobs not in Path(f"/proc/{daemon.process.pid}/maps").read_text()
     assert blobs in Path(f"/proc/{worker}/maps").read_text()
+
+
+async def test_a_worker_over_its_memory_limit_is_killed_with_that_reason(tiny_models, tmp_path):
+    """A limit below what a worker with llama.cpp loaded holds: killed, reported, not retried
+    forever."""
+    store = populated_store(tmp_path / "home", tiny_models)
+    daemon = Daemon(store.root, env={"MLXSERVE_RUNNER_MEMORY_LIMIT_BYTES": str(20 << 20)}).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            status, body = await chat(session, daemon, "tiny:gguf")
+            assert status == 500, body
+            assert body["code"] == "model_crashed"
+            assert "over its limit" in body["error"]
+            assert workers(daemon) == set()
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.parametrize(("value", "isolated"), [("0", False), ("false", False), ("1", True)])
+def test_isolation_is_a_setting(monkeypatch, tmp_path, value, isolated):
+    from mlxserve.server.config import load_settings
+
+    monkeypatch.setenv("MLXSERVE_HOME", str(tmp_path))
+    monkeypatch.setenv("MLXSERVE_ISOLATE_RUNNERS", value)
+    assert load_settings().isolate_runners is isolated
+
+
+def test_a_setting_that_is_not_a_boolean_is_refused(monkeypatch, tmp_path):
+    from mlxserve.server.config import ConfigError, load_settings
+
+    monkeypatch.setenv("MLXSERVE_HOME", str(tmp_path))
+    monkeypatch.setenv("MLXSERVE_ISOLATE_RUNNERS", "sometimes")
+    with pytest.raises(ConfigError, match="isolate_runners"):
+        load_settings()

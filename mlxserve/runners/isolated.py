@@ -187,7 +187,7 @@ class WorkerRunner:
 
     def kill(self, reason: str) -> None:
         """Kill the worker now; its requests end with ``reason`` in their crash error."""
-        if self._process is not None and self._process.poll() is None:
+        if self._kill_reason is None and self._process is not None and self._process.poll() is None:
             log.error("killing worker %d of %s: %s", self._process.pid, self._model, reason)
             self._kill_reason = reason
             self._process.kill()
