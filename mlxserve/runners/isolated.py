@@ -50,6 +50,8 @@ UNLOAD_TIMEOUT_S = 10.0
 EXIT_WAIT_S = 2.0
 """How long a worker that closed its socket gets to exit before it is killed."""
 
+SERVING_KINDS = frozenset({"generate", "embed", "rerank"})
+"""Requests that, ended well, show the model serves (so a later crash starts a new count)."""
 log = logging.getLogger("mlxserve.residency")
 
 
@@ -176,6 +178,10 @@ class WorkerRunner:
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         return await self._call("embed", request)
 
+    async def rerank(self, request: Any) -> Any:
+        """For the embedding runners that score pairs (``routes_rerank.py``)."""
+        return await self._call("rerank", request)
+
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._sync_call("tokenize", text, add_special_tokens)
 
@@ -241,7 +247,7 @@ class WorkerRunner:
                 pending = self._pending.pop(ident, None)
                 if pending is None:
                     continue
-                if value is None and pending.kind in ("generate", "embed"):
+                if value is None and pending.kind in SERVING_KINDS:
                     self.served += 1
                 pending.items.put_nowait(_End(unpack_error(value) if value else None))
         await self._exited()

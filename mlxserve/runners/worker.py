@@ -10,8 +10,8 @@ runner's code does not know it is isolated. A library that aborts (a llama.cpp a
 Metal error) takes down this process only; the daemon sees the socket close.
 
 Messages, daemon to worker: ``(kind, id, *args)`` with kind ``load``, ``generate``, ``embed``,
-``unload`` or ``cancel``. Worker to daemon: ``("item", id, value)`` (a chunk, or a call's result)
-and ``("end", id, error)`` (``error`` is ``None`` or ``pack_error``'s tuple).
+``rerank``, ``unload`` or ``cancel``. Worker to daemon: ``("item", id, value)`` (a chunk, or a
+call's result) and ``("end", id, error)`` (``error`` is ``None`` or ``pack_error``'s tuple).
 """
 
 from __future__ import annotations
@@ -128,6 +128,7 @@ class Worker:
             "load": self._load,
             "generate": self._generate,
             "embed": self._embed,
+            "rerank": self._rerank,
             "unload": self._unload,
         }
         return handlers[kind](*args)
@@ -165,6 +166,10 @@ class Worker:
     async def _embed(self, request: Any) -> Any:
         assert self.runner is not None
         return await self.runner.embed(request)
+
+    async def _rerank(self, request: Any) -> Any:
+        assert self.runner is not None
+        return await self.runner.rerank(request)  # type: ignore[attr-defined]
 
     async def _unload(self) -> None:
         if self.runner is not None:
