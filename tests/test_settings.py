@@ -43,6 +43,10 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "sse_keepalive_s": ("2.5", 2.5),
     "group_step_timeout_s": ("60", 60.0),
     "webui": ("off", False),
+    "isolate_runners": ("off", False),
+    "runner_stall_timeout_s": ("120", 120.0),
+    "runner_load_timeout_s": ("900", 900.0),
+    "runner_memory_limit_bytes": ("8589934592", 8589934592),
 }
 
 
