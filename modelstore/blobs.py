@@ -18,7 +18,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from modelstore.errors import BlobNotFoundError, DigestMismatchError, DiskFullError
+from modelstore.errors import (
+    BlobNotFoundError,
+    CorruptStoreError,
+    DigestMismatchError,
+    DiskFullError,
+)
 from modelstore.reference import validate_digest
 
 CHUNK_SIZE = 4 << 20
@@ -343,3 +348,33 @@ class BlobStore:
                     leftover.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+
+class DigestCache:
+    """Blobs checked against their digests, remembered by (size, mtime) so that a model loaded
+    again is not hashed again unless a blob changed on disk (the daemon checks every blob of a
+    model before loading it)."""
+
+    def __init__(self, blobs: BlobStore) -> None:
+        self.blobs = blobs
+        self._verified: dict[Path, tuple[int, int]] = {}
+
+    def check(self, name: str, digests: list[str]) -> None:
+        for digest in digests:
+            path = self.blobs.path(digest)
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                raise CorruptStoreError(
+                    f"model {name}: blob {digest} is missing; run `mlxctl verify`", digest=digest
+                ) from None
+            key = (stat.st_size, stat.st_mtime_ns)
+            if self._verified.get(path) == key:
+                continue
+            if not self.blobs.verify(digest):
+                raise CorruptStoreError(
+                    f"model {name}: blob {digest} does not match its digest; the store is "
+                    "corrupt (run `mlxctl verify`, then re-import or pull the model)",
+                    digest=digest,
+                )
+            self._verified[path] = key

@@ -47,6 +47,7 @@ from mlxserve.runners.engine import EngineThread
 from mlxserve.runners.kvcache import kv_cache_type
 from mlxserve.runners.loading import load_options
 from mlxserve.runners.mlx import MlxRunner
+from modelstore.blobs import DigestCache
 from modelstore.model import LocalModel
 from modelstore.runtime import open_model
 from modelstore.store import ModelStore
@@ -93,8 +94,6 @@ def verify_model(
     blobs; any rank that cannot is named in the error every rank raises, before loading.
     Rank 0's load options win everywhere: a batch size or prompt-cache bound that differed
     between ranks would make their batches diverge."""
-    from mlxserve.server.residency import DigestCache
-
     wanted = None
     if group.rank == 0:
         stored = store.resolve(name or "")
@@ -113,7 +112,7 @@ def verify_model(
                 f"{wanted['digest']}; run `mlxctl pull {wanted['name']}` there"
             )
         else:
-            DigestCache(store).check(
+            DigestCache(store.blobs).check(
                 wanted["name"], [stored.manifest_digest, *stored.manifest.blob_digests()]
             )
     except MlxserveError as exc:

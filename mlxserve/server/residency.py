@@ -19,7 +19,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from mlxserve.errors import ModelCrashedError, ModelCrashLoopError, QueueFullError
 from mlxserve.inference import LoadedModel
@@ -31,7 +30,7 @@ from mlxserve.runners.select import make_runner
 from mlxserve.server.config import Settings
 from mlxserve.server.metrics import Metrics
 from mlxserve.server.scheduler import ModelQueue
-from modelstore.errors import CorruptStoreError
+from modelstore.blobs import DigestCache
 from modelstore.reference import parse_reference
 from modelstore.runtime import open_model
 from modelstore.store import ModelStore
@@ -70,34 +69,6 @@ class CrashRecord:
     reason: str
 
 
-class DigestCache:
-    """Blob path -> (size, mtime) at which it last hashed right."""
-
-    def __init__(self, store: ModelStore) -> None:
-        self.store = store
-        self._verified: dict[Path, tuple[int, int]] = {}
-
-    def check(self, name: str, digests: list[str]) -> None:
-        for digest in digests:
-            path = self.store.blobs.path(digest)
-            try:
-                stat = path.stat()
-            except FileNotFoundError:
-                raise CorruptStoreError(
-                    f"model {name}: blob {digest} is missing; run `mlxctl verify`", digest=digest
-                ) from None
-            key = (stat.st_size, stat.st_mtime_ns)
-            if self._verified.get(path) == key:
-                continue
-            if not self.store.blobs.verify(digest):
-                raise CorruptStoreError(
-                    f"model {name}: blob {digest} does not match its digest; the store is "
-                    "corrupt (run `mlxctl verify`, then re-import or pull the model)",
-                    digest=digest,
-                )
-            self._verified[path] = key
-
-
 class ModelManager:
     def __init__(self, store: ModelStore, settings: Settings, metrics: Metrics) -> None:
         self.store = store
@@ -108,7 +79,7 @@ class ModelManager:
         self._load_locks: dict[str, asyncio.Lock] = {}
         self._pending: dict[str, int] = {}
         """Admitted requests per model not yet in its queue (waiting for a load)."""
-        self._digests = DigestCache(store)
+        self._digests = DigestCache(store.blobs)
         self._reaper: asyncio.Task[None] | None = None
         self._crashes: dict[str, CrashRecord] = {}
 
