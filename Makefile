@@ -30,11 +30,15 @@ run: $(STAMP)
 
 test: $(STAMP)
 	scripts/install-system-deps.sh
-	$(BIN)/ruff check .
+	$(MAKE) lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# ruff, and the layering contract (.importlinter: which package may import which, no circles;
+# docs/ARCHITECTURE.md).
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.all

@@ -34,9 +34,10 @@ from bench.common import MODEL, bench_store, emit
 from bench.llamacpp_batch import decode_steps
 from bench.load import MLX_MODEL, QUESTION, client_question, mlx_copy
 from mlxserve import platform
-from mlxserve.inference import LoadedModel
+from mlxserve.chat.model import LoadedModel
 from mlxserve.runners.llama_library import import_llama_cpp
 from modelstore.runtime import open_model
+from tests.chat_helpers import chat_request
 from tests.daemon import Daemon
 
 PROFILE_STAGES = {
@@ -200,13 +201,13 @@ async def per_token_profile(store: Any, tokens: int) -> dict[str, Any]:
     try:
         messages = [{"role": "user", "content": QUESTION}]
         options = {"temperature": 0.0, "max_tokens": tokens}
-        async for _ in loaded.generate(loaded.chat_request(messages, {"max_tokens": 2})):
+        async for _ in loaded.generate(chat_request(loaded, messages, {"max_tokens": 2})):
             pass
         yappi.set_clock_type("wall")
         final = None
         started = time.perf_counter()
         yappi.start()
-        async for chunk in loaded.generate(loaded.chat_request(messages, options)):
+        async for chunk in loaded.generate(chat_request(loaded, messages, options)):
             final = chunk
         yappi.stop()
         wall = time.perf_counter() - started

@@ -19,7 +19,7 @@ import zipfile
 from pathlib import Path
 
 from bench.common import emit, median
-from mlxserve.inference import LoadedModel
+from mlxserve.chat.model import LoadedModel
 from mlxserve.runners.base import EmbedRequest
 from modelstore.importer import import_path
 from modelstore.spec import package_file

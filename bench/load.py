@@ -36,11 +36,12 @@ import aiohttp
 
 from bench.common import MODEL, bench_store, emit, median
 from mlxserve import platform
-from mlxserve.inference import LoadedModel
+from mlxserve.chat.model import LoadedModel
 from mlxserve.runners.gguf_convert import convert_gguf
 from mlxserve.runners.mlx import derived_folder
 from modelstore.importer import import_path
 from modelstore.runtime import open_model
+from tests.chat_helpers import chat_request
 from tests.daemon import Daemon, free_port
 
 MLX_MODEL = "bench/smollm2-mlx:f32"
@@ -127,8 +128,8 @@ async def in_process(store: Any, tokens: int) -> dict[str, float]:
     loaded = await LoadedModel.load(store, MLX_MODEL, "mlx")
     try:
         messages = [{"role": "user", "content": QUESTION}]
-        await anext_all(loaded, loaded.chat_request(messages, {"max_tokens": 2}))
-        request = loaded.chat_request(messages, {"temperature": 0.0, "max_tokens": tokens})
+        await anext_all(loaded, chat_request(loaded, messages, {"max_tokens": 2}))
+        request = chat_request(loaded, messages, {"temperature": 0.0, "max_tokens": tokens})
         started = time.perf_counter()
         final = await anext_all(loaded, request)
         seconds = time.perf_counter() - started

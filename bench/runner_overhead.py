@@ -15,8 +15,9 @@ from typing import Any
 
 from bench.common import MODEL, bench_store, emit, median
 from mlxserve import platform
-from mlxserve.inference import LoadedModel
+from mlxserve.chat.model import LoadedModel
 from modelstore.runtime import open_model
+from tests.chat_helpers import chat_prompt, chat_request, raw_request
 
 QUESTION = "Write a short story about a robot who learns to paint."
 SYSTEM = (
@@ -26,7 +27,7 @@ SYSTEM = (
 
 
 async def ours_tokens_per_second(loaded: LoadedModel, prompt: list[int], tokens: int) -> float:
-    request = loaded.raw_request("", {"temperature": 0.0, "max_tokens": tokens})
+    request = raw_request(loaded, "", {"temperature": 0.0, "max_tokens": tokens})
     request.prompt_tokens = prompt
     request.logit_bias = {}
     final = None
@@ -64,7 +65,7 @@ def bare_llama_tokens_per_second(llama: Any, prompt: list[int], tokens: int) -> 
 async def follow_up_ttft(loaded: LoadedModel, fresh: bool) -> tuple[float, int]:
     """Time to first token of turn 2 of a conversation, with turn 1's cache or without."""
     turn1 = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}]
-    first = loaded.chat_request(turn1, {"temperature": 0.0, "max_tokens": 16})
+    first = chat_request(loaded, turn1, {"temperature": 0.0, "max_tokens": 16})
     answer = "".join([c.text async for c in loaded.generate(first)])
     if fresh:
         await reset_caches(loaded)
@@ -73,7 +74,7 @@ async def follow_up_ttft(loaded: LoadedModel, fresh: bool) -> tuple[float, int]:
         {"role": "assistant", "content": answer},
         {"role": "user", "content": "Now make it sadder."},
     ]
-    request = loaded.chat_request(turn2, {"temperature": 0.0, "max_tokens": 1})
+    request = chat_request(loaded, turn2, {"temperature": 0.0, "max_tokens": 1})
     final = [c async for c in loaded.generate(request)][-1]
     await reset_caches(loaded)
     return final.stats.time_to_first_token / 1e6, final.stats.cached_prompt_tokens
@@ -91,7 +92,7 @@ async def measure(runner_name: str, tokens: int, rounds: int) -> dict[str, Any]:
     store = bench_store()
     loaded = await LoadedModel.load(store, MODEL, runner_name)
     prompt = loaded.runner.tokenize(
-        loaded.chat_prompt([{"role": "user", "content": QUESTION}]), False
+        chat_prompt(loaded, [{"role": "user", "content": QUESTION}]), False
     )
     ours, bare = [], []
     if runner_name == "mlx":

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from mlxserve.inference import LoadedModel
+from mlxserve.chat.model import LoadedModel
 from modelstore.default_model import DEFAULT_MODEL, ensure_default_model
 from modelstore.store import ModelStore
+from tests.chat_helpers import chat_prompt, chat_request
 from tests.cli import MLXCTL, mlxctl
 
 QUESTION = "What is the capital of France? Answer in one word."
@@ -121,12 +122,12 @@ async def test_gguf_converted_to_mlx_tokenizes_and_decodes_like_llama_cpp(shared
     cpp = await LoadedModel.load(store, DEFAULT_MODEL, "llamacpp")
     try:
         messages = [{"role": "user", "content": QUESTION}]
-        assert mlx.chat_prompt(messages) == cpp.chat_prompt(messages)
-        for text in (mlx.chat_prompt(messages), "Numbers 12345 and café 🙂 <|im_end|>"):
+        assert chat_prompt(mlx, messages) == chat_prompt(cpp, messages)
+        for text in (chat_prompt(mlx, messages), "Numbers 12345 and café 🙂 <|im_end|>"):
             assert mlx.runner.tokenize(text, False) == cpp.runner.tokenize(text, False)
         tokens = []
         for loaded in (mlx, cpp):
-            request = loaded.chat_request(messages, {"temperature": 0.0, "max_tokens": 6})
+            request = chat_request(loaded, messages, {"temperature": 0.0, "max_tokens": 6})
             tokens.append([t async for c in loaded.generate(request) for t in c.token_ids])
         assert tokens[0] == tokens[1]
     finally:

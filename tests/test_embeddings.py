@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mlxserve.chat.model import LoadedModel
 from mlxserve.errors import InvalidRequestError, UnsupportedFeatureError
-from mlxserve.inference import LoadedModel
 from mlxserve.runners.base import EmbedRequest, GenerateRequest
 from mlxserve.runners.select import choose_runner
 from modelstore.errors import ImportSourceError

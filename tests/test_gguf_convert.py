@@ -24,6 +24,7 @@ from mlxserve.errors import (
 from mlxserve.runners import gguf_convert
 from mlxserve.runners.gguf_convert import convert_gguf, mlx_can_convert
 from modelstore.errors import ImportSourceError
+from tests.chat_helpers import chat_prompt, chat_request
 from tests.fixtures.gguf_models import ARCHITECTURES, MORE_QUANTS, QUANTS, build_gguf
 
 STEPS = 32
@@ -295,7 +296,7 @@ def test_choose_runner_prefers_mlx_for_every_convertible_gguf(monkeypatch):
 @pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
 async def test_a_converted_gguf_chats_on_the_mlx_runner_as_on_llama_cpp(gguf_root, tmp_path, arch):
     """Through the runners, as the daemon uses them: same prompt, same tokens, same answer."""
-    from mlxserve.inference import LoadedModel
+    from mlxserve.chat.model import LoadedModel
     from modelstore.importer import import_path
     from modelstore.store import ModelStore
 
@@ -305,12 +306,12 @@ async def test_a_converted_gguf_chats_on_the_mlx_runner_as_on_llama_cpp(gguf_roo
     cpp = await LoadedModel.load(store, f"{arch}:f16", "llamacpp")
     try:
         messages = [{"role": "user", "content": "The capital of France is"}]
-        prompt = mlx.chat_prompt(messages)
-        assert prompt == cpp.chat_prompt(messages)
+        prompt = chat_prompt(mlx, messages)
+        assert prompt == chat_prompt(cpp, messages)
         assert mlx.runner.tokenize(prompt, False) == cpp.runner.tokenize(prompt, False)
         tokens = []
         for loaded in (mlx, cpp):
-            request = loaded.chat_request(messages, {"temperature": 0.0, "max_tokens": 8})
+            request = chat_request(loaded, messages, {"temperature": 0.0, "max_tokens": 8})
             tokens.append([t async for c in loaded.generate(request) for t in c.token_ids])
         assert len(tokens[0]) == 8 and tokens[0] == tokens[1]
     finally:

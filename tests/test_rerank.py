@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mlxserve.chat.model import LoadedModel
 from mlxserve.errors import InvalidRequestError, UnsupportedFeatureError
-from mlxserve.inference import LoadedModel
 from mlxserve.runners.base import EmbedRequest, GenerateRequest, RerankRequest
 from mlxserve.runners.rerank import budget_batches
 from modelstore.importer import import_path

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import pytest
 
+from mlxserve.chat.model import LoadedModel, build_request
 from mlxserve.errors import ContextOverflowError, ModelNotLoadedError, UnsupportedFormatError
-from mlxserve.inference import LoadedModel, build_request
 from mlxserve.runners.base import GenerateChunk, GenerateRequest
 from mlxserve.runners.select import choose_runner
 from modelstore.runtime import open_model
+from tests.chat_helpers import chat_prompt
 
 CASES = [("mlx", "tiny:mlx"), ("llamacpp", "tiny:gguf"), ("mlx", "tiny:gguf")]
 NO_SPECIALS = {0: -100.0, 1: -100.0, 2: -100.0}
@@ -186,7 +187,7 @@ async def test_chat_template_renders_the_same_prompt_on_every_runner(loaded):
         {"role": "assistant", "content": "Hello."},
         {"role": "user", "content": "Capital of France?"},
     ]
-    assert loaded.chat_prompt(messages) == (
+    assert chat_prompt(loaded, messages) == (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
         "<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nCapital of France?"
         "<|im_end|>\n<|im_start|>assistant\n"

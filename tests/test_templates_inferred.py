@@ -13,6 +13,7 @@ from modelstore.importer import import_path
 from modelstore.runtime import open_model
 from modelstore.store import ModelStore
 from modelstore.templates import NO_TEMPLATE_WARNING
+from tests.chat_helpers import chat_request
 from tests.fixtures.family_ggufs import CASES, make_family_gguf
 
 CONVERSATION = [
@@ -104,7 +105,7 @@ def test_a_base_gguf_chats_in_its_inferred_format_with_bos_in_llama_cpp(
     BOS, gets ChatML (its vocabulary has ``<|im_start|>``) and exactly one BOS token."""
     import asyncio
 
-    from mlxserve.inference import LoadedModel
+    from mlxserve.chat.model import LoadedModel
     from tests.fixtures.tiny_models import BOS_ID, BOS_TOKEN, IM_START, make_tiny_gguf
 
     path = make_tiny_gguf(tmp_path / "base.gguf", chat_template=None, add_bos=True)
@@ -113,7 +114,7 @@ def test_a_base_gguf_chats_in_its_inferred_format_with_bos_in_llama_cpp(
     async def tokens() -> tuple[str, list[int]]:
         loaded = await LoadedModel.load(store, "base:test", "llamacpp")
         try:
-            request = loaded.chat_request([{"role": "user", "content": "Hi"}], {})
+            request = chat_request(loaded, [{"role": "user", "content": "Hi"}], {})
             return request.prompt or "", request.prompt_tokens or []
         finally:
             await loaded.unload()

@@ -12,13 +12,14 @@ import urllib.request
 import pytest
 from PIL import Image
 
+from mlxserve.chat.model import LoadedModel
 from mlxserve.errors import InvalidRequestError, UnsupportedFeatureError
-from mlxserve.inference import LoadedModel
 from mlxserve.runners.select import choose_runner
 from mlxserve.server.describe import show_body
 from modelstore.importer import import_path
 from modelstore.runtime import open_model
 from modelstore.store import ModelStore
+from tests.chat_helpers import chat_request
 from tests.fixtures.tiny_vision import make_tiny_vision_model
 from tests.test_images import bomb_png
 
@@ -49,7 +50,7 @@ async def vision(vision_store):
 
 
 async def answer(loaded: LoadedModel, images: list[bytes]) -> tuple[list[int], int]:
-    request = loaded.chat_request(QUESTION, {"temperature": 0.0, "max_tokens": 8})
+    request = chat_request(loaded, QUESTION, {"temperature": 0.0, "max_tokens": 8})
     request.images = images
     chunks = [chunk async for chunk in loaded.generate(request)]
     tokens = [token for chunk in chunks for token in chunk.token_ids]
@@ -89,7 +90,7 @@ async def test_a_bad_image_is_refused(vision, data):
 
 
 async def test_json_output_is_refused_not_ignored(vision):
-    request = vision.chat_request(QUESTION, {})
+    request = chat_request(vision, QUESTION, {})
     request.response_format = {"type": "json"}
     with pytest.raises(UnsupportedFeatureError):
         [chunk async for chunk in vision.generate(request)]

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
+from mlxserve.chat.model import LoadedModel
 from mlxserve.errors import InvalidRequestError
-from mlxserve.inference import LoadedModel
 from mlxserve.runners.select import choose_runner
 from mlxserve.server.describe import show_body
 from modelstore import mediatypes

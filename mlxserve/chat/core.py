@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlxserve.chat.model import LoadedModel, build_request
 from mlxserve.chat.output import OutputParser
 from mlxserve.chat.tooling import call_format, forced_tools, with_tool_preamble
 from mlxserve.chat.types import (
@@ -34,7 +35,6 @@ from mlxserve.chat.types import (
     ToolCallEvent,
 )
 from mlxserve.errors import InvalidRequestError, TemplateError, UnsupportedFeatureError
-from mlxserve.inference import LoadedModel, build_request
 from mlxserve.prompts import build_messages, render_chat
 from mlxserve.runners.base import CancelToken, GenerateChunk, GenerateRequest, TokenLogprob
 from modelstore.errors import MlxserveError

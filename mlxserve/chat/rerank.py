@@ -16,9 +16,9 @@ import asyncio
 import math
 
 from mlxserve.chat.core import prepare
+from mlxserve.chat.model import LoadedModel
 from mlxserve.chat.types import ChatRequest, Message
 from mlxserve.errors import InferenceError, InvalidRequestError, UnsupportedFeatureError
-from mlxserve.inference import LoadedModel
 from mlxserve.runners.base import RerankRequest, RerankResult
 from mlxserve.runners.rerank import too_long
 

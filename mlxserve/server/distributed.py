@@ -75,7 +75,7 @@ def group_context(
 ) -> Callable[[Any], AsyncIterator[None]]:
     """An aiohttp ``cleanup_ctx`` for rank 0: the group's model is verified and loaded before
     the daemon accepts a request, and unloaded (the followers told to stop) when it stops."""
-    from mlxserve.inference import LoadedModel
+    from mlxserve.chat.model import LoadedModel
     from mlxserve.server.state import MANAGER
 
     async def lifetime(app: Any) -> AsyncIterator[None]:

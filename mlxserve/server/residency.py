@@ -20,8 +20,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from mlxserve.chat.model import LoadedModel
 from mlxserve.errors import ModelCrashedError, ModelCrashLoopError, QueueFullError
-from mlxserve.inference import LoadedModel
 from mlxserve.runners.base import LoadAsk, ModelRunner, RunnerOptions
 from mlxserve.runners.isolated import WorkerRunner
 from mlxserve.runners.loading import clamped_context, load_options

@@ -1,4 +1,5 @@
-"""A model loaded in a runner, plus what turns user input into a ``GenerateRequest``.
+"""A model loaded in a runner, as the chat core uses it, plus what turns user input into a
+``GenerateRequest``.
 
 Shared by ``mlxctl run`` (in-process) and the daemon: the ModelSpec's defaults, the request's
 overrides, and one prompt builder (``prompts.py``) for every runner, so the same messages give
@@ -15,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlxserve.chat.family import ModelFamily, detect_family
-from mlxserve.chat.types import ChatRequest, Message
 from mlxserve.errors import InvalidRequestError
 from mlxserve.prompts import CHATML_TEMPLATE
 from mlxserve.runners.base import (
@@ -107,35 +107,6 @@ class LoadedModel:
     def family(self) -> ModelFamily:
         """Tool-call format, think and FIM tokens: read once from the template and vocabulary."""
         return detect_family(self.runner, self.template)
-
-    def _plain_chat(
-        self, messages: list[dict[str, Any]], overrides: dict[str, Any] | None = None
-    ) -> ChatRequest:
-        return ChatRequest(
-            self.model.name,
-            messages=[Message(m["role"], m.get("content") or "") for m in messages],
-            sampling=dict(overrides or {}),
-        )
-
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
-        """The prompt the chat core renders for plain ``{"role", "content"}`` messages."""
-        from mlxserve.chat.core import render_prompt
-
-        return render_prompt(self, self._plain_chat(messages))[0]
-
-    def chat_request(
-        self, messages: list[dict[str, Any]], overrides: dict[str, Any]
-    ) -> GenerateRequest:
-        """The generation request the chat core makes of plain messages (tests, benches)."""
-        from mlxserve.chat.core import prepare
-
-        return prepare(self, self._plain_chat(messages, overrides)).request
-
-    def raw_request(self, prompt: str, overrides: dict[str, Any]) -> GenerateRequest:
-        from mlxserve.chat.core import prepare
-
-        chat = ChatRequest(self.model.name, prompt=prompt, raw=True, sampling=dict(overrides))
-        return prepare(self, chat).request
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         return self.runner.generate(request)
