@@ -316,13 +316,14 @@ async def channel_cost(chunks: int = 20000, per_write: int = 8) -> dict[str, Any
 
 
 async def measure_isolation(
-    tokens: int, client_counts: list[int], runner: str, rounds: int
+    tokens: int, client_counts: list[int], runner: str, rounds: int, threads: int | None
 ) -> dict[str, Any]:
     store = bench_store()
     result: dict[str, Any] = {"benchmark": "isolation", "tokens": tokens}
     result["channel"] = [await channel_cost(per_write=n) for n in (1, 8)]
     if runner in ("all", "llamacpp"):
-        result["llamacpp"] = await isolation_cost(store, MODEL, tokens, client_counts, rounds)
+        model = await with_threads(store, threads) if threads else MODEL
+        result["llamacpp"] = await isolation_cost(store, model, tokens, client_counts, rounds)
     if runner in ("all", "mlx"):
         mlx_copy(store)
         result["mlx"] = await isolation_cost(store, MLX_MODEL, tokens, client_counts, rounds)
@@ -383,7 +384,11 @@ def main() -> None:
     parser.add_argument("--isolation", action="store_true", help="worker process vs in-daemon")
     args = parser.parse_args()
     if args.isolation:
-        emit(asyncio.run(measure_isolation(args.tokens, args.clients, args.runner, args.rounds)))
+        emit(
+            asyncio.run(
+                measure_isolation(args.tokens, args.clients, args.runner, args.rounds, args.threads)
+            )
+        )
         return
     emit(asyncio.run(measure(args.tokens, args.clients, args.runner, args.rounds, args.threads)))
 
