@@ -36,6 +36,7 @@ ENVIRONMENT = {
     "log_level": "MLXSERVE_LOG_LEVEL",
     "sse_keepalive_s": "MLXSERVE_SSE_KEEPALIVE_S",
     "prompt_cache_bytes": "MLXSERVE_PROMPT_CACHE_BYTES",
+    "prompt_cache_disk_bytes": "MLXSERVE_PROMPT_CACHE_DISK_BYTES",
     "group_step_timeout_s": "MLXSERVE_GROUP_STEP_TIMEOUT_S",
 }
 
@@ -96,6 +97,9 @@ class Settings:
     prompt_cache_bytes: int = 1 << 30
     """Per model: KV caches kept for follow-up prompts (mlx-lm's LRU); the bound that keeps
     batching from growing memory without limit, with ``num_parallel`` x context for slots."""
+    prompt_cache_disk_bytes: int | None = None
+    """The prompt cache's disk tier, for every model together (``cache/prompts`` under the
+    home): ``None`` sizes it from free space (a tenth, at most 16 GiB); 0 keeps it off."""
     sse_keepalive_s: float = 5.0
     """How often an SSE stream sends a comment line while the prompt is still being read."""
     group_step_timeout_s: float = 30.0

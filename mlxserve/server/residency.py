@@ -14,12 +14,14 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mlxserve.errors import QueueFullError
 from mlxserve.inference import LoadedModel
 from mlxserve.runners.base import LoadAsk, RunnerOptions
 from mlxserve.runners.loading import context_length as check_context
 from mlxserve.runners.loading import load_options
+from mlxserve.runners.promptcache import default_disk_bytes
 from mlxserve.server.config import Settings
 from mlxserve.server.metrics import Metrics
 from mlxserve.server.scheduler import ModelQueue
@@ -195,10 +197,21 @@ class ModelManager:
             kv_cache_type=load.kv_cache_type,
             max_parallel=self.settings.num_parallel,
             prompt_cache_bytes=self.settings.prompt_cache_bytes,
+            **self._disk_tier(),
         )
         local = await asyncio.to_thread(open_model, self.store, name)
         check_context(local, load_options(local, options), options.max_parallel or 1)
         return options
+
+    def _disk_tier(self) -> dict[str, Any]:
+        """Where and how much of the disk the runners' prompt caches may use."""
+        budget = self.settings.prompt_cache_disk_bytes
+        root = self.store.prompt_cache_dir
+        if budget is None:
+            budget = default_disk_bytes(root)
+        if budget <= 0:
+            return {}
+        return {"prompt_cache_dir": str(root), "prompt_cache_disk_bytes": budget}
 
     async def _load(
         self, name: str, runner: str | None, keep_alive: float | None, load: LoadAsk
