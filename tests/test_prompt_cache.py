@@ -96,8 +96,15 @@ def entry_files(store: ModelStore) -> list[Path]:
 
 
 def entry_of(store: ModelStore, prompt: list[int]) -> Path:
-    """The file holding ``prompt``'s state (other tests leave entries of other prompts)."""
-    [path] = [p for p in entry_files(store) if header_of(p)["tokens"][: len(prompt)] == prompt]
+    """The file holding ``prompt``'s state, the others removed (entries of prompts that share
+    a prefix with it would be found next)."""
+    found = []
+    for path in entry_files(store):
+        if header_of(path)["tokens"][: len(prompt)] == prompt:
+            found.append(path)
+        else:
+            path.unlink()
+    [path] = found
     return path
 
 
@@ -208,6 +215,7 @@ async def test_an_entry_of_another_kv_type_is_a_miss(store, prompt, cold):
         stats = runner.describe().details["prompt_cache"]
     finally:
         await runner.unload()
+    shutil.rmtree(q8_folder)  # its own entry, which the later tests do not expect
     assert cached == 0
     assert stats["rejected"] == 1
 
