@@ -306,8 +306,12 @@ class SlotEngine:
             hit, sequence.hit = sequence.hit, None
             if hit is not None and hit.tokens > cached and sequence.media is None:
                 cached = self._restore(slot, hit)
-            elif self.cache is not None:
-                self.cache.record_live(cached)
+                if not cached:
+                    hit = None
+            else:
+                hit = None
+            if self.cache is not None and sequence.media is None:
+                self.cache.record(hit, cached)
             if not self._llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, cached, -1):
                 self._llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, 0, -1)
                 cached = 0

@@ -483,10 +483,10 @@ class MlxRunner:
             remaining = prompt[-1:]
         cached = len(prompt) - len(remaining)
         restored = self._restore(hit) if hit is not None and hit.tokens > cached else None
-        if restored is not None:
-            cache, cached, remaining = restored, hit.tokens, prompt[hit.tokens :]  # type: ignore[union-attr]
-        elif self._disk is not None:
-            self._disk.record_live(cached)
+        if restored is not None and hit is not None:
+            cache, cached, remaining = restored, hit.tokens, prompt[hit.tokens :]
+        if self._disk is not None:
+            self._disk.record(hit if restored is not None else None, cached)
         (uid,) = self._batch.insert(
             [remaining],
             max_tokens=[max_tokens],

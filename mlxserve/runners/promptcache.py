@@ -226,6 +226,7 @@ class PromptCache:
         self._index: dict[bytes, str] = {}
         """Every block hash of every entry -> the name of an entry holding that prefix."""
         self._scanned = False
+        self._scan_lock = threading.Lock()
         self._writes: queue.Queue[Entry | None] = queue.Queue()
         self._writer: threading.Thread | None = None
         if self.disk_bytes > 0:
@@ -238,11 +239,13 @@ class PromptCache:
 
     def lookup(self, tokens: list[int], *, better_than: int = 0) -> Hit | None:
         """The entry sharing the longest prefix with ``tokens`` (at most all but the last, whose
-        logits the runner must compute), if it beats the ``better_than`` tokens the runner's
-        live slots hold; a disk entry is read and verified here (call it off the engine)."""
+        logits the runner must compute). A disk entry is read and verified here (call it off
+        the engine), and only if it beats the ``better_than`` tokens the runner's live slots
+        hold; a RAM entry costs nothing to return (concurrent prompts may find the slot that
+        holds their prefix taken). The runner reports what it used with ``record``."""
         limit = len(tokens) - 1
         hashes = block_hashes(self.key_hex, tokens[:limit])
-        if len(hashes) * BLOCK_TOKENS <= better_than:
+        if not hashes:
             return None
         self._scan()
         while True:
@@ -256,7 +259,6 @@ class PromptCache:
                     None,
                 )
                 if found is None:
-                    self.counters.misses += 1
                     return None
                 blocks, name = found
                 entry = self._ram.get(name) or self._disk.get(name)
@@ -264,27 +266,35 @@ class PromptCache:
                     self._forget_hashes(name, hashes[: blocks + 1])
                     continue
                 reused = min(common_prefix(entry.tokens, tokens), limit)
+                if entry.payload is not None:
+                    if name in self._ram:
+                        self._ram.move_to_end(name)
+                    return Hit(reused, entry.payload, len(entry.tokens), "ram")
                 if reused <= better_than:
                     return None
-                if entry.payload is not None:
-                    self._ram.move_to_end(name)
-                    self.counters.ram.hits += 1
-                    self.counters.ram.tokens += reused
-                    return Hit(reused, entry.payload, len(entry.tokens), "ram")
             payload = self._read(entry)
             if payload is None:
                 continue
             with self._lock:
-                self.counters.disk.hits += 1
-                self.counters.disk.tokens += reused
+                if 0 < entry.size <= self.ram_bytes and not entry.dropped:
+                    entry.payload = payload  # promoted: the next prompt like it reads RAM
+                    self._ram[name] = entry
+                    self._trim_ram()
             return Hit(reused, payload, len(entry.tokens), "disk")
 
-    def record_live(self, tokens: int) -> None:
-        """A prompt that reused ``tokens`` from the runner's own slots."""
-        if tokens > 0:
-            with self._lock:
+    def record(self, hit: Hit | None, live_tokens: int) -> None:
+        """What a prompt reused: ``hit`` if the runner restored it, else ``live_tokens`` from
+        the runner's own slots (none: a miss)."""
+        with self._lock:
+            if hit is not None:
+                tier = self.counters.ram if hit.tier == "ram" else self.counters.disk
+                tier.hits += 1
+                tier.tokens += hit.tokens
+            elif live_tokens > 0:
                 self.counters.live.hits += 1
-                self.counters.live.tokens += tokens
+                self.counters.live.tokens += live_tokens
+            else:
+                self.counters.misses += 1
 
     # -- store -------------------------------------------------------------------------------
 
@@ -389,18 +399,22 @@ class PromptCache:
         while total > self.ram_bytes and self._ram:
             name, entry = self._ram.popitem(last=False)
             total -= entry.size
-            if name not in self._disk and self._writer is None:
+            if entry.path is not None:
+                entry.payload = None  # the disk holds it
+            elif name not in self._disk and self._writer is None:
                 entry.dropped = True
                 self._forget_hashes(name, entry.hashes)
 
     def _scan(self) -> None:
         """Index this key's disk entries from their headers, once, at the first lookup; clear
         away partial writes left by killed processes."""
-        if self._scanned or self.folder is None or self.disk_bytes <= 0:
+        with self._scan_lock:
+            if not self._scanned and self.folder is not None and self.disk_bytes > 0:
+                self._scan_folder()
             self._scanned = True
-            return
-        self._scanned = True
-        assert self.root is not None
+
+    def _scan_folder(self) -> None:
+        assert self.root is not None and self.folder is not None
         now = time.time()
         for temp in (self.root / "tmp").glob("*"):
             with contextlib.suppress(OSError):
