@@ -160,6 +160,12 @@ def session(
         messages.append(
             {"role": "assistant", "content": final.get("message", {}).get("content", "") or "ok"}
         )
+        print(
+            f"turn {turn}: ttft {ttft:.2f}s {final.get('cached_prompt_tokens')}/"
+            f"{final.get('prompt_eval_count')} cached",
+            file=sys.stderr,
+            flush=True,
+        )
         turns.append(
             {
                 "ttft_s": round(ttft, 3),

@@ -220,7 +220,10 @@ class SlotEngine:
         self._context.close()
 
     def forget_prefixes(self) -> None:
-        """Drop the KV cache that free slots keep for follow-ups (a cold start, for benches)."""
+        """Drop the KV cache that free slots and the prompt cache's RAM tier keep for
+        follow-ups (a cold start, for benches)."""
+        if self.cache is not None:
+            self.cache.forget_ram()
         for slot in self.slots:
             if slot.sequence is None:
                 slot.tokens.clear()

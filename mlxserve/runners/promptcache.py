@@ -350,6 +350,17 @@ class PromptCache:
         with self._lock:
             self._ram.clear()
 
+    def forget_ram(self) -> None:
+        """Empty the RAM tier (a cold start for benches); the disk tier keeps its entries."""
+        with self._lock:
+            for name, entry in self._ram.items():
+                if entry.path is not None:
+                    entry.payload = None
+                elif name not in self._disk:
+                    entry.dropped = True
+                    self._forget_hashes(name, entry.hashes)
+            self._ram.clear()
+
     def stats(self) -> dict[str, Any]:
         """Plain data for ``/api/ps`` and ``/metrics``."""
         with self._lock:
