@@ -22,7 +22,7 @@ from bench.common import emit
 from mlxserve import platform
 from mlxserve.runners.base import GenerateRequest
 from mlxserve.runners.kvcache import KV_CACHE
-from mlxserve.runners.llamacpp import import_llama_cpp
+from mlxserve.runners.llama_library import import_llama_cpp
 from mlxserve.runners.llamacpp_slots import PREFILL_TOKENS, SlotEngine
 from modelstore.spec import package_file
 

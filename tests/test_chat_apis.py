@@ -40,8 +40,9 @@ What these tests assume of the daemon where the issue leaves a choice:
   vocabularies; llama.cpp's ``detokenize`` drops such tokens unless asked for them.
 - Errors: native ``{"error": "..."}``, OpenAI chat and Responses ``{"error": {"message": ...,
   "type": ...}}``, Anthropic ``{"type": "error", "error": {"type": ..., "message": ...}}``.
-  An unknown model is 404; ``think`` on a model without thinking, a named ``tool_choice`` that
-  names no given tool, and Responses' ``previous_response_id`` are 400.
+  An unknown model is 404; a named ``tool_choice`` that names no given tool, and Responses'
+  ``previous_response_id`` are 400. Thinking asked of a model without it is the leniency
+  table's (``tests/test_leniency.py``): native 400, elsewhere ignored.
 - ``parallel_tool_calls: false`` (Anthropic: ``disable_parallel_tool_use``) keeps the first
   call. Ollama's API has no such field; natively it is an mlxserve extension, like
   ``tool_choice``.
@@ -54,7 +55,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Annotated, Any
 
 import anthropic
 import httpx
@@ -62,6 +63,9 @@ import jsonschema
 import ollama
 import openai
 import pytest
+from langchain_core.tools import tool as langchain_tool
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import Field
 
 from tests.fixtures.scripted_models import (
     DETOUR_TEXT,
@@ -103,9 +107,25 @@ FORECAST_TOOL: dict[str, Any] = {
     },
 }
 """A schema a random model cannot satisfy by chance: bounds, an enum, no extra keys."""
+
+
+@langchain_tool
+def find_files(
+    pattern: Annotated[str, Field(max_length=12)],
+    max_results: Annotated[int, Field(ge=1, le=50)] = 10,
+    recursive: bool = True,
+) -> str:
+    """Find files whose names match a glob pattern."""
+    return ""
+
+
+LANGCHAIN_TOOL: dict[str, Any] = convert_to_openai_tool(find_files)
+"""As LangChain's ``@tool`` writes a tool: no ``additionalProperties``. Its values are bounded
+so that a random model completes the call within the limit (an unbounded string it may write
+until ``max_tokens``, which is ``forced-call-cut-short``)."""
 TOOL_SCHEMAS = {
     tool["function"]["name"]: tool["function"]["parameters"]
-    for tool in (WEATHER_TOOL, FORECAST_TOOL)
+    for tool in (WEATHER_TOOL, FORECAST_TOOL, LANGCHAIN_TOOL)
 }
 ANSWER_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -774,6 +794,21 @@ def calls_validly(name: str | None) -> Expect:
     return expect
 
 
+def calls_with_declared_keys_only(reply: Reply, resend: Resend) -> None:
+    """A forced call to a tool whose schema leaves ``additionalProperties`` unsaid: still one
+    structured call, whose arguments hold only the declared keys."""
+    calls_validly(None)(reply, resend)
+    (call,) = reply.tool_calls
+    strict = {**TOOL_SCHEMAS[call["name"]], "additionalProperties": False}
+    jsonschema.validate(call["arguments"], strict)
+
+
+def a_forced_call_cut_short_is_neither_call_nor_text(reply: Reply, _resend: Resend) -> None:
+    """Out of tokens mid-call: no call, no half-written JSON as text, and the finish reason
+    (``length``, ``max_tokens``, ``incomplete``) says why."""
+    assert (reply.tool_calls, reply.text.strip(), reply.finish) == ([], "", "length")
+
+
 def thinks_then_answers(reply: Reply, _resend: Resend) -> None:
     assert reply.thinking.strip() == THINKING_REASONING
     assert reply.text.strip() == THINKING_ANSWER
@@ -895,6 +930,28 @@ def cases() -> list[Case]:
         ),
         *(
             Case(
+                f"forced-call-with-a-langchain-schema-{model}",
+                Ask(
+                    model,
+                    tools=(LANGCHAIN_TOOL,),
+                    tool_choice="required",
+                    max_tokens=CONSTRAINED_MAX_TOKENS,
+                ),
+                calls_with_declared_keys_only,
+                slow=model == DEFAULT_MODEL,
+            )
+            for model in (*TINY_MODELS, DEFAULT_MODEL)
+        ),
+        *(
+            Case(
+                f"forced-call-cut-short-{model}",
+                Ask(model, tools=(FORECAST_TOOL,), tool_choice="get_forecast", max_tokens=4),
+                a_forced_call_cut_short_is_neither_call_nor_text,
+            )
+            for model in TINY_MODELS
+        ),
+        *(
+            Case(
                 f"thinking-is-separated-{f}",
                 Ask(model_name(THINKING, f), think=True),
                 thinks_then_answers,
@@ -905,11 +962,6 @@ def cases() -> list[Case]:
             "thinking-off-answers-without-a-thought",
             Ask(model_name(THINKING, "gguf"), think=False),
             says(THINKING_ANSWER),
-        ),
-        Case(
-            "think-on-a-model-without-thinking-is-400",
-            Ask(model_name(PLAIN, "gguf"), think=True),
-            status=400,
         ),
         Case(
             "think-off-on-a-model-without-thinking-is-ignored",
@@ -1057,22 +1109,30 @@ def test_native_think_levels_turn_thinking_on(apis) -> None:
 
 
 @pytest.mark.parametrize(
-    ("model", "present", "absent"),
+    ("model", "present", "absent", "native"),
     [
-        (model_name(HERMES, "mlx"), {"completion", "tools"}, {"thinking", "embedding"}),
+        (model_name(HERMES, "mlx"), {"completion", "tools"}, {"thinking", "embedding"}, True),
         *(
-            (model_name(family, "gguf"), {"completion", "tools"}, {"thinking"})
+            (model_name(family, "gguf"), {"completion", "tools"}, {"thinking"}, True)
             for family in TOOL_FAMILIES
         ),
-        (model_name(THINKING, "mlx"), {"completion", "thinking"}, {"tools"}),
-        (model_name(THINKING, "gguf"), {"completion", "thinking"}, {"tools"}),
-        (model_name(PLAIN, "gguf"), {"completion"}, {"tools", "thinking", "vision"}),
+        (model_name(THINKING, "mlx"), {"completion", "thinking", "tools"}, set(), False),
+        (model_name(THINKING, "gguf"), {"completion", "thinking", "tools"}, set(), False),
+        (model_name(PLAIN, "gguf"), {"completion", "tools"}, {"thinking", "vision"}, False),
+        (DEFAULT_MODEL, {"completion", "tools"}, {"thinking", "vision"}, False),
     ],
 )
-def test_show_reports_capabilities_from_template_and_vocabulary(apis, model, present, absent):
-    capabilities = set(apis["native"].client.show(model).capabilities or [])
+def test_show_reports_capabilities_from_template_and_vocabulary(
+    apis, model, present, absent, native
+):
+    """Every model that completes accepts tools (llm's Ollama plugin refuses to send tools
+    unless ``tools`` is listed); ``native_tools`` says whether its template shows them."""
+    shown = apis["native"].client.show(model)
+    capabilities = set(shown.capabilities or [])
     assert present <= capabilities
     assert not absent & capabilities
+    raw = httpx.post(f"{apis['native'].url}/api/show", json={"model": model}, timeout=TIMEOUT_S)
+    assert raw.json()["native_tools"] is native
 
 
 def test_anthropic_client_authenticates_with_x_api_key(tiny_models, tmp_path) -> None:

@@ -173,7 +173,41 @@ def test_json_that_names_no_offered_tool_stays_text():
 def test_a_named_tool_choice_constrains_to_that_tool_and_its_schema():
     schema = call_format(forced_tools([WEATHER, CLOCK], "get_time"), parallel=False)["schema"]
     assert schema["properties"]["name"] == {"const": "get_time"}
-    assert schema["properties"]["arguments"] == CLOCK.parameters
+    assert schema["properties"]["arguments"] == {**CLOCK.parameters, "additionalProperties": False}
+
+
+def test_a_forced_calls_objects_are_closed_to_their_declared_keys():
+    """As LangChain's ``@tool`` writes a schema: no ``additionalProperties`` anywhere."""
+    nested = Tool(
+        "plan",
+        parameters={
+            "type": "object",
+            "properties": {
+                "steps": {
+                    "type": "array",
+                    "items": {"type": "object", "properties": {"title": {"type": "string"}}},
+                },
+                "meta": {"anyOf": [{"type": "object", "properties": {}}, {"type": "null"}]},
+                "extra": {"type": "object", "additionalProperties": {"type": "string"}},
+                "both": {"allOf": [{"properties": {"a": {}}}, {"properties": {"b": {}}}]},
+            },
+        },
+    )
+    arguments = call_format([nested], parallel=False)["schema"]["properties"]["arguments"]
+    assert arguments["additionalProperties"] is False
+    steps = arguments["properties"]["steps"]["items"]
+    assert steps["additionalProperties"] is False
+    assert arguments["properties"]["meta"]["anyOf"][0]["additionalProperties"] is False
+    assert arguments["properties"]["extra"]["additionalProperties"] == {"type": "string"}
+    assert all("additionalProperties" not in s for s in arguments["properties"]["both"]["allOf"])
+    assert "additionalProperties" not in nested.parameters  # the tool itself is untouched
+
+
+def test_a_forced_call_cut_short_is_no_text():
+    parser = OutputParser(family(), [WEATHER], constrained=True)
+    events = parser.feed('{"name": "get_weather", "arguments": {"ci')
+    events += parser.finish(cut=True)
+    assert events == []
 
 
 def test_required_offers_every_tool():

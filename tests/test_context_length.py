@@ -1,5 +1,6 @@
 """A request's ``num_ctx`` and a ModelSpec's ``context_length`` are honoured: the model is
-(re)loaded with that context, bounded by its trained maximum and by memory (KV cache included)."""
+(re)loaded with that context, clamped to its trained maximum and bounded by memory (KV cache
+included)."""
 
 from __future__ import annotations
 
@@ -54,13 +55,19 @@ async def test_num_ctx_smaller_then_larger_than_loaded_takes_effect(daemon):
     assert await loaded_context(daemon, "tiny:gguf") == 1536
 
 
-async def test_num_ctx_beyond_the_trained_maximum_names_the_bound(daemon):
+async def test_num_ctx_beyond_the_trained_maximum_is_clamped_to_it(daemon):
+    """As Ollama: aider sizes num_ctx to its prompt, above the model's trained 8192."""
     status, _ = await chat(daemon, "tiny:gguf", 512)
     assert status == 200
     status, body = await chat(daemon, "tiny:gguf", TRAINED * 2)
-    assert status == 400
-    assert str(TRAINED) in body["error"] and "trained" in body["error"]
-    assert await loaded_context(daemon, "tiny:gguf") == 512  # the loaded one stays
+    assert status == 200, body
+    assert await loaded_context(daemon, "tiny:gguf") == TRAINED
+    assert "larger than tiny:gguf's trained context" in daemon.log()
+    reloads = daemon.log().count("reloading tiny:gguf")
+    assert reloads >= 1
+    status, body = await chat(daemon, "tiny:gguf", TRAINED + 1)
+    assert status == 200, body
+    assert daemon.log().count("reloading tiny:gguf") == reloads  # the same context: no reload
 
 
 async def test_a_huge_spec_context_is_refused_with_the_numbers_before_loading(daemon):

@@ -99,7 +99,8 @@ async def test_show_has_the_fields_ollama_clients_read(store_daemon):
         "vocab_size",
     ):
         assert f"llama.{key}" in info, key
-    assert shown["capabilities"] == ["completion"]
+    assert shown["capabilities"] == ["completion", "tools"]
+    assert shown["native_tools"] is False
     assert "warnings" not in shown
 
 

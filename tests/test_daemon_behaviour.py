@@ -364,7 +364,7 @@ def test_nothing_listens_beyond_loopback(daemon):
             assert sock.connect_ex((address, daemon.port)) != 0
 
 
-async def test_sse_sends_keepalive_comments_while_the_prompt_is_read(make_daemon):
+async def test_sse_keepalives_while_the_prompt_is_read_follow_the_opening(make_daemon):
     daemon = make_daemon(env={"MLXSERVE_SSE_KEEPALIVE_S": "0.0001"})
     async with aiohttp.ClientSession() as session:
         response = await session.post(
@@ -379,6 +379,23 @@ async def test_sse_sends_keepalive_comments_while_the_prompt_is_read(make_daemon
         body = await response.text()
         assert body.startswith(": keep-alive")
         assert body.rstrip().endswith("data: [DONE]")
+        response = await session.post(
+            f"{daemon.url}/v1/messages",
+            json={
+                "model": "tiny:mlx",
+                "stream": True,
+                "max_tokens": 2,
+                "messages": [{"role": "user", "content": "word " * 400}],
+            },
+        )
+        events = [
+            line.removeprefix("event: ")
+            for line in (await response.text()).splitlines()
+            if line.startswith("event: ")
+        ]
+        # Anthropic's clients expect message_start first: pings may only follow it.
+        assert events[0] == "message_start" and "ping" in events, events
+        assert events[-1] == "message_stop"
 
 
 async def test_ps_and_metrics_show_a_models_slots_and_those_in_use(make_daemon):

@@ -8,6 +8,7 @@ weights written as a GGUF here (``fixtures/bert_gguf.py``); the two must agree.
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import struct
 import urllib.error
@@ -35,6 +36,8 @@ ANCHOR = "A man is eating food."
 CLOSE = "A man is eating a piece of bread."
 FAR = ["A man is riding a horse.", "A monkey is playing drums."]
 SENTENCES = [ANCHOR, CLOSE, *FAR]
+MATRYOSHKA_CARD = "---\ntags:\n- sentence-transformers\n- matryoshka\n---\n"
+"""A model card's front matter as sentence-transformers writes it for Matryoshka training."""
 LONG_TEXT = "word " * 600
 """602 tokens: over MiniLM's 256 (sentence_bert_config.json) and its GGUF's 512."""
 
@@ -50,7 +53,8 @@ def minilm_zip() -> Path:
 @pytest.fixture(scope="module")
 def embed_store(minilm_zip, tmp_path_factory) -> ModelStore:
     """``all-minilm`` (the zip, for MLX), ``all-minilm:gguf`` (the same weights as a BERT
-    GGUF, for llama.cpp) and the embedded default model ``smollm2:135m``."""
+    GGUF, for llama.cpp), the embedded default model ``smollm2:135m``, and
+    ``minilm-matryoshka`` (the same folder with a card that says Matryoshka)."""
     work = tmp_path_factory.mktemp("embed")
     store = ModelStore(work / "home")
     import_path(store, minilm_zip, "all-minilm")
@@ -59,6 +63,8 @@ def embed_store(minilm_zip, tmp_path_factory) -> ModelStore:
         archive.extractall(folder)
     import_path(store, bert_folder_to_gguf(folder, work / "minilm.gguf"), "all-minilm:gguf")
     import_path(store, package_file(DEFAULT_GGUF), "smollm2:135m")
+    (folder / "README.md").write_text(MATRYOSHKA_CARD)
+    import_path(store, folder, "minilm-matryoshka")
     return store
 
 
@@ -171,11 +177,20 @@ async def test_an_embedding_model_refuses_to_generate(mlx_minilm, gguf_minilm):
 # -- through the daemon ------------------------------------------------------------------------
 
 
+def tiktoken_cache() -> str:
+    """litellm ships tiktoken's cl100k_base file: LangChain's client and the daemon read
+    OpenAI token ids with it, offline."""
+    spec = importlib.util.find_spec("litellm")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("litellm (its bundled cl100k_base file) is not installed")
+    return str(Path(spec.submodule_search_locations[0]) / "litellm_core_utils" / "tokenizers")
+
+
 @pytest.fixture(scope="module")
 def embed_daemon(embed_store):
     from tests.daemon import Daemon
 
-    running = Daemon(embed_store.root).start()
+    running = Daemon(embed_store.root, env={"TIKTOKEN_CACHE_DIR": tiktoken_cache()}).start()
     yield running
     running.stop()
 
@@ -218,18 +233,30 @@ def test_base64_encoding_is_the_float32_vector(embed_daemon):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", ["/api/embed", "/v1/embeddings"])
-def test_dimensions_shortens_and_renormalises(embed_daemon, path):
-    status, body = post(
-        embed_daemon, path, {"model": "all-minilm", "input": [ANCHOR], "dimensions": 64}
-    )
+@pytest.mark.parametrize(
+    ("path", "model"), [("/api/embed", "all-minilm"), ("/v1/embeddings", "minilm-matryoshka")]
+)
+def test_dimensions_shortens_and_renormalises(embed_daemon, path, model):
+    status, body = post(embed_daemon, path, {"model": model, "input": [ANCHOR], "dimensions": 64})
     assert status == 200
     vector = body["embeddings"][0] if "embeddings" in body else body["data"][0]["embedding"]
     assert len(vector) == 64 and abs(np.linalg.norm(vector) - 1) < 1e-5
-    status, body = post(
-        embed_daemon, path, {"model": "all-minilm", "input": [ANCHOR], "dimensions": 385}
-    )
+    status, body = post(embed_daemon, path, {"model": model, "input": [ANCHOR], "dimensions": 385})
     assert status == 400
+
+
+def test_a_matryoshka_card_is_recorded(embed_store):
+    assert embed_store.config(embed_store.resolve("minilm-matryoshka")).embedding["matryoshka"]
+    assert "matryoshka" not in embed_store.config(embed_store.resolve("all-minilm")).embedding
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["all-minilm", "smollm2:135m"])
+def test_openai_dimensions_without_a_matryoshka_card_is_a_400(embed_daemon, model):
+    body = {"model": model, "input": [ANCHOR], "dimensions": 64}
+    status, answer = post(embed_daemon, "/v1/embeddings", body)
+    assert status == 400 and answer["error"]["code"] == "unsupported_feature", answer
+    assert answer["error"]["param"] == "dimensions"
 
 
 @pytest.mark.slow
@@ -260,6 +287,57 @@ def test_chat_with_an_embedding_model_is_a_400(embed_daemon, path, body):
 def test_show_says_embedding(embed_daemon):
     _, shown = post(embed_daemon, "/api/show", {"model": "all-minilm"})
     assert shown["capabilities"] == ["embedding"]
+
+
+@pytest.mark.slow
+def test_openai_token_ids_embed_as_their_cl100k_text(embed_daemon, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", tiktoken_cache())
+    import tiktoken
+
+    encoding = tiktoken.get_encoding("cl100k_base")
+    _, texts = post(embed_daemon, "/v1/embeddings", {"model": "all-minilm", "input": SENTENCES})
+    for body_input in ([encoding.encode(s) for s in SENTENCES], encoding.encode(SENTENCES[0])):
+        status, ids = post(
+            embed_daemon, "/v1/embeddings", {"model": "all-minilm", "input": body_input}
+        )
+        assert status == 200, ids
+        for got, want in zip(ids["data"], texts["data"], strict=False):
+            np.testing.assert_allclose(got["embedding"], want["embedding"], atol=1e-6)
+    status, bad = post(embed_daemon, "/v1/embeddings", {"model": "all-minilm", "input": [[10**7]]})
+    assert status == 400 and bad["error"]["param"] == "input"
+
+
+@pytest.mark.slow
+def test_langchain_openai_embeddings_default_sends_token_ids(embed_daemon, monkeypatch):
+    """``OpenAIEmbeddings``' default cuts texts with tiktoken and sends token-id arrays."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", tiktoken_cache())
+    from langchain_openai import OpenAIEmbeddings
+
+    embeddings = OpenAIEmbeddings(
+        model="all-minilm", base_url=embed_daemon.url + "/v1", api_key="unused"
+    )
+    assert embeddings.check_embedding_ctx_length and embeddings.tiktoken_enabled
+    documents = np.array(embeddings.embed_documents([CLOSE, *FAR]))
+    _, native = post(embed_daemon, "/api/embed", {"model": "all-minilm", "input": [CLOSE, *FAR]})
+    np.testing.assert_allclose(documents, native["embeddings"], atol=1e-5)
+    query = np.array(embeddings.embed_query(ANCHOR))
+    assert int(np.argmax(documents @ query)) == 0
+
+
+@pytest.mark.slow
+def test_openai_client_dimensions_and_base64(embed_daemon):
+    """The ``openai`` package asks for base64 by default and decodes it; ``dimensions``
+    shortens and re-normalises."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=embed_daemon.url + "/v1", api_key="unused")
+    model = "minilm-matryoshka"
+    full = client.embeddings.create(model=model, input=[ANCHOR], encoding_format="float")
+    short = client.embeddings.create(model=model, input=[ANCHOR], dimensions=64)
+    vector = np.array(short.data[0].embedding)
+    head = np.array(full.data[0].embedding[:64])
+    np.testing.assert_allclose(vector, head / np.linalg.norm(head), atol=1e-6)
+    assert short.usage.prompt_tokens == full.usage.prompt_tokens > 0
 
 
 @pytest.mark.slow

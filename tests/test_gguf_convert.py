@@ -316,3 +316,22 @@ async def test_a_converted_gguf_chats_on_the_mlx_runner_as_on_llama_cpp(gguf_roo
     finally:
         await mlx.unload()
         await cpp.unload()
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_a_raw_prompt_gets_bos_exactly_as_llama_cpp_gives_it(tmp_path, add_bos):
+    """MLX keeps BOS on raw prompts where the GGUF says llama.cpp adds it (Gemma's raw
+    completions otherwise differ between the runners)."""
+    import llama_cpp
+    from transformers import AutoTokenizer
+
+    from tests.fixtures.tiny_models import make_tiny_gguf
+
+    gguf = make_tiny_gguf(tmp_path / "tiny.gguf", add_bos=add_bos)
+    folder = convert_gguf(gguf, tmp_path / "mlx", dequantize=True)
+    llm = llama_cpp.Llama(str(gguf), n_ctx=64, vocab_only=True, verbose=False)
+    text = "The capital of France is"
+    expected = llm.tokenize(text.encode(), add_bos=True, special=True)
+    converted = AutoTokenizer.from_pretrained(str(folder)).encode(text, add_special_tokens=True)
+    assert converted == expected
+    assert (converted[0] == llm.token_bos()) is add_bos

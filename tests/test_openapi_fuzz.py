@@ -39,6 +39,7 @@ STATE_DEPENDENT_CODES = frozenset(
     {
         "unsupported_feature",  # embeddings asked of a llama.cpp model, logprobs, ...
         "context_overflow",  # a generated prompt longer than the tiny model's context
+        "context_length_exceeded",  # the same, on the OpenAI routes (OpenAI's code)
         "invalid_format",  # a generated JSON Schema no grammar engine can enforce
         "template_error",  # a conversation the model's template refuses
         "digest_mismatch",  # a blob whose bytes do not hash to the digest in the path

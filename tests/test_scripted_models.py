@@ -16,13 +16,17 @@ import pytest
 
 from mlxserve.prompts import render_chat
 from tests.fixtures.scripted_models import (
+    AGENT_TEMPLATE,
     DETOUR_TEXT,
     FAMILIES,
+    HERMES,
     PARALLEL,
+    SCRIPTED_CALL,
     THINKING,
     THINKING_ANSWER,
     TOOL_FAMILIES,
     Family,
+    make_scripted_model,
     script_ids,
     scripted_tokenizer,
 )
@@ -172,3 +176,41 @@ def test_thinking_disabled_answers_without_a_thought(scripted_models):
     _, tokenizer = load_mlx(str(scripted_models[THINKING.name].hf_folder))
     assert tokenizer.decode(tokens[:-1]) == THINKING_ANSWER
     assert llama_greedy(THINKING, scripted_models, prompt) == tokens
+
+
+ANSWERING = Family(
+    name="answering",
+    chat_template=AGENT_TEMPLATE,
+    start="\n",
+    script=HERMES.script,
+    answer=("It is sunny", " in Paris today."),
+    tools=HERMES.tools,
+)
+TOOL_ROUND = [
+    *MESSAGES,
+    {"role": "assistant", "content": "", "tool_calls": [{"function": SCRIPTED_CALL}]},
+    {"role": "tool", "content": "sunny"},
+]
+
+
+@pytest.fixture(scope="module")
+def answering_model(tmp_path_factory: pytest.TempPathFactory):
+    return make_scripted_model(ANSWERING, tmp_path_factory.mktemp("answering"))
+
+
+@pytest.mark.parametrize("runner", ["mlx", "llama.cpp"])
+def test_an_answer_family_calls_first_and_answers_after_the_tool_result(runner, answering_model):
+    """``AGENT_TEMPLATE`` cues the answer once a tool result is in the conversation, so one
+    model plays a whole tool round trip (``tests/test_agents.py``)."""
+    models = {ANSWERING.name: answering_model}
+    _, tokenizer = load_mlx(str(answering_model.hf_folder))
+    scripted = scripted_tokenizer(ANSWERING)
+    for messages, expected in ((MESSAGES, ANSWERING.text), (TOOL_ROUND, ANSWERING.answer_text)):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt = tokenizer.encode(text, add_special_tokens=False)
+        if runner == "mlx":
+            tokens = mlx_greedy(ANSWERING, models, prompt)
+        else:
+            tokens = llama_greedy(ANSWERING, models, prompt)
+        assert tokens[-1] == EOS_ID
+        assert scripted.decode(tokens[:-1], skip_special_tokens=False) == expected

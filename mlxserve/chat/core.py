@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,10 +33,10 @@ from mlxserve.chat.types import (
     ToolCall,
     ToolCallEvent,
 )
-from mlxserve.errors import InvalidRequestError, UnsupportedFeatureError
+from mlxserve.errors import InvalidRequestError, TemplateError, UnsupportedFeatureError
 from mlxserve.inference import LoadedModel, build_request
 from mlxserve.prompts import build_messages, render_chat
-from mlxserve.runners.base import GenerateChunk, GenerateRequest, TokenLogprob
+from mlxserve.runners.base import CancelToken, GenerateChunk, GenerateRequest, TokenLogprob
 from modelstore.errors import MlxserveError
 
 Heartbeat = Callable[[], Awaitable[None]]
@@ -85,13 +86,32 @@ def render_prompt(loaded: LoadedModel, chat: ChatRequest) -> tuple[str, bool]:
     if chat.raw:
         return chat.prompt or "", True
     messages = _template_messages(loaded, chat)
+    try:
+        return _render(loaded, chat, messages), False
+    except TemplateError:
+        folded = fold_system_messages(messages)
+        if folded == messages:
+            raise
+        log.info("%s: the template refuses system messages there: folded", loaded.model.name)
+        return _render(loaded, chat, folded), False
+
+
+def fold_system_messages(messages: list[Message]) -> list[Message]:
+    """Every system message folded, in order, into one at the start: for templates that allow
+    a system message only there (Claude Code sends them mid-conversation)."""
+    system = [m.content for m in messages if m.role == "system"]
+    rest = [m for m in messages if m.role != "system"]
+    return [Message("system", "\n\n".join(system)), *rest] if system else rest
+
+
+def _render(loaded: LoadedModel, chat: ChatRequest, messages: list[Message]) -> str:
     tools = chat.tools if chat.tool_choice != "none" else []
     shown_tools = None
-    if tools and family.template_shows_tools:
+    if tools and loaded.family.template_shows_tools:
         shown_tools = [tool.for_template() for tool in tools]
     elif tools:
         messages = with_tool_preamble(messages, tools)
-    prompt = render_chat(
+    return render_chat(
         loaded.template,
         build_messages([m.for_template() for m in messages], loaded.model.system),
         add_generation_prompt=True,
@@ -99,7 +119,6 @@ def render_prompt(loaded: LoadedModel, chat: ChatRequest) -> tuple[str, bool]:
         **_template_kwargs(loaded, chat),
         **loaded.runner.special_tokens,
     )
-    return prompt, False
 
 
 def _no_call_bias(loaded: LoadedModel) -> dict[int, float]:
@@ -113,7 +132,12 @@ def prepare(loaded: LoadedModel, chat: ChatRequest) -> Prepared:
     """Render and tokenize (call it off the event loop: templates and tokenizers take time)."""
     family = loaded.family
     if chat.think and not family.thinks:
-        raise InvalidRequestError(f"{loaded.model.name} does not support thinking", param="think")
+        if not chat.think_optional:
+            raise InvalidRequestError(
+                f"{loaded.model.name} does not support thinking", param="think"
+            )
+        log.info("%s has no thinking: the request's thinking is ignored", loaded.model.name)
+        chat.think = None
     if loaded.model.vision is None and any(message.images for message in chat.messages):
         raise InvalidRequestError(
             f"{loaded.model.name} is not a vision model: it cannot read images", param="images"
@@ -130,9 +154,13 @@ def prepare(loaded: LoadedModel, chat: ChatRequest) -> Prepared:
     if chat.tools and chat.tool_choice == "none":
         overrides["logit_bias"] = {**overrides.get("logit_bias", {}), **_no_call_bias(loaded)}
     overrides["logprobs"] = chat.logprobs
-    overrides["response_format"] = (
-        call_format(forced, bool(chat.parallel_tool_calls)) if forced else chat.format
-    )
+    custom = forced[0] if len(forced) == 1 and forced[0].custom else None
+    if custom is not None:
+        overrides["response_format"] = custom.grammar
+    elif forced:
+        overrides["response_format"] = call_format(forced, bool(chat.parallel_tool_calls))
+    else:
+        overrides["response_format"] = chat.format
     request = build_request(loaded.model, overrides, prompt=prompt, prompt_tokens=tokens)
     request.images = [image for message in chat.messages for image in message.images]
     tools = [] if chat.tool_choice == "none" or chat.raw or chat.suffix else chat.tools
@@ -140,6 +168,7 @@ def prepare(loaded: LoadedModel, chat: ChatRequest) -> Prepared:
         family,
         tools,
         constrained=bool(forced),
+        custom_call=custom.name if custom is not None else None,
         starts_in_reasoning=bool(family.thinks)
         and not raw
         and not overrides["response_format"]
@@ -164,28 +193,64 @@ class ChatRun:
         self._events = self._produce()
         self._started = False
         self._generated: list[int] = []
+        self._earlier = 0
+        """Tokens generated before a restart (``_end_reasoning``)."""
+        self._prompt_tokens = len(prepared.request.prompt_tokens or [])
         self.done: Done | None = None
 
     @property
     def prompt_tokens(self) -> int:
-        return len(self.prepared.request.prompt_tokens or [])
+        return self._prompt_tokens
 
     async def _produce(self) -> AsyncIterator[Event]:
         parser = self.prepared.parser
+        budget = self.chat.think_budget if self.loaded.family.thinks else None
+        reasoning = 0
         try:
-            async for chunk in self._chunks:
-                for event in parser.feed(chunk.text, chunk.logprobs):
-                    yield event
-                self._generated += chunk.token_ids
-                if chunk.done:
-                    for event in parser.finish():
+            while True:
+                async for chunk in self._chunks:
+                    for event in parser.feed(chunk.text, chunk.logprobs):
                         yield event
-                    yield self._finish(chunk)
+                    self._generated += chunk.token_ids
+                    if chunk.done:
+                        for event in parser.finish(cut=chunk.done_reason == "length"):
+                            yield event
+                        yield self._finish(chunk)
+                        return
+                    reasoning += len(chunk.token_ids) if parser.reasoning else 0
+                    if budget is not None and parser.reasoning and reasoning >= budget:
+                        break
+                else:
                     return
+                for event in await self._end_reasoning():
+                    yield event
+                budget = None
         except MlxserveError as error:
             if not (self._started and self.chat.stream):
                 raise
             yield ErrorEvent(error)
+
+    async def _end_reasoning(self) -> list[Event]:
+        """``budget_tokens`` spent: the reasoning is closed with the family's think-end marker
+        and generation goes on from there, to the answer (the prompt cache keeps the restart
+        cheap). The marker goes through the parser, which leaves reasoning on it."""
+        old = self.prepared.request
+        old.cancel.cancel()
+        with contextlib.suppress(Exception):
+            await self._chunks.aclose()
+        end = self.loaded.family.think_end or ""
+        events = self.prepared.parser.feed(end)
+        closing = self.loaded.runner.tokenize(end, add_special_tokens=False)
+        self._earlier += len(self._generated)
+        prompt = [*(old.prompt_tokens or []), *self._generated, *closing]
+        self._generated = []
+        left = None if old.max_tokens is None else max(1, old.max_tokens - self._earlier)
+        request = dataclasses.replace(
+            old, prompt=None, prompt_tokens=prompt, max_tokens=left, cancel=CancelToken()
+        )
+        self.prepared.request = request
+        self._chunks = self.loaded.generate(request)
+        return events
 
     def _finish(self, chunk: GenerateChunk) -> Done:
         reason = chunk.done_reason or "stop"
@@ -196,9 +261,12 @@ class ChatRun:
             context = [*(self.prepared.request.prompt_tokens or []), *self._generated]
         stats = chunk.stats
         assert stats is not None
+        if self._earlier:  # generation restarted after the reasoning budget
+            stats.eval_count += self._earlier
+            stats.prompt_eval_count = self._prompt_tokens
         stats.load_duration = self.load_ns
         stats.total_duration += self.load_ns
-        self.done = Done(reason, stats, context)
+        self.done = Done(reason, stats, context, chunk.stop_sequence if reason == "stop" else None)
         return self.done
 
     async def first(

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from mlxserve.mlx_lm_private import infer_think_tokens, infer_tool_parser
 from mlxserve.prompts import template_variables
 from mlxserve.runners.base import ModelRunner
 
@@ -55,7 +56,7 @@ class _Vocabulary:
 
 
 class _TokenizerView:
-    """The attributes ``_infer_tool_parser`` and ``_infer_thinking`` read from a tokenizer."""
+    """What mlx-lm's tool-parser and think-token inference read from a tokenizer."""
 
     def __init__(self, runner: ModelRunner, template: str | None) -> None:
         self.chat_template = template
@@ -93,17 +94,15 @@ class ModelFamily:
 
 def detect_family(runner: ModelRunner, template: str | None) -> ModelFamily:
     """The family of the model loaded in ``runner`` whose chat template is ``template``."""
-    from mlx_lm.tokenizer_utils import _infer_thinking, _infer_tool_parser
-
     view = _TokenizerView(runner, template)
     parser = start = end = None
-    parser_name = _infer_tool_parser(view)
+    parser_name = infer_tool_parser(view)
     if parser_name is not None:
         module = importlib.import_module(f"mlx_lm.tool_parsers.{parser_name}")
         parser = module.parse_tool_call
         start, end = module.tool_call_start, module.tool_call_end or None
         log.debug("tool parser %s", parser_name)
-    think_start, think_end, _, _ = _infer_thinking(view)
+    think_start, think_end = infer_think_tokens(view)
     vocabulary = view.get_vocab()
     fim = next((tokens for tokens in FIM_TOKEN_SETS if all(t in vocabulary for t in tokens)), None)
     return ModelFamily(

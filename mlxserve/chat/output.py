@@ -19,6 +19,7 @@ from typing import Any
 
 from mlxserve.chat.family import ModelFamily
 from mlxserve.chat.types import (
+    CUSTOM_INPUT,
     Event,
     TextDelta,
     ThinkingDelta,
@@ -76,6 +77,7 @@ class OutputParser:
         constrained: bool = False,
         starts_in_reasoning: bool = False,
         parallel_tool_calls: bool = True,
+        custom_call: str | None = None,
     ) -> None:
         from mlx_lm.generate import TextStateMachine
 
@@ -83,6 +85,8 @@ class OutputParser:
         self._tools = [tool.for_template() for tool in tools]
         self._known = {tool.name for tool in tools}
         self._constrained = constrained
+        self._custom_call = custom_call
+        """A forced free-form call: the whole output is that tool's input text."""
         self._parallel = parallel_tool_calls
         self._json_mode = bool(tools) and not constrained and family.tool_parser is None
         transitions: dict[str, list[tuple[str, str]]] = {}
@@ -106,6 +110,11 @@ class OutputParser:
         self._after_reasoning = False
         self.calls: list[ToolCall] = []
 
+    @property
+    def reasoning(self) -> bool:
+        """Whether the text so far leaves the model reasoning."""
+        return self._state[0] == REASONING
+
     def feed(self, text: str, logprobs: list[TokenLogprob] | None = None) -> list[Event]:
         if not text:
             return [TextDelta("", logprobs)] if logprobs else []
@@ -128,8 +137,8 @@ class OutputParser:
             events = self._attach(events, logprobs)
         return events
 
-    def finish(self) -> list[Event]:
-        """What was held back when the output ended."""
+    def finish(self, cut: bool = False) -> list[Event]:
+        """What was held back when the output ended (``cut``: by the token limit)."""
         self._state, pending, state = self._machine.flush(self._state)
         events: list[Event] = []
         if state == TOOL:
@@ -141,10 +150,18 @@ class OutputParser:
         else:
             events += self._answer(pending)
         held, self._held = self._held, ""
+        if self._custom_call is not None and not cut:
+            return events + self._emit(
+                [{"name": self._custom_call, "arguments": {CUSTOM_INPUT: held}}]
+            )
         if self._constrained or self._json_mode:
             calls = parse_json_calls(held, None if self._constrained else self._known)
             if calls:
                 return events + self._emit(calls)
+        if self._constrained or self._custom_call is not None:
+            # A forced call cut short (max tokens) is never an answer: no call, and the
+            # finish reason (length) says why.
+            return events
         if held and (held.strip() or not self.calls):
             events.append(TextDelta(held))
         return events

@@ -2,8 +2,10 @@
 
 ``required`` and a named function are enforced by constrained decoding with the same grammar
 engine as ``format``: the output is forced to be the call's JSON (``{"name": ..., "arguments":
-...}``, the arguments matching the function's JSON Schema), so even a tiny model returns a valid
-call. A chat template that cannot show tools still gets them, described in a system preamble
+...}``, the arguments matching the function's JSON Schema, its objects closed to the keys they
+declare), so even a tiny model returns a valid call. A forced free-form (``custom``) tool's
+output is its input text, held to the tool's Lark or regex grammar. A chat template that cannot
+show tools still gets them, described in a system preamble
 that asks for that same JSON (llama.cpp's "generic" tool format is the precedent).
 """
 
@@ -36,8 +38,47 @@ def forced_tools(tools: list[Tool], choice: ToolChoice) -> list[Tool]:
     return chosen
 
 
+SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+"""Keywords whose value maps names to subschemas."""
+SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
+SCHEMA_ONES = ("items", "additionalItems", "contains", "not", "if", "then", "else")
+OPEN_KEYWORDS = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+"""An object schema that says any of these has chosen what else it allows: left as it is."""
+
+
+def closed(schema: Any, *, in_all_of: bool = False) -> Any:
+    """``schema`` with every object schema that leaves ``additionalProperties`` unsaid closed
+    (declared keys only), recursively, as llama.cpp's and xgrammar's strict modes do: a forced
+    call's arguments otherwise admit any key, and a small model invents keys until
+    ``max_tokens`` (LangChain's ``@tool`` and most hand-written tools leave it unsaid). Members
+    of an ``allOf`` stay open: each would refuse the keys the others declare."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed(sub) for name, sub in out[key].items()}
+    for key in SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed(sub) for sub in out[key]]
+    for key in SCHEMA_ONES:
+        if isinstance(out.get(key), dict):
+            out[key] = closed(out[key])
+    if isinstance(out.get("allOf"), list):
+        out["allOf"] = [closed(sub, in_all_of=True) for sub in out["allOf"]]
+    kind = out.get("type")
+    is_object = kind == "object" or (isinstance(kind, list) and "object" in kind)
+    if (
+        (is_object or "properties" in out)
+        and not in_all_of
+        and not any(key in out for key in OPEN_KEYWORDS)
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
 def _call_schema(tool: Tool) -> dict[str, Any]:
-    parameters = tool.parameters if tool.parameters else {"type": "object"}
+    parameters = closed(tool.parameters) if tool.parameters else {"type": "object"}
     return {
         "type": "object",
         "properties": {"name": {"const": tool.name}, "arguments": parameters},

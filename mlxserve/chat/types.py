@@ -59,11 +59,25 @@ class Message:
         return out
 
 
+CUSTOM_INPUT = "input"
+"""The one argument a free-form (``custom``) tool is shown with: its input text."""
+
+
 @dataclass
 class Tool:
     name: str
+    """The name the model sees and calls (a ``namespace`` function's is flattened)."""
     description: str = ""
     parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
+    namespace: str = ""
+    """The Responses API ``namespace`` this function belongs to, if any."""
+    local_name: str = ""
+    """Its name inside ``namespace`` (what the client calls it)."""
+    custom: bool = False
+    """A free-form tool (Responses ``custom``): its input is text, not JSON arguments."""
+    grammar: dict[str, Any] | None = None
+    """A custom tool's ``format`` as a constraint (``{"type": "grammar", "syntax": "lark" |
+    "regex", "definition": ...}``), enforced when the call is forced."""
 
     def for_template(self) -> dict[str, Any]:
         """OpenAI's function-tool shape, which is what chat templates iterate over."""
@@ -100,6 +114,11 @@ class ChatRequest:
     tool_choice: ToolChoice = "auto"
     parallel_tool_calls: bool | None = None
     think: Think = None
+    think_budget: int | None = None
+    """At most this many tokens of reasoning (Anthropic's ``budget_tokens``), then the answer."""
+    think_optional: bool = False
+    """Thinking is a preference, not a requirement (OpenAI's and Anthropic's APIs): a model
+    without it answers without, where Ollama's API refuses."""
     format: dict[str, Any] | None = None
     """``{"type": "json"}`` or ``{"type": "json_schema", "schema": {...}}``."""
     sampling: dict[str, Any] = field(default_factory=dict)
@@ -139,6 +158,8 @@ class Done:
     reason: DoneReason
     stats: GenerationStats
     context: list[int] | None = None
+    stop_sequence: str | None = None
+    """The stop string that ended the answer (``reason`` is then ``stop``)."""
 
 
 @dataclass

@@ -75,6 +75,25 @@ class EmbedResult:
 
 
 @dataclass
+class RerankRequest:
+    """One query against many documents; runners score the pairs in batches (``rerank.py``)."""
+
+    query: str
+    documents: list[str]
+    truncate: bool = True
+    """Cut a pair longer than the model's limit (the document's end); ``False`` refuses it."""
+
+
+@dataclass
+class RerankResult:
+    scores: list[float]
+    """One relevance score per document, in the documents' order: the model's raw logit (a
+    cross-encoder's, or a causal reranker's yes-minus-no log-odds)."""
+    prompt_tokens: int
+    """Tokens scored, after truncation, over all pairs: the usage the APIs report."""
+
+
+@dataclass
 class TokenLogprob:
     token_id: int
     token: str
@@ -109,6 +128,8 @@ class GenerateChunk:
     done: bool = False
     done_reason: DoneReason | None = None
     stats: GenerationStats | None = None
+    stop_sequence: str | None = None
+    """On the last chunk: the stop string that ended the output, if one did."""
 
 
 @dataclass

@@ -52,10 +52,31 @@ def _meta_schema_error(schema: Any) -> str | None:
     return None
 
 
-def grammar_for(response_format: dict[str, Any]) -> str:
-    """The llguidance grammar for a ``format``: ``InvalidFormatError`` if it has none."""
+def _free_form_grammar(response_format: dict[str, Any]) -> str:
+    """A free-form tool's grammar (``{"type": "grammar", "syntax": "lark" | "regex",
+    "definition"}``, Responses ``custom`` tools): llguidance reads both syntaxes."""
     from llguidance import LLMatcher
 
+    definition = response_format.get("definition") or ""
+    if response_format.get("syntax") == "regex":
+        return LLMatcher.grammar_from_regex(definition)
+    return LLMatcher.grammar_from_lark(definition)
+
+
+def grammar_for(response_format: dict[str, Any]) -> str:
+    """The llguidance grammar for a ``format`` (a JSON Schema, or a free-form tool's Lark or
+    regex grammar): ``InvalidFormatError`` if it has none."""
+    from llguidance import LLMatcher
+
+    if response_format.get("type") == "grammar":
+        try:
+            grammar = _free_form_grammar(response_format)
+            error = LLMatcher.validate_grammar(grammar)
+        except (ValueError, TypeError, RecursionError) as exc:
+            error = str(exc) or type(exc).__name__
+        if error:
+            raise InvalidFormatError(f"invalid or unsupported tool grammar: {error}")
+        return grammar
     schema = response_format.get("schema") or JSON_MODE_SCHEMA
     try:
         error = _meta_schema_error(schema)

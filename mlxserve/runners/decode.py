@@ -23,8 +23,6 @@ from mlxserve.runners.base import (
 )
 from mlxserve.runners.textstream import TextStream
 
-DEFAULT_MAX_TOKENS = 512
-
 
 @dataclass
 class SampledToken:
@@ -99,7 +97,13 @@ class DecodeState:
             time_to_first_token=first - self.started,
             draft_tokens=self.draft_tokens,
         )
-        return GenerateChunk(tail, done=True, done_reason=self.reason, stats=stats)
+        return GenerateChunk(
+            tail,
+            done=True,
+            done_reason=self.reason,
+            stats=stats,
+            stop_sequence=self.text.matched_stop,
+        )
 
 
 def prompt_and_budget(
@@ -122,14 +126,17 @@ def generation_budget(
     request: GenerateRequest, prompt_tokens: int, context: int, what: str = "the prompt"
 ) -> int:
     """How many tokens may follow a prompt of ``prompt_tokens`` (images included, for vision
-    models); a prompt that leaves no room is refused, never truncated."""
+    models): ``max_tokens``, or without it what the context has left (no silent cap: the model
+    stops, or the context is full, as the real services and Ollama do); a prompt that leaves
+    no room is refused, never truncated."""
     if prompt_tokens >= context:
         raise ContextOverflowError(
             f"{what} has {prompt_tokens} tokens; the context holds {context}",
             prompt_tokens=prompt_tokens,
             context_length=context,
         )
-    return min(request.max_tokens or DEFAULT_MAX_TOKENS, context - prompt_tokens)
+    room = context - prompt_tokens
+    return min(request.max_tokens or room, room)
 
 
 def check_token_ids(request: GenerateRequest, vocabulary: int) -> None:

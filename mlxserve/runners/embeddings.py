@@ -7,6 +7,13 @@ declares its own pooling and normalisation (``modules.json``, ``1_Pooling/config
 the store records at import (``modelstore/sources.py``) and ``pooling.pool`` applies. Tokenizing
 is the HF tokenizer's own, with its truncation (it keeps ``[SEP]`` when it cuts).
 An embedding model cannot generate: ``generate`` refuses with a 400.
+
+A cross-encoder (an HF ``BertForSequenceClassification`` folder, recorded with ``rank``
+pooling) runs here too: mlx-embeddings' BERT encoder and pooler under the folder's own
+``bert.`` prefix, plus the classifier, loaded by ``mlx_embeddings.utils.load_model`` through
+its ``get_model_classes`` hook. Pairs are tokenized by the HF tokenizer as a text pair (token
+types included) and cut as sentence-transformers' ``CrossEncoder`` cuts them
+(``truncation=True``: the longer text first).
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from mlxserve.runners.base import (
     GenerateChunk,
     GenerateRequest,
     LoadedModelInfo,
+    RerankRequest,
+    RerankResult,
     RunnerOptions,
 )
 from mlxserve.runners.engine import shared_engine
@@ -40,7 +49,68 @@ from mlxserve.runners.pooling import (
     pool,
     refuse_generation,
 )
+from mlxserve.runners.rerank import (
+    budget_batches,
+    refuse_rerank,
+    reranker_only,
+    too_long,
+)
+from modelstore.metadata import RANK_POOLING
 from modelstore.model import LocalModel
+
+CROSS_ENCODER_PREFIXES = {"bert": "bert", "xlm-roberta": "roberta"}
+"""Architectures whose ``*ForSequenceClassification`` folders run here, and the prefix their
+encoder's weights carry in such a folder."""
+
+
+def cross_encoder_classes(config: dict[str, Any]) -> tuple[Any, Any, None, None]:
+    """``load_model``'s hook: the architecture's mlx-embeddings model under its folder prefix,
+    with the classification head beside it, as the HF classes lay them out: BERT's classifier
+    (``Linear(hidden, 1)``) over its pooler; RoBERTa's head (``dense``, tanh, ``out_proj``)
+    over the first token's state, with no pooler."""
+    import importlib
+
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    model_type = config.get("model_type")
+    if model_type not in CROSS_ENCODER_PREFIXES:
+        raise ValueError(f"no cross-encoder for the {model_type!r} architecture")
+    arch = importlib.import_module(f"mlx_embeddings.models.{model_type.replace('-', '_')}")
+    prefix = CROSS_ENCODER_PREFIXES[model_type]
+    pooled = model_type == "bert"
+
+    class RobertaHead(nn.Module):
+        def __init__(self, hidden: int) -> None:
+            super().__init__()
+            self.dense = nn.Linear(hidden, hidden)
+            self.out_proj = nn.Linear(hidden, 1)
+
+        def __call__(self, first: Any) -> Any:
+            return self.out_proj(mx.tanh(self.dense(first)))
+
+    class CrossEncoder(nn.Module):
+        def __init__(self, args: Any) -> None:
+            super().__init__()
+            if not pooled:
+                args.add_pooling_layer = False
+            setattr(self, prefix, arch.Model(args))
+            hidden = args.hidden_size
+            self.classifier = nn.Linear(hidden, 1) if pooled else RobertaHead(hidden)
+
+        def __call__(self, input_ids: Any, token_type_ids: Any, attention_mask: Any) -> Any:
+            encoder = getattr(self, prefix)
+            output = encoder(
+                input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask
+            )
+            if pooled:
+                return self.classifier(output.pooler_output)[:, 0]
+            return self.classifier(output.last_hidden_state[:, 0])[:, 0]
+
+        def sanitize(self, weights: dict[str, Any]) -> dict[str, Any]:
+            return {key: value for key, value in weights.items() if "position_ids" not in key}
+
+    return CrossEncoder, arch.ModelArgs, None, None
 
 
 class MlxEmbeddingRunner:
@@ -82,8 +152,12 @@ class MlxEmbeddingRunner:
         options = load_options(model, options)
 
         def build() -> None:
+            ranks = (model.embedding or {}).get("pooling") == RANK_POOLING
             try:
-                loaded = load_model(model.path)
+                if ranks:
+                    loaded = load_model(model.path, get_model_classes=cross_encoder_classes)
+                else:
+                    loaded = load_model(model.path)
             except (ValueError, FileNotFoundError) as exc:
                 raise UnsupportedArchitectureError(
                     f"mlx-embeddings cannot load {model.name}: {exc}"
@@ -146,8 +220,53 @@ class MlxEmbeddingRunner:
     def detokenize(self, token_ids: list[int]) -> str:
         return self._require()[1].decode(token_ids)
 
+    async def rerank(self, request: RerankRequest) -> RerankResult:
+        model, tokenizer = self._require()
+        if self._record.get("pooling") != RANK_POOLING:
+            raise refuse_rerank(self._model_name)
+        limit = self._limit
+
+        def run() -> RerankResult:
+            import mlx.core as mx
+
+            queries = [request.query] * len(request.documents)
+            encoded = tokenizer(queries, request.documents)
+            ids = encoded["input_ids"]
+            types = encoded.get("token_type_ids") or [[0] * len(t) for t in ids]
+            over = [index for index, tokens in enumerate(ids) if len(tokens) > limit]
+            if over and not request.truncate:
+                raise too_long(over[0], len(ids[over[0]]), limit)
+            if over:
+                cut = tokenizer(
+                    [request.query] * len(over),
+                    [request.documents[i] for i in over],
+                    truncation=True,
+                    max_length=limit,
+                )
+                cut_types = cut.get("token_type_ids")
+                for place, index in enumerate(over):
+                    ids[index] = cut["input_ids"][place]
+                    types[index] = cut_types[place] if cut_types else [0] * len(ids[index])
+            scores = [0.0] * len(ids)
+            pad = tokenizer.pad_token_id or 0
+            for batch in budget_batches([len(t) for t in ids]):
+                input_ids, mask = padded([ids[i] for i in batch], pad)
+                token_types, _ = padded([types[i] for i in batch], 0)
+                try:
+                    logits = model(input_ids, token_types, mask)
+                except (ValueError, RuntimeError) as exc:
+                    raise InferenceError(f"mlx-embeddings failed: {exc}") from exc
+                mx.eval(logits)
+                for index, score in zip(batch, logits.tolist(), strict=True):
+                    scores[index] = float(score)
+            return RerankResult(scores, sum(len(t) for t in ids))
+
+        return await self._engine.call(run)
+
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         model, tokenizer = self._require()
+        if self._record.get("pooling") == RANK_POOLING:
+            raise reranker_only(self._model_name)
         mode = self._record.get("pooling", "mean")
         normalize = bool(self._record.get("normalize", True))
 
@@ -179,4 +298,6 @@ class MlxEmbeddingRunner:
         return await self._engine.call(run)
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        if self._record.get("pooling") == RANK_POOLING:
+            raise reranker_only(self._model_name)
         raise refuse_generation(self._model_name)

@@ -39,6 +39,8 @@ from mlxserve.errors import (
     UnsupportedArchitectureError,
     UnsupportedQuantizationError,
 )
+from mlxserve.mlx_lm_private import model_classes
+from modelstore.sources import SPM_ADDS_BOS_BY_DEFAULT
 
 ConvertProgress = Callable[[int], None]
 """Called with the number of GGUF bytes just converted."""
@@ -326,10 +328,9 @@ def model_skeleton(config: dict[str, Any]) -> tuple[dict[str, tuple[int, ...]], 
     The model is built but never evaluated: MLX arrays are lazy, so this allocates nothing.
     """
     from mlx.utils import tree_flatten
-    from mlx_lm.utils import _get_classes
 
     try:
-        model_class, args_class = _get_classes(config)
+        model_class, args_class = model_classes(config)
         model = model_class(args_class.from_dict(config))
     except (ValueError, TypeError, KeyError) as exc:
         raise UnsupportedArchitectureError(f"mlx-lm cannot build this model: {exc}") from exc
@@ -531,10 +532,11 @@ def build_tokenizer(reader: Any, meta: GgufMeta, folder: Path) -> None:
     tokenizer builders (byte-level BPE, SentencePiece, Gemma's and Phi-3's variants).
 
     transformers' file-level entry (``gguf_file=``) needs torch to read the file, so its
-    builder is called on the vocabulary gguf-py already read. One gap is filled here: the
-    pre-tokenizers llama.cpp splits digits one by one for (SmolLM's, for one).
+    builder is called on the vocabulary gguf-py already read. Two gaps are filled here: the
+    pre-tokenizers llama.cpp splits digits one by one for (SmolLM's, for one), and BOS in front
+    of a raw prompt where the GGUF says llama.cpp adds it (the builders leave it out).
     """
-    from tokenizers import pre_tokenizers
+    from tokenizers import pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     try:
@@ -574,6 +576,15 @@ def build_tokenizer(reader: Any, meta: GgufMeta, folder: Path) -> None:
         index = meta.key(f"tokenizer.ggml.{key}")
         return tokens[int(index)] if index is not None and int(index) < len(tokens) else None
 
+    bos = token_text("bos_token_id")
+    if bos is not None and _adds_bos(meta) and not _puts_bos_first(backend, bos):
+        # llama.cpp adds BOS to a raw prompt as the GGUF says; the rebuilt tokenizer must too,
+        # or raw completions differ between the runners (Gemma's without ``<bos>``).
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0",
+            pair=f"{bos}:0 $A:0 $B:1",
+            special_tokens=[(bos, int(meta.key("tokenizer.ggml.bos_token_id")))],
+        )
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=token_text("bos_token_id"),
@@ -586,6 +597,20 @@ def build_tokenizer(reader: Any, meta: GgufMeta, folder: Path) -> None:
     if template:
         wrapped.chat_template = template
     wrapped.save_pretrained(str(folder))
+
+
+def _adds_bos(meta: GgufMeta) -> bool:
+    """Whether llama.cpp adds BOS to this GGUF's raw prompts (``tokenizer.ggml.add_bos_token``,
+    else its default for the tokenizer model)."""
+    adds = meta.key("tokenizer.ggml.add_bos_token")
+    if isinstance(adds, bool):
+        return adds
+    return meta.key("tokenizer.ggml.model") in SPM_ADDS_BOS_BY_DEFAULT
+
+
+def _puts_bos_first(backend: Any, bos: str) -> bool:
+    encoded = backend.encode("a", add_special_tokens=True)
+    return bool(encoded.tokens) and encoded.tokens[0] == bos
 
 
 DIGIT_SPLITTING_PRE_TOKENIZERS = frozenset({"smollm", "codeshell", "exaone", "minerva"})

@@ -23,7 +23,6 @@ from mlxserve.errors import (
     InferenceError,
     InvalidRequestError,
     ModelNotLoadedError,
-    RunnerUnavailableError,
     UnsupportedFormatError,
 )
 from mlxserve.runners.base import (
@@ -37,6 +36,7 @@ from mlxserve.runners.base import (
 from mlxserve.runners.decode import check_token_ids, generation_budget, prompt_and_budget
 from mlxserve.runners.engine import EngineThread
 from mlxserve.runners.kvcache import kv_cache_type
+from mlxserve.runners.llama_library import import_llama_cpp
 from mlxserve.runners.llamacpp_slots import SlotEngine, TokenMask, kv_bytes_per_token, token_piece
 from mlxserve.runners.loading import context_length, load_options, parallel_slots
 from mlxserve.runners.promptcache import PromptCache, open_prompt_cache
@@ -45,17 +45,6 @@ from modelstore.model import LocalModel
 
 ALL_LAYERS = 0x7FFFFFFF
 """``n_gpu_layers`` for "every layer" in llama.cpp's model params (what ``-1`` means to us)."""
-
-
-def import_llama_cpp() -> Any:
-    """llama-cpp-python, made safe for this CPU (``platform.make_llama_cpp_safe``)."""
-    try:
-        import llama_cpp
-    except ImportError as exc:
-        raise RunnerUnavailableError(
-            "the llama.cpp runner is not installed: pip install 'mlxserve[llamacpp]'"
-        ) from exc
-    return platform.make_llama_cpp_safe(llama_cpp)
 
 
 def load_lora(llama_cpp: Any, model: Any, adapter: Path | None) -> Any:
@@ -112,6 +101,7 @@ class LlamaCppRunner:
                 "runner": self.name,
                 "library": llama_cpp.__version__,
                 "kv_cache_type": kv_cache.name,
+                "flash_attention": platform.llama_cpp_flash_attention(kv_cache.quantized),
                 "n_gpu_layers": options.n_gpu_layers,
             },
         )

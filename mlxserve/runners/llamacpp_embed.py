@@ -6,7 +6,10 @@ embedding request and closed when the model is unloaded (``llamacpp.py``); and
 ``LlamaCppEmbeddingRunner``, which serves GGUF embedding models (BERT, nomic-bert,
 Qwen3-Embedding, ...) with only that context. llama-cpp-python's ``embed`` packs several
 inputs into one decode (one sequence each), so a list is embedded in batches, not one input at
-a time.
+a time. A GGUF reranker (rank pooling: its classification head in the graph) is scored the same
+way, pairs packed into one decode through llama.cpp's batch API (llama-cpp-python's ``embed``
+reads a vector, not the head's one score), each pair laid out as llama.cpp's server lays it:
+``[BOS] query [EOS] [SEP] document [EOS] [SEP]``, each special where the vocabulary adds it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from mlxserve import platform
 from mlxserve.errors import (
     InferenceError,
     ModelNotLoadedError,
+    UnsupportedArchitectureError,
     UnsupportedFormatError,
 )
 from mlxserve.runners.base import (
@@ -27,18 +31,28 @@ from mlxserve.runners.base import (
     GenerateChunk,
     GenerateRequest,
     LoadedModelInfo,
+    RerankRequest,
+    RerankResult,
     RunnerOptions,
 )
-from mlxserve.runners.llamacpp import import_llama_cpp
+from mlxserve.runners.llama_library import import_llama_cpp
 from mlxserve.runners.loading import context_length, load_options
 from mlxserve.runners.pooling import over_limit, refuse_generation
+from mlxserve.runners.rerank import (
+    budget_batches,
+    cut_pair,
+    refuse_rerank,
+    reranker_only,
+)
 from mlxserve.runners.threads import WorkerThread
+from modelstore.metadata import EMBEDDING_ARCHITECTURES, RANK_POOLING
 from modelstore.model import LocalModel
 
 POOLING_TYPES = {
     "mean": "LLAMA_POOLING_TYPE_MEAN",
     "cls": "LLAMA_POOLING_TYPE_CLS",
     "last": "LLAMA_POOLING_TYPE_LAST",
+    RANK_POOLING: "LLAMA_POOLING_TYPE_RANK",
 }
 """The store's pooling names (``modelstore/sources.py``) as llama.cpp's constants."""
 CAUSAL_UBATCH = 512
@@ -65,6 +79,7 @@ class LlamaCppEmbedder:
         llama_cpp = import_llama_cpp()
         self.limit = limit
         self.normalize = normalize
+        self.ranks = pooling == RANK_POOLING
         try:
             # n_batch = the context: llama-cpp-python packs inputs up to n_batch tokens per
             # decode. An encoder must also see a whole input in one ubatch.
@@ -102,6 +117,52 @@ class LlamaCppEmbedder:
             raise InferenceError(f"llama.cpp embedding failed: {exc}") from exc
         return EmbedResult([list(map(float, vector)) for vector in vectors], count)
 
+    def _pair_specials(self) -> tuple[list[int], list[int], list[int]]:
+        """The specials before the query, between the texts and after the document."""
+        llama_cpp = import_llama_cpp()
+        vocab = self.llama._model.vocab
+        eos = llama_cpp.llama_vocab_eos(vocab)
+        sep = llama_cpp.llama_vocab_sep(vocab)
+        ends = [eos] if llama_cpp.llama_vocab_get_add_eos(vocab) and eos >= 0 else []
+        ends += [sep] if llama_cpp.llama_vocab_get_add_sep(vocab) and sep >= 0 else []
+        bos = llama_cpp.llama_vocab_bos(vocab)
+        start = [bos] if llama_cpp.llama_vocab_get_add_bos(vocab) and bos >= 0 else []
+        return start, ends, ends
+
+    def rank(self, request: RerankRequest) -> RerankResult:
+        """One score per document: pairs packed unpadded into decodes of at most the context's
+        tokens and sequences, the head's output read per sequence."""
+        llama_cpp = import_llama_cpp()
+        start, middle, end = self._pair_specials()
+        special = len(start) + len(middle) + len(end)
+        query = self.llama.tokenize(request.query.encode(), add_bos=False, special=False)
+        pairs = []
+        for index, document in enumerate(request.documents):
+            tokens = self.llama.tokenize(document.encode(), add_bos=False, special=False)
+            q, d = cut_pair(query, tokens, special, self.limit, request.truncate, index)
+            pairs.append(start + q + middle + d + end)
+        scores: list[float] = [0.0] * len(pairs)
+        llama = self.llama
+        n_seq_max = llama.context_params.n_seq_max
+        for batch in budget_batches([len(p) for p in pairs], self.limit, padded=False):
+            for chunk in range(0, len(batch), n_seq_max):
+                group = batch[chunk : chunk + n_seq_max]
+                llama._batch.reset()
+                for seq, index in enumerate(group):
+                    llama._batch.add_sequence(pairs[index], seq, True)
+                llama._ctx.kv_cache_clear()
+                try:
+                    llama._ctx.decode(llama._batch)
+                except RuntimeError as exc:
+                    raise InferenceError(f"llama.cpp reranking failed: {exc}") from exc
+                for seq, index in enumerate(group):
+                    scores[index] = float(
+                        llama_cpp.llama_get_embeddings_seq(llama._ctx.ctx, seq)[0]
+                    )
+        llama._batch.reset()
+        llama._ctx.kv_cache_clear()
+        return RerankResult(scores, sum(len(p) for p in pairs))
+
     def close(self) -> None:
         self.llama.close()
 
@@ -131,9 +192,18 @@ class LlamaCppEmbeddingRunner:
             raise UnsupportedFormatError(
                 f"the {self.name} runner runs GGUF embedding models; {model.name} is not one"
             )
+        record = model.embedding
+        if (
+            record.get("pooling") == RANK_POOLING
+            and model.architecture not in EMBEDDING_ARCHITECTURES
+        ):
+            raise UnsupportedArchitectureError(
+                f"{model.name} is a {model.architecture} GGUF with rank pooling: an LLM reranker "
+                "that llama.cpp scores through its rerank template, which this runner does not "
+                "apply yet; import the model's HF folder instead (it runs as a causal reranker)"
+            )
         started = time.perf_counter_ns()
         options = load_options(model, options)
-        record = model.embedding
         limit = context_length(model, options)
         limit = min(limit, record.get("max_tokens") or limit)
 
@@ -194,7 +264,17 @@ class LlamaCppEmbeddingRunner:
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         embedder = self._require()
+        if embedder.ranks:
+            raise reranker_only(self._model_name)
         return await self._worker.call(embedder.embed, request)
 
+    async def rerank(self, request: RerankRequest) -> RerankResult:
+        embedder = self._require()
+        if not embedder.ranks:
+            raise refuse_rerank(self._model_name)
+        return await self._worker.call(embedder.rank, request)
+
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        if self._embedder is not None and self._embedder.ranks:
+            raise reranker_only(self._model_name)
         raise refuse_generation(self._model_name)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from mlxserve.errors import InferenceError, InvalidFormatError
+from mlxserve.platform import llama_cpp_flash_attention
 from mlxserve.runners.base import GenerateRequest, TokenLogprob
 from mlxserve.runners.decode import DecodeState, SampledToken
 from mlxserve.runners.kvcache import KvCacheType, ggml_bytes_per_token, ggml_check
@@ -177,9 +178,11 @@ class SlotEngine:
         params.n_threads = params.n_threads_batch = n_threads
         params.no_perf = True
         params.type_k = params.type_v = kv_cache.ggml_type
-        if kv_cache.quantized:
-            # llama.cpp keeps a quantized V cache only with flash attention.
-            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if llama_cpp_flash_attention(kv_cache.quantized)
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
         self._context = _internals.LlamaContext(model=model, params=params, verbose=False)
         if lora is not None:
             adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(lora)

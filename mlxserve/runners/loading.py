@@ -2,8 +2,9 @@
 which options apply (the caller's, else the ModelSpec's), how long the context is, and whether
 the weights and the KV cache for that context fit in this machine's memory.
 
-Context length (``docs/API.md``, "Context length"): a request's ``num_ctx`` is bounded by the
-model's trained maximum and by memory (over either is an error naming the bound); a ModelSpec's
+Context length (``docs/API.md``, "Context length"): a request's ``num_ctx`` above the model's
+trained maximum is clamped to it (logged, as Ollama clamps: aider sizes ``num_ctx`` to its
+prompt), and over memory is an error naming the bound; a ModelSpec's
 ``context_length`` is the model author's explicit choice and may exceed the trained maximum
 (RoPE-scaled models), bounded by memory only. With neither, the default is the trained maximum,
 at most ``DEFAULT_CONTEXT_CEILING``, and at most what the memory left after the weights holds.
@@ -12,6 +13,7 @@ at most ``DEFAULT_CONTEXT_CEILING``, and at most what the memory left after the 
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from mlxserve import platform
 from mlxserve.errors import InvalidRequestError, OutOfMemoryError
@@ -24,6 +26,7 @@ from mlxserve.runners.kvcache import (
 )
 from modelstore.model import RUNNER_PARAMETERS, LocalModel
 
+log = logging.getLogger("mlxserve.loading")
 FALLBACK_TRAINED_CONTEXT = 4096
 """For a model whose files do not say what it was trained for."""
 DEFAULT_CONTEXT_CEILING = 32768
@@ -96,27 +99,34 @@ def _default_context(model: LocalModel, parallel: int, cache: KvCacheType) -> in
     return context
 
 
+def clamped_context(model: LocalModel, requested: int) -> int:
+    """A request's ``num_ctx``, at most the model's trained context (a ModelSpec's own
+    ``context_length`` is not clamped: the author may go beyond it on purpose)."""
+    trained = model.context_length
+    if requested == model.parameters.get("context_length") or not trained or requested <= trained:
+        return requested
+    log.warning(
+        "num_ctx %d is larger than %s's trained context of %d tokens: using %d",
+        requested,
+        model.name,
+        trained,
+        trained,
+    )
+    return trained
+
+
 def context_length(model: LocalModel, options: RunnerOptions, parallel: int = 1) -> int:
     """The context to load with (see the module docstring), checked against memory for the
     KV cache of ``parallel`` slots before anything is allocated."""
     requested = options.context_length
     cache = kv_cache_type(options.kv_cache_type)
-    trained = model.context_length
-    from_spec = requested is not None and requested == model.parameters.get("context_length")
     if requested is None:
         context = _default_context(model, parallel, cache)
     else:
         context = int(requested)
         if context < 1:
             raise InvalidRequestError("num_ctx must be a positive number", param="num_ctx")
-        if trained and context > trained and not from_spec:
-            raise InvalidRequestError(
-                f"num_ctx {context} is larger than {model.name}'s trained context of {trained}"
-                " tokens (a ModelSpec's context_length may go beyond it explicitly)",
-                param="num_ctx",
-                bound="trained_context",
-                limit=trained,
-            )
+        context = clamped_context(model, context)
     require_memory(
         model.name,
         memory_needed(model, context, parallel, cache),

@@ -35,6 +35,7 @@ from mlxserve.errors import (
     UnsupportedArchitectureError,
     UnsupportedFeatureError,
 )
+from mlxserve.mlx_lm_private import hf_tokenizer
 from mlxserve.runners.base import (
     EmbedRequest,
     EmbedResult,
@@ -416,7 +417,7 @@ class MlxRunner:
         if self._guidance_tokenizer is None:
             tokenizer = self._tokenizer
             self._guidance_tokenizer = build_tokenizer(
-                tokenizer._tokenizer, sorted(tokenizer.eos_token_ids)
+                hf_tokenizer(tokenizer), sorted(tokenizer.eos_token_ids)
             )
         return JsonConstraint(self._guidance_tokenizer, grammar)
 

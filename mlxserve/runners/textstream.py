@@ -77,6 +77,8 @@ class StopStringFilter:
         self.stops = [stop for stop in stops if stop]
         self._held = ""
         self.stopped = False
+        self.matched: str | None = None
+        """The stop string that ended the text (Anthropic reports it as ``stop_sequence``)."""
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Text safe to emit now, and whether a stop string was hit (nothing follows then)."""
@@ -85,11 +87,12 @@ class StopStringFilter:
         if not self.stops:
             return text, False
         buffer = self._held + text
-        hits = [index for index in (buffer.find(stop) for stop in self.stops) if index >= 0]
+        hits = [(index, stop) for stop in self.stops if (index := buffer.find(stop)) >= 0]
         if hits:
             self._held = ""
             self.stopped = True
-            return buffer[: min(hits)], True
+            cut, self.matched = min(hits, key=lambda hit: hit[0])
+            return buffer[:cut], True
         keep = max(self._partial_match(buffer, stop) for stop in self.stops)
         self._held = buffer[len(buffer) - keep :]
         return buffer[: len(buffer) - keep], False
@@ -118,6 +121,10 @@ class TextStream:
     @property
     def stopped(self) -> bool:
         return self._filter.stopped
+
+    @property
+    def matched_stop(self) -> str | None:
+        return self._filter.matched
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Text to emit for this token, and whether a stop string ended the generation."""

@@ -9,6 +9,7 @@ become a ``message`` object, or the named SSE events ``message_start``, ``conten
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from typing import Any
 
@@ -20,7 +21,9 @@ from mlxserve.chat.types import (
     Event,
     Message,
     TextDelta,
+    Think,
     ThinkingDelta,
+    ThinkLevel,
     Tool,
     ToolCall,
     ToolCallEvent,
@@ -30,6 +33,7 @@ from mlxserve.server import validate
 from mlxserve.server.encoders import Frame
 from mlxserve.server.errors import error_body
 
+log = logging.getLogger("mlxserve.validate")
 STOP_REASONS = {
     "stop": "end_turn",
     "length": "max_tokens",
@@ -69,10 +73,15 @@ def _messages(value: Any) -> list[Message]:
     messages: list[Message] = []
     for position, item in enumerate(value):
         where = f"messages[{position}]"
-        if not isinstance(item, dict) or item.get("role") not in ("user", "assistant"):
-            raise InvalidRequestError(f"{where} must have role user or assistant", param="messages")
+        if not isinstance(item, dict) or item.get("role") not in ("user", "assistant", "system"):
+            raise InvalidRequestError(
+                f"{where} must have role user, assistant or system", param="messages"
+            )
         role = item["role"]
         content = item.get("content")
+        if role == "system":  # Claude Code's, mid-conversation: the chat core places it
+            messages.append(Message("system", _text_of(content, f"{where}.content")))
+            continue
         if isinstance(content, str):
             messages.append(Message(role, content))
             continue
@@ -113,9 +122,7 @@ def _messages(value: Any) -> list[Message]:
                     )
                 )
             else:
-                raise InvalidRequestError(
-                    f"{where}: content blocks of type {kind!r} are not supported", param="messages"
-                )
+                current.content += validate.unknown_part(block, where)
         if current.content or current.images or current.tool_calls or current.thinking:
             messages.append(current)
     return messages
@@ -130,6 +137,11 @@ def _tools(value: Any) -> list[Tool]:
     for tool in value:
         if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
             raise InvalidRequestError("each tool needs a name", param="tools")
+        if tool.get("defer_loading"):
+            continue
+        if tool.get("type", "custom") != "custom":
+            log.info("a %s tool is left out: the daemon cannot run server tools", tool["type"])
+            continue
         schema = tool.get("input_schema") or {"type": "object", "properties": {}}
         if not isinstance(schema, dict):
             raise InvalidRequestError(
@@ -158,13 +170,51 @@ def _tool_choice(value: Any) -> tuple[str, bool | None]:
     )
 
 
-def _think(value: Any) -> bool | None:
+EFFORTS: dict[str, ThinkLevel] = {"low": "low", "medium": "medium", "high": "high", "max": "high"}
+"""``output_config.effort`` -> a think level (only where thinking is on)."""
+
+
+def _think(value: Any, effort: Any) -> Think:
+    """``thinking``: ``enabled`` / ``adaptive`` (the model decides: its template's default,
+    at the effort asked) / ``disabled``."""
+    level = EFFORTS.get(effort) if isinstance(effort, str) else None
     if value is None:
         return None
     kind = value.get("type") if isinstance(value, dict) else None
-    if kind in ("enabled", "disabled"):
-        return kind == "enabled"
-    raise InvalidRequestError("thinking.type must be enabled or disabled", param="thinking")
+    if kind == "enabled":
+        return level or True
+    if kind == "adaptive":
+        return level
+    if kind == "disabled":
+        return False
+    raise InvalidRequestError(
+        "thinking.type must be enabled, adaptive or disabled", param="thinking"
+    )
+
+
+def _budget(value: Any) -> int | None:
+    """``thinking.budget_tokens`` of enabled thinking: a real budget (the chat core closes the
+    reasoning there and the model answers)."""
+    if not isinstance(value, dict) or value.get("type") != "enabled":
+        return None
+    budget = validate.optional(value, "budget_tokens", int)
+    if budget is not None and budget < 1:
+        raise InvalidRequestError(
+            "thinking.budget_tokens must be at least 1", param="thinking.budget_tokens"
+        )
+    return budget
+
+
+def _output_format(config: dict[str, Any]) -> dict[str, Any] | None:
+    """``output_config.format`` (what ``messages.parse`` sends): a JSON Schema, enforced."""
+    spec = config.get("format")
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or spec.get("type") != "json_schema":
+        raise InvalidRequestError(
+            "output_config.format.type must be json_schema", param="output_config.format"
+        )
+    return validate.schema_format(spec.get("schema"), "output_config.format.schema")
 
 
 def parse(body: dict[str, Any], *, count_only: bool = False) -> ChatRequest:
@@ -176,13 +226,17 @@ def parse(body: dict[str, Any], *, count_only: bool = False) -> ChatRequest:
     if "max_tokens" not in sampling and not count_only:
         raise InvalidRequestError("'max_tokens' is required", param="max_tokens")
     choice, parallel = _tool_choice(body.get("tool_choice"))
+    config = validate.optional(body, "output_config", dict, {})
     return ChatRequest(
         model=validate.model_name(body),
         messages=messages,
         tools=_tools(body.get("tools")),
         tool_choice=choice,
         parallel_tool_calls=parallel,
-        think=_think(body.get("thinking")),
+        think=_think(body.get("thinking"), config.get("effort")),
+        think_budget=_budget(body.get("thinking")),
+        think_optional=True,
+        format=_output_format(config),
         sampling=sampling,
         stream=validate.optional(body, "stream", bool, False),
     )
@@ -204,6 +258,10 @@ def _usage(prompt_tokens: int, done: Done | None) -> dict[str, Any]:
     }
 
 
+def _stop_reason(done: Done) -> str:
+    return "stop_sequence" if done.stop_sequence else STOP_REASONS[done.reason]
+
+
 def _tool_use(call: ToolCall) -> dict[str, Any]:
     return {
         "type": "tool_use",
@@ -220,6 +278,11 @@ class MessagesEncoder:
         self.index = -1
         self.open: str | None = None
         """The kind of the content block being streamed (``text`` or ``thinking``)."""
+        thinking = body.get("thinking")
+        self.show_thinking = not (
+            isinstance(thinking, dict) and thinking.get("display") == "omitted"
+        )
+        """``thinking.display: omitted``: the model reasons, the client is not sent it."""
 
     def message(
         self, content: list[dict[str, Any]], done: Done | None, prompt_tokens: int = 0
@@ -230,8 +293,8 @@ class MessagesEncoder:
             "role": "assistant",
             "model": self.chat.model,
             "content": content,
-            "stop_reason": STOP_REASONS[done.reason] if done else None,
-            "stop_sequence": None,
+            "stop_reason": _stop_reason(done) if done else None,
+            "stop_sequence": done.stop_sequence if done else None,
             "usage": _usage(prompt_tokens, done),
         }
 
@@ -278,6 +341,8 @@ class MessagesEncoder:
                 else []
             )
         if isinstance(event, ThinkingDelta):
+            if not self.show_thinking:
+                return []
             return self._block("thinking", {"type": "thinking_delta", "thinking": event.text})
         if isinstance(event, ToolCallEvent):
             frames = self._close()
@@ -313,7 +378,10 @@ class MessagesEncoder:
                     "message_delta",
                     {
                         "type": "message_delta",
-                        "delta": {"stop_reason": STOP_REASONS[event.reason], "stop_sequence": None},
+                        "delta": {
+                            "stop_reason": _stop_reason(event),
+                            "stop_sequence": event.stop_sequence,
+                        },
                         "usage": _usage(0, event),
                     },
                 ),
@@ -327,7 +395,7 @@ class MessagesEncoder:
 
     def whole(self, collected: Collected) -> dict[str, Any]:
         content: list[dict[str, Any]] = []
-        if collected.thinking:
+        if collected.thinking and self.show_thinking:
             content.append({"type": "thinking", "thinking": collected.thinking, "signature": ""})
         if collected.text:
             content.append({"type": "text", "text": collected.text})

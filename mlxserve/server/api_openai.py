@@ -92,6 +92,7 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
     chat.parallel_tool_calls = validate.optional(body, "parallel_tool_calls", bool)
     chat.format = validate.response_format(body.get("response_format"), "response_format")
     chat.think = validate.reasoning_effort(body.get("reasoning_effort"), "reasoning_effort")
+    chat.think_optional = True
     if validate.optional(body, "logprobs", bool, False):
         chat.logprobs = validate.optional(body, "top_logprobs", int, 0)
     return chat

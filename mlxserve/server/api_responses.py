@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import time
 import uuid
 from typing import Any
 
 from mlxserve.chat.core import Collected
 from mlxserve.chat.types import (
+    CUSTOM_INPUT,
     ChatRequest,
     Done,
     ErrorEvent,
@@ -31,6 +33,7 @@ from mlxserve.server import validate
 from mlxserve.server.encoders import Frame
 from mlxserve.server.errors import error_body
 
+log = logging.getLogger("mlxserve.validate")
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -67,12 +70,16 @@ def _items(value: Any) -> list[Message]:
                 )
             )
             pending_thinking = None
-        elif kind == "function_call":
-            call = ToolCall(
-                validate.required_str(item, "name"),
-                validate.tool_arguments(item.get("arguments"), "input"),
-                validate.optional(item, "call_id", str) or "",
-            )
+        elif kind in ("function_call", "custom_tool_call"):
+            name = validate.required_str(item, "name")
+            namespace = validate.optional(item, "namespace", str)
+            if namespace:
+                name = validate.flat_name(namespace, name)
+            if kind == "custom_tool_call":
+                arguments = {CUSTOM_INPUT: validate.optional(item, "input", str, "")}
+            else:
+                arguments = validate.tool_arguments(item.get("arguments"), "input")
+            call = ToolCall(name, arguments, validate.optional(item, "call_id", str) or "")
             last = messages[-1] if messages else None
             if last is None or last.role != "assistant" or last.content:
                 last = Message("assistant", thinking=pending_thinking)
@@ -80,9 +87,11 @@ def _items(value: Any) -> list[Message]:
             call.index = len(last.tool_calls)
             last.tool_calls.append(call)
             pending_thinking = None
-        elif kind == "function_call_output":
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             output = item.get("output")
-            if not isinstance(output, str):
+            if isinstance(output, list):
+                output = validate.content_parts(output, where)[0]
+            elif not isinstance(output, str):
                 output = json.dumps(output)
             messages.append(
                 Message("tool", output, tool_call_id=validate.optional(item, "call_id", str))
@@ -91,9 +100,7 @@ def _items(value: Any) -> list[Message]:
             parts = item.get("content") or item.get("summary") or []
             pending_thinking = "".join(p.get("text", "") for p in parts if isinstance(p, dict))
         else:
-            raise InvalidRequestError(
-                f"{where}: input items of type {kind!r} are not supported", param="input"
-            )
+            log.warning("%s: a %s item is dropped: no model here reads it", where, kind)
     return messages
 
 
@@ -117,6 +124,7 @@ def parse(body: dict[str, Any]) -> ChatRequest:
         tool_choice=validate.tool_choice(body.get("tool_choice")),
         parallel_tool_calls=validate.optional(body, "parallel_tool_calls", bool),
         think=validate.reasoning_effort(reasoning.get("effort"), "reasoning.effort"),
+        think_optional=True,
         format=validate.response_format(
             (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None,
             "text.format",
@@ -138,7 +146,33 @@ class ResponsesEncoder:
         self.output: list[dict[str, Any]] = []
         self.open: dict[str, Any] | None = None
         """The reasoning or message item being streamed."""
+        self.tools = {tool.name: tool for tool in chat.tools}
         self.done: Done | None = None
+
+    def _call_item(self, call: ToolCall) -> dict[str, Any]:
+        """A call as the client named the tool: a ``custom_tool_call`` with its input text, or
+        a ``function_call`` (with its ``namespace`` and its name inside it, as Codex reads)."""
+        tool = self.tools.get(call.name)
+        if tool is not None and tool.custom:
+            return {
+                "type": "custom_tool_call",
+                "id": _fresh("ctc"),
+                "call_id": call.id,
+                "name": call.name,
+                "input": str(call.arguments.get(CUSTOM_INPUT, "")),
+                "status": "completed",
+            }
+        item = {
+            "type": "function_call",
+            "id": _fresh("fc"),
+            "call_id": call.id,
+            "name": call.name,
+            "arguments": json.dumps(call.arguments),
+            "status": "completed",
+        }
+        if tool is not None and tool.namespace:
+            item.update(name=tool.local_name, namespace=tool.namespace)
+        return item
 
     def response(self, status: str) -> dict[str, Any]:
         done = self.done
@@ -290,32 +324,23 @@ class ResponsesEncoder:
         if isinstance(event, ThinkingDelta):
             return self._text("reasoning", event.text)
         if isinstance(event, ToolCallEvent):
-            call = event.call
-            arguments = json.dumps(call.arguments)
-            item = {
-                "type": "function_call",
-                "id": _fresh("fc"),
-                "call_id": call.id,
-                "name": call.name,
-                "arguments": arguments,
-                "status": "completed",
-            }
-            frames = self._close() + self._start({**item, "arguments": "", "status": "in_progress"})
+            item = self._call_item(event.call)
+            custom = item["type"] == "custom_tool_call"
+            field, events = (
+                ("input", "response.custom_tool_call_input")
+                if custom
+                else ("arguments", "response.function_call_arguments")
+            )
+            frames = self._close() + self._start({**item, field: "", "status": "in_progress"})
             self.output[-1] = item
             index = self._index()
             return [
                 *frames,
                 self._event(
-                    "response.function_call_arguments.delta",
-                    item_id=item["id"],
-                    output_index=index,
-                    delta=arguments,
+                    f"{events}.delta", item_id=item["id"], output_index=index, delta=item[field]
                 ),
                 self._event(
-                    "response.function_call_arguments.done",
-                    item_id=item["id"],
-                    output_index=index,
-                    arguments=arguments,
+                    f"{events}.done", item_id=item["id"], output_index=index, **{field: item[field]}
                 ),
                 self._event("response.output_item.done", output_index=index, item=item),
             ]
@@ -366,16 +391,6 @@ class ResponsesEncoder:
                     ],
                 }
             )
-        for call in collected.calls:
-            self.output.append(
-                {
-                    "type": "function_call",
-                    "id": _fresh("fc"),
-                    "call_id": call.id,
-                    "name": call.name,
-                    "arguments": json.dumps(call.arguments),
-                    "status": "completed",
-                }
-            )
+        self.output += [self._call_item(call) for call in collected.calls]
         done = collected.done
         return self.response("incomplete" if done and done.reason == "length" else "completed")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from mlxserve.server import webui
 from mlxserve.server.config import Settings
 from mlxserve.server.errors import hide_paths_under
 from mlxserve.server.metrics import Metrics
@@ -23,7 +24,10 @@ RUNNING_TEXT = "mlxserve is running"
 
 
 async def root(request: web.Request) -> web.Response:
-    return web.Response(text=RUNNING_TEXT)
+    """The heartbeat text, or the web page for a browser (``webui``)."""
+    if request.app[SETTINGS].webui and webui.wants_page(request):
+        return webui.page(request)
+    return web.Response(text=RUNNING_TEXT, headers={"Vary": "Accept"})
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -36,7 +40,9 @@ def build_app(settings: Settings) -> web.Application:
         routes_embed,
         routes_native,
         routes_openai,
+        routes_rerank,
         routes_store,
+        routes_tokens,
     )
 
     metrics = Metrics()
@@ -54,8 +60,12 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_routes(routes_store.routes)
     app.router.add_routes(routes_openai.routes)
     app.router.add_routes(routes_embed.routes)
+    app.router.add_routes(routes_rerank.routes)
+    app.router.add_routes(routes_tokens.routes)
     app.router.add_get("/", root)
     app.router.add_get("/openapi.yaml", openapi)
+    if settings.webui:
+        webui.install(app)
     app.on_response_prepare.append(add_request_id)
     app.on_response_prepare.append(add_cors_headers)
     app.cleanup_ctx.append(manager_lifetime)

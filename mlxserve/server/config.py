@@ -38,6 +38,7 @@ ENVIRONMENT = {
     "prompt_cache_bytes": "MLXSERVE_PROMPT_CACHE_BYTES",
     "prompt_cache_disk_bytes": "MLXSERVE_PROMPT_CACHE_DISK_BYTES",
     "group_step_timeout_s": "MLXSERVE_GROUP_STEP_TIMEOUT_S",
+    "webui": "MLXSERVE_WEBUI",
 }
 
 
@@ -105,6 +106,9 @@ class Settings:
     group_step_timeout_s: float = 30.0
     """With ``--distributed``: a batch step (a long prefill included) that takes longer means a
     rank hangs; its model is then marked unavailable (docs/DISTRIBUTED.md)."""
+    webui: bool = True
+    """``GET /`` from a browser serves the chat and dashboard page (``mlxserve/server/webui``);
+    off (``--no-webui``), every client gets the heartbeat text."""
 
     @property
     def is_loopback(self) -> bool:
@@ -141,6 +145,8 @@ def _coerce(name: str, value: Any) -> Any:
                 if isinstance(value, str)
                 else list(value)
             )
+        if kind == "bool":
+            return value if isinstance(value, bool) else _boolean(value)
         if "int" in str(kind):
             return int(value)
         if "float" in str(kind):
@@ -148,6 +154,20 @@ def _coerce(name: str, value: Any) -> Any:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid value for {name}: {value!r}") from exc
     return value
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _boolean(text: Any) -> bool:
+    """A switch from the environment: ``1/true/yes/on`` or ``0/false/no/off``."""
+    if not isinstance(text, str):
+        raise TypeError(text)
+    word = text.strip().lower()
+    if word not in _TRUE | _FALSE:
+        raise ValueError(text)
+    return word in _TRUE
 
 
 def split_host(value: str) -> tuple[str, int | None]:

@@ -105,14 +105,21 @@ def model_info(config: ModelConfig) -> dict[str, Any]:
     return {key: value for key, value in info.items() if value is not None}
 
 
-def capabilities(config: ModelConfig, template: str | None) -> list[str]:
-    """Ollama's ``capabilities``: from the vocabulary and config (kept at import) and whether
-    the template in use renders tools."""
+def capabilities(config: ModelConfig) -> list[str]:
+    """Ollama's ``capabilities``: from the vocabulary and config (kept at import). An encoder
+    (an embedding model or cross-encoder: the store recorded how it pools) neither completes nor
+    takes tools; a causal reranker does. Every model that completes accepts tools (its template
+    shows them, or a system preamble does: ``mlxserve/chat/tooling.py``), and clients refuse
+    tools unless ``tools`` is listed (llm's Ollama plugin); ``native_tools`` says which."""
     features = list(config.features)
-    found = [] if features == ["embedding"] else ["completion"]
-    if template and READS_TOOLS.search(template) and "embedding" not in features:
-        found.append("tools")
-    return found + features
+    if config.embedding is not None:
+        return features
+    return ["completion", "tools", *features]
+
+
+def native_tools(template: str | None) -> bool:
+    """Whether the template in use renders tools itself (else the chat core's preamble does)."""
+    return bool(template and READS_TOOLS.search(template))
 
 
 def warnings(config: ModelConfig) -> list[str]:
@@ -147,7 +154,8 @@ def show_body(store: ModelStore, model: StoredModel) -> dict[str, Any]:
         "system": system or "",
         "details": details(store, model, config),
         "model_info": model_info(config),
-        "capabilities": capabilities(config, template),
+        "capabilities": capabilities(config),
+        "native_tools": native_tools(template) and config.embedding is None,
         "modified_at": utc_timestamp(model.modified),
     }
     if config.template_source:

@@ -2,7 +2,8 @@
 
 Each API supplies a ``WireEncoder`` (its events -> its messages); this module owns the
 transport: the response opens on the first event (so errors before it keep their HTTP status),
-SSE keep-alives go out during a long prefill, and a failure after the response started is sent
+SSE keep-alives go out during a long prefill (after the envelope's opening messages, never
+before them), and a failure after the response started is sent
 as the API's own error message, last.
 """
 
@@ -61,15 +62,27 @@ def frame_bytes(frame: Frame, content_type: str) -> bytes:
 
 
 class _Writer:
-    def __init__(self, request: web.Request, content_type: str, keepalive: bytes | None) -> None:
+    def __init__(
+        self,
+        request: web.Request,
+        content_type: str,
+        keepalive: bytes | None,
+        opening: list[Frame],
+    ) -> None:
         self.request = request
         self.content_type = content_type
         self.keepalive = keepalive
+        self.opening = opening
+        """The envelope's first messages: sent before any keep-alive (Anthropic's clients
+        expect ``message_start`` before any ``ping``), or with the first event."""
         self.response: web.StreamResponse | None = None
 
     async def ensure(self) -> web.StreamResponse:
         if self.response is None:
             self.response = await open_stream(self.request, self.content_type)
+            opening, self.opening = self.opening, []
+            for frame in opening:
+                await self.response.write(frame_bytes(frame, self.content_type))
         return self.response
 
     async def heartbeat(self) -> None:
@@ -91,10 +104,10 @@ async def stream_events(
     keepalive: bytes | None = None,
     keepalive_s: float = 5.0,
 ) -> web.StreamResponse:
-    writer = _Writer(request, content_type, keepalive)
+    writer = _Writer(request, content_type, keepalive, encoder.opening(run.prompt_tokens))
     heartbeat = writer.heartbeat if keepalive is not None else None
     first = await run.first(heartbeat, keepalive_s)
-    await writer.send(encoder.opening(run.prompt_tokens) + encoder.encode(first))
+    await writer.send(encoder.encode(first))
     async for event in run.rest():
         await writer.send(encoder.encode(event))
     await writer.send(encoder.closing())

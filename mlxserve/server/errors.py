@@ -44,6 +44,8 @@ ANTHROPIC_TYPES = {
     503: "overloaded_error",
 }
 ErrorStyle = Literal["native", "openai", "anthropic"]
+OVERFLOW_CODES: dict[ErrorStyle, str] = {"openai": "context_length_exceeded"}
+"""The code each service gives an over-long prompt (ours, ``context_overflow``, elsewhere)."""
 
 
 def style_for_path(path: str) -> ErrorStyle:
@@ -78,14 +80,38 @@ def error_body(error: MlxserveError, style: ErrorStyle) -> dict[str, object]:
     return json.loads(_redacted(json.dumps(_error_body(error, style), default=str)))
 
 
+def _overflow_message(style: ErrorStyle, prompt: object, context: object) -> str:
+    """An over-long prompt worded as each service words it: agents match these sentences to
+    decide to compact the conversation (Claude Code, Codex) instead of retrying it."""
+    if style == "anthropic":
+        return f"prompt is too long: {prompt} tokens > {context} maximum"
+    if style == "openai":
+        return (
+            f"This model's maximum context length is {context} tokens. However, your messages "
+            f"resulted in {prompt} tokens. Please reduce the length of the messages."
+        )
+    return f"the input length exceeds the context length ({prompt} tokens > {context})"
+
+
+def _worded(error: MlxserveError, style: ErrorStyle) -> tuple[str, str]:
+    """The message and code ``style``'s clients expect for ``error``."""
+    if error.code == "context_overflow" and "context_length" in error.details:
+        message = _overflow_message(
+            style, error.details.get("prompt_tokens"), error.details["context_length"]
+        )
+        return message, OVERFLOW_CODES.get(style, error.code)
+    return error.message, error.code
+
+
 def _error_body(error: MlxserveError, style: ErrorStyle) -> dict[str, object]:
     status = status_for(error)
+    message, code = _worded(error, style)
     if style == "openai":
         return {
             "error": {
-                "message": error.message,
+                "message": message,
                 "type": OPENAI_TYPES.get(status, "server_error"),
-                "code": error.code,
+                "code": code,
                 "param": error.details.get("param"),
             }
         }
@@ -94,12 +120,12 @@ def _error_body(error: MlxserveError, style: ErrorStyle) -> dict[str, object]:
             "type": "error",
             "error": {
                 "type": ANTHROPIC_TYPES.get(status, "api_error"),
-                "message": error.message,
-                "code": error.code,
+                "message": message,
+                "code": code,
                 "param": error.details.get("param"),
             },
         }
-    body: dict[str, object] = {"error": error.message, "code": error.code}
+    body: dict[str, object] = {"error": message, "code": code}
     if error.details:
         body["details"] = error.details
     return body

@@ -31,6 +31,11 @@ def serve_options(function):  # type: ignore[no-untyped-def]
             click.option("--num-parallel", type=int, help="Parallel slots per model."),
             click.option("--max-queue", type=int, help="Waiting requests per model before 429."),
             click.option(
+                "--webui/--no-webui",
+                default=None,
+                help="Serve the chat and dashboard page at / to browsers (default: on).",
+            ),
+            click.option(
                 "--distributed",
                 "hostfile",
                 type=click.Path(dir_okay=False),

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from mlxserve import __version__
 from mlxserve.errors import (
     ForbiddenError,
     InternalError,
@@ -23,6 +24,7 @@ from mlxserve.errors import (
     RequestTooLargeError,
     UnauthorizedError,
 )
+from mlxserve.server import webui
 from mlxserve.server.config import Settings
 from mlxserve.server.errors import error_response
 from mlxserve.server.metrics import Metrics
@@ -30,6 +32,7 @@ from modelstore.errors import MlxserveError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID_HEADER = "X-Request-Id"
+VERSION_HEADER = "X-Mlxserve-Version"
 CLIENT_CLOSED_REQUEST = 499
 """Logged (never sent) when the client went away mid-request: nginx's convention."""
 LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -133,7 +136,11 @@ def make_middlewares(settings: Settings, metrics: Metrics) -> list[Callable]:
         """DNS rebinding (Host) and the API key (browsers' Origin: ``cors``)."""
         if _host_name(request.headers.get("Host", "")) not in hosts:
             raise ForbiddenError("this Host is not allowed (DNS rebinding protection)")
-        needs_key = key is not None and request.path not in OPEN_PATHS
+        needs_key = (
+            key is not None
+            and request.path not in OPEN_PATHS
+            and not (settings.webui and webui.is_page_request(request))
+        )
         if needs_key and not hmac.compare_digest(_supplied_key(request), key):
             raise UnauthorizedError(
                 "missing or wrong API key (Authorization: Bearer ..., or x-api-key)"
@@ -226,6 +233,8 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
 
 
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: every response, streams included, carries the request id."""
+    """``on_response_prepare``: every response, streams included, carries the request id and
+    mlxserve's version (``/api/version`` answers the Ollama API version clients gate on)."""
+    response.headers[VERSION_HEADER] = __version__
     if "request_id" in request:
         response.headers[REQUEST_ID_HEADER] = request["request_id"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -19,8 +20,8 @@ from typing import Any
 from mlxserve.errors import QueueFullError
 from mlxserve.inference import LoadedModel
 from mlxserve.runners.base import LoadAsk, RunnerOptions
+from mlxserve.runners.loading import clamped_context, load_options
 from mlxserve.runners.loading import context_length as check_context
-from mlxserve.runners.loading import load_options
 from mlxserve.runners.promptcache import default_disk_bytes
 from mlxserve.server.config import Settings
 from mlxserve.server.metrics import Metrics
@@ -163,6 +164,13 @@ class ModelManager:
     ) -> Resident:
         name = self.canonical(name)
         load = load or LoadAsk()
+        if load.context_length is not None:
+            # A num_ctx beyond the trained context is the trained context: asked again, it
+            # must not reload the model it already has.
+            local = await asyncio.to_thread(open_model, self.store, name)
+            load = dataclasses.replace(
+                load, context_length=clamped_context(local, load.context_length)
+            )
         lock = self._load_locks.setdefault(name, asyncio.Lock())
         async with lock:
             resident = self.residents.get(name)

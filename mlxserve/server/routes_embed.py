@@ -17,12 +17,14 @@ from typing import Any
 
 from aiohttp import web
 
-from mlxserve.errors import InvalidRequestError
+from mlxserve.errors import InvalidRequestError, UnsupportedFeatureError
 from mlxserve.runners.base import EmbedRequest
-from mlxserve.server.state import MANAGER
+from mlxserve.server.state import MANAGER, STORE
 from mlxserve.server.validate import json_body, keep_alive, model_name, optional
 
 routes = web.RouteTableDef()
+OPENAI_TOKEN_ENCODING = "cl100k_base"
+"""The tokenizer of OpenAI's embedding models, in which its API reads token-id ``input``."""
 MAX_INPUTS = 2048
 """Inputs per request, as OpenAI allows: bounds the work one request can queue."""
 ENCODING_FORMATS = ("float", "base64")
@@ -50,9 +52,69 @@ def embed_inputs(value: Any) -> list[str]:
     raise InvalidRequestError("'input' must be a string or a list of strings", param="input")
 
 
+def is_token_id(value: Any) -> bool:
+    """An integer, as JSON Schema counts them (``3.0`` is one; ``true`` is not)."""
+    if isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(is_token_id(v) for v in value)
+
+
+def openai_token_texts(value: Any) -> list[str] | None:
+    """OpenAI's token-id ``input`` (a list of ids, or a list of such lists: what LangChain's
+    ``OpenAIEmbeddings`` sends by default, cut with tiktoken) as texts, or ``None`` when
+    ``input`` is not token ids. The ids are OpenAI's embedding tokenizer's (cl100k_base, as the
+    API defines them), not the model's, so they are decoded with tiktoken and the text is
+    embedded with the model's own tokenizer."""
+    if value == [] or not isinstance(value, list):
+        return None
+    if is_token_ids(value):
+        lists = [value]
+    elif all(is_token_ids(item) and item for item in value):
+        lists = value
+    else:
+        return None
+    if len(lists) > MAX_INPUTS:
+        raise InvalidRequestError(
+            f"'input' has {len(lists)} items; at most {MAX_INPUTS} per request", param="input"
+        )
+    try:
+        import tiktoken
+
+        encoding = tiktoken.get_encoding(OPENAI_TOKEN_ENCODING)
+    except Exception as exc:  # not installed, or its encoding file cannot be fetched
+        raise UnsupportedFeatureError(
+            "token-id 'input' is read as OpenAI's cl100k_base tokens, which needs tiktoken and "
+            f"its encoding file (pip install tiktoken; TIKTOKEN_CACHE_DIR): {exc}",
+            param="input",
+        ) from None
+    texts = []
+    for index, given in enumerate(lists):
+        ids = [int(token) for token in given]
+        if any(not 0 <= token < encoding.n_vocab for token in ids):
+            raise InvalidRequestError(
+                f"input {index} has a token id outside cl100k_base (0 to {encoding.n_vocab - 1})",
+                param="input",
+                index=index,
+            )
+        try:
+            texts.append(encoding.decode(ids))
+        except KeyError as exc:
+            raise InvalidRequestError(
+                f"input {index} has an unused cl100k_base token id: {exc}",
+                param="input",
+                index=index,
+            ) from None
+    return texts
+
+
 def shorten(vectors: list[list[float]], dimensions: int | None) -> list[list[float]]:
     """The first ``dimensions`` components, re-normalised (Matryoshka-style shortening, as
-    Ollama does); more dimensions than the model makes is a 400."""
+    Ollama does for any model; OpenAI's route only where the model card says Matryoshka);
+    more dimensions than the model makes is a 400."""
     if dimensions is None or not vectors:
         return vectors
     size = len(vectors[0])
@@ -118,7 +180,8 @@ async def embed(request: web.Request) -> web.Response:
 
 @routes.post("/api/embeddings")
 async def embeddings_legacy(request: web.Request) -> web.Response:
-    """Ollama's older route: one ``prompt``, one ``embedding``; an empty prompt just loads."""
+    """Ollama's older route: one ``prompt``, one ``embedding``; an empty prompt just loads.
+    ``prompt_eval_count`` (not in Ollama's answer) gives it usage as every embedding API has."""
     body = await json_body(request)
     name = model_name(body)
     prompt = optional(body, "prompt", str, "")
@@ -128,7 +191,12 @@ async def embeddings_legacy(request: web.Request) -> web.Response:
         [prompt] if prompt else [],
         keep_alive_s=keep_alive(body.get("keep_alive")),
     )
-    return web.json_response({"embedding": embedded.vectors[0] if embedded.vectors else []})
+    return web.json_response(
+        {
+            "embedding": embedded.vectors[0] if embedded.vectors else [],
+            "prompt_eval_count": embedded.prompt_tokens,
+        }
+    )
 
 
 def encode_vector(vector: list[float], encoding: str) -> list[float] | str:
@@ -148,10 +216,23 @@ async def openai_embeddings(request: web.Request) -> web.Response:
             f"'encoding_format' must be one of {', '.join(ENCODING_FORMATS)}",
             param="encoding_format",
         )
-    texts = embed_inputs(body.get("input"))
+    texts = openai_token_texts(body.get("input"))
+    if texts is None:
+        texts = embed_inputs(body.get("input"))
     if not texts:
         raise InvalidRequestError("'input' must not be empty", param="input")
-    embedded = await embed_texts(request, name, texts, dimensions=optional(body, "dimensions", int))
+    dimensions = optional(body, "dimensions", int)
+    if dimensions is not None:
+        store = request.app[STORE]
+        record = store.config(store.resolve(name)).embedding or {}
+        if not record.get("matryoshka"):
+            raise UnsupportedFeatureError(
+                f"{name} was not trained to be shortened: its model card does not say "
+                "Matryoshka, so 'dimensions' would give vectors of lower quality (Ollama's "
+                "/api/embed shortens any model's vectors if you want that)",
+                param="dimensions",
+            )
+    embedded = await embed_texts(request, name, texts, dimensions=dimensions)
     return web.json_response(
         {
             "object": "list",

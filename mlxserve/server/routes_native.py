@@ -116,9 +116,16 @@ async def blob_upload(request: web.Request) -> web.Response:
     return web.Response(status=201)
 
 
+OLLAMA_API_VERSION = "0.14.0"
+"""The Ollama release whose API this daemon serves, which is what clients gate on (``codex
+--oss`` requires 0.13.4 or newer): Ollama 0.14.0 has the routes served here, including
+``/v1/responses`` and Anthropic's ``/v1/messages``, and ``think`` levels. mlxserve's own version
+is ``mlxserve_version`` (and the ``X-Mlxserve-Version`` header of every response)."""
+
+
 @routes.get("/api/version")
 async def version(request: web.Request) -> web.Response:
-    return web.json_response({"version": __version__})
+    return web.json_response({"version": OLLAMA_API_VERSION, "mlxserve_version": __version__})
 
 
 @routes.get("/api/health")

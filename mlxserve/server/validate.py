@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from mlxserve.chat.types import Tool, ToolCall
+from mlxserve.chat.types import CUSTOM_INPUT, Tool, ToolCall
 from mlxserve.errors import InvalidRequestError
 from mlxserve.runners.base import LoadAsk
 from mlxserve.runners.kvcache import kv_cache_type
@@ -251,7 +251,7 @@ def tool_choice(value: Any) -> str:
     )
 
 
-def function_tool(value: Any) -> Tool:
+def function_tool(value: Any, namespace: str = "") -> Tool:
     """``{"type": "function", "function": {...}}`` (chat) or the flat Responses form."""
     function = value.get("function", value) if isinstance(value, dict) else None
     if (
@@ -260,20 +260,100 @@ def function_tool(value: Any) -> Tool:
         or not isinstance(function, dict)
         or not isinstance(function.get("name"), str)
     ):
-        raise InvalidRequestError("only function tools with a name are supported", param="tools")
+        raise InvalidRequestError("a function tool needs a name", param="tools")
     parameters = function.get("parameters") or {"type": "object", "properties": {}}
     if not isinstance(parameters, dict):
         raise InvalidRequestError("a tool's parameters must be a JSON Schema object", param="tools")
-    return Tool(function["name"], function.get("description") or "", parameters)
+    name = function["name"]
+    if not namespace:
+        return Tool(name, function.get("description") or "", parameters)
+    return Tool(
+        flat_name(namespace, name),
+        function.get("description") or "",
+        parameters,
+        namespace=namespace,
+        local_name=name,
+    )
+
+
+def flat_name(namespace: str, name: str) -> str:
+    """A ``namespace`` function's name as the model sees it: Codex's namespaces end in ``__``
+    (``mcp__server__``), which makes this its old flat MCP name (``mcp__server__tool``)."""
+    return f"{namespace}{name}" if namespace.endswith("_") else f"{namespace}__{name}"
+
+
+CUSTOM_GRAMMARS = ("lark", "regex")
+"""The syntaxes of a ``custom`` tool's grammar: llguidance takes both."""
+
+
+def custom_tool(value: dict[str, Any]) -> Tool:
+    """A free-form tool (Responses ``custom``): shown to the model as a function taking one
+    string, its grammar (if any) enforced on that string when the call is forced."""
+    name = required_str(value, "name")
+    description = optional(value, "description", str, "")
+    spec = value.get("format")
+    grammar = None
+    if isinstance(spec, dict) and spec.get("type") == "grammar":
+        syntax, definition = spec.get("syntax"), spec.get("definition")
+        if syntax not in CUSTOM_GRAMMARS or not isinstance(definition, str):
+            raise InvalidRequestError(
+                "a custom tool's grammar needs a syntax of lark or regex and a definition",
+                param="tools",
+            )
+        grammar = {"type": "grammar", "syntax": syntax, "definition": definition}
+        description += f"\n\nIts input follows this {syntax} grammar:\n{definition}"
+    parameters = {
+        "type": "object",
+        "properties": {CUSTOM_INPUT: {"type": "string", "description": "The tool's input."}},
+        "required": [CUSTOM_INPUT],
+    }
+    return Tool(name, description.strip(), parameters, custom=True, grammar=grammar)
 
 
 def function_tools(value: Any) -> list[Tool]:
-    """A request's ``tools``: Ollama's and OpenAI chat's nested form or the Responses flat one."""
+    """A request's ``tools``: Ollama's and OpenAI chat's nested form or the Responses flat one,
+    ``namespace`` groups flattened into their functions, ``custom`` free-form tools; tools
+    the client marks ``defer_loading`` stay out of the prompt, and hosted tools the daemon
+    cannot run (``web_search``, ``file_search``, ``computer_use``, ...) are left out, logged
+    (docs/API.md, "Leniency")."""
     if value is None:
         return []
     if not isinstance(value, list):
         raise InvalidRequestError("'tools' must be a list", param="tools")
-    return [function_tool(tool) for tool in value]
+    tools: list[Tool] = []
+    for tool in value:
+        kind = tool.get("type", "function") if isinstance(tool, dict) else None
+        if isinstance(tool, dict) and tool.get("defer_loading"):
+            continue
+        if kind == "function":
+            tools.append(function_tool(tool))
+        elif kind == "namespace" and isinstance(tool.get("tools"), list):  # type: ignore[union-attr]
+            namespace = required_str(tool, "name")  # type: ignore[arg-type]
+            tools += [
+                function_tool(inner, namespace)
+                for inner in tool["tools"]  # type: ignore[index]
+                if not (isinstance(inner, dict) and inner.get("defer_loading"))
+            ]
+        elif kind == "custom":
+            tools.append(custom_tool(tool))  # type: ignore[arg-type]
+        elif isinstance(kind, str):
+            log.info("a %s tool is left out: the daemon cannot run hosted tools", kind)
+        else:
+            raise InvalidRequestError("each tool must be an object with a type", param="tools")
+    return tools
+
+
+def unknown_part(part: Any, where: str) -> str:
+    """A content block or part of a type no model here reads (``document``, ``input_file``,
+    ``search_result``, a server tool's result...): its text if it has any, else nothing,
+    with a warning (never a 400: the real services accept them)."""
+    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+    text = part.get("text") if isinstance(part, dict) else None
+    if isinstance(text, str):
+        log.info("%s: a %s block is read as its text", where, kind)
+        return text
+    log.warning("%s: a %s block is dropped: no model here reads it", where, kind)
+    return ""
 
 
 def content_parts(content: Any, where: str) -> tuple[str, list[bytes]]:
@@ -294,9 +374,7 @@ def content_parts(content: Any, where: str) -> tuple[str, list[bytes]]:
             url = url.get("url") if isinstance(url, dict) else url
             images.append(image_bytes(url, "messages"))
         else:
-            raise InvalidRequestError(
-                f"{where}: content parts must be text or image_url", param="messages"
-            )
+            texts.append(unknown_part(part, where))
     return "".join(texts), images
 
 

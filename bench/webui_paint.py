@@ -1,0 +1,72 @@
+"""First paint of the web page from a warm daemon, in Debian's headless Chromium (Playwright):
+each round a fresh browser context (no cache) loads ``/``; the browser's own paint timings.
+The baseline is a one-line HTML page handed to the same browser without the network: what
+painting anything costs on this machine, so a loaded machine can be read apart from the page.
+
+    PYTHONPATH=. .venv/bin/python -m bench.webui_paint --rounds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from bench.common import emit, median
+from mlxserve.server.webui import STATIC
+from tests.browser import launch
+from tests.daemon import Daemon
+
+PAINT = "performance.getEntriesByName('first-contentful-paint')[0]?.startTime ?? null"
+BASELINE = "<!doctype html><title>baseline</title><p>mlxserve</p>"
+NAVIGATION = "performance.getEntriesByType('navigation')[0].responseEnd"
+
+
+def first_paint(browser, url: str, fulfil: str | None = None) -> tuple[float, float]:
+    """(first contentful paint, HTML response end) in ms, in a fresh context."""
+    context = browser.new_context()
+    page = context.new_page()
+    if fulfil is not None:
+        page.route(url, lambda route: route.fulfill(body=fulfil, content_type="text/html"))
+    page.goto(url)
+    page.wait_for_function(f"() => {PAINT} !== null")
+    timings = page.evaluate(PAINT), page.evaluate(NAVIGATION)
+    context.close()
+    return timings
+
+
+def main() -> None:
+    from playwright.sync_api import sync_playwright
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=10)
+    rounds = parser.parse_args().rounds
+    daemon = Daemon(Path(tempfile.mkdtemp(prefix="mlxserve-bench-")) / "home").start()
+    paints, responses, baseline = [], [], []
+    try:
+        with sync_playwright() as driver:
+            browser = launch(driver)
+            for round_ in range(rounds + 1):
+                paint, response = first_paint(browser, f"{daemon.url}/")
+                bare, _ = first_paint(browser, f"{daemon.url}/baseline", BASELINE)
+                if round_:  # the first round warms the daemon and the browser
+                    paints.append(paint)
+                    responses.append(response)
+                    baseline.append(bare)
+            browser.close()
+    finally:
+        daemon.stop()
+    emit(
+        {
+            "rounds": rounds,
+            "page_bytes": sum(path.stat().st_size for path in STATIC.iterdir()),
+            "html_response_end_ms": round(median(responses), 1),
+            "first_contentful_paint_ms": round(median(paints), 1),
+            "first_contentful_paint_max_ms": round(max(paints), 1),
+            "baseline_first_contentful_paint_ms": round(median(baseline), 1),
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()

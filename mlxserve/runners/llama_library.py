@@ -1,0 +1,20 @@
+"""llama-cpp-python, imported once the same way by every llama.cpp runner and bench: a clear
+error when the extra is not installed, and made safe for this CPU (``platform.py``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mlxserve import platform
+from mlxserve.errors import RunnerUnavailableError
+
+
+def import_llama_cpp() -> Any:
+    """llama-cpp-python, made safe for this CPU (``platform.make_llama_cpp_safe``)."""
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise RunnerUnavailableError(
+            "the llama.cpp runner is not installed: pip install 'mlxserve[llamacpp]'"
+        ) from exc
+    return platform.make_llama_cpp_safe(llama_cpp)
