@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "cp": "mlxctl.store_commands:cp_command",
     "verify": "mlxctl.store_commands:verify_command",
     "gc": "mlxctl.store_commands:gc_command",
+    "cache": "mlxctl.cache_commands:cache_group",
     "create": "mlxctl.spec_commands:create_command",
     "spec": "mlxctl.spec_commands:spec_group",
     "run": "mlxctl.run_command:run_command",

@@ -246,7 +246,7 @@ class Session:
         self.load_ns = 0
 
     def load(self) -> None:
-        from mlxserve.inference import LoadedModel
+        from mlxserve.chat.model import LoadedModel
         from modelstore.default_model import ensure_default_model
         from modelstore.store import ModelStore
 

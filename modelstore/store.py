@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +87,8 @@ class ModelStore:
         self.blobs = BlobStore(self.root)
         self.manifests_dir = self.root / "manifests"
         self.runtime_dir = self.root / "runtime"
+        self.prompt_cache_dir = self.root / "cache" / "prompts"
+        """The runners' prompt caches, one folder per weights blob (docs/STORE.md)."""
 
     def check(self, *, write: bool) -> None:
         """Raise ``StoreHomeError`` (one line: the path, what is wrong, what to do) unless the
@@ -278,7 +280,18 @@ class ModelStore:
             for parent in list(path.parents)[:3]:
                 with contextlib.suppress(OSError):
                     parent.rmdir()
+            self.prune_prompt_cache(self.referenced_blobs())
         return model
+
+    def prune_prompt_cache(self, referenced: Iterable[str]) -> None:
+        """Remove the cached prompts of weights no tag references any more: they hold a
+        representation of users' prompts, and nothing could use them."""
+        if not self.prompt_cache_dir.is_dir():
+            return
+        live = {d.removeprefix("sha256:") for d in referenced}
+        for folder in self.prompt_cache_dir.iterdir():
+            if folder.name != "tmp" and folder.name not in live:
+                shutil.rmtree(folder, ignore_errors=True)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -358,5 +371,6 @@ class ModelStore:
                 for folder in self.runtime_dir.iterdir():
                     if folder.name not in live:
                         shutil.rmtree(folder, ignore_errors=True)
+            self.prune_prompt_cache(referenced)
             self.blobs.clean_temp()
         return GcResult(removed, freed)

@@ -682,7 +682,7 @@ class AnthropicMessages:
         assert (message.type, message.role) == ("message", "assistant")
         reply = Reply(
             finish=ANTHROPIC_FINISH[message.stop_reason],
-            prompt_tokens=message.usage.input_tokens,
+            prompt_tokens=message.usage.input_tokens + (message.usage.cache_read_input_tokens or 0),
             completion_tokens=message.usage.output_tokens,
         )
         for block in message.content:

@@ -95,7 +95,7 @@ def test_create_builds_from_a_spec(tmp_path, store_home, mini_hf_folder):
     assert shown["system"] == "Hi."
 
 
-@pytest.mark.parametrize("command", ["list", "show", "verify", "import", "gc", "spec"])
+@pytest.mark.parametrize("command", ["list", "show", "verify", "import", "gc", "spec", "cache"])
 def test_store_commands_never_import_heavy_libraries(command, store_home):
     probe = (
         "import sys\n"

@@ -40,6 +40,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "allowed_hosts": ("a.example", ["a.example"]),
     "log_level": ("debug", "debug"),
     "prompt_cache_bytes": ("4096", 4096),
+    "prompt_cache_disk_bytes": ("0", 0),
     "sse_keepalive_s": ("2.5", 2.5),
     "group_step_timeout_s": ("60", 60.0),
     "webui": ("off", False),

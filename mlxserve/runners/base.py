@@ -146,6 +146,9 @@ class RunnerOptions:
     """Tokens the draft model proposes per step, when the model has one (``draft:``)."""
     prompt_cache_entries: int = 8
     prompt_cache_bytes: int = 1 << 30
+    prompt_cache_dir: str | None = None
+    """The disk tier's root (``promptcache.py``); ``None`` keeps prompts in memory only."""
+    prompt_cache_disk_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from mlxserve.runners.kvcache import kv_cache_type
 from mlxserve.runners.llama_library import import_llama_cpp
 from mlxserve.runners.llamacpp_slots import SlotEngine, TokenMask, kv_bytes_per_token, token_piece
 from mlxserve.runners.loading import context_length, load_options, parallel_slots
+from mlxserve.runners.promptcache import PromptCache, open_prompt_cache
 from mlxserve.runners.threads import drain
 from modelstore.model import LocalModel
 
@@ -70,6 +71,7 @@ class LlamaCppRunner:
         self._guidance_tokenizer: Any = None
         self._embedder: Any = None
         self._embed_params: tuple[Path, int, int, Path | None] | None = None
+        self._cache: PromptCache | None = None
 
     @property
     def max_parallel(self) -> int:
@@ -92,6 +94,17 @@ class LlamaCppRunner:
         slot_context = context_length(model, options)
         kv_cache = kv_cache_type(options.kv_cache_type)
         engine = EngineThread("llamacpp-engine")
+        cache = open_prompt_cache(
+            model,
+            options,
+            {
+                "runner": self.name,
+                "library": llama_cpp.__version__,
+                "kv_cache_type": kv_cache.name,
+                "flash_attention": platform.llama_cpp_flash_attention(kv_cache.quantized),
+                "n_gpu_layers": options.n_gpu_layers,
+            },
+        )
 
         def build() -> tuple[Any, SlotEngine, int]:
             from llama_cpp import _internals, _logger
@@ -133,6 +146,7 @@ class LlamaCppRunner:
                     lookup_tokens=options.num_draft_tokens or 0,
                     lora=lora,
                     projector=model.projector,
+                    cache=cache,
                 )
             except BaseException:
                 loaded.close()
@@ -145,11 +159,15 @@ class LlamaCppRunner:
             loaded, slots, kv_bytes = await engine.call(build)
         except ValueError as exc:
             engine.close()
+            if cache is not None:
+                cache.close()
             raise InferenceError(f"llama.cpp could not load {model.name}: {exc}") from exc
         except BaseException:
             engine.close()
+            if cache is not None:
+                cache.close()
             raise
-        self._model, self._slots, self._engine = loaded, slots, engine
+        self._model, self._slots, self._engine, self._cache = loaded, slots, engine, cache
         self._metadata = loaded.metadata()
         self._info = LoadedModelInfo(
             runner=self.name,
@@ -166,8 +184,8 @@ class LlamaCppRunner:
         return self._info
 
     async def unload(self) -> None:
-        engine, slots, model = self._engine, self._slots, self._model
-        self._engine = self._slots = self._model = None
+        engine, slots, model, cache = self._engine, self._slots, self._model, self._cache
+        self._engine = self._slots = self._model = self._cache = None
         self._guidance_tokenizer = None
         if engine is None:
             return
@@ -187,10 +205,19 @@ class LlamaCppRunner:
             await engine.call(release)
         finally:
             engine.close()
+            if cache is not None:
+                await asyncio.to_thread(cache.close)  # the spill: hot prompts go to disk
+
+    async def spill(self) -> None:
+        """Wait until every cached prompt is on disk (the model may be unloaded next)."""
+        if self._cache is not None:
+            await asyncio.to_thread(self._cache.spill)
 
     def describe(self) -> LoadedModelInfo:
         if self._info is None:
             raise ModelNotLoadedError("no model is loaded in the llama.cpp runner")
+        if self._cache is not None:
+            self._info.details["prompt_cache"] = self._cache.stats()
         return self._info
 
     @property
@@ -260,6 +287,12 @@ class LlamaCppRunner:
         mask = None
         if request.response_format:
             mask = await asyncio.to_thread(self._mask, request.response_format)
+        hit = None
+        if self._cache is not None and media is None:
+            cache = self._cache
+            hit = await asyncio.to_thread(
+                lambda: cache.lookup(prompt, better_than=slots.live_prefix(prompt))
+            )
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[object] = asyncio.Queue()
 
@@ -272,7 +305,7 @@ class LlamaCppRunner:
                 emit(joined.exception())
 
         joined = engine.submit(
-            lambda: slots.join(request, prompt, max_tokens, emit, mask, media=media)
+            lambda: slots.join(request, prompt, max_tokens, emit, mask, media=media, hit=hit)
         )
         joined.add_done_callback(report)
         try:

@@ -16,6 +16,7 @@ jobs and reads the chunks each sequence emits.
 from __future__ import annotations
 
 import ctypes
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -31,8 +32,11 @@ from mlxserve.runners.base import GenerateRequest, TokenLogprob
 from mlxserve.runners.decode import DecodeState, SampledToken
 from mlxserve.runners.kvcache import KvCacheType, ggml_bytes_per_token, ggml_check
 from mlxserve.runners.llamacpp_media import IMAGE_POSITION, MediaProjector
+from mlxserve.runners.promptcache import Hit, PromptCache
 from mlxserve.runners.textstream import ByteDetokenizer, TextStream
 from mlxserve.runners.threads import END
+
+log = logging.getLogger("mlxserve.llamacpp")
 
 RANDOM_SEED = 0xFFFFFFFF
 """llama.cpp's LLAMA_DEFAULT_SEED: a fresh random seed for each request."""
@@ -115,6 +119,9 @@ class Sequence:
     """Batch rows of the pending token and each draft, whose logits verify the drafts."""
     media: Any = None
     """libmtmd's text and image chunks (``llamacpp_media``), prefilled whole on admission."""
+    hit: Hit | None = None
+    """What the prompt cache (``promptcache.py``) holds of the prompt, restored on admission
+    when no live slot holds more."""
 
 
 @dataclass
@@ -156,6 +163,7 @@ class SlotEngine:
         lookup_tokens: int = 0,
         lora: Any = None,
         projector: Path | None = None,
+        cache: PromptCache | None = None,
     ) -> None:
         from llama_cpp import _internals
 
@@ -194,6 +202,7 @@ class SlotEngine:
 
             self._lookup = LlamaPromptLookupDecoding(num_pred_tokens=lookup_tokens)
         self._waiting: deque[Sequence] = deque()
+        self.cache = cache
         self.media: MediaProjector | None = None
         if projector is not None:
             try:
@@ -214,7 +223,10 @@ class SlotEngine:
         self._context.close()
 
     def forget_prefixes(self) -> None:
-        """Drop the KV cache that free slots keep for follow-ups (a cold start, for benches)."""
+        """Drop the KV cache that free slots and the prompt cache's RAM tier keep for
+        follow-ups (a cold start, for benches)."""
+        if self.cache is not None:
+            self.cache.forget_ram()
         for slot in self.slots:
             if slot.sequence is None:
                 slot.tokens.clear()
@@ -230,6 +242,7 @@ class SlotEngine:
         emit: Callable[[object], None],
         mask: TokenMask | None,
         media: Any = None,
+        hit: Hit | None = None,
     ) -> None:
         """Queue a request; it takes a slot at the start of the next step. ``media`` are its
         libmtmd chunks (``prompt`` then has ``IMAGE_POSITION`` for each image position)."""
@@ -247,7 +260,14 @@ class SlotEngine:
                 self.media.free(media)
             emit(exc)
             return
-        self._waiting.append(Sequence(request, prompt, state, emit, sampler, mask, media=media))
+        self._waiting.append(
+            Sequence(request, prompt, state, emit, sampler, mask, media=media, hit=hit)
+        )
+
+    def live_prefix(self, prompt: list[int]) -> int:
+        """The longest prefix of ``prompt`` a slot holds (read off the engine thread: a hint
+        for whether the prompt cache is worth reading, checked again on admission)."""
+        return max((common_prefix(list(slot.tokens), prompt) for slot in self.slots), default=0)
 
     def _sampler(self, request: GenerateRequest) -> Any:
         """llama.cpp's sampler chain, in the order ``Llama.generate`` builds it (penalties
@@ -289,6 +309,15 @@ class SlotEngine:
             cached = min(common_prefix(slot.tokens, prompt), len(prompt) - 1)
             if sequence.media is not None:
                 cached = 0  # libmtmd prefills the whole prompt, text and images, in one call
+            hit, sequence.hit = sequence.hit, None
+            if hit is not None and hit.tokens > cached and sequence.media is None:
+                cached = self._restore(slot, hit)
+                if not cached:
+                    hit = None
+            else:
+                hit = None
+            if self.cache is not None and sequence.media is None:
+                self.cache.record(hit, cached)
             if not self._llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, cached, -1):
                 self._llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, 0, -1)
                 cached = 0
@@ -296,6 +325,36 @@ class SlotEngine:
             slot.sequence, sequence.slot = sequence, slot
             sequence.prefilled = cached
             sequence.state.cached_prompt_tokens = cached
+
+    def _restore(self, slot: Slot, hit: Hit) -> int:
+        """Load a cached state into ``slot`` (llama.cpp's per-sequence state); the prompt
+        tokens it gives, or 0 when llama.cpp refuses it (the slot is then empty)."""
+        llama_cpp = self._llama_cpp
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, 0, -1)
+        source = (ctypes.c_uint8 * len(hit.payload)).from_buffer_copy(hit.payload)
+        read = 0
+        if hit.entry_tokens <= self.slot_context:
+            read = llama_cpp.llama_state_seq_set_data_ext(
+                self._context.ctx, source, len(hit.payload), slot.seq_id, 0
+            )
+        if read == 0:
+            log.warning("llama.cpp refused a cached prompt state; prefilling instead")
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, 0, -1)
+            slot.tokens = []
+            return 0
+        return hit.tokens
+
+    def _snapshot(self, slot: Slot) -> None:
+        """Hand the finished slot's state to the prompt cache (written behind to disk)."""
+        cache, tokens = self.cache, slot.tokens
+        if cache is None or IMAGE_POSITION in tokens or not cache.wants(tokens):
+            return
+        llama_cpp, context = self._llama_cpp, self._context.ctx
+        size = llama_cpp.llama_state_seq_get_size_ext(context, slot.seq_id, 0)
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data_ext(context, buffer, size, slot.seq_id, 0)
+        if written:
+            cache.store(list(tokens), ctypes.string_at(buffer, written))
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -514,6 +573,8 @@ class SlotEngine:
             if error is not None:
                 slot.tokens.clear()
                 self._llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, 0, -1)
+            else:
+                self._snapshot(slot)
         sequence.sampler.close()
         if error is not None:
             sequence.emit(error)

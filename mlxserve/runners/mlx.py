@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import io
+import logging
 import os
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +50,7 @@ from mlxserve.runners.engine import EngineThread, shared_engine
 from mlxserve.runners.kvcache import KvCacheType, kv_cache_type, mlx_group_size
 from mlxserve.runners.loading import context_length, kv_bytes_per_token, load_options
 from mlxserve.runners.pooling import length_batches, over_limit, padded, pool
+from mlxserve.runners.promptcache import Hit, PromptCache, common_prefix, open_prompt_cache
 from mlxserve.runners.textstream import MlxDetokenizer, TextStream
 from mlxserve.runners.threads import END, drain
 from modelstore.model import LocalModel
@@ -75,6 +79,7 @@ def derived_folder(model: LocalModel, dequantized: bool) -> Path:
     return (model.derived_dir or default_root() / "derived") / "gguf-mlx" / f"{key}-{mode}"
 
 
+log = logging.getLogger("mlxserve.mlx")
 DEFAULT_MAX_PARALLEL = 4
 
 
@@ -154,6 +159,11 @@ class MlxRunner:
         self._draft: Any = None
         self._num_draft = DEFAULT_NUM_DRAFT_TOKENS
         self._solo_uid = -1
+        self._disk: PromptCache | None = None
+        """The prompt cache's disk tier (``promptcache.py``); mlx-lm's LRU is the RAM tier."""
+        self._remembered: deque[list[int]] = deque()
+        """What the LRU was last given, newest last: a hint that the disk holds nothing
+        better, read off the engine thread."""
 
     @property
     def max_parallel(self) -> int:
@@ -207,6 +217,9 @@ class MlxRunner:
             self._prompt_cache = LRUPromptCache(
                 max_size=options.prompt_cache_entries, max_bytes=options.prompt_cache_bytes
             )
+            self._remembered = deque(maxlen=options.prompt_cache_entries)
+            if options.prompt_cache_dir:
+                self._disk = self._open_disk_tier(model, options, dequantize)
             self._batch = BatchGenerator(
                 loaded,
                 completion_batch_size=self._parallel,
@@ -268,6 +281,22 @@ class MlxRunner:
         head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
         return mlx_group_size(self._kv_cache, head_dim)
 
+    def _open_disk_tier(
+        self, model: LocalModel, options: RunnerOptions, dequantized: bool
+    ) -> PromptCache | None:
+        """The disk tier, keyed by what makes this model's KV valid; the RAM tier stays
+        mlx-lm's LRU, so the disk tier keeps nothing in memory itself."""
+        import mlx.core as mx
+        import mlx_lm
+
+        key = {
+            "runner": self.name,
+            "library": f"mlx-{mx.__version__}/mlx-lm-{mlx_lm.__version__}",
+            "kv_cache_type": self._kv_cache.name,
+            "dequantized": dequantized,
+        }
+        return open_prompt_cache(model, replace(options, prompt_cache_bytes=0), key)
+
     def _load_weights(self, folder: Path) -> tuple[Any, Any]:
         """The model and tokenizer from an MLX folder (a sharded runner loads its part)."""
         import mlx_lm
@@ -275,6 +304,8 @@ class MlxRunner:
         return mlx_lm.load(str(folder))
 
     async def unload(self) -> None:
+        disk, self._disk = self._disk, None
+
         def release() -> None:
             import mlx.core as mx
 
@@ -290,11 +321,22 @@ class MlxRunner:
             self._guidance_tokenizer = None
             mx.clear_cache()  # a no-op in a distributed group's process (hold_mlx_cache)
 
-        await self._engine.call(release)
+        try:
+            await self._engine.call(release)
+        finally:
+            if disk is not None:
+                await asyncio.to_thread(disk.close)  # the spill: pending writes finish
+
+    async def spill(self) -> None:
+        """Wait until every cached prompt is on disk (the model may be unloaded next)."""
+        if self._disk is not None:
+            await asyncio.to_thread(self._disk.spill)
 
     def describe(self) -> LoadedModelInfo:
         if self._info is None:
             raise ModelNotLoadedError("no model is loaded in the MLX runner")
+        if self._disk is not None:
+            self._info.details["prompt_cache"] = self._disk.stats()
         return self._info
 
     @property
@@ -345,13 +387,18 @@ class MlxRunner:
         vocabulary = getattr(getattr(model, "args", None), "vocab_size", None)
         if isinstance(vocabulary, int):
             check_token_ids(request, vocabulary)
+        hit = None
+        if self._disk is not None:
+            disk = self._disk
+            live = max((common_prefix(t, prompt) for t in list(self._remembered)), default=0)
+            hit = await asyncio.to_thread(lambda: disk.lookup(prompt, better_than=live))
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[object] = asyncio.Queue()
 
         def emit(item: object) -> None:
             loop.call_soon_threadsafe(chunks.put_nowait, item)
 
-        self._engine.submit(lambda: self._join(request, prompt, max_tokens, emit, constraint))
+        self._engine.submit(lambda: self._join(request, prompt, max_tokens, emit, constraint, hit))
         try:
             async for item in drain(chunks):
                 yield item
@@ -381,6 +428,7 @@ class MlxRunner:
         max_tokens: int,
         emit: Any,
         constraint: Any = None,
+        hit: Hit | None = None,
     ) -> None:
         """Add a request to the batch, starting from the longest cached prefix of its prompt;
         or run it solo: on the draft model when nothing else is active, or on a quantized KV
@@ -406,7 +454,7 @@ class MlxRunner:
                 self._join_solo(request, prompt, max_tokens, emit, processors, speculative)
                 return
             uid, cached = self._insert(
-                prompt, max_tokens, self._sampler(request_sampler(request)), processors
+                prompt, max_tokens, self._sampler(request_sampler(request)), processors, hit
             )
             state = self._decode_state(request, prompt, max_tokens, cached)
             self._active[uid] = _Active(state, emit, request.logprobs)
@@ -414,7 +462,12 @@ class MlxRunner:
             emit(exc)
 
     def _insert(
-        self, prompt: list[int], max_tokens: int, sampler: Any, processors: list[Any]
+        self,
+        prompt: list[int],
+        max_tokens: int,
+        sampler: Any,
+        processors: list[Any],
+        hit: Hit | None = None,
     ) -> tuple[int, int]:
         """Insert one sequence, reusing the longest cached prefix; its uid and how many prompt
         tokens came from the cache. Deterministic given the same history of inserts and ends,
@@ -430,6 +483,11 @@ class MlxRunner:
             trim_prompt_cache(cache, 1)
             remaining = prompt[-1:]
         cached = len(prompt) - len(remaining)
+        restored = self._restore(hit) if hit is not None and hit.tokens > cached else None
+        if restored is not None and hit is not None:
+            cache, cached, remaining = restored, hit.tokens, prompt[hit.tokens :]
+        if self._disk is not None:
+            self._disk.record(hit if restored is not None else None, cached)
         (uid,) = self._batch.insert(
             [remaining],
             max_tokens=[max_tokens],
@@ -443,6 +501,25 @@ class MlxRunner:
             {"op": "join", "uid": uid, "prompt": prompt, "max_tokens": max_tokens, "cached": cached}
         )
         return uid, cached
+
+    def _restore(self, hit: Hit) -> list[Any] | None:
+        """A disk entry as mlx-lm's prompt cache, trimmed to the tokens the prompt shares;
+        ``None`` when mlx-lm cannot read it or its cache cannot be trimmed."""
+        from mlx_lm.models.cache import can_trim_prompt_cache, load_prompt_cache, trim_prompt_cache
+
+        source = io.BytesIO(hit.payload)
+        source.name = "entry.safetensors"  # how mx.load tells the format of a stream
+        try:
+            cache = load_prompt_cache(source)
+        except Exception as exc:  # written by another mlx-lm despite the key: a miss
+            log.warning("mlx-lm could not read a cached prompt: %s", exc)
+            return None
+        excess = hit.entry_tokens - hit.tokens
+        if excess:
+            if not can_trim_prompt_cache(cache):
+                return None
+            trim_prompt_cache(cache, excess)
+        return cache
 
     def _sampler(self, sampler: Any) -> Any:
         """Hook: the sampler a sequence uses (a group shares rank 0's choice with all ranks)."""
@@ -619,7 +696,20 @@ class MlxRunner:
         held = getattr(cache[0], "offset", len(tokens))
         if not isinstance(held, int) or held <= 0:
             return
-        self._prompt_cache.insert_cache(id(self._model), list(tokens[:held]), cache)
+        held_tokens = list(tokens[:held])
+        self._prompt_cache.insert_cache(id(self._model), held_tokens, cache)
+        self._remembered.append(held_tokens)
+        disk = self._disk
+        if disk is not None and disk.wants(held_tokens):
+            from mlx_lm.models.cache import save_prompt_cache
+
+            target = io.BytesIO()
+            target.name = "entry.safetensors"
+            try:
+                save_prompt_cache(target, cache)  # type: ignore[arg-type]
+            except ValueError:  # a cache class without a serialisable state
+                return
+            disk.store(held_tokens, target.getvalue())
 
     def _logprob(self, token: int, logprobs: Any, top_n: int | None) -> TokenLogprob | None:
         if top_n is None:

@@ -247,13 +247,14 @@ def parse_count(body: dict[str, Any]) -> ChatRequest:
 
 
 def _usage(prompt_tokens: int, done: Done | None) -> dict[str, Any]:
-    """Every prompt token counts as input (a reused prefix is not a billed cache read here, and
-    clients that add the two would count it twice)."""
+    """As Anthropic counts: ``input_tokens`` is the part of the prompt not read from the prompt
+    cache, ``cache_read_input_tokens`` the rest (clients add the two, as Claude Code does)."""
+    cached = done.stats.cached_prompt_tokens if done else 0
     return {
-        "input_tokens": done.stats.prompt_eval_count if done else prompt_tokens,
+        "input_tokens": (done.stats.prompt_eval_count - cached) if done else prompt_tokens,
         "output_tokens": done.stats.eval_count if done else 0,
         "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": 0,
+        "cache_read_input_tokens": cached,
     }
 
 

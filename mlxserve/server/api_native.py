@@ -132,6 +132,7 @@ def stats(done: Done) -> dict[str, Any]:
         "load_duration": s.load_duration,
         "prompt_eval_count": s.prompt_eval_count,
         "prompt_eval_duration": s.prompt_eval_duration,
+        "cached_prompt_tokens": s.cached_prompt_tokens,
         "eval_count": s.eval_count,
         "eval_duration": s.eval_duration,
     }

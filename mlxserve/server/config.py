@@ -161,6 +161,16 @@ class Settings:
     )
     """mlx-lm's LRU: the bound that keeps batching from growing memory without limit, with
     ``num_parallel`` x context for slots."""
+    prompt_cache_disk_bytes: int | None = field(
+        default=None,
+        metadata=_about(
+            env="MLXSERVE_PROMPT_CACHE_DISK_BYTES",
+            help="The prompt cache's disk tier, all models together (0: off).",
+            shown="a tenth of free space, at most 16 GiB",
+        ),
+    )
+    """``cache/prompts`` under the home (docs/STORE.md); it holds a representation of users'
+    prompts, owner-only."""
     sse_keepalive_s: float = field(
         default=5.0,
         metadata=_about(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -53,6 +54,32 @@ class Metrics:
         self.model_memory = Gauge(
             "mlxserve_model_memory_bytes", "Memory a loaded model holds", ["model"], registry=r
         )
+        self.prompt_cache_hits = Gauge(
+            "mlxserve_prompt_cache_hits",
+            "Prompts that reused a cached prefix, per tier, since the model loaded",
+            ["model", "tier"],
+            registry=r,
+        )
+        self.prompt_cache_tokens = Gauge(
+            "mlxserve_prompt_cache_tokens",
+            "Prompt tokens reused from the prompt cache, per tier, since the model loaded",
+            ["model", "tier"],
+            registry=r,
+        )
+        self.prompt_cache_bytes = Gauge(
+            "mlxserve_prompt_cache_bytes",
+            "Bytes the prompt cache holds for a loaded model, per tier",
+            ["model", "tier"],
+            registry=r,
+        )
+
+    def prompt_cache(self, model: str, stats: dict[str, Any]) -> None:
+        """A loaded model's prompt-cache stats (``promptcache.PromptCache.stats``)."""
+        for tier in ("live", "ram", "disk"):
+            self.prompt_cache_hits.labels(model, tier).set(stats[tier]["hits"])
+            self.prompt_cache_tokens.labels(model, tier).set(stats[tier]["tokens"])
+            if "bytes" in stats[tier]:
+                self.prompt_cache_bytes.labels(model, tier).set(stats[tier]["bytes"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from mlxserve.chat.model import LoadedModel
 from mlxserve.errors import ModelCrashedError, ModelCrashLoopError, QueueFullError
@@ -26,6 +27,7 @@ from mlxserve.runners.base import LoadAsk, ModelRunner, RunnerOptions
 from mlxserve.runners.isolated import WorkerRunner
 from mlxserve.runners.loading import clamped_context, load_options
 from mlxserve.runners.loading import context_length as check_context
+from mlxserve.runners.promptcache import default_disk_bytes
 from mlxserve.runners.select import make_runner
 from mlxserve.server.config import Settings
 from mlxserve.server.metrics import Metrics
@@ -214,10 +216,21 @@ class ModelManager:
             kv_cache_type=load.kv_cache_type,
             max_parallel=self.settings.num_parallel,
             prompt_cache_bytes=self.settings.prompt_cache_bytes,
+            **self._disk_tier(),
         )
         local = await asyncio.to_thread(open_model, self.store, name)
         check_context(local, load_options(local, options), options.max_parallel or 1)
         return options
+
+    def _disk_tier(self) -> dict[str, Any]:
+        """Where and how much of the disk the runners' prompt caches may use."""
+        budget = self.settings.prompt_cache_disk_bytes
+        root = self.store.prompt_cache_dir
+        if budget is None:
+            budget = default_disk_bytes(root)
+        if budget <= 0:
+            return {}
+        return {"prompt_cache_dir": str(root), "prompt_cache_disk_bytes": budget}
 
     async def _load(
         self, name: str, runner: str | None, keep_alive: float | None, load: LoadAsk

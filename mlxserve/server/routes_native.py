@@ -77,6 +77,9 @@ async def ps(request: web.Request) -> web.Response:
         )
         if "distributed" in info.details:
             entry["distributed"] = info.details["distributed"]
+        cache = resident.loaded.runner.describe().details.get("prompt_cache")
+        if cache is not None:
+            entry["prompt_cache"] = cache
         models.append(entry)
     return web.json_response({"models": models})
 
@@ -128,6 +131,10 @@ async def health(request: web.Request) -> web.Response:
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
+    for name, resident in request.app[MANAGER].residents.items():
+        cache = resident.loaded.runner.describe().details.get("prompt_cache")
+        if cache is not None:
+            request.app[METRICS].prompt_cache(name, cache)
     return web.Response(
         body=request.app[METRICS].render(), content_type="text/plain", charset="utf-8"
     )
