@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import time
 import urllib.error
 import urllib.request
@@ -190,6 +191,17 @@ def page(browser, webui_daemon):
 
 def open_page(page, path: str = "/") -> None:
     browser_open_page(page, path, API_KEY)
+
+
+@needs_browser
+def test_a_follow_up_answer_shows_its_cached_prompt_tokens(page, webui_daemon):
+    open_page(page)
+    choose(page, "thinking:gguf")
+    send(page, "What is the weather?")
+    finished(page)
+    send(page, "And tomorrow?")
+    finished(page)
+    assert re.search(r"\b[1-9]\d* cached\b", last_answer(page).locator(".stats").inner_text())
 
 
 @needs_browser

@@ -149,6 +149,7 @@ function statsText(stats) {
   }
   if (stats.eval_count !== undefined) parts.push(`${stats.eval_count} tokens`);
   if (stats.prompt_eval_count !== undefined) parts.push(`${stats.prompt_eval_count} prompt tokens`);
+  if (stats.cached_prompt_tokens) parts.push(`${stats.cached_prompt_tokens} cached`);
   if (stats.done_reason) parts.push(stats.done_reason);
   return parts.join(" · ");
 }
@@ -351,6 +352,7 @@ async function generate() {
           eval_count: chunk.eval_count,
           eval_duration: chunk.eval_duration,
           prompt_eval_count: chunk.prompt_eval_count,
+          cached_prompt_tokens: chunk.cached_prompt_tokens,
           done_reason: chunk.done_reason,
         };
       }
