@@ -67,6 +67,25 @@ default model's Q4_1 included), measured with llama-cpp-python 0.3.36 on this pr
 machines; F32/F16 weights never use it."""
 
 
+WORKER_OPENMP_SPINCOUNT = "20000"
+"""libgomp's spin before its threads sleep, in a runner's worker process on a CPU: llama.cpp's
+OpenMP threads spin at every barrier (libgomp's default spin is far longer), and with the daemon
+in another process wanting a core for each token they stall each other. Measured with
+``bench.llamacpp_batch`` on this project's 2-core Linux machines: no cost alone (102-113 vs
+108-113 tokens/s at one sequence), and steps that no longer wait out a competitor's time slice
+under contention (docs/PERFORMANCE.md). On Metal llama.cpp's threads barely run."""
+
+
+def worker_environment(environment: dict[str, str]) -> dict[str, str]:
+    """The environment of a runner's worker process: the daemon's, plus the OpenMP wait setting
+    above on a CPU (a setting the user made wins; libgomp reads it when it loads, which is why
+    it can be set for a worker but not for the daemon's own process)."""
+    worker = dict(environment)
+    if not is_apple_silicon():
+        worker.setdefault("GOMP_SPINCOUNT", WORKER_OPENMP_SPINCOUNT)
+    return worker
+
+
 def make_llama_cpp_safe(llama_cpp: Any) -> Any:
     """``llama_cpp``, with every model it loads from now on kept out of llama.cpp's extra CPU
     buffer types (AMX tiles, repacked layouts) on a CPU where they crash the process.
