@@ -1,7 +1,7 @@
 """The ``mlxctl`` command group.
 
 Subcommands live in one module per noun and are imported only when invoked, so ``mlxctl list``
-never pays for aiohttp, mlx, transformers or llama_cpp (``tests/test_cli_startup.py`` checks).
+never pays for aiohttp, mlx, transformers or llama_cpp (``tests/test_cli_store.py`` checks).
 """
 
 from __future__ import annotations

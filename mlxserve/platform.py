@@ -1,8 +1,9 @@
 """Every difference between Apple Silicon and other machines, in one place.
 
 On a Mac MLX runs on Metal, quantized weights are the fast path and llama.cpp offloads to
-Metal; elsewhere MLX runs on the CPU, where quantized matmuls are slow (``FACTS.md``: 4-bit
-SmolLM2 decodes ~0.2 tokens/s, fp32 ~9), so the MLX runner holds weights unquantized there.
+Metal; elsewhere MLX runs on the CPU, where quantized matmuls are slow (measured on this
+project's Linux machines: 4-bit SmolLM2 decodes ~0.2 tokens/s, fp32 ~9), so the MLX runner
+holds weights unquantized there.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def llama_cpp_flash_attention(quantized_v_cache: bool) -> bool:
 
     A quantized V cache needs it (llama.cpp keeps one only with flash attention). On Metal it is
     llama.cpp's own choice (its default there, and fast). On the CPU it is off: measured with
-    llama-cpp-python 0.3.36 on this project's Linux machines (``FACTS.md``), a 45-token chunk
+    llama-cpp-python 0.3.36 on this project's Linux machines, a 45-token chunk
     after 1,500 cached tokens costs 4.25x with it on and a decode step at 1,500 tokens of context
     2.3x, which made an agent's follow-up turns 1.6-1.8x slower than llama-cpp-python's server
     (whose ``Llama`` turns it off); only a cold prefill is slightly faster with it.

@@ -7,7 +7,8 @@ was OOM-killed through ``/api/create`` and ``/api/show``). This walk reads the s
 checked against the bytes left in the file *before* anything is read or allocated, and caps
 what turns into Python objects per item (string arrays, tensors), so metadata reading has a
 memory bound whatever the file says. It keeps nothing: it only says whether the header is sane.
-gguf-py has no such check (see ``/work/shared/FACTS.md``), hence this module.
+gguf-py has no such check (its reader trusts a header that claims a 2^62-element array, and
+loops and allocates without bound), hence this module.
 """
 
 from __future__ import annotations
