@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import time
@@ -32,7 +31,7 @@ import aiohttp
 
 from bench.common import MODEL, bench_store, emit
 from bench.llamacpp_batch import decode_steps
-from bench.load import MLX_MODEL, QUESTION, client_question, mlx_copy
+from bench.load import MLX_MODEL, QUESTION, client_question, mlx_copy, stream_chat
 from mlxserve import platform
 from mlxserve.chat.model import LoadedModel
 from mlxserve.runners.llama_library import import_llama_cpp
@@ -61,47 +60,18 @@ not functions to a profiler, so their time lands in their caller). The rest of t
 ``other``, is the engine thread's loop, the chat core, asyncio and the waits between them."""
 
 
-async def stream_decode(
-    session: aiohttp.ClientSession, url: str, model: str, tokens: int, question: str
-) -> dict[str, float]:
-    """One streaming chat: when its first token came, when it ended, and how many tokens."""
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": question}],
-        "max_tokens": tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    first = None
-    usage = 0
-    async with session.post(f"{url}/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        async for raw in response.content:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                usage = chunk["usage"]["completion_tokens"]
-            elif first is None and chunk["choices"] and chunk["choices"][0]["delta"]:
-                first = time.perf_counter()
-    ended = time.perf_counter()
-    return {"first": first or ended, "ended": ended, "tokens": usage}
-
-
 async def daemon_decode_rate(url: str, model: str, clients: int, tokens: int) -> float:
     """Aggregate decode tokens/s of ``clients`` concurrent streams, each with its own prompt."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
-        await stream_decode(session, url, model, 2, QUESTION)
+        await stream_chat(session, url, model, 2)
         runs = await asyncio.gather(
             *(
-                stream_decode(session, url, model, tokens, client_question(index))
+                stream_chat(session, url, model, tokens, client_question(index))
                 for index in range(clients)
             )
         )
     decoded = sum(max(run["tokens"] - 1, 0) for run in runs)
-    span = max(run["ended"] for run in runs) - min(run["first"] for run in runs)
+    span = max(run["ended_at"] for run in runs) - min(run["first_at"] for run in runs)
     return decoded / span if span > 0 else 0.0
 
 

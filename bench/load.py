@@ -92,6 +92,8 @@ async def stream_chat(
         "ttft_s": (first or ended) - started,
         "tokens": max(count, usage),
         "seconds": ended - started,
+        "first_at": first or ended,
+        "ended_at": ended,
     }
 
 

@@ -32,7 +32,7 @@ from mlxserve.runners.base import GenerateRequest, TokenLogprob
 from mlxserve.runners.decode import DecodeState, SampledToken
 from mlxserve.runners.kvcache import KvCacheType, ggml_bytes_per_token, ggml_check
 from mlxserve.runners.llamacpp_media import IMAGE_POSITION, MediaProjector
-from mlxserve.runners.promptcache import Hit, PromptCache
+from mlxserve.runners.promptcache import Hit, PromptCache, common_prefix
 from mlxserve.runners.textstream import ByteDetokenizer, TextStream
 from mlxserve.runners.threads import END
 
@@ -132,15 +132,6 @@ class Slot:
     tokens: list[int] = field(default_factory=list)
     sequence: Sequence | None = None
     last_used: float = 0.0
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    count = 0
-    for left, right in zip(a, b, strict=False):
-        if left != right:
-            break
-        count += 1
-    return count
 
 
 class SlotEngine:
