@@ -7,10 +7,15 @@ from __future__ import annotations
 import json
 
 import aiohttp
+import pytest
 
+from mlxserve import platform
+from mlxserve.errors import OutOfMemoryError
 from mlxserve.runners.base import RunnerOptions
 from mlxserve.runners.loading import context_length, kv_bytes_per_token
+from mlxserve.server import limits
 from modelstore.runtime import open_model
+from modelstore.store import ModelStore
 
 TRAINED = 2048
 """The tiny fixture model's ``context_length``."""
@@ -70,7 +75,9 @@ async def test_num_ctx_beyond_the_trained_maximum_is_clamped_to_it(daemon):
     assert daemon.log().count("reloading tiny:gguf") == reloads  # the same context: no reload
 
 
-async def test_a_huge_spec_context_is_refused_with_the_numbers_before_loading(daemon):
+async def test_a_spec_context_beyond_the_request_limit_is_refused_at_create(daemon):
+    """Issue 21: a context no machine can hold is a client error at create (it was a 500 at
+    2^32-1), with the limit in the message, and the daemon keeps serving."""
     async with aiohttp.ClientSession() as session:
         created = await session.post(
             f"{daemon.url}/api/create",
@@ -81,16 +88,34 @@ async def test_a_huge_spec_context_is_refused_with_the_numbers_before_loading(da
                 "parameters": {"num_ctx": 1_000_000_000},
             },
         )
+        body = await created.json()
+        assert created.status == 400, body
+        assert "1000000000" in body["error"] and str(limits.MAX_CONTEXT_LENGTH) in body["error"]
+        async with session.get(f"{daemon.url}/api/health") as health:
+            assert health.status == 200
+
+
+async def test_a_huge_spec_context_is_refused_with_the_numbers_before_loading(daemon):
+    """A context within the limit whose KV cache outgrows this machine's memory: 507 with the
+    numbers, before anything is loaded."""
+    async with aiohttp.ClientSession() as session:
+        created = await session.post(
+            f"{daemon.url}/api/create",
+            json={
+                "model": "huge:2",
+                "from": "tiny:gguf",
+                "stream": False,
+                "parameters": {"num_ctx": limits.MAX_CONTEXT_LENGTH},
+            },
+        )
         assert created.status == 200, await created.text()
-    status, body = await chat(daemon, "huge:1", None)
-    assert status == 507, body
-    assert body["code"] == "out_of_memory"
-    assert "1000000000" in body["error"] and "GB" in body["error"]
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"{daemon.url}/api/health") as health,
-    ):
-        assert health.status == 200
+    model = open_model(ModelStore(daemon.home), "huge:2")
+    slots = 1 + int(
+        platform.total_memory_bytes() // (kv_bytes_per_token(model) * limits.MAX_CONTEXT_LENGTH)
+    )
+    with pytest.raises(OutOfMemoryError) as refused:
+        context_length(model, RunnerOptions(context_length=limits.MAX_CONTEXT_LENGTH), slots)
+    assert str(limits.MAX_CONTEXT_LENGTH) in refused.value.message and "GB" in refused.value.message
 
 
 def test_the_kv_cache_is_sized_from_the_imported_metadata(tiny_store):

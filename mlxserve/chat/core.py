@@ -264,6 +264,10 @@ class ChatRun:
         if self._earlier:  # generation restarted after the reasoning budget
             stats.eval_count += self._earlier
             stats.prompt_eval_count = self._prompt_tokens
+            # The restart's cache hit is the first pass's own prompt and reasoning, not the
+            # user's prompt; the first pass's hit is not known (it was cancelled), so none is
+            # claimed (Anthropic's input_tokens = prompt - cached must not go negative).
+            stats.cached_prompt_tokens = 0
         stats.load_duration = self.load_ns
         stats.total_duration += self.load_ns
         self.done = Done(reason, stats, context, chunk.stop_sequence if reason == "stop" else None)
