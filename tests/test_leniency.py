@@ -68,7 +68,10 @@ def prompt_tokens(api: str, answer: dict[str, Any]) -> int:
         return answer["prompt_eval_count"]
     if api == "openai":
         return answer["usage"]["prompt_tokens"]
-    return answer["usage"]["input_tokens"]
+    usage = answer["usage"]
+    if api == "anthropic":  # input_tokens is the uncached part; clients add the cache reads
+        return usage["input_tokens"] + usage.get("cache_read_input_tokens", 0)
+    return usage["input_tokens"]
 
 
 def has_thinking(api: str, answer: dict[str, Any]) -> bool:
