@@ -17,9 +17,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from modelstore.store import MIN_FREE_BYTES
 from tests.daemon import Daemon
 
-TMPFS_BYTES = 8 << 20
+TMPFS_BYTES = MIN_FREE_BYTES + (16 << 20)
+"""A home the daemon agrees to start on (it refuses one with less than ``MIN_FREE_BYTES``
+free: issue 23), which an upload of twice its size then fills."""
 SLOW_UPLOADS = 12
 """Twice what deadlocked the daemon before (six: CPUs + 4 default-pool threads on 2 cores)."""
 SLOW_PIECE_BYTES = 64 << 10
