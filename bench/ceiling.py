@@ -109,7 +109,7 @@ async def llamacpp_ceiling(
             daemon.stop()
     return {
         "threads": threads,
-        "flash_attention": platform.llama_cpp_flash_attention(False),
+        "flash_attention": platform.llama_cpp_flash_attention(),
         "clients": [
             {
                 "k": k,

@@ -47,17 +47,19 @@ def default_threads() -> int:
     return max(1, count if count <= 4 else count // 2)
 
 
-def llama_cpp_flash_attention(quantized_v_cache: bool) -> bool:
-    """Whether the llama.cpp slot engine asks for flash attention.
+def llama_cpp_flash_attention() -> bool:
+    """Whether the llama.cpp slot engine asks for flash attention: yes, on every platform.
 
-    A quantized V cache needs it (llama.cpp keeps one only with flash attention). On Metal it is
-    llama.cpp's own choice (its default there, and fast). On the CPU it is off: measured with
-    llama-cpp-python 0.3.36 on this project's Linux machines, a 45-token chunk
-    after 1,500 cached tokens costs 4.25x with it on and a decode step at 1,500 tokens of context
-    2.3x, which made an agent's follow-up turns 1.6-1.8x slower than llama-cpp-python's server
-    (whose ``Llama`` turns it off); only a cold prefill is slightly faster with it.
+    A quantized V cache needs it (llama.cpp keeps one only with flash attention), and so do the
+    exact outputs this project promises: without it, ggml's CPU attention over several tokens of
+    one sequence (a prompt-lookup verify step) rounds differently from one token at a time, so
+    greedy prompt lookup drifts from plain decoding (``tests/test_speculative.py`` fails with
+    it off); with it each query row is computed alike whatever the batch. The price, measured
+    with llama-cpp-python 0.3.36 on this project's 2-core Linux machines: a 45-token chunk after
+    1,500 cached tokens costs 4.25x, and a decode step at 1,500 tokens of context 2.3x, what they
+    cost without it (docs/PERFORMANCE.md, issue 26). On Metal it is llama.cpp's own default.
     """
-    return quantized_v_cache or is_apple_silicon()
+    return True
 
 
 LLAMA_CPP_UNSAFE_FEATURES = ("AMX_INT8 = 1",)

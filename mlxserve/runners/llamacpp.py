@@ -101,7 +101,7 @@ class LlamaCppRunner:
                 "runner": self.name,
                 "library": llama_cpp.__version__,
                 "kv_cache_type": kv_cache.name,
-                "flash_attention": platform.llama_cpp_flash_attention(kv_cache.quantized),
+                "flash_attention": platform.llama_cpp_flash_attention(),
                 "n_gpu_layers": options.n_gpu_layers,
             },
         )

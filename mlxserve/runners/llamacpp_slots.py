@@ -171,7 +171,7 @@ class SlotEngine:
         params.type_k = params.type_v = kv_cache.ggml_type
         params.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-            if llama_cpp_flash_attention(kv_cache.quantized)
+            if llama_cpp_flash_attention()
             else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
         self._context = _internals.LlamaContext(model=model, params=params, verbose=False)
