@@ -14,7 +14,6 @@ so a model has at most one, whatever its format.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from modelstore import mediatypes
+from modelstore.atomic import publish_folder
 from modelstore.blobs import hash_file
 from modelstore.draft import LayerSource, ModelDraft
 from modelstore.errors import ImportSourceError
@@ -206,8 +206,7 @@ def runner_adapter(model_folder: Path, target: Path) -> Path | None:
             link = building / name
             if not link.is_symlink():
                 link.symlink_to((model_folder / title).resolve())
-        with contextlib.suppress(OSError):  # another process built it first
-            os.replace(building, folder)
+        publish_folder(building, folder)
     return folder
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from modelstore.atomic import publish_file
 from modelstore.errors import (
     BlobNotFoundError,
     CorruptStoreError,
@@ -106,14 +107,6 @@ def hash_file(path: Path, progress: ProgressCallback | None = None) -> tuple[str
     """The digest and size of a file, read in chunks."""
     hasher, size = hash_prefix(path, None, progress)
     return "sha256:" + hasher.hexdigest(), size
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -213,9 +206,7 @@ class BlobStore:
         return self.tmp_dir / f"blob-{os.getpid()}-{uuid.uuid4().hex}.partial"
 
     def _publish(self, temp: Path, digest: str) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        os.replace(temp, self.path(digest))
-        _fsync_dir(self.dir)
+        publish_file(temp, self.path(digest), synced=True)
 
     def partial_path(self, digest: str) -> Path:
         """Where a download of ``digest`` accumulates: named by digest so a later pull resumes."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelstore import mediatypes
+from modelstore.atomic import publish_file
 from modelstore.blobs import CHUNK_SIZE, ProgressCallback, hash_file, sha256_digest
 from modelstore.draft import ModelDraft, draft_manifest
 from modelstore.errors import ImportSourceError, InvalidManifestError
@@ -109,9 +110,7 @@ def pack(
                 if progress:
                     progress(size)
             raw.flush()
-        with open(temp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp, out)
+        publish_file(temp, out)
     finally:
         temp.unlink(missing_ok=True)
     digest, size = hash_file(out)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelstore.atomic import publish_folder, write_atomically
 from modelstore.blobs import BlobStore, BlobWrite, ProgressCallback, StoredHow, sha256_digest
 from modelstore.draft import ModelConfig, ModelDraft, draft_manifest
 from modelstore.errors import CorruptStoreError, ModelNotFoundError, StoreHomeError
@@ -215,15 +216,8 @@ class ModelStore:
                 )
         data = manifest.to_bytes() if raw is None else raw
         digest = self.blobs.write_bytes(data).digest
-        with self._manifests_locked():
-            path = self._tag_path(ref)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temp = path.parent / f".{ref.tag}.{os.getpid()}.partial"
-            with open(temp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, path)
+        with self._manifests_locked(), write_atomically(self._tag_path(ref)) as handle:
+            handle.write(data)
         stored = self.resolve(ref.with_tag(ref.tag))
         if stored.manifest_digest != digest:
             raise CorruptStoreError(f"tag {ref} changed while it was written", model=str(ref))
@@ -326,10 +320,7 @@ class ModelStore:
                     digest=layer.digest,
                 )
             os.symlink(os.path.relpath(blob, target), building / layer.title)
-        try:
-            os.replace(building, target)
-        except OSError:  # another process built it first
-            shutil.rmtree(building, ignore_errors=True)
+        publish_folder(building, target)
         return target
 
     # -- maintenance -------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from mlxserve.errors import (
     UnsupportedQuantizationError,
 )
 from mlxserve.mlx_lm_private import model_classes
+from modelstore.atomic import publish_folder
 from modelstore.sources import SPM_ADDS_BOS_BY_DEFAULT
 
 ConvertProgress = Callable[[int], None]
@@ -685,10 +686,7 @@ def convert_gguf(
         write_safetensors(building / "model.safetensors", planned, float_dtype, progress)
         (building / "config.json").write_text(json.dumps(config, indent=1))
         build_tokenizer(reader, meta, building)
-        try:
-            os.replace(building, out)
-        except OSError:  # another process converted it first
-            shutil.rmtree(building, ignore_errors=True)
+        publish_folder(building, out)
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return out

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelstore.atomic import publish_file
+
 log = logging.getLogger("mlxserve.promptcache")
 
 BLOCK_TOKENS = 64
@@ -526,16 +528,10 @@ class PromptCache:
                 handle.write(digest.digest())
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(temp, target)
+            publish_file(temp, target, synced=True)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
-        with contextlib.suppress(OSError):
-            directory = os.open(self.folder, os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
         size = target.stat().st_size
         with self._lock:
             if entry.dropped:

@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from modelstore.atomic import publish_file
 from modelstore.blobs import hash_prefix, sha256_digest
 from modelstore.draft import ModelConfig
 from modelstore.errors import (
@@ -133,7 +134,7 @@ async def fetch_blob(
             )
         handle.flush()
         os.fsync(handle.fileno())
-        os.replace(partial, verified)
+        publish_file(partial, verified, synced=True)
 
 
 class _Sink:
