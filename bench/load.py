@@ -194,6 +194,33 @@ async def with_threads(store: Any, threads: int) -> str:
     return name
 
 
+async def daemons_in_turn(
+    store: Any,
+    configs: dict[str, tuple[list[str], dict[str, str]]],
+    model: str,
+    tokens: int,
+    client_counts: list[int],
+    rounds: int,
+) -> dict[str, dict[int, list[dict[str, float]]]]:
+    """Each labelled daemon (its flags and environment) in turn, ``rounds`` times, measured at
+    every client count with a prompt of its own per client: a burst of load from elsewhere on
+    this shared machine lands on every side alike."""
+    runs: dict[str, dict[int, list[dict[str, float]]]] = {
+        label: {n: [] for n in client_counts} for label in configs
+    }
+    for _ in range(rounds):
+        for label, (flags, env) in configs.items():
+            daemon = Daemon(store.root, flags, env).start()
+            try:
+                for n in client_counts:
+                    runs[label][n].append(
+                        await concurrent(daemon.url, model, n, tokens, distinct=True)
+                    )
+            finally:
+                daemon.stop()
+    return runs
+
+
 async def llamacpp_slots(
     store: Any, tokens: int, client_counts: list[int], rounds: int, threads: int | None = None
 ) -> dict[str, Any]:
@@ -202,20 +229,17 @@ async def llamacpp_slots(
     burst of load from elsewhere on this shared machine lands on both sides alike."""
     model = await with_threads(store, threads) if threads else MODEL
     configs = {"slots": max(client_counts), "one_slot": 1}
-    runs: dict[str, dict[int, list[dict[str, float]]]] = {
-        label: {n: [] for n in client_counts} for label in configs
-    }
-    for _ in range(rounds):
-        for label, slots in configs.items():
-            flags = ["--num-parallel", str(slots), "--max-queue", "64"]
-            daemon = Daemon(store.root, flags).start()
-            try:
-                for n in client_counts:
-                    runs[label][n].append(
-                        await concurrent(daemon.url, model, n, tokens, distinct=True)
-                    )
-            finally:
-                daemon.stop()
+    runs = await daemons_in_turn(
+        store,
+        {
+            label: (["--num-parallel", str(slots), "--max-queue", "64"], {})
+            for label, slots in configs.items()
+        },
+        model,
+        tokens,
+        client_counts,
+        rounds,
+    )
     result: dict[str, Any] = {"model": model, "rounds": rounds}
     for label in configs:
         result[label] = [
@@ -249,20 +273,15 @@ async def isolation_cost(
     """Tokens/s and median time to first token with the runner in a worker process and in
     the daemon's own, the two daemons taking turns so that load from elsewhere hits both."""
     configs = {"worker_process": "1", "in_daemon": "0"}
-    runs: dict[str, dict[int, list[dict[str, float]]]] = {
-        label: {n: [] for n in client_counts} for label in configs
-    }
     flags = ["--num-parallel", str(max(client_counts)), "--max-queue", "64"]
-    for _ in range(rounds):
-        for label, isolate in configs.items():
-            daemon = Daemon(store.root, flags, {"MLXSERVE_ISOLATE_RUNNERS": isolate}).start()
-            try:
-                for n in client_counts:
-                    runs[label][n].append(
-                        await concurrent(daemon.url, model, n, tokens, distinct=True)
-                    )
-            finally:
-                daemon.stop()
+    runs = await daemons_in_turn(
+        store,
+        {label: (flags, {"MLXSERVE_ISOLATE_RUNNERS": value}) for label, value in configs.items()},
+        model,
+        tokens,
+        client_counts,
+        rounds,
+    )
     result: dict[str, Any] = {"model": model, "rounds": rounds}
     for n in client_counts:
         rate = {
