@@ -211,7 +211,7 @@ def main() -> None:
     if OTHER not in names:
         import_path(store, weights, OTHER)
     if args.runner == "mlx" and MLX_MODEL not in names:
-        from mlxserve.runners.gguf_convert import convert_gguf
+        from mlxserve.runners.mlx.gguf_convert import convert_gguf
 
         folder = convert_gguf(weights, store.root / "tmp" / "bench-agent-mlx", dequantize=True)
         import_path(store, folder, MLX_MODEL)

@@ -34,7 +34,7 @@ from bench.llamacpp_batch import decode_steps
 from bench.load import MLX_MODEL, QUESTION, client_question, mlx_copy, stream_chat
 from mlxserve import platform
 from mlxserve.chat.model import LoadedModel
-from mlxserve.runners.llama_library import import_llama_cpp
+from mlxserve.runners.llamacpp.library import import_llama_cpp
 from modelstore.runtime import open_model
 from tests.chat_helpers import chat_request
 from tests.daemon import Daemon

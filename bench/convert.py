@@ -104,7 +104,7 @@ def write_gguf(path: Path, size_mb: int, quant: str) -> Path:
 CHILD = """
 import sys, time
 from pathlib import Path
-from mlxserve.runners.gguf_convert import convert_gguf
+from mlxserve.runners.mlx.gguf_convert import convert_gguf
 started = time.perf_counter()
 out = convert_gguf(Path(sys.argv[1]), Path(sys.argv[2]), dequantize=sys.argv[3] == "1")
 seconds = time.perf_counter() - started

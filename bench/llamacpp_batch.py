@@ -18,7 +18,7 @@ from typing import Any
 
 from bench.common import emit
 from mlxserve import platform
-from mlxserve.runners.llama_library import import_llama_cpp
+from mlxserve.runners.llamacpp.library import import_llama_cpp
 from modelstore.spec import package_file
 
 PROMPT_TOKENS = 16

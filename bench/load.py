@@ -37,8 +37,8 @@ import aiohttp
 from bench.common import MODEL, bench_store, emit, median
 from mlxserve import platform
 from mlxserve.chat.model import LoadedModel
-from mlxserve.runners.gguf_convert import convert_gguf
-from mlxserve.runners.mlx import derived_folder
+from mlxserve.runners.mlx.gguf_convert import convert_gguf
+from mlxserve.runners.mlx.runner import derived_folder
 from modelstore.importer import import_path
 from modelstore.runtime import open_model
 from tests.chat_helpers import chat_request

@@ -98,7 +98,7 @@ async def measure(runner_name: str, tokens: int, rounds: int) -> dict[str, Any]:
     if runner_name == "mlx":
         from mlx_lm import load
 
-        from mlxserve.runners.mlx import derived_folder
+        from mlxserve.runners.mlx.runner import derived_folder
 
         folder = derived_folder(open_model(store, MODEL), platform.mlx_dequantize_weights())
         model, tokenizer = load(str(folder))
@@ -111,7 +111,7 @@ async def measure(runner_name: str, tokens: int, rounds: int) -> dict[str, Any]:
             ours.append(await ours_tokens_per_second(loaded, prompt, tokens))
             bare.append(bare_mlx_tokens_per_second(model, tokenizer, prompt, tokens))
     else:
-        from mlxserve.runners.llama_library import import_llama_cpp
+        from mlxserve.runners.llamacpp.library import import_llama_cpp
 
         local = open_model(store, MODEL)
         llama = import_llama_cpp().Llama(

@@ -51,7 +51,7 @@ async def answer(runner: Any, prompt: str, tokens: int) -> tuple[int, int, float
 
 
 async def mlx_kv(store: ModelStore, tokens: int) -> dict[str, Any]:
-    from mlxserve.runners.mlx import MlxRunner
+    from mlxserve.runners.mlx.runner import MlxRunner
 
     result = {}
     for cache_type in KV_CACHE_TYPES:
@@ -74,7 +74,7 @@ async def mlx_kv(store: ModelStore, tokens: int) -> dict[str, Any]:
 async def llamacpp_kv(store: ModelStore, tokens: int) -> dict[str, Any]:
     import llama_cpp
 
-    from mlxserve.runners.llamacpp import LlamaCppRunner
+    from mlxserve.runners.llamacpp.runner import LlamaCppRunner
 
     result = {}
     for cache_type in KV_CACHE_TYPES:
@@ -96,7 +96,7 @@ async def llamacpp_kv(store: ModelStore, tokens: int) -> dict[str, Any]:
 
 
 async def speculative(store: ModelStore, tokens: int) -> dict[str, Any]:
-    from mlxserve.runners.mlx import MlxRunner
+    from mlxserve.runners.mlx.runner import MlxRunner
 
     result = {}
     for name in ("tiny:mlx", "tiny:drafted"):
@@ -124,7 +124,7 @@ LOOKUP_PROMPT = (
 
 
 async def prompt_lookup(store: ModelStore, tokens: int) -> dict[str, Any]:
-    from mlxserve.runners.llamacpp import LlamaCppRunner
+    from mlxserve.runners.llamacpp.runner import LlamaCppRunner
 
     result = {}
     for lookup in (None, 4):

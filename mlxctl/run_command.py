@@ -209,8 +209,8 @@ def convert_with_progress(store: Any, name: str, runner: str | None) -> None:
     """Convert a GGUF the MLX runner will load, under a progress bar (the first load of a
     model only: the runner then finds the conversion in its cache)."""
     from mlxserve import platform
-    from mlxserve.runners.gguf_convert import conversion_size, convert_gguf
-    from mlxserve.runners.mlx import derived_folder
+    from mlxserve.runners.mlx.gguf_convert import conversion_size, convert_gguf
+    from mlxserve.runners.mlx.runner import derived_folder
     from mlxserve.runners.select import choose_runner
     from modelstore.runtime import open_model
 

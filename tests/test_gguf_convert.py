@@ -21,8 +21,8 @@ from mlxserve.errors import (
     UnsupportedArchitectureError,
     UnsupportedQuantizationError,
 )
-from mlxserve.runners import gguf_convert
-from mlxserve.runners.gguf_convert import convert_gguf, mlx_can_convert
+from mlxserve.runners.mlx import gguf_convert
+from mlxserve.runners.mlx.gguf_convert import convert_gguf, mlx_can_convert
 from modelstore.errors import ImportSourceError
 from tests.chat_helpers import chat_prompt, chat_request
 from tests.fixtures.gguf_models import ARCHITECTURES, MORE_QUANTS, QUANTS, build_gguf

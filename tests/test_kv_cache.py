@@ -42,7 +42,7 @@ async def generate(runner, prompt: str = PROMPT, max_tokens: int = GENERATED) ->
 
 async def mlx_cache_bytes(store: ModelStore, cache_type: str) -> tuple[int, int, list[int]]:
     """(the estimate at load, the bytes the prompt cache holds after one answer, the answer)."""
-    from mlxserve.runners.mlx import MlxRunner
+    from mlxserve.runners.mlx.runner import MlxRunner
 
     runner = MlxRunner()
     info = await runner.load(
@@ -65,7 +65,7 @@ async def test_a_quantized_mlx_kv_cache_holds_fewer_bytes(store):
 
 
 async def test_the_mlx_kv_cache_type_comes_from_the_modelspec(store):
-    from mlxserve.runners.mlx import MlxRunner
+    from mlxserve.runners.mlx.runner import MlxRunner
 
     model = open_model(store, "wide:mlx")
     model.parameters["kv_cache_type"] = "q4_0"
@@ -76,7 +76,7 @@ async def test_the_mlx_kv_cache_type_comes_from_the_modelspec(store):
 
 
 async def test_heads_too_narrow_to_quantize_are_refused_at_load(store):
-    from mlxserve.runners.mlx import MlxRunner
+    from mlxserve.runners.mlx.runner import MlxRunner
 
     runner = MlxRunner()
     with pytest.raises(UnsupportedFeatureError, match="multiple of 32"):
@@ -99,7 +99,7 @@ async def llamacpp_cache_bytes(store: ModelStore, cache_type: str) -> tuple[int,
     """(the estimate at load, the bytes llama.cpp saves for the sequence, the answer)."""
     import llama_cpp
 
-    from mlxserve.runners.llamacpp import LlamaCppRunner
+    from mlxserve.runners.llamacpp.runner import LlamaCppRunner
 
     runner = LlamaCppRunner()
     info = await runner.load(

@@ -15,7 +15,7 @@ import pytest
 from mlxserve import platform
 from mlxserve.errors import OutOfMemoryError
 from mlxserve.runners.base import GenerateChunk, GenerateRequest, RunnerOptions
-from mlxserve.runners.llamacpp import LlamaCppRunner
+from mlxserve.runners.llamacpp.runner import LlamaCppRunner
 from mlxserve.runners.loading import DEFAULT_PARALLEL, parallel_slots
 from modelstore.runtime import open_model
 

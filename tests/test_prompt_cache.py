@@ -18,7 +18,7 @@ import pytest
 
 from mlxserve.runners import promptcache
 from mlxserve.runners.base import GenerateChunk, GenerateRequest, RunnerOptions
-from mlxserve.runners.llamacpp import LlamaCppRunner
+from mlxserve.runners.llamacpp.runner import LlamaCppRunner
 from mlxserve.runners.promptcache import BLOCK_TOKENS, PromptCache
 from modelstore.runtime import open_model
 from modelstore.store import ModelStore

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mlxserve.runners.base import GenerateChunk, GenerateRequest, RunnerOptions
-from mlxserve.runners.mlx import MlxRunner
+from mlxserve.runners.mlx.runner import MlxRunner
 from mlxserve.runners.promptcache import BLOCK_TOKENS, read_header
 from modelstore.runtime import open_model
 from modelstore.store import ModelStore

@@ -44,8 +44,8 @@ def create(store: ModelStore, source: str, recipe: str, name: str, folder: Path)
 
 
 async def greedy(store: ModelStore, name: str, runner_name: str) -> list[list[int]]:
-    from mlxserve.runners.llamacpp import LlamaCppRunner
-    from mlxserve.runners.mlx import MlxRunner
+    from mlxserve.runners.llamacpp.runner import LlamaCppRunner
+    from mlxserve.runners.mlx.runner import MlxRunner
 
     runner = MlxRunner() if runner_name == "mlx" else LlamaCppRunner()
     await runner.load(open_model(store, name), RunnerOptions(max_parallel=1))

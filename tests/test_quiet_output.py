@@ -1,4 +1,4 @@
-"""Issue 21: the daemon's stderr survives overlapping llama.cpp loads (``runners/quiet.py``)."""
+"""Issue 21: the daemon's stderr survives overlapping llama.cpp loads (``runners/llamacpp/quiet.py``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from mlxserve.runners import quiet
+from mlxserve.runners.llamacpp import quiet
 
 
 def identity(fd: int) -> tuple[int, int]:
@@ -58,7 +58,7 @@ def test_llama_cpp_python_uses_the_shared_redirect():
     pytest.importorskip("llama_cpp")
     from llama_cpp import _internals, llama
 
-    from mlxserve.runners.llamacpp import import_llama_cpp
+    from mlxserve.runners.llamacpp.runner import import_llama_cpp
 
     import_llama_cpp()
     assert _internals.suppress_stdout_stderr is quiet.QuietOutput

@@ -181,7 +181,7 @@ async def test_a_causal_gguf_with_rank_pooling_is_refused_at_load(rerank_store):
     rerank template; the BERT pair layout would give wrong scores, so it is refused."""
     from mlxserve.errors import UnsupportedArchitectureError
     from mlxserve.runners.base import RunnerOptions
-    from mlxserve.runners.llamacpp_embed import LlamaCppEmbeddingRunner
+    from mlxserve.runners.llamacpp.embed import LlamaCppEmbeddingRunner
     from modelstore.runtime import open_model
 
     model = open_model(rerank_store, "ce:gguf")

@@ -220,8 +220,8 @@ def test_a_runner_that_cannot_run_the_format_is_refused(tiny_store):
 
 
 def test_an_unloaded_runner_says_so():
-    from mlxserve.runners.llamacpp import LlamaCppRunner
-    from mlxserve.runners.mlx import MlxRunner
+    from mlxserve.runners.llamacpp.runner import LlamaCppRunner
+    from mlxserve.runners.mlx.runner import MlxRunner
 
     for runner in (MlxRunner(), LlamaCppRunner()):
         with pytest.raises(ModelNotLoadedError):

@@ -44,7 +44,7 @@ def store(tiny_models, tmp_path_factory) -> ModelStore:
 
 @pytest.fixture(scope="module")
 async def runners(store):
-    from mlxserve.runners.mlx import MlxRunner
+    from mlxserve.runners.mlx.runner import MlxRunner
 
     plain, drafted = MlxRunner(), MlxRunner()
     await plain.load(open_model(store, "tiny:mlx"), RunnerOptions())
@@ -112,7 +112,7 @@ LOOKUP_PROMPT = (
 
 
 async def llamacpp_answers(store: ModelStore, lookup: int | None) -> list[GenerateChunk]:
-    from mlxserve.runners.llamacpp import LlamaCppRunner
+    from mlxserve.runners.llamacpp.runner import LlamaCppRunner
 
     runner = LlamaCppRunner()
     await runner.load(

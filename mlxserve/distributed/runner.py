@@ -1,6 +1,6 @@
 """One model served by a group: rank 0 decides, every other rank follows step by step.
 
-Rank 0 runs the ordinary MLX runner (``runners/mlx.py``) on a model loaded with
+Rank 0 runs the ordinary MLX runner (``runners/mlx/runner.py``) on a model loaded with
 ``mlx_lm.utils.sharded_load``; every batch change it makes (a sequence joins with its prompt
 tokens, a sequence ends) is journalled, and before each ``BatchGenerator`` step the journal is
 broadcast. A follower replays the same inserts and ends on its own ``BatchGenerator`` and then
@@ -46,7 +46,7 @@ from mlxserve.runners.base import GenerateChunk, GenerateRequest, LoadedModelInf
 from mlxserve.runners.engine import EngineThread
 from mlxserve.runners.kvcache import kv_cache_type
 from mlxserve.runners.loading import load_options
-from mlxserve.runners.mlx import MlxRunner
+from mlxserve.runners.mlx.runner import MlxRunner
 from modelstore.blobs import DigestCache
 from modelstore.model import LocalModel
 from modelstore.runtime import open_model

@@ -74,14 +74,14 @@ def _resolve(target: str) -> Any:
 def mlx_converts(model: LocalModel) -> bool:
     """A GGUF runs on MLX when ``gguf_convert`` can convert its architecture and file type,
     and carries no GGUF LoRA (llama.cpp applies those; the converter does not)."""
-    from mlxserve.runners.gguf_convert import mlx_can_convert
+    from mlxserve.runners.mlx.gguf_convert import mlx_can_convert
 
     return model.adapter is None and mlx_can_convert(model.architecture, model.quantization)
 
 
 MLX = RunnerPlugin(
     name="mlx",
-    factory="mlxserve.runners.mlx:MlxRunner",
+    factory="mlxserve.runners.mlx.runner:MlxRunner",
     formats=("mlx", "gguf"),
     capabilities=(COMPLETION,),
     requires=("mlx", "mlx_lm"),
@@ -90,7 +90,7 @@ MLX = RunnerPlugin(
 )
 LLAMACPP = RunnerPlugin(
     name="llamacpp",
-    factory="mlxserve.runners.llamacpp:LlamaCppRunner",
+    factory="mlxserve.runners.llamacpp.runner:LlamaCppRunner",
     formats=("gguf",),
     # A GGUF vision model is one with a projector (mmproj), which the runner loads with libmtmd.
     capabilities=(COMPLETION, VISION),
@@ -99,7 +99,7 @@ LLAMACPP = RunnerPlugin(
 )
 MLX_EMBEDDINGS = RunnerPlugin(
     name="mlx-embeddings",
-    factory="mlxserve.runners.embeddings:MlxEmbeddingRunner",
+    factory="mlxserve.runners.mlx.embeddings:MlxEmbeddingRunner",
     formats=("mlx",),
     capabilities=(EMBEDDING,),
     requires=("mlx", "mlx_embeddings"),
@@ -107,7 +107,7 @@ MLX_EMBEDDINGS = RunnerPlugin(
 )
 LLAMACPP_EMBEDDINGS = RunnerPlugin(
     name="llamacpp-embeddings",
-    factory="mlxserve.runners.llamacpp_embed:LlamaCppEmbeddingRunner",
+    factory="mlxserve.runners.llamacpp.embed:LlamaCppEmbeddingRunner",
     formats=("gguf",),
     capabilities=(EMBEDDING,),
     requires=("llama_cpp",),
@@ -116,7 +116,7 @@ LLAMACPP_EMBEDDINGS = RunnerPlugin(
 
 MLX_VLM = RunnerPlugin(
     name="mlx-vlm",
-    factory="mlxserve.runners.vision:MlxVisionRunner",
+    factory="mlxserve.runners.mlx.vision:MlxVisionRunner",
     formats=("mlx",),
     capabilities=(VISION,),
     requires=("mlx", "mlx_vlm", "PIL"),

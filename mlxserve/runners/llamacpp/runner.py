@@ -36,8 +36,8 @@ from mlxserve.runners.base import (
 from mlxserve.runners.decode import check_token_ids, generation_budget, prompt_and_budget
 from mlxserve.runners.engine import EngineThread
 from mlxserve.runners.kvcache import kv_cache_type
-from mlxserve.runners.llama_library import import_llama_cpp
-from mlxserve.runners.llamacpp_slots import SlotEngine, TokenMask, kv_bytes_per_token, token_piece
+from mlxserve.runners.llamacpp.library import import_llama_cpp
+from mlxserve.runners.llamacpp.slots import SlotEngine, TokenMask, kv_bytes_per_token, token_piece
 from mlxserve.runners.loading import context_length, load_options, parallel_slots
 from mlxserve.runners.promptcache import PromptCache, open_prompt_cache
 from mlxserve.runners.threads import drain
@@ -250,7 +250,7 @@ class LlamaCppRunner:
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         """Through an embedding-mode twin context over the same GGUF (``llamacpp_embed.py``),
         made on the first request: a generating context cannot pool."""
-        from mlxserve.runners.llamacpp_embed import CHAT_MODEL_POOLING, LlamaCppEmbedder
+        from mlxserve.runners.llamacpp.embed import CHAT_MODEL_POOLING, LlamaCppEmbedder
 
         self._require()
         engine, slots, params = self._engine, self._slots, self._embed_params

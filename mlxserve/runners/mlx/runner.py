@@ -190,7 +190,7 @@ class MlxRunner:
 
             folder = model.path
             if model.format == "gguf":
-                from mlxserve.runners.gguf_convert import convert_gguf
+                from mlxserve.runners.mlx.gguf_convert import convert_gguf
 
                 folder = convert_gguf(
                     model.weights[0], derived_folder(model, dequantize), dequantize=dequantize

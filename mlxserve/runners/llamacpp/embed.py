@@ -35,7 +35,7 @@ from mlxserve.runners.base import (
     RerankResult,
     RunnerOptions,
 )
-from mlxserve.runners.llama_library import import_llama_cpp
+from mlxserve.runners.llamacpp.library import import_llama_cpp
 from mlxserve.runners.loading import context_length, load_options
 from mlxserve.runners.pooling import over_limit, refuse_generation
 from mlxserve.runners.rerank import (

@@ -8,12 +8,12 @@ from typing import Any
 
 from mlxserve import platform
 from mlxserve.errors import RunnerUnavailableError
-from mlxserve.runners import quiet
+from mlxserve.runners.llamacpp import quiet
 
 
 def import_llama_cpp() -> Any:
     """llama-cpp-python, made safe for this CPU (``platform.make_llama_cpp_safe``), with its
-    quiet-output redirect made re-entrant (``runners/quiet.py``)."""
+    quiet-output redirect made re-entrant (``runners/llamacpp/quiet.py``)."""
     try:
         import llama_cpp
     except ImportError as exc:

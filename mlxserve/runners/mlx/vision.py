@@ -38,7 +38,7 @@ from mlxserve.runners.base import (
 from mlxserve.runners.decode import DecodeState, SampledToken, decode_loop, generation_budget
 from mlxserve.runners.engine import shared_engine
 from mlxserve.runners.loading import context_length, load_options
-from mlxserve.runners.mlx import request_sampler
+from mlxserve.runners.mlx.runner import request_sampler
 from mlxserve.runners.textstream import MlxDetokenizer, TextStream
 from mlxserve.runners.threads import END, drain
 from modelstore.model import LocalModel

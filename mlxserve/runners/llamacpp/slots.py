@@ -31,7 +31,7 @@ from mlxserve.platform import llama_cpp_flash_attention
 from mlxserve.runners.base import GenerateRequest, TokenLogprob
 from mlxserve.runners.decode import DecodeState, SampledToken
 from mlxserve.runners.kvcache import KvCacheType, ggml_bytes_per_token, ggml_check
-from mlxserve.runners.llamacpp_media import IMAGE_POSITION, MediaProjector
+from mlxserve.runners.llamacpp.media import IMAGE_POSITION, MediaProjector
 from mlxserve.runners.promptcache import Hit, PromptCache, common_prefix
 from mlxserve.runners.textstream import ByteDetokenizer, TextStream
 from mlxserve.runners.threads import END
