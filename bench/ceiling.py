@@ -40,15 +40,15 @@ from tests.chat_helpers import chat_request
 from tests.daemon import Daemon
 
 PROFILE_STAGES = {
-    "llama_decode": (("llamacpp_slots.py", "step"),),
+    "llama_decode": (("llamacpp/slots.py", "step"),),
     "sampling": (
-        ("llamacpp_slots.py", "_sample"),
-        ("llamacpp_slots.py", "_logprob"),
+        ("llamacpp/slots.py", "_sample"),
+        ("llamacpp/slots.py", "_logprob"),
         ("decode.py", ""),
     ),
     "detokenize": (
-        ("llamacpp_slots.py", "_piece"),
-        ("llamacpp_slots.py", "_token_bytes"),
+        ("llamacpp/slots.py", "_piece"),
+        ("llamacpp/slots.py", "_token_bytes"),
         ("textstream.py", "ByteDetokenizer"),
     ),
     "stop_strings": (("textstream.py", "StopStringFilter"), ("textstream.py", "TextStream")),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -364,17 +365,27 @@ SPM_ADDS_BOS_BY_DEFAULT = frozenset({"llama"})
 """Tokenizer models for which llama.cpp adds BOS when ``add_bos_token`` is absent."""
 
 
-def open_gguf(path: Path) -> Any:
+def gguf_adds_bos(add_bos_token: Any, tokenizer_model: Any) -> bool:
+    """Whether llama.cpp adds BOS to a GGUF's raw prompts: its ``tokenizer.ggml.add_bos_token``,
+    else llama.cpp's default for its ``tokenizer.ggml.model``."""
+    if isinstance(add_bos_token, bool):
+        return add_bos_token
+    return tokenizer_model in SPM_ADDS_BOS_BY_DEFAULT
+
+
+def open_gguf(path: Path, unreadable: Callable[[str], Exception] = ImportSourceError) -> Any:
     """gguf-py's ``GGUFReader`` over ``path`` (memory-mapped, never loaded), once the bounded
     header walk (``gguf_header``) found its counts consistent with its size: every GGUF from
-    outside (a model, an adapter, a projector) is opened here."""
+    outside (a model, an adapter, a projector, a model converted for MLX) is opened here. A file
+    whose header passes but that gguf-py cannot read raises ``unreadable(message)``: the caller
+    says what that means (a conversion: an architecture it cannot convert)."""
     from gguf import GGUFReader
 
     check_gguf_header(path)
     try:
         return GGUFReader(path)
     except Exception as exc:  # the reader raises ValueError, struct.error, ... on bad files
-        raise ImportSourceError(f"{path.name} is not a valid GGUF file: {exc}") from None
+        raise unreadable(f"{path.name} is not a valid GGUF file: {exc}") from None
 
 
 PROJECTOR_TITLE = "mmproj.gguf"
@@ -451,9 +462,9 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
             if isinstance(token_id, int) and 0 <= token_id < len(tokens):
                 fim[role] = tokens[token_id]
                 break
-    adds_bos = values.get("tokenizer.ggml.add_bos_token")
-    if not isinstance(adds_bos, bool):
-        adds_bos = values.get("tokenizer.ggml.model") in SPM_ADDS_BOS_BY_DEFAULT
+    adds_bos = gguf_adds_bos(
+        values.get("tokenizer.ggml.add_bos_token"), values.get("tokenizer.ggml.model")
+    )
     return {
         "type": values.get("general.type"),
         "architecture": architecture,

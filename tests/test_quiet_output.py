@@ -1,4 +1,4 @@
-"""Issue 21: the daemon's stderr survives overlapping llama.cpp loads (``runners/llamacpp/quiet.py``)."""
+"""Issue 21: the daemon's stderr survives overlapping llama.cpp loads (``llamacpp/quiet.py``)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mlxserve.errors import ContextOverflowError, InvalidRequestError
 from mlxserve.runners.base import (
@@ -30,31 +30,22 @@ class SampledToken:
     logprob: TokenLogprob | None = None
 
 
+@dataclass(kw_only=True, eq=False)
 class DecodeState:
     """One request's progress; ``push`` returns the chunk to emit, ``done`` tells when to end."""
 
-    def __init__(
-        self,
-        *,
-        text: TextStream,
-        is_end_of_sequence: Callable[[int], bool],
-        max_tokens: int,
-        cancel: CancelToken,
-        prompt_tokens: int,
-        cached_prompt_tokens: int = 0,
-    ) -> None:
-        self.text = text
-        self.is_end_of_sequence = is_end_of_sequence
-        self.max_tokens = max_tokens
-        self.cancel = cancel
-        self.prompt_tokens = prompt_tokens
-        self.cached_prompt_tokens = cached_prompt_tokens
-        self.started = time.perf_counter_ns()
-        self.first_token_at: int | None = None
-        self.count = 0
-        self.draft_tokens = 0
-        """Of ``count``, how many a draft model proposed (speculative decoding)."""
-        self.reason: DoneReason | None = None
+    text: TextStream
+    is_end_of_sequence: Callable[[int], bool]
+    max_tokens: int
+    cancel: CancelToken
+    prompt_tokens: int
+    cached_prompt_tokens: int = 0
+    started: int = field(default_factory=time.perf_counter_ns)
+    first_token_at: int | None = None
+    count: int = 0
+    draft_tokens: int = 0
+    """Of ``count``, how many a draft model proposed (speculative decoding)."""
+    reason: DoneReason | None = None
 
     @property
     def done(self) -> bool:

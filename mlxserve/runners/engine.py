@@ -1,7 +1,10 @@
 """A thread that owns a runner's library state, interleaving calls with batch steps.
 
 One is shared by every MLX model in the process (``shared_engine``); each llama.cpp model has
-its own (``llamacpp.py``), closed when the model is unloaded.
+its own (``llamacpp/runner.py``, ``llamacpp/embed.py``), closed when the model is unloaded.
+``stream`` is the one bridge from a job's output back to the event loop: the job emits chunks,
+the caller iterates them; closing the iterator (a client that went away) sets the request's
+cancel token, which the engine's steps poll every token.
 
 MLX arrays, streams and caches must not be touched from several threads at once, yet the
 daemon needs to start new requests while others are mid-generation. So every MLX call (load,
@@ -19,13 +22,19 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from mlxserve.errors import ModelNotLoadedError
+from mlxserve.runners.base import CancelToken
 
 T = TypeVar("T")
+END = object()
+"""Emitted after a stream's last chunk."""
+Emit = Callable[[object], None]
+"""Hands a chunk, an exception (raised in the consumer) or ``END`` to a stream's consumer; safe
+to call from any thread."""
 _CLOSE: Any = object()
 """Put on the inbox by ``close``: the thread ends after the jobs before it."""
 
@@ -51,6 +60,34 @@ class EngineThread:
 
     async def call(self, function: Callable[[], T]) -> T:
         return await asyncio.wrap_future(self.submit(function))
+
+    async def stream(
+        self, start: Callable[[Emit], object], cancel: CancelToken
+    ) -> AsyncIterator[Any]:
+        """Run ``start(emit)`` on this thread and yield what it (or the steps it registers)
+        emits, up to ``END``; an exception emitted, or raised by ``start``, or a job refused
+        because the model was unloaded meanwhile, is raised here. Closing the iterator cancels."""
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[object] = asyncio.Queue()
+
+        def emit(item: object) -> None:
+            loop.call_soon_threadsafe(chunks.put_nowait, item)
+
+        def report(started: Future[object]) -> None:
+            if started.exception() is not None:
+                emit(started.exception())
+
+        self.submit(lambda: start(emit)).add_done_callback(report)
+        try:
+            while True:
+                item = await chunks.get()
+                if item is END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancel.cancel()
 
     def close(self) -> None:
         """End the thread once the jobs submitted before this call have run. Only for

@@ -71,12 +71,19 @@ def _resolve(target: str) -> Any:
     return getattr(importlib.import_module(module), attribute)
 
 
-def mlx_converts(model: LocalModel) -> bool:
-    """A GGUF runs on MLX when ``gguf_convert`` can convert its architecture and file type,
-    and carries no GGUF LoRA (llama.cpp applies those; the converter does not)."""
-    from mlxserve.runners.mlx.gguf_convert import mlx_can_convert
+def _on_llamacpp(name: str, factory: str, *capabilities: str) -> RunnerPlugin:
+    """A built-in runner over llama-cpp-python: GGUF files, the ``llamacpp`` extra."""
+    hint = "pip install 'mlxserve[llamacpp]'"
+    return RunnerPlugin(name, factory, ("gguf",), capabilities, ("llama_cpp",), hint)
 
-    return model.adapter is None and mlx_can_convert(model.architecture, model.quantization)
+
+def _on_mlx_folders(
+    name: str, factory: str, capability: str, extra: str, *modules: str
+) -> RunnerPlugin:
+    """A built-in runner of HF-style MLX folders over ``mlx`` and ``modules``, installed with
+    this project's ``extra``."""
+    hint = f"pip install 'mlxserve[{extra}]'"
+    return RunnerPlugin(name, factory, ("mlx",), (capability,), ("mlx", *modules), hint)
 
 
 MLX = RunnerPlugin(
@@ -86,41 +93,24 @@ MLX = RunnerPlugin(
     capabilities=(COMPLETION,),
     requires=("mlx", "mlx_lm"),
     install_hint="pip install mlx mlx-lm",
-    accepts={"gguf": "mlxserve.runners.registry:mlx_converts"},
+    accepts={"gguf": "mlxserve.runners.mlx.gguf_convert:mlx_converts"},
 )
-LLAMACPP = RunnerPlugin(
-    name="llamacpp",
-    factory="mlxserve.runners.llamacpp.runner:LlamaCppRunner",
-    formats=("gguf",),
-    # A GGUF vision model is one with a projector (mmproj), which the runner loads with libmtmd.
-    capabilities=(COMPLETION, VISION),
-    requires=("llama_cpp",),
-    install_hint="pip install 'mlxserve[llamacpp]'",
+# A GGUF vision model is one with a projector (mmproj), which the runner loads with libmtmd.
+LLAMACPP = _on_llamacpp(
+    "llamacpp", "mlxserve.runners.llamacpp.runner:LlamaCppRunner", COMPLETION, VISION
 )
-MLX_EMBEDDINGS = RunnerPlugin(
-    name="mlx-embeddings",
-    factory="mlxserve.runners.mlx.embeddings:MlxEmbeddingRunner",
-    formats=("mlx",),
-    capabilities=(EMBEDDING,),
-    requires=("mlx", "mlx_embeddings"),
-    install_hint="pip install 'mlxserve[embeddings]'",
+MLX_EMBEDDINGS = _on_mlx_folders(
+    "mlx-embeddings",
+    "mlxserve.runners.mlx.embeddings:MlxEmbeddingRunner",
+    EMBEDDING,
+    "embeddings",
+    "mlx_embeddings",
 )
-LLAMACPP_EMBEDDINGS = RunnerPlugin(
-    name="llamacpp-embeddings",
-    factory="mlxserve.runners.llamacpp.embed:LlamaCppEmbeddingRunner",
-    formats=("gguf",),
-    capabilities=(EMBEDDING,),
-    requires=("llama_cpp",),
-    install_hint="pip install 'mlxserve[llamacpp]'",
+LLAMACPP_EMBEDDINGS = _on_llamacpp(
+    "llamacpp-embeddings", "mlxserve.runners.llamacpp.embed:LlamaCppEmbeddingRunner", EMBEDDING
 )
-
-MLX_VLM = RunnerPlugin(
-    name="mlx-vlm",
-    factory="mlxserve.runners.mlx.vision:MlxVisionRunner",
-    formats=("mlx",),
-    capabilities=(VISION,),
-    requires=("mlx", "mlx_vlm", "PIL"),
-    install_hint="pip install 'mlxserve[vision]'",
+MLX_VLM = _on_mlx_folders(
+    "mlx-vlm", "mlxserve.runners.mlx.vision:MlxVisionRunner", VISION, "vision", "mlx_vlm", "PIL"
 )
 
 

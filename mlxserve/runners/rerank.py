@@ -2,7 +2,7 @@
 and how pairs are grouped into forward passes within a token budget.
 
 A reranker scores (query, document) pairs: a cross-encoder (an HF ``*ForSequenceClassification``
-folder on MLX, ``embeddings.py``; a GGUF with rank pooling on llama.cpp, ``llamacpp_embed.py``)
+folder on MLX, ``mlx/embeddings.py``; a GGUF with rank pooling on llama.cpp, ``llamacpp/embed.py``)
 reads both texts in one sequence and its classification head gives one logit.
 """
 

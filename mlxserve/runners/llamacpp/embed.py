@@ -2,7 +2,7 @@
 
 Two users: the llama.cpp runner, whose chat models embed through a second, embedding-mode
 context over the same GGUF (weights are memory-mapped, so they are shared), made on the first
-embedding request and closed when the model is unloaded (``llamacpp.py``); and
+embedding request and closed when the model is unloaded (``runner.py``); and
 ``LlamaCppEmbeddingRunner``, which serves GGUF embedding models (BERT, nomic-bert,
 Qwen3-Embedding, ...) with only that context. llama-cpp-python's ``embed`` packs several
 inputs into one decode (one sequence each), so a list is embedded in batches, not one input at
@@ -14,37 +14,24 @@ reads a vector, not the head's one score), each pair laid out as llama.cpp's ser
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from mlxserve import platform
-from mlxserve.errors import (
-    InferenceError,
-    ModelNotLoadedError,
-    UnsupportedArchitectureError,
-    UnsupportedFormatError,
-)
+from mlxserve.errors import InferenceError, UnsupportedArchitectureError, UnsupportedFormatError
 from mlxserve.runners.base import (
     EmbedRequest,
     EmbedResult,
-    GenerateChunk,
-    GenerateRequest,
-    LoadedModelInfo,
     RerankRequest,
     RerankResult,
     RunnerOptions,
 )
+from mlxserve.runners.engine import EngineThread
 from mlxserve.runners.llamacpp.library import import_llama_cpp
-from mlxserve.runners.loading import context_length, load_options
-from mlxserve.runners.pooling import over_limit, refuse_generation
-from mlxserve.runners.rerank import (
-    budget_batches,
-    cut_pair,
-    refuse_rerank,
-    reranker_only,
-)
-from mlxserve.runners.threads import WorkerThread
+from mlxserve.runners.loading import context_length
+from mlxserve.runners.pooling import over_limit
+from mlxserve.runners.rerank import budget_batches, cut_pair
+from mlxserve.runners.skeleton import EncoderRunnerBase
 from modelstore.metadata import EMBEDDING_ARCHITECTURES, RANK_POOLING
 from modelstore.model import LocalModel
 
@@ -167,27 +154,25 @@ class LlamaCppEmbedder:
         self.llama.close()
 
 
-class LlamaCppEmbeddingRunner:
+class LlamaCppEmbeddingRunner(EncoderRunnerBase):
     """GGUF embedding models (the store recorded a pooling type), on llama.cpp."""
 
     name = "llamacpp-embeddings"
+    label = "llama.cpp embedding"
 
     def __init__(self) -> None:
+        super().__init__()
         self._embedder: LlamaCppEmbedder | None = None
-        self._info: LoadedModelInfo | None = None
-        self._model_name = ""
-        self._worker = WorkerThread(self.name)
-
-    @property
-    def max_parallel(self) -> int:
-        return 1
+        self._engine = EngineThread(self.name)
 
     def _require(self) -> LlamaCppEmbedder:
-        if self._embedder is None:
-            raise ModelNotLoadedError("no model is loaded in the llama.cpp embedding runner")
-        return self._embedder
+        return self._loaded(self._embedder)
 
-    async def load(self, model: LocalModel, options: RunnerOptions) -> LoadedModelInfo:
+    @property
+    def _ranks(self) -> bool:
+        return self._embedder is not None and self._embedder.ranks
+
+    async def _load(self, model: LocalModel, options: RunnerOptions) -> dict[str, Any]:
         if model.format != "gguf" or not model.weights or model.embedding is None:
             raise UnsupportedFormatError(
                 f"the {self.name} runner runs GGUF embedding models; {model.name} is not one"
@@ -202,8 +187,6 @@ class LlamaCppEmbeddingRunner:
                 "that llama.cpp scores through its rerank template, which this runner does not "
                 "apply yet; import the model's HF folder instead (it runs as a causal reranker)"
             )
-        started = time.perf_counter_ns()
-        options = load_options(model, options)
         limit = context_length(model, options)
         limit = min(limit, record.get("max_tokens") or limit)
 
@@ -219,42 +202,25 @@ class LlamaCppEmbeddingRunner:
                 normalize=bool(record.get("normalize", True)),
             )
 
-        self._embedder = await self._worker.call(build)
+        self._embedder = await self._engine.call(build)
         self._model_name = model.name
         llama = self._embedder.llama
-        self._info = LoadedModelInfo(
-            runner=self.name,
-            format="gguf",
-            architecture=model.architecture,
-            parameter_count=llama._model.n_params(),
-            quantization=model.quantization,
-            context_length=limit,
-            memory_bytes=llama._model.size(),
-            max_parallel=1,
-            load_duration_ns=time.perf_counter_ns() - started,
-            details={"pooling": record.get("pooling")},
-        )
-        return self._info
+        return {
+            "parameter_count": llama._model.n_params(),
+            "context_length": limit,
+            "memory_bytes": llama._model.size(),
+            "details": {"pooling": record.get("pooling")},
+        }
 
-    async def unload(self) -> None:
+    async def _release(self) -> None:
+        """The context goes, and the thread with it; a later load gets a fresh one."""
         embedder, self._embedder = self._embedder, None
-        if embedder is not None:
-            await self._worker.call(embedder.close)
-        self._worker.shutdown()
-        self._worker = WorkerThread(self.name)
-
-    def describe(self) -> LoadedModelInfo:
-        if self._info is None:
-            raise ModelNotLoadedError("no model is loaded in the llama.cpp embedding runner")
-        return self._info
-
-    @property
-    def chat_template(self) -> str | None:
-        return None
-
-    @property
-    def special_tokens(self) -> dict[str, str]:
-        return {"bos_token": "", "eos_token": ""}
+        engine, self._engine = self._engine, EngineThread(self.name)
+        try:
+            if embedder is not None:
+                await engine.call(embedder.close)
+        finally:
+            engine.close()
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._require().llama.tokenize(text.encode(), add_bos=add_special_tokens)
@@ -262,19 +228,10 @@ class LlamaCppEmbeddingRunner:
     def detokenize(self, token_ids: list[int]) -> str:
         return self._require().llama.detokenize(token_ids).decode("utf-8", "replace")
 
-    async def embed(self, request: EmbedRequest) -> EmbedResult:
+    async def _embed(self, request: EmbedRequest) -> EmbedResult:
         embedder = self._require()
-        if embedder.ranks:
-            raise reranker_only(self._model_name)
-        return await self._worker.call(embedder.embed, request)
+        return await self._engine.call(lambda: embedder.embed(request))
 
-    async def rerank(self, request: RerankRequest) -> RerankResult:
+    async def _rank(self, request: RerankRequest) -> RerankResult:
         embedder = self._require()
-        if not embedder.ranks:
-            raise refuse_rerank(self._model_name)
-        return await self._worker.call(embedder.rank, request)
-
-    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
-        if self._embedder is not None and self._embedder.ranks:
-            raise reranker_only(self._model_name)
-        raise refuse_generation(self._model_name)
+        return await self._engine.call(lambda: embedder.rank(request))

@@ -1,5 +1,5 @@
 """A GGUF vision model's projector (``mmproj``) through llama.cpp's libmtmd (llama-cpp-python's
-``mtmd_cpp`` bindings), for the slot engine (``llamacpp_slots.py``).
+``mtmd_cpp`` bindings), for the slot engine (``slots.py``).
 
 libmtmd splits a prompt with media markers into text and image chunks (``mtmd_tokenize``) and
 prefills them into one sequence id of the engine's context (``mtmd_helper_eval_chunks``: the

@@ -3,17 +3,16 @@
 The fallback where MLX cannot run well (machines without Apple Silicon), and on a Mac the way
 to run GGUF files with Metal offload. One llama.cpp context holds ``max_parallel`` sequence
 slots that decode together, one token each per step, on the runner's engine thread
-(``llamacpp_slots.py``), so the daemon's scheduler admits that many requests at once. A
+(``slots.py``), so the daemon's scheduler admits that many requests at once. A
 follow-up turn lands in the slot whose KV cache holds its prefix.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+import contextlib
 import warnings
 from collections.abc import AsyncIterator
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ from mlxserve.errors import (
     ContextOverflowError,
     InferenceError,
     InvalidRequestError,
-    ModelNotLoadedError,
     UnsupportedFormatError,
 )
 from mlxserve.runners.base import (
@@ -30,17 +28,16 @@ from mlxserve.runners.base import (
     EmbedResult,
     GenerateChunk,
     GenerateRequest,
-    LoadedModelInfo,
     RunnerOptions,
 )
 from mlxserve.runners.decode import check_token_ids, generation_budget, prompt_and_budget
-from mlxserve.runners.engine import EngineThread
+from mlxserve.runners.engine import Emit, EngineThread
 from mlxserve.runners.kvcache import kv_cache_type
 from mlxserve.runners.llamacpp.library import import_llama_cpp
 from mlxserve.runners.llamacpp.slots import SlotEngine, TokenMask, kv_bytes_per_token, token_piece
-from mlxserve.runners.loading import context_length, load_options, parallel_slots
-from mlxserve.runners.promptcache import PromptCache, open_prompt_cache
-from mlxserve.runners.threads import drain
+from mlxserve.runners.loading import context_length, parallel_slots
+from mlxserve.runners.promptcache import open_prompt_cache
+from mlxserve.runners.skeleton import RunnerBase
 from modelstore.model import LocalModel
 
 ALL_LAYERS = 0x7FFFFFFF
@@ -58,39 +55,35 @@ def load_lora(llama_cpp: Any, model: Any, adapter: Path | None) -> Any:
     return lora
 
 
-class LlamaCppRunner:
+class LlamaCppRunner(RunnerBase):
     name = "llamacpp"
+    label = "llama.cpp"
 
     def __init__(self) -> None:
+        super().__init__()
         self._model: Any = None
         self._metadata: dict[str, str] = {}
         self._slots: SlotEngine | None = None
         self._engine: EngineThread | None = None
-        self._info: LoadedModelInfo | None = None
         self._eog: set[int] = set()
         self._guidance_tokenizer: Any = None
         self._embedder: Any = None
         self._embed_params: tuple[Path, int, int, Path | None] | None = None
-        self._cache: PromptCache | None = None
 
     @property
     def max_parallel(self) -> int:
         return len(self._slots.slots) if self._slots is not None else 1
 
     def _require(self) -> Any:
-        if self._model is None:
-            raise ModelNotLoadedError("no model is loaded in the llama.cpp runner")
-        return self._model
+        return self._loaded(self._model)
 
-    async def load(self, model: LocalModel, options: RunnerOptions) -> LoadedModelInfo:
+    async def _load(self, model: LocalModel, options: RunnerOptions) -> dict[str, Any]:
         if model.format != "gguf" or not model.weights:
             raise UnsupportedFormatError(
                 f"the llama.cpp runner runs GGUF models; {model.name} is {model.format}",
                 runners=["mlx"],
             )
         llama_cpp = import_llama_cpp()
-        started = time.perf_counter_ns()
-        options = load_options(model, options)
         slot_context = context_length(model, options)
         kv_cache = kv_cache_type(options.kv_cache_type)
         engine = EngineThread("llamacpp-engine")
@@ -167,25 +160,19 @@ class LlamaCppRunner:
             if cache is not None:
                 cache.close()
             raise
-        self._model, self._slots, self._engine, self._cache = loaded, slots, engine, cache
+        self._model, self._slots, self._engine, self._disk = loaded, slots, engine, cache
         self._metadata = loaded.metadata()
-        self._info = LoadedModelInfo(
-            runner=self.name,
-            format="gguf",
-            architecture=model.architecture,
-            parameter_count=loaded.n_params(),
-            quantization=model.quantization,
-            context_length=slots.slot_context,
-            memory_bytes=loaded.size() + kv_bytes,
-            max_parallel=len(slots.slots),
-            load_duration_ns=time.perf_counter_ns() - started,
-            details={"kv_cache_bytes": kv_bytes, "kv_cache_type": kv_cache.name},
-        )
-        return self._info
+        return {
+            "parameter_count": loaded.n_params(),
+            "context_length": slots.slot_context,
+            "memory_bytes": loaded.size() + kv_bytes,
+            "max_parallel": len(slots.slots),
+            "details": {"kv_cache_bytes": kv_bytes, "kv_cache_type": kv_cache.name},
+        }
 
-    async def unload(self) -> None:
-        engine, slots, model, cache = self._engine, self._slots, self._model, self._cache
-        self._engine = self._slots = self._model = self._cache = None
+    async def _release(self) -> None:
+        engine, slots, model = self._engine, self._slots, self._model
+        self._engine = self._slots = self._model = None
         self._guidance_tokenizer = None
         if engine is None:
             return
@@ -205,20 +192,6 @@ class LlamaCppRunner:
             await engine.call(release)
         finally:
             engine.close()
-            if cache is not None:
-                await asyncio.to_thread(cache.close)  # the spill: hot prompts go to disk
-
-    async def spill(self) -> None:
-        """Wait until every cached prompt is on disk (the model may be unloaded next)."""
-        if self._cache is not None:
-            await asyncio.to_thread(self._cache.spill)
-
-    def describe(self) -> LoadedModelInfo:
-        if self._info is None:
-            raise ModelNotLoadedError("no model is loaded in the llama.cpp runner")
-        if self._cache is not None:
-            self._info.details["prompt_cache"] = self._cache.stats()
-        return self._info
 
     @property
     def chat_template(self) -> str | None:
@@ -248,7 +221,7 @@ class LlamaCppRunner:
         return pieces.decode("utf-8", "replace")
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
-        """Through an embedding-mode twin context over the same GGUF (``llamacpp_embed.py``),
+        """Through an embedding-mode twin context over the same GGUF (``embed.py``),
         made on the first request: a generating context cannot pool."""
         from mlxserve.runners.llamacpp.embed import CHAT_MODEL_POOLING, LlamaCppEmbedder
 
@@ -288,31 +261,18 @@ class LlamaCppRunner:
         if request.response_format:
             mask = await asyncio.to_thread(self._mask, request.response_format)
         hit = None
-        if self._cache is not None and media is None:
-            cache = self._cache
+        if self._disk is not None and media is None:
+            cache = self._disk
             hit = await asyncio.to_thread(
                 lambda: cache.lookup(prompt, better_than=slots.live_prefix(prompt))
             )
-        loop = asyncio.get_running_loop()
-        chunks: asyncio.Queue[object] = asyncio.Queue()
 
-        def emit(item: object) -> None:
-            loop.call_soon_threadsafe(chunks.put_nowait, item)
+        def join(emit: Emit) -> None:
+            slots.join(request, prompt, max_tokens, emit, mask, media=media, hit=hit)
 
-        def report(joined: Future[None]) -> None:
-            """A join that never ran (the model was unloaded meanwhile) ends the stream."""
-            if joined.exception() is not None:
-                emit(joined.exception())
-
-        joined = engine.submit(
-            lambda: slots.join(request, prompt, max_tokens, emit, mask, media=media, hit=hit)
-        )
-        joined.add_done_callback(report)
-        try:
-            async for item in drain(chunks):
-                yield item
-        finally:
-            request.cancel.cancel()
+        async with contextlib.aclosing(engine.stream(join, request.cancel)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def _media_prompt(self, request: GenerateRequest) -> tuple[list[int], Any, int]:
         """A prompt with images: libmtmd's chunks (tokenized on the engine thread, which owns

@@ -30,11 +30,11 @@ from mlxserve.errors import InferenceError, InvalidFormatError
 from mlxserve.platform import llama_cpp_flash_attention
 from mlxserve.runners.base import GenerateRequest, TokenLogprob
 from mlxserve.runners.decode import DecodeState, SampledToken
+from mlxserve.runners.engine import END
 from mlxserve.runners.kvcache import KvCacheType, ggml_bytes_per_token, ggml_check
 from mlxserve.runners.llamacpp.media import IMAGE_POSITION, MediaProjector
 from mlxserve.runners.promptcache import Hit, PromptCache, common_prefix
 from mlxserve.runners.textstream import ByteDetokenizer, TextStream
-from mlxserve.runners.threads import END
 
 log = logging.getLogger("mlxserve.llamacpp")
 
@@ -72,7 +72,7 @@ def token_piece(llama_cpp: Any, vocab: Any, token: int) -> bytes:
 class TokenMask:
     """An llguidance matcher as an in-place mask on one sequence's numpy logits.
 
-    The same grammar engine as the MLX runner (``constrained.py``), so ``format`` accepts the
+    The same grammar as the MLX runner (``runners/constrained.py``), so ``format`` accepts the
     same schemas on both runners; the tokenizer comes from the GGUF's own vocabulary
     (``llguidance.llamacpp``), so no HF tokenizer is needed.
     """
@@ -118,7 +118,7 @@ class Sequence:
     draft_indices: list[int] = field(default_factory=list)
     """Batch rows of the pending token and each draft, whose logits verify the drafts."""
     media: Any = None
-    """libmtmd's text and image chunks (``llamacpp_media``), prefilled whole on admission."""
+    """libmtmd's text and image chunks (``media.py``), prefilled whole on admission."""
     hit: Hit | None = None
     """What the prompt cache (``promptcache.py``) holds of the prompt, restored on admission
     when no live slot holds more."""

@@ -18,43 +18,21 @@ types included) and cut as sentence-transformers' ``CrossEncoder`` cuts them
 
 from __future__ import annotations
 
-import os
-import time
-from collections.abc import AsyncIterator
 from typing import Any
 
-from mlxserve.errors import (
-    InferenceError,
-    ModelNotLoadedError,
-    RunnerUnavailableError,
-    UnsupportedArchitectureError,
-    UnsupportedFormatError,
-)
+from mlxserve.errors import InferenceError, UnsupportedFormatError
 from mlxserve.runners.base import (
     EmbedRequest,
     EmbedResult,
-    GenerateChunk,
-    GenerateRequest,
-    LoadedModelInfo,
     RerankRequest,
     RerankResult,
     RunnerOptions,
 )
-from mlxserve.runners.engine import shared_engine
-from mlxserve.runners.loading import context_length, load_options
-from mlxserve.runners.pooling import (
-    length_batches,
-    over_limit,
-    padded,
-    pool,
-    refuse_generation,
-)
-from mlxserve.runners.rerank import (
-    budget_batches,
-    refuse_rerank,
-    reranker_only,
-    too_long,
-)
+from mlxserve.runners.loading import context_length
+from mlxserve.runners.mlx.common import MlxRunnerBase, import_mlx
+from mlxserve.runners.pooling import length_batches, over_limit, padded, pool
+from mlxserve.runners.rerank import budget_batches, too_long
+from mlxserve.runners.skeleton import EncoderRunnerBase
 from modelstore.metadata import RANK_POOLING
 from modelstore.model import LocalModel
 
@@ -113,106 +91,51 @@ def cross_encoder_classes(config: dict[str, Any]) -> tuple[Any, Any, None, None]
     return CrossEncoder, arch.ModelArgs, None, None
 
 
-class MlxEmbeddingRunner:
+class MlxEmbeddingRunner(MlxRunnerBase, EncoderRunnerBase):
     name = "mlx-embeddings"
+    label = "MLX embedding"
+    library = "mlx-embeddings"
 
     def __init__(self) -> None:
-        self._model: Any = None
+        super().__init__()
         self._tokenizer: Any = None
         self._record: dict[str, Any] = {}
         self._limit = 0
-        self._model_name = ""
-        self._info: LoadedModelInfo | None = None
-        self._engine = shared_engine()
-
-    @property
-    def max_parallel(self) -> int:
-        return 1
 
     def _require(self) -> tuple[Any, Any]:
-        if self._model is None:
-            raise ModelNotLoadedError("no model is loaded in the MLX embedding runner")
-        return self._model, self._tokenizer
+        return self._loaded(self._model), self._tokenizer
 
-    async def load(self, model: LocalModel, options: RunnerOptions) -> LoadedModelInfo:
+    @property
+    def _ranks(self) -> bool:
+        return self._record.get("pooling") == RANK_POOLING
+
+    async def _load(self, model: LocalModel, options: RunnerOptions) -> dict[str, Any]:
         if model.format != "mlx" or model.embedding is None:
             raise UnsupportedFormatError(
                 f"the {self.name} runner runs HF-folder embedding models; {model.name} is not one"
             )
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        try:
-            import mlx.core as mx
-            from mlx_embeddings.utils import load_model
-            from transformers import AutoTokenizer
-        except ImportError as exc:
-            raise RunnerUnavailableError(
-                f"the {self.name} runner is not installed: pip install 'mlxserve[embeddings]'"
-            ) from exc
-        started = time.perf_counter_ns()
-        options = load_options(model, options)
+        mx, embeddings_utils, transformers = import_mlx(
+            self.name, "mlx_embeddings.utils", "transformers"
+        )
+        record = model.embedding
+        ranks = record.get("pooling") == RANK_POOLING
+        classes = {"get_model_classes": cross_encoder_classes} if ranks else {}
 
         def build() -> None:
-            ranks = (model.embedding or {}).get("pooling") == RANK_POOLING
-            try:
-                if ranks:
-                    loaded = load_model(model.path, get_model_classes=cross_encoder_classes)
-                else:
-                    loaded = load_model(model.path)
-            except (ValueError, FileNotFoundError) as exc:
-                raise UnsupportedArchitectureError(
-                    f"mlx-embeddings cannot load {model.name}: {exc}"
-                ) from exc
+            loaded = embeddings_utils.load_model(model.path, **classes)
             mx.eval(loaded.parameters())
             self._model = loaded
-            self._tokenizer = AutoTokenizer.from_pretrained(str(model.path))
+            self._tokenizer = transformers.AutoTokenizer.from_pretrained(str(model.path))
 
-        await self._engine.call(build)
-        from mlx.utils import tree_flatten
+        await self._build(model, build)
+        self._record, self._model_name = record, model.name
+        limit = context_length(model, options)
+        self._limit = min(limit, record.get("max_tokens") or limit)
+        details = {"pooling": record.get("pooling"), "normalize": record.get("normalize")}
+        return {**self._measured(), "context_length": self._limit, "details": details}
 
-        self._record = model.embedding or {}
-        self._limit = min(
-            context_length(model, options),
-            self._record.get("max_tokens") or context_length(model, options),
-        )
-        self._model_name = model.name
-        self._info = LoadedModelInfo(
-            runner=self.name,
-            format=model.format,
-            architecture=model.architecture,
-            parameter_count=sum(v.size for _, v in tree_flatten(self._model.parameters())),
-            quantization=model.quantization,
-            context_length=self._limit,
-            memory_bytes=int(mx.get_active_memory()),
-            max_parallel=1,
-            load_duration_ns=time.perf_counter_ns() - started,
-            details={
-                "pooling": self._record.get("pooling"),
-                "normalize": self._record.get("normalize"),
-            },
-        )
-        return self._info
-
-    async def unload(self) -> None:
-        def release() -> None:
-            import mlx.core as mx
-
-            self._model = self._tokenizer = None
-            mx.clear_cache()
-
-        await self._engine.call(release)
-
-    def describe(self) -> LoadedModelInfo:
-        if self._info is None:
-            raise ModelNotLoadedError("no model is loaded in the MLX embedding runner")
-        return self._info
-
-    @property
-    def chat_template(self) -> str | None:
-        return None
-
-    @property
-    def special_tokens(self) -> dict[str, str]:
-        return {"bos_token": "", "eos_token": ""}
+    def _drop(self) -> None:
+        self._model = self._tokenizer = None
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self._require()[1].encode(text, add_special_tokens=add_special_tokens))
@@ -220,10 +143,8 @@ class MlxEmbeddingRunner:
     def detokenize(self, token_ids: list[int]) -> str:
         return self._require()[1].decode(token_ids)
 
-    async def rerank(self, request: RerankRequest) -> RerankResult:
+    async def _rank(self, request: RerankRequest) -> RerankResult:
         model, tokenizer = self._require()
-        if self._record.get("pooling") != RANK_POOLING:
-            raise refuse_rerank(self._model_name)
         limit = self._limit
 
         def run() -> RerankResult:
@@ -263,10 +184,8 @@ class MlxEmbeddingRunner:
 
         return await self._engine.call(run)
 
-    async def embed(self, request: EmbedRequest) -> EmbedResult:
+    async def _embed(self, request: EmbedRequest) -> EmbedResult:
         model, tokenizer = self._require()
-        if self._record.get("pooling") == RANK_POOLING:
-            raise reranker_only(self._model_name)
         mode = self._record.get("pooling", "mean")
         normalize = bool(self._record.get("normalize", True))
 
@@ -296,8 +215,3 @@ class MlxEmbeddingRunner:
             return EmbedResult(vectors, sum(len(t) for t in ids))
 
         return await self._engine.call(run)
-
-    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
-        if self._record.get("pooling") == RANK_POOLING:
-            raise reranker_only(self._model_name)
-        raise refuse_generation(self._model_name)

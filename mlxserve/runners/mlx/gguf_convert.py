@@ -41,7 +41,8 @@ from mlxserve.errors import (
 )
 from mlxserve.mlx_lm_private import model_classes
 from modelstore.atomic import publish_folder
-from modelstore.sources import SPM_ADDS_BOS_BY_DEFAULT
+from modelstore.model import LocalModel
+from modelstore.sources import gguf_adds_bos, open_gguf
 
 ConvertProgress = Callable[[int], None]
 """Called with the number of GGUF bytes just converted."""
@@ -156,6 +157,12 @@ class GgufMeta:
     @property
     def kv_heads(self) -> int:
         return int(self.get("attention.head_count_kv", self.heads))
+
+    @property
+    def adds_bos(self) -> bool:
+        """Whether llama.cpp adds BOS to this GGUF's raw prompts (``sources.gguf_adds_bos``)."""
+        add_bos, model = self.key("tokenizer.ggml.add_bos_token"), self.key("tokenizer.ggml.model")
+        return gguf_adds_bos(add_bos, model)
 
     @property
     def head_dim(self) -> int:
@@ -292,6 +299,12 @@ def check_quantizations(reader: Any) -> None:
                 "dequantizer for it); the model still runs on llama.cpp",
                 quantization=qtype.name,
             )
+
+
+def mlx_converts(model: LocalModel) -> bool:
+    """The MLX runner's ``accepts`` check (``registry.py``): a GGUF runs on MLX when it can
+    be converted, and carries no GGUF LoRA (llama.cpp applies those; the converter does not)."""
+    return model.adapter is None and mlx_can_convert(model.architecture, model.quantization)
 
 
 def mlx_can_convert(architecture: str | None, file_type: str | None) -> bool:
@@ -578,7 +591,7 @@ def build_tokenizer(reader: Any, meta: GgufMeta, folder: Path) -> None:
         return tokens[int(index)] if index is not None and int(index) < len(tokens) else None
 
     bos = token_text("bos_token_id")
-    if bos is not None and _adds_bos(meta) and not _puts_bos_first(backend, bos):
+    if bos is not None and meta.adds_bos and not _puts_bos_first(backend, bos):
         # llama.cpp adds BOS to a raw prompt as the GGUF says; the rebuilt tokenizer must too,
         # or raw completions differ between the runners (Gemma's without ``<bos>``).
         backend.post_processor = processors.TemplateProcessing(
@@ -600,15 +613,6 @@ def build_tokenizer(reader: Any, meta: GgufMeta, folder: Path) -> None:
     wrapped.save_pretrained(str(folder))
 
 
-def _adds_bos(meta: GgufMeta) -> bool:
-    """Whether llama.cpp adds BOS to this GGUF's raw prompts (``tokenizer.ggml.add_bos_token``,
-    else its default for the tokenizer model)."""
-    adds = meta.key("tokenizer.ggml.add_bos_token")
-    if isinstance(adds, bool):
-        return adds
-    return meta.key("tokenizer.ggml.model") in SPM_ADDS_BOS_BY_DEFAULT
-
-
 def _puts_bos_first(backend: Any, bos: str) -> bool:
     encoded = backend.encode("a", add_special_tokens=True)
     return bool(encoded.tokens) and encoded.tokens[0] == bos
@@ -618,19 +622,11 @@ DIGIT_SPLITTING_PRE_TOKENIZERS = frozenset({"smollm", "codeshell", "exaone", "mi
 """llama.cpp pre-tokenizers that split every digit before GPT-2's regex."""
 
 
-def open_gguf(gguf_path: Path) -> tuple[Any, GgufMeta, Architecture]:
-    """Read the header and refuse what cannot become an mlx-lm model, before any work."""
-    from gguf import GGUFReader
-
-    from modelstore.gguf_header import check_gguf_header
-
-    check_gguf_header(gguf_path)  # gguf-py trusts header counts: bound them first
-    try:
-        reader = GGUFReader(gguf_path)
-    except Exception as exc:  # gguf-py raises ValueError, struct.error, ... on bad files
-        raise UnsupportedArchitectureError(
-            f"{gguf_path.name} is not a readable GGUF: {exc}"
-        ) from None
+def open_convertible(gguf_path: Path) -> tuple[Any, GgufMeta, Architecture]:
+    """Open the GGUF the one way every GGUF is opened (``modelstore.sources.open_gguf``: the
+    bounded header walk, then gguf-py) and refuse what cannot become an mlx-lm model, before
+    any work."""
+    reader = open_gguf(gguf_path, unreadable=UnsupportedArchitectureError)
     meta = GgufMeta(reader, gguf_path)
     arch = ARCHITECTURES.get(meta.architecture)
     if arch is None:
@@ -653,7 +649,7 @@ def convert_gguf(
     """Write an MLX model folder for ``gguf_path`` at ``out`` (atomically) and return it."""
     if (out / "config.json").is_file():
         return out
-    reader, meta, arch = open_gguf(gguf_path)
+    reader, meta, arch = open_convertible(gguf_path)
     names = {tensor.name for tensor in reader.tensors}
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     if tokens is None:
@@ -694,5 +690,5 @@ def convert_gguf(
 
 def conversion_size(gguf_path: Path) -> int:
     """The GGUF bytes a conversion reads: the total for a progress bar."""
-    reader, _, _ = open_gguf(gguf_path)
+    reader, _, _ = open_convertible(gguf_path)
     return sum(int(tensor.n_bytes) for tensor in reader.tensors)

@@ -15,11 +15,10 @@ both; here a draft is used while one request is active and later ones batch as u
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import io
 import logging
-import os
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -31,7 +30,6 @@ from mlxserve.errors import (
     InferenceError,
     MlxserveError,
     ModelNotLoadedError,
-    RunnerUnavailableError,
     UnsupportedArchitectureError,
     UnsupportedFeatureError,
 )
@@ -41,32 +39,19 @@ from mlxserve.runners.base import (
     EmbedResult,
     GenerateChunk,
     GenerateRequest,
-    LoadedModelInfo,
     RunnerOptions,
     TokenLogprob,
 )
 from mlxserve.runners.decode import DecodeState, SampledToken, check_token_ids, prompt_and_budget
-from mlxserve.runners.engine import EngineThread, shared_engine
+from mlxserve.runners.engine import END, Emit, EngineThread
 from mlxserve.runners.kvcache import KvCacheType, kv_cache_type, mlx_group_size
-from mlxserve.runners.loading import context_length, kv_bytes_per_token, load_options
+from mlxserve.runners.loading import context_length, kv_bytes_per_token
+from mlxserve.runners.mlx.common import MlxRunnerBase, import_mlx
 from mlxserve.runners.pooling import length_batches, over_limit, padded, pool
 from mlxserve.runners.promptcache import Hit, PromptCache, common_prefix, open_prompt_cache
 from mlxserve.runners.textstream import MlxDetokenizer, TextStream
-from mlxserve.runners.threads import END, drain
 from modelstore.model import LocalModel
 from modelstore.store import default_root
-
-
-def _import_mlx() -> tuple[Any, Any]:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import mlx.core as mx
-        import mlx_lm
-    except ImportError as exc:
-        raise RunnerUnavailableError(
-            "the MLX runner needs mlx and mlx-lm: pip install mlx mlx-lm"
-        ) from exc
-    return mx, mlx_lm
 
 
 def derived_folder(model: LocalModel, dequantized: bool) -> Path:
@@ -114,6 +99,22 @@ def request_sampler(request: GenerateRequest) -> Any:
     return sample
 
 
+def request_processors(request: GenerateRequest) -> list[Any]:
+    """mlx-lm's logits processors for the request's penalties and biases, then its own."""
+    from mlx_lm.sample_utils import make_logits_processors
+
+    penalties = make_logits_processors(
+        logit_bias=request.logit_bias or None,
+        repetition_penalty=request.repetition_penalty
+        if request.repetition_penalty != 1.0
+        else None,
+        repetition_context_size=request.repetition_context_size,
+        presence_penalty=request.presence_penalty or None,
+        frequency_penalty=request.frequency_penalty or None,
+    )
+    return [*penalties, *request.logits_processors]
+
+
 DEFAULT_NUM_DRAFT_TOKENS = 3
 """Draft tokens per step when the ModelSpec sets none (mlx-lm's server defaults to 3)."""
 
@@ -139,13 +140,14 @@ class _Active:
     solo: _Solo | None = field(default=None)
 
 
-class MlxRunner:
+class MlxRunner(MlxRunnerBase):
     name = "mlx"
+    label = "MLX"
+    library = "mlx-lm"
 
     def __init__(self, engine: EngineThread | None = None) -> None:
-        self._model: Any = None
+        super().__init__(engine)
         self._tokenizer: Any = None
-        self._info: LoadedModelInfo | None = None
         self._context = 0
         """Set at load (``loading.context_length``)."""
         self._parallel = DEFAULT_MAX_PARALLEL
@@ -153,14 +155,11 @@ class MlxRunner:
         self._batch: Any = None
         self._active: dict[int, _Active] = {}
         self._guidance_tokenizer: Any = None
-        self._engine = engine or shared_engine()
         self._kv_cache: KvCacheType = kv_cache_type(None)
         self._kv_group = 0
         self._draft: Any = None
         self._num_draft = DEFAULT_NUM_DRAFT_TOKENS
         self._solo_uid = -1
-        self._disk: PromptCache | None = None
-        """The prompt cache's disk tier (``promptcache.py``); mlx-lm's LRU is the RAM tier."""
         self._remembered: deque[list[int]] = deque()
         """What the LRU was last given, newest last: a hint that the disk holds nothing
         better, read off the engine thread."""
@@ -170,14 +169,10 @@ class MlxRunner:
         return self._parallel
 
     def _require(self) -> tuple[Any, Any]:
-        if self._model is None:
-            raise ModelNotLoadedError("no model is loaded in the MLX runner")
-        return self._model, self._tokenizer
+        return self._loaded(self._model), self._tokenizer
 
-    async def load(self, model: LocalModel, options: RunnerOptions) -> LoadedModelInfo:
-        mx, _ = _import_mlx()
-        started = time.perf_counter_ns()
-        options = load_options(model, options)
+    async def _load(self, model: LocalModel, options: RunnerOptions) -> dict[str, Any]:
+        mx, _ = import_mlx(self.name, "mlx_lm")
         dequantize = platform.mlx_dequantize_weights()
         self._parallel = options.max_parallel or DEFAULT_MAX_PARALLEL
         self._kv_cache = kv_cache_type(options.kv_cache_type)
@@ -232,25 +227,20 @@ class MlxRunner:
 
         self._context = context
         kv_bytes = context * self._parallel * kv_bytes_per_token(model, self._kv_cache)
-        self._info = LoadedModelInfo(
-            runner=self.name,
-            format=model.format,
-            architecture=model.architecture,
-            parameter_count=get_total_parameters(self._model),
-            quantization=None if dequantize else model.quantization,
-            context_length=self._context,
-            memory_bytes=int(mx.get_active_memory()) + kv_bytes,
-            max_parallel=self._parallel,
-            load_duration_ns=time.perf_counter_ns() - started,
-            details={
+        return {
+            "parameter_count": get_total_parameters(self._model),
+            "quantization": None if dequantize else model.quantization,
+            "context_length": self._context,
+            "memory_bytes": int(mx.get_active_memory()) + kv_bytes,
+            "max_parallel": self._parallel,
+            "details": {
                 "dequantized": dequantize,
                 "metal": platform.is_apple_silicon(),
                 "kv_cache_type": self._kv_cache.name,
                 "kv_cache_bytes": kv_bytes,
                 "draft": model.draft.name if model.draft else None,
             },
-        )
-        return self._info
+        }
 
     def _load_draft(self, model: LocalModel, tokenizer: Any, dequantize: bool) -> Any:
         """The ModelSpec's draft model, which must share the model's tokenizer (checked again
@@ -303,41 +293,19 @@ class MlxRunner:
 
         return mlx_lm.load(str(folder))
 
-    async def unload(self) -> None:
-        disk, self._disk = self._disk, None
-
-        def release() -> None:
-            import mlx.core as mx
-
-            for active in self._active.values():
-                active.emit(active.state.finish("cancelled"))
-                active.emit(END)
-            self._active.clear()
-            if self._batch is not None:
-                self._batch.close()
-                self._engine.unregister(self._step)
-            self._model = self._tokenizer = self._prompt_cache = self._batch = None
-            self._draft = None
-            self._guidance_tokenizer = None
-            mx.clear_cache()  # a no-op in a distributed group's process (hold_mlx_cache)
-
-        try:
-            await self._engine.call(release)
-        finally:
-            if disk is not None:
-                await asyncio.to_thread(disk.close)  # the spill: pending writes finish
-
-    async def spill(self) -> None:
-        """Wait until every cached prompt is on disk (the model may be unloaded next)."""
-        if self._disk is not None:
-            await asyncio.to_thread(self._disk.spill)
-
-    def describe(self) -> LoadedModelInfo:
-        if self._info is None:
-            raise ModelNotLoadedError("no model is loaded in the MLX runner")
-        if self._disk is not None:
-            self._info.details["prompt_cache"] = self._disk.stats()
-        return self._info
+    def _drop(self) -> None:
+        """Every request still running ends as cancelled; then the model goes (``mx.clear_cache``
+        is a no-op in a distributed group's process: ``platform.hold_mlx_cache``)."""
+        for active in self._active.values():
+            active.emit(active.state.finish("cancelled"))
+            active.emit(END)
+        self._active.clear()
+        if self._batch is not None:
+            self._batch.close()
+            self._engine.unregister(self._step)
+        self._model = self._tokenizer = self._prompt_cache = self._batch = None
+        self._draft = None
+        self._guidance_tokenizer = None
 
     @property
     def chat_template(self) -> str | None:
@@ -356,7 +324,7 @@ class MlxRunner:
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         """Mean-pooled, normalised final hidden states, in right-padded batches: an embedding
-        from any decoder model (embedding models have their own runner, ``embeddings.py``)."""
+        from any decoder model (embedding models have their own runner, ``mlx/embeddings.py``)."""
         model, tokenizer = self._require()
 
         def run() -> EmbedResult:
@@ -392,18 +360,13 @@ class MlxRunner:
             disk = self._disk
             live = max((common_prefix(t, prompt) for t in list(self._remembered)), default=0)
             hit = await asyncio.to_thread(lambda: disk.lookup(prompt, better_than=live))
-        loop = asyncio.get_running_loop()
-        chunks: asyncio.Queue[object] = asyncio.Queue()
 
-        def emit(item: object) -> None:
-            loop.call_soon_threadsafe(chunks.put_nowait, item)
+        def join(emit: Emit) -> None:
+            self._join(request, prompt, max_tokens, emit, constraint, hit)
 
-        self._engine.submit(lambda: self._join(request, prompt, max_tokens, emit, constraint, hit))
-        try:
-            async for item in drain(chunks):
-                yield item
-        finally:
-            request.cancel.cancel()
+        async with contextlib.aclosing(self._engine.stream(join, request.cancel)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     # -- engine thread -----------------------------------------------------------------------
 
@@ -411,7 +374,8 @@ class MlxRunner:
         """A per-request JSON grammar processor (validated here, before any byte is sent)."""
         if not response_format:
             return None
-        from mlxserve.runners.constrained import JsonConstraint, build_tokenizer, grammar_for
+        from mlxserve.runners.constrained import grammar_for
+        from mlxserve.runners.mlx.constraint import JsonConstraint, build_tokenizer
 
         grammar = grammar_for(response_format)
         if self._guidance_tokenizer is None:
@@ -434,19 +398,9 @@ class MlxRunner:
         or run it solo: on the draft model when nothing else is active, or on a quantized KV
         cache (see the module docstring)."""
         try:
-            from mlx_lm.sample_utils import make_logits_processors
-
             if self._model is None:
                 raise ModelNotLoadedError("the model was unloaded")
-            processors = make_logits_processors(
-                logit_bias=request.logit_bias or None,
-                repetition_penalty=request.repetition_penalty
-                if request.repetition_penalty != 1.0
-                else None,
-                repetition_context_size=request.repetition_context_size,
-                presence_penalty=request.presence_penalty or None,
-                frequency_penalty=request.frequency_penalty or None,
-            ) + list(request.logits_processors)
+            processors = request_processors(request)
             if constraint is not None:
                 processors.append(constraint)
             speculative = self._draft is not None and not self._active and constraint is None
@@ -473,15 +427,8 @@ class MlxRunner:
         tokens came from the cache. Deterministic given the same history of inserts and ends,
         which is what lets every rank of a group replay rank 0's batch (``distributed/``)."""
         from mlx_lm.generate import StopSequences
-        from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
-        model = self._model
-        cache, remaining = self._prompt_cache.fetch_nearest_cache(id(model), prompt)
-        if cache is None:
-            cache, remaining = make_prompt_cache(model), prompt
-        if not remaining:
-            trim_prompt_cache(cache, 1)
-            remaining = prompt[-1:]
+        cache, remaining = self._nearest(prompt)
         cached = len(prompt) - len(remaining)
         restored = self._restore(hit) if hit is not None and hit.tokens > cached else None
         if restored is not None and hit is not None:
@@ -501,6 +448,20 @@ class MlxRunner:
             {"op": "join", "uid": uid, "prompt": prompt, "max_tokens": max_tokens, "cached": cached}
         )
         return uid, cached
+
+    def _nearest(self, prompt: list[int]) -> tuple[list[Any], list[int]]:
+        """The RAM tier's cache of the longest prefix of ``prompt`` (a fresh one if none) and
+        the tokens still to prefill: at least the last, whose logits start the generation."""
+        from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+        model = self._model
+        cache, remaining = self._prompt_cache.fetch_nearest_cache(id(model), prompt)
+        if cache is None:
+            cache, remaining = make_prompt_cache(model), prompt
+        if not remaining:
+            trim_prompt_cache(cache, 1)
+            remaining = prompt[-1:]
+        return cache, remaining
 
     def _restore(self, hit: Hit) -> list[Any] | None:
         """A disk entry as mlx-lm's prompt cache, trimmed to the tokens the prompt shares;
@@ -557,18 +518,13 @@ class MlxRunner:
         """Run a request outside the batch (see the module docstring). A speculative one
         starts from fresh caches for the model and the draft; one on a quantized KV cache from
         the longest cached prefix, as a batched one does."""
-        from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+        from mlx_lm.models.cache import make_prompt_cache
 
-        model = self._model
         if speculative:
-            cache, remaining = make_prompt_cache(model) + make_prompt_cache(self._draft), prompt
+            cache = make_prompt_cache(self._model) + make_prompt_cache(self._draft)
+            remaining = prompt
         else:
-            cache, remaining = self._prompt_cache.fetch_nearest_cache(id(model), prompt)
-            if cache is None:
-                cache, remaining = make_prompt_cache(model), prompt
-            if not remaining:
-                trim_prompt_cache(cache, 1)
-                remaining = prompt[-1:]
+            cache, remaining = self._nearest(prompt)
         state = self._decode_state(request, prompt, max_tokens, len(prompt) - len(remaining))
         steps = self._solo_steps(request, remaining, max_tokens, cache, processors, speculative)
         solo = _Solo(steps, cache, list(prompt), speculative)

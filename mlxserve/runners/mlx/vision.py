@@ -12,120 +12,63 @@ engine thread, one token per engine step, like the text runner's batches (``engi
 
 from __future__ import annotations
 
-import asyncio
-import os
-import time
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from mlxserve.errors import (
-    InferenceError,
-    ModelNotLoadedError,
-    RunnerUnavailableError,
-    UnsupportedArchitectureError,
-    UnsupportedFeatureError,
-    UnsupportedFormatError,
-)
+from mlxserve.errors import InferenceError, UnsupportedFeatureError, UnsupportedFormatError
 from mlxserve.images import open_image
 from mlxserve.runners.base import (
-    EmbedRequest,
-    EmbedResult,
     GenerateChunk,
     GenerateRequest,
-    LoadedModelInfo,
     RunnerOptions,
 )
 from mlxserve.runners.decode import DecodeState, SampledToken, decode_loop, generation_budget
-from mlxserve.runners.engine import shared_engine
-from mlxserve.runners.loading import context_length, load_options
-from mlxserve.runners.mlx.runner import request_sampler
+from mlxserve.runners.engine import END, Emit
+from mlxserve.runners.loading import context_length
+from mlxserve.runners.mlx.common import MlxRunnerBase, import_mlx
+from mlxserve.runners.mlx.runner import request_processors, request_sampler
 from mlxserve.runners.textstream import MlxDetokenizer, TextStream
-from mlxserve.runners.threads import END, drain
 from modelstore.model import LocalModel
 
 DEFAULT_IMAGE_TOKEN = "<image>"
 
 
-class MlxVisionRunner:
+class MlxVisionRunner(MlxRunnerBase):
     name = "mlx-vlm"
+    label = "MLX vision"
+    library = "mlx-vlm"
 
     def __init__(self) -> None:
-        self._model: Any = None
+        super().__init__()
         self._processor: Any = None
         self._wrapper: Any = None
         self._image_token = DEFAULT_IMAGE_TOKEN
         self._context = 0
-        self._info: LoadedModelInfo | None = None
-        self._engine = shared_engine()
-
-    @property
-    def max_parallel(self) -> int:
-        return 1
 
     def _require(self) -> tuple[Any, Any]:
-        if self._model is None:
-            raise ModelNotLoadedError("no model is loaded in the MLX vision runner")
-        return self._model, self._processor
+        return self._loaded(self._model), self._processor
 
-    async def load(self, model: LocalModel, options: RunnerOptions) -> LoadedModelInfo:
+    async def _load(self, model: LocalModel, options: RunnerOptions) -> dict[str, Any]:
         if model.format != "mlx" or model.vision is None:
             raise UnsupportedFormatError(
                 f"the {self.name} runner runs HF-folder vision models; {model.name} is not one"
             )
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        try:
-            import mlx.core as mx
-            import mlx_vlm
-            from mlx_lm.tokenizer_utils import TokenizerWrapper
-        except ImportError as exc:
-            raise RunnerUnavailableError(
-                f"the {self.name} runner is not installed: pip install 'mlxserve[vision]'"
-            ) from exc
-        started = time.perf_counter_ns()
-        options = load_options(model, options)
+        _, mlx_vlm, tokenizer_utils = import_mlx(self.name, "mlx_vlm", "mlx_lm.tokenizer_utils")
 
         def build() -> None:
-            try:
-                loaded, processor = mlx_vlm.load(str(model.path))
-            except (ValueError, FileNotFoundError) as exc:
-                raise UnsupportedArchitectureError(
-                    f"mlx-vlm cannot load {model.name}: {exc}"
-                ) from exc
+            loaded, processor = mlx_vlm.load(str(model.path))
             self._model, self._processor = loaded, processor
-            self._wrapper = TokenizerWrapper(processor.tokenizer)
+            self._wrapper = tokenizer_utils.TokenizerWrapper(processor.tokenizer)
 
-        await self._engine.call(build)
-        from mlx.utils import tree_flatten
-
+        await self._build(model, build)
         self._image_token = getattr(self._processor, "image_token", None) or DEFAULT_IMAGE_TOKEN
         self._context = context_length(model, options)
-        self._info = LoadedModelInfo(
-            runner=self.name,
-            format=model.format,
-            architecture=model.architecture,
-            parameter_count=sum(v.size for _, v in tree_flatten(self._model.parameters())),
-            quantization=model.quantization,
-            context_length=self._context,
-            memory_bytes=int(mx.get_active_memory()),
-            max_parallel=1,
-            load_duration_ns=time.perf_counter_ns() - started,
-            details={"vision_model": model.vision.get("vision_model")},
-        )
-        return self._info
+        details = {"vision_model": model.vision.get("vision_model")}
+        return {**self._measured(), "context_length": self._context, "details": details}
 
-    async def unload(self) -> None:
-        def release() -> None:
-            import mlx.core as mx
-
-            self._model = self._processor = self._wrapper = None
-            mx.clear_cache()
-
-        await self._engine.call(release)
-
-    def describe(self) -> LoadedModelInfo:
-        if self._info is None:
-            raise ModelNotLoadedError("no model is loaded in the MLX vision runner")
-        return self._info
+    def _drop(self) -> None:
+        self._model = self._processor = self._wrapper = None
 
     @property
     def chat_template(self) -> str | None:
@@ -145,9 +88,6 @@ class MlxVisionRunner:
 
     def detokenize(self, token_ids: list[int]) -> str:
         return self._require()[1].tokenizer.decode(token_ids)
-
-    async def embed(self, request: EmbedRequest) -> EmbedResult:
-        raise UnsupportedFeatureError("vision models do not embed on the mlx-vlm runner")
 
     def _prompt(self, request: GenerateRequest) -> str:
         """The rendered prompt, with one image token per image: a chat template that does not
@@ -183,19 +123,9 @@ class MlxVisionRunner:
             raise UnsupportedFeatureError(
                 f"the {self.name} runner does not support JSON output or logprobs"
             )
-        loop = asyncio.get_running_loop()
-        chunks: asyncio.Queue[object] = asyncio.Queue()
 
-        def emit(item: object) -> None:
-            loop.call_soon_threadsafe(chunks.put_nowait, item)
-
-        def start() -> None:
-            try:
-                steps = self._decode(request)
-            except BaseException as exc:  # handed to the consumer, raised there
-                emit(exc)
-                emit(END)
-                return
+        def start(emit: Emit) -> None:
+            steps = self._decode(request)
 
             def step() -> bool:
                 try:
@@ -213,29 +143,18 @@ class MlxVisionRunner:
 
             self._engine.register(step)
 
-        self._engine.submit(start)
-        try:
-            async for item in drain(chunks):
-                yield item
-        finally:
-            request.cancel.cancel()
+        async with contextlib.aclosing(self._engine.stream(start, request.cancel)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     def _decode(self, request: GenerateRequest) -> Iterator[GenerateChunk]:
         """Runs on the engine thread: the prompt's inputs, then one chunk per ``next``."""
-        from mlx_lm.sample_utils import make_logits_processors
         from mlx_vlm.generate.ar import generate_step
 
         input_ids, pixels, mask = self._inputs(request)
         prompt_tokens = int(input_ids.shape[1])
         budget = generation_budget(
             request, prompt_tokens, self._context, "the prompt (images included)"
-        )
-        processors = make_logits_processors(
-            logit_bias=request.logit_bias or None,
-            repetition_penalty=request.repetition_penalty
-            if request.repetition_penalty != 1.0
-            else None,
-            repetition_context_size=request.repetition_context_size,
         )
         tokens = generate_step(
             input_ids,
@@ -244,7 +163,7 @@ class MlxVisionRunner:
             mask,
             max_tokens=budget,
             sampler=request_sampler(request),
-            logits_processors=[*processors, *request.logits_processors],
+            logits_processors=request_processors(request),
         )
         wrapper = self._wrapper
         state = DecodeState(
