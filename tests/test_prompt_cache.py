@@ -208,7 +208,7 @@ async def test_an_entry_of_another_kv_type_is_a_miss(store, prompt, cold):
     runner = await loaded(store, kv_cache_type="q8_0")
     try:
         folder = Path(store.prompt_cache_dir) / f16_entry.parent.parent.name
-        q8_folder = folder / runner._cache.folder.name  # type: ignore[union-attr]
+        q8_folder = folder / runner._disk.folder.name  # type: ignore[union-attr]
         q8_folder.mkdir(parents=True, exist_ok=True)
         shutil.copy(f16_entry, q8_folder / f16_entry.name)
         _, cached = await answer(runner, prompt)
@@ -257,7 +257,7 @@ async def test_a_flood_of_distinct_prompts_keeps_each_tier_within_its_budget(sto
     try:
         for seed in range(4):
             await answer(runner, words(BLOCK_TOKENS + 8, seed=100 + seed))
-            await asyncio.to_thread(runner._cache.spill)  # type: ignore[union-attr]
+            await runner.spill()
             stats = runner.describe().details["prompt_cache"]
             on_disk = sum(p.stat().st_size for p in (tmp_path / "prompts").glob("*/*/*.kv"))
             assert stats["ram"]["bytes"] <= 2 * entry_bytes

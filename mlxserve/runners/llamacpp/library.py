@@ -7,17 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 from mlxserve import platform
-from mlxserve.errors import RunnerUnavailableError
 from mlxserve.runners.llamacpp import quiet
+from mlxserve.runners.skeleton import import_library
 
 
 def import_llama_cpp() -> Any:
     """llama-cpp-python, made safe for this CPU (``platform.make_llama_cpp_safe``), with its
     quiet-output redirect made re-entrant (``runners/llamacpp/quiet.py``)."""
-    try:
-        import llama_cpp
-    except ImportError as exc:
-        raise RunnerUnavailableError(
-            "the llama.cpp runner is not installed: pip install 'mlxserve[llamacpp]'"
-        ) from exc
+    (llama_cpp,) = import_library("llamacpp", "llama_cpp")
     return platform.make_llama_cpp_safe(quiet.install(llama_cpp))
