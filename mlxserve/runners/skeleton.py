@@ -55,8 +55,7 @@ class RunnerBase:
     """The library-independent half of a ``ModelRunner``."""
 
     name = ""
-    label = ""
-    """How errors name the runner: "no model is loaded in the {label} runner"."""
+    """The runner's registry name (``registry.py``), also how its errors name it."""
 
     def __init__(self) -> None:
         self._info: LoadedModelInfo | None = None
@@ -70,7 +69,7 @@ class RunnerBase:
     def _loaded(self, value: T | None) -> T:
         """``value`` (a model, a tokenizer, a context), or ``ModelNotLoadedError`` if unset."""
         if value is None:
-            raise ModelNotLoadedError(f"no model is loaded in the {self.label} runner")
+            raise ModelNotLoadedError(f"no model is loaded in the {self.name} runner")
         return value
 
     def _require(self) -> Any:

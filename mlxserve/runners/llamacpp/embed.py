@@ -158,7 +158,6 @@ class LlamaCppEmbeddingRunner(EncoderRunnerBase):
     """GGUF embedding models (the store recorded a pooling type), on llama.cpp."""
 
     name = "llamacpp-embeddings"
-    label = "llama.cpp embedding"
 
     def __init__(self) -> None:
         super().__init__()

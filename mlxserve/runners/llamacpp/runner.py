@@ -56,8 +56,9 @@ def load_lora(llama_cpp: Any, model: Any, adapter: Path | None) -> Any:
 
 
 class LlamaCppRunner(RunnerBase):
+    """GGUF chat models (and vision ones, with a projector) on llama.cpp's slot engine."""
+
     name = "llamacpp"
-    label = "llama.cpp"
 
     def __init__(self) -> None:
         super().__init__()

@@ -25,9 +25,6 @@ class MlxRunnerBase(RunnerBase):
     """A runner whose model lives on MLX's engine thread (an embedding runner mixes in
     ``skeleton.EncoderRunnerBase`` too)."""
 
-    library = ""
-    """The library that loads the model, named in the error for a model it cannot load."""
-
     def __init__(self, engine: EngineThread | None = None) -> None:
         super().__init__()
         self._model: Any = None
@@ -35,14 +32,15 @@ class MlxRunnerBase(RunnerBase):
 
     async def _build(self, model: LocalModel, build: Callable[[], None]) -> None:
         """``build()`` on the engine thread, where a ``ValueError`` or a missing file from the
-        library means an architecture it cannot load."""
+        library (named as the runner is: ``mlx-vlm``, ``mlx-embeddings``) means an architecture
+        it cannot load."""
 
         def guarded() -> None:
             try:
                 build()
             except (ValueError, FileNotFoundError) as exc:
                 raise UnsupportedArchitectureError(
-                    f"{self.library} cannot load {model.name}: {exc}"
+                    f"{self.name} cannot load {model.name}: {exc}"
                 ) from exc
 
         await self._engine.call(guarded)

@@ -92,9 +92,9 @@ def cross_encoder_classes(config: dict[str, Any]) -> tuple[Any, Any, None, None]
 
 
 class MlxEmbeddingRunner(MlxRunnerBase, EncoderRunnerBase):
+    """Sentence-transformers folders (and cross-encoders) on mlx-embeddings' model code."""
+
     name = "mlx-embeddings"
-    label = "MLX embedding"
-    library = "mlx-embeddings"
 
     def __init__(self) -> None:
         super().__init__()

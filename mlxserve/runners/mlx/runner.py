@@ -141,9 +141,9 @@ class _Active:
 
 
 class MlxRunner(MlxRunnerBase):
+    """MLX folders and convertible GGUFs on mlx-lm's ``BatchGenerator``."""
+
     name = "mlx"
-    label = "MLX"
-    library = "mlx-lm"
 
     def __init__(self, engine: EngineThread | None = None) -> None:
         super().__init__(engine)

@@ -35,9 +35,10 @@ DEFAULT_IMAGE_TOKEN = "<image>"
 
 
 class MlxVisionRunner(MlxRunnerBase):
+    """Vision-language HF folders on mlx-vlm, one request at a time, stepped on the MLX engine
+    thread beside the text runner's batches."""
+
     name = "mlx-vlm"
-    label = "MLX vision"
-    library = "mlx-vlm"
 
     def __init__(self) -> None:
         super().__init__()
