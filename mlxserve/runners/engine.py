@@ -66,7 +66,9 @@ class EngineThread:
     ) -> AsyncIterator[Any]:
         """Run ``start(emit)`` on this thread and yield what it (or the steps it registers)
         emits, up to ``END``; an exception emitted, or raised by ``start``, or a job refused
-        because the model was unloaded meanwhile, is raised here. Closing the iterator cancels."""
+        because the model was unloaded meanwhile, is raised here. Closing the iterator cancels:
+        a runner's ``generate`` holds it in ``contextlib.aclosing``, so that closing the
+        runner's stream closes this one at once rather than when it is collected."""
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[object] = asyncio.Queue()
 
