@@ -38,7 +38,7 @@ from mlxserve.runners.base import (
 from mlxserve.runners.decode import DecodeState, SampledToken, decode_loop, generation_budget
 from mlxserve.runners.engine import shared_engine
 from mlxserve.runners.loading import context_length, load_options
-from mlxserve.runners.mlx import request_sampler
+from mlxserve.runners.mlx import request_processors, request_sampler
 from mlxserve.runners.textstream import MlxDetokenizer, TextStream
 from mlxserve.runners.threads import END, drain
 from modelstore.model import LocalModel
@@ -222,7 +222,6 @@ class MlxVisionRunner:
 
     def _decode(self, request: GenerateRequest) -> Iterator[GenerateChunk]:
         """Runs on the engine thread: the prompt's inputs, then one chunk per ``next``."""
-        from mlx_lm.sample_utils import make_logits_processors
         from mlx_vlm.generate.ar import generate_step
 
         input_ids, pixels, mask = self._inputs(request)
@@ -230,13 +229,7 @@ class MlxVisionRunner:
         budget = generation_budget(
             request, prompt_tokens, self._context, "the prompt (images included)"
         )
-        processors = make_logits_processors(
-            logit_bias=request.logit_bias or None,
-            repetition_penalty=request.repetition_penalty
-            if request.repetition_penalty != 1.0
-            else None,
-            repetition_context_size=request.repetition_context_size,
-        )
+        processors = request_processors(request)
         tokens = generate_step(
             input_ids,
             self._model,
