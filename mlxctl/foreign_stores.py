@@ -58,7 +58,8 @@ def import_from_ollama(
             )
         if dropped and not as_json:
             console.print(
-                f"[dim]Ollama parameters with no counterpart here: {', '.join(dropped)}[/]"
+                "[dim]Ollama parameters with no counterpart here (or out of range): "
+                f"{', '.join(dropped)}[/]"
             )
         report_import(result, as_json)
 

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from modelstore.errors import MlxserveError
-from modelstore.parameters import SAMPLING_FIELDS, api_names, kind_of
+from modelstore.parameters import SAMPLING_FIELDS, api_names, from_ollama, kind_of, out_of_range
 
 PROMPT = ">>> "
 CONTINUATION = "... "
@@ -205,7 +205,14 @@ class Repl:
             return
         if field == NUM_CTX:
             self._reopen(self.session.name, value)
-        elif field == "stop":
+            click.echo(f"Set parameter '{name}' to '{raw}'")
+            return
+        value = from_ollama(field, value) if field != name else value  # num_predict -1, ...
+        problem = out_of_range(field, value, name)
+        if problem:  # the words the API and `mlxctl run --flag` use (modelstore/parameters.py)
+            click.echo(f"Couldn't set parameter: {problem}")
+            return
+        if field == "stop":
             self.state.overrides.setdefault("stop", []).extend(value)
         else:
             self.state.overrides[field] = value

@@ -21,17 +21,26 @@ from mlxctl.client import DaemonError
 from mlxctl.output import byte_progress
 from modelstore.default_model import DEFAULT_MODEL
 from modelstore.errors import ModelNotFoundError
-from modelstore.parameters import CLI_PARAMETERS, kind_of
+from modelstore.parameters import CLI_PARAMETERS, check, kind_of
 
 
 def sampling_options(command: Callable) -> Callable:
-    """``--temperature``, ``--top-p``, ... : one flag per sampling knob marked for the CLI."""
+    """``--temperature``, ``--top-p``, ... : one flag per sampling knob marked for the CLI,
+    each value checked against its bound before anything loads (the API's own refusal)."""
     for name in reversed(CLI_PARAMETERS):
-        kind = kind_of(name)
         command = click.option(
-            f"--{name.replace('_', '-')}", name, type=kind, help=SAMPLING_HELP.get(name)
+            f"--{name.replace('_', '-')}",
+            name,
+            type=kind_of(name),
+            help=SAMPLING_HELP.get(name),
+            callback=_in_range,
         )(command)
     return command
+
+
+def _in_range(context: click.Context, option: click.Parameter, value: Any) -> Any:
+    flag = option.opts[0] if option.opts else option.name
+    return value if value is None else check(option.name or "", value, flag)
 
 
 SAMPLING_HELP = {"seed": "Same seed, same request, same model: same tokens."}

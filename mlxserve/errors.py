@@ -6,6 +6,7 @@ Codes are stable: clients match on them. Each class carries its HTTP status;
 
 from __future__ import annotations
 
+from modelstore.errors import InvalidRequestError as InvalidRequestError  # parameters.py's
 from modelstore.errors import MlxserveError
 from modelstore.errors import TemplateError as TemplateError  # lives with the template sandbox
 
@@ -54,13 +55,6 @@ class OutOfMemoryError(MlxserveError):
 
 class InferenceError(MlxserveError):
     code = "inference_failed"
-
-
-class InvalidRequestError(MlxserveError):
-    """A request that is well-formed JSON but asks for something invalid."""
-
-    code = "invalid_request"
-    http_status = 400
 
 
 class UnsupportedFeatureError(MlxserveError):

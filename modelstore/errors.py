@@ -84,6 +84,14 @@ class SpecValidationError(MlxserveError):
     http_status = 400
 
 
+class InvalidRequestError(MlxserveError):
+    """A request that is well-formed JSON but asks for something invalid. It lives here because
+    ``modelstore.parameters`` refuses an out-of-range sampling value for every door with it."""
+
+    code = "invalid_request"
+    http_status = 400
+
+
 class TemplateError(MlxserveError):
     """A chat template that fails to compile or render (including sandbox violations and an
     exhausted render budget, see ``modelstore.chat_template``)."""

@@ -32,7 +32,13 @@ from modelstore.draft import (
 from modelstore.errors import BlobNotFoundError, ImportSourceError, InvalidManifestError
 from modelstore.importer import ImportResult
 from modelstore.manifest import Descriptor
-from modelstore.parameters import SPEC_PARAMETERS, api_names
+from modelstore.parameters import (
+    SAMPLING_FIELDS,
+    SPEC_PARAMETERS,
+    api_names,
+    from_ollama,
+    out_of_range,
+)
 from modelstore.reference import ModelReference, parse_reference
 from modelstore.sources import draft_from_gguf, projector_layer
 from modelstore.store import ModelStore
@@ -174,11 +180,21 @@ def _text(path: Path, layer: Descriptor) -> str:
 
 
 def map_parameters(params: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Ollama's parameters under our names, and the names that have no counterpart."""
-    mapped = {PARAMETER_NAMES[k]: v for k, v in params.items() if k in PARAMETER_NAMES}
+    """Ollama's parameters under our names (its special values in our terms), and the names
+    that have no counterpart, or a value out of our range (Ollama passes any number on;
+    ``modelstore/parameters.py`` says what a model here may default to)."""
+    mapped: dict[str, Any] = {}
+    dropped = []
+    for wire, value in params.items():
+        name = PARAMETER_NAMES.get(wire)
+        value = from_ollama(name, value) if name in SAMPLING_FIELDS else value
+        if name is None or (name in SAMPLING_FIELDS and out_of_range(name, value, wire)):
+            dropped.append(wire)
+        else:
+            mapped[name] = value
     if isinstance(mapped.get("stop"), str):
         mapped["stop"] = [mapped["stop"]]
-    return mapped, sorted(k for k in params if k not in PARAMETER_NAMES)
+    return mapped, sorted(dropped)
 
 
 def ollama_draft(model: OllamaModel, locate: Any) -> tuple[ModelDraft, list[str]]:

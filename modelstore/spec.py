@@ -40,6 +40,7 @@ from modelstore.errors import (
     TemplateError,
 )
 from modelstore.hfhub import HF_SCHEME, HubModel, cached_snapshot
+from modelstore.parameters import SAMPLING_FIELDS, out_of_range
 from modelstore.quantize import quantize_draft
 from modelstore.reference import parse_reference
 from modelstore.sources import draft_from_path, projector_layer
@@ -134,11 +135,28 @@ def load_spec(path: Path) -> ModelSpec:
         spec.problems.append(SpecProblem("", 1, "a ModelSpec must be a mapping"))
         return spec
     for error in Draft202012Validator(schema()).iter_errors(data):
+        if _sampling_range(error):
+            continue  # _semantic_problems says it in the words every API uses
         pointer = _pointer(error.absolute_path)
         spec.problems.append(SpecProblem(pointer, lines.get(pointer), error.message))
     spec.problems.extend(_semantic_problems(spec, lines))  # in the same pass: every error at once
     spec.problems.sort(key=lambda p: (p.line or 0, p.pointer))
     return spec
+
+
+RANGE_KEYWORDS = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"})
+
+
+def _sampling_range(error: Any) -> bool:
+    """A schema error that a sampling parameter is out of range (``modelstore/parameters.py``
+    holds the bound; ``tests/test_bounds.py`` holds the schema to it)."""
+    path = list(error.absolute_path)
+    return (
+        error.validator in RANGE_KEYWORDS
+        and len(path) == 2
+        and path[0] == "parameters"
+        and path[1] in SAMPLING_FIELDS
+    )
 
 
 def _semantic_problems(spec: ModelSpec, lines: dict[str, int]) -> list[SpecProblem]:
@@ -147,6 +165,12 @@ def _semantic_problems(spec: ModelSpec, lines: dict[str, int]) -> list[SpecProbl
 
     def add(pointer: str, message: str) -> None:
         problems.append(SpecProblem(pointer, lines.get(pointer), message))
+
+    parameters = data.get("parameters")
+    for name, value in parameters.items() if isinstance(parameters, dict) else ():
+        problem = out_of_range(name, value) if name in SAMPLING_FIELDS else None
+        if problem:
+            add(f"/parameters/{name}", problem)
 
     for a, b in (("template", "template_file"), ("license", "license_file")):
         if a in data and b in data:

@@ -63,11 +63,11 @@ def test_spec_validate_reports_every_error_of_every_file_in_one_pass(tmp_path, s
     good = tmp_path / "good.yaml"
     good.write_text(DEFAULT_SPEC.read_text())
     bad = tmp_path / "bad.yaml"
-    bad.write_text("from: ./nowhere.gguf\nparameters:\n  temperature: 9\n")
+    bad.write_text("from: ./nowhere.gguf\nparameters:\n  temperature: -1\n")
     result = mlxctl("spec", "validate", str(good), str(bad), home=store_home, check=False)
     assert result.returncode == 1
     assert f"{good}: valid" in result.stdout
-    assert "/parameters/temperature" in result.stderr, "the schema's error"
+    assert "/parameters/temperature" in result.stderr, "the range error"
     assert "nowhere.gguf: no such file" in result.stderr, "the semantic error, same pass"
     assert f"{bad}: 2 error(s)" in result.stderr
     both = json.loads(

@@ -22,9 +22,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOT_SOURCES = (".git", ".venv", "__pycache__", "*.egg-info", "build", "dist", ".*_cache")
 WHEELHOUSE = Path(sys.prefix) / "wheelhouse"
-"""The build backend's wheels (``setuptools>=77``, ``wheel``), put there by ``make install``, so
-``python -m build`` runs offline in its isolated env."""
-BACKEND = ("setuptools>=77", "wheel")
+"""The build backend's wheels (pyproject.toml's ``build-system``), put there by ``make install``,
+so ``python -m build`` runs offline in its isolated env."""
+BACKEND = ("setuptools>=84.2.1", "wheel>=0.48")
 BUILD_TIMEOUT_S = 300
 RUN_TIMEOUT_S = 240
 

@@ -12,9 +12,14 @@ import pytest
 from mlxserve.errors import InvalidRequestError
 from mlxserve.runners.base import GenerateRequest
 from mlxserve.server import validate
-from mlxserve.server.validate import UNLIMITED_TOKENS
 from modelstore.model import RUNNER_PARAMETERS
-from modelstore.parameters import CLI_PARAMETERS, SPEC_PARAMETERS, Sampling, api_names
+from modelstore.parameters import (
+    CLI_PARAMETERS,
+    SPEC_PARAMETERS,
+    UNLIMITED_TOKENS,
+    Sampling,
+    api_names,
+)
 
 SCHEMA = Path(__file__).resolve().parents[1] / "modelstore" / "data" / "modelspec.schema.json"
 

@@ -146,6 +146,29 @@ async def test_penalties_change_greedy_output(loaded, penalty):
     assert len(set(penalised)) >= len(set(plain))
 
 
+async def test_a_penalty_window_of_zero_turns_the_penalties_off(loaded):
+    """Ollama's ``repeat_last_n: 0``, as llama.cpp reads it (mlx-lm alone would read every
+    token: ``tokens[-0:]``)."""
+    plain = tokens_of(await collect(loaded, make_request(loaded, max_tokens=40)))
+    windowless = make_request(
+        loaded,
+        max_tokens=40,
+        repetition_penalty=3.0,
+        presence_penalty=2.0,
+        repetition_context_size=0,
+    )
+    assert tokens_of(await collect(loaded, windowless)) == plain
+
+
+@pytest.mark.parametrize("seed", [None, 7])
+async def test_top_p_zero_keeps_the_top_token_alone(loaded, seed):
+    """The nucleus of probability 0 is the most likely token, as llama.cpp draws it (mlx-lm
+    alone would read 0 as "no top_p" and sample from every token)."""
+    greedy = tokens_of(await collect(loaded, make_request(loaded, max_tokens=12)))
+    nucleus = make_request(loaded, max_tokens=12, temperature=1.5, top_p=0.0, seed=seed)
+    assert tokens_of(await collect(loaded, nucleus)) == greedy
+
+
 async def test_logit_bias_forces_a_token(loaded):
     chunks = await collect(loaded, make_request(loaded, max_tokens=4, logit_bias={100: 100.0}))
     assert tokens_of(chunks) == [100] * 4

@@ -9,7 +9,6 @@ the same prompt string whichever library runs them.
 from __future__ import annotations
 
 import functools
-import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -28,21 +27,12 @@ from mlxserve.runners.base import (
 from mlxserve.runners.constrained import check_format
 from mlxserve.runners.select import choose_runner, make_runner
 from modelstore.model import GENERATION_PARAMETERS, LocalModel
-from modelstore.parameters import SAMPLING_FIELDS
+from modelstore.parameters import SAMPLING_FIELDS, out_of_range
 from modelstore.runtime import open_model
 from modelstore.store import ModelStore
 
 REQUEST_FIELDS = (*SAMPLING_FIELDS, "logprobs", "response_format")
 """What a caller may set on a request: the sampling knobs and two output options."""
-MAX_SEED = 2**32 - 1
-"""llama.cpp seeds are 32-bit; MLX keys refuse negative ones."""
-PARAMETER_RANGES: tuple[tuple[str, float, float], ...] = (
-    ("temperature", 0.0, math.inf),
-    ("min_p", 0.0, 1.0),
-    ("repetition_penalty", 0.0, math.inf),
-    ("seed", 0, MAX_SEED),
-)
-"""Sampling values the samplers refuse (mlx-lm raises deep inside a batch): a 400 here."""
 
 
 def build_request(
@@ -58,6 +48,14 @@ def build_request(
     if unknown:
         raise InvalidRequestError(f"unknown option(s): {', '.join(sorted(unknown))}")
     values = {k: v for k, v in model.parameters.items() if k in GENERATION_PARAMETERS}
+    for name, value in values.items():  # a request's own values were checked at its door
+        problem = out_of_range(name, value)
+        if problem:
+            raise InvalidRequestError(
+                f"model {model.name} has a default out of range: {problem}; create it again "
+                "from a ModelSpec that sets a value in range",
+                param=name,
+            )
     values.update({k: v for k, v in overrides.items() if v is not None})
     if isinstance(values.get("stop"), str):
         values["stop"] = [values["stop"]]
@@ -67,11 +65,6 @@ def build_request(
         add_special_tokens=add_special_tokens,
         **values,
     )
-    for key, low, high in PARAMETER_RANGES:
-        value = getattr(request, key)
-        if isinstance(value, int | float) and not low <= value <= high:
-            bound = f"at least {low:g}" if high == math.inf else f"between {low:g} and {high:g}"
-            raise InvalidRequestError(f"'{key}' must be {bound}, not {value}", param=key)
     check_format(request.response_format)
     return request
 

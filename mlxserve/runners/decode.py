@@ -136,7 +136,9 @@ def check_token_ids(request: GenerateRequest, vocabulary: int) -> None:
     """Token ids a request names (``logit_bias``, ``context``) must exist: neither MLX's scatter
     nor a numpy index into the logits checks them, so one past the vocabulary would be a crash
     or a 500.
-    A ``top_k`` of the whole vocabulary or more means no limit (mlx-lm refuses it)."""
+    A ``top_k`` of the whole vocabulary or more keeps every token, which is what 0 says to
+    both libraries (mlx-lm refuses the first spelling, llama.cpp's C ``int`` a huge one): the
+    same meaning, not a clamp (``modelstore/parameters.py`` refuses what is out of range)."""
     if request.top_k >= vocabulary:
         request.top_k = 0
     if any(not 0 <= token < vocabulary for token in request.logit_bias or {}):

@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 from mlxserve.errors import InvalidRequestError
+from modelstore import parameters
 
 MAX_JSON_DEPTH = 64
 """Nesting of a body, tool and format schemas included (a real tool schema nests < 20)."""
@@ -35,8 +36,9 @@ MAX_DURATION_CHARS = 64
 """A ``keep_alive`` string such as ``1h30m``."""
 MAX_TOP_LOGPROBS = 20
 """OpenAI's bound for ``top_logprobs``; Ollama's API takes the same."""
-MAX_CONTEXT_LENGTH = 1 << 24
-"""``num_ctx`` / a ModelSpec's ``context_length``: 16M tokens, past every released model."""
+MAX_CONTEXT_LENGTH = parameters.MAX_CONTEXT_LENGTH
+"""``num_ctx`` / a ModelSpec's ``context_length``: 16M tokens, past every released model
+(declared with the sampling bounds: ``repeat_last_n`` may span as much)."""
 PARSE_OFF_LOOP_BYTES = 256 << 10
 """Bodies larger than this are parsed and checked in a thread, not on the event loop."""
 

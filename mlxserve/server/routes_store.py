@@ -25,6 +25,7 @@ from mlxserve.server.state import MANAGER, STORE
 from mlxserve.server.validate import json_body, model_name
 from modelstore.errors import MlxserveError
 from modelstore.model import OLLAMA_PARAMETER_NAMES
+from modelstore.parameters import from_ollama
 from modelstore.reference import parse_reference, validate_digest
 
 routes = web.RouteTableDef()
@@ -130,7 +131,7 @@ def spec_parameters(parameters: Any) -> dict[str, Any]:
                 f"parameter {name!r} is given twice ({key!r} is its Ollama name)",
                 param="parameters",
             )
-        renamed[name] = value
+        renamed[name] = from_ollama(name, value) if name != key else value
     return renamed
 
 

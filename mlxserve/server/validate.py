@@ -21,12 +21,11 @@ from mlxserve.runners.base import LoadAsk
 from mlxserve.runners.kvcache import kv_cache_type
 from mlxserve.server import limits
 from mlxserve.server.config import ConfigError, parse_duration
-from modelstore.parameters import Api, api_names
+from modelstore import parameters
+from modelstore.parameters import Api, api_names, from_ollama
 
 log = logging.getLogger("mlxserve.validate")
 
-UNLIMITED_TOKENS = 1 << 30
-"""``num_predict: -1`` (and -2): as many as the context allows; the runner caps it."""
 LOAD_TIME_OPTIONS = frozenset(
     {
         "num_ctx",
@@ -122,16 +121,12 @@ def sampling(body: dict[str, Any], api: Api) -> dict[str, Any]:
     for wire, (field, kind) in api_names(api).items():
         value = body.get(wire)
         if value is not None and field not in overrides:
-            overrides[field] = typed(wire, value, kind)
+            value = typed(wire, value, kind)
+            if api == "ollama":
+                value = from_ollama(field, value)
+            overrides[field] = parameters.check(field, value, wire)
             if field == "stop":
-                limits.check_stop(overrides[field], wire)
-    tokens = overrides.get("max_tokens")
-    if tokens is not None:
-        if api == "ollama" and tokens < 0:
-            overrides["max_tokens"] = UNLIMITED_TOKENS
-        elif tokens < 1:
-            wire = next(w for w, (f, _) in api_names(api).items() if f == "max_tokens")
-            raise InvalidRequestError(f"'{wire}' must be at least 1", param=wire)
+                limits.check_stop(value, wire)
     return overrides
 
 

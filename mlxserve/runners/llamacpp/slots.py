@@ -263,13 +263,15 @@ class SlotEngine:
     def _sampler(self, request: GenerateRequest) -> Any:
         """llama.cpp's sampler chain, in the order ``Llama.generate`` builds it (penalties
         first, then the truncations, temperature and the seeded draw), one per sequence so a
-        seed gives the same tokens whatever else is in the batch."""
+        seed gives the same tokens whatever else is in the batch. The penalties' window is no
+        wider than a slot (llama.cpp allocates it whole; ``repeat_last_n: -1`` asks for the
+        widest): a window past every token a slot can hold is the same window."""
         from llama_cpp import _internals
 
         sampler = _internals.LlamaSampler()
         sampler.add_penalties(
             self._vocab,
-            request.repetition_context_size,
+            min(request.repetition_context_size, self.slot_context),
             request.repetition_penalty,
             request.frequency_penalty,
             request.presence_penalty,

@@ -72,23 +72,28 @@ def request_sampler(request: GenerateRequest) -> Any:
     """mlx-lm's sampling chain; with a seed, drawing from the request's own key.
 
     The global MLX RNG is shared by every sequence in a batch, so a seeded request gets a
-    private key: same seed, same request, same tokens, whatever else is running.
+    private key: same seed, same request, same tokens, whatever else is running. Values arrive
+    in range (``modelstore/parameters.py``); ``top_p: 0`` keeps the top token alone, as
+    llama.cpp's nucleus does (mlx-lm would read it as "off"); ``top_p: 1`` keeps every token.
     """
     import mlx.core as mx
     from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_sampler
 
-    top_p = request.top_p if 0 < request.top_p < 1 else 0.0
-    if request.seed is None or request.temperature == 0:
+    greedy = request.temperature == 0 or request.top_p == 0
+    if request.seed is None or greedy:
         return make_sampler(
-            temp=request.temperature, top_p=top_p, min_p=request.min_p, top_k=request.top_k
+            temp=0.0 if greedy else request.temperature,
+            top_p=request.top_p,
+            min_p=request.min_p,
+            top_k=request.top_k,
         )
     key = mx.random.key(request.seed)
     inverse_temperature = 1.0 / request.temperature
 
     def sample(logprobs: Any) -> Any:
         nonlocal key
-        if top_p:
-            logprobs = apply_top_p(logprobs, top_p)
+        if request.top_p < 1:
+            logprobs = apply_top_p(logprobs, request.top_p)
         if request.min_p:
             logprobs = apply_min_p(logprobs, request.min_p)
         if request.top_k > 0:
@@ -100,17 +105,24 @@ def request_sampler(request: GenerateRequest) -> Any:
 
 
 def request_processors(request: GenerateRequest) -> list[Any]:
-    """mlx-lm's logits processors for the request's penalties and biases, then its own."""
+    """mlx-lm's logits processors for a request, each knob meaning what it means on llama.cpp
+    (and Ollama): the three penalties look back over one window (``repeat_last_n``), and a
+    window of 0 turns them off (mlx-lm would read ``tokens[-0:]`` as every token); then the
+    request's own processors."""
     from mlx_lm.sample_utils import make_logits_processors
 
+    window = request.repetition_context_size
+    on = window > 0
     penalties = make_logits_processors(
         logit_bias=request.logit_bias or None,
         repetition_penalty=request.repetition_penalty
-        if request.repetition_penalty != 1.0
+        if on and request.repetition_penalty != 1.0
         else None,
-        repetition_context_size=request.repetition_context_size,
-        presence_penalty=request.presence_penalty or None,
-        frequency_penalty=request.frequency_penalty or None,
+        repetition_context_size=window,
+        presence_penalty=request.presence_penalty if on and request.presence_penalty else None,
+        presence_context_size=window,
+        frequency_penalty=request.frequency_penalty if on and request.frequency_penalty else None,
+        frequency_context_size=window,
     )
     return [*penalties, *request.logits_processors]
 
