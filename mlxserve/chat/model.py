@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from mlxserve.chat.family import ModelFamily, detect_family
@@ -81,7 +80,6 @@ class LoadedModel:
     model: LocalModel
     runner: ModelRunner
     info: LoadedModelInfo
-    loaded_at: float = field(default_factory=time.time)
 
     @classmethod
     async def load(
