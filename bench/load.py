@@ -1,7 +1,8 @@
 """Load benchmark: the daemon against in-process inference, and against ``mlx_lm.server``.
 
 Prints JSON. In one run, on one MLX model (the default model converted to MLX):
-(a) one client: tokens/s and time to first token through the daemon vs the runner in-process;
+(a) one client: tokens/s and time to first token through the daemon vs the runner in-process,
+    taking turns ``--rounds`` times, and their ratio (``daemon_over_in_process_tokens_per_s``);
 (b) aggregate tokens/s with 1, 4 and 8 concurrent streaming clients on one model, through our
     daemon and through ``mlx_lm.server`` on the same weights (both via ``/v1/chat/completions``).
 And on the llama.cpp runner (the default GGUF as it is):
@@ -126,21 +127,19 @@ async def concurrent(
     }
 
 
-async def in_process(store: Any, tokens: int) -> dict[str, float]:
-    loaded = await LoadedModel.load(store, MLX_MODEL, "mlx")
-    try:
-        messages = [{"role": "user", "content": QUESTION}]
-        await anext_all(loaded, chat_request(loaded, messages, {"max_tokens": 2}))
-        request = chat_request(loaded, messages, {"temperature": 0.0, "max_tokens": tokens})
-        started = time.perf_counter()
-        final = await anext_all(loaded, request)
-        seconds = time.perf_counter() - started
-    finally:
-        await loaded.unload()
+async def in_process(loaded: LoadedModel, tokens: int) -> dict[str, float]:
+    """The runner alone in this process: the chat core's request for the same question, no
+    daemon, no HTTP (the baseline of the daemon's cost)."""
+    messages = [{"role": "user", "content": QUESTION}]
+    await anext_all(loaded, chat_request(loaded, messages, {"max_tokens": 2}))
+    request = chat_request(loaded, messages, {"temperature": 0.0, "max_tokens": tokens})
+    started = time.perf_counter()
+    final = await anext_all(loaded, request)
+    seconds = time.perf_counter() - started
     stats = final.stats
     return {
-        "ttft_s": round(stats.time_to_first_token / 1e9, 3),
-        "tokens_per_s": round(stats.eval_count / seconds, 2),
+        "ttft_s": stats.time_to_first_token / 1e9,
+        "tokens_per_s": stats.eval_count / seconds,
         "tokens": stats.eval_count,
     }
 
@@ -359,26 +358,58 @@ async def measure(
     if runner in ("all", "llamacpp"):
         result["llamacpp"] = await llamacpp_slots(store, tokens, client_counts, rounds, threads)
     if runner in ("all", "mlx"):
-        result.update(await mlx_load(store, tokens, client_counts))
+        result.update(await mlx_load(store, tokens, client_counts, rounds))
     return result
 
 
-async def mlx_load(store: Any, tokens: int, client_counts: list[int]) -> dict[str, Any]:
+async def through_daemon(session: aiohttp.ClientSession, url: str, tokens: int) -> dict[str, float]:
+    single = await stream_chat(session, url, MLX_MODEL, tokens)
+    return {
+        "ttft_s": single["ttft_s"],
+        "tokens_per_s": single["tokens"] / single["seconds"],
+        "tokens": single["tokens"],
+    }
+
+
+def medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {
+        "ttft_s": round(median([r["ttft_s"] for r in runs]), 3),
+        "tokens_per_s": round(median([r["tokens_per_s"] for r in runs]), 2),
+        "tokens": runs[0]["tokens"],
+    }
+
+
+async def mlx_load(
+    store: Any, tokens: int, client_counts: list[int], rounds: int
+) -> dict[str, Any]:
+    """One client in this process against one through the daemon, taking turns ``rounds``
+    times (each figure the median of its rounds, so a burst of load from elsewhere lands on
+    both sides alike); then the daemon and ``mlx_lm.server`` at each client count."""
     folder = mlx_copy(store)
-    result: dict[str, Any] = {"model": MLX_MODEL}
-    result["in_process"] = await in_process(store, tokens)
+    result: dict[str, Any] = {"model": MLX_MODEL, "rounds": rounds}
+    loaded = await LoadedModel.load(store, MLX_MODEL, "mlx")
     daemon = Daemon(
         store.root, ["--num-parallel", str(max(client_counts)), "--max-queue", "64"]
     ).start()
+    alone: list[dict[str, float]] = []
+    served: list[dict[str, float]] = []
     try:
-        async with aiohttp.ClientSession() as session:
-            await stream_chat(session, daemon.url, MLX_MODEL, 2)
-            single = await stream_chat(session, daemon.url, MLX_MODEL, tokens)
-        result["through_daemon"] = {
-            "ttft_s": round(single["ttft_s"], 3),
-            "tokens_per_s": round(single["tokens"] / single["seconds"], 2),
-            "tokens": single["tokens"],
-        }
+        try:
+            async with aiohttp.ClientSession() as session:
+                await stream_chat(session, daemon.url, MLX_MODEL, 2)
+                for _ in range(rounds):
+                    alone.append(await in_process(loaded, tokens))
+                    served.append(await through_daemon(session, daemon.url, tokens))
+        finally:
+            await loaded.unload()
+        result["in_process"] = medians(alone)
+        result["through_daemon"] = medians(served)
+        result["daemon_over_in_process_tokens_per_s"] = round(
+            median(
+                [s["tokens_per_s"] / a["tokens_per_s"] for a, s in zip(alone, served, strict=True)]
+            ),
+            3,
+        )
         result["daemon_concurrency"] = [
             await concurrent(daemon.url, MLX_MODEL, n, tokens) for n in client_counts
         ]
@@ -400,7 +431,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--runner", choices=["all", "mlx", "llamacpp"], default="all")
-    parser.add_argument("--rounds", type=int, default=2, help="llama.cpp: turns per daemon")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="turns per daemon (MLX: daemon vs in-process)"
+    )
     parser.add_argument("--threads", type=int, help="llama.cpp: n_threads (num_thread)")
     parser.add_argument("--isolation", action="store_true", help="worker process vs in-daemon")
     args = parser.parse_args()

@@ -251,6 +251,8 @@ class Session:
         self.as_json, self.verbose = as_json, verbose
         self.loop = asyncio.new_event_loop()
         self.loaded: Any = None
+        self.held: Any = None
+        """The loaded model as the daemon's scheduler leases it (``scheduler.HeldModel``)."""
         self.last_reason: str | None = None
         self.load_ns = 0
 
@@ -264,11 +266,13 @@ class Session:
             ensure_default_model(store)
         convert_with_progress(store, self.name, self.runner_name)
         from mlxserve.runners.base import RunnerOptions
+        from mlxserve.server.scheduler import HeldModel
 
         options = RunnerOptions(context_length=self.context_length)
         self.loaded = self.loop.run_until_complete(
             LoadedModel.load(store, self.name, self.runner_name, options)
         )
+        self.held = HeldModel(self.loaded)
         self.load_ns = self.loaded.info.load_duration_ns
 
     def model_names(self) -> list[str]:
@@ -283,36 +287,51 @@ class Session:
     def answer(self, chat: Any) -> str:
         """Stream one answer to stdout; Ctrl-C cancels it (within a token) and keeps the chat.
 
-        The answer runs through the daemon's own chat core (``mlxserve/chat/core.py``), so
-        thinking, tool calls and ``--json`` lines are exactly what the daemon would send.
-        SIGINT is turned into the request's cancel token while an answer streams, so the
-        runner ends the generation cleanly instead of an exception tearing through the loop.
+        The answer runs as the daemon's do: through its scheduler's ``serve_chat`` (admission,
+        the lease, the accounting) and its chat core (``mlxserve/chat/core.py``), so thinking,
+        tool calls and ``--json`` lines are exactly what the daemon would send. SIGINT is
+        turned into the request's cancel token while an answer streams, so the runner ends the
+        generation cleanly instead of an exception tearing through the loop.
         """
-        from mlxserve.chat.core import ChatRun, prepare
-
-        prepared = prepare(self.loaded, chat)
-        if self.verbose:
-            print_prompt(prepared.prompt, len(prepared.request.prompt_tokens or []))
         load_ns, self.load_ns = self.load_ns, 1
-        run = ChatRun(chat, self.loaded, prepared, load_ns=load_ns)
         pieces: list[str] = []
-        self.loop.add_signal_handler(signal.SIGINT, prepared.request.cancel.cancel)
-        try:
-            self.loop.run_until_complete(self._stream(chat, run, pieces))
-        finally:
-            self.loop.remove_signal_handler(signal.SIGINT)
-            self.loop.run_until_complete(run.close())
+        self.loop.run_until_complete(self._stream(chat, pieces, load_ns))
         if self.last_reason == "cancelled":
             click.echo("[stopped]", err=True)
         return "".join(pieces)
 
-    async def _stream(self, chat: Any, run: Any, pieces: list[str]) -> None:
+    async def _stream(self, chat: Any, pieces: list[str], load_ns: int) -> None:
         from mlxserve.server.api_native import ChatEncoder, GenerateEncoder
+        from mlxserve.server.scheduler import serve_chat
 
         encoder = (GenerateEncoder if chat.prompt is not None else ChatEncoder)(chat, {})
-        await self._show(await run.first(), encoder, pieces)
-        async for event in run.rest():
-            await self._show(event, encoder, pieces)
+        async with serve_chat(self.held, chat, self._account, load_ns=load_ns) as run:
+            if self.verbose:
+                prepared = run.prepared
+                print_prompt(prepared.prompt, len(prepared.request.prompt_tokens or []))
+            # The run's current request: a reasoning budget's restart replaces it.
+            self.loop.add_signal_handler(
+                signal.SIGINT, lambda: run.prepared.request.cancel.cancel()
+            )
+            try:
+                await self._show(await run.first(), encoder, pieces)
+                async for event in run.rest():
+                    await self._show(event, encoder, pieces)
+            finally:
+                self.loop.remove_signal_handler(signal.SIGINT)
+
+    def _account(self, model: str, done: Any) -> None:
+        """A finished answer: its reason, and the ``--verbose`` table (the daemon's metrics)."""
+        self.last_reason = done.reason
+        if self.verbose:
+            info = self.loaded.info
+            print_stats(
+                vars(done.stats),
+                done.reason,
+                "in this process",
+                f"{info.runner} ({info.format})",
+                info.load_duration_ns,
+            )
 
     async def _show(self, event: Any, encoder: Any, pieces: list[str]) -> None:
         from mlxserve.chat.types import Done, ErrorEvent, TextDelta, ThinkingDelta, ToolCallEvent
@@ -332,20 +351,9 @@ class Session:
             call = {"name": event.call.name, "arguments": event.call.arguments}
             sys.stdout.write(f"[tool call] {json.dumps(call)}\n")
         sys.stdout.flush()
-        if isinstance(event, Done):
-            self.last_reason = event.reason
-            if not self.as_json:
-                sys.stdout.write("\n")
-                sys.stdout.flush()
-            if self.verbose:
-                info = self.loaded.info
-                print_stats(
-                    vars(event.stats),
-                    event.reason,
-                    "in this process",
-                    f"{info.runner} ({info.format})",
-                    info.load_duration_ns,
-                )
+        if isinstance(event, Done) and not self.as_json:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
 
     def close(self) -> None:
         if self.loop.is_closed():

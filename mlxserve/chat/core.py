@@ -4,9 +4,11 @@ Everything about what a request means happens here, once: the prompt (the model'
 with tools and thinking switched as asked, a tool preamble for templates without tools, FIM for
 ``suffix``, Ollama's ``context``), the generation request (the ModelSpec's defaults under the
 request's overrides, ``tool_choice`` as a constraint), and the events (answer text, reasoning,
-complete tool calls, the end with its stats). Admission and loading happen before any byte is
-sent, so a full queue is a real 429 and a bad request a real 400; an error after the first event
-becomes an ``ErrorEvent`` (the API sends it as its last message).
+complete tool calls, the end with its stats). The core takes a model already loaded and
+leased: it never reaches back for residency, admission or metrics, which its callers hold
+through ``server/scheduler.py``'s ``serve_chat`` (the daemon's routes and ``mlxctl run`` alike).
+A bad request fails before the first event (a real 400); an error after the first event becomes
+an ``ErrorEvent`` (the API sends it as its last message).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -334,48 +335,22 @@ async def collect(run: ChatRun) -> Collected:
     return collected
 
 
-def record(http_log: dict[str, Any], metrics: Any, name: str, done: Done) -> None:
-    """Counters, histograms and the access-log fields of a finished generation."""
-    stats = done.stats
-    metrics.prompt_tokens.labels(name).inc(stats.prompt_eval_count)
-    metrics.generated_tokens.labels(name).inc(stats.eval_count)
-    metrics.time_to_first_token.labels(name).observe(stats.time_to_first_token / 1e9)
-    if stats.eval_duration > 0 and stats.eval_count > 1:
-        metrics.tokens_per_second.labels(name).observe(
-            stats.eval_count / (stats.eval_duration / 1e9)
-        )
-    http_log.update(
-        tokens_in=stats.prompt_eval_count,
-        tokens_out=stats.eval_count,
-        cached_tokens=stats.cached_prompt_tokens,
-        draft_tokens=stats.draft_tokens,
-        ttft_ms=round(stats.time_to_first_token / 1e6, 1),
-        done_reason=done.reason,
-    )
-
-
 @contextlib.asynccontextmanager
-async def start_chat(
-    manager: Any, chat: ChatRequest, *, metrics: Any, http_log: dict[str, Any]
+async def run_chat(
+    loaded: LoadedModel, chat: ChatRequest, *, load_ns: int = 0
 ) -> AsyncIterator[ChatRun]:
-    """Admit, load, prepare and start ``chat``; the run is closed (cancelled if unfinished) when
-    the ``with`` body leaves, which frees the slot."""
-    http_log["model"] = chat.model
-    asked = time.perf_counter_ns()
-    async with manager.use(chat.model, keep_alive=chat.keep_alive, load=chat.load) as resident:
-        ready = max(1, time.perf_counter_ns() - asked)
-        prepared = await asyncio.to_thread(prepare, resident.loaded, chat)
-        run = ChatRun(chat, resident.loaded, prepared, load_ns=ready)
-        try:
-            yield run
-        finally:
-            await run.close()
-            if run.done is not None:
-                record(http_log, metrics, resident.name, run.done)
+    """Prepare ``chat`` for ``loaded`` (off the event loop) and start it; the run is closed
+    (cancelled if unfinished) when the ``with`` body leaves. ``load_ns``: how long the request
+    waited for its model (the caller holds the model: ``server/scheduler.py``'s ``serve_chat``)."""
+    prepared = await asyncio.to_thread(prepare, loaded, chat)
+    run = ChatRun(chat, loaded, prepared, load_ns=load_ns)
+    try:
+        yield run
+    finally:
+        await run.close()
 
 
-async def count_tokens(manager: Any, chat: ChatRequest) -> int:
+async def count_tokens(loaded: LoadedModel, chat: ChatRequest) -> int:
     """How many tokens ``chat``'s prompt is, without generating (Anthropic's count_tokens)."""
-    resident = await manager.ensure_loaded(chat.model, keep_alive=chat.keep_alive)
-    prepared = await asyncio.to_thread(prepare, resident.loaded, chat)
+    prepared = await asyncio.to_thread(prepare, loaded, chat)
     return len(prepared.request.prompt_tokens or [])

@@ -9,9 +9,8 @@ the same prompt string whichever library runs them.
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from mlxserve.chat.family import ModelFamily, detect_family
@@ -74,7 +73,6 @@ class LoadedModel:
     model: LocalModel
     runner: ModelRunner
     info: LoadedModelInfo
-    loaded_at: float = field(default_factory=time.time)
 
     @classmethod
     async def load(

@@ -7,6 +7,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from mlxserve.chat.types import Done
+
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
@@ -72,6 +74,17 @@ class Metrics:
             ["model", "tier"],
             registry=r,
         )
+
+    def generation(self, model: str, done: Done) -> None:
+        """The counters and histograms of one finished generation."""
+        stats = done.stats
+        self.prompt_tokens.labels(model).inc(stats.prompt_eval_count)
+        self.generated_tokens.labels(model).inc(stats.eval_count)
+        self.time_to_first_token.labels(model).observe(stats.time_to_first_token / 1e9)
+        if stats.eval_duration > 0 and stats.eval_count > 1:
+            self.tokens_per_second.labels(model).observe(
+                stats.eval_count / (stats.eval_duration / 1e9)
+            )
 
     def prompt_cache(self, model: str, stats: dict[str, Any]) -> None:
         """A loaded model's prompt-cache stats (``promptcache.PromptCache.stats``)."""

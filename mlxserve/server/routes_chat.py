@@ -1,7 +1,8 @@
 """The chat routes of every API: each is its translator pair, run by one handler.
 
 A route only names its API's parse function and encoder; the handler reads the body, runs the
-chat core, and sends the events streamed (NDJSON or SSE) or as one object.
+chat core through ``scheduler.serve_chat`` (admission, the model's lease, the metrics and the
+access-log fields), and sends the events streamed (NDJSON or SSE) or as one object.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from typing import Any
 from aiohttp import web
 
 from mlxserve.api.types import utc_timestamp
-from mlxserve.chat.core import collect, count_tokens, start_chat
-from mlxserve.chat.types import ChatRequest
+from mlxserve.chat.core import collect, count_tokens
+from mlxserve.chat.types import ChatRequest, Done
 from mlxserve.server import api_anthropic, api_native, api_openai, api_responses
 from mlxserve.server.encoders import NDJSON, SSE, SSE_KEEPALIVE, frame_bytes, stream_events
+from mlxserve.server.scheduler import Account, serve_chat
 from mlxserve.server.state import MANAGER, METRICS, SETTINGS
 from mlxserve.server.validate import json_body
 
@@ -33,7 +35,8 @@ async def _serve(
     keepalive: bytes | None,
 ) -> web.StreamResponse:
     app = request.app
-    async with start_chat(app[MANAGER], chat, metrics=app[METRICS], http_log=request["log"]) as run:
+    request["log"]["model"] = chat.model
+    async with serve_chat(app[MANAGER], chat, _account(request)) as run:
         if not chat.stream:
             return web.json_response(encoder.whole(await collect(run)))
         return await stream_events(
@@ -44,6 +47,25 @@ async def _serve(
             keepalive=keepalive,
             keepalive_s=app[SETTINGS].sse_keepalive_s,
         )
+
+
+def _account(request: web.Request) -> Account:
+    """A finished generation in the daemon's metrics and in its access-log line."""
+    metrics, http_log = request.app[METRICS], request["log"]
+
+    def account(model: str, done: Done) -> None:
+        metrics.generation(model, done)
+        stats = done.stats
+        http_log.update(
+            tokens_in=stats.prompt_eval_count,
+            tokens_out=stats.eval_count,
+            cached_tokens=stats.cached_prompt_tokens,
+            draft_tokens=stats.draft_tokens,
+            ttft_ms=round(stats.time_to_first_token / 1e6, 1),
+            done_reason=done.reason,
+        )
+
+    return account
 
 
 def _sse_route(parse: Parse, make_encoder: Encoder, keepalive: bytes) -> Callable:
@@ -114,4 +136,5 @@ routes.post("/v1/messages")(
 async def messages_count_tokens(request: web.Request) -> web.Response:
     chat = api_anthropic.parse_count(await json_body(request))
     request["log"]["model"] = chat.model
-    return web.json_response({"input_tokens": await count_tokens(request.app[MANAGER], chat)})
+    resident = await request.app[MANAGER].ensure_loaded(chat.model, keep_alive=chat.keep_alive)
+    return web.json_response({"input_tokens": await count_tokens(resident.loaded, chat)})
