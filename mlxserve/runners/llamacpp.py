@@ -38,7 +38,12 @@ from mlxserve.runners.engine import EngineThread
 from mlxserve.runners.kvcache import kv_cache_type
 from mlxserve.runners.llama_library import import_llama_cpp
 from mlxserve.runners.llamacpp_slots import SlotEngine, TokenMask, kv_bytes_per_token, token_piece
-from mlxserve.runners.loading import context_length, load_options, parallel_slots
+from mlxserve.runners.loading import (
+    context_length,
+    load_options,
+    memory_budget,
+    parallel_slots,
+)
 from mlxserve.runners.promptcache import PromptCache, open_prompt_cache
 from mlxserve.runners.threads import drain
 from modelstore.model import LocalModel
@@ -129,7 +134,13 @@ class LlamaCppRunner:
             try:
                 lora = load_lora(llama_cpp, loaded, model.adapter)
                 slot_bytes = slot_context * kv_bytes_per_token(llama_cpp, loaded, kv_cache)
-                slots = parallel_slots(model.name, options.max_parallel, loaded.size(), slot_bytes)
+                slots = parallel_slots(
+                    model.name,
+                    options.max_parallel,
+                    loaded.size(),
+                    slot_bytes,
+                    memory_budget(options),
+                )
                 eog = {
                     token
                     for token in range(loaded.n_vocab())
