@@ -45,6 +45,7 @@ from tests.fixtures.agent_models import (
     AIDER_WHOLE,
     CLAUDE_BASH,
     CODEX_EXEC,
+    CODEX_PATCH,
     CONTINUE_READ,
     EDITED_NOTE_TEXT,
     LLM_VERSION,
@@ -70,6 +71,11 @@ CLAUDE_NAME = "claude-sonnet-4-5"
 SMALL_NAME = "agent-plain-small:gguf"
 SMALL_CONTEXT = 4096
 """``ONE_SHOT`` loaded with a context no agent's prompt fits in."""
+PATCH_NAME = "gpt-5.5"
+"""``CODEX_PATCH`` under a name in Codex's own table of models (the ``models.json`` built into
+its binary), whose entry gives the model Codex's patch tool (``apply_patch_tool_type``
+``freeform``: a ``custom`` tool with a Lark grammar); for a name it does not know Codex offers
+only its shell."""
 SHORT_TRAINED_NAME = "agent-plain-short:gguf"
 SHORT_TRAINED_CONTEXT = 4096
 """``ONE_SHOT`` trained (so its GGUF says) for less context than aider asks for."""
@@ -95,7 +101,11 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RecordingProxy]:
     import_path(store, short.gguf_path, SHORT_TRAINED_NAME)
     daemon = Daemon(store.root).start()
     names = [(model(family), family, AGENT_CONTEXT) for family in AGENT_FAMILIES]
-    extra = [(CLAUDE_NAME, ONE_SHOT, AGENT_CONTEXT), (SMALL_NAME, ONE_SHOT, SMALL_CONTEXT)]
+    extra = [
+        (CLAUDE_NAME, ONE_SHOT, AGENT_CONTEXT),
+        (SMALL_NAME, ONE_SHOT, SMALL_CONTEXT),
+        (PATCH_NAME, CODEX_PATCH, AGENT_CONTEXT),
+    ]
     for name, family, context in [*names, *extra]:
         # As a user gives a model the context an agent's prompt needs (docs/INTEGRATIONS.md).
         created = httpx.post(
@@ -266,6 +276,29 @@ def test_aider_applies_the_models_whole_file_edit(proxy: RecordingProxy, tmp_pat
     assert (run.work / NOTE_FILE).read_text() == EDITED_NOTE_TEXT, explain(run)
     chats = [e for e in run.posts() if e.path == "/api/chat"]
     assert chats and NOTE_TEXT.strip() in json.dumps(chats[0].body), explain(run)
+
+
+def test_codex_applies_the_models_patch_and_prints_the_answer(
+    proxy: RecordingProxy, tmp_path: Path
+) -> None:
+    """Under a model name Codex knows, its patch tool is a ``custom`` tool with a grammar: the
+    model's call comes back as a ``custom_tool_call``, Codex applies the patch to the file in
+    its workspace, sends the result back, and prints the model's answer."""
+    agent = AGENTS_BY_NAME["codex"]
+    run = run_agent(agent, CODEX_PATCH, "Change the word", proxy, tmp_path, True, PATCH_NAME)
+    assert run.returncode == 0, explain(run)
+    assert (run.work / NOTE_FILE).read_text() == EDITED_NOTE_TEXT, explain(run)
+    assert AGENT_ANSWER_TEXT in run.output, explain(run)
+    asked = [e for e in run.posts() if e.path == "/v1/responses"]
+    patch_tools = [
+        tool
+        for tool in asked[0].body["tools"]
+        if tool.get("type") == "custom" and tool.get("name") == "apply_patch"
+    ]
+    assert patch_tools and patch_tools[0]["format"]["syntax"] == "lark", explain(run)
+    outputs = [item.get("type") for item in asked[-1].body["input"]]
+    assert "custom_tool_call" in outputs and "custom_tool_call_output" in outputs, explain(run)
+    assert not failed_posts(run), explain(run)
 
 
 def test_codex_oss_accepts_the_daemons_version(proxy: RecordingProxy, tmp_path: Path) -> None:

@@ -6,9 +6,11 @@ A rule is a change to a plain request, written per API as the agents send it on 
 aider's ``num_ctx``), and what must hold of the answer: still answered, and the prompt it
 became (counted in the API's own usage field) either the plain request's (the field changed
 nothing) or longer (its text reached the model). An API with no way to say a rule's request is
-skipped, with that reason. The models are ``tests/conftest.py``'s ``chat_daemon`` fixtures:
-``scripted-plain`` says its script whatever it is asked; ``scripted-mistral``'s template refuses
-a system message anywhere but first; ``scripted-thinking`` thinks.
+skipped, with that reason. Every answer also says the context it was made in
+(``X-Mlxserve-Context``), and the ``num_ctx`` it was asked when that was clamped. The models
+are ``tests/conftest.py``'s ``chat_daemon`` fixtures: ``scripted-plain`` says its script
+whatever it is asked; ``scripted-mistral``'s template refuses a system message anywhere but
+first; ``scripted-thinking`` thinks.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
+from mlxserve.server.middleware import CONTEXT_HEADER
 from tests.fixtures.scripted_models import MISTRAL, PLAIN, THINKING, model_name
 
 TIMEOUT_S = 120.0
@@ -217,11 +220,14 @@ def tools_that_stay_out(api: str) -> Request:
     return request
 
 
+HUGE_NUM_CTX = 1_000_000
+
+
 def num_ctx_over_the_trained_context(api: str) -> Request:
     if api != "native":
         raise NotInThisApi("num_ctx is Ollama's option")
     request = plain(api)
-    request.body["options"]["num_ctx"] = 1_000_000
+    request.body["options"]["num_ctx"] = HUGE_NUM_CTX
     return request
 
 
@@ -237,6 +243,13 @@ def think_without_thinking(api: str) -> Request:
         request.body["thinking"] = {"type": "enabled", "budget_tokens": 31999}
         request.body["max_tokens"] = 32000
     return request
+
+
+def context_said(answer: httpx.Response) -> tuple[int, int | None]:
+    """``X-Mlxserve-Context``: the loaded context, and the ``num_ctx`` asked if clamped."""
+    said = answer.headers[CONTEXT_HEADER]
+    context, _, requested = said.partition("; requested=")
+    return int(context), int(requested) if requested else None
 
 
 # --- The table -------------------------------------------------------------------------------
@@ -265,6 +278,8 @@ class Rule:
     baseline: Callable[[str], Request] = plain
     status: dict[str, int] | None = None
     """APIs where the request is refused, with the status (the answer would be wrong)."""
+    clamps: int | None = None
+    """The ``num_ctx`` the answer says was clamped (``X-Mlxserve-Context: N; requested=M``)."""
 
 
 RULES = (
@@ -287,7 +302,12 @@ RULES = (
     ),
     Rule("cache-control-accepted", cache_control, same_prompt, cache_control_baseline),
     Rule("deferred-and-hosted-tools-stay-out-of-the-prompt", tools_that_stay_out, same_prompt),
-    Rule("num-ctx-over-the-trained-context-clamped", num_ctx_over_the_trained_context, same_prompt),
+    Rule(
+        "num-ctx-over-the-trained-context-clamped",
+        num_ctx_over_the_trained_context,
+        same_prompt,
+        clamps=HUGE_NUM_CTX,
+    ),
     Rule(
         "thinking-asked-of-a-model-without-it",
         think_without_thinking,
@@ -309,6 +329,8 @@ def test_leniency(rule: Rule, api: str, chat_daemon) -> None:
     assert answer.status_code == expected, f"{answer.text}\n{chat_daemon.log()[-2000:]}"
     if expected != 200:
         return
+    context, requested = context_said(answer)
+    assert requested == rule.clamps and context < (rule.clamps or context + 1), answer.headers
     baseline = send(chat_daemon, rule.baseline(api))
     assert baseline.status_code == 200, baseline.text
     rule.check(api, answer.json(), baseline.json())

@@ -146,8 +146,9 @@ async def test_a_follow_up_lands_in_the_slot_holding_its_prefix(runner):
 
 def test_memory_admission_counts_the_kv_cache_of_every_slot():
     gib = 1 << 30
+    memory = platform.total_memory_bytes()
     with pytest.raises(OutOfMemoryError):
-        parallel_slots("big", 64, gib, 4 * gib)
-    assert parallel_slots("small", None, 1 << 20, 1 << 20) == DEFAULT_PARALLEL
-    quarter = platform.total_memory_bytes() // 4
-    assert parallel_slots("wide", None, 1 << 20, quarter) == 1
+        parallel_slots("big", 64, gib, 4 * gib, memory)
+    assert parallel_slots("small", None, 1 << 20, 1 << 20, memory) == DEFAULT_PARALLEL
+    quarter = memory // 4
+    assert parallel_slots("wide", None, 1 << 20, quarter, memory) == 1

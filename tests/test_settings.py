@@ -31,6 +31,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "keep_alive": ("10m", 600.0),
     "max_loaded_models": ("3", 3),
     "num_parallel": ("2", 2),
+    "memory_budget_bytes": ("17179869184", 17179869184),
     "max_queue": ("5", 5),
     "max_body_bytes": ("1024", 1024),
     "allowed_origins": (

@@ -149,6 +149,9 @@ class RunnerOptions:
     prompt_cache_dir: str | None = None
     """The disk tier's root (``promptcache.py``); ``None`` keeps prompts in memory only."""
     prompt_cache_disk_bytes: int = 0
+    memory_budget_bytes: int = 0
+    """The memory a model and its KV cache are planned within (``loading.py``); 0: the
+    machine's."""
 
 
 @dataclass(frozen=True)

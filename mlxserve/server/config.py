@@ -116,9 +116,18 @@ class Settings:
         metadata=_about(
             env="MLXSERVE_NUM_PARALLEL",
             help="Parallel slots per model.",
-            shown="what the runner can serve (MLX batches 4)",
+            shown="4 for chat models, fewer when memory is short",
         ),
     )
+    memory_budget_bytes: int = field(
+        default=0,
+        metadata=_about(
+            env="MLXSERVE_MEMORY_BUDGET_BYTES",
+            help="Memory models are planned within: weights and KV cache (0: the machine's).",
+        ),
+    )
+    """A request's ``num_ctx`` is clamped to what fits in it and a default context sized to
+    it (docs/API.md, "Context length"): for a machine shared with other work."""
     max_queue: int = field(
         default=16,
         metadata=_about(

@@ -41,7 +41,9 @@ async def _start_model(
     The memory check counts this rank's share of the weights, not the whole model."""
     store = ModelStore(settings.home)
     options = RunnerOptions(
-        max_parallel=settings.num_parallel, prompt_cache_bytes=settings.prompt_cache_bytes
+        max_parallel=settings.num_parallel,
+        prompt_cache_bytes=settings.prompt_cache_bytes,
+        memory_budget_bytes=settings.memory_budget_bytes,
     )
     model, options = await runner.run(lambda: verify_model(runner.group, store, name, options))
     share = dataclasses.replace(model, size_bytes=model.size_bytes // runner.group.size)

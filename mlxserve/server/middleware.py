@@ -33,6 +33,11 @@ from modelstore.errors import MlxserveError
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID_HEADER = "X-Request-Id"
 VERSION_HEADER = "X-Mlxserve-Version"
+CONTEXT_HEADER = "X-Mlxserve-Context"
+"""On a generation: the context its model is loaded with, and ``; requested=N`` when the
+request's ``num_ctx`` was clamped to it (docs/API.md, "Context length")."""
+CONTEXT = "context"
+"""The request key a chat route sets for ``CONTEXT_HEADER``."""
 CLIENT_CLOSED_REQUEST = 499
 """Logged (never sent) when the client went away mid-request: nginx's convention."""
 LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -223,7 +228,7 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
         return
     response.headers["Access-Control-Allow-Origin"] = origin
     response.headers["Vary"] = "Origin"
-    response.headers["Access-Control-Expose-Headers"] = REQUEST_ID_HEADER
+    response.headers["Access-Control-Expose-Headers"] = f"{REQUEST_ID_HEADER}, {CONTEXT_HEADER}"
     if request.method == "OPTIONS":
         response.headers["Access-Control-Allow-Methods"] = CORS_METHODS
         response.headers["Access-Control-Allow-Headers"] = request.headers.get(
@@ -234,7 +239,10 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
 
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare``: every response, streams included, carries the request id and
-    mlxserve's version (``/api/version`` answers the Ollama API version clients gate on)."""
+    mlxserve's version (``/api/version`` answers the Ollama API version clients gate on); a
+    generation also carries its context (``CONTEXT_HEADER``)."""
     response.headers[VERSION_HEADER] = __version__
     if "request_id" in request:
         response.headers[REQUEST_ID_HEADER] = request["request_id"]
+    if CONTEXT in request:
+        response.headers[CONTEXT_HEADER] = request[CONTEXT]

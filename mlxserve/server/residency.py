@@ -25,8 +25,8 @@ from mlxserve.chat.model import LoadedModel
 from mlxserve.errors import ModelCrashedError, ModelCrashLoopError, QueueFullError
 from mlxserve.runners.base import LoadAsk, ModelRunner, RunnerOptions
 from mlxserve.runners.isolated import WorkerRunner
-from mlxserve.runners.loading import clamped_context, load_options
 from mlxserve.runners.loading import context_length as check_context
+from mlxserve.runners.loading import load_options
 from mlxserve.runners.promptcache import default_disk_bytes
 from mlxserve.runners.select import make_runner
 from mlxserve.server.config import Settings
@@ -176,12 +176,10 @@ class ModelManager:
         name = self.canonical(name)
         load = load or LoadAsk()
         if load.context_length is not None:
-            # A num_ctx beyond the trained context is the trained context: asked again, it
-            # must not reload the model it already has.
-            local = await asyncio.to_thread(open_model, self.store, name)
-            load = dataclasses.replace(
-                load, context_length=clamped_context(local, load.context_length)
-            )
+            # A num_ctx beyond the trained context or the memory is the context the runner
+            # will clamp it to: asked again, it must not reload the model it already has.
+            options = await self._checked_options(name, load)
+            load = dataclasses.replace(load, context_length=options.context_length)
         lock = self._load_locks.setdefault(name, asyncio.Lock())
         async with lock:
             resident = self.residents.get(name)
@@ -209,17 +207,22 @@ class ModelManager:
 
     async def _checked_options(self, name: str, load: LoadAsk) -> RunnerOptions:
         """The load options, once the context's bounds and the memory for weights and KV cache
-        are checked: before anything is evicted or unloaded for a model that cannot load (the
-        runner checks again with its own slot count)."""
+        are checked: before anything is evicted or unloaded for a model that cannot load. A
+        requested context comes back as the runner will load it (clamped to the trained
+        context and the memory budget by the same ``loading.context_length`` the runner calls
+        with these options)."""
         options = RunnerOptions(
             context_length=load.context_length,
             kv_cache_type=load.kv_cache_type,
             max_parallel=self.settings.num_parallel,
             prompt_cache_bytes=self.settings.prompt_cache_bytes,
+            memory_budget_bytes=self.settings.memory_budget_bytes,
             **self._disk_tier(),
         )
         local = await asyncio.to_thread(open_model, self.store, name)
-        check_context(local, load_options(local, options), options.max_parallel or 1)
+        context = check_context(local, load_options(local, options))
+        if options.context_length is not None:
+            options.context_length = context
         return options
 
     def _disk_tier(self) -> dict[str, Any]:

@@ -15,8 +15,10 @@ from aiohttp import web
 from mlxserve.api.types import utc_timestamp
 from mlxserve.chat.core import collect, count_tokens
 from mlxserve.chat.types import ChatRequest, Done
+from mlxserve.runners.base import LoadedModelInfo
 from mlxserve.server import api_anthropic, api_native, api_openai, api_responses
 from mlxserve.server.encoders import NDJSON, SSE, SSE_KEEPALIVE, frame_bytes, stream_events
+from mlxserve.server.middleware import CONTEXT
 from mlxserve.server.scheduler import Account, serve_chat
 from mlxserve.server.state import MANAGER, METRICS, SETTINGS
 from mlxserve.server.validate import json_body
@@ -24,6 +26,16 @@ from mlxserve.server.validate import json_body
 routes = web.RouteTableDef()
 Parse = Callable[[dict[str, Any]], ChatRequest]
 Encoder = Callable[[ChatRequest, dict[str, Any]], Any]
+
+
+def _say_context(request: web.Request, chat: ChatRequest, info: LoadedModelInfo) -> None:
+    """The context the answer is made in, for ``X-Mlxserve-Context`` on every API, and the
+    ``num_ctx`` asked when it was clamped to that (docs/API.md, "Context length")."""
+    said = str(info.context_length)
+    asked = chat.load.context_length
+    if asked is not None and asked != info.context_length:
+        said += f"; requested={asked}"
+    request[CONTEXT] = said
 
 
 async def _serve(
@@ -37,6 +49,7 @@ async def _serve(
     app = request.app
     request["log"]["model"] = chat.model
     async with serve_chat(app[MANAGER], chat, _account(request)) as run:
+        _say_context(request, chat, run.loaded.info)
         if not chat.stream:
             return web.json_response(encoder.whole(await collect(run)))
         return await stream_events(
@@ -86,7 +99,10 @@ async def _load_or_unload(request: web.Request, chat: ChatRequest) -> web.Respon
         await manager.unload(chat.model)
         reason = "unload"
     else:
-        await manager.ensure_loaded(chat.model, keep_alive=chat.keep_alive, load=chat.load)
+        resident = await manager.ensure_loaded(
+            chat.model, keep_alive=chat.keep_alive, load=chat.load
+        )
+        _say_context(request, chat, resident.loaded.info)
         reason = "load"
     body: dict[str, Any] = {
         "model": chat.model,

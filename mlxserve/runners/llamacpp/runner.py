@@ -35,7 +35,7 @@ from mlxserve.runners.engine import Emit, EngineThread
 from mlxserve.runners.kvcache import kv_cache_type
 from mlxserve.runners.llamacpp.library import import_llama_cpp
 from mlxserve.runners.llamacpp.slots import SlotEngine, TokenMask, kv_bytes_per_token, token_piece
-from mlxserve.runners.loading import context_length, parallel_slots
+from mlxserve.runners.loading import context_length, memory_budget, parallel_slots
 from mlxserve.runners.promptcache import open_prompt_cache
 from mlxserve.runners.skeleton import RunnerBase
 from modelstore.model import LocalModel
@@ -123,7 +123,13 @@ class LlamaCppRunner(RunnerBase):
             try:
                 lora = load_lora(llama_cpp, loaded, model.adapter)
                 slot_bytes = slot_context * kv_bytes_per_token(llama_cpp, loaded, kv_cache)
-                slots = parallel_slots(model.name, options.max_parallel, loaded.size(), slot_bytes)
+                slots = parallel_slots(
+                    model.name,
+                    options.max_parallel,
+                    loaded.size(),
+                    slot_bytes,
+                    memory_budget(options),
+                )
                 eog = {
                     token
                     for token in range(loaded.n_vocab())

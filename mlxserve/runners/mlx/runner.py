@@ -45,7 +45,13 @@ from mlxserve.runners.base import (
 from mlxserve.runners.decode import DecodeState, SampledToken, check_token_ids, prompt_and_budget
 from mlxserve.runners.engine import END, Emit, EngineThread
 from mlxserve.runners.kvcache import KvCacheType, kv_cache_type, mlx_group_size
-from mlxserve.runners.loading import context_length, kv_bytes_per_token
+from mlxserve.runners.loading import (
+    DEFAULT_PARALLEL,
+    context_length,
+    kv_bytes_per_token,
+    memory_budget,
+    parallel_slots,
+)
 from mlxserve.runners.mlx.common import MlxRunnerBase, import_mlx
 from mlxserve.runners.pooling import length_batches, over_limit, padded, pool
 from mlxserve.runners.promptcache import Hit, PromptCache, common_prefix, open_prompt_cache
@@ -65,7 +71,6 @@ def derived_folder(model: LocalModel, dequantized: bool) -> Path:
 
 
 log = logging.getLogger("mlxserve.mlx")
-DEFAULT_MAX_PARALLEL = 4
 
 
 def request_sampler(request: GenerateRequest) -> Any:
@@ -162,7 +167,7 @@ class MlxRunner(MlxRunnerBase):
         self._tokenizer: Any = None
         self._context = 0
         """Set at load (``loading.context_length``)."""
-        self._parallel = DEFAULT_MAX_PARALLEL
+        self._parallel = DEFAULT_PARALLEL
         self._prompt_cache: Any = None
         self._batch: Any = None
         self._active: dict[int, _Active] = {}
@@ -186,10 +191,16 @@ class MlxRunner(MlxRunnerBase):
     async def _load(self, model: LocalModel, options: RunnerOptions) -> dict[str, Any]:
         mx, _ = import_mlx(self.name, "mlx_lm")
         dequantize = platform.mlx_dequantize_weights()
-        self._parallel = options.max_parallel or DEFAULT_MAX_PARALLEL
         self._kv_cache = kv_cache_type(options.kv_cache_type)
         self._num_draft = options.num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS
-        context = context_length(model, options, self._parallel)  # checks memory first
+        context = context_length(model, options)  # checks memory first
+        self._parallel = parallel_slots(
+            model.name,
+            options.max_parallel,
+            model.size_bytes,
+            context * kv_bytes_per_token(model, self._kv_cache),
+            memory_budget(options),
+        )
 
         def build() -> None:
             from mlx_lm.generate import BatchGenerator
