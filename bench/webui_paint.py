@@ -1,7 +1,8 @@
 """First paint of the web page from a warm daemon, in Debian's headless Chromium (Playwright):
-each round a fresh browser context (no cache) loads ``/``; the browser's own paint timings.
-The baseline is a one-line HTML page handed to the same browser without the network: what
-painting anything costs on this machine, so a loaded machine can be read apart from the page.
+each round a fresh browser context (no cache) loads ``/``, then reloads it (the browser's cache
+as a returning user has it); the browser's own paint timings. The baseline is a one-line HTML
+page handed to the same browser without the network: what painting anything costs on this
+machine, so a loaded machine can be read apart from the page (``paint_to_baseline``).
 
     PYTHONPATH=. .venv/bin/python -m bench.webui_paint --rounds 10
 """
@@ -20,19 +21,35 @@ from tests.daemon import Daemon
 PAINT = "performance.getEntriesByName('first-contentful-paint')[0]?.startTime ?? null"
 BASELINE = "<!doctype html><title>baseline</title><p>mlxserve</p>"
 NAVIGATION = "performance.getEntriesByType('navigation')[0].responseEnd"
+FETCHED = (
+    "performance.getEntriesByType('resource')"
+    ".filter(e => e.initiatorType !== 'fetch' && e.transferSize > 0).length"
+)
+"""The page's files that came over the network (a 304 counts; the browser's cache does not)."""
 
 
-def first_paint(browser, url: str, fulfil: str | None = None) -> tuple[float, float]:
-    """(first contentful paint, HTML response end) in ms, in a fresh context."""
+def paint_timings(page, url: str, reload: bool = False) -> tuple[float, float, int]:
+    """(first contentful paint, HTML response end) in ms, and the files fetched."""
+    if reload:
+        page.reload()
+    else:
+        page.goto(url)
+    page.wait_for_function(f"() => {PAINT} !== null")
+    page.wait_for_load_state("load")
+    return page.evaluate(PAINT), page.evaluate(NAVIGATION), page.evaluate(FETCHED)
+
+
+def first_paint(browser, url: str, fulfil: str | None = None) -> tuple[float, ...]:
+    """A fresh context's first load, then its reload: (paint, response end, files fetched,
+    reload paint, reload files fetched)."""
     context = browser.new_context()
     page = context.new_page()
     if fulfil is not None:
         page.route(url, lambda route: route.fulfill(body=fulfil, content_type="text/html"))
-    page.goto(url)
-    page.wait_for_function(f"() => {PAINT} !== null")
-    timings = page.evaluate(PAINT), page.evaluate(NAVIGATION)
+    cold = paint_timings(page, url)
+    warm = paint_timings(page, url, reload=True)
     context.close()
-    return timings
+    return (*cold, warm[0], warm[2])
 
 
 def main() -> None:
@@ -42,16 +59,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     rounds = parser.parse_args().rounds
     daemon = Daemon(Path(tempfile.mkdtemp(prefix="mlxserve-bench-")) / "home").start()
-    paints, responses, baseline = [], [], []
+    paints, responses, fetched, reloads, refetched, baseline = [], [], [], [], [], []
     try:
         with sync_playwright() as driver:
             browser = launch(driver)
             for round_ in range(rounds + 1):
-                paint, response = first_paint(browser, f"{daemon.url}/")
-                bare, _ = first_paint(browser, f"{daemon.url}/baseline", BASELINE)
+                paint, response, files, reload, refiles = first_paint(browser, f"{daemon.url}/")
+                bare, *_ = first_paint(browser, f"{daemon.url}/baseline", BASELINE)
                 if round_:  # the first round warms the daemon and the browser
                     paints.append(paint)
                     responses.append(response)
+                    fetched.append(files)
+                    reloads.append(reload)
+                    refetched.append(refiles)
                     baseline.append(bare)
             browser.close()
     finally:
@@ -61,9 +81,13 @@ def main() -> None:
             "rounds": rounds,
             "page_bytes": sum(path.stat().st_size for path in STATIC.iterdir()),
             "html_response_end_ms": round(median(responses), 1),
+            "files_fetched": max(fetched),
             "first_contentful_paint_ms": round(median(paints), 1),
             "first_contentful_paint_max_ms": round(max(paints), 1),
             "baseline_first_contentful_paint_ms": round(median(baseline), 1),
+            "paint_to_baseline": round(median(paints) / median(baseline), 2),
+            "reload_first_contentful_paint_ms": round(median(reloads), 1),
+            "reload_files_fetched": max(refetched),
         }
     )
 
