@@ -44,20 +44,24 @@ def until(expires_at: str, now: datetime | None = None) -> str:
 @click.option("--json", "as_json", is_flag=True)
 @host_option
 def ps_command(as_json: bool, host: str | None) -> None:
-    """List the models the daemon has loaded."""
+    """List the models the daemon has loaded: SIZE is the model's files, MEMORY what it holds
+    loaded (weights, KV cache and its prompt cache's RAM tier)."""
     models = DaemonClient.from_environment(host).get("/api/ps")["models"]
     if as_json:
         print_json({"models": models})
         return
     table = Table(box=None, header_style="bold")
-    for column in ("NAME", "ID", "SIZE", "KV CACHE", "RUNNER", "CONTEXT", "ACTIVE", "UNTIL"):
+    columns = ("NAME", "ID", "SIZE", "MEMORY", "KV CACHE", "RUNNER", "CONTEXT", "ACTIVE", "UNTIL")
+    for column in columns:
         table.add_column(column)
     for model in models:
         cache = model.get("kv_cache_bytes")
+        memory = model.get("memory_bytes")
         table.add_row(
             model["name"],
             model["digest"][:12],
             human_size(model["size"]),
+            human_size(memory) if memory else "-",
             human_size(cache) if cache else "-",
             model.get("runner", ""),
             str(model.get("context_length", "")),

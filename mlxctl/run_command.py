@@ -189,7 +189,26 @@ class DaemonSession:
                 return str(model.get("runner") or "") or None
         return None
 
+    def show_prompt(self, messages: list[dict[str, Any]], state: ChatState) -> None:
+        """``--verbose``: the prompt the daemon's template renders, as in-process prints it.
+
+        The daemon renders it with ``/apply-template`` (the chat core's own ``prepare``, so
+        the text is exactly what generation sees) and counts it with ``/tokenize``, as the
+        core tokenizes a templated prompt (no BOS added)."""
+        body = {"model": self.name, "messages": messages, "think": state.think}
+        prompt = self.client.post("/apply-template", body)["prompt"]
+        self._show_counted(prompt, add_special=False)
+
+    def _show_counted(self, prompt: str, add_special: bool) -> None:
+        body = {"model": self.name, "content": prompt, "add_special": add_special}
+        print_prompt(prompt, len(self.client.post("/tokenize", body)["tokens"]))
+
     def one_shot(self, prompt: str, state: ChatState, raw: bool) -> None:
+        if self.verbose and raw:
+            self._show_counted(prompt, add_special=True)  # raw text: the tokenizer's BOS too
+        elif self.verbose:
+            system = [{"role": "system", "content": state.system}] if state.system else []
+            self.show_prompt([*system, {"role": "user", "content": prompt}], state)
         body = {
             "model": self.name,
             "prompt": prompt,
@@ -202,6 +221,8 @@ class DaemonSession:
 
     def chat(self, messages: list[dict[str, Any]], state: ChatState) -> str:
         self.last_reason = None
+        if self.verbose:
+            self.show_prompt(messages, state)
         body = {
             "model": self.name,
             "messages": messages,

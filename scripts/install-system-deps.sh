@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # System packages the test suite needs beyond Python: a real OCI registry (Debian's
 # docker-registry) for the distribution tests, and a headless browser (Debian's chromium) for
-# the CORS tests that call the daemon from a real web page and the web page's own tests. Installs what is missing when we may
+# the CORS tests that call the daemon from a real web page and the web page's own tests, and
+# mkfs.xfs (xfsprogs) for the copy-on-write import test. Installs what is missing when we may
 # (root, or passwordless sudo); otherwise says so, and those tests skip with that reason.
 set -euo pipefail
 
@@ -11,6 +12,9 @@ if ! command -v docker-registry >/dev/null 2>&1 && ! command -v registry >/dev/n
 fi
 if ! command -v chromium >/dev/null 2>&1; then
     missing+=(chromium)
+fi
+if ! command -v mkfs.xfs >/dev/null 2>&1; then
+    missing+=(xfsprogs)  # a loop-mounted XFS with reflink: tests/test_import_clone.py
 fi
 if ! command -v npm >/dev/null 2>&1; then
     missing+=(nodejs npm)  # the coding agents of tests/test_agents.py come from npm

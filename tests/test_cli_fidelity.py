@@ -4,9 +4,12 @@ a port in use, ``mlxserve -h``, and an answer cut with Ctrl-C."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
+
+import pytest
 
 from tests.cli import mlxctl
 from tests.daemon import MLXSERVE
@@ -76,6 +79,7 @@ def test_verbose_prints_the_same_table_in_process_and_through_the_daemon(daemon)
     assert f"through the daemon at 127.0.0.1:{daemon.port}" in remote.stderr, remote.stderr
     for row in STATS_ROWS:
         assert row in local.stderr and row in remote.stderr, row
+    assert rendered_prompt(remote.stderr) == rendered_prompt(local.stderr)
     flag = mlxctl(
         "run",
         "--verbose",
@@ -89,6 +93,31 @@ def test_verbose_prints_the_same_table_in_process_and_through_the_daemon(daemon)
         env=NO_DAEMON,
     )
     assert "through the daemon" in flag.stderr
+
+
+def rendered_prompt(stderr: str) -> str:
+    """The ``--verbose`` block that shows the prompt as the model sees it, token count included."""
+    match = re.search(r"--- rendered prompt \(\d+ tokens\) ---\n.*?\n---\n", stderr, re.S)
+    assert match, stderr
+    return match.group(0)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [("--system", "Answer in one word."), ("--raw",)],
+    ids=["system", "raw"],
+)
+def test_verbose_through_the_daemon_shows_the_prompt_as_in_process(daemon, flags):
+    """The daemon renders it (``/apply-template``) and counts it (``/tokenize``)."""
+    run = ("run", "--verbose", *flags, "tiny:gguf", "Hello", "--max-tokens", "1")
+    local = mlxctl(*run, "--local", home=daemon.home)
+    remote = mlxctl(*run, home=daemon.home, env={"MLXSERVE_HOST": f"127.0.0.1:{daemon.port}"})
+    assert "through the daemon" in remote.stderr
+    assert rendered_prompt(remote.stderr) == rendered_prompt(local.stderr)
+    if flags[0] == "--system":
+        assert "<|im_start|>system\nAnswer in one word.<|im_end|>" in rendered_prompt(remote.stderr)
+    else:
+        assert "---\nHello\n---" in rendered_prompt(remote.stderr)
 
 
 def test_serve_on_a_port_in_use_is_one_line_and_exit_1(tmp_path):

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from mlxctl.daemon_commands import FOREVER, until
+from mlxctl.output import human_size
 from mlxserve.errors import ContextOverflowError
 from mlxserve.runners.base import GenerateRequest
 from mlxserve.runners.decode import generation_budget
@@ -57,6 +58,23 @@ def test_ps_and_stop_take_host_and_stop_refuses_what_is_not_loaded(daemon, tmp_p
     assert "stopped tiny:gguf" in stopped.stdout
     after = json.loads(mlxctl("ps", "--host", host, "--json", home=tmp_path).stdout)
     assert after["models"] == []
+
+
+def test_ps_shows_the_memory_a_model_holds_beside_its_file_size(daemon, tmp_path):
+    host = f"127.0.0.1:{daemon.port}"
+    mlxctl("run", "--host", host, "tiny:gguf", "Hi", "--max-tokens", "1", home=daemon.home)
+    models = json.loads(mlxctl("ps", "--host", host, "--json", home=tmp_path).stdout)["models"]
+    (entry,) = [model for model in models if model["name"] == "tiny:gguf"]
+    assert entry["memory_bytes"] > entry["kv_cache_bytes"] > 0, "weights and KV cache"
+    assert entry["memory_bytes"] != entry["size"], "memory is not the file size"
+    table = mlxctl("ps", "--host", host, home=tmp_path).stdout
+    header, *rows = [line.strip() for line in table.splitlines()]
+    assert header.split()[2:4] == ["SIZE", "MEMORY"]
+    (row,) = [line for line in rows if line.startswith("tiny:gguf")]
+    assert row.split()[2:6] == [
+        *human_size(entry["size"]).split(),
+        *human_size(entry["memory_bytes"]).split(),
+    ]
 
 
 def test_spec_validate_reports_every_error_of_every_file_in_one_pass(tmp_path, store_home):

@@ -6,6 +6,7 @@ model output, and a foreign origin."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import re
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from mlxserve.server.config import ConfigError, load_settings
-from mlxserve.server.webui import CONTENT_SECURITY_POLICY, STATIC
+from mlxserve.server.webui import IMMUTABLE, PREFIX, STATIC, load_assets
 from tests.browser import (
     CHROMIUM,
     WAIT_MS,
@@ -35,10 +36,12 @@ from tests.registry import Registry, registry_binary
 API_KEY = "webui-test-key"
 KEEP_ALIVE_S = 4
 PAGE_BUDGET_BYTES = 200_000
-HOSTILE_TOKENS = 64
-"""Through the daemon: the markup, a link, and then a line of ``"x" * 32`` tokens."""
-LINE_CHUNKS = 32_768
-"""``"x" * 32`` this many times: a line of 1 MiB."""
+MARKUP_TOKENS = 3
+"""The hostile model's markup, its script's first tokens; then comes its line."""
+HOSTILE_TOKENS = MARKUP_TOKENS + 1
+"""Through the daemon: the markup, a link, and then one 64 KiB token of the line."""
+LINE_TOKENS = 16
+"""The hostile model's 64 KiB line token this many times: a line of 1 MiB."""
 RESPONSIVE_S = 10.0
 PULL_BYTES = 24 << 20
 """Big enough that a pull over loopback reports progress before it completes."""
@@ -113,10 +116,12 @@ def webui_daemon(webui_store):
 def test_a_browser_gets_the_page_and_every_other_client_the_heartbeat(webui_daemon):
     status, headers, body = get(f"{webui_daemon.url}/", {"Accept": "text/html,*/*;q=0.8"})
     assert status == 200 and headers["Content-Type"].startswith("text/html")
-    assert b'<script type="module" src="/ui/app.js">' in body
-    assert headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
-    assert "connect-src 'self'" in CONTENT_SECURITY_POLICY
-    assert "unsafe" not in CONTENT_SECURITY_POLICY
+    version = load_assets().version
+    assert f'<script type="module" src="{PREFIX}{version}/app.js">'.encode() in body
+    policy = headers["Content-Security-Policy"]
+    assert policy == load_assets().policy
+    assert "connect-src 'self'" in policy and "script-src 'self';" in policy
+    assert "unsafe" not in policy
     assert headers["X-Frame-Options"] == "DENY"
     for accept in ("*/*", "application/json", None):
         status, _, body = get(
@@ -136,6 +141,24 @@ def test_the_page_loads_without_the_key_and_the_api_still_needs_it(webui_daemon)
     assert get(f"{webui_daemon.url}/api/tags")[0] == 401
     status, _, body = get(f"{webui_daemon.url}/ui/nothing.js")
     assert status == 404 and json.loads(body)["error"]
+
+
+def test_the_stylesheet_is_inline_by_its_hash_and_the_files_are_cached_for_good(webui_daemon):
+    """First paint waits for no second request, and a reload fetches nothing but the page."""
+    _, headers, body = get(f"{webui_daemon.url}/", {"Accept": "text/html"})
+    style = (STATIC / "style.css").read_bytes()
+    assert b"<style>" + style + b"</style>" in body and b'rel="stylesheet"' not in body
+    digest = base64.b64encode(hashlib.sha256(style).digest()).decode()
+    assert f"style-src 'self' 'sha256-{digest}';" in headers["Content-Security-Policy"]
+    assert headers["Cache-Control"] == "no-cache" and headers["ETag"]
+    version = load_assets().version
+    named = set(re.findall(rf'"{PREFIX}{version}/([\w.]+)"', body.decode()))
+    assert {"app.js", "main.js", "chat.js", "api.js"} <= named
+    for name in named:
+        status, headers, _ = get(f"{webui_daemon.url}{PREFIX}{version}/{name}")
+        assert status == 200 and headers["Cache-Control"] == IMMUTABLE, name
+    status, _, body = get(f"{webui_daemon.url}{PREFIX}0123456789abcdef/app.js")
+    assert status == 404 and "reload the page" in json.loads(body)["error"]
 
 
 def test_the_whole_page_is_under_its_budget():
@@ -373,25 +396,25 @@ def test_hostile_output_stays_text(page, webui_daemon):
 
 
 @needs_browser
-def test_a_one_megabyte_line_keeps_the_page_responsive(page):
-    """The daemon's answer replaced by a 1 MiB line of 32-character chunks (what the hostile
-    model says, longer than its generation speed here allows in a test)."""
-    chunk = {"model": "hostile:gguf", "message": {"role": "assistant", "content": "x" * 32}}
-    done = {"model": "hostile:gguf", "message": {"role": "assistant", "content": ""}, "done": True}
-    body = (json.dumps(chunk) + "\n") * LINE_CHUNKS + json.dumps(done) + "\n"
+def test_a_one_megabyte_line_keeps_the_page_responsive(page, webui_daemon):
+    """The hostile model's answer through the real daemon: its markup, then 16 greedy tokens of
+    64 KiB each, one line of 1 MiB (``tests/fixtures/scripted_models.py``)."""
+    from tests.fixtures.scripted_models import HOSTILE, LONG_TOKEN_BYTES
+
+    markup = "".join(HOSTILE.script[:MARKUP_TOKENS])
     open_page(page)
-    choose(page, "hostile:gguf")
-    page.route(
-        "**/api/chat",
-        lambda route: route.fulfill(body=body, content_type="application/x-ndjson"),
-    )
+    choose(page, "hostile:gguf", num_predict=str(MARKUP_TOKENS + LINE_TOKENS))
     started = time.monotonic()
     send(page, "A long line")
     finished(page)
-    assert len(last_answer(page).locator(".content").text_content()) == LINE_CHUNKS * 32
+    text = last_answer(page).locator(".content").text_content()
+    assert text == markup + "x" * (LINE_TOKENS * LONG_TOKEN_BYTES)
+    assert LINE_TOKENS * LONG_TOKEN_BYTES == 1 << 20
     page.locator("#tab-dashboard").click()
     page.wait_for_selector("#store tbody tr")
     assert time.monotonic() - started < RESPONSIVE_S
+    assert page.evaluate("window.p") is None
+    assert page.evaluate("violations") == []
 
 
 @needs_browser

@@ -60,6 +60,7 @@ async def ps(request: web.Request) -> web.Response:
         entry = tag_entry(store, stored)
         info = resident.loaded.info
         expires = resident.expires_at
+        cache = resident.loaded.runner.describe().details.get("prompt_cache")
         entry.update(
             expires_at=(
                 "0001-01-01T00:00:00Z"
@@ -67,6 +68,7 @@ async def ps(request: web.Request) -> web.Response:
                 else utc_timestamp(time.time() + max(0.0, expires - now))
             ),
             size_vram=info.memory_bytes if info.details.get("metal") else 0,
+            memory_bytes=info.memory_bytes + (cache["ram"]["bytes"] if cache else 0),
             runner=info.runner,
             context_length=info.context_length,
             slots=resident.queue.parallel,
@@ -77,7 +79,6 @@ async def ps(request: web.Request) -> web.Response:
         )
         if "distributed" in info.details:
             entry["distributed"] = info.details["distributed"]
-        cache = resident.loaded.runner.describe().details.get("prompt_cache")
         if cache is not None:
             entry["prompt_cache"] = cache
         models.append(entry)

@@ -1,43 +1,25 @@
-// The page's entry: the API key prompt, and the two views (#chat, #dashboard).
+// The page's only script tag: it lets the browser paint the page first, then loads the app
+// (main.js and its modules). Compiling and running the modules before the first frame delayed
+// first paint on a busy machine (bench/webui_paint.py). The callback of a frame's
+// requestAnimationFrame runs just before that frame is painted, so a task queued from it runs
+// just after. A hidden tab paints no frames: there the app starts at once, and a tab hidden
+// before its first frame starts it when its visibility changes.
 
-import * as api from "./api.js";
-import * as chat from "./chat.js";
-import * as dashboard from "./dashboard.js";
+let started = false;
 
-const $ = (id) => document.getElementById(id);
-
-// One prompt however many calls were refused at once: they all wait for the same answer.
-let asking = null;
-function askKey() {
-  asking ??= new Promise((resolve) => {
-    $("key-form").addEventListener(
-      "submit",
-      () => {
-        asking = null;
-        resolve($("key-input").value);
-        $("key-input").value = "";
-      },
-      { once: true },
-    );
-    $("key-dialog").showModal();
+function start() {
+  if (started) return;
+  started = true;
+  import("./main.js").catch((error) => {
+    const banner = document.getElementById("error");
+    banner.textContent = `The page could not load: ${error.message}`;
+    banner.hidden = false;
   });
-  return asking;
 }
 
-function route() {
-  const view = location.hash === "#dashboard" ? "dashboard" : "chat";
-  $("view-chat").hidden = view !== "chat";
-  $("view-dashboard").hidden = view !== "dashboard";
-  $("tab-chat").classList.toggle("active", view === "chat");
-  $("tab-dashboard").classList.toggle("active", view === "dashboard");
-  dashboard.show(view === "dashboard");
+if (document.visibilityState === "hidden") {
+  start();
+} else {
+  requestAnimationFrame(() => setTimeout(start));
+  document.addEventListener("visibilitychange", start, { once: true });
 }
-
-api.onKeyNeeded(askKey);
-window.addEventListener("hashchange", route);
-dashboard.start();
-route();
-chat.start().then(
-  () => document.body.classList.add("ready"),
-  (error) => chat.showError(error.message),
-);
