@@ -31,7 +31,7 @@ INTERESTING_TOKENS: Final = frozenset(
 EMBEDDING_ARCHITECTURES: Final = frozenset(
     {"bert", "nomic-bert", "nomic_bert", "jina-bert-v2", "xlm-roberta", "modernbert", "new", "gte"}
 )
-CROSS_ENCODER_ARCHITECTURES: Final = frozenset({"bert", "xlm-roberta"})
+CROSS_ENCODER_ARCHITECTURES: Final = frozenset({"bert", "xlm-roberta", "modernbert"})
 """HF ``model_type``s whose ``*ForSequenceClassification`` folders are stored as rerankers."""
 RANK_POOLING: Final = "rank"
 """The pooling name of a reranker (a cross-encoder's classification head, llama.cpp's

@@ -28,6 +28,7 @@ from tests.fixtures.rerankers import (
     cross_encoder_to_gguf,
     make_causal_reranker,
     make_cross_encoder_folder,
+    make_modernbert_cross_encoder,
     make_xlmr_cross_encoder,
 )
 
@@ -60,12 +61,13 @@ def cross_encoder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def rerank_store(cross_encoder, tmp_path_factory) -> ModelStore:
     """``ce`` (HF folder), ``ce:gguf`` (rank pooling), ``xr`` (an XLM-RoBERTa cross-encoder,
-    the bge-reranker kind), ``qr:mlx`` / ``qr:gguf`` (a causal
+    the bge-reranker kind), ``mb`` (a ModernBERT one), ``qr:mlx`` / ``qr:gguf`` (a causal
     reranker), ``all-minilm`` (an embedding model) and ``smollm2:135m`` (a chat model): the
     last two cannot rerank."""
     work = tmp_path_factory.mktemp("rerank")
     store = ModelStore(work / "home")
     import_path(store, make_xlmr_cross_encoder(work / "xlmr-cross-encoder"), "xr")
+    import_path(store, make_modernbert_cross_encoder(work / "modernbert-cross-encoder"), "mb")
     causal_folder, causal_gguf = make_causal_reranker(work)
     import_path(store, causal_folder, "qr:mlx")
     import_path(store, causal_gguf, "qr:gguf")
@@ -125,19 +127,29 @@ async def test_mlx_scores_match_transformers(mlx_ce, transformers_scores):
     np.testing.assert_allclose(await scores_of(mlx_ce, DOCUMENTS), transformers_scores, atol=1e-4)
 
 
-async def test_xlm_roberta_scores_match_transformers(rerank_store):
-    """RoBERTa's pair layout and head (``dense``, tanh, ``out_proj`` on ``<s>``), no pooler."""
-    torch = pytest.importorskip("torch", reason="torch (the dev extra) computes the reference")
-    from transformers import AutoTokenizer, XLMRobertaForSequenceClassification
+HF_CROSS_ENCODERS = {
+    "xr": ("xlmr-cross-encoder", "XLMRobertaForSequenceClassification"),
+    "mb": ("modernbert-cross-encoder", "ModernBertForSequenceClassification"),
+}
+"""RoBERTa's pair layout and head (``dense``, tanh, ``out_proj`` on ``<s>``, no pooler);
+ModernBERT's (no token types, sliding-window layers, mean pooling, dense-GELU-norm head)."""
 
-    folder = str(rerank_store.root.parent / "xlmr-cross-encoder")
+
+@pytest.mark.parametrize("name", list(HF_CROSS_ENCODERS))
+async def test_hf_cross_encoder_scores_match_transformers(rerank_store, name):
+    torch = pytest.importorskip("torch", reason="torch (the dev extra) computes the reference")
+    import transformers
+    from transformers import AutoTokenizer
+
+    folder_name, class_name = HF_CROSS_ENCODERS[name]
+    folder = str(rerank_store.root.parent / folder_name)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = XLMRobertaForSequenceClassification.from_pretrained(folder).eval()
+    model = getattr(transformers, class_name).from_pretrained(folder).eval()
     encoded = tokenizer([QUERY] * len(DOCUMENTS), DOCUMENTS, padding=True, return_tensors="pt")
     with torch.no_grad():
         expected = model(**encoded).logits[:, 0].numpy()
-    assert rerank_store.config(rerank_store.resolve("xr")).features == ["rerank"]
-    loaded = await LoadedModel.load(rerank_store, "xr")
+    assert rerank_store.config(rerank_store.resolve(name)).features == ["rerank"]
+    loaded = await LoadedModel.load(rerank_store, name)
     try:
         np.testing.assert_allclose(await scores_of(loaded, DOCUMENTS), expected, atol=1e-4)
         alone = [(await scores_of(loaded, [document]))[0] for document in DOCUMENTS]
