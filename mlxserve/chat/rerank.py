@@ -20,7 +20,7 @@ from mlxserve.chat.model import LoadedModel
 from mlxserve.chat.types import ChatRequest, Message
 from mlxserve.errors import InferenceError, InvalidRequestError, UnsupportedFeatureError
 from mlxserve.runners.base import RerankRequest, RerankResult
-from mlxserve.runners.rerank import too_long
+from mlxserve.runners.rerank import CUT_ATTEMPTS, too_long
 
 JUDGE_SYSTEM = (
     "Judge whether the Document meets the requirements based on the Query and the Instruct "
@@ -32,8 +32,6 @@ ANSWERS = ("yes", "no")
 ANSWER_BIAS = 100.0
 """Added to both answer tokens' logits: above any other token's, small enough that float32
 keeps their difference to ~1e-5."""
-CUT_ATTEMPTS = 3
-"""Re-tokenizing a cut document may move its boundary by a token; cut again at most so."""
 
 
 def pair_text(query: str, document: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
