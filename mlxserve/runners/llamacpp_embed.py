@@ -20,6 +20,7 @@ out).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -41,6 +42,7 @@ from mlxserve.runners.base import (
     RerankRequest,
     RerankResult,
     RunnerOptions,
+    ScoreRequest,
 )
 from mlxserve.runners.llama_library import import_llama_cpp
 from mlxserve.runners.loading import context_length, load_options
@@ -216,6 +218,42 @@ class LlamaCppEmbedder:
         llama._batch.reset()
         llama._ctx.kv_cache_clear()
         return RerankResult(scores, sum(len(p) for p in pairs))
+
+    def score(self, request: ScoreRequest) -> RerankResult:
+        """A causal reranker's prompts (a chat model's twin context, ``llamacpp.py``): packed
+        unpadded into decodes of at most the context's tokens, the context switched to logits
+        for the pass (``llama_set_embeddings``) and each prompt's last-token logits read for
+        the two answers."""
+        llama_cpp = import_llama_cpp()
+        llama = self.llama
+        ctx = llama._ctx.ctx
+        yes, no = request.answers
+        lengths = [len(prompt) for prompt in request.prompts]
+        scores = [0.0] * len(lengths)
+        n_seq_max = llama.context_params.n_seq_max
+        llama_cpp.llama_set_embeddings(ctx, False)
+        try:
+            for batch in budget_batches(lengths, self.limit, padded=False):
+                for chunk in range(0, len(batch), n_seq_max):
+                    group = batch[chunk : chunk + n_seq_max]
+                    llama._batch.reset()
+                    for seq, index in enumerate(group):
+                        llama._batch.add_sequence(request.prompts[index], seq, False)
+                    llama._ctx.kv_cache_clear()
+                    try:
+                        llama._ctx.decode(llama._batch)
+                    except RuntimeError as exc:
+                        raise InferenceError(f"llama.cpp reranking failed: {exc}") from exc
+                    end = -1
+                    for index in group:
+                        end += lengths[index]
+                        logits = llama_cpp.llama_get_logits_ith(ctx, end)
+                        scores[index] = 1.0 / (1.0 + math.exp(logits[no] - logits[yes]))
+        finally:
+            llama._batch.reset()
+            llama._ctx.kv_cache_clear()
+            llama_cpp.llama_set_embeddings(ctx, True)
+        return RerankResult(scores, sum(lengths))
 
     def close(self) -> None:
         self.llama.close()
