@@ -440,7 +440,7 @@ def test_show_lists_rerank(rerank_daemon):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["qr:mlx", "qr:gguf"])
+@pytest.mark.parametrize("model", ["qr:mlx", "qr:gguf", "q3:gguf"])
 def test_a_causal_reranker_through_the_daemon(rerank_daemon, model):
     body = {"model": model, "query": CAUSAL_QUERY, "documents": CAUSAL_DOCUMENTS, "top_n": 2}
     status, answer = post(rerank_daemon, "/v1/rerank", body)
@@ -486,3 +486,22 @@ def test_cohere_sdk_reranks_against_the_daemon(rerank_daemon, transformers_score
     assert response.results[0].relevance_score == pytest.approx(
         float(np.max(transformers_scores)), abs=1e-4
     )
+
+
+@pytest.mark.slow
+def test_llama_index_jina_rerank_postprocessor_against_the_daemon(
+    rerank_daemon, transformers_scores
+):
+    """LlamaIndex's ``JinaRerank`` post-processor, its ``base_url`` at the daemon: it posts
+    ``/v1/rerank`` in the Jina shape and keeps the ``top_n`` nodes in the daemon's order."""
+    jina = pytest.importorskip(
+        "llama_index.postprocessor.jinaai_rerank", reason="LlamaIndex (dev extra) is the client"
+    )
+    from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
+
+    reranker = jina.JinaRerank(top_n=2, model="ce", base_url=f"{rerank_daemon.url}/v1", api_key="x")
+    nodes = [NodeWithScore(node=TextNode(text=text)) for text in DOCUMENTS]
+    kept = reranker.postprocess_nodes(nodes, QueryBundle(QUERY))
+    best = list(np.argsort(-transformers_scores)[:2])
+    assert [node.node.get_content() for node in kept] == [DOCUMENTS[i] for i in best]
+    assert kept[0].score == pytest.approx(float(transformers_scores[best[0]]), abs=1e-4)
