@@ -14,11 +14,10 @@ import argparse
 import asyncio
 import itertools
 import tempfile
-import time
 import zipfile
 from pathlib import Path
 
-from bench.common import emit, median
+from bench.common import batching_speedups, emit, items_per_second, median
 from mlxserve.chat.model import LoadedModel
 from mlxserve.runners.base import EmbedRequest
 from modelstore.importer import import_path
@@ -78,16 +77,6 @@ def minilm_store() -> ModelStore:
     return store
 
 
-async def inputs_per_second(loaded: LoadedModel, texts: list[str], batched: bool) -> float:
-    started = time.perf_counter()
-    if batched:
-        await loaded.runner.embed(EmbedRequest(texts))
-    else:
-        for text in texts:
-            await loaded.runner.embed(EmbedRequest([text]))
-    return len(texts) / (time.perf_counter() - started)
-
-
 async def run(count: int, rounds: int) -> dict:
     store = minilm_store()
     texts = sentences(count)
@@ -98,7 +87,11 @@ async def run(count: int, rounds: int) -> dict:
     for _ in range(rounds):
         for loaded, batched in itertools.product(models.values(), (True, False)):
             key = f"{loaded.info.runner} {'batched' if batched else 'one at a time'}"
-            samples.setdefault(key, []).append(await inputs_per_second(loaded, texts, batched))
+
+            async def embed(inputs: list[str], loaded: LoadedModel = loaded) -> object:
+                return await loaded.runner.embed(EmbedRequest(inputs))
+
+            samples.setdefault(key, []).append(await items_per_second(texts, embed, batched))
     for loaded in models.values():
         await loaded.unload()
     result = {key: round(median(values), 1) for key, values in samples.items()}
@@ -107,10 +100,9 @@ async def run(count: int, rounds: int) -> dict:
         "inputs": count,
         "rounds": rounds,
         "inputs_per_second": result,
-        "batching_speedup": {
-            runner: round(result[f"{runner} batched"] / result[f"{runner} one at a time"], 2)
-            for runner in ("mlx-embeddings", "llamacpp-embeddings")
-        },
+        "batching_speedup": batching_speedups(
+            result, ("mlx-embeddings", "llamacpp-embeddings"), "batched", "one at a time"
+        ),
     }
 
 

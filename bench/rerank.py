@@ -12,13 +12,13 @@ MLX reranker and as a float32 GGUF with rank pooling on llama.cpp. Prints JSON.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
-from bench.common import emit, median
+from bench.common import batching_speedups, emit, items_per_second, median
 from bench.embed import sentences
 from modelstore.importer import import_path
 from modelstore.spec import package_file
@@ -52,17 +52,7 @@ def rerank(daemon: Daemon, model: str, documents: list[str]) -> None:
         response.read()
 
 
-def documents_per_second(daemon: Daemon, model: str, documents: list[str], batched: bool) -> float:
-    started = time.perf_counter()
-    if batched:
-        rerank(daemon, model, documents)
-    else:
-        for document in documents:
-            rerank(daemon, model, [document])
-    return len(documents) / (time.perf_counter() - started)
-
-
-def run(count: int, rounds: int) -> dict:
+async def run(count: int, rounds: int) -> dict:
     store = reranker_store()
     documents = sentences(count)
     daemon = Daemon(store.root).start()
@@ -74,7 +64,11 @@ def run(count: int, rounds: int) -> dict:
             for runner, model in MODELS.items():
                 for batched in (True, False):
                     key = f"{runner} {'batched' if batched else 'one per request'}"
-                    rate = documents_per_second(daemon, model, documents, batched)
+
+                    async def post(texts: list[str], model: str = model) -> None:
+                        await asyncio.to_thread(rerank, daemon, model, texts)
+
+                    rate = await items_per_second(documents, post, batched)
                     samples.setdefault(key, []).append(rate)
     finally:
         daemon.stop()
@@ -84,10 +78,7 @@ def run(count: int, rounds: int) -> dict:
         "documents": count,
         "rounds": rounds,
         "documents_per_second": result,
-        "batching_speedup": {
-            runner: round(result[f"{runner} batched"] / result[f"{runner} one per request"], 2)
-            for runner in MODELS
-        },
+        "batching_speedup": batching_speedups(result, MODELS, "batched", "one per request"),
     }
 
 
@@ -96,7 +87,7 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    emit(run(args.documents, args.rounds))
+    emit(asyncio.run(run(args.documents, args.rounds)))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ INTERESTING_TOKENS: Final = frozenset(
 EMBEDDING_ARCHITECTURES: Final = frozenset(
     {"bert", "nomic-bert", "nomic_bert", "jina-bert-v2", "xlm-roberta", "modernbert", "new", "gte"}
 )
-CROSS_ENCODER_ARCHITECTURES: Final = frozenset({"bert", "xlm-roberta"})
+CROSS_ENCODER_ARCHITECTURES: Final = frozenset({"bert", "xlm-roberta", "modernbert"})
 """HF ``model_type``s whose ``*ForSequenceClassification`` folders are stored as rerankers."""
 RANK_POOLING: Final = "rank"
 """The pooling name of a reranker (a cross-encoder's classification head, llama.cpp's
@@ -103,11 +103,13 @@ def features(
     rerank: bool = False,
 ) -> list[str]:
     """Ollama's capabilities beyond ``completion``; a reranker (an embedding record with rank
-    pooling) is listed as ``rerank``, not ``embedding``: it makes scores, not vectors."""
+    pooling) is listed as ``rerank``, not ``embedding``: it makes scores, not vectors. A model
+    that only embeds or scores does not generate, so think or FIM tokens in its vocabulary
+    (Qwen3-Embedding's, Qwen3-Reranker's) make it neither ``thinking`` nor ``insert``."""
     found = []
-    if set(THINK_TOKENS) <= present:
+    if set(THINK_TOKENS) <= present and not embedding:
         found.append("thinking")
-    if fim:
+    if fim and not embedding:
         found.append("insert")
     if rerank:
         found.append("rerank")

@@ -52,6 +52,11 @@ POOLING_MODES = {
 ST_MODULE = "sentence_transformers.models."
 ST_SUPPORTED_MODULES = frozenset({"Transformer", "Pooling", "Normalize"})
 GGUF_POOLING = {1: "mean", 2: "cls", 3: "last", 4: metadata.RANK_POOLING}
+CLASSIFIER_OUTPUT_TENSOR = "cls.output.weight"
+"""A classification head's output layer in a GGUF. ``convert_hf_to_gguf.py`` writes an
+XLM-RoBERTa or BERT ``*ForSequenceClassification`` (bge-reranker-v2-m3) with this head and its
+``<arch>.classifier.output_labels`` but no pooling type (llama.cpp's server is started with
+``--reranking``); either marks the GGUF as a reranker (rank pooling)."""
 """llama.cpp's ``LLAMA_POOLING_TYPE_*`` values as the store's pooling names; an embedding GGUF
 that declares none of them (or no pooling type) is mean-pooled."""
 
@@ -483,6 +488,8 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
         or architecture in metadata.EMBEDDING_ARCHITECTURES,
         "vision": bool(values.get("clip.has_vision_encoder")),
         "reranker_name": metadata.gguf_names_a_reranker(values),
+        "classifier_head": bool(values.get(f"{architecture}.classifier.output_labels"))
+        or any(tensor.name == CLASSIFIER_OUTPUT_TENSOR for tensor in reader.tensors),
         "model_info": metadata.gguf_model_info(values, len(tokens) or None, parameter_count),
     }
 
@@ -502,8 +509,11 @@ def draft_from_gguf(path: Path) -> ModelDraft:
         )
     embedding = None
     if meta["embedding"]:
+        pooling = GGUF_POOLING.get(meta["pooling_type"], "mean")
+        if meta["pooling_type"] is None and meta["classifier_head"]:
+            pooling = metadata.RANK_POOLING
         embedding = {
-            "pooling": GGUF_POOLING.get(meta["pooling_type"], "mean"),
+            "pooling": pooling,
             "normalize": True,
             "max_tokens": meta["context_length"],
             "dimensions": meta["embedding_length"],

@@ -3,24 +3,23 @@ template (thinking off), whether a document meets a query; the score is the prob
 "yes" against "no" at the first answer token, as the model's card computes it
 (``softmax([logit_no, logit_yes])[1]``).
 
-It runs on either text runner through ``generate`` only (one token, greedy, the two answer
-tokens' logprobs), so every runner and the worker proxy serve it as they serve chat; the two
-answer tokens get the same large ``logit_bias`` so that they are the top two alternatives
-reported, which leaves their difference, and so the score, unchanged. Pairs are scored one
-after another, each its own prompt (its prefix is reused from the prompt cache).
+The prompts are made here, each through ``prepare`` as a chat request would be (so the
+template, its thinking switch and the context check are the chat path's own); the runner then
+scores them several per forward pass within a token budget (``score``: the MLX runner in
+right-padded batches, the llama.cpp runner packed into one decode over its twin context) and
+reads only the two answer tokens' logits at each prompt's end.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 
 from mlxserve.chat.core import prepare
 from mlxserve.chat.model import LoadedModel
 from mlxserve.chat.types import ChatRequest, Message
-from mlxserve.errors import InferenceError, InvalidRequestError, UnsupportedFeatureError
-from mlxserve.runners.base import RerankRequest, RerankResult
-from mlxserve.runners.rerank import too_long
+from mlxserve.errors import InvalidRequestError, UnsupportedFeatureError
+from mlxserve.runners.base import RerankRequest, RerankResult, ScoreRequest
+from mlxserve.runners.rerank import CUT_ATTEMPTS, too_long
 
 JUDGE_SYSTEM = (
     "Judge whether the Document meets the requirements based on the Query and the Instruct "
@@ -29,11 +28,6 @@ JUDGE_SYSTEM = (
 DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 """Qwen3-Reranker's instruction when the caller gives none."""
 ANSWERS = ("yes", "no")
-ANSWER_BIAS = 100.0
-"""Added to both answer tokens' logits: above any other token's, small enough that float32
-keeps their difference to ~1e-5."""
-CUT_ATTEMPTS = 3
-"""Re-tokenizing a cut document may move its boundary by a token; cut again at most so."""
 
 
 def pair_text(query: str, document: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
@@ -50,64 +44,47 @@ def answer_ids(loaded: LoadedModel) -> tuple[int, int]:
     return ids[0][0], ids[1][0]
 
 
-def judged(loaded: LoadedModel, query: str, document: str, answers: tuple[int, int]) -> ChatRequest:
+def judged(loaded: LoadedModel, query: str, document: str) -> ChatRequest:
     return ChatRequest(
         loaded.model.name,
         messages=[Message("system", JUDGE_SYSTEM), Message("user", pair_text(query, document))],
         think=False if loaded.family.thinks else None,
-        sampling={
-            "max_tokens": 1,
-            "temperature": 0.0,
-            "logit_bias": dict.fromkeys(answers, ANSWER_BIAS),
-        },
-        logprobs=len(ANSWERS),
     )
 
 
-def fitted(
-    loaded: LoadedModel,
-    request: RerankRequest,
-    index: int,
-    answers: tuple[int, int],
-    limit: int,
-) -> ChatRequest:
-    """The pair's request, its document cut from its end so that prompt and answer fit the
+def fitted(loaded: LoadedModel, request: RerankRequest, index: int, limit: int) -> list[int]:
+    """The pair's prompt tokens, its document cut from its end so that the prompt fits the
     context (or refused with ``truncate`` off)."""
     document = request.documents[index]
     for _ in range(CUT_ATTEMPTS):
-        chat = judged(loaded, request.query, document, answers)
-        length = len(prepare(loaded, chat).request.prompt_tokens or []) + 1
-        if length <= limit:
-            return chat
+        tokens = prepare(loaded, judged(loaded, request.query, document)).request.prompt_tokens
+        assert tokens is not None
+        if len(tokens) <= limit:
+            return tokens
         if not request.truncate:
-            raise too_long(index, length, limit)
-        tokens = loaded.runner.tokenize(document, add_special_tokens=False)
-        room = len(tokens) - (length - limit)
+            raise too_long(index, len(tokens), limit)
+        own = loaded.runner.tokenize(document, add_special_tokens=False)
+        room = len(own) - (len(tokens) - limit)
         if room < 1:
             raise InvalidRequestError(
                 "the query leaves no room for a document in this model's context of "
                 f"{limit} tokens",
                 param="query",
             )
-        document = loaded.runner.detokenize(tokens[:room])
-    raise too_long(index, length, limit)
+        document = loaded.runner.detokenize(own[:room])
+    raise too_long(index, len(tokens), limit)
 
 
 async def causal_rerank(loaded: LoadedModel, request: RerankRequest) -> RerankResult:
+    score = getattr(loaded.runner, "score", None)
+    if score is None:
+        raise UnsupportedFeatureError(
+            f"{loaded.model.name} cannot rerank on the {loaded.info.runner} runner"
+        )
     answers = await asyncio.to_thread(answer_ids, loaded)
     limit = loaded.info.context_length
-    scores: list[float] = []
-    tokens = 0
-    for index in range(len(request.documents)):
-        chat = await asyncio.to_thread(fitted, loaded, request, index, answers, limit)
-        prepared = await asyncio.to_thread(prepare, loaded, chat)
-        tokens += len(prepared.request.prompt_tokens or [])
-        top: dict[int, float] = {}
-        async for chunk in loaded.runner.generate(prepared.request):
-            for entry in chunk.logprobs[:1]:
-                top = {token: logprob for token, _, logprob in entry.top}
-        if not all(answer in top for answer in answers):
-            raise InferenceError(f"{loaded.model.name} did not report the yes/no logprobs")
-        yes, no = (top[answer] for answer in answers)
-        scores.append(1.0 / (1.0 + math.exp(no - yes)))
-    return RerankResult(scores, tokens)
+
+    def prompts() -> list[list[int]]:
+        return [fitted(loaded, request, index, limit) for index in range(len(request.documents))]
+
+    return await score(ScoreRequest(await asyncio.to_thread(prompts), answers))

@@ -323,6 +323,10 @@ class GroupRunner(_ShardedRunner):
         """Refused: a forward pass outside the batch would leave the followers behind."""
         raise UnsupportedFeatureError("embeddings from a distributed model are not supported")
 
+    async def score(self, request: Any) -> Any:
+        """Refused for the same reason: reranking runs forward passes outside the batch."""
+        raise UnsupportedFeatureError("reranking with a distributed model is not supported")
+
     async def unload(self) -> None:
         """Tell the followers to stop, then release (a failed group has nobody to tell, and a
         stuck one has no engine thread left to release on)."""

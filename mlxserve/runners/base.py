@@ -85,6 +85,17 @@ class RerankRequest:
 
 
 @dataclass
+class ScoreRequest:
+    """A causal reranker's pairs, each already a prompt (its template applied,
+    ``chat/rerank.py``), scored by two answer tokens at the prompt's last position: the
+    probability of the first against the second, ``sigmoid(logit_yes - logit_no)``. Runners
+    score several prompts per forward pass within a token budget (``rerank.py``)."""
+
+    prompts: list[list[int]]
+    answers: tuple[int, int]
+
+
+@dataclass
 class RerankResult:
     scores: list[float]
     """One relevance score per document, in the documents' order: the model's raw logit (a

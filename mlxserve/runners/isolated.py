@@ -50,7 +50,7 @@ UNLOAD_TIMEOUT_S = 10.0
 EXIT_WAIT_S = 2.0
 """How long a worker that closed its socket gets to exit before it is killed."""
 
-SERVING_KINDS = frozenset({"generate", "embed", "rerank"})
+SERVING_KINDS = frozenset({"generate", "embed", "rerank", "score"})
 """Requests that, ended well, show the model serves (so a later crash starts a new count)."""
 log = logging.getLogger("mlxserve.residency")
 
@@ -181,6 +181,10 @@ class WorkerRunner:
     async def rerank(self, request: Any) -> Any:
         """For the embedding runners that score pairs (``routes_rerank.py``)."""
         return await self._call("rerank", request)
+
+    async def score(self, request: Any) -> Any:
+        """For the chat runners, whose models may be causal rerankers (``chat/rerank.py``)."""
+        return await self._call("score", request)
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._sync_call("tokenize", text, add_special_tokens)

@@ -15,6 +15,8 @@ from mlxserve.errors import InvalidRequestError, UnsupportedFeatureError
 RERANK_TOKEN_BUDGET = 8192
 """Tokens per forward pass (padding included): many short pairs share a pass, while one
 request of 10,000 documents still runs in bounded memory."""
+CUT_ATTEMPTS = 3
+"""Re-tokenizing a cut document may move its boundary by a token; cut again at most so."""
 
 
 def reranker_only(model_name: str) -> UnsupportedFeatureError:

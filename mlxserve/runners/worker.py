@@ -10,8 +10,9 @@ runner's code does not know it is isolated. A library that aborts (a llama.cpp a
 Metal error) takes down this process only; the daemon sees the socket close.
 
 Messages, daemon to worker: ``(kind, id, *args)`` with kind ``load``, ``generate``, ``embed``,
-``rerank``, ``unload`` or ``cancel``. Worker to daemon: ``("item", id, value)`` (a chunk, or a
-call's result) and ``("end", id, error)`` (``error`` is ``None`` or ``pack_error``'s tuple).
+``rerank``, ``score``, ``unload`` or ``cancel``. Worker to daemon: ``("item", id, value)`` (a
+chunk, or a call's result) and ``("end", id, error)`` (``error`` is ``None`` or
+``pack_error``'s tuple).
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ class Worker:
             "generate": self._generate,
             "embed": self._embed,
             "rerank": self._rerank,
+            "score": self._score,
             "unload": self._unload,
         }
         return handlers[kind](*args)
@@ -170,6 +172,10 @@ class Worker:
     async def _rerank(self, request: Any) -> Any:
         assert self.runner is not None
         return await self.runner.rerank(request)  # type: ignore[attr-defined]
+
+    async def _score(self, request: Any) -> Any:
+        assert self.runner is not None
+        return await self.runner.score(request)  # type: ignore[attr-defined]
 
     async def _unload(self) -> None:
         if self.runner is not None:

@@ -8,29 +8,42 @@ Qwen3-Embedding, ...) with only that context. llama-cpp-python's ``embed`` packs
 inputs into one decode (one sequence each), so a list is embedded in batches, not one input at
 a time. A GGUF reranker (rank pooling: its classification head in the graph) is scored the same
 way, pairs packed into one decode through llama.cpp's batch API (llama-cpp-python's ``embed``
-reads a vector, not the head's one score), each pair laid out as llama.cpp's server lays it:
-``[BOS] query [EOS] [SEP] document [EOS] [SEP]``, each special where the vocabulary adds it.
+reads a vector, not the head's one score), each pair laid out as llama.cpp's server lays it
+(``format_prompt_rerank``): the GGUF's ``rerank`` template with ``{query}`` and ``{document}``
+filled in where it has one (an LLM reranker, Qwen3-Reranker as ``convert_hf_to_gguf.py``
+writes it: its head is the yes/no rows of the LM head and llama.cpp's softmax makes the first
+output the probability of "yes"), else ``[BOS] query [EOS] [SEP] document [EOS]`` with each
+special where the vocabulary adds it (the EOS after the document falls back to SEP, which is
+how BERT's ``[CLS] q [SEP] d [SEP]`` and XLM-RoBERTa's ``<s> q </s></s> d </s>`` both come
+out).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from mlxserve import platform
-from mlxserve.errors import InferenceError, UnsupportedArchitectureError, UnsupportedFormatError
+from mlxserve.errors import (
+    InferenceError,
+    InvalidRequestError,
+    UnsupportedArchitectureError,
+    UnsupportedFormatError,
+)
 from mlxserve.runners.base import (
     EmbedRequest,
     EmbedResult,
     RerankRequest,
     RerankResult,
     RunnerOptions,
+    ScoreRequest,
 )
 from mlxserve.runners.engine import EngineThread
 from mlxserve.runners.llamacpp.library import import_llama_cpp
 from mlxserve.runners.loading import context_length
 from mlxserve.runners.pooling import over_limit
-from mlxserve.runners.rerank import budget_batches, cut_pair
+from mlxserve.runners.rerank import CUT_ATTEMPTS, budget_batches, cut_pair, too_long
 from mlxserve.runners.skeleton import EncoderRunnerBase
 from modelstore.metadata import EMBEDDING_ARCHITECTURES, RANK_POOLING
 from modelstore.model import LocalModel
@@ -47,6 +60,8 @@ CAUSAL_UBATCH = 512
 input across passes, so its compute buffers need not be sized for the whole context."""
 CHAT_MODEL_POOLING = "mean"
 """A chat model declares no pooling; mean over its final states, as the MLX runner does."""
+RERANK_TEMPLATE = b"rerank"
+"""The named chat template an LLM reranker's GGUF carries (``tokenizer.chat_template.rerank``)."""
 
 
 class LlamaCppEmbedder:
@@ -104,22 +119,27 @@ class LlamaCppEmbedder:
             raise InferenceError(f"llama.cpp embedding failed: {exc}") from exc
         return EmbedResult([list(map(float, vector)) for vector in vectors], count)
 
+    def rerank_template(self) -> str | None:
+        llama_cpp = import_llama_cpp()
+        template = llama_cpp.llama_model_chat_template(self.llama._model.model, RERANK_TEMPLATE)
+        return template.decode("utf-8", "replace") if template else None
+
     def _pair_specials(self) -> tuple[list[int], list[int], list[int]]:
         """The specials before the query, between the texts and after the document."""
         llama_cpp = import_llama_cpp()
         vocab = self.llama._model.vocab
         eos = llama_cpp.llama_vocab_eos(vocab)
         sep = llama_cpp.llama_vocab_sep(vocab)
-        ends = [eos] if llama_cpp.llama_vocab_get_add_eos(vocab) and eos >= 0 else []
-        ends += [sep] if llama_cpp.llama_vocab_get_add_sep(vocab) and sep >= 0 else []
+        eos = eos if eos >= 0 else sep
+        adds_eos = llama_cpp.llama_vocab_get_add_eos(vocab) and eos >= 0
+        adds_sep = llama_cpp.llama_vocab_get_add_sep(vocab) and sep >= 0
+        middle = ([eos] if adds_eos else []) + ([sep] if adds_sep else [])
+        end = [eos] if adds_eos else [sep] if adds_sep else []
         bos = llama_cpp.llama_vocab_bos(vocab)
         start = [bos] if llama_cpp.llama_vocab_get_add_bos(vocab) and bos >= 0 else []
-        return start, ends, ends
+        return start, middle, end
 
-    def rank(self, request: RerankRequest) -> RerankResult:
-        """One score per document: pairs packed unpadded into decodes of at most the context's
-        tokens and sequences, the head's output read per sequence."""
-        llama_cpp = import_llama_cpp()
+    def _encoder_pairs(self, request: RerankRequest) -> list[list[int]]:
         start, middle, end = self._pair_specials()
         special = len(start) + len(middle) + len(end)
         query = self.llama.tokenize(request.query.encode(), add_bos=False, special=False)
@@ -128,6 +148,44 @@ class LlamaCppEmbedder:
             tokens = self.llama.tokenize(document.encode(), add_bos=False, special=False)
             q, d = cut_pair(query, tokens, special, self.limit, request.truncate, index)
             pairs.append(start + q + middle + d + end)
+        return pairs
+
+    def _template_pairs(self, template: str, request: RerankRequest) -> list[list[int]]:
+        """Each pair as the template's text, tokenized with its special tokens parsed, as
+        llama.cpp's server does; a long document is cut from its end until the prompt fits
+        (re-tokenizing may move the boundary by a token, hence the few attempts)."""
+        pairs = []
+        for index, document in enumerate(request.documents):
+            for _ in range(CUT_ATTEMPTS):
+                text = template.replace("{query}", request.query).replace("{document}", document)
+                tokens = self.llama.tokenize(text.encode(), add_bos=False, special=True)
+                if len(tokens) <= self.limit:
+                    break
+                if not request.truncate:
+                    raise too_long(index, len(tokens), self.limit)
+                own = self.llama.tokenize(document.encode(), add_bos=False, special=False)
+                room = len(own) - (len(tokens) - self.limit)
+                if room < 1:
+                    raise InvalidRequestError(
+                        "the query leaves no room for a document in this model's context of "
+                        f"{self.limit} tokens",
+                        param="query",
+                    )
+                document = self.llama.detokenize(own[:room]).decode("utf-8", "ignore")
+            else:
+                raise too_long(index, len(tokens), self.limit)
+            pairs.append(tokens)
+        return pairs
+
+    def rank(self, request: RerankRequest) -> RerankResult:
+        """One score per document: pairs packed unpadded into decodes of at most the context's
+        tokens and sequences, the head's output read per sequence."""
+        llama_cpp = import_llama_cpp()
+        template = self.rerank_template()
+        if template is None:
+            pairs = self._encoder_pairs(request)
+        else:
+            pairs = self._template_pairs(template, request)
         scores: list[float] = [0.0] * len(pairs)
         llama = self.llama
         n_seq_max = llama.context_params.n_seq_max
@@ -149,6 +207,42 @@ class LlamaCppEmbedder:
         llama._batch.reset()
         llama._ctx.kv_cache_clear()
         return RerankResult(scores, sum(len(p) for p in pairs))
+
+    def score(self, request: ScoreRequest) -> RerankResult:
+        """A causal reranker's prompts (a chat model's twin context, ``llamacpp.py``): packed
+        unpadded into decodes of at most the context's tokens, the context switched to logits
+        for the pass (``llama_set_embeddings``) and each prompt's last-token logits read for
+        the two answers."""
+        llama_cpp = import_llama_cpp()
+        llama = self.llama
+        ctx = llama._ctx.ctx
+        yes, no = request.answers
+        lengths = [len(prompt) for prompt in request.prompts]
+        scores = [0.0] * len(lengths)
+        n_seq_max = llama.context_params.n_seq_max
+        llama_cpp.llama_set_embeddings(ctx, False)
+        try:
+            for batch in budget_batches(lengths, self.limit, padded=False):
+                for chunk in range(0, len(batch), n_seq_max):
+                    group = batch[chunk : chunk + n_seq_max]
+                    llama._batch.reset()
+                    for seq, index in enumerate(group):
+                        llama._batch.add_sequence(request.prompts[index], seq, False)
+                    llama._ctx.kv_cache_clear()
+                    try:
+                        llama._ctx.decode(llama._batch)
+                    except RuntimeError as exc:
+                        raise InferenceError(f"llama.cpp reranking failed: {exc}") from exc
+                    end = -1
+                    for index in group:
+                        end += lengths[index]
+                        logits = llama_cpp.llama_get_logits_ith(ctx, end)
+                        scores[index] = 1.0 / (1.0 + math.exp(logits[no] - logits[yes]))
+        finally:
+            llama._batch.reset()
+            llama._ctx.kv_cache_clear()
+            llama_cpp.llama_set_embeddings(ctx, True)
+        return RerankResult(scores, sum(lengths))
 
     def close(self) -> None:
         self.llama.close()
@@ -177,15 +271,6 @@ class LlamaCppEmbeddingRunner(EncoderRunnerBase):
                 f"the {self.name} runner runs GGUF embedding models; {model.name} is not one"
             )
         record = model.embedding
-        if (
-            record.get("pooling") == RANK_POOLING
-            and model.architecture not in EMBEDDING_ARCHITECTURES
-        ):
-            raise UnsupportedArchitectureError(
-                f"{model.name} is a {model.architecture} GGUF with rank pooling: an LLM reranker "
-                "that llama.cpp scores through its rerank template, which this runner does not "
-                "apply yet; import the model's HF folder instead (it runs as a causal reranker)"
-            )
         limit = context_length(model, options)
         limit = min(limit, record.get("max_tokens") or limit)
 
@@ -202,6 +287,18 @@ class LlamaCppEmbeddingRunner(EncoderRunnerBase):
             )
 
         self._embedder = await self._engine.call(build)
+        if (
+            self._embedder.ranks
+            and model.architecture not in EMBEDDING_ARCHITECTURES
+            and self._embedder.rerank_template() is None
+        ):
+            await self.unload()
+            raise UnsupportedArchitectureError(
+                f"{model.name} is a {model.architecture} GGUF with rank pooling but no rerank "
+                "template (tokenizer.chat_template.rerank): an encoder's pair layout would give "
+                "it wrong scores; import the model's HF folder instead (it runs as a causal "
+                "reranker)"
+            )
         self._model_name = model.name
         llama = self._embedder.llama
         return {

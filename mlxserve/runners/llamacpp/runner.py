@@ -28,7 +28,9 @@ from mlxserve.runners.base import (
     EmbedResult,
     GenerateChunk,
     GenerateRequest,
+    RerankResult,
     RunnerOptions,
+    ScoreRequest,
 )
 from mlxserve.runners.decode import check_token_ids, generation_budget, prompt_and_budget
 from mlxserve.runners.engine import Emit, EngineThread
@@ -227,30 +229,42 @@ class LlamaCppRunner(RunnerBase):
         pieces = b"".join(token_piece(import_llama_cpp(), vocab, t) for t in token_ids)
         return pieces.decode("utf-8", "replace")
 
-    async def embed(self, request: EmbedRequest) -> EmbedResult:
-        """Through an embedding-mode twin context over the same GGUF (``embed.py``),
-        made on the first request: a generating context cannot pool."""
+    def _twin(self) -> Any:
+        """The embedding-mode twin context over the same GGUF (``embed.py``; weights
+        are memory-mapped, so shared), made on the first request that needs it; called on the
+        engine thread."""
         from mlxserve.runners.llamacpp.embed import CHAT_MODEL_POOLING, LlamaCppEmbedder
 
+        slots, params = self._slots, self._embed_params
+        assert slots is not None and params is not None
+        if self._embedder is None:
+            path, n_threads, n_gpu_layers, adapter = params
+            self._embedder = LlamaCppEmbedder(
+                path,
+                CHAT_MODEL_POOLING,
+                slots.slot_context,
+                n_threads,
+                n_gpu_layers,
+                causal=True,
+                adapter=adapter,
+            )
+        return self._embedder
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        """Through the twin context: a generating context cannot pool."""
         self._require()
-        engine, slots, params = self._engine, self._slots, self._embed_params
-        assert engine is not None and slots is not None and params is not None
+        engine = self._engine
+        assert engine is not None
+        return await engine.call(lambda: self._twin().embed(request))
 
-        def run() -> EmbedResult:
-            if self._embedder is None:
-                path, n_threads, n_gpu_layers, adapter = params
-                self._embedder = LlamaCppEmbedder(
-                    path,
-                    CHAT_MODEL_POOLING,
-                    slots.slot_context,
-                    n_threads,
-                    n_gpu_layers,
-                    causal=True,
-                    adapter=adapter,
-                )
-            return self._embedder.embed(request)
-
-        return await engine.call(run)
+    async def score(self, request: ScoreRequest) -> RerankResult:
+        """A causal reranker's prompts through the twin context, switched to logits for the
+        pass: several prompts per decode, which the slots' one-prompt generation cannot
+        give."""
+        self._require()
+        engine = self._engine
+        assert engine is not None
+        return await engine.call(lambda: self._twin().score(request))
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         model = self._require()

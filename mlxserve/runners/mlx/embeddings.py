@@ -36,16 +36,91 @@ from mlxserve.runners.skeleton import EncoderRunnerBase
 from modelstore.metadata import RANK_POOLING
 from modelstore.model import LocalModel
 
-CROSS_ENCODER_PREFIXES = {"bert": "bert", "xlm-roberta": "roberta"}
+CROSS_ENCODER_PREFIXES = {"bert": "bert", "xlm-roberta": "roberta", "modernbert": "model"}
 """Architectures whose ``*ForSequenceClassification`` folders run here, and the prefix their
 encoder's weights carry in such a folder."""
+GELU_APPROXIMATIONS = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh"}
+"""transformers' activation names (``ACT2FN``) as ``mlx.nn.GELU``'s ``approx``: ``gelu`` is
+the exact (erf) one. A ModernBERT folder asking for another activation is refused rather than
+scored wrongly."""
+SLIDING = "sliding_attention"
+
+
+def modernbert_layer_types(config: dict[str, Any]) -> tuple[list[bool], float, float]:
+    """Which ModernBERT layers use the sliding window, and the two RoPE bases, from either
+    way a config says so: ``layer_types`` / ``rope_parameters`` (as transformers 5 saves it)
+    or ``global_attn_every_n_layers`` / ``global_rope_theta`` / ``local_rope_theta`` (the
+    Hub's original configs). mlx-embeddings reads only the second."""
+    layers = int(config["num_hidden_layers"])
+    types = config.get("layer_types")
+    if isinstance(types, list) and len(types) == layers:
+        sliding = [kind == SLIDING for kind in types]
+    else:
+        every = int(config.get("global_attn_every_n_layers", 3))
+        sliding = [index % every != 0 for index in range(layers)]
+    rope = config.get("rope_parameters") or {}
+    full_theta = (rope.get("full_attention") or {}).get("rope_theta")
+    local_theta = (rope.get(SLIDING) or {}).get("rope_theta")
+    return (
+        sliding,
+        float(full_theta or config.get("global_rope_theta", 160_000.0)),
+        float(local_theta or config.get("local_rope_theta", 10_000.0)),
+    )
+
+
+def modernbert_cross_encoder(config: dict[str, Any]) -> tuple[Any, Any, None, None]:
+    """``ModernBertForSequenceClassification`` as transformers computes it, from
+    mlx-embeddings' ModernBERT encoder and prediction head: pooled (``[CLS]`` or a masked
+    mean, the config's ``classifier_pooling``), the head (dense, GELU, norm), then the one-label
+    classifier, whose raw logit is the score. mlx-embeddings' own classification model cannot
+    be used as is: it applies a sigmoid to a one-label logit, its GELUs are the tanh
+    approximation where transformers' ``gelu`` is exact (scores then differ by ~5e-4), and its
+    layer pattern and RoPE bases ignore the ``layer_types`` / ``rope_parameters`` a
+    transformers-5 config holds; all three are set here."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_embeddings.models import modernbert as arch
+    from mlx_embeddings.models.base import mean_pooling
+
+    hidden_act = config.get("hidden_activation", "gelu")
+    head_act = config.get("classifier_activation", "gelu")
+    if not {hidden_act, head_act} <= GELU_APPROXIMATIONS.keys():
+        raise ValueError(f"no ModernBERT cross-encoder with activations {hidden_act}, {head_act}")
+    sliding, full_theta, local_theta = modernbert_layer_types(config)
+    pooling = config.get("classifier_pooling", "cls")
+    if pooling not in ("cls", "mean"):
+        raise ValueError(f"no ModernBERT classifier_pooling {pooling!r}")
+
+    class ModernBertCrossEncoder(nn.Module):
+        def __init__(self, args: Any) -> None:
+            super().__init__()
+            args.classifier_bias = bool(config.get("classifier_bias", False))
+            self.model = arch.ModernBertModel(args)
+            for layer, local in zip(self.model.layers, sliding, strict=True):
+                window = args.local_attention // 2
+                layer.attn.local_attention = (window, window) if local else (-1, -1)
+                theta = local_theta if local else full_theta
+                layer.attn.rotary_emb = nn.RoPE(dims=layer.attn.head_dim, base=theta)
+                layer.mlp.act = nn.GELU(approx=GELU_APPROXIMATIONS[hidden_act])
+            self.head = arch.ModernBertPredictionHead(args)
+            self.head.act = nn.GELU(approx=GELU_APPROXIMATIONS[head_act])
+            self.classifier = nn.Linear(args.hidden_size, 1)
+
+        def __call__(self, input_ids: Any, token_type_ids: Any, attention_mask: Any) -> Any:
+            mask = attention_mask.astype(mx.float32)
+            hidden = self.model(input_ids, attention_mask=mask)["last_hidden_state"]
+            pooled = hidden[:, 0] if pooling == "cls" else mean_pooling(hidden, mask)
+            return self.classifier(self.head(pooled))[:, 0]
+
+    return ModernBertCrossEncoder, arch.ModelArgs, None, None
 
 
 def cross_encoder_classes(config: dict[str, Any]) -> tuple[Any, Any, None, None]:
     """``load_model``'s hook: the architecture's mlx-embeddings model under its folder prefix,
     with the classification head beside it, as the HF classes lay them out: BERT's classifier
     (``Linear(hidden, 1)``) over its pooler; RoBERTa's head (``dense``, tanh, ``out_proj``)
-    over the first token's state, with no pooler."""
+    over the first token's state, with no pooler; ModernBERT's in
+    ``modernbert_cross_encoder``."""
     import importlib
 
     import mlx.core as mx
@@ -54,6 +129,8 @@ def cross_encoder_classes(config: dict[str, Any]) -> tuple[Any, Any, None, None]
     model_type = config.get("model_type")
     if model_type not in CROSS_ENCODER_PREFIXES:
         raise ValueError(f"no cross-encoder for the {model_type!r} architecture")
+    if model_type == "modernbert":
+        return modernbert_cross_encoder(config)
     arch = importlib.import_module(f"mlx_embeddings.models.{model_type.replace('-', '_')}")
     prefix = CROSS_ENCODER_PREFIXES[model_type]
     pooled = model_type == "bert"

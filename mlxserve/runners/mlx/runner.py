@@ -39,7 +39,9 @@ from mlxserve.runners.base import (
     EmbedResult,
     GenerateChunk,
     GenerateRequest,
+    RerankResult,
     RunnerOptions,
+    ScoreRequest,
     TokenLogprob,
 )
 from mlxserve.runners.decode import DecodeState, SampledToken, check_token_ids, prompt_and_budget
@@ -55,6 +57,7 @@ from mlxserve.runners.loading import (
 from mlxserve.runners.mlx.common import MlxRunnerBase, import_mlx
 from mlxserve.runners.pooling import length_batches, over_limit, padded, pool
 from mlxserve.runners.promptcache import Hit, PromptCache, common_prefix, open_prompt_cache
+from mlxserve.runners.rerank import budget_batches
 from mlxserve.runners.textstream import MlxDetokenizer, TextStream
 from modelstore.model import LocalModel
 from modelstore.store import default_root
@@ -364,6 +367,37 @@ class MlxRunner(MlxRunnerBase):
                 for index, vector in zip(batch, pooled.tolist(), strict=True):
                     vectors[index] = vector
             return EmbedResult(vectors, sum(len(t) for t in ids))
+
+        return await self._engine.call(run)
+
+    async def score(self, request: ScoreRequest) -> RerankResult:
+        """A causal reranker's prompts in right-padded batches within the token budget: the
+        final states at each prompt's last token (right padding leaves them as unpadded, a
+        causal token never seeing the pads after it), then only the two answer rows of the
+        LM head, so no batch-by-length-by-vocabulary logits are made."""
+        model, _ = self._require()
+        yes, no = request.answers
+
+        def run() -> RerankResult:
+            import mlx.core as mx
+
+            lengths = [len(prompt) for prompt in request.prompts]
+            scores = [0.0] * len(lengths)
+            for batch in budget_batches(lengths):
+                input_ids, mask = padded([request.prompts[i] for i in batch], 0)
+                hidden = model.model(input_ids)
+                last = mask.sum(axis=1).astype(mx.int32) - 1
+                final = mx.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+                head = getattr(model, "lm_head", None)
+                logits = (
+                    head(final) if head is not None else model.model.embed_tokens.as_linear(final)
+                )
+                odds = (logits[:, yes] - logits[:, no]).astype(mx.float32)
+                probability = mx.sigmoid(odds)
+                mx.eval(probability)
+                for index, value in zip(batch, probability.tolist(), strict=True):
+                    scores[index] = float(value)
+            return RerankResult(scores, sum(lengths))
 
         return await self._engine.call(run)
 
