@@ -51,6 +51,10 @@ class RunnerPlugin:
     accepts: dict[str, str] = field(default_factory=dict)
     """Per format, a ``module:function`` taking the ``LocalModel`` that says whether this
     runner can run it (a format absent here: every model of that format)."""
+    trial: str | None = None
+    """``module:function`` taking the ``LocalModel``: the runner's load made cheap (no copy of
+    the weights, no full context) that raises or aborts where the real load would, run in a
+    throwaway process before a model is stored (``runners/trial.py``); ``None``: no trial."""
 
     def installed(self) -> bool:
         return all(importlib.util.find_spec(module) is not None for module in self.requires)
@@ -63,6 +67,10 @@ class RunnerPlugin:
 
     def make(self) -> Any:
         return _resolve(self.factory)()
+
+    def run_trial(self, model: LocalModel) -> None:
+        if self.trial is not None:
+            _resolve(self.trial)(model)
 
 
 def _resolve(target: str) -> Any:
@@ -87,6 +95,7 @@ MLX = RunnerPlugin(
     requires=("mlx", "mlx_lm"),
     install_hint="pip install mlx mlx-lm",
     accepts={"gguf": "mlxserve.runners.registry:mlx_converts"},
+    trial="mlxserve.runners.mlx:trial_load",
 )
 LLAMACPP = RunnerPlugin(
     name="llamacpp",
@@ -96,6 +105,7 @@ LLAMACPP = RunnerPlugin(
     capabilities=(COMPLETION, VISION),
     requires=("llama_cpp",),
     install_hint="pip install 'mlxserve[llamacpp]'",
+    trial="mlxserve.runners.llamacpp:trial_load",
 )
 MLX_EMBEDDINGS = RunnerPlugin(
     name="mlx-embeddings",
@@ -112,6 +122,7 @@ LLAMACPP_EMBEDDINGS = RunnerPlugin(
     capabilities=(EMBEDDING,),
     requires=("llama_cpp",),
     install_hint="pip install 'mlxserve[llamacpp]'",
+    trial="mlxserve.runners.llamacpp:trial_load_weights",
 )
 
 MLX_VLM = RunnerPlugin(
