@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +190,28 @@ async def test_a_gguf_that_cannot_load_is_refused_at_create_with_the_reason(
         await assert_serving(session, daemon, "tiny:gguf")
 
 
+async def test_a_streamed_create_ends_with_the_refusal_and_its_request_id(
+    crash_daemon, lying_ggufs
+):
+    from modelstore.blobs import hash_file
+
+    daemon = crash_daemon
+    path = lying_ggufs["block_count"]
+    digest, _ = hash_file(path)
+    async with aiohttp.ClientSession() as session:
+        await session.post(f"{daemon.url}/api/blobs/{digest}", data=path.read_bytes())
+        async with session.post(
+            f"{daemon.url}/api/create",
+            json={"model": "refused:1", "files": {"model.gguf": digest}},
+        ) as response:
+            assert response.status == 200  # the progress stream began before the trial
+            lines = [json.loads(line) async for line in response.content if line.strip()]
+            header = response.headers["X-Request-Id"]
+    assert lines[-1]["code"] == "model_unloadable", lines
+    assert lines[-1]["request_id"] == header
+    assert all(line.get("status") != "success" for line in lines)
+
+
 @pytest.mark.parametrize("command", ["import", "create"])
 @pytest.mark.parametrize("lie", ["block_count", "nan_epsilon", "architecture"])
 def test_the_cli_refuses_a_gguf_that_cannot_load_with_the_reason(
@@ -278,6 +300,63 @@ async def test_a_worker_killed_mid_stream_ends_the_stream_and_then_is_refused(cr
         assert status == 500
         assert body["code"] == "model_crash_loop", body
         await assert_serving(session, daemon, "tiny:gguf")
+
+
+STORY = [{"role": "user", "content": "Tell a story"}]
+CRASH_STREAMS: dict[str, tuple[str, dict[str, Any], Callable[[dict[str, Any]], Any]]] = {
+    "native": ("/api/generate", STREAM, lambda line: line.get("request_id")),
+    "openai": (
+        "/v1/chat/completions",
+        {"messages": STORY, "stream": True, "max_tokens": 4096},
+        lambda event: (event.get("error") or {}).get("request_id"),
+    ),
+    "responses": (
+        "/v1/responses",
+        {"input": "Tell a story", "stream": True, "max_output_tokens": 4096},
+        lambda event: event.get("request_id") if event.get("type") == "error" else None,
+    ),
+    "anthropic": (
+        "/v1/messages",
+        {"messages": STORY, "stream": True, "max_tokens": 4096},
+        lambda event: event.get("request_id") if event.get("type") == "error" else None,
+    ),
+}
+"""Each API's stream, and where its error message carries the request id (None elsewhere)."""
+
+
+def stream_messages(line: bytes) -> list[dict[str, Any]]:
+    """The JSON message a line of NDJSON or SSE holds (none for SSE's other lines)."""
+    text = line.decode().strip()
+    if text.startswith("data:"):
+        text = text.removeprefix("data:").strip()
+    elif text.startswith(("event:", ":")):
+        return []
+    return [json.loads(text)] if text.startswith("{") else []
+
+
+async def test_a_streams_crash_error_carries_its_request_id_on_every_api(crash_daemon):
+    """The stream's headers went out before the crash, and a client reading events sees the
+    body only: the error message names the request, as the ``X-Request-Id`` header did."""
+    daemon = crash_daemon
+    async with aiohttp.ClientSession() as session:
+        for api, (path, body, request_id_of) in CRASH_STREAMS.items():
+            await assert_serving(session, daemon, "slow:gguf")  # served: no crash loop
+            async with session.post(
+                f"{daemon.url}{path}", json={**body, "model": "slow:gguf"}
+            ) as response:
+                assert response.status == 200, api
+                header = response.headers["X-Request-Id"]
+                messages: list[dict[str, Any]] = []
+                while not messages:
+                    messages += stream_messages(await response.content.readline())
+                (worker,) = workers(daemon)
+                os.kill(worker, signal.SIGKILL)
+                async for line in response.content:
+                    messages += stream_messages(line)
+            ids = [request_id_of(message) for message in messages]
+            assert ids[-1] == header, (api, messages[-1])
+            assert "model_crashed" in json.dumps(messages[-1]), api
+            assert ids[:-1] == [None] * (len(ids) - 1), api  # only the error carries it
 
 
 @pytest.mark.slow

@@ -139,24 +139,14 @@ class _Active:
     solo: _Solo | None = field(default=None)
 
 
-def trial_load(model: LocalModel) -> None:
-    """mlx-lm's load without reading a weight (run in a throwaway process by
-    ``runners/trial.py``): lazily, so the architecture is built and every weight's name and
-    shape checked against it with nothing evaluated, and the tokenizer loaded. A GGUF stops at
-    its conversion's plan (``gguf_convert.plan_conversion``: every tensor matched to its
-    parameter and shape); the conversion itself waits for the first load."""
-    _import_mlx()
-    if model.format == "gguf":
-        from mlxserve.runners.gguf_convert import plan_conversion
+def trial_gguf(model: LocalModel) -> None:
+    """A GGUF's trial on MLX (run in a throwaway process by ``runners/trial.py``): its
+    conversion's plan (``gguf_convert.plan_conversion``: the mlx-lm config from its metadata
+    and every tensor matched to its parameter and shape), from the header alone; the
+    conversion itself waits for the first load."""
+    from mlxserve.runners.gguf_convert import plan_conversion
 
-        plan_conversion(model.weights[0], dequantize=platform.mlx_dequantize_weights())
-        return
-    import mlx_lm
-
-    try:
-        mlx_lm.load(str(model.path), lazy=True)
-    except ValueError as exc:
-        raise UnsupportedArchitectureError(f"mlx-lm cannot load {model.name}: {exc}") from exc
+    plan_conversion(model.weights[0], dequantize=platform.mlx_dequantize_weights())
 
 
 class MlxRunner:

@@ -51,10 +51,11 @@ class RunnerPlugin:
     accepts: dict[str, str] = field(default_factory=dict)
     """Per format, a ``module:function`` taking the ``LocalModel`` that says whether this
     runner can run it (a format absent here: every model of that format)."""
-    trial: str | None = None
-    """``module:function`` taking the ``LocalModel``: the runner's load made cheap (no copy of
-    the weights, no full context) that raises or aborts where the real load would, run in a
-    throwaway process before a model is stored (``runners/trial.py``); ``None``: no trial."""
+    trials: dict[str, str] = field(default_factory=dict)
+    """Per format, a ``module:function`` taking the ``LocalModel``: the runner's load made
+    cheap (no copy of the weights, no full context) that raises or aborts where the real load
+    would, run in a throwaway process before a model is stored (``runners/trial.py``). A format
+    absent here is stored untried."""
 
     def installed(self) -> bool:
         return all(importlib.util.find_spec(module) is not None for module in self.requires)
@@ -69,8 +70,7 @@ class RunnerPlugin:
         return _resolve(self.factory)()
 
     def run_trial(self, model: LocalModel) -> None:
-        if self.trial is not None:
-            _resolve(self.trial)(model)
+        _resolve(self.trials[model.format])(model)
 
 
 def _resolve(target: str) -> Any:
@@ -95,7 +95,7 @@ MLX = RunnerPlugin(
     requires=("mlx", "mlx_lm"),
     install_hint="pip install mlx mlx-lm",
     accepts={"gguf": "mlxserve.runners.registry:mlx_converts"},
-    trial="mlxserve.runners.mlx:trial_load",
+    trials={"gguf": "mlxserve.runners.mlx:trial_gguf"},
 )
 LLAMACPP = RunnerPlugin(
     name="llamacpp",
@@ -105,7 +105,7 @@ LLAMACPP = RunnerPlugin(
     capabilities=(COMPLETION, VISION),
     requires=("llama_cpp",),
     install_hint="pip install 'mlxserve[llamacpp]'",
-    trial="mlxserve.runners.llamacpp:trial_load",
+    trials={"gguf": "mlxserve.runners.llamacpp:trial_load"},
 )
 MLX_EMBEDDINGS = RunnerPlugin(
     name="mlx-embeddings",
@@ -122,7 +122,7 @@ LLAMACPP_EMBEDDINGS = RunnerPlugin(
     capabilities=(EMBEDDING,),
     requires=("llama_cpp",),
     install_hint="pip install 'mlxserve[llamacpp]'",
-    trial="mlxserve.runners.llamacpp:trial_load_weights",
+    trials={"gguf": "mlxserve.runners.llamacpp:trial_load_weights"},
 )
 
 MLX_VLM = RunnerPlugin(

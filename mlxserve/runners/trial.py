@@ -3,12 +3,14 @@
 
 ``/api/create``, ``mlxctl create`` and ``mlxctl import`` give ``ModelStore.commit`` the
 ``check`` made here: once the model's blobs are in, and before its name points at them, the
-runner the model would get (``select.choose_runner``) loads it with its plugin's ``trial``
-function (``registry.RunnerPlugin.trial``: the load made cheap, mmap and no real context) in a
+runner the model would get (``select.choose_runner``) loads it with its plugin's trial for
+its format (``registry.RunnerPlugin.trials``: the load made cheap, mmap and no real context) in a
 throwaway process run as ``python -m mlxserve.runners.trial RUNNER``, under ``TRIAL_TIMEOUT_S``.
 A library that aborts (llama.cpp's assertions on lying metadata) kills only that process; its
 last words on stderr (the assertion) become the reason. A model no installed runner can run is
-stored untried: it may be meant for another machine.
+stored untried: it may be meant for another machine. So is an MLX folder: mlx-lm cannot abort
+on a lying config (it raises), its load failure is already a clear 400 per chat
+(``unsupported_architecture``), and a trial would cost importing mlx-lm and transformers.
 
 The child reads the pickled ``LocalModel`` on stdin and writes its pickled outcome on the
 stdout it started with; its own stdout is pointed at stderr, so nothing a library prints can
@@ -56,13 +58,13 @@ class Trial:
 def trial_load(model: LocalModel, timeout_s: float = TRIAL_TIMEOUT_S) -> Trial | None:
     """Load ``model`` on trial; raise ``ModelUnloadableError`` with the reason if it cannot.
     ``None`` when there is nothing to try it with (no installed runner can run it, or its
-    runner declares no trial)."""
+    runner declares no trial for its format)."""
     try:
         runner = choose_runner(model)
     except (RunnerUnavailableError, UnsupportedFormatError) as exc:
         log.info("%s is stored untried: %s", model.name, exc.message)
         return None
-    if plugins()[runner].trial is None:
+    if model.format not in plugins()[runner].trials:
         return None
     started = time.perf_counter()
     try:
