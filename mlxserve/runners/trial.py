@@ -78,20 +78,17 @@ def trial_load(model: LocalModel, timeout_s: float = TRIAL_TIMEOUT_S) -> Trial |
     except subprocess.TimeoutExpired:  # run() has killed it
         raise _refused(model, runner, f"its load did not finish in {timeout_s:g} s") from None
     stderr = done.stderr.decode("utf-8", "replace")
-    if done.returncode == 0:
+    if done.returncode == 0 and done.stdout:
         status, value = pickle.loads(done.stdout)
         if status == "error":
-            error = unpack_error(value)
-            raise _refused(model, runner, _with_words(str(error), stderr)) from None
+            raise _refused(model, runner, _with_words(str(unpack_error(value)), stderr))
     elif done.returncode < 0:
         name = signal.Signals(-done.returncode).name
-        raise _refused(
-            model, runner, _with_words(f"the library aborted its process ({name})", stderr)
-        )
+        why = f"its process was killed by {name}"  # SIGABRT: the library asserted
+        raise _refused(model, runner, _with_words(why, stderr))
     else:
-        raise _refused(
-            model, runner, _with_words(f"it exited with status {done.returncode}", stderr)
-        )
+        why = f"its process exited with status {done.returncode}"
+        raise _refused(model, runner, _with_words(why, stderr))
     return Trial(runner, time.perf_counter() - started)
 
 
@@ -102,7 +99,7 @@ def _refused(model: LocalModel, runner: str, why: str) -> ModelUnloadableError:
 
 
 def _with_words(why: str, stderr: str) -> str:
-    """``why``, with the library's own line about it (a file path in it cut to its name)."""
+    """``why``, with the library's own last line about it (``LIBRARY_WORDS``), if it left one."""
     found = [match.group(0) for match in LIBRARY_WORDS.finditer(stderr)]
     if not found:
         return why
