@@ -248,11 +248,13 @@ async def daemons_in_turn(
             assert daemon.process is not None
             try:
                 for n in client_counts:
-                    runs[label][n].append(
-                        await concurrent(
-                            daemon.url, model, n, tokens, distinct=True, cpu_of=daemon.process.pid
-                        )
+                    measured = await concurrent(
+                        daemon.url, model, n, tokens, distinct=True, cpu_of=daemon.process.pid
                     )
+                    runs[label][n].append(measured)
+                    # Each run as it ends, on stderr: a run cut short by its time limit on a
+                    # busy machine still leaves what it measured.
+                    print(json.dumps({"daemon": label, **measured}), file=sys.stderr, flush=True)
             finally:
                 daemon.stop()
     return runs
