@@ -13,6 +13,7 @@ BENCHMARKS = [
     "bench.embed",
     "bench.distributed",
     "bench.shape",
+    "bench.trial",
 ]
 
 

@@ -19,6 +19,9 @@ And on the llama.cpp runner (the default GGUF as it is):
 ``--isolation`` measures instead what the worker process costs (docs/RUNNERS.md): the daemon
 with each model in its own worker against the same daemon with ``isolate_runners`` off,
 taking turns ``--rounds`` times, at each ``--clients`` count, on the runners asked.
+``--variant NAME:KEY=VALUE[,KEY=VALUE]`` (repeatable) adds a worker-process daemon whose
+environment (so its workers') has those settings, e.g. ``spin0:GOMP_SPINCOUNT=0``: each
+variant takes its turn in every round and is compared with the in-daemon one.
 """
 
 from __future__ import annotations
@@ -103,11 +106,38 @@ def client_question(index: int) -> str:
     return f"{QUESTION} Make it about sailor number {index}."
 
 
+def process_tree_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user and system) used so far by ``pid`` and its live children (a daemon and
+    its workers), read from ``/proc``; ``None`` where there is no ``/proc``. Unlike wall time,
+    what a side spends per token barely moves with load from elsewhere on a shared machine."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat.parent.name) == pid or int(fields[1]) == pid:
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
 async def concurrent(
-    url: str, model: str, clients: int, tokens: int, distinct: bool = False
+    url: str,
+    model: str,
+    clients: int,
+    tokens: int,
+    distinct: bool = False,
+    cpu_of: int | None = None,
 ) -> dict[str, float]:
+    """``clients`` streams at once; with ``cpu_of`` (a daemon's pid) also the CPU time it and
+    its workers spent per token generated."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
         await stream_chat(session, url, model, 2)
+        cpu_before = process_tree_cpu_s(cpu_of) if cpu_of is not None else None
         started = time.perf_counter()
         results = await asyncio.gather(
             *(
@@ -118,13 +148,17 @@ async def concurrent(
             )
         )
         wall = time.perf_counter() - started
+        cpu_after = process_tree_cpu_s(cpu_of) if cpu_of is not None else None
     total = sum(r["tokens"] for r in results)
-    return {
+    measured = {
         "clients": clients,
         "aggregate_tokens_per_s": round(total / wall, 2),
         "median_ttft_s": round(median([r["ttft_s"] for r in results]), 3),
         "tokens": total,
     }
+    if cpu_before is not None and cpu_after is not None and total:
+        measured["cpu_ms_per_token"] = round((cpu_after - cpu_before) / total * 1000, 3)
+    return measured
 
 
 async def in_process(loaded: LoadedModel, tokens: int) -> dict[str, float]:
@@ -210,11 +244,16 @@ async def daemons_in_turn(
     for _ in range(rounds):
         for label, (flags, env) in configs.items():
             daemon = Daemon(store.root, flags, env).start()
+            assert daemon.process is not None
             try:
                 for n in client_counts:
-                    runs[label][n].append(
-                        await concurrent(daemon.url, model, n, tokens, distinct=True)
+                    measured = await concurrent(
+                        daemon.url, model, n, tokens, distinct=True, cpu_of=daemon.process.pid
                     )
+                    runs[label][n].append(measured)
+                    # Each run as it ends, on stderr: a run cut short by its time limit on a
+                    # busy machine still leaves what it measured.
+                    print(json.dumps({"daemon": label, **measured}), file=sys.stderr, flush=True)
             finally:
                 daemon.stop()
     return runs
@@ -267,37 +306,65 @@ async def llamacpp_slots(
 
 
 async def isolation_cost(
-    store: Any, model: str, tokens: int, client_counts: list[int], rounds: int
+    store: Any,
+    model: str,
+    tokens: int,
+    client_counts: list[int],
+    rounds: int,
+    variants: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """Tokens/s and median time to first token with the runner in a worker process and in
-    the daemon's own, the two daemons taking turns so that load from elsewhere hits both."""
-    configs = {"worker_process": "1", "in_daemon": "0"}
+    """Tokens/s and median time to first token with the runner in a worker process (and in
+    each variant's) and in the daemon's own, the daemons taking turns so that load from
+    elsewhere hits all; each worker side's ratios are against the in-daemon one of the same
+    rounds (per round, then the median, so a burst that hits one round does not decide)."""
+    configs = {
+        "worker_process": {"MLXSERVE_ISOLATE_RUNNERS": "1"},
+        **{
+            name: {"MLXSERVE_ISOLATE_RUNNERS": "1", **env} for name, env in (variants or {}).items()
+        },
+        "in_daemon": {"MLXSERVE_ISOLATE_RUNNERS": "0"},
+    }
     flags = ["--num-parallel", str(max(client_counts)), "--max-queue", "64"]
     runs = await daemons_in_turn(
         store,
-        {label: (flags, {"MLXSERVE_ISOLATE_RUNNERS": value}) for label, value in configs.items()},
+        {label: (flags, env) for label, env in configs.items()},
         model,
         tokens,
         client_counts,
         rounds,
     )
-    result: dict[str, Any] = {"model": model, "rounds": rounds}
+    result: dict[str, Any] = {"model": model, "rounds": rounds, "variants": variants or {}}
     for n in client_counts:
         rate = {
             label: median([r["aggregate_tokens_per_s"] for r in runs[label][n]])
             for label in configs
         }
         ttft = {label: median([r["median_ttft_s"] for r in runs[label][n]]) for label in configs}
-        result[f"{n}_clients"] = {
+        cpu = {
+            label: median([r.get("cpu_ms_per_token", 0.0) for r in runs[label][n]])
+            for label in configs
+        }
+        entry: dict[str, Any] = {
             "tokens_per_s": {label: round(value, 2) for label, value in rate.items()},
             "median_ttft_s": {label: round(value, 3) for label, value in ttft.items()},
-            "tokens_per_s_worker_over_in_daemon": round(
-                rate["worker_process"] / rate["in_daemon"], 3
-            ),
-            "ttft_worker_minus_in_daemon_ms": round(
-                (ttft["worker_process"] - ttft["in_daemon"]) * 1000, 1
-            ),
+            "cpu_ms_per_token": {label: round(value, 3) for label, value in cpu.items()},
         }
+        baseline = runs["in_daemon"][n]
+        for label in configs:
+            if label == "in_daemon":
+                continue
+            ratios = [
+                worker["aggregate_tokens_per_s"] / base["aggregate_tokens_per_s"]
+                for worker, base in zip(runs[label][n], baseline, strict=True)
+            ]
+            deltas = [
+                (worker["median_ttft_s"] - base["median_ttft_s"]) * 1000
+                for worker, base in zip(runs[label][n], baseline, strict=True)
+            ]
+            entry[f"{label}_over_in_daemon_per_round"] = [round(r, 3) for r in ratios]
+            entry[f"{label}_over_in_daemon"] = round(median(ratios), 3)
+            entry[f"{label}_ttft_minus_in_daemon_ms"] = round(median(deltas), 1)
+        result[f"{n}_clients"] = entry
     return result
 
 
@@ -336,18 +403,36 @@ async def channel_cost(chunks: int = 20000, per_write: int = 8) -> dict[str, Any
 
 
 async def measure_isolation(
-    tokens: int, client_counts: list[int], runner: str, rounds: int, threads: int | None
+    tokens: int,
+    client_counts: list[int],
+    runner: str,
+    rounds: int,
+    threads: int | None,
+    variants: dict[str, dict[str, str]],
 ) -> dict[str, Any]:
     store = bench_store()
     result: dict[str, Any] = {"benchmark": "isolation", "tokens": tokens}
     result["channel"] = [await channel_cost(per_write=n) for n in (1, 8)]
     if runner in ("all", "llamacpp"):
         model = await with_threads(store, threads) if threads else MODEL
-        result["llamacpp"] = await isolation_cost(store, model, tokens, client_counts, rounds)
+        result["llamacpp"] = await isolation_cost(
+            store, model, tokens, client_counts, rounds, variants
+        )
     if runner in ("all", "mlx"):
         mlx_copy(store)
-        result["mlx"] = await isolation_cost(store, MLX_MODEL, tokens, client_counts, rounds)
+        result["mlx"] = await isolation_cost(
+            store, MLX_MODEL, tokens, client_counts, rounds, variants
+        )
     return result
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """``NAME:KEY=VALUE[,KEY=VALUE]`` as (name, environment)."""
+    name, _, settings = text.partition(":")
+    env = dict(setting.split("=", 1) for setting in settings.split(",") if setting)
+    if not name or not env:
+        raise argparse.ArgumentTypeError(f"a variant is NAME:KEY=VALUE[,KEY=VALUE], not {text!r}")
+    return name, env
 
 
 async def measure(
@@ -436,11 +521,25 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, help="llama.cpp: n_threads (num_thread)")
     parser.add_argument("--isolation", action="store_true", help="worker process vs in-daemon")
+    parser.add_argument(
+        "--variant",
+        type=parse_variant,
+        action="append",
+        default=[],
+        help="--isolation: a worker-process daemon with this environment, NAME:KEY=VALUE,...",
+    )
     args = parser.parse_args()
     if args.isolation:
         emit(
             asyncio.run(
-                measure_isolation(args.tokens, args.clients, args.runner, args.rounds, args.threads)
+                measure_isolation(
+                    args.tokens,
+                    args.clients,
+                    args.runner,
+                    args.rounds,
+                    args.threads,
+                    dict(args.variant),
+                )
             )
         )
         return

@@ -151,6 +151,7 @@ def create_command(name: str | None, file: Path, quantize: str | None, fuse: boo
     """
     import tempfile
 
+    from mlxserve.runners.trial import loads_check
     from modelstore.spec import build_draft, load_spec, require_valid, reshape
 
     spec = load_spec(file)
@@ -165,5 +166,5 @@ def create_command(name: str | None, file: Path, quantize: str | None, fuse: boo
                 spec, draft, Path(work), quantize=quantize, fuse=fuse, report=status.update
             )
         with byte_progress(f"creating {reference}", draft.total_source_bytes()) as progress:
-            result = store.commit(draft, reference, progress=progress)
+            result = store.commit(draft, reference, progress=progress, check=loads_check(store))
     console.print(f"created [bold]{result.model.name}[/] ({human_size(result.model.size)})")

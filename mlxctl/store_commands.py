@@ -89,6 +89,7 @@ def import_command(
       mlxctl import --from-ollama --all --dry-run --json
       mlxctl import --from-lmstudio lmstudio-community/Qwen3-4B-GGUF
     """
+    from mlxserve.runners.trial import loads_check
     from modelstore.importer import import_path, source_size
 
     store = ModelStore()
@@ -122,6 +123,7 @@ def import_command(
             allow_link=hard_link and not force_copy,
             allow_clone=not force_copy,
             progress=progress,
+            check=loads_check(store),
         )
     report_import(result, as_json)
 

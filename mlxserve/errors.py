@@ -92,6 +92,15 @@ class ModelCrashedError(MlxserveError):
     code = "model_crashed"
 
 
+class ModelUnloadableError(MlxserveError):
+    """A model that failed its trial load at create or import (``runners/trial.py``): its
+    library refused it, aborted on it or hung on it. Refused then, with the reason, instead of
+    stored and failing on every chat."""
+
+    code = "model_unloadable"
+    http_status = 400
+
+
 class ModelCrashLoopError(MlxserveError):
     """A model whose worker crashed again and again without serving anything in between:
     refused, with the last crash's reason, until the model is created again."""

@@ -79,11 +79,20 @@ in another process wanting a core for each token they stall each other. Measured
 under contention (docs/PERFORMANCE.md). On Metal llama.cpp's threads barely run."""
 
 
+GGML_NO_BACKTRACE = "GGML_NO_BACKTRACE"
+"""When set, ggml's abort (a failed ``GGML_ASSERT``) prints its message and aborts at once;
+unset, it first runs gdb on the process for a backtrace where gdb is installed, which took
+seconds per crash on this project's Linux machines and fills the log with gdb's output. A
+worker's or a trial's crash is reported with the assertion's line; the backtrace helps no user."""
+
+
 def worker_environment(environment: dict[str, str]) -> dict[str, str]:
     """The environment of a runner's worker process: the daemon's, plus the OpenMP wait setting
     above on a CPU (a setting the user made wins; libgomp reads it when it loads, which is why
-    it can be set for a worker but not for the daemon's own process)."""
+    it can be set for a worker but not for the daemon's own process), and ggml's abort without
+    a debugger (``GGML_NO_BACKTRACE``)."""
     worker = dict(environment)
+    worker.setdefault(GGML_NO_BACKTRACE, "1")
     if not is_apple_silicon():
         worker.setdefault("GOMP_SPINCOUNT", WORKER_OPENMP_SPINCOUNT)
     return worker

@@ -7,7 +7,7 @@ import re
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -125,13 +125,15 @@ def import_path(
     allow_link: bool = False,
     allow_clone: bool = True,
     progress: ProgressCallback | None = None,
+    check: Callable[[StoredModel], None] | None = None,
 ) -> ImportResult:
     """Import an HF-style folder (or a ``.zip`` of one), a ``.gguf`` file or a packed archive
     (which names itself; anything else is named after itself, ``derived_name``).
 
     A user's folder can still change under the store, so its files are cloned (or copied),
     hard-linked only with ``allow_link`` (``import --link``; the HF cache, whose blobs never
-    change)."""
+    change). ``check`` is ``ModelStore.commit``'s (a packed archive is not checked: it is
+    this project's own packing of a stored model)."""
     if not path.exists():
         raise ImportSourceError(f"{path}: no such file or folder", path=str(path))
     if path.is_file() and path.suffix != ".gguf" and is_archive(path):
@@ -141,11 +143,16 @@ def import_path(
         with unpacked_zip(path, store.blobs.tmp_dir) as folder:
             draft = draft_from_path(folder)
             draft.config.source = {"kind": "zip", "name": path.name}
-            result = store.commit(draft, name, progress=progress)
+            result = store.commit(draft, name, progress=progress, check=check)
     else:
         draft = draft_from_path(path)
         result = store.commit(
-            draft, name, allow_link=allow_link, allow_clone=allow_clone, progress=progress
+            draft,
+            name,
+            allow_link=allow_link,
+            allow_clone=allow_clone,
+            progress=progress,
+            check=check,
         )
     warning = template_warning(draft.config.template_source)
     return ImportResult([result.model], result.blobs, [warning] if warning else [])

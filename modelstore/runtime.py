@@ -48,7 +48,12 @@ def template_in_use(store: ModelStore, model: StoredModel, config: ModelConfig) 
 
 
 def open_model(store: ModelStore, name: str) -> LocalModel:
-    model = store.resolve(name)
+    return open_stored(store, store.resolve(name))
+
+
+def open_stored(store: ModelStore, model: StoredModel) -> LocalModel:
+    """``model`` ready for a runner; also one whose name does not point at it yet (a trial
+    load before ``ModelStore.commit`` tags it)."""
     config = store.config(model)
     folder = store.materialize(model)
     weight_type = (

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,8 +232,13 @@ class ModelStore:
         allow_link: bool = True,
         allow_clone: bool = True,
         progress: ProgressCallback | None = None,
+        check: Callable[[StoredModel], None] | None = None,
     ) -> CommitResult:
-        """Store every layer of ``draft``, then its config, then the manifest (last)."""
+        """Store every layer of ``draft``, then its config, then the manifest (last).
+
+        ``check`` sees the model once its blobs are in and before ``name`` points at it (the
+        daemon's and the CLI's trial load, ``mlxserve/runners/trial.py``): what it raises
+        leaves the name as it was, and the blobs for ``gc``."""
         ref = parse_reference(name) if isinstance(name, str) else name
         hows: dict[str, StoredHow] = {}
         with self.writing():
@@ -251,7 +257,12 @@ class ModelStore:
                 hows[layer.title] = written.how
                 written_layers.append((written.digest, written.size))
             self.blobs.write_bytes(draft.config.to_bytes())
-            stored = self.put_manifest(ref, draft_manifest(draft, written_layers))
+            manifest = draft_manifest(draft, written_layers)
+            if check is not None:
+                data = manifest.to_bytes()
+                self.blobs.write_bytes(data)
+                check(StoredModel(ref, sha256_digest(data), manifest, time.time()))
+            stored = self.put_manifest(ref, manifest)
         return CommitResult(stored, hows)
 
     def add_blob_stream(

@@ -1,9 +1,13 @@
 """Each loaded model runs in its own worker process (``mlxserve/runners/isolated.py``): a model
 that aborts its library, a worker killed or hung, ends its own requests with ``model_crashed``
 while the daemon and its other models keep answering; a model that keeps crashing is refused.
+A model that cannot load is refused before that, at create and import, by a trial load in a
+throwaway process (``mlxserve/runners/trial.py``).
 
 The crash cases are real: GGUFs whose metadata lies in ways that make llama.cpp abort the
-process (``FACTS.md``), and real signals sent to the worker.
+process (``FACTS.md``), and real signals sent to the worker. The lying GGUFs reach the worker
+by being in the store already (imported by ``modelstore`` alone, as a store written before
+trial loads existed, or by another tool): through create or import they are refused.
 """
 
 from __future__ import annotations
@@ -15,21 +19,23 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from tests.cli import mlxctl
 from tests.conftest import populated_store
 from tests.daemon import Daemon
+from tests.fixtures.gguf_models import Lie
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="finds the workers and their maps in /proc"
 )
 
-LIES: dict[str, dict[str, int | float]] = {
+LIES: dict[str, dict[str, Lie]] = {
     "block_count": {"llama.block_count": 10000},
     "expert_count": {"llama.expert_count": 4},
     "nan_epsilon": {"llama.attention.layer_norm_rms_epsilon": float("nan")},
@@ -37,6 +43,21 @@ LIES: dict[str, dict[str, int | float]] = {
 """Metadata lies that pass the import's checks and abort llama.cpp (SIGABRT) at load or at the
 first decode: a block count the tensors do not have, experts on a dense model, and a NaN norm
 epsilon (two threads assert at once)."""
+REFUSALS: dict[str, tuple[dict[str, Lie], str]] = {
+    "block_count": (LIES["block_count"], "GGML_ASSERT(hparams.n_layer_all > 0"),
+    "block_count_0": ({"llama.block_count": 0}, "GGML_ASSERT(hparams.n_layer_all > 0"),
+    "expert_count": (LIES["expert_count"], "GGML_ASSERT(n_expert_used_max > 0)"),
+    "nan_epsilon": (LIES["nan_epsilon"], "GGML_ASSERT(eps >= 0.0f)"),
+    "head_count_0": ({"llama.attention.head_count": 0}, "'blk.0.attn_q.weight' has wrong shape"),
+    "architecture": ({"general.architecture": "nonsense"}, "unknown model architecture"),
+    "short_vocabulary": (
+        {"tokenizer.ggml.tokens": [f"t{i}" for i in range(200)]},
+        "'token_embd.weight' has wrong shape",
+    ),
+}
+"""Every lie, and the library's words its refusal at create carries: the aborts above, and
+models llama.cpp refuses to load (no head, an unknown architecture, fewer tokens than the
+embedding has rows), which were accepted and then failed every chat."""
 STALL_S = 30.0
 """The daemon's ``runner_stall_timeout_s`` here (a load has its own, longer deadline): long
 enough for a cold prefill on this shared 2-core machine at its busiest (15 s was not), short
@@ -53,17 +74,21 @@ def lying_ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("lying")
     return {
-        name: write_f32_gguf("llama", root / f"{name}.gguf", lies) for name, lies in LIES.items()
+        name: write_f32_gguf("llama", root / f"{name}.gguf", lies)
+        for name, (lies, _) in REFUSALS.items()
     }
 
 
 @pytest.fixture
-def crash_daemon(tiny_models, default_gguf, tmp_path):
-    """The tiny models, and the default model as ``slow:gguf`` (a stream that lasts seconds)."""
+def crash_daemon(tiny_models, default_gguf, lying_ggufs, tmp_path):
+    """The tiny models, the default model as ``slow:gguf`` (a stream that lasts seconds), and
+    each lie that aborts llama.cpp as ``liar:<lie>``, stored without a trial."""
     from modelstore.importer import import_path
 
     store = populated_store(tmp_path / "home", tiny_models)
     import_path(store, default_gguf, "slow:gguf")
+    for lie in LIES:
+        import_path(store, lying_ggufs[lie], f"liar:{lie}")
     daemon = Daemon(store.root, env={"MLXSERVE_RUNNER_STALL_TIMEOUT_S": str(STALL_S)}).start()
     yield daemon
     daemon.stop()
@@ -145,29 +170,93 @@ async def assert_serving(session: aiohttp.ClientSession, daemon: Daemon, model: 
     assert daemon.process is not None and daemon.process.poll() is None
 
 
-@pytest.mark.parametrize("lie", LIES)
-async def test_a_gguf_whose_metadata_aborts_llama_cpp_crashes_its_worker_only(
+@pytest.mark.parametrize("lie", REFUSALS)
+async def test_a_gguf_that_cannot_load_is_refused_at_create_with_the_reason(
     crash_daemon, lying_ggufs, lie
 ):
     daemon = crash_daemon
     async with aiohttp.ClientSession() as session:
-        status, created = await create_from_file(session, daemon, lying_ggufs[lie], "liar:1")
-        if status != 200:  # refused at create is as good, if it says why
-            assert status == 400 and created["code"], created
-            return
+        await assert_serving(session, daemon, "tiny:gguf")
+        (other,) = workers(daemon)
+        async with version_probe(session, daemon) as answers:
+            status, body = await create_from_file(session, daemon, lying_ggufs[lie], "refused:1")
+        assert status == 400, body
+        assert body["code"] == "model_unloadable"
+        assert REFUSALS[lie][1] in body["error"], body
+        assert answers and max(answers) < VERSION_ANSWER_S
+        async with session.post(f"{daemon.url}/api/show", json={"model": "refused:1"}) as shown:
+            assert shown.status == 404  # never stored under its name
+        assert workers(daemon) == {other}  # the trial's process is gone; the other model serves
+        await assert_serving(session, daemon, "tiny:gguf")
+
+
+async def test_a_streamed_create_ends_with_the_refusal_and_its_request_id(
+    crash_daemon, lying_ggufs
+):
+    from modelstore.blobs import hash_file
+
+    daemon = crash_daemon
+    path = lying_ggufs["block_count"]
+    digest, _ = hash_file(path)
+    async with aiohttp.ClientSession() as session:
+        await session.post(f"{daemon.url}/api/blobs/{digest}", data=path.read_bytes())
+        async with session.post(
+            f"{daemon.url}/api/create",
+            json={"model": "refused:1", "files": {"model.gguf": digest}},
+        ) as response:
+            assert response.status == 200  # the progress stream began before the trial
+            lines = [json.loads(line) async for line in response.content if line.strip()]
+            header = response.headers["X-Request-Id"]
+    assert lines[-1]["code"] == "model_unloadable", lines
+    assert lines[-1]["request_id"] == header
+    assert all(line.get("status") != "success" for line in lines)
+
+
+@pytest.mark.parametrize("command", ["import", "create"])
+@pytest.mark.parametrize("lie", ["block_count", "nan_epsilon", "architecture"])
+def test_the_cli_refuses_a_gguf_that_cannot_load_with_the_reason(
+    lying_ggufs, tmp_path, command, lie
+):
+    home = tmp_path / "home"
+    if command == "import":
+        args = ["import", str(lying_ggufs[lie]), "--name", "refused:1"]
+    else:
+        spec = tmp_path / "refused.modelspec.yaml"
+        spec.write_text(f"from: {lying_ggufs[lie]}\n")
+        args = ["create", "refused:1", "-f", str(spec)]
+    result = mlxctl(*args, home=home, check=False)
+    assert result.returncode == 1, result.stdout
+    assert "[model_unloadable]" in result.stderr
+    assert REFUSALS[lie][1] in result.stderr
+    assert "refused:1" not in mlxctl("list", home=home).stdout
+
+
+def test_a_gguf_that_loads_passes_its_trial(default_gguf, tmp_path):
+    home = tmp_path / "home"
+    mlxctl("import", str(default_gguf), "--name", "fine:1", home=home)
+    assert "fine:1" in mlxctl("list", home=home).stdout
+
+
+@pytest.mark.parametrize("lie", LIES)
+async def test_a_stored_gguf_whose_metadata_aborts_llama_cpp_crashes_its_worker_only(
+    crash_daemon, lie
+):
+    daemon = crash_daemon
+    liar = f"liar:{lie}"
+    async with aiohttp.ClientSession() as session:
         await assert_serving(session, daemon, "tiny:gguf")
         (other,) = workers(daemon)
         for _ in range(2):
             started = time.monotonic()
             async with version_probe(session, daemon) as answers:
-                status, body = await chat(session, daemon, "liar:1")
+                status, body = await chat(session, daemon, liar)
             assert status == 500, body
             assert body["code"] == "model_crashed"
             assert "SIGABRT" in body["error"] or "no progress" in body["error"]
             assert time.monotonic() - started < CRASH_ANSWER_S
             assert answers and max(answers) < VERSION_ANSWER_S
             assert workers(daemon) == {other}  # its memory is returned: the worker is gone
-        status, body = await chat(session, daemon, "liar:1")
+        status, body = await chat(session, daemon, liar)
         assert status == 500, body
         assert body["code"] == "model_crash_loop"
         assert "crashed 2 times in a row" in body["error"]
@@ -211,6 +300,63 @@ async def test_a_worker_killed_mid_stream_ends_the_stream_and_then_is_refused(cr
         assert status == 500
         assert body["code"] == "model_crash_loop", body
         await assert_serving(session, daemon, "tiny:gguf")
+
+
+STORY = [{"role": "user", "content": "Tell a story"}]
+CRASH_STREAMS: dict[str, tuple[str, dict[str, Any], Callable[[dict[str, Any]], Any]]] = {
+    "native": ("/api/generate", STREAM, lambda line: line.get("request_id")),
+    "openai": (
+        "/v1/chat/completions",
+        {"messages": STORY, "stream": True, "max_tokens": 4096},
+        lambda event: (event.get("error") or {}).get("request_id"),
+    ),
+    "responses": (
+        "/v1/responses",
+        {"input": "Tell a story", "stream": True, "max_output_tokens": 4096},
+        lambda event: event.get("request_id") if event.get("type") == "error" else None,
+    ),
+    "anthropic": (
+        "/v1/messages",
+        {"messages": STORY, "stream": True, "max_tokens": 4096},
+        lambda event: event.get("request_id") if event.get("type") == "error" else None,
+    ),
+}
+"""Each API's stream, and where its error message carries the request id (None elsewhere)."""
+
+
+def stream_messages(line: bytes) -> list[dict[str, Any]]:
+    """The JSON message a line of NDJSON or SSE holds (none for SSE's other lines)."""
+    text = line.decode().strip()
+    if text.startswith("data:"):
+        text = text.removeprefix("data:").strip()
+    elif text.startswith(("event:", ":")):
+        return []
+    return [json.loads(text)] if text.startswith("{") else []
+
+
+async def test_a_streams_crash_error_carries_its_request_id_on_every_api(crash_daemon):
+    """The stream's headers went out before the crash, and a client reading events sees the
+    body only: the error message names the request, as the ``X-Request-Id`` header did."""
+    daemon = crash_daemon
+    async with aiohttp.ClientSession() as session:
+        for api, (path, body, request_id_of) in CRASH_STREAMS.items():
+            await assert_serving(session, daemon, "slow:gguf")  # served: no crash loop
+            async with session.post(
+                f"{daemon.url}{path}", json={**body, "model": "slow:gguf"}
+            ) as response:
+                assert response.status == 200, api
+                header = response.headers["X-Request-Id"]
+                messages: list[dict[str, Any]] = []
+                while not messages:
+                    messages += stream_messages(await response.content.readline())
+                (worker,) = workers(daemon)
+                os.kill(worker, signal.SIGKILL)
+                async for line in response.content:
+                    messages += stream_messages(line)
+            ids = [request_id_of(message) for message in messages]
+            assert ids[-1] == header, (api, messages[-1])
+            assert "model_crashed" in json.dumps(messages[-1]), api
+            assert ids[:-1] == [None] * (len(ids) - 1), api  # only the error carries it
 
 
 @pytest.mark.slow

@@ -51,6 +51,11 @@ class RunnerPlugin:
     accepts: dict[str, str] = field(default_factory=dict)
     """Per format, a ``module:function`` taking the ``LocalModel`` that says whether this
     runner can run it (a format absent here: every model of that format)."""
+    trials: dict[str, str] = field(default_factory=dict)
+    """Per format, a ``module:function`` taking the ``LocalModel``: the runner's load made
+    cheap (no copy of the weights, no full context) that raises or aborts where the real load
+    would, run in a throwaway process before a model is stored (``runners/trial.py``). A format
+    absent here is stored untried."""
 
     def installed(self) -> bool:
         return all(importlib.util.find_spec(module) is not None for module in self.requires)
@@ -64,6 +69,9 @@ class RunnerPlugin:
     def make(self) -> Any:
         return _resolve(self.factory)()
 
+    def run_trial(self, model: LocalModel) -> None:
+        _resolve(self.trials[model.format])(model)
+
 
 def _resolve(target: str) -> Any:
     """``module:attribute``, imported when first needed."""
@@ -71,10 +79,13 @@ def _resolve(target: str) -> Any:
     return getattr(importlib.import_module(module), attribute)
 
 
-def _on_llamacpp(name: str, factory: str, *capabilities: str) -> RunnerPlugin:
-    """A built-in runner over llama-cpp-python: GGUF files, the ``llamacpp`` extra."""
+def _on_llamacpp(name: str, factory: str, *capabilities: str, trial: str) -> RunnerPlugin:
+    """A built-in runner over llama-cpp-python: GGUF files, the ``llamacpp`` extra, tried at
+    create by ``trial``."""
     hint = "pip install 'mlxserve[llamacpp]'"
-    return RunnerPlugin(name, factory, ("gguf",), capabilities, ("llama_cpp",), hint)
+    return RunnerPlugin(
+        name, factory, ("gguf",), capabilities, ("llama_cpp",), hint, trials={"gguf": trial}
+    )
 
 
 def _on_mlx_folders(
@@ -94,10 +105,15 @@ MLX = RunnerPlugin(
     requires=("mlx", "mlx_lm"),
     install_hint="pip install mlx mlx-lm",
     accepts={"gguf": "mlxserve.runners.mlx.gguf_convert:mlx_converts"},
+    trials={"gguf": "mlxserve.runners.mlx.runner:trial_gguf"},
 )
 # A GGUF vision model is one with a projector (mmproj), which the runner loads with libmtmd.
 LLAMACPP = _on_llamacpp(
-    "llamacpp", "mlxserve.runners.llamacpp.runner:LlamaCppRunner", COMPLETION, VISION
+    "llamacpp",
+    "mlxserve.runners.llamacpp.runner:LlamaCppRunner",
+    COMPLETION,
+    VISION,
+    trial="mlxserve.runners.llamacpp.runner:trial_load",
 )
 MLX_EMBEDDINGS = _on_mlx_folders(
     "mlx-embeddings",
@@ -107,7 +123,10 @@ MLX_EMBEDDINGS = _on_mlx_folders(
     "mlx_embeddings",
 )
 LLAMACPP_EMBEDDINGS = _on_llamacpp(
-    "llamacpp-embeddings", "mlxserve.runners.llamacpp.embed:LlamaCppEmbeddingRunner", EMBEDDING
+    "llamacpp-embeddings",
+    "mlxserve.runners.llamacpp.embed:LlamaCppEmbeddingRunner",
+    EMBEDDING,
+    trial="mlxserve.runners.llamacpp.runner:trial_load_weights",
 )
 MLX_VLM = _on_mlx_folders(
     "mlx-vlm", "mlxserve.runners.mlx.vision:MlxVisionRunner", VISION, "vision", "mlx_vlm", "PIL"

@@ -357,14 +357,10 @@ class ResponsesEncoder:
             return [*self._close(), self._event(kind, response=self.response(status))]
         assert isinstance(event, ErrorEvent)
         error = error_body(event.error, "openai")["error"]
+        assert isinstance(error, dict)
         return [
-            self._event(
-                "error",
-                code=error["code"],
-                message=error["message"],  # type: ignore[index]
-                param=error["param"],
-            )
-        ]  # type: ignore[index]
+            self._event("error", **{key: value for key, value in error.items() if key != "type"})
+        ]
 
     def closing(self) -> list[Frame]:
         return []

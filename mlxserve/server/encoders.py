@@ -4,7 +4,7 @@ Each API supplies a ``WireEncoder`` (its events -> its messages); this module ow
 transport: the response opens on the first event (so errors before it keep their HTTP status),
 SSE keep-alives go out during a long prefill (after the envelope's opening messages, never
 before them), and a failure after the response started is sent
-as the API's own error message, last.
+as the API's own error message, last, carrying the request's id (``errors.with_request_id``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from mlxserve.chat.core import ChatRun
-from mlxserve.chat.types import Event
+from mlxserve.chat.types import ErrorEvent, Event
+from mlxserve.server.errors import with_request_id
 
 NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
@@ -106,10 +107,15 @@ async def stream_events(
 ) -> web.StreamResponse:
     writer = _Writer(request, content_type, keepalive, encoder.opening(run.prompt_tokens))
     heartbeat = writer.heartbeat if keepalive is not None else None
-    first = await run.first(heartbeat, keepalive_s)
-    await writer.send(encoder.encode(first))
+
+    def encode(event: Event) -> list[Frame]:
+        if isinstance(event, ErrorEvent):
+            event = ErrorEvent(with_request_id(event.error, request["request_id"]))
+        return encoder.encode(event)
+
+    await writer.send(encode(await run.first(heartbeat, keepalive_s)))
     async for event in run.rest():
-        await writer.send(encoder.encode(event))
+        await writer.send(encode(event))
     await writer.send(encoder.closing())
     response = await writer.ensure()
     await response.write_eof()

@@ -3,7 +3,10 @@
 Native routes answer Ollama's shape (``{"error": "..."}``) plus our stable ``code``; ``/v1``
 routes answer OpenAI's (``{"error": {"message", "type", "code", "param"}}``), and
 ``/v1/messages`` Anthropic's (``{"type": "error", "error": {"type", "message"}}``, plus our
-``code`` and ``param``: every API carries the stable code).
+``code`` and ``param``: every API carries the stable code). An error that carries its
+request's id (``REQUEST_ID`` in its details: a stream's error, an internal error) says it in
+the body too, where each API's clients look for it: top-level ``request_id`` natively and on
+Anthropic's API (as Anthropic's own error bodies), inside ``error`` on OpenAI's.
 """
 
 from __future__ import annotations
@@ -28,6 +31,22 @@ OPENAI_TYPES = {
 RETRY_AFTER_SECONDS = 1
 RETRY_STATUSES = frozenset({429, 503})
 """Statuses that are worth retrying: the client is told when (``Retry-After``)."""
+
+
+REQUEST_ID = "request_id"
+"""The detail an error carries its request's id in (``with_request_id``)."""
+
+
+def with_request_id(error: MlxserveError, request_id: str) -> MlxserveError:
+    """``error`` as one request's: for an error sent after a stream began, whose client reads
+    events and may never see the stream's headers. A copy, since one error can end several
+    requests (a crashed worker's)."""
+    kind = type(error)
+    stamped = kind.__new__(kind, *error.args)
+    stamped.__dict__.update(error.__dict__)
+    stamped.args = error.args
+    stamped.details = {**error.details, REQUEST_ID: request_id}
+    return stamped
 
 
 def status_for(error: MlxserveError) -> int:
@@ -106,6 +125,8 @@ def _worded(error: MlxserveError, style: ErrorStyle) -> tuple[str, str]:
 def _error_body(error: MlxserveError, style: ErrorStyle) -> dict[str, object]:
     status = status_for(error)
     message, code = _worded(error, style)
+    request_id = error.details.get(REQUEST_ID)
+    tagged = {REQUEST_ID: request_id} if request_id is not None else {}
     if style == "openai":
         return {
             "error": {
@@ -113,6 +134,7 @@ def _error_body(error: MlxserveError, style: ErrorStyle) -> dict[str, object]:
                 "type": OPENAI_TYPES.get(status, "server_error"),
                 "code": code,
                 "param": error.details.get("param"),
+                **tagged,
             }
         }
     if style == "anthropic":
@@ -124,10 +146,12 @@ def _error_body(error: MlxserveError, style: ErrorStyle) -> dict[str, object]:
                 "code": code,
                 "param": error.details.get("param"),
             },
+            **tagged,
         }
-    body: dict[str, object] = {"error": message, "code": code}
-    if error.details:
-        body["details"] = error.details
+    body: dict[str, object] = {"error": message, "code": code, **tagged}
+    details = {key: value for key, value in error.details.items() if key != REQUEST_ID}
+    if details:
+        body["details"] = details
     return body
 
 

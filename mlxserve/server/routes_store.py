@@ -17,10 +17,11 @@ import yaml
 from aiohttp import web
 
 from mlxserve.errors import InvalidRequestError
+from mlxserve.runners.trial import loads_check
 from mlxserve.server import validate
 from mlxserve.server.describe import show_body
 from mlxserve.server.encoders import NDJSON, open_stream, write_ndjson
-from mlxserve.server.errors import error_body
+from mlxserve.server.errors import error_body, with_request_id
 from mlxserve.server.state import MANAGER, STORE
 from mlxserve.server.validate import json_body, model_name
 from modelstore.errors import MlxserveError
@@ -56,7 +57,8 @@ async def run_with_status(request: web.Request, stream: bool, work: Work) -> web
         if response is None:
             raise
         # The error is the last line, as docs/API.md says: never "success" after it.
-        await write_ndjson(response, error_body(error, "native"))
+        stamped = with_request_id(error, request["request_id"])
+        await write_ndjson(response, error_body(stamped, "native"))
     else:
         if response is None:
             response = await open_stream(request, NDJSON)
@@ -180,7 +182,10 @@ async def create(request: web.Request) -> web.StreamResponse:
             except MlxserveError as error:
                 raise without_paths(error, folder) from None
             report({"status": "writing manifest"})
-            await asyncio.to_thread(store.commit, draft, name)
+            try:
+                await asyncio.to_thread(store.commit, draft, name, check=loads_check(store))
+            except MlxserveError as error:
+                raise without_paths(error, folder) from None
             request.app[MANAGER].forget_crashes(str(name))
 
     return await run_with_status(request, stream, work)

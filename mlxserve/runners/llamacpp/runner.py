@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from mlxserve.errors import (
     ContextOverflowError,
     InferenceError,
     InvalidRequestError,
+    ModelUnloadableError,
     UnsupportedFormatError,
 )
 from mlxserve.runners.base import (
@@ -55,6 +57,65 @@ def load_lora(llama_cpp: Any, model: Any, adapter: Path | None) -> Any:
     if not lora:
         raise InferenceError(f"llama.cpp could not load the adapter {adapter.name}")
     return lora
+
+
+TRIAL_CONTEXT = 32
+"""Tokens of context in a trial load: enough for one decode, so its KV cache is a few KiB."""
+
+
+def trial_load(model: LocalModel, *, decode: bool = True) -> None:
+    """llama.cpp's load, as cheap as it can be and still find what aborts it (run in a
+    throwaway process by ``runners/trial.py``): the weights memory-mapped on the CPU (no copy,
+    no GPU buffer), a context of ``TRIAL_CONTEXT`` tokens, and with ``decode`` one token
+    decoded on one thread: some lies abort only in a kernel (a NaN norm epsilon asserts in
+    ``rms_norm`` at the first decode), and one thread makes that a clean abort where two
+    threads asserting at once hang."""
+    llama_cpp = import_llama_cpp()
+    llama_cpp.llama_log_set(_errors_to_stderr(llama_cpp), None)
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = 0
+    params.use_mmap = True
+    loaded = llama_cpp.llama_model_load_from_file(str(model.weights[0]).encode(), params)
+    if not loaded:
+        raise ModelUnloadableError("llama.cpp could not load it")
+    if not decode:
+        return
+    context_params = llama_cpp.llama_context_default_params()
+    context_params.n_ctx = context_params.n_batch = context_params.n_ubatch = TRIAL_CONTEXT
+    context_params.n_seq_max = context_params.n_threads = context_params.n_threads_batch = 1
+    context = llama_cpp.llama_init_from_model(loaded, context_params)
+    if not context:
+        raise ModelUnloadableError("llama.cpp could not make a context for it")
+    vocab = llama_cpp.llama_model_get_vocab(loaded)
+    token = max(llama_cpp.llama_vocab_bos(vocab), 0)
+    tokens = (llama_cpp.llama_token * 1)(token)
+    status = llama_cpp.llama_decode(context, llama_cpp.llama_batch_get_one(tokens, 1))
+    if status != 0:
+        raise ModelUnloadableError(f"llama.cpp could not decode a token with it (status {status})")
+
+
+GGML_LOG_LEVEL_ERROR = 4
+"""ggml's level for errors (llama-cpp-python 0.3.36's own log callback still maps 3 to
+errors, an older numbering, and so drops them when it is not verbose)."""
+_log_callbacks: list[Any] = []
+"""The ctypes callbacks handed to llama.cpp, kept alive for as long as it may call them."""
+
+
+def _errors_to_stderr(llama_cpp: Any) -> Any:
+    """A llama.cpp log callback that writes its errors (why a load failed) to stderr."""
+
+    @llama_cpp.llama_log_callback
+    def log(level: int, text: bytes, _: Any) -> None:
+        if level == GGML_LOG_LEVEL_ERROR:
+            sys.stderr.write(text.decode("utf-8", "replace"))
+
+    _log_callbacks.append(log)
+    return log
+
+
+def trial_load_weights(model: LocalModel) -> None:
+    """``trial_load`` without the decode: for embedding models, which encode."""
+    trial_load(model, decode=False)
 
 
 class LlamaCppRunner(RunnerBase):

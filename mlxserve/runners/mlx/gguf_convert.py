@@ -639,16 +639,11 @@ def open_convertible(gguf_path: Path) -> tuple[Any, GgufMeta, Architecture]:
     return reader, meta, arch
 
 
-def convert_gguf(
-    gguf_path: Path,
-    out: Path,
-    *,
-    dequantize: bool,
-    progress: ConvertProgress | None = None,
-) -> Path:
-    """Write an MLX model folder for ``gguf_path`` at ``out`` (atomically) and return it."""
-    if (out / "config.json").is_file():
-        return out
+def plan_conversion(
+    gguf_path: Path, *, dequantize: bool
+) -> tuple[Any, GgufMeta, dict[str, Any], list[PlannedTensor]]:
+    """The conversion's plan, from the header alone: the mlx-lm config and every tensor
+    matched to its parameter and shape (a trial load stops here: no tensor is read)."""
     reader, meta, arch = open_convertible(gguf_path)
     names = {tensor.name for tensor in reader.tensors}
     tokens = reader.fields.get("tokenizer.ggml.tokens")
@@ -661,8 +656,22 @@ def convert_gguf(
     scaling = rope_scaling(meta)
     if scaling:
         config["rope_scaling"] = scaling
-    float_dtype = "F32" if dequantize else "F16"
     planned = plan_tensors(meta, arch, config, quantize=not dequantize)
+    return reader, meta, config, planned
+
+
+def convert_gguf(
+    gguf_path: Path,
+    out: Path,
+    *,
+    dequantize: bool,
+    progress: ConvertProgress | None = None,
+) -> Path:
+    """Write an MLX model folder for ``gguf_path`` at ``out`` (atomically) and return it."""
+    if (out / "config.json").is_file():
+        return out
+    reader, meta, config, planned = plan_conversion(gguf_path, dequantize=dequantize)
+    float_dtype = "F32" if dequantize else "F16"
     out.parent.mkdir(parents=True, exist_ok=True)
     require_room(planned, float_dtype, out.parent)
     layout = {p.name.removesuffix(".weight"): p.bits for p in planned if p.bits}

@@ -160,6 +160,16 @@ class _Active:
     solo: _Solo | None = field(default=None)
 
 
+def trial_gguf(model: LocalModel) -> None:
+    """A GGUF's trial on MLX (run in a throwaway process by ``runners/trial.py``): its
+    conversion's plan (``gguf_convert.plan_conversion``: the mlx-lm config from its metadata
+    and every tensor matched to its parameter and shape), from the header alone; the
+    conversion itself waits for the first load."""
+    from mlxserve.runners.mlx.gguf_convert import plan_conversion
+
+    plan_conversion(model.weights[0], dequantize=platform.mlx_dequantize_weights())
+
+
 class MlxRunner(MlxRunnerBase):
     """MLX folders and convertible GGUFs on mlx-lm's ``BatchGenerator``."""
 
