@@ -213,11 +213,18 @@ class LlamaCppRunner:
         if self._cache is not None:
             await asyncio.to_thread(self._cache.spill)
 
+    def release_prompt_cache(self) -> int:
+        """Free the prompt cache's RAM tier (memory admission wants the room); bytes freed."""
+        cache = self._cache
+        return cache.release_ram() if cache is not None else 0
+
     def describe(self) -> LoadedModelInfo:
         if self._info is None:
             raise ModelNotLoadedError("no model is loaded in the llama.cpp runner")
         if self._cache is not None:
-            self._info.details["prompt_cache"] = self._cache.stats()
+            stats = self._cache.stats()
+            self._info.details["prompt_cache"] = stats
+            self._info.details["prompt_cache_ram_bytes"] = stats["ram"]["bytes"]
         return self._info
 
     @property
