@@ -30,7 +30,11 @@ Prints JSON: per phase, session and turn the load time, time to first token, pro
 tokens and decode rate, and the ratios the issue sets as goals.
 
     python -m bench.agent [--runner llamacpp|mlx] [--system-tokens 4000] [--turns 10]
-        [--phases mlxserve nodisk peer decode]
+        [--phases mlxserve nodisk peer decode] [--peer-python PYTHON]
+
+``--peer-python``: an interpreter that has llama-cpp-python's server extras (uvicorn,
+fastapi, sse-starlette, starlette-context, pydantic-settings), which the project does not
+install; e.g. a venv whose ``.pth`` adds this one's site-packages.
 """
 
 from __future__ import annotations
@@ -287,9 +291,9 @@ class LlamaCppServer(OpenAIPeer):
     """llama-cpp-python's server with two aliases of the GGUF: asking for the other one frees
     the agent's model and loads it again (its one-model-at-a-time proxy)."""
 
-    def __init__(self, gguf: Path, folder: Path) -> None:
+    def __init__(self, gguf: Path, folder: Path, python: str) -> None:
         self.agent, self.other = "agent", "other"
-        self.gguf, self.folder = gguf, folder
+        self.gguf, self.folder, self.python = gguf, folder, python
 
     def command(self, port: int) -> tuple[list[str], dict[str, str], str]:
         models = [
@@ -298,7 +302,7 @@ class LlamaCppServer(OpenAIPeer):
         ]
         config = self.folder / "llama-cpp-server.json"
         config.write_text(json.dumps({"host": "127.0.0.1", "port": port, "models": models}))
-        command = [sys.executable, "-c", LLAMA_CPP_SERVER, "--config_file", str(config)]
+        command = [self.python, "-c", LLAMA_CPP_SERVER, "--config_file", str(config)]
         return command, {}, "/v1/models"
 
 
@@ -432,6 +436,7 @@ def main() -> None:
         default=["mlxserve", "nodisk", "peer", "decode"],
         choices=["mlxserve", "nodisk", "peer", "decode"],
     )
+    parser.add_argument("--peer-python", default=sys.executable)
     args = parser.parse_args()
     if args.system_tokens is None:
         args.system_tokens = MLX_SYSTEM_TOKENS if args.runner == "mlx" else LLAMACPP_SYSTEM_TOKENS
@@ -451,7 +456,7 @@ def main() -> None:
         other.symlink_to(args.mlx_folder, target_is_directory=True)
         phases["peer"] = MlxLmServer(args.mlx_folder, other)
     else:
-        phases["peer"] = LlamaCppServer(weights, scratch)
+        phases["peer"] = LlamaCppServer(weights, scratch, args.peer_python)
     labels = {"nodisk": "mlxserve_without_disk_tier", "peer": phases["peer"].__class__.__name__}
     try:
         for phase in [p for p in args.phases if p != "decode"]:

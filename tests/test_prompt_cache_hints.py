@@ -15,17 +15,19 @@ import anthropic
 import openai
 import pytest
 
+from mlxserve.runners.promptcache import BLOCK_TOKENS
 from modelstore.default_model import DEFAULT_MODEL, ensure_default_model
 from modelstore.store import ModelStore
 from tests.daemon import Daemon
 
 pytestmark = pytest.mark.slow
 
-PROMPT_WORDS = 160
-"""About 320 tokens: five whole 64-token blocks, a state of about 7 MB on the default model."""
-RAM_TIER_BYTES = 10_000_000
+PROMPT_WORDS = 100
+"""About 345 tokens with the template: five whole 64-token blocks, a state of about 8 MB on the
+default model (23,040 bytes a token)."""
+RAM_TIER_BYTES = 12_000_000
 """Room for one such entry, not two."""
-MIN_REUSED_TOKENS = 4 * 64
+MIN_REUSED_TOKENS = 4 * BLOCK_TOKENS
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,6 @@ def ask_anthropic(daemon: Daemon, salt: str, *, mark: bool) -> int:
     message = client.messages.create(
         model=DEFAULT_MODEL,
         max_tokens=2,
-        temperature=0,
         system=[block],
         messages=[{"role": "user", "content": "Summarise."}],
     )
@@ -86,7 +87,7 @@ def test_without_a_hint_the_ram_tier_keeps_the_latest_prompt(daemon):
     """The baseline the hints change: least recently used goes first."""
     ask_anthropic(daemon, "a", mark=False)
     ask_anthropic(daemon, "b", mark=False)
-    assert ask_anthropic(daemon, "a", mark=False) == 0
+    assert ask_anthropic(daemon, "a", mark=False) < BLOCK_TOKENS  # the template's first tokens
 
 
 def test_a_cache_control_breakpoint_keeps_its_prompt_in_the_ram_tier(daemon):
