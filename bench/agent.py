@@ -192,6 +192,8 @@ class Mlxserve(Server):
             "MLXSERVE_HOME": str(self.home),
             "MLXSERVE_MAX_LOADED_MODELS": "1",
             "MLXSERVE_KEEP_ALIVE": "-1",
+            # a cold prefill of the whole trace on a loaded CPU can outlast the stall watchdog
+            "MLXSERVE_RUNNER_STALL_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
             **self.env,
         }
         return [binary, "--port", str(port)], env, "/api/health"
