@@ -333,7 +333,29 @@ def test_thinking_budget_tokens_cuts_the_reasoning_then_the_model_answers(chat_d
     ]
     assert not any(block.type == "thinking" and block.thinking.strip() for block in cut.content)
     assert cut.stop_reason == "end_turn"
-    assert cut.usage.input_tokens == free.usage.input_tokens
+    assert total_input(cut.usage) == total_input(free.usage)
+
+
+def total_input(usage: Any) -> int:
+    """Anthropic's prompt: ``input_tokens`` counts only what the cache did not give."""
+    return usage.input_tokens + (usage.cache_read_input_tokens or 0)
+
+
+def test_thinking_budget_restart_reports_the_first_passs_cache_hit(chat_daemon) -> None:
+    """The restart after ``budget_tokens`` reads the first pass's prompt and reasoning from the
+    cache; what is reported is the first pass's hit on the user's prompt (here the live slot
+    the same request left a moment before), not zero and not the restart's own hit."""
+    client = anthropic_client(chat_daemon)
+    ask = {
+        "model": "scripted-thinking:gguf",
+        "max_tokens": 32,
+        "messages": [{"role": "user", "content": "Weather, once more?"}],
+        "thinking": {"type": "enabled", "budget_tokens": 1},
+    }
+    first = client.messages.create(**ask)
+    again = client.messages.create(**ask)
+    assert total_input(again.usage) == total_input(first.usage)
+    assert 0 < again.usage.cache_read_input_tokens < total_input(again.usage)
 
 
 class Answer(BaseModel):

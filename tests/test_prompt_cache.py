@@ -122,6 +122,52 @@ async def test_a_reloaded_model_reuses_the_prompt_from_disk_with_the_same_answer
     assert stats["disk"]["hits"] == 1 and stats["disk"]["tokens"] == cached
 
 
+async def test_the_cache_measures_disk_reads_restores_and_prefill(store, prompt, cold):
+    runner = await loaded(store)
+    try:
+        await answer(runner, prompt)  # from disk
+        await answer(runner, words(3 * BLOCK_TOKENS, seed=7))  # a cold prefill
+        stats = runner.describe().details["prompt_cache"]
+    finally:
+        await runner.unload()
+    assert stats["disk"]["read_bytes_per_s"] > 0
+    assert stats["disk"]["restore_bytes_per_s"] > 0
+    assert stats["prefill_tokens_per_s"] > 0
+
+
+async def test_a_disk_entry_estimated_slower_than_recomputing_it_is_not_read(store, prompt, cold):
+    """A disk that reads at 1 MB/s against a model that prefills 100k tokens/s: recomputing the
+    prompt is faster, so the entry stays unread and the answer is a cold run's."""
+    runner = await loaded(store)
+    cache = runner._cache
+    assert cache is not None
+    cache.read.note(1_000_000, 1.0)
+    cache.restore.note(1_000_000_000, 1.0)
+    cache.prefill.note(100_000, 1.0)
+    try:
+        tokens, cached = await answer(runner, prompt)
+        stats = runner.describe().details["prompt_cache"]
+    finally:
+        await runner.unload()
+    assert (tokens, cached) == (cold, 0)
+    assert stats["disk"]["skipped_slower"] == 1
+    assert stats["disk"]["hits"] == 0
+
+
+def test_a_disk_judged_slower_is_still_read_now_and_then(tmp_path):
+    """Once in ``PROBE_EVERY`` refusals the entry is read anyway, so a disk that got faster
+    (a warm page cache, a load that passed) is measured again."""
+    cache = PromptCache({"runner": "t"}, weights="w", ram_bytes=0, root=tmp_path, disk_bytes=1)
+    try:
+        cache.read.note(1, 1.0)
+        cache.restore.note(1, 1.0)
+        cache.prefill.note(1_000_000, 1.0)
+        verdicts = [cache._worth_reading(1_000, 100) for _ in range(promptcache.PROBE_EVERY)]
+    finally:
+        cache.close()
+    assert verdicts == [False] * (promptcache.PROBE_EVERY - 1) + [True]
+
+
 async def test_entries_are_private_to_their_owner(store, cold):
     files = entry_files(store)
     assert files

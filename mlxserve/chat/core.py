@@ -164,6 +164,7 @@ def prepare(loaded: LoadedModel, chat: ChatRequest) -> Prepared:
         overrides["response_format"] = chat.format
     request = build_request(loaded.model, overrides, prompt=prompt, prompt_tokens=tokens)
     request.images = [image for message in chat.messages for image in message.images]
+    request.keep_prefix = chat.keep_prefix
     tools = [] if chat.tool_choice == "none" or chat.raw or chat.suffix else chat.tools
     parser = OutputParser(
         family,
@@ -196,6 +197,9 @@ class ChatRun:
         self._generated: list[int] = []
         self._earlier = 0
         """Tokens generated before a restart (``_end_reasoning``)."""
+        self._first_hit: int | None = None
+        """The first pass's cached prompt tokens, from its first chunk (a restart's own hit is
+        its first pass's prompt and reasoning, not the user's prompt)."""
         self._prompt_tokens = len(prepared.request.prompt_tokens or [])
         self.done: Done | None = None
 
@@ -210,6 +214,8 @@ class ChatRun:
         try:
             while True:
                 async for chunk in self._chunks:
+                    if self._first_hit is None and chunk.cached_prompt_tokens is not None:
+                        self._first_hit = chunk.cached_prompt_tokens
                     for event in parser.feed(chunk.text, chunk.logprobs):
                         yield event
                     self._generated += chunk.token_ids
@@ -265,10 +271,10 @@ class ChatRun:
         if self._earlier:  # generation restarted after the reasoning budget
             stats.eval_count += self._earlier
             stats.prompt_eval_count = self._prompt_tokens
-            # The restart's cache hit is the first pass's own prompt and reasoning, not the
-            # user's prompt; the first pass's hit is not known (it was cancelled), so none is
-            # claimed (Anthropic's input_tokens = prompt - cached must not go negative).
-            stats.cached_prompt_tokens = 0
+            # The user's prompt was read (and its cache hit counted) by the first pass; the
+            # restart's hit is that pass's own prompt and reasoning, never claimed (Anthropic's
+            # input_tokens = prompt - cached must not go negative).
+            stats.cached_prompt_tokens = min(self._first_hit or 0, self._prompt_tokens)
         stats.load_duration = self.load_ns
         stats.total_duration += self.load_ns
         self.done = Done(reason, stats, context, chunk.stop_sequence if reason == "stop" else None)

@@ -130,6 +130,9 @@ class ChatRequest:
     stream: bool = True
     return_context: bool = False
     """Report the conversation's token ids in ``Done.context`` (Ollama's ``/api/generate``)."""
+    keep_prefix: bool = False
+    """A caching hint: Anthropic's ``cache_control`` or OpenAI's ``prompt_cache_key`` (what
+    they do here: docs/API.md, "Prompt caching")."""
 
 
 @dataclass

@@ -55,6 +55,9 @@ class GenerateRequest(Sampling):
     response_format: dict[str, Any] | None = None
     """Constrain the output to JSON: ``{"type": "json"}`` or ``{"type": "json_schema",
     "schema": {...}}``. A runner that cannot honour it raises ``UnsupportedFeatureError``."""
+    keep_prefix: bool = False
+    """The client asked for its prompt to stay cached (``ChatRequest.keep_prefix``): the
+    prompt cache keeps its entry ahead of unmarked ones (``promptcache.py``)."""
 
 
 @dataclass
@@ -141,6 +144,9 @@ class GenerateChunk:
     stats: GenerationStats | None = None
     stop_sequence: str | None = None
     """On the last chunk: the stop string that ended the output, if one did."""
+    cached_prompt_tokens: int | None = None
+    """On the first chunk: the prompt tokens the prompt cache gave (known from admission on),
+    so a generation cut short (the reasoning budget's restart) still knows its hit."""
 
 
 @dataclass

@@ -53,7 +53,8 @@ class DecodeState:
 
     def push(self, sampled: SampledToken) -> GenerateChunk | None:
         """Account for one sampled token; ``None`` when it ends the answer unseen (EOS)."""
-        if self.first_token_at is None:
+        first = self.first_token_at is None
+        if first:
             self.first_token_at = time.perf_counter_ns()
         if self.cancel.cancelled:
             self.reason = "cancelled"
@@ -70,7 +71,10 @@ class DecodeState:
         elif self.cancel.cancelled:
             self.reason = "cancelled"
         logprobs = [sampled.logprob] if sampled.logprob else []
-        return GenerateChunk(piece, [sampled.token_id], logprobs)
+        chunk = GenerateChunk(piece, [sampled.token_id], logprobs)
+        if first:
+            chunk.cached_prompt_tokens = self.cached_prompt_tokens
+        return chunk
 
     def finish(self, reason: DoneReason | None = None) -> GenerateChunk:
         """The last chunk: any held-back text and the stats."""

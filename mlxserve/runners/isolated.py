@@ -195,6 +195,10 @@ class WorkerRunner:
     def describe(self) -> LoadedModelInfo:
         return self._sync_call("describe")
 
+    def release_prompt_cache(self) -> int:
+        """The runner's RAM tier of prompts, freed (``residency.py``'s memory admission)."""
+        return self._sync_call("release_prompt_cache")
+
     def kill(self, reason: str) -> None:
         """Kill the worker now; its requests end with ``reason`` in their crash error."""
         if self._kill_reason is None and self._process is not None and self._process.poll() is None:

@@ -63,6 +63,14 @@ STALE_TEMP_S = 600.0
 ENTRY_SUFFIX = ".kv"
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
+RATE_WEIGHT = 0.3
+"""Of a new measurement in a running rate estimate (an exponentially weighted mean): recent
+prefills and reads count most, as the machine's load changes."""
+MIN_PREFILL_TOKENS = BLOCK_TOKENS
+"""A prefill shorter than this says more about a step's overhead than the prefill rate."""
+PROBE_EVERY = 16
+"""A disk entry judged slower to read than to recompute is read anyway once in this many such
+lookups, so the read-rate estimate follows the disk (a page cache warms, a load passes)."""
 
 
 def default_disk_bytes(home: Path) -> int:
@@ -134,6 +142,9 @@ class Entry:
     path: Path | None = None
     dropped: bool = False
     """Superseded or evicted: the writer skips it (or removes what it just wrote)."""
+    keep: bool = False
+    """Marked by a client's caching hint: evicted from RAM after every unmarked entry, and
+    written to disk before them."""
 
     @property
     def name(self) -> str:
@@ -169,6 +180,24 @@ class Counters:
     misses: int = 0
     rejected: int = 0
     """Disk entries found corrupt, truncated, foreign or stale (each removed)."""
+    slower: int = 0
+    """Disk entries not read because recomputing their tokens was estimated faster."""
+
+
+@dataclass
+class Rate:
+    """A running estimate of a throughput (units per second); 0 until measured."""
+
+    per_s: float = 0.0
+
+    def note(self, units: float, seconds: float) -> None:
+        if units <= 0 or seconds <= 0:
+            return
+        rate = units / seconds
+        self.per_s = rate if not self.per_s else (1 - RATE_WEIGHT) * self.per_s + RATE_WEIGHT * rate
+
+    def seconds(self, units: float) -> float | None:
+        return units / self.per_s if self.per_s else None
 
 
 class EntryError(Exception):
@@ -222,6 +251,13 @@ class PromptCache:
         self.root = root
         self.folder = root / weights / self.key_hex[:32] if root is not None else None
         self.counters = Counters()
+        self.prefill = Rate()
+        """Prompt tokens per second the runner prefills (``note_prefill``)."""
+        self.read = Rate()
+        """Disk entry bytes per second read and checked (``_read``)."""
+        self.restore = Rate()
+        """Entry bytes per second the runner loads into its KV cache (``note_restore``)."""
+        self._probe = 0
         self._lock = threading.Lock()
         self._ram: OrderedDict[str, Entry] = OrderedDict()
         self._disk: OrderedDict[str, Entry] = OrderedDict()
@@ -229,7 +265,9 @@ class PromptCache:
         """Every block hash of every entry -> the name of an entry holding that prefix."""
         self._scanned = False
         self._scan_lock = threading.Lock()
-        self._writes: queue.Queue[Entry | None] = queue.Queue()
+        self._writes: queue.PriorityQueue[tuple[int, int, Entry | None]] = queue.PriorityQueue()
+        """Marked entries first, then in order (the count); ``None`` (last) stops the writer."""
+        self._queued = 0
         self._writer: threading.Thread | None = None
         if self.disk_bytes > 0:
             self._writer = threading.Thread(
@@ -274,6 +312,9 @@ class PromptCache:
                     return Hit(reused, entry.payload, len(entry.tokens), "ram")
                 if reused <= better_than:
                     return None
+                if not self._worth_reading(entry.size, reused - better_than):
+                    self.counters.slower += 1
+                    return None
             payload = self._read(entry)
             if payload is None:
                 continue
@@ -283,6 +324,30 @@ class PromptCache:
                     self._ram[name] = entry
                     self._trim_ram()
             return Hit(reused, payload, len(entry.tokens), "disk")
+
+    def note_prefill(self, tokens: int, seconds: float) -> None:
+        """The runner prefilled ``tokens`` prompt tokens in ``seconds`` (a sample of what a
+        disk read is weighed against)."""
+        if tokens >= MIN_PREFILL_TOKENS:
+            with self._lock:
+                self.prefill.note(tokens, seconds)
+
+    def note_restore(self, payload_bytes: int, seconds: float) -> None:
+        """The runner loaded a ``payload_bytes`` entry into its KV cache in ``seconds``."""
+        with self._lock:
+            self.restore.note(payload_bytes, seconds)
+
+    def _worth_reading(self, size: int, saved_tokens: int) -> bool:
+        """Under the lock: whether reading and restoring a ``size``-byte entry is estimated
+        faster than prefilling the ``saved_tokens`` it saves. Read while any rate is still
+        unmeasured (that is how it gets measured), and once in ``PROBE_EVERY`` refusals."""
+        recompute = self.prefill.seconds(saved_tokens)
+        read = self.read.seconds(size)
+        restore = self.restore.seconds(size)
+        if recompute is None or read is None or restore is None or read + restore < recompute:
+            return True
+        self._probe += 1
+        return self._probe % PROBE_EVERY == 0
 
     def record(self, hit: Hit | None, live_tokens: int) -> None:
         """What a prompt reused: ``hit`` if the runner restored it, else ``live_tokens`` from
@@ -310,18 +375,20 @@ class PromptCache:
             held = self._ram.get(name or "") or self._disk.get(name or "")
             return held is None or len(held.tokens) < len(tokens)
 
-    def store(self, tokens: list[int], payload: bytes) -> None:
+    def store(self, tokens: list[int], payload: bytes, *, keep: bool = False) -> None:
         """Keep the state of ``tokens`` in RAM and write it behind to disk. An entry whose
-        tokens this one extends is superseded (dropped from both tiers)."""
+        tokens this one extends is superseded (dropped from both tiers; the new one inherits
+        its mark). ``keep``: a client's caching hint marks it (see ``Entry.keep``)."""
         hashes = block_hashes(self.key_hex, tokens)
         if not hashes:
             return
-        entry = Entry(list(tokens), hashes, len(payload), payload)
+        entry = Entry(list(tokens), hashes, len(payload), payload, keep=keep)
         with self._lock:
             superseded = {self._index[h] for h in hashes if h in self._index}
             for name in superseded:
                 old = self._ram.get(name) or self._disk.get(name)
                 if old is not None and old.tokens == tokens[: len(old.tokens)]:
+                    entry.keep = entry.keep or old.keep
                     self._drop(name)
             for h in hashes:
                 self._index[h] = entry.name
@@ -330,7 +397,14 @@ class PromptCache:
                 self._ram.move_to_end(entry.name)
                 self._trim_ram()
         if self._writer is not None:
-            self._writes.put(entry)
+            self._queue(entry)
+
+    def _queue(self, entry: Entry | None) -> None:
+        with self._lock:
+            self._queued += 1
+            order = self._queued
+        rank = 2 if entry is None else (0 if entry.keep else 1)
+        self._writes.put((rank, order, entry))
 
     def spill(self) -> None:
         """Write every RAM entry not yet on disk, and wait for the writes: the model unloads."""
@@ -339,18 +413,27 @@ class PromptCache:
         with self._lock:
             pending = [e for e in self._ram.values() if e.path is None]
         for entry in pending:
-            self._writes.put(entry)
+            self._queue(entry)
         self._writes.join()
 
     def close(self) -> None:
         """Spill, stop the writer, free the RAM tier."""
         self.spill()
         if self._writer is not None:
-            self._writes.put(None)
+            self._queue(None)
             self._writer.join()
             self._writer = None
         with self._lock:
             self._ram.clear()
+
+    def release_ram(self) -> int:
+        """Evict the whole RAM tier (memory admission needs the room): entries on disk keep
+        only their file, entries still queued for the writer are written, then freed. The
+        bytes released."""
+        with self._lock:
+            held = sum(e.size for e in self._ram.values())
+            self._trim_ram(budget=0)
+        return held
 
     def forget_ram(self) -> None:
         """Empty the RAM tier (a cold start for benches); the disk tier keeps its entries."""
@@ -372,6 +455,7 @@ class PromptCache:
                 "block_tokens": BLOCK_TOKENS,
                 "misses": self.counters.misses,
                 "rejected": self.counters.rejected,
+                "prefill_tokens_per_s": round(self.prefill.per_s, 1),
                 "live": self.counters.live.as_dict(),
                 "ram": {
                     **self.counters.ram.as_dict(),
@@ -384,6 +468,9 @@ class PromptCache:
                     "entries": len(self._disk),
                     "bytes": disk,
                     "budget_bytes": self.disk_bytes,
+                    "skipped_slower": self.counters.slower,
+                    "read_bytes_per_s": round(self.read.per_s),
+                    "restore_bytes_per_s": round(self.restore.per_s),
                 },
             }
 
@@ -405,12 +492,14 @@ class PromptCache:
                 if held.path is not None:
                     held.path.unlink(missing_ok=True)
 
-    def _trim_ram(self) -> None:
-        """Under the lock: evict least recently used RAM entries over the budget (an entry not
-        yet on disk is queued for the writer, which still holds it)."""
+    def _trim_ram(self, budget: int | None = None) -> None:
+        """Under the lock: evict least recently used RAM entries over the budget, unmarked
+        ones first (an entry not yet on disk is queued for the writer, which still holds it)."""
+        budget = self.ram_bytes if budget is None else budget
         total = sum(e.size for e in self._ram.values())
-        while total > self.ram_bytes and self._ram:
-            name, entry = self._ram.popitem(last=False)
+        while total > budget and self._ram:
+            name = next((n for n, e in self._ram.items() if not e.keep), next(iter(self._ram)))
+            entry = self._ram.pop(name)
             total -= entry.size
             if entry.path is not None:
                 entry.payload = None  # the disk holds it
@@ -463,6 +552,7 @@ class PromptCache:
         (the file is removed)."""
         assert entry.path is not None
         path = entry.path
+        started = time.perf_counter()
         try:
             data = path.read_bytes()
             if len(data) < DIGEST_BYTES or (
@@ -479,6 +569,8 @@ class PromptCache:
             if len(payload) != header.get("payload_bytes"):
                 raise EntryError("its payload has the wrong length")
             os.utime(path)
+            with self._lock:
+                self.read.note(len(data), time.perf_counter() - started)
         except (OSError, EntryError) as exc:
             self._reject(path, exc)
             with self._lock:
@@ -495,7 +587,7 @@ class PromptCache:
 
     def _write_loop(self) -> None:
         while True:
-            entry = self._writes.get()
+            _, _, entry = self._writes.get()
             try:
                 if entry is None:
                     return

@@ -217,6 +217,22 @@ def _output_format(config: dict[str, Any]) -> dict[str, Any] | None:
     return validate.schema_format(spec.get("schema"), "output_config.format.schema")
 
 
+def _cache_marked(body: dict[str, Any]) -> bool:
+    """Whether the request has a ``cache_control`` breakpoint anywhere Anthropic takes one: at
+    the top level, on a system, tool or message content block."""
+    if isinstance(body.get("cache_control"), dict):
+        return True
+    blocks: list[Any] = []
+    for value in (body.get("system"), body.get("tools")):
+        if isinstance(value, list):
+            blocks += value
+    for message in body.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            blocks += content
+    return any(isinstance(b, dict) and isinstance(b.get("cache_control"), dict) for b in blocks)
+
+
 def parse(body: dict[str, Any], *, count_only: bool = False) -> ChatRequest:
     messages = _messages(body.get("messages"))
     system = _text_of(body.get("system"), "system")
@@ -239,6 +255,7 @@ def parse(body: dict[str, Any], *, count_only: bool = False) -> ChatRequest:
         format=_output_format(config),
         sampling=sampling,
         stream=validate.optional(body, "stream", bool, False),
+        keep_prefix=_cache_marked(body),
     )
 
 

@@ -78,6 +78,7 @@ def _common(body: dict[str, Any]) -> ChatRequest:
         model=validate.model_name(body),
         sampling=validate.sampling(body, "openai"),
         stream=validate.optional(body, "stream", bool, False),
+        keep_prefix=bool(validate.optional(body, "prompt_cache_key", str)),
     )
 
 

@@ -137,6 +137,7 @@ def parse(body: dict[str, Any]) -> ChatRequest:
         ),
         sampling=validate.sampling(body, "responses"),
         stream=validate.optional(body, "stream", bool, False),
+        keep_prefix=bool(validate.optional(body, "prompt_cache_key", str)),
     )
 
 

@@ -25,8 +25,9 @@ from mlxserve.chat.model import LoadedModel
 from mlxserve.errors import ModelCrashedError, ModelCrashLoopError, QueueFullError
 from mlxserve.runners.base import LoadAsk, ModelRunner, RunnerOptions
 from mlxserve.runners.isolated import WorkerRunner
+from mlxserve.runners.kvcache import kv_cache_type
+from mlxserve.runners.loading import MEMORY_HEADROOM, load_options, memory_budget, memory_needed
 from mlxserve.runners.loading import context_length as check_context
-from mlxserve.runners.loading import load_options
 from mlxserve.runners.promptcache import default_disk_bytes
 from mlxserve.runners.select import make_runner
 from mlxserve.server.config import Settings
@@ -225,6 +226,52 @@ class ModelManager:
             options.context_length = context
         return options
 
+    async def _memory_needed(self, name: str, options: RunnerOptions) -> int:
+        """What loading ``name`` adds: its weights and the KV cache of its context."""
+        local = await asyncio.to_thread(open_model, self.store, name)
+        filled = load_options(local, options)
+        parallel = filled.max_parallel or 1
+        context = check_context(local, filled)
+        return memory_needed(local, context, parallel, kv_cache_type(filled.kv_cache_type))
+
+    def _held_bytes(self) -> int:
+        """What the loaded models hold: weights, KV caches, and their prompt caches' RAM
+        tiers (``promptcache.py``), which grow after load."""
+        held = 0
+        for resident in self.residents.values():
+            held += resident.loaded.info.memory_bytes
+            with contextlib.suppress(Exception):  # a worker that just died holds nothing
+                details = resident.loaded.runner.describe().details
+                held += int(details.get("prompt_cache_ram_bytes") or 0)
+        return held
+
+    async def _make_room(self, name: str, needed: int, available: int) -> None:
+        """Memory admission over every loaded model: when what they hold and ``needed`` pass
+        the machine's budget, their prompt caches' RAM tiers go first (on disk, if on, their
+        entries stay), then idle models, least recently used first; when busy models alone
+        hold too much, the load waits for another try (a 503 to retry). ``available`` is the
+        memory budget (``loading.memory_budget``)."""
+        budget = available / MEMORY_HEADROOM
+        if not budget or await asyncio.to_thread(self._held_bytes) + needed <= budget:
+            return
+        for resident in list(self.residents.values()):
+            release = getattr(resident.loaded.runner, "release_prompt_cache", None)
+            if release is not None:
+                with contextlib.suppress(Exception):  # a runner without a prompt cache
+                    freed = await asyncio.to_thread(release)
+                    log.info(
+                        "freed %d bytes of %s's prompt cache for %s", freed, resident.name, name
+                    )
+        while await asyncio.to_thread(self._held_bytes) + needed > budget:
+            idle = [r for r in self.residents.values() if not r.queue.busy and not r.pinned]
+            if not idle:
+                raise QueueFullError(
+                    f"not enough memory for {name} beside the busy models; retry shortly"
+                )
+            victim = min(idle, key=lambda r: r.last_used)
+            log.info("evicting %s to make room for %s", victim.name, name)
+            await self._unload(victim.name)
+
     def _disk_tier(self) -> dict[str, Any]:
         """Where and how much of the disk the runners' prompt caches may use."""
         budget = self.settings.prompt_cache_disk_bytes
@@ -253,6 +300,8 @@ class ModelManager:
             victim = min(idle, key=lambda r: r.last_used)
             log.info("evicting %s (least recently used)", victim.name)
             await self._unload(victim.name)
+        needed = await self._memory_needed(name, options)
+        await self._make_room(name, needed, memory_budget(options))
         self._refuse_crash_loop(name, model.manifest_digest)
         loaded = await LoadedModel.load(
             self.store, name, runner, options, make=self._runner_maker(name, model.manifest_digest)

@@ -30,6 +30,7 @@ from mlxserve.runners.base import (
     EmbedResult,
     GenerateChunk,
     GenerateRequest,
+    LoadedModelInfo,
     RerankResult,
     RunnerOptions,
     ScoreRequest,
@@ -262,6 +263,17 @@ class LlamaCppRunner(RunnerBase):
             await engine.call(release)
         finally:
             engine.close()
+
+    def release_prompt_cache(self) -> int:
+        """Free the prompt cache's RAM tier (memory admission wants the room); bytes freed."""
+        cache = self._disk
+        return cache.release_ram() if cache is not None else 0
+
+    def describe(self) -> LoadedModelInfo:
+        info = super().describe()
+        if self._disk is not None:
+            info.details["prompt_cache_ram_bytes"] = info.details["prompt_cache"]["ram"]["bytes"]
+        return info
 
     @property
     def chat_template(self) -> str | None:

@@ -122,6 +122,8 @@ class Sequence:
     hit: Hit | None = None
     """What the prompt cache (``promptcache.py``) holds of the prompt, restored on admission
     when no live slot holds more."""
+    admitted: float = 0.0
+    """When its prefill began (after any restore): the prompt cache's prefill-rate sample."""
 
 
 @dataclass
@@ -318,18 +320,22 @@ class SlotEngine:
             slot.sequence, sequence.slot = sequence, slot
             sequence.prefilled = cached
             sequence.state.cached_prompt_tokens = cached
+            sequence.admitted = time.perf_counter()
 
     def _restore(self, slot: Slot, hit: Hit) -> int:
         """Load a cached state into ``slot`` (llama.cpp's per-sequence state); the prompt
         tokens it gives, or 0 when llama.cpp refuses it (the slot is then empty)."""
         llama_cpp = self._llama_cpp
         llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, 0, -1)
+        started = time.perf_counter()
         source = (ctypes.c_uint8 * len(hit.payload)).from_buffer_copy(hit.payload)
         read = 0
         if hit.entry_tokens <= self.slot_context:
             read = llama_cpp.llama_state_seq_set_data_ext(
                 self._context.ctx, source, len(hit.payload), slot.seq_id, 0
             )
+        if read and self.cache is not None:
+            self.cache.note_restore(len(hit.payload), time.perf_counter() - started)
         if read == 0:
             log.warning("llama.cpp refused a cached prompt state; prefilling instead")
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, 0, -1)
@@ -337,8 +343,9 @@ class SlotEngine:
             return 0
         return hit.tokens
 
-    def _snapshot(self, slot: Slot) -> None:
-        """Hand the finished slot's state to the prompt cache (written behind to disk)."""
+    def _snapshot(self, slot: Slot, *, keep: bool = False) -> None:
+        """Hand the finished slot's state to the prompt cache (written behind to disk);
+        ``keep``: the request's caching hint."""
         cache, tokens = self.cache, slot.tokens
         if cache is None or IMAGE_POSITION in tokens or not cache.wants(tokens):
             return
@@ -347,7 +354,7 @@ class SlotEngine:
         buffer = (ctypes.c_uint8 * size)()
         written = llama_cpp.llama_state_seq_get_data_ext(context, buffer, size, slot.seq_id, 0)
         if written:
-            cache.store(list(tokens), ctypes.string_at(buffer, written))
+            cache.store(list(tokens), ctypes.string_at(buffer, written), keep=keep)
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -379,6 +386,7 @@ class SlotEngine:
                     sequence.draft_indices.append(sequence.logits_index)
                 sampling.append(sequence)
         room = self._capacity - batch.n_tokens
+        prefilled: list[Sequence] = []
         for sequence in active:
             left = len(sequence.prompt) - sequence.prefilled
             if left == 0 or room == 0:
@@ -390,12 +398,18 @@ class SlotEngine:
             room -= len(chunk)
             if sequence.prefilled == len(sequence.prompt):
                 sampling.append(sequence)
+                prefilled.append(sequence)
         status = self._llama_cpp.llama_decode(self._context.ctx, batch)
         if status != 0:
             error = InferenceError(f"llama.cpp could not decode (status {status})")
             for sequence in active:
                 self._finish(sequence, error=error)
             return bool(self._waiting)
+        if self.cache is not None:
+            now = time.perf_counter()
+            for sequence in prefilled:
+                tokens = len(sequence.prompt) - sequence.state.cached_prompt_tokens
+                self.cache.note_prefill(tokens, now - sequence.admitted)
         for sequence in sampling:
             if sequence.drafts:
                 self._verify(sequence)
@@ -555,7 +569,10 @@ class SlotEngine:
     def _finish(
         self, sequence: Sequence, reason: Any = None, *, error: BaseException | None = None
     ) -> None:
-        """Free the sequence's slot (its KV stays for a follow-up) and end its stream."""
+        """Free the sequence's slot (its KV stays for a follow-up) and end its stream. The
+        slot's state goes to the prompt cache after the stats are taken (a snapshot copies the
+        whole sequence's KV: that is not decode time) and before the stream ends (a caller
+        that saw the end finds the entry)."""
         if sequence.media is not None and self.media is not None:
             self.media.free(sequence.media)
             sequence.media = None
@@ -566,13 +583,14 @@ class SlotEngine:
             if error is not None:
                 slot.tokens.clear()
                 self._llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, 0, -1)
-            else:
-                self._snapshot(slot)
         sequence.sampler.close()
         if error is not None:
             sequence.emit(error)
         else:
-            sequence.emit(sequence.state.finish(reason))
+            last = sequence.state.finish(reason)
+            if slot is not None:
+                self._snapshot(slot, keep=sequence.request.keep_prefix)
+            sequence.emit(last)
         sequence.emit(END)
 
 

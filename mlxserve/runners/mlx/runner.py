@@ -19,6 +19,7 @@ import contextlib
 import copy
 import io
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -39,6 +40,7 @@ from mlxserve.runners.base import (
     EmbedResult,
     GenerateChunk,
     GenerateRequest,
+    LoadedModelInfo,
     RerankResult,
     RunnerOptions,
     ScoreRequest,
@@ -158,6 +160,8 @@ class _Active:
     emit: Callable[[object], None]
     top_logprobs: int | None
     solo: _Solo | None = field(default=None)
+    keep_prefix: bool = False
+    """The request's caching hint (``GenerateRequest.keep_prefix``), for its entry."""
 
 
 def trial_gguf(model: LocalModel) -> None:
@@ -343,6 +347,33 @@ class MlxRunner(MlxRunnerBase):
         self._draft = None
         self._guidance_tokenizer = None
 
+    def release_prompt_cache(self) -> int:
+        """Empty mlx-lm's LRU, this runner's RAM tier (memory admission wants the room; every
+        entry went to the disk tier, if on, when it was made); bytes freed. On the engine
+        thread, which owns the LRU."""
+        lru = self._prompt_cache
+        if lru is None:
+            return 0
+        held = lru.nbytes
+
+        def release() -> None:
+            lru.trim_to(n_sequences=0)
+            self._remembered.clear()
+
+        self._engine.submit(release).result()
+        return held
+
+    def describe(self) -> LoadedModelInfo:
+        info = self._loaded(self._info)
+        lru = self._prompt_cache
+        ram = lru.nbytes if lru is not None else 0
+        info.details["prompt_cache_ram_bytes"] = ram
+        if self._disk is not None:
+            stats = self._disk.stats()
+            stats["ram"].update(bytes=ram, entries=len(lru) if lru is not None else 0)
+            info.details["prompt_cache"] = stats
+        return info
+
     @property
     def chat_template(self) -> str | None:
         return getattr(self._require()[1], "chat_template", None)
@@ -478,7 +509,7 @@ class MlxRunner(MlxRunnerBase):
                 prompt, max_tokens, self._sampler(request_sampler(request)), processors, hit
             )
             state = self._decode_state(request, prompt, max_tokens, cached)
-            self._active[uid] = _Active(state, emit, request.logprobs)
+            self._active[uid] = _Active(state, emit, request.logprobs, None, request.keep_prefix)
         except BaseException as exc:
             emit(exc)
 
@@ -537,11 +568,14 @@ class MlxRunner(MlxRunnerBase):
 
         source = io.BytesIO(hit.payload)
         source.name = "entry.safetensors"  # how mx.load tells the format of a stream
+        started = time.perf_counter()
         try:
             cache = load_prompt_cache(source)
         except Exception as exc:  # written by another mlx-lm despite the key: a miss
             log.warning("mlx-lm could not read a cached prompt: %s", exc)
             return None
+        if self._disk is not None:
+            self._disk.note_restore(len(hit.payload), time.perf_counter() - started)
         excess = hit.entry_tokens - hit.tokens
         if excess:
             if not can_trim_prompt_cache(cache):
@@ -595,7 +629,9 @@ class MlxRunner(MlxRunnerBase):
         state = self._decode_state(request, prompt, max_tokens, len(prompt) - len(remaining))
         steps = self._solo_steps(request, remaining, max_tokens, cache, processors, speculative)
         solo = _Solo(steps, cache, list(prompt), speculative)
-        self._active[self._solo_uid] = _Active(state, emit, request.logprobs, solo)
+        self._active[self._solo_uid] = _Active(
+            state, emit, request.logprobs, solo, request.keep_prefix
+        )
         self._solo_uid -= 1
 
     def _solo_steps(
@@ -707,13 +743,23 @@ class MlxRunner(MlxRunnerBase):
             self._batch_changed({"op": "end", "uid": uid, "finished": cache_and_tokens is not None})
         if active.solo is None and cache_and_tokens is None:
             cache_and_tokens = self._batch.remove([uid], return_prompt_caches=True).get(uid)
-        if cache_and_tokens is not None:
-            self._remember(*cache_and_tokens)
-        active.emit(active.state.finish(reason))
+        last = active.state.finish(reason)
+        if self._disk is not None and last.stats is not None:
+            stats = last.stats
+            self._disk.note_prefill(
+                stats.prompt_eval_count - stats.cached_prompt_tokens,
+                stats.prompt_eval_duration / 1e9,
+            )
+        if cache_and_tokens is not None:  # after the stats: serialising is not decode time
+            self._remember(*cache_and_tokens, keep=active.keep_prefix)
+        active.emit(last)
         active.emit(END)
 
-    def _remember(self, cache: list[Any] | None, tokens: list[int] | None) -> None:
-        """Keep a finished sequence's KV cache for follow-ups that extend it."""
+    def _remember(
+        self, cache: list[Any] | None, tokens: list[int] | None, keep: bool = False
+    ) -> None:
+        """Keep a finished sequence's KV cache for follow-ups that extend it (``keep``: the
+        request's caching hint)."""
         if not cache or not tokens:
             return
         held = getattr(cache[0], "offset", len(tokens))
@@ -732,7 +778,7 @@ class MlxRunner(MlxRunnerBase):
                 save_prompt_cache(target, cache)  # type: ignore[arg-type]
             except ValueError:  # a cache class without a serialisable state
                 return
-            disk.store(held_tokens, target.getvalue())
+            disk.store(held_tokens, target.getvalue(), keep=keep)
 
     def _logprob(self, token: int, logprobs: Any, top_n: int | None) -> TokenLogprob | None:
         if top_n is None:
