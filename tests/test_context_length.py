@@ -217,3 +217,17 @@ async def test_a_num_ctx_that_fits_is_said_without_a_request(daemon):
     status, body, said = await chat_said(daemon, "tiny:gguf", 512)
     assert status == 200, body
     assert said == "512"
+
+
+async def test_a_load_request_says_the_context_it_loaded(memory_daemon):
+    """Ollama's load request (no messages) with a too-large ``num_ctx``: loaded with what
+    fits, and said so."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{memory_daemon.url}/api/chat",
+            json={"model": "tiny:gguf", "messages": [], "options": {"num_ctx": 1536}},
+        ) as response,
+    ):
+        assert response.status == 200, await response.text()
+        assert response.headers[CONTEXT_HEADER] == f"{LOADED_CONTEXT}; requested=1536"

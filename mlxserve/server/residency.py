@@ -176,9 +176,11 @@ class ModelManager:
     ) -> Resident:
         name = self.canonical(name)
         load = load or LoadAsk()
-        if load.context_length is not None:
+        pinned = name in self.residents and self.residents[name].pinned
+        if load.context_length is not None and not pinned:
             # A num_ctx beyond the trained context or the memory is the context the runner
-            # will clamp it to: asked again, it must not reload the model it already has.
+            # will clamp it to: asked again, it must not reload the model it already has. (A
+            # pinned model, sharded over machines, is never reloaded: nothing to plan.)
             options = await self._checked_options(name, load)
             load = dataclasses.replace(load, context_length=options.context_length)
         lock = self._load_locks.setdefault(name, asyncio.Lock())
