@@ -60,7 +60,8 @@ async def ps(request: web.Request) -> web.Response:
         entry = tag_entry(store, stored)
         info = resident.loaded.info
         expires = resident.expires_at
-        cache = resident.loaded.runner.describe().details.get("prompt_cache")
+        details = resident.loaded.runner.describe().details
+        cache = details.get("prompt_cache")
         entry.update(
             expires_at=(
                 "0001-01-01T00:00:00Z"
@@ -68,7 +69,7 @@ async def ps(request: web.Request) -> web.Response:
                 else utc_timestamp(time.time() + max(0.0, expires - now))
             ),
             size_vram=info.memory_bytes if info.details.get("metal") else 0,
-            memory_bytes=info.memory_bytes + (cache["ram"]["bytes"] if cache else 0),
+            memory_bytes=info.memory_bytes + int(details.get("prompt_cache_ram_bytes") or 0),
             runner=info.runner,
             context_length=info.context_length,
             slots=resident.queue.parallel,
@@ -133,7 +134,8 @@ async def health(request: web.Request) -> web.Response:
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     for name, resident in request.app[MANAGER].residents.items():
-        cache = resident.loaded.runner.describe().details.get("prompt_cache")
+        details = resident.loaded.runner.describe().details
+        cache = details.get("prompt_cache")
         if cache is not None:
             request.app[METRICS].prompt_cache(name, cache)
     return web.Response(
