@@ -139,7 +139,7 @@ async def test_a_disk_entry_estimated_slower_than_recomputing_it_is_not_read(sto
     """A disk that reads at 1 MB/s against a model that prefills 100k tokens/s: recomputing the
     prompt is faster, so the entry stays unread and the answer is a cold run's."""
     runner = await loaded(store)
-    cache = runner._cache
+    cache = runner._disk
     assert cache is not None
     cache.read.note(1_000_000, 1.0)
     cache.restore.note(1_000_000_000, 1.0)
