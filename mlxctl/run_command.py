@@ -274,6 +274,8 @@ class Session:
         self.loaded: Any = None
         self.held: Any = None
         """The loaded model as the daemon's scheduler leases it (``scheduler.HeldModel``)."""
+        self.run: Any = None
+        """The answer streaming now, for Ctrl-C."""
         self.last_reason: str | None = None
         self.load_ns = 0
 
@@ -316,7 +318,14 @@ class Session:
         """
         load_ns, self.load_ns = self.load_ns, 1
         pieces: list[str] = []
-        self.loop.run_until_complete(self._stream(chat, pieces, load_ns))
+        task = self.loop.create_task(self._stream(chat, pieces, load_ns))
+        self.loop.add_signal_handler(signal.SIGINT, self._interrupt, task)
+        try:
+            self.loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            raise KeyboardInterrupt from None  # before the answer streamed: the turn is dropped
+        finally:
+            self.loop.remove_signal_handler(signal.SIGINT)
         if self.last_reason == "cancelled":
             click.echo("[stopped]", err=True)
         return "".join(pieces)
@@ -330,16 +339,22 @@ class Session:
             if self.verbose:
                 prepared = run.prepared
                 print_prompt(prepared.prompt, len(prepared.request.prompt_tokens or []))
-            # The run's current request: a reasoning budget's restart replaces it.
-            self.loop.add_signal_handler(
-                signal.SIGINT, lambda: run.prepared.request.cancel.cancel()
-            )
+            self.run = run
             try:
                 await self._show(await run.first(), encoder, pieces)
                 async for event in run.rest():
                     await self._show(event, encoder, pieces)
             finally:
-                self.loop.remove_signal_handler(signal.SIGINT)
+                self.run = None
+
+    def _interrupt(self, task: asyncio.Task) -> None:
+        """Ctrl-C: a started answer's generation ends within a token (its current request's
+        cancel token: a reasoning budget's restart replaces the request); before that, while
+        the model is leased and the prompt prepared, the turn is cancelled."""
+        if self.run is not None:
+            self.run.prepared.request.cancel.cancel()
+        else:
+            task.cancel()
 
     def _account(self, model: str, done: Any) -> None:
         """A finished answer: its reason, and the ``--verbose`` table (the daemon's metrics)."""

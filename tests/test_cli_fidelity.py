@@ -170,6 +170,44 @@ def test_an_answer_cut_with_ctrl_c_is_dropped_from_the_history(tiny_store, monke
         session.close()
 
 
+def test_ctrl_c_before_the_answer_streams_drops_the_turn_and_frees_the_model(
+    tiny_store, monkeypatch
+):
+    """A Ctrl-C while the prompt is prepared (off the event loop) cancels the whole turn: it
+    leaves no half-started answer behind to stream into the next one, nor a slot held."""
+    import time
+
+    import pytest
+
+    from mlxctl.run_command import ChatState, Session, chat_turn
+    from mlxserve.chat import core
+
+    monkeypatch.setenv("MLXSERVE_HOME", str(tiny_store.root))
+    session = Session("tiny:gguf", "llamacpp", as_json=False, verbose=False)
+    session.load()
+    try:
+        state = ChatState({"max_tokens": 1})
+        prepare = core.prepare
+
+        def press_ctrl_c_while_preparing(*args: object) -> object:
+            time.sleep(0.5)  # the event loop waits on this thread meanwhile
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)  # the loop's handler runs meanwhile
+            return prepare(*args)
+
+        monkeypatch.setattr(core, "prepare", press_ctrl_c_while_preparing)
+        with pytest.raises(KeyboardInterrupt):
+            chat_turn(session, state, "Hi")
+        monkeypatch.setattr(core, "prepare", prepare)
+        assert state.history == []
+        assert session.held.queue.active == 0
+        chat_turn(session, state, "Hello")
+        assert state.history[0]["content"] == "Hello"
+        assert session.last_reason == "length"
+    finally:
+        session.close()
+
+
 def test_mlxserve_host_takes_host_and_port_as_ollama_host(monkeypatch, tmp_path):
     import pytest
 
