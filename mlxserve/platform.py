@@ -125,6 +125,31 @@ def make_llama_cpp_safe(llama_cpp: Any) -> Any:
     return llama_cpp
 
 
+PR_SET_PDEATHSIG = 1
+"""Linux's ``prctl`` option: a signal this process gets when its parent dies."""
+
+
+def die_with_parent() -> None:
+    """A worker (or a trial) killed when the daemon that started it dies, however it dies.
+
+    A worker hung inside a library (two llama.cpp threads asserting at once) never reads its
+    socket again, so it cannot notice the daemon's exit on its own; without this it lives on,
+    holding its model's memory. Linux has ``PR_SET_PDEATHSIG`` for exactly this; macOS has no
+    such call, and there the daemon's SIGTERM path stops its workers itself. A parent gone
+    before the call is caught by the parent pid check after it.
+    """
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def exit_process(code: int) -> None:
     """Exit, skipping native teardown once MLX has run in this process.
 

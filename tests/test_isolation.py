@@ -416,3 +416,29 @@ def test_a_setting_that_is_not_a_boolean_is_refused(monkeypatch, tmp_path):
     monkeypatch.setenv("MLXSERVE_ISOLATE_RUNNERS", "sometimes")
     with pytest.raises(ConfigError, match="isolate_runners"):
         load_settings()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+async def test_a_hung_worker_dies_with_a_daemon_killed_under_it(tiny_models, tmp_path):
+    """SIGKILL gives the daemon no chance to stop its workers, and a worker hung inside its
+    library never reads its socket again: it must still go (``platform.die_with_parent``)."""
+    store = populated_store(tmp_path / "home", tiny_models)
+    daemon = Daemon(store.root).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            await assert_serving(session, daemon, "tiny:gguf")
+        (worker,) = workers(daemon)
+        os.kill(worker, signal.SIGSTOP)  # hung: it will never see the socket close
+        assert daemon.process is not None
+        daemon.process.kill()
+        daemon.process.wait()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{worker}").exists() and time.monotonic() < deadline:
+            state = Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state == "Z":  # dead, waiting for its new parent to reap it
+                break
+            await asyncio.sleep(0.05)
+        else:
+            assert not Path(f"/proc/{worker}").exists(), "the worker outlived its daemon"
+    finally:
+        daemon.stop()

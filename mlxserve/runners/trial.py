@@ -126,6 +126,7 @@ def loads_check(store: ModelStore) -> Callable[[StoredModel], None]:
 
 
 def main() -> None:
+    platform.die_with_parent()
     result = os.dup(1)
     os.dup2(2, 1)  # what a library prints goes to stderr, never into the outcome
     model = pickle.load(sys.stdin.buffer)

@@ -210,6 +210,7 @@ async def _as_items(work: Coroutine[Any, Any, Any]) -> Any:
 
 def main() -> None:
     control_fd, sync_fd = (int(arg) for arg in sys.argv[1:3])
+    platform.die_with_parent()
     # A Ctrl-C at the daemon's terminal reaches its whole process group: the daemon stops
     # its workers itself, after answering what is in flight.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
