@@ -370,7 +370,7 @@ class Session:
             )
 
     async def _show(self, event: Any, encoder: Any, pieces: list[str]) -> None:
-        from mlxserve.chat.types import Done, ErrorEvent, TextDelta, ThinkingDelta, ToolCallEvent
+        from mlxserve.chat.events import Done, ErrorEvent, TextDelta, ThinkingDelta, ToolCallEvent
 
         if isinstance(event, ErrorEvent):
             raise event.error

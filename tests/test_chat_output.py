@@ -9,10 +9,11 @@ import importlib
 
 import pytest
 
+from mlxserve.chat.events import TextDelta, ThinkingDelta, ToolCallEvent
 from mlxserve.chat.family import ModelFamily
 from mlxserve.chat.output import OutputParser
 from mlxserve.chat.tooling import call_format, forced_tools
-from mlxserve.chat.types import TextDelta, ThinkingDelta, Tool, ToolCallEvent
+from mlxserve.chat.types import Tool
 from mlxserve.errors import InvalidRequestError
 
 WEATHER = Tool(

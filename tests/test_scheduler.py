@@ -14,8 +14,9 @@ import contextlib
 import pytest
 
 from mlxserve.chat.core import collect
+from mlxserve.chat.events import Done
 from mlxserve.chat.model import LoadedModel
-from mlxserve.chat.types import ChatRequest, Done, Message
+from mlxserve.chat.types import ChatRequest, Message
 from mlxserve.errors import InvalidRequestError, QueueFullError
 from mlxserve.server.scheduler import HeldModel, serve_chat
 

@@ -21,20 +21,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlxserve.chat.events import Done, ErrorEvent, Event, TextDelta, ThinkingDelta, ToolCallEvent
 from mlxserve.chat.model import LoadedModel, build_request
 from mlxserve.chat.output import OutputParser
 from mlxserve.chat.tooling import call_format, forced_tools, with_tool_preamble
-from mlxserve.chat.types import (
-    ChatRequest,
-    Done,
-    ErrorEvent,
-    Event,
-    Message,
-    TextDelta,
-    ThinkingDelta,
-    ToolCall,
-    ToolCallEvent,
-)
+from mlxserve.chat.types import ChatRequest, Message, ToolCall
 from mlxserve.errors import InvalidRequestError, TemplateError, UnsupportedFeatureError
 from mlxserve.prompts import build_messages, render_chat
 from mlxserve.runners.base import CancelToken, GenerateChunk, GenerateRequest, TokenLogprob

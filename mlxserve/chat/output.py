@@ -17,16 +17,9 @@ import json
 import uuid
 from typing import Any
 
+from mlxserve.chat.events import Event, TextDelta, ThinkingDelta, ToolCallEvent
 from mlxserve.chat.family import ModelFamily
-from mlxserve.chat.types import (
-    CUSTOM_INPUT,
-    Event,
-    TextDelta,
-    ThinkingDelta,
-    Tool,
-    ToolCall,
-    ToolCallEvent,
-)
+from mlxserve.chat.types import CUSTOM_INPUT, Tool, ToolCall
 from mlxserve.runners.base import TokenLogprob
 
 NORMAL, REASONING, TOOL = "normal", "reasoning", "tool"

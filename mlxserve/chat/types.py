@@ -1,4 +1,5 @@
-"""The one chat request every API is translated into, and the events that come back out.
+"""The one chat request every API is translated into (the events that come back out are in
+``events.py``).
 
 Each API module (``mlxserve/server/api_*.py``) is a pair of translations: its request body ->
 ``ChatRequest``, and ``Event``s -> its wire format. Nothing about a request's meaning lives in
@@ -10,8 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from mlxserve.runners.base import GenerationStats, LoadAsk, TokenLogprob
-from modelstore.errors import MlxserveError
+from mlxserve.runners.base import LoadAsk
 
 Role = Literal["system", "user", "assistant", "tool"]
 ThinkLevel = Literal["low", "medium", "high"]
@@ -133,43 +133,3 @@ class ChatRequest:
     keep_prefix: bool = False
     """A caching hint: Anthropic's ``cache_control`` or OpenAI's ``prompt_cache_key`` (what
     they do here: docs/API.md, "Prompt caching")."""
-
-
-@dataclass
-class TextDelta:
-    text: str
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-
-
-@dataclass
-class ThinkingDelta:
-    text: str
-
-
-@dataclass
-class ToolCallEvent:
-    """One complete call: emitted as soon as the model finished writing it."""
-
-    call: ToolCall
-
-
-DoneReason = Literal["stop", "length", "cancelled", "tool_calls"]
-
-
-@dataclass
-class Done:
-    reason: DoneReason
-    stats: GenerationStats
-    context: list[int] | None = None
-    stop_sequence: str | None = None
-    """The stop string that ended the answer (``reason`` is then ``stop``)."""
-
-
-@dataclass
-class ErrorEvent:
-    """A failure after the response started: the API sends it as its last message."""
-
-    error: MlxserveError
-
-
-Event = TextDelta | ThinkingDelta | ToolCallEvent | Done | ErrorEvent

@@ -14,20 +14,8 @@ import uuid
 from typing import Any
 
 from mlxserve.chat.core import Collected
-from mlxserve.chat.types import (
-    ChatRequest,
-    Done,
-    ErrorEvent,
-    Event,
-    Message,
-    TextDelta,
-    Think,
-    ThinkingDelta,
-    ThinkLevel,
-    Tool,
-    ToolCall,
-    ToolCallEvent,
-)
+from mlxserve.chat.events import Done, ErrorEvent, Event, TextDelta, ThinkingDelta, ToolCallEvent
+from mlxserve.chat.types import ChatRequest, Message, Think, ThinkLevel, Tool, ToolCall
 from mlxserve.errors import InvalidRequestError
 from mlxserve.server import validate
 from mlxserve.server.encoders import Frame

@@ -14,17 +14,8 @@ import uuid
 from typing import Any
 
 from mlxserve.chat.core import Collected
-from mlxserve.chat.types import (
-    ChatRequest,
-    Done,
-    ErrorEvent,
-    Event,
-    Message,
-    TextDelta,
-    ThinkingDelta,
-    ToolCall,
-    ToolCallEvent,
-)
+from mlxserve.chat.events import Done, ErrorEvent, Event, TextDelta, ThinkingDelta, ToolCallEvent
+from mlxserve.chat.types import ChatRequest, Message, ToolCall
 from mlxserve.errors import InvalidRequestError
 from mlxserve.runners.base import TokenLogprob
 from mlxserve.server import validate

@@ -16,18 +16,8 @@ import uuid
 from typing import Any
 
 from mlxserve.chat.core import Collected
-from mlxserve.chat.types import (
-    CUSTOM_INPUT,
-    ChatRequest,
-    Done,
-    ErrorEvent,
-    Event,
-    Message,
-    TextDelta,
-    ThinkingDelta,
-    ToolCall,
-    ToolCallEvent,
-)
+from mlxserve.chat.events import Done, ErrorEvent, Event, TextDelta, ThinkingDelta, ToolCallEvent
+from mlxserve.chat.types import CUSTOM_INPUT, ChatRequest, Message, ToolCall
 from mlxserve.errors import InvalidRequestError
 from mlxserve.server import validate
 from mlxserve.server.encoders import Frame

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from mlxserve.chat.core import ChatRun
-from mlxserve.chat.types import ErrorEvent, Event
+from mlxserve.chat.events import ErrorEvent, Event
 from mlxserve.server.errors import with_request_id
 
 NDJSON = "application/x-ndjson"

@@ -14,7 +14,8 @@ from aiohttp import web
 
 from mlxserve.api.types import utc_timestamp
 from mlxserve.chat.core import collect, count_tokens
-from mlxserve.chat.types import ChatRequest, Done
+from mlxserve.chat.events import Done
+from mlxserve.chat.types import ChatRequest
 from mlxserve.runners.base import LoadedModelInfo
 from mlxserve.server import api_anthropic, api_native, api_openai, api_responses
 from mlxserve.server.encoders import NDJSON, SSE, SSE_KEEPALIVE, frame_bytes, stream_events

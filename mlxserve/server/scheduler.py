@@ -21,8 +21,9 @@ from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 from mlxserve.chat.core import ChatRun, run_chat
+from mlxserve.chat.events import Done
 from mlxserve.chat.model import LoadedModel
-from mlxserve.chat.types import ChatRequest, Done
+from mlxserve.chat.types import ChatRequest
 from mlxserve.errors import QueueFullError
 from mlxserve.runners.base import LoadAsk
 
