@@ -57,6 +57,13 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
     is_flag=True,
     help="PATH is PUBLISHER/REPO[/FILE.gguf] in LM Studio's models folder ($LMSTUDIO_MODELS).",
 )
+@click.option(
+    "--no-trial",
+    "untried",
+    is_flag=True,
+    help="Store a GGUF without trying to load it here (a model meant for another machine or "
+    "a newer llama.cpp); by default one that cannot load is refused.",
+)
 @click.option("--all", "import_all", is_flag=True, help="With --from-*: import every model.")
 @click.option("--dry-run", is_flag=True, help="With --from-*: list what would be imported.")
 @json_option
@@ -68,6 +75,7 @@ def import_command(
     from_hf_cache: bool,
     from_ollama: bool,
     from_lmstudio: bool,
+    untried: bool,
     import_all: bool,
     dry_run: bool,
     as_json: bool,
@@ -123,7 +131,7 @@ def import_command(
             allow_link=hard_link and not force_copy,
             allow_clone=not force_copy,
             progress=progress,
-            check=loads_check(store),
+            check=None if untried else loads_check(store),
         )
     report_import(result, as_json)
 
