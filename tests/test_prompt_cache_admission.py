@@ -60,8 +60,8 @@ async def load_with_a_cached_prompt(manager: ModelManager) -> int:
 
 
 async def second_needs(manager: ModelManager) -> int:
-    options = await manager._checked_options(SECOND, LoadAsk(context_length=CONTEXT))
-    return await manager._memory_needed(SECOND, options)
+    _, needed = await manager._checked_options(SECOND, LoadAsk(context_length=CONTEXT))
+    return needed
 
 
 async def test_a_load_that_needs_the_room_frees_the_ram_tier_and_keeps_the_model(

@@ -181,7 +181,7 @@ class ModelManager:
             # A num_ctx beyond the trained context or the memory is the context the runner
             # will clamp it to: asked again, it must not reload the model it already has. (A
             # pinned model, sharded over machines, is never reloaded: nothing to plan.)
-            options = await self._checked_options(name, load)
+            options, _ = await self._checked_options(name, load)
             load = dataclasses.replace(load, context_length=options.context_length)
         lock = self._load_locks.setdefault(name, asyncio.Lock())
         async with lock:
@@ -208,12 +208,13 @@ class ModelManager:
             resident.touch(keep_alive)
             return resident
 
-    async def _checked_options(self, name: str, load: LoadAsk) -> RunnerOptions:
+    async def _checked_options(self, name: str, load: LoadAsk) -> tuple[RunnerOptions, int]:
         """The load options, once the context's bounds and the memory for weights and KV cache
         are checked: before anything is evicted or unloaded for a model that cannot load. A
         requested context comes back as the runner will load it (clamped to the trained
         context and the memory budget by the same ``loading.context_length`` the runner calls
-        with these options)."""
+        with these options). With them, what loading the model adds to memory: its weights and
+        the KV cache of that context."""
         options = RunnerOptions(
             context_length=load.context_length,
             kv_cache_type=load.kv_cache_type,
@@ -223,18 +224,12 @@ class ModelManager:
             **self._disk_tier(),
         )
         local = await asyncio.to_thread(open_model, self.store, name)
-        context = check_context(local, load_options(local, options))
+        filled = load_options(local, options)
+        context = check_context(local, filled)
         if options.context_length is not None:
             options.context_length = context
-        return options
-
-    async def _memory_needed(self, name: str, options: RunnerOptions) -> int:
-        """What loading ``name`` adds: its weights and the KV cache of its context."""
-        local = await asyncio.to_thread(open_model, self.store, name)
-        filled = load_options(local, options)
-        parallel = filled.max_parallel or 1
-        context = check_context(local, filled)
-        return memory_needed(local, context, parallel, kv_cache_type(filled.kv_cache_type))
+        cache = kv_cache_type(filled.kv_cache_type)
+        return options, memory_needed(local, context, filled.max_parallel or 1, cache)
 
     def _held_bytes(self) -> int:
         """What the loaded models hold: weights, KV caches, and their prompt caches' RAM
@@ -288,7 +283,7 @@ class ModelManager:
         self, name: str, runner: str | None, keep_alive: float | None, load: LoadAsk
     ) -> Resident:
         model = self.store.resolve(name)
-        options = await self._checked_options(name, load)
+        options, needed = await self._checked_options(name, load)
         await asyncio.to_thread(
             self._digests.check, name, [model.manifest_digest, *model.manifest.blob_digests()]
         )
@@ -302,7 +297,6 @@ class ModelManager:
             victim = min(idle, key=lambda r: r.last_used)
             log.info("evicting %s (least recently used)", victim.name)
             await self._unload(victim.name)
-        needed = await self._memory_needed(name, options)
         await self._make_room(name, needed, memory_budget(options))
         self._refuse_crash_loop(name, model.manifest_digest)
         loaded = await LoadedModel.load(
