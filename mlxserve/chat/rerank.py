@@ -17,9 +17,9 @@ import asyncio
 from mlxserve.chat.core import prepare
 from mlxserve.chat.model import LoadedModel
 from mlxserve.chat.types import ChatRequest, Message
-from mlxserve.errors import InvalidRequestError, UnsupportedFeatureError
+from mlxserve.errors import UnsupportedFeatureError
 from mlxserve.runners.base import RerankRequest, RerankResult, ScoreRequest
-from mlxserve.runners.rerank import CUT_ATTEMPTS, too_long
+from mlxserve.runners.rerank import fit_document
 
 JUDGE_SYSTEM = (
     "Judge whether the Document meets the requirements based on the Query and the Instruct "
@@ -53,26 +53,23 @@ def judged(loaded: LoadedModel, query: str, document: str) -> ChatRequest:
 
 
 def fitted(loaded: LoadedModel, request: RerankRequest, index: int, limit: int) -> list[int]:
-    """The pair's prompt tokens, its document cut from its end so that the prompt fits the
-    context (or refused with ``truncate`` off)."""
-    document = request.documents[index]
-    for _ in range(CUT_ATTEMPTS):
+    """The pair's prompt tokens, through the chat path's ``prepare``, its document cut from its
+    end so that the prompt fits the context (or refused with ``truncate`` off)."""
+
+    def prompt(document: str) -> list[int]:
         tokens = prepare(loaded, judged(loaded, request.query, document)).request.prompt_tokens
         assert tokens is not None
-        if len(tokens) <= limit:
-            return tokens
-        if not request.truncate:
-            raise too_long(index, len(tokens), limit)
-        own = loaded.runner.tokenize(document, add_special_tokens=False)
-        room = len(own) - (len(tokens) - limit)
-        if room < 1:
-            raise InvalidRequestError(
-                "the query leaves no room for a document in this model's context of "
-                f"{limit} tokens",
-                param="query",
-            )
-        document = loaded.runner.detokenize(own[:room])
-    raise too_long(index, len(tokens), limit)
+        return tokens
+
+    return fit_document(
+        request.documents[index],
+        index,
+        limit,
+        request.truncate,
+        prompt=prompt,
+        tokenize=lambda text: loaded.runner.tokenize(text, add_special_tokens=False),
+        detokenize=loaded.runner.detokenize,
+    )
 
 
 async def causal_rerank(loaded: LoadedModel, request: RerankRequest) -> RerankResult:

@@ -8,7 +8,7 @@ reads both texts in one sequence and its classification head gives one logit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from mlxserve.errors import InvalidRequestError, UnsupportedFeatureError
 
@@ -42,6 +42,38 @@ def too_long(index: int, length: int, limit: int) -> InvalidRequestError:
         param="documents",
         index=index,
     )
+
+
+def fit_document(
+    document: str,
+    index: int,
+    limit: int,
+    truncate: bool,
+    *,
+    prompt: Callable[[str], list[int]],
+    tokenize: Callable[[str], list[int]],
+    detokenize: Callable[[list[int]], str],
+) -> list[int]:
+    """The prompt a causal reranker scores for ``document`` (``prompt`` makes it: a template
+    filled in, or the chat path's own), its document cut from its end until the prompt fits in
+    ``limit`` tokens, or refused with ``truncate`` off. Re-tokenizing may move the boundary by
+    a token, hence the few attempts."""
+    for _ in range(CUT_ATTEMPTS):
+        tokens = prompt(document)
+        if len(tokens) <= limit:
+            return tokens
+        if not truncate:
+            raise too_long(index, len(tokens), limit)
+        own = tokenize(document)
+        room = len(own) - (len(tokens) - limit)
+        if room < 1:
+            raise InvalidRequestError(
+                f"the query leaves no room for a document in this model's context of {limit} "
+                "tokens",
+                param="query",
+            )
+        document = detokenize(own[:room])
+    raise too_long(index, len(tokens), limit)
 
 
 def cut_pair(

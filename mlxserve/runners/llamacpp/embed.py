@@ -27,7 +27,6 @@ from typing import Any
 from mlxserve import platform
 from mlxserve.errors import (
     InferenceError,
-    InvalidRequestError,
     UnsupportedArchitectureError,
     UnsupportedFormatError,
 )
@@ -43,7 +42,7 @@ from mlxserve.runners.engine import EngineThread
 from mlxserve.runners.llamacpp.library import import_llama_cpp
 from mlxserve.runners.loading import context_length
 from mlxserve.runners.pooling import over_limit
-from mlxserve.runners.rerank import CUT_ATTEMPTS, budget_batches, cut_pair, too_long
+from mlxserve.runners.rerank import budget_batches, cut_pair, fit_document
 from mlxserve.runners.skeleton import EncoderRunnerBase
 from modelstore.metadata import EMBEDDING_ARCHITECTURES, RANK_POOLING
 from modelstore.model import LocalModel
@@ -152,30 +151,25 @@ class LlamaCppEmbedder:
 
     def _template_pairs(self, template: str, request: RerankRequest) -> list[list[int]]:
         """Each pair as the template's text, tokenized with its special tokens parsed, as
-        llama.cpp's server does; a long document is cut from its end until the prompt fits
-        (re-tokenizing may move the boundary by a token, hence the few attempts)."""
-        pairs = []
-        for index, document in enumerate(request.documents):
-            for _ in range(CUT_ATTEMPTS):
-                text = template.replace("{query}", request.query).replace("{document}", document)
-                tokens = self.llama.tokenize(text.encode(), add_bos=False, special=True)
-                if len(tokens) <= self.limit:
-                    break
-                if not request.truncate:
-                    raise too_long(index, len(tokens), self.limit)
-                own = self.llama.tokenize(document.encode(), add_bos=False, special=False)
-                room = len(own) - (len(tokens) - self.limit)
-                if room < 1:
-                    raise InvalidRequestError(
-                        "the query leaves no room for a document in this model's context of "
-                        f"{self.limit} tokens",
-                        param="query",
-                    )
-                document = self.llama.detokenize(own[:room]).decode("utf-8", "ignore")
-            else:
-                raise too_long(index, len(tokens), self.limit)
-            pairs.append(tokens)
-        return pairs
+        llama.cpp's server does; a long document cut from its end until the prompt fits."""
+        llama = self.llama
+
+        def prompt(document: str) -> list[int]:
+            text = template.replace("{query}", request.query).replace("{document}", document)
+            return llama.tokenize(text.encode(), add_bos=False, special=True)
+
+        return [
+            fit_document(
+                document,
+                index,
+                self.limit,
+                request.truncate,
+                prompt=prompt,
+                tokenize=lambda text: llama.tokenize(text.encode(), add_bos=False, special=False),
+                detokenize=lambda tokens: llama.detokenize(tokens).decode("utf-8", "ignore"),
+            )
+            for index, document in enumerate(request.documents)
+        ]
 
     def rank(self, request: RerankRequest) -> RerankResult:
         """One score per document: pairs packed unpadded into decodes of at most the context's
