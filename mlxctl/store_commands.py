@@ -102,10 +102,10 @@ def import_command(
 
     store = ModelStore()
     if from_ollama or from_lmstudio:
-        from mlxctl.foreign_stores import import_from_lmstudio, import_from_ollama
+        from mlxctl.foreign_stores import import_foreign
 
-        run = import_from_ollama if from_ollama else import_from_lmstudio
-        run(
+        import_foreign(
+            "ollama" if from_ollama else "lmstudio",
             store,
             path,
             name,

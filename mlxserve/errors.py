@@ -12,10 +12,14 @@ from modelstore.errors import TemplateError as TemplateError  # lives with the t
 
 
 class ModelNotLoadedError(MlxserveError):
+    """A request that reached a model as it was unloaded (keep_alive, eviction, shutdown)."""
+
     code = "model_not_loaded"
 
 
 class UnsupportedArchitectureError(MlxserveError):
+    """A model whose architecture the chosen runner's library does not implement."""
+
     code = "unsupported_architecture"
     http_status = 400
 
@@ -49,11 +53,15 @@ class ContextOverflowError(MlxserveError):
 
 
 class OutOfMemoryError(MlxserveError):
+    """A load or a context that does not fit in the memory the daemon plans within."""
+
     code = "out_of_memory"
     http_status = 507
 
 
 class InferenceError(MlxserveError):
+    """The runner's library failed during generation, with its own reason."""
+
     code = "inference_failed"
 
 
@@ -73,6 +81,8 @@ class InvalidFormatError(MlxserveError):
 
 
 class QueueFullError(MlxserveError):
+    """A model's slots and its wait queue are full: retry after a moment."""
+
     code = "queue_full"
     http_status = 429
 
@@ -116,11 +126,15 @@ class DistributedError(MlxserveError):
 
 
 class UnauthorizedError(MlxserveError):
+    """A request without the API key the daemon requires, or with another."""
+
     code = "unauthorized"
     http_status = 401
 
 
 class ForbiddenError(MlxserveError):
+    """A Host or Origin header the daemon does not serve (DNS rebinding, CORS)."""
+
     code = "forbidden"
     http_status = 403
 
@@ -133,11 +147,15 @@ class NotFoundError(MlxserveError):
 
 
 class MethodNotAllowedError(MlxserveError):
+    """A path the daemon serves, asked with a method it does not take."""
+
     code = "method_not_allowed"
     http_status = 405
 
 
 class RequestTooLargeError(MlxserveError):
+    """A body over ``max_body_bytes``, refused before it is read."""
+
     code = "request_too_large"
     http_status = 413
 

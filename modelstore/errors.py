@@ -37,16 +37,22 @@ class InvalidReferenceError(MlxserveError):
 
 
 class InvalidDigestError(MlxserveError):
+    """A digest that is not ``sha256:`` and 64 lowercase hex digits."""
+
     code = "invalid_digest"
     http_status = 400
 
 
 class ModelNotFoundError(MlxserveError):
+    """A name the store, registry or hub has no model under."""
+
     code = "model_not_found"
     http_status = 404
 
 
 class BlobNotFoundError(MlxserveError):
+    """A digest the store holds no blob for."""
+
     code = "blob_not_found"
     http_status = 404
 
@@ -66,6 +72,8 @@ class CorruptStoreError(MlxserveError):
 
 
 class InvalidManifestError(MlxserveError):
+    """A manifest or OCI index that does not parse or does not hold together."""
+
     code = "invalid_manifest"
     http_status = 400
 
@@ -109,6 +117,8 @@ class StoreHomeError(MlxserveError):
 
 
 class StoreLockedError(MlxserveError):
+    """The store held by another process past the wait: retry after a moment."""
+
     code = "store_locked"
     http_status = 503
 

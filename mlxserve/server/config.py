@@ -1,7 +1,8 @@
 """Daemon settings, declared once: defaults < user config file < environment < flags.
 
-Each field of ``Settings`` carries its environment variable, its help line and whether
-``mlxserve``/``mlxctl serve`` take it as a flag (``metadata``); the config-file keys (the field
+Each field of ``Settings`` carries its help line, its environment variable (``MLXSERVE_`` and its
+name unless it says otherwise) and whether ``mlxserve``/``mlxctl serve`` take it as a flag
+(``setting``, kept in ``metadata``); the config-file keys (the field
 names), the environment table, the command-line options, ``mlxctl serve --help`` and the
 reference in docs/SETTINGS.md are all derived from it, as ``modelstore/parameters.py`` does for
 sampling. A user file (``$MLXSERVE_HOME/config.json`` or ``$MLXSERVE_CONFIG``) overrides the
@@ -66,176 +67,110 @@ def parse_duration(value: Any) -> float:
     return _bounded(total)
 
 
-def _about(*, env: str, help: str, shown: str | None = None, flag: bool = True) -> dict[str, Any]:
-    """A setting's metadata: its ``MLXSERVE_*`` variable, its one-line help, the default as a
-    person writes it (``shown``, e.g. ``5m``) and whether the daemon takes it as a flag."""
-    return {"env": env, "help": help, "shown": shown, "flag": flag}
+def setting(
+    default: Any,
+    help: str,
+    *,
+    env: str | None = None,
+    shown: str | None = None,
+    flag: bool = True,
+    factory: bool = False,
+) -> Any:
+    """One setting: its default (``factory``: a callable making it), its one-line help, the
+    default as a person writes it (``shown``, e.g. ``5m``) and whether the daemon takes it as a
+    flag. Its variable is ``MLXSERVE_`` and the name in capitals unless ``env`` says otherwise."""
+    metadata = {"env": env, "help": help, "shown": shown, "flag": flag}
+    if factory:
+        return field(default_factory=default, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class Settings:
-    host: str = field(
-        default="127.0.0.1",
-        metadata=_about(
-            env="MLXSERVE_HOST",
-            help="Address to bind; takes host:port or a URL, as OLLAMA_HOST does.",
-        ),
+    host: str = setting(
+        "127.0.0.1", "Address to bind; takes host:port or a URL, as OLLAMA_HOST does."
     )
-    port: int = field(
-        default=DEFAULT_PORT, metadata=_about(env="MLXSERVE_PORT", help="Port to listen on.")
+    port: int = setting(DEFAULT_PORT, "Port to listen on.")
+    home: Path = setting(
+        default_root,
+        "The model store (and the user config file, config.json).",
+        env=HOME_ENV,
+        shown="~/.mlxserve",
+        factory=True,
     )
-    home: Path = field(
-        default_factory=default_root,
-        metadata=_about(
-            env=HOME_ENV,
-            help="The model store (and the user config file, config.json).",
-            shown="~/.mlxserve",
-        ),
+    api_key: str | None = setting(
+        None, "Bearer key every request must send; required for a non-loopback bind."
     )
-    api_key: str | None = field(
-        default=None,
-        metadata=_about(
-            env="MLXSERVE_API_KEY",
-            help="Bearer key every request must send; required for a non-loopback bind.",
-        ),
+    keep_alive: float = setting(
+        300.0, "How long an idle model stays loaded (30s, 5m, 1h; negative: forever).", shown="5m"
     )
-    keep_alive: float = field(
-        default=300.0,
-        metadata=_about(
-            env="MLXSERVE_KEEP_ALIVE",
-            help="How long an idle model stays loaded (30s, 5m, 1h; negative: forever).",
-            shown="5m",
-        ),
+    max_loaded_models: int = setting(2, "Models held in memory at once.")
+    num_parallel: int | None = setting(
+        None, "Parallel slots per model.", shown="4 for chat models, fewer when memory is short"
     )
-    max_loaded_models: int = field(
-        default=2,
-        metadata=_about(env="MLXSERVE_MAX_LOADED_MODELS", help="Models held in memory at once."),
-    )
-    num_parallel: int | None = field(
-        default=None,
-        metadata=_about(
-            env="MLXSERVE_NUM_PARALLEL",
-            help="Parallel slots per model.",
-            shown="4 for chat models, fewer when memory is short",
-        ),
-    )
-    memory_budget_bytes: int = field(
-        default=0,
-        metadata=_about(
-            env="MLXSERVE_MEMORY_BUDGET_BYTES",
-            help="Memory models are planned within: weights and KV cache (0: the machine's).",
-        ),
+    memory_budget_bytes: int = setting(
+        0, "Memory models are planned within: weights and KV cache (0: the machine's)."
     )
     """A request's ``num_ctx`` is clamped to what fits in it and a default context sized to
     it (docs/API.md, "Context length"): for a machine shared with other work."""
-    max_queue: int = field(
-        default=16,
-        metadata=_about(
-            env="MLXSERVE_MAX_QUEUE",
-            help="Requests that may wait per model beyond its slots; one more gets 429.",
-        ),
+    max_queue: int = setting(
+        16, "Requests that may wait per model beyond its slots; one more gets 429."
     )
-    max_body_bytes: int = field(
-        default=32 << 20,
-        metadata=_about(
-            env="MLXSERVE_MAX_BODY_BYTES", help="Largest request body accepted (413 above)."
-        ),
+    max_body_bytes: int = setting(32 << 20, "Largest request body accepted (413 above).")
+    allowed_origins: list[str] = setting(
+        list,
+        "Browser origins allowed besides the local ones (comma-separated, * wildcards).",
+        env="MLXSERVE_ORIGINS",
+        shown="none",
+        factory=True,
     )
-    allowed_origins: list[str] = field(
-        default_factory=list,
-        metadata=_about(
-            env="MLXSERVE_ORIGINS",
-            help="Browser origins allowed besides the local ones (comma-separated, * wildcards).",
-            shown="none",
-        ),
+    allowed_hosts: list[str] = setting(
+        list,
+        "Host header names allowed besides local ones (comma-separated).",
+        shown="none",
+        factory=True,
     )
-    allowed_hosts: list[str] = field(
-        default_factory=list,
-        metadata=_about(
-            env="MLXSERVE_ALLOWED_HOSTS",
-            help="Host header names allowed besides local ones (comma-separated).",
-            shown="none",
-        ),
-    )
-    log_level: str = field(
-        default="info",
-        metadata=_about(env="MLXSERVE_LOG_LEVEL", help="debug, info, warning or error."),
-    )
-    prompt_cache_bytes: int = field(
-        default=1 << 30,
-        metadata=_about(
-            env="MLXSERVE_PROMPT_CACHE_BYTES",
-            help="Per model: bytes of KV cache kept for follow-up prompts.",
-        ),
+    log_level: str = setting("info", "debug, info, warning or error.")
+    prompt_cache_bytes: int = setting(
+        1 << 30, "Per model: bytes of KV cache kept for follow-up prompts."
     )
     """mlx-lm's LRU: the bound that keeps batching from growing memory without limit, with
     ``num_parallel`` x context for slots."""
-    prompt_cache_disk_bytes: int | None = field(
-        default=None,
-        metadata=_about(
-            env="MLXSERVE_PROMPT_CACHE_DISK_BYTES",
-            help="The prompt cache's disk tier, all models together (0: off).",
-            shown="a tenth of free space, at most 16 GiB",
-        ),
+    prompt_cache_disk_bytes: int | None = setting(
+        None,
+        "The prompt cache's disk tier, all models together (0: off).",
+        shown="a tenth of free space, at most 16 GiB",
     )
     """``cache/prompts`` under the home (docs/STORE.md); it holds a representation of users'
     prompts, owner-only."""
-    sse_keepalive_s: float = field(
-        default=5.0,
-        metadata=_about(
-            env="MLXSERVE_SSE_KEEPALIVE_S",
-            help="Seconds between SSE comment lines while a prompt is still being read.",
-        ),
+    sse_keepalive_s: float = setting(
+        5.0, "Seconds between SSE comment lines while a prompt is still being read."
     )
-    group_step_timeout_s: float = field(
-        default=30.0,
-        metadata=_about(
-            env="MLXSERVE_GROUP_STEP_TIMEOUT_S",
-            help="With --distributed: a batch step slower than this means a rank hangs.",
-        ),
+    group_step_timeout_s: float = setting(
+        30.0, "With --distributed: a batch step slower than this means a rank hangs."
     )
     """Its model is then marked unavailable (docs/DISTRIBUTED.md); it must exceed the longest
     prefill."""
-    webui: bool = field(
-        default=True,
-        metadata=_about(
-            env="MLXSERVE_WEBUI",
-            help="Serve the chat and dashboard page at / to browsers (off: the heartbeat text).",
-            shown="on",
-        ),
+    webui: bool = setting(
+        True,
+        "Serve the chat and dashboard page at / to browsers (off: the heartbeat text).",
+        shown="on",
     )
     """``GET /`` from a browser serves the page (``mlxserve/server/webui``); off
     (``--no-webui``), every client gets the heartbeat text."""
-    isolate_runners: bool = field(
-        default=True,
-        metadata=_about(
-            env="MLXSERVE_ISOLATE_RUNNERS",
-            help="Run each loaded model in its own worker process (off: in the daemon's).",
-            shown="on",
-        ),
+    isolate_runners: bool = setting(
+        True, "Run each loaded model in its own worker process (off: in the daemon's).", shown="on"
     )
     """docs/RUNNERS.md; off, a library's abort takes the daemon down with it."""
-    runner_stall_timeout_s: float = field(
-        default=300.0,
-        metadata=_about(
-            env="MLXSERVE_RUNNER_STALL_TIMEOUT_S",
-            help="A worker owing an answer that sends nothing this long is killed (hung).",
-        ),
+    runner_stall_timeout_s: float = setting(
+        300.0, "A worker owing an answer that sends nothing this long is killed (hung)."
     )
     """Its requests end with ``model_crashed``; it must exceed the longest prefill step."""
-    runner_load_timeout_s: float = field(
-        default=600.0,
-        metadata=_about(
-            env="MLXSERVE_RUNNER_LOAD_TIMEOUT_S",
-            help="A worker still loading its model after this long is killed.",
-        ),
+    runner_load_timeout_s: float = setting(
+        600.0, "A worker still loading its model after this long is killed."
     )
-    runner_memory_limit_bytes: int = field(
-        default=0,
-        metadata=_about(
-            env="MLXSERVE_RUNNER_MEMORY_LIMIT_BYTES",
-            help="A worker whose resident memory passes this is killed (0: no limit).",
-        ),
+    runner_memory_limit_bytes: int = setting(
+        0, "A worker whose resident memory passes this is killed (0: no limit)."
     )
 
     @property
@@ -258,7 +193,9 @@ class Settings:
 
 
 SETTINGS = {spec.name: spec for spec in fields(Settings)}
-ENVIRONMENT = {name: spec.metadata["env"] for name, spec in SETTINGS.items()}
+ENVIRONMENT = {
+    name: spec.metadata["env"] or f"MLXSERVE_{name.upper()}" for name, spec in SETTINGS.items()
+}
 """``{setting: MLXSERVE_* variable}``, derived from the declaration."""
 _LISTS = frozenset({"allowed_origins", "allowed_hosts"})
 _DURATIONS = frozenset({"keep_alive"})
@@ -316,7 +253,7 @@ def flag_name(name: str) -> str:
 def setting_help(name: str) -> str:
     """One setting's ``--help`` line: what it does, its variable and its default."""
     spec = SETTINGS[name]
-    return f"{spec.metadata['help']} [env {spec.metadata['env']}; default: {shown_default(name)}]"
+    return f"{spec.metadata['help']} [env {ENVIRONMENT[name]}; default: {shown_default(name)}]"
 
 
 def settings_reference() -> str:
@@ -328,7 +265,7 @@ def settings_reference() -> str:
     for name, spec in SETTINGS.items():
         flag = f"`{flag_name(name)}`" if spec.metadata["flag"] else ""
         lines.append(
-            f"| `{name}` | `{spec.metadata['env']}` | {flag} | {shown_default(name)} "
+            f"| `{name}` | `{ENVIRONMENT[name]}` | {flag} | {shown_default(name)} "
             f"| {spec.metadata['help']} |"
         )
     return "\n".join(lines) + "\n"
