@@ -131,6 +131,26 @@ def test_a_browser_gets_the_page_and_every_other_client_the_heartbeat(webui_daem
         assert (status, body) == ((200, b"mlxserve is running") if accept else (401, body))
 
 
+def test_a_page_opened_by_another_site_is_isolated_from_its_opener(webui_daemon):
+    """COOP where an opener could hold the page's window (another site navigated to it, or a
+    browser that does not say), not where the user opened it (docs/PERFORMANCE.md)."""
+    page = {"Accept": "text/html"}
+    for site, isolated in (
+        ("cross-site", True),
+        ("same-site", True),
+        (None, True),
+        ("none", False),
+        ("same-origin", False),
+    ):
+        status, headers, _ = get(
+            f"{webui_daemon.url}/", {**page, "Sec-Fetch-Site": site} if site else page
+        )
+        assert status == 200 and "Sec-Fetch-Site" in headers["Vary"], site
+        assert headers["Content-Type"] == "text/html; charset=utf-8"
+        coop = headers.get("Cross-Origin-Opener-Policy")
+        assert coop == ("same-origin" if isolated else None), site
+
+
 def test_the_page_loads_without_the_key_and_the_api_still_needs_it(webui_daemon):
     status, headers, _ = get(f"{webui_daemon.url}/ui/app.js")
     assert status == 200 and headers["Content-Type"].startswith("text/javascript")

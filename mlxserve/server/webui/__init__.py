@@ -34,9 +34,9 @@ PREFIX = "/ui/"
 """Where the page's scripts and styles are served from."""
 INDEX = "index.html"
 CONTENT_TYPES = {
-    ".html": "text/html",
-    ".js": "text/javascript",
-    ".css": "text/css",
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
     ".svg": "image/svg+xml",
 }
 STYLESHEET = "style.css"
@@ -65,8 +65,15 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
-    "Cross-Origin-Opener-Policy": "same-origin",
 }
+ISOLATE = {"Cross-Origin-Opener-Policy": "same-origin"}
+"""Sent with the page when another site (or a browser too old to say) navigated to it: that
+site's window then keeps no handle on the page's (it cannot navigate it to a look-alike asking
+for the API key, nor count its frames). A page the user opened themselves (typed, bookmarked, a
+menubar app's link: ``Sec-Fetch-Site: none``) or reloaded has no such opener, and there the
+header would only cost Chromium a browsing-context-group swap, ~35 ms of a first visit's paint
+(docs/PERFORMANCE.md, "The web page's first paint")."""
+_OWN_NAVIGATION = frozenset({"none", "same-origin"})
 REVALIDATE = "no-cache"
 """The page itself (and a file asked for by its plain name): the browser revalidates it (a 304
 by ``ETag``), so an upgraded daemon's page is never mixed with an old script."""
@@ -153,13 +160,15 @@ def serve(request: web.Request, name: str, cache_control: str) -> web.Response:
     }
     if asset.etag in request.headers.get("If-None-Match", ""):
         return web.Response(status=304, headers=headers)
-    return web.Response(body=asset.body, content_type=asset.content_type, headers=headers)
+    return web.Response(body=asset.body, headers={**headers, "Content-Type": asset.content_type})
 
 
 def page(request: web.Request) -> web.Response:
     """``GET /`` for a browser."""
     response = serve(request, INDEX, REVALIDATE)
-    response.headers["Vary"] = "Accept"
+    response.headers["Vary"] = "Accept, Sec-Fetch-Site"
+    if request.headers.get("Sec-Fetch-Site") not in _OWN_NAVIGATION:
+        response.headers.update(ISOLATE)
     return response
 
 
