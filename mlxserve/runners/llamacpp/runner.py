@@ -25,16 +25,7 @@ from mlxserve.errors import (
     ModelUnloadableError,
     UnsupportedFormatError,
 )
-from mlxserve.runners.base import (
-    EmbedRequest,
-    EmbedResult,
-    GenerateChunk,
-    GenerateRequest,
-    LoadedModelInfo,
-    RerankResult,
-    RunnerOptions,
-    ScoreRequest,
-)
+from mlxserve.runners import base
 from mlxserve.runners.decode import check_token_ids, generation_budget, prompt_and_budget
 from mlxserve.runners.engine import Emit, EngineThread
 from mlxserve.runners.kvcache import kv_cache_type
@@ -142,7 +133,7 @@ class LlamaCppRunner(RunnerBase):
     def _require(self) -> Any:
         return self._loaded(self._model)
 
-    async def _load(self, model: LocalModel, options: RunnerOptions) -> dict[str, Any]:
+    async def _load(self, model: LocalModel, options: base.RunnerOptions) -> dict[str, Any]:
         if model.format != "gguf" or not model.weights:
             raise UnsupportedFormatError(
                 f"the llama.cpp runner runs GGUF models; {model.name} is {model.format}",
@@ -269,7 +260,7 @@ class LlamaCppRunner(RunnerBase):
         cache = self._disk
         return cache.release_ram() if cache is not None else 0
 
-    def describe(self) -> LoadedModelInfo:
+    def describe(self) -> base.LoadedModelInfo:
         info = super().describe()
         if self._disk is not None:
             info.details["prompt_cache_ram_bytes"] = info.details["prompt_cache"]["ram"]["bytes"]
@@ -323,14 +314,14 @@ class LlamaCppRunner(RunnerBase):
             )
         return self._embedder
 
-    async def embed(self, request: EmbedRequest) -> EmbedResult:
+    async def embed(self, request: base.EmbedRequest) -> base.EmbedResult:
         """Through the twin context: a generating context cannot pool."""
         self._require()
         engine = self._engine
         assert engine is not None
         return await engine.call(lambda: self._twin().embed(request))
 
-    async def score(self, request: ScoreRequest) -> RerankResult:
+    async def score(self, request: base.ScoreRequest) -> base.RerankResult:
         """A causal reranker's prompts through the twin context, switched to logits for the
         pass: several prompts per decode, which the slots' one-prompt generation cannot
         give."""
@@ -339,7 +330,7 @@ class LlamaCppRunner(RunnerBase):
         assert engine is not None
         return await engine.call(lambda: self._twin().score(request))
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+    async def generate(self, request: base.GenerateRequest) -> AsyncIterator[base.GenerateChunk]:
         model = self._require()
         slots, engine = self._slots, self._engine
         assert slots is not None and engine is not None
@@ -368,7 +359,7 @@ class LlamaCppRunner(RunnerBase):
             async for chunk in chunks:
                 yield chunk
 
-    async def _media_prompt(self, request: GenerateRequest) -> tuple[list[int], Any, int]:
+    async def _media_prompt(self, request: base.GenerateRequest) -> tuple[list[int], Any, int]:
         """A prompt with images: libmtmd's chunks (tokenized on the engine thread, which owns
         the projector), its token list with the image positions, and the generation budget."""
         slots, engine = self._slots, self._engine
