@@ -15,7 +15,7 @@ from mlxctl.import_report import report_import
 from mlxctl.output import byte_progress, console, human_size, print_json
 from modelstore import lmstudio, ollama
 from modelstore.importer import ImportResult
-from modelstore.store import ModelStore
+from modelstore.store import Check, ModelStore
 
 
 def _show(rows: list[dict[str, Any]], as_json: bool, empty: str) -> None:
@@ -43,8 +43,10 @@ def import_foreign(
     dry_run: bool,
     as_json: bool,
     allow_link: bool,
+    check: Check | None = None,
 ) -> None:
-    """List, or import, what ``app`` ("ollama" or "lmstudio") keeps."""
+    """List, or import, what ``app`` ("ollama" or "lmstudio") keeps; ``check`` as
+    ``ModelStore.commit``'s."""
     plan = _ollama if app == "ollama" else _lmstudio
     chosen, rows, empty, import_one = plan(wanted, name, as_json)
     if dry_run or (wanted is None and not import_all):
@@ -52,7 +54,9 @@ def import_foreign(
         return
     for model in chosen:
         with byte_progress(f"importing {model.display_name}", model.size) as progress:
-            result = import_one(store, model, name, allow_link=allow_link, progress=progress)
+            result = import_one(
+                store, model, name, allow_link=allow_link, progress=progress, check=check
+            )
         report_import(result, as_json)
 
 

@@ -16,7 +16,7 @@ from mlxctl.output import byte_progress, console, human_size, print_json
 from modelstore.errors import ModelNotFoundError
 from modelstore.hfhub import CachedModel, HubModel, cached_models
 from modelstore.importer import ImportResult, import_path, source_size
-from modelstore.store import ModelStore
+from modelstore.store import Check, ModelStore
 
 
 def find_cached(wanted: HubModel, cached: list[CachedModel]) -> CachedModel:
@@ -33,29 +33,39 @@ def find_cached(wanted: HubModel, cached: list[CachedModel]) -> CachedModel:
     )
 
 
-def import_snapshot(store: ModelStore, repo_id: str, folder: Path, name: str) -> ImportResult:
+def import_snapshot(
+    store: ModelStore, repo_id: str, folder: Path, name: str, check: Check | None = None
+) -> ImportResult:
     """Import a snapshot folder (cache or fresh download), with a bar for large ones; its
     files are hard-linked: the cache's blobs are named by their content and never change."""
     with byte_progress(f"importing {repo_id}", source_size(folder)) as progress:
-        return import_path(store, folder, name, allow_link=True, progress=progress)
+        return import_path(store, folder, name, allow_link=True, progress=progress, check=check)
 
 
-def import_cached(store: ModelStore, model: CachedModel, name: str | None) -> ImportResult:
+def import_cached(
+    store: ModelStore, model: CachedModel, name: str | None, check: Check | None
+) -> ImportResult:
     target = name or model.hub_model().store_name()
-    return import_snapshot(store, model.repo_id, model.folder, target)
+    return import_snapshot(store, model.repo_id, model.folder, target, check)
 
 
 def import_from_hf_cache(
-    store: ModelStore, repo: str | None, name: str | None, *, import_all: bool, as_json: bool
+    store: ModelStore,
+    repo: str | None,
+    name: str | None,
+    *,
+    import_all: bool,
+    as_json: bool,
+    check: Check | None = None,
 ) -> None:
     cached = cached_models()
     if repo is not None:
         chosen = find_cached(HubModel.parse(repo), cached)
-        report_import(import_cached(store, chosen, name), as_json)
+        report_import(import_cached(store, chosen, name, check), as_json)
         return
     if import_all:
         for model in cached:
-            report_import(import_cached(store, model, None), as_json)
+            report_import(import_cached(store, model, None, check), as_json)
         return
     if as_json:
         print_json(

@@ -101,6 +101,7 @@ def import_command(
     from modelstore.importer import import_path, source_size
 
     store = ModelStore()
+    check = None if untried else loads_check(store)
     if from_ollama or from_lmstudio:
         from mlxctl.foreign_stores import import_foreign
 
@@ -113,12 +114,13 @@ def import_command(
             dry_run=dry_run,
             as_json=as_json,
             allow_link=not force_copy,
+            check=check,
         )
         return
     if from_hf_cache:
         from mlxctl.hf_cache import import_from_hf_cache
 
-        import_from_hf_cache(store, path, name, import_all=import_all, as_json=as_json)
+        import_from_hf_cache(store, path, name, import_all=import_all, as_json=as_json, check=check)
         return
     if path is None:
         raise click.UsageError("give a PATH to import (or --from-hf-cache)")
@@ -131,7 +133,7 @@ def import_command(
             allow_link=hard_link and not force_copy,
             allow_clone=not force_copy,
             progress=progress,
-            check=None if untried else loads_check(store),
+            check=check,
         )
     report_import(result, as_json)
 

@@ -7,7 +7,7 @@ import re
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -16,7 +16,7 @@ from modelstore.errors import ImportSourceError, MlxserveError
 from modelstore.manifest import is_safe_file_name
 from modelstore.ocilayout import import_archive, is_archive
 from modelstore.sources import draft_from_path
-from modelstore.store import ModelStore, StoredModel
+from modelstore.store import Check, ModelStore, StoredModel
 from modelstore.templates import template_warning
 
 
@@ -125,7 +125,7 @@ def import_path(
     allow_link: bool = False,
     allow_clone: bool = True,
     progress: ProgressCallback | None = None,
-    check: Callable[[StoredModel], None] | None = None,
+    check: Check | None = None,
 ) -> ImportResult:
     """Import an HF-style folder (or a ``.zip`` of one), a ``.gguf`` file or a packed archive
     (which names itself; anything else is named after itself, ``derived_name``).

@@ -41,7 +41,7 @@ from modelstore.parameters import (
 )
 from modelstore.reference import ModelReference, parse_reference
 from modelstore.sources import draft_from_gguf, projector_layer
-from modelstore.store import ModelStore
+from modelstore.store import Check, ModelStore
 
 OLLAMA_MODELS_ENV = "OLLAMA_MODELS"
 OLLAMA_REGISTRY = "registry.ollama.ai"
@@ -275,10 +275,13 @@ def import_ollama(
     name: str | None = None,
     allow_link: bool = True,
     progress: ProgressCallback | None = None,
+    check: Check | None = None,
 ) -> tuple[ImportResult, list[str]]:
-    """Store one tag of Ollama's store (hard links where possible); returns the result and
-    the Ollama parameters that were left out."""
+    """Store one tag of Ollama's store (hard links where possible; ``check`` as
+    ``ModelStore.commit``'s); returns the result and the Ollama parameters that were left out."""
     root = root or ollama_root()
     draft, dropped = ollama_draft(model, lambda digest: blob_path(root, digest))
-    result = store.commit(draft, name or model.store_name, allow_link=allow_link, progress=progress)
+    result = store.commit(
+        draft, name or model.store_name, allow_link=allow_link, progress=progress, check=check
+    )
     return ImportResult([result.model], result.blobs), dropped

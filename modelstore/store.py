@@ -63,6 +63,11 @@ class StoredModel:
         return self.manifest.total_size()
 
 
+Check = Callable[[StoredModel], None]
+"""What ``commit`` runs on a model before its name points at it (a trial load): it raises to
+refuse the model, and the name is then left as it was."""
+
+
 @dataclass(frozen=True)
 class CommitResult:
     model: StoredModel
@@ -232,7 +237,7 @@ class ModelStore:
         allow_link: bool = True,
         allow_clone: bool = True,
         progress: ProgressCallback | None = None,
-        check: Callable[[StoredModel], None] | None = None,
+        check: Check | None = None,
     ) -> CommitResult:
         """Store every layer of ``draft``, then its config, then the manifest (last).
 

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -442,3 +443,27 @@ async def test_a_hung_worker_dies_with_a_daemon_killed_under_it(tiny_models, tmp
             assert not Path(f"/proc/{worker}").exists(), "the worker outlived its daemon"
     finally:
         daemon.stop()
+
+
+@pytest.mark.parametrize("source", ["ollama", "lmstudio"])
+def test_a_lying_gguf_in_another_apps_store_is_refused_at_import(lying_ggufs, tmp_path, source):
+    """``--from-ollama`` / ``--from-lmstudio`` try the model as ``import PATH`` does;
+    ``--no-trial`` stores it untried."""
+    from tests.fixtures.ollama_store import add_ollama_model
+
+    home, root = tmp_path / "home", tmp_path / source
+    if source == "ollama":
+        add_ollama_model(root, "liar", "latest", lying_ggufs["block_count"])
+        args, env = ["liar:latest"], {"OLLAMA_MODELS": str(root)}
+    else:
+        folder = root / "someone" / "liar-GGUF"
+        folder.mkdir(parents=True)
+        shutil.copyfile(lying_ggufs["block_count"], folder / "liar.gguf")
+        args, env = ["someone/liar-GGUF"], {"LMSTUDIO_MODELS": str(root)}
+    command = ["import", f"--from-{source}", *args, "--name", "liar:1"]
+    result = mlxctl(*command, home=home, check=False, env=env)
+    assert result.returncode == 1 and "[model_unloadable]" in result.stderr, result.stderr
+    assert REFUSALS["block_count"][1] in result.stderr
+    assert "liar:1" not in mlxctl("list", home=home).stdout
+    mlxctl(*command, "--no-trial", home=home, env=env)
+    assert "liar:1" in mlxctl("list", home=home).stdout
