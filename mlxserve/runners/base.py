@@ -246,3 +246,9 @@ class ModelRunner(Protocol):
     def special_tokens(self) -> dict[str, str]:
         """``bos_token`` / ``eos_token`` strings, for rendering the chat template."""
         ...
+
+    @property
+    def image_marker(self) -> str | None:
+        """The text that stands for one image in a prompt (libmtmd's marker, the processor's
+        image token): the chat core places one where each image sits; ``None`` without vision."""
+        ...

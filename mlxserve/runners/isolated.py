@@ -115,6 +115,10 @@ class WorkerRunner:
     def special_tokens(self) -> dict[str, str]:
         return dict(self._statics.get("special_tokens") or {})
 
+    @property
+    def image_marker(self) -> str | None:
+        return self._statics.get("image_marker")
+
     async def load(self, model: LocalModel, options: RunnerOptions) -> LoadedModelInfo:
         self._model = model.name
         control, control_child = socket.socketpair()

@@ -158,6 +158,7 @@ class Worker:
             "max_parallel": self.runner.max_parallel,
             "chat_template": self.runner.chat_template,
             "special_tokens": self.runner.special_tokens,
+            "image_marker": self.runner.image_marker,
         }
 
     async def _generate(self, request: GenerateRequest, ident: int) -> Any:

@@ -83,6 +83,10 @@ class MlxVisionRunner(MlxRunnerBase):
         tokenizer = self._require()[1].tokenizer
         return {"bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or ""}
 
+    @property
+    def image_marker(self) -> str | None:
+        return self._image_token
+
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         tokenizer = self._require()[1].tokenizer
         return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
