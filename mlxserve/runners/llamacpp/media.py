@@ -12,6 +12,7 @@ untrusted bytes. Everything here runs on the engine thread.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -113,11 +114,19 @@ class MediaProjector:
                 tokens.extend([IMAGE_POSITION] * mtmd.mtmd_input_chunk_get_n_tokens(chunk))
         return tokens, chunks
 
-    def prefill(self, lctx: Any, chunks: Any, seq_id: int, n_batch: int, start: int) -> int:
+    def prefill(
+        self,
+        lctx: Any,
+        chunks: Any,
+        seq_id: int,
+        n_batch: int,
+        start: int,
+        progress: Callable[[], None],
+    ) -> int:
         """Decode the chunks into ``seq_id`` from position ``start``, logits for the last
         token; returns the next position. The text before ``start`` is already in the sequence
         (the slot engine prefills, or reuses, the text before the first image): its chunks
-        are skipped. The chunks are freed."""
+        are skipped. ``progress`` is called after each chunk. The chunks are freed."""
         mtmd = self._mtmd
         n_past = self._llama_cpp.llama_pos(start)
         try:
@@ -142,6 +151,7 @@ class MediaProjector:
                     raise InferenceError(
                         f"llama.cpp could not prefill the images (status {status})"
                     )
+                progress()
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
         return int(n_past.value)

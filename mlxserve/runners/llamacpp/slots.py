@@ -401,6 +401,7 @@ class SlotEngine:
                 sampling.append(sequence)
         room = self._capacity - batch.n_tokens
         prefilled: list[Sequence] = []
+        chunked: list[Sequence] = []
         for sequence in active:
             # A prompt with images: its text before the first image here, the rest by libmtmd.
             end = len(sequence.prompt) if sequence.media is None else sequence.text_tokens
@@ -412,6 +413,7 @@ class SlotEngine:
                 self._add(sequence, token, logits=offset == left - 1 and sequence.media is None)
             sequence.prefilled += len(chunk)
             room -= len(chunk)
+            chunked.append(sequence)
             if sequence.prefilled == len(sequence.prompt):
                 sampling.append(sequence)
                 prefilled.append(sequence)
@@ -421,6 +423,8 @@ class SlotEngine:
             for sequence in active:
                 self._finish(sequence, error=error)
             return bool(self._waiting)
+        for sequence in chunked:
+            sequence.request.prefilled_chunk()
         if self.cache is not None:
             now = time.perf_counter()
             for sequence in prefilled:
@@ -443,7 +447,12 @@ class SlotEngine:
         sequence.media = None
         try:
             self.media.prefill(
-                self._context.ctx, chunks, slot.seq_id, self._capacity, sequence.prefilled
+                self._context.ctx,
+                chunks,
+                slot.seq_id,
+                self._capacity,
+                sequence.prefilled,
+                sequence.request.prefilled_chunk,
             )
         except Exception as exc:
             self._finish(sequence, error=exc)
