@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from mlxserve.chat.core import render_prompt
+from mlxserve.chat.core import collect, render_prompt, run_chat
+from mlxserve.chat.model import LoadedModel
 from mlxserve.server import api_anthropic, api_native, api_openai, api_responses, validate
-from tests.test_vision import b64, png
+from tests.test_vision import b64, png, vision_store  # noqa: F401
 from tests.test_vision_gguf import gguf_vision, gguf_vision_store, mmproj  # noqa: F401
 
 MODEL = "tiny:gguf-vision"
@@ -157,7 +158,7 @@ def tokens_before_first_image(loaded, api: API, messages: Messages) -> int:
     """How many prompt tokens come before the first image once the chat core has placed it:
     the prefix the next turn must reuse."""
     _, body = api[2](messages)
-    chat = api[4]({"model": MODEL, **body})
+    chat = api[4]({"model": loaded.model.name, **body})
     prompt, _ = render_prompt(loaded, chat)
     marker = loaded.runner.image_marker
     assert marker and prompt.count(marker) == 1
@@ -212,3 +213,34 @@ def test_ollama_images_go_where_ollama_puts_them(content, images, text, order, o
     the images come back in the order they then sit in the text."""
     placed = validate.placed_images(content, [image.encode() for image in images])
     assert placed == (text, [image.encode() for image in order], offsets)
+
+
+# -- MLX: mlx-vlm's vision runner keeps the KV of the text before the first image --------------
+
+
+async def mlx_turn(loaded, messages: Messages) -> tuple[str, Any]:
+    """One turn through the chat core (the image placed where the OpenAI part sits)."""
+    body = {"model": "tiny:vision", "messages": messages, "temperature": 0, "max_tokens": 6}
+    async with run_chat(loaded, api_openai.parse_chat(body)) as run:
+        collected = await collect(run)
+    assert collected.done is not None
+    return collected.text, collected.done.stats
+
+
+async def test_mlx_vision_reuses_the_text_before_the_first_image(vision_store):  # noqa: F811
+    first = with_system(APIS[1], [openai_image(QUESTION, b64(png((200, 30, 30))))])
+    warm = await LoadedModel.load(vision_store, "tiny:vision")
+    cold = await LoadedModel.load(vision_store, "tiny:vision")
+    try:
+        answer, _ = await mlx_turn(warm, first)
+        second = [*first, text_message("assistant", answer), text_message("user", FOLLOW_UP)]
+        text, stats = await mlx_turn(warm, second)
+        cold_text, cold_stats = await mlx_turn(cold, second)
+        expected = tokens_before_first_image(warm, APIS[1], second)
+    finally:
+        await warm.unload()
+        await cold.unload()
+    assert stats.cached_prompt_tokens >= expected - 1
+    assert stats.cached_prompt_tokens < stats.prompt_eval_count
+    assert (text, stats.prompt_eval_count) == (cold_text, cold_stats.prompt_eval_count)
+    assert cold_stats.cached_prompt_tokens == 0
