@@ -176,7 +176,7 @@ class WorkerRunner:
                 "logits processors (Python callables) cannot reach a runner in its own process",
                 param="logits_processors",
             )
-        plain = dataclasses.replace(request, cancel=None, logits_processors=[])
+        plain = dataclasses.replace(request, cancel=None, logits_processors=[], progress=None)
         async for chunk in self._exchange("generate", plain, cancel=request.cancel):
             yield chunk
 
