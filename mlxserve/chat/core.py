@@ -48,7 +48,9 @@ class Prepared:
 def _template_messages(loaded: LoadedModel, chat: ChatRequest) -> list[Message]:
     messages = list(chat.messages)
     if chat.prompt is not None:
-        messages = [Message("user", chat.prompt)]
+        # /api/generate's images, placed by its translator (``api_native.py``).
+        placed = chat.messages[0] if len(chat.messages) == 1 else Message("user")
+        messages = [Message("user", chat.prompt, images=placed.images, image_at=placed.image_at)]
         if chat.system:
             messages.insert(0, Message("system", chat.system))
     return messages
@@ -103,9 +105,10 @@ def _render(loaded: LoadedModel, chat: ChatRequest, messages: list[Message]) -> 
         shown_tools = [tool.for_template() for tool in tools]
     elif tools:
         messages = with_tool_preamble(messages, tools)
+    marker = loaded.runner.image_marker
     return render_chat(
         loaded.template,
-        build_messages([m.for_template() for m in messages], loaded.model.system),
+        build_messages([m.for_template(marker) for m in messages], loaded.model.system),
         add_generation_prompt=True,
         tools=shown_tools,
         **_template_kwargs(loaded, chat),

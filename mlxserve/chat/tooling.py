@@ -118,4 +118,10 @@ def _calls_as_text(message: Message) -> Message:
         return message
     calls = [{"name": call.name, "arguments": call.arguments} for call in message.tool_calls]
     text = json.dumps(calls[0] if len(calls) == 1 else calls)
-    return Message(message.role, f"{message.content}{text}", thinking=message.thinking)
+    return Message(
+        message.role,
+        f"{message.content}{text}",
+        thinking=message.thinking,
+        images=message.images,
+        image_at=message.image_at,
+    )

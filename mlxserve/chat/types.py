@@ -37,10 +37,30 @@ class Message:
     tool_call_id: str | None = None
     tool_name: str | None = None
     """On a ``tool`` message: which function's result it is."""
+    image_at: list[int] = field(default_factory=list)
+    """Where each of ``images`` sits in ``content``, in order: the character offset of the text
+    before it (a content part's place in OpenAI's and Anthropic's messages). Empty: every image
+    comes before the text, where Ollama puts a message's ``images``."""
 
-    def for_template(self) -> dict[str, Any]:
-        """The message as Hugging Face chat templates read it."""
-        out: dict[str, Any] = {"role": self.role, "content": self.content}
+    def content_with_images(self, marker: str) -> str:
+        """``content`` with the runner's image ``marker`` where each image sits, so the text
+        before an image renders the same in every later turn (the prompt cache's prefix)."""
+        offsets = self.image_at or [0] * len(self.images)
+        parts: list[str] = []
+        last = 0
+        for offset in offsets:
+            offset = min(max(offset, last), len(self.content))
+            parts += [self.content[last:offset], marker]
+            last = offset
+        return "".join(parts) + self.content[last:]
+
+    def for_template(self, image_marker: str | None = None) -> dict[str, Any]:
+        """The message as Hugging Face chat templates read it; with ``image_marker``, its
+        images are placed in its text (``content_with_images``)."""
+        content = self.content
+        if image_marker and self.images:
+            content = self.content_with_images(image_marker)
+        out: dict[str, Any] = {"role": self.role, "content": content}
         if self.thinking:
             out["reasoning_content"] = self.thinking
         if self.tool_calls:

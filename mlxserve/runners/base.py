@@ -7,7 +7,7 @@ Every runner takes a ``GenerateRequest`` and yields ``GenerateChunk``s; the daem
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -58,6 +58,15 @@ class GenerateRequest(Sampling):
     keep_prefix: bool = False
     """The client asked for its prompt to stay cached (``ChatRequest.keep_prefix``): the
     prompt cache keeps its entry ahead of unmarked ones (``promptcache.py``)."""
+    progress: Callable[[], None] | None = None
+    """Called by the runner's prefill after each chunk of the prompt, on its engine thread:
+    in a worker, it tells the daemon the worker is alive while no token comes yet
+    (``worker.py``), so a long prefill is not taken for a hang. ``None`` in the daemon."""
+
+    def prefilled_chunk(self) -> None:
+        """The runner prefilled one more chunk of this request's prompt."""
+        if self.progress is not None:
+            self.progress()
 
 
 @dataclass
@@ -245,4 +254,10 @@ class ModelRunner(Protocol):
     @property
     def special_tokens(self) -> dict[str, str]:
         """``bos_token`` / ``eos_token`` strings, for rendering the chat template."""
+        ...
+
+    @property
+    def image_marker(self) -> str | None:
+        """The text that stands for one image in a prompt (libmtmd's marker, the processor's
+        image token): the chat core places one where each image sits; ``None`` without vision."""
         ...

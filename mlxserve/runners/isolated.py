@@ -6,8 +6,9 @@ aborts, hangs or runs out of memory takes down one worker, never the daemon: the
 worker was serving end with ``ModelCrashedError`` (``model_crashed``) and ``on_exit`` tells the
 residency manager, which forgets the model (the next request starts a new worker) and counts the
 crash. The worker is killed when it owes an answer and sends nothing for ``stall_timeout_s``
-(a hung library: a deadlock, two threads asserting at once), when its load takes longer than
-``load_timeout_s``, or when its resident memory passes
+(a hung library: a deadlock, two threads asserting at once; a prefill sends progress frames
+between its chunks, so the deadline measures silence, not a long prompt), when its load
+takes longer than ``load_timeout_s``, or when its resident memory passes
 ``memory_limit_bytes``. Weights are loaded by the worker only: the daemon never maps them.
 """
 
@@ -115,6 +116,10 @@ class WorkerRunner:
     def special_tokens(self) -> dict[str, str]:
         return dict(self._statics.get("special_tokens") or {})
 
+    @property
+    def image_marker(self) -> str | None:
+        return self._statics.get("image_marker")
+
     async def load(self, model: LocalModel, options: RunnerOptions) -> LoadedModelInfo:
         self._model = model.name
         control, control_child = socket.socketpair()
@@ -171,7 +176,7 @@ class WorkerRunner:
                 "logits processors (Python callables) cannot reach a runner in its own process",
                 param="logits_processors",
             )
-        plain = dataclasses.replace(request, cancel=None, logits_processors=[])
+        plain = dataclasses.replace(request, cancel=None, logits_processors=[], progress=None)
         async for chunk in self._exchange("generate", plain, cancel=request.cancel):
             yield chunk
 
@@ -248,6 +253,8 @@ class WorkerRunner:
             while True:
                 kind, ident, value = await read_frame(reader)
                 self._progress = time.monotonic()
+                if kind == "progress":  # a prefill went on: the worker is alive
+                    continue
                 if kind == "item":
                     if ident in self._pending:
                         self._pending[ident].items.put_nowait(value)

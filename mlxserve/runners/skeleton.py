@@ -132,6 +132,10 @@ class RunnerBase:
     def special_tokens(self) -> dict[str, str]:
         return {"bos_token": "", "eos_token": ""}
 
+    @property
+    def image_marker(self) -> str | None:
+        return None
+
 
 class EncoderRunnerBase(RunnerBase):
     """A runner of embedding-only models: it embeds, or, for a reranker (rank pooling), scores

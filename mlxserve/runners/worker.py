@@ -11,8 +11,9 @@ Metal error) takes down this process only; the daemon sees the socket close.
 
 Messages, daemon to worker: ``(kind, id, *args)`` with kind ``load``, ``generate``, ``embed``,
 ``rerank``, ``score``, ``unload`` or ``cancel``. Worker to daemon: ``("item", id, value)`` (a
-chunk, or a call's result) and ``("end", id, error)`` (``error`` is ``None`` or
-``pack_error``'s tuple).
+chunk, or a call's result), ``("progress", id, None)`` (a generation's prefill advanced: the
+worker is alive though no token comes yet; at most one per ``PROGRESS_EVERY_S``) and
+``("end", id, error)`` (``error`` is ``None`` or ``pack_error``'s tuple).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from collections.abc import Coroutine
 from multiprocessing.connection import Connection
 from typing import Any
@@ -39,6 +41,9 @@ from modelstore.errors import MlxserveError
 HEADER = struct.Struct("!Q")
 """A frame is its length, then the pickled message."""
 LOG_LEVEL_ENV = "MLXSERVE_WORKER_LOG_LEVEL"
+PROGRESS_EVERY_S = 0.5
+"""At most one progress frame per generation this often: the daemon's stall deadline
+(``runner_stall_timeout_s``) is seconds, a prefill chunk can be milliseconds."""
 log = logging.getLogger("mlxserve.worker")
 
 PackedError = tuple[str, str, str, dict[str, Any]]
@@ -158,12 +163,29 @@ class Worker:
             "max_parallel": self.runner.max_parallel,
             "chat_template": self.runner.chat_template,
             "special_tokens": self.runner.special_tokens,
+            "image_marker": self.runner.image_marker,
         }
 
     async def _generate(self, request: GenerateRequest, ident: int) -> Any:
         assert self.runner is not None
         request.cancel = self.cancels[ident]
+        request.progress = self._progress(ident)
         return self.runner.generate(request)
+
+    def _progress(self, ident: int) -> Any:
+        """The generation's progress callback: called on the runner's engine thread, it posts
+        a progress frame from the loop, throttled."""
+        loop = asyncio.get_running_loop()
+        last = time.monotonic()
+
+        def report() -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last >= PROGRESS_EVERY_S:
+                last = now
+                loop.call_soon_threadsafe(self.post, ("progress", ident, None))
+
+        return report
 
     async def _embed(self, request: Any) -> Any:
         assert self.runner is not None

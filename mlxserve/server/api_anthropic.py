@@ -84,6 +84,7 @@ def _messages(value: Any) -> list[Message]:
                 current.content += validate.typed(f"{where}.text", block.get("text"), str)
             elif kind == "image":
                 current.images.append(_image(block, where))
+                current.image_at.append(len(current.content))
             elif kind == "thinking":
                 current.thinking = (current.thinking or "") + str(block.get("thinking") or "")
             elif kind == "redacted_thinking":

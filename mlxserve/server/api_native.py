@@ -60,11 +60,15 @@ def _message(position: int, value: Any) -> Message:
     content = value.get("content")
     if content is not None and not isinstance(content, str):
         raise InvalidRequestError(f"{where}.content must be a string", param="messages")
+    text, images, image_at = validate.placed_images(
+        content or "", validate.images(value.get("images"), "images")
+    )
     return Message(
         role=value["role"],
-        content=content or "",
+        content=text,
         thinking=validate.optional(value, "thinking", str),
-        images=validate.images(value.get("images"), "images"),
+        images=images,
+        image_at=image_at,
         tool_calls=validate.tool_calls(value.get("tool_calls"), where),
         tool_name=validate.optional(value, "tool_name", str),
         tool_call_id=validate.optional(value, "tool_call_id", str),
@@ -96,7 +100,10 @@ def parse_generate(body: dict[str, Any]) -> ChatRequest:
         )
     images = validate.images(body.get("images"), "images")
     if images:
-        chat.messages = [Message("user", chat.prompt, images=images)]
+        image_at: list[int] = []
+        if not chat.raw:
+            chat.prompt, images, image_at = validate.placed_images(chat.prompt, images)
+        chat.messages = [Message("user", chat.prompt, images=images, image_at=image_at)]
     context = body.get("context")
     if context is not None:
         if not (

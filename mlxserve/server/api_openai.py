@@ -50,12 +50,13 @@ def _message(position: int, value: Any) -> Message:
         raise InvalidRequestError(
             f"{where} must be an object with a role of {', '.join(ROLES)}", param="messages"
         )
-    text, images = validate.content_parts(value.get("content"), where)
+    text, images, image_at = validate.content_parts(value.get("content"), where)
     return Message(
         role=ROLES[value["role"]],  # type: ignore[arg-type]
         content=text,
         thinking=validate.optional(value, "reasoning_content", str),
         images=images,
+        image_at=image_at,
         tool_calls=validate.tool_calls(value.get("tool_calls"), where),
         tool_call_id=validate.optional(value, "tool_call_id", str),
         tool_name=validate.optional(value, "name", str),

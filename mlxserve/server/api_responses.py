@@ -50,12 +50,13 @@ def _items(value: Any) -> list[Message]:
                 raise InvalidRequestError(
                     f"{where}.role must be one of {', '.join(ROLES)}", param="input"
                 )
-            text, images = validate.content_parts(item.get("content"), where)
+            text, images, image_at = validate.content_parts(item.get("content"), where)
             messages.append(
                 Message(
                     ROLES[item["role"]],
                     text,
                     images=images,  # type: ignore[arg-type]
+                    image_at=image_at,
                     thinking=pending_thinking,
                 )
             )

@@ -237,6 +237,26 @@ def image_bytes(data: Any, param: str) -> bytes:
         raise InvalidRequestError("an image is not valid base64", param=param) from None
 
 
+OLLAMA_IMAGE_TAG = "[img]"
+"""Where Ollama places a message's next image in its text; without one, before the text."""
+
+
+def placed_images(content: str, images: list[bytes]) -> tuple[str, list[bytes], list[int]]:
+    """Ollama's ``images`` of one message placed as Ollama places them: the first ones each at
+    the next ``[img]`` of the text (the tag removed), those left over before the text. The
+    images come back in the order they sit (the leftovers first), with their offsets."""
+    offsets: list[int] = []
+    while len(offsets) < len(images):
+        at = content.find(OLLAMA_IMAGE_TAG)
+        if at < 0:
+            break
+        content = content[:at] + content[at + len(OLLAMA_IMAGE_TAG) :]
+        offsets.append(at)
+    placed = len(offsets)
+    before = len(images) - placed
+    return content, [*images[placed:], *images[:placed]], [0] * before + offsets
+
+
 def images(value: Any, param: str) -> list[bytes]:
     """Ollama's ``images``: a list of base64 strings."""
     if value is None:
@@ -375,26 +395,28 @@ def unknown_part(part: Any, where: str) -> str:
     return ""
 
 
-def content_parts(content: Any, where: str) -> tuple[str, list[bytes]]:
-    """A message's content: a string, or parts (text and base64 ``image_url``)."""
+def content_parts(content: Any, where: str) -> tuple[str, list[bytes], list[int]]:
+    """A message's content: a string, or parts (text and base64 ``image_url``); the text, the
+    images, and where each image sits in the text (``Message.image_at``)."""
     if content is None or isinstance(content, str):
-        return content or "", []
+        return content or "", [], []
     if not isinstance(content, list):
         raise InvalidRequestError(
             f"{where}.content must be a string or a list of parts", param="messages"
         )
-    texts, images = [], []
+    text, images, offsets = "", [], []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in ("text", "input_text", "output_text"):
-            texts.append(typed(f"{where}.content.text", part.get("text"), str))
+            text += typed(f"{where}.content.text", part.get("text"), str)
         elif kind in ("image_url", "input_image"):
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
             images.append(image_bytes(url, "messages"))
+            offsets.append(len(text))
         else:
-            texts.append(unknown_part(part, where))
-    return "".join(texts), images
+            text += unknown_part(part, where)
+    return text, images, offsets
 
 
 def response_format(value: Any, param: str) -> dict[str, Any] | None:

@@ -12,6 +12,7 @@ untrusted bytes. Everything here runs on the engine thread.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,13 @@ from mlxserve.images import open_image
 IMAGE_POSITION = -1
 """The token the slot records for each image position: never a real token, so a later prompt's
 cached prefix stops at the first image (its KV holds embeddings, not tokens)."""
+
+
+def text_prefix(tokens: list[int]) -> int:
+    """How many of ``tokens`` come before the first image: what a prompt with images shares
+    with a cached one at most (the chat core places each image where it sits, so this is the
+    conversation's text before its first image)."""
+    return tokens.index(IMAGE_POSITION) if IMAGE_POSITION in tokens else len(tokens)
 
 
 class MediaProjector:
@@ -106,19 +114,46 @@ class MediaProjector:
                 tokens.extend([IMAGE_POSITION] * mtmd.mtmd_input_chunk_get_n_tokens(chunk))
         return tokens, chunks
 
-    def prefill(self, lctx: Any, chunks: Any, seq_id: int, n_batch: int) -> int:
-        """Decode every chunk into ``seq_id`` from position 0, logits for the last token;
-        returns the next position. The chunks are freed."""
+    def prefill(
+        self,
+        lctx: Any,
+        chunks: Any,
+        seq_id: int,
+        n_batch: int,
+        start: int,
+        progress: Callable[[], None],
+    ) -> int:
+        """Decode the chunks into ``seq_id`` from position ``start``, logits for the last
+        token; returns the next position. The text before ``start`` is already in the sequence
+        (the slot engine prefills, or reuses, the text before the first image): its chunks
+        are skipped. ``progress`` is called after each chunk. The chunks are freed."""
         mtmd = self._mtmd
-        n_past = self._llama_cpp.llama_pos(0)
+        n_past = self._llama_cpp.llama_pos(start)
         try:
-            status = mtmd.mtmd_helper_eval_chunks(
-                self._context, lctx, chunks, 0, seq_id, n_batch, True, ctypes.byref(n_past)
-            )
+            count = mtmd.mtmd_input_chunks_size(chunks)
+            position = 0
+            for index in range(count):
+                chunk = mtmd.mtmd_input_chunks_get(chunks, index)
+                position += mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+                if position <= start:
+                    continue
+                status = mtmd.mtmd_helper_eval_chunk_single(
+                    self._context,
+                    lctx,
+                    chunk,
+                    n_past.value,
+                    seq_id,
+                    n_batch,
+                    index == count - 1,
+                    ctypes.byref(n_past),
+                )
+                if status != 0:
+                    raise InferenceError(
+                        f"llama.cpp could not prefill the images (status {status})"
+                    )
+                progress()
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
-        if status != 0:
-            raise InferenceError(f"llama.cpp could not prefill the images (status {status})")
         return int(n_past.value)
 
     def free(self, chunks: Any) -> None:

@@ -30,6 +30,7 @@ from mlxserve.runners.decode import check_token_ids, generation_budget, prompt_a
 from mlxserve.runners.engine import Emit, EngineThread
 from mlxserve.runners.kvcache import kv_cache_type
 from mlxserve.runners.llamacpp.library import import_llama_cpp
+from mlxserve.runners.llamacpp.media import text_prefix
 from mlxserve.runners.llamacpp.slots import SlotEngine, TokenMask, kv_bytes_per_token, token_piece
 from mlxserve.runners.loading import context_length, memory_budget, parallel_slots
 from mlxserve.runners.promptcache import open_prompt_cache
@@ -279,6 +280,11 @@ class LlamaCppRunner(RunnerBase):
             "eos_token": self._piece(model.token_eos()),
         }
 
+    @property
+    def image_marker(self) -> str | None:
+        slots = self._slots
+        return slots.media.marker if slots is not None and slots.media is not None else None
+
     def _piece(self, token: int) -> str:
         if token < 0:
             return ""
@@ -346,10 +352,12 @@ class LlamaCppRunner(RunnerBase):
         if request.response_format:
             mask = await asyncio.to_thread(self._mask, request.response_format)
         hit = None
-        if self._disk is not None and media is None:
+        if self._disk is not None:
             cache = self._disk
+            # A prompt with images is cached up to its first image (``slots.py``).
+            head = prompt[: text_prefix(prompt) + 1]
             hit = await asyncio.to_thread(
-                lambda: cache.lookup(prompt, better_than=slots.live_prefix(prompt))
+                lambda: cache.lookup(head, better_than=slots.live_prefix(head))
             )
 
         def join(emit: Emit) -> None:

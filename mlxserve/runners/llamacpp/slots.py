@@ -32,7 +32,7 @@ from mlxserve.runners.base import GenerateRequest, TokenLogprob
 from mlxserve.runners.decode import DecodeState, SampledToken
 from mlxserve.runners.engine import END
 from mlxserve.runners.kvcache import KvCacheType, ggml_bytes_per_token, ggml_check
-from mlxserve.runners.llamacpp.media import IMAGE_POSITION, MediaProjector
+from mlxserve.runners.llamacpp.media import IMAGE_POSITION, MediaProjector, text_prefix
 from mlxserve.runners.promptcache import Hit, PromptCache, common_prefix
 from mlxserve.runners.textstream import ByteDetokenizer, TextStream
 
@@ -118,7 +118,11 @@ class Sequence:
     draft_indices: list[int] = field(default_factory=list)
     """Batch rows of the pending token and each draft, whose logits verify the drafts."""
     media: Any = None
-    """libmtmd's text and image chunks (``media.py``), prefilled whole on admission."""
+    """libmtmd's text and image chunks (``media.py``): the text before the first image is
+    prefilled (or reused) like any prompt's, the rest by libmtmd once that text is in."""
+    text_tokens: int = 0
+    """How many prompt tokens come before the first image (all of them without images): the
+    most a cached prefix can give, and where libmtmd takes over the prefill."""
     hit: Hit | None = None
     """What the prompt cache (``promptcache.py``) holds of the prompt, restored on admission
     when no live slot holds more."""
@@ -253,9 +257,9 @@ class SlotEngine:
                 self.media.free(media)
             emit(exc)
             return
-        self._waiting.append(
-            Sequence(request, prompt, state, emit, sampler, mask, media=media, hit=hit)
-        )
+        sequence = Sequence(request, prompt, state, emit, sampler, mask, media=media, hit=hit)
+        sequence.text_tokens = text_prefix(prompt)
+        self._waiting.append(sequence)
 
     def live_prefix(self, prompt: list[int]) -> int:
         """The longest prefix of ``prompt`` a slot holds (read off the engine thread: a hint
@@ -301,17 +305,17 @@ class SlotEngine:
                 continue
             prompt = sequence.prompt
             slot = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.last_used))
-            cached = min(common_prefix(slot.tokens, prompt), len(prompt) - 1)
-            if sequence.media is not None:
-                cached = 0  # libmtmd prefills the whole prompt, text and images, in one call
+            # An image's positions hold its embeddings: equal markers are not equal images, so
+            # what a prompt reuses ends at its first image.
+            cached = min(common_prefix(slot.tokens, prompt), len(prompt) - 1, sequence.text_tokens)
             hit, sequence.hit = sequence.hit, None
-            if hit is not None and hit.tokens > cached and sequence.media is None:
+            if hit is not None and hit.tokens > cached:
                 cached = self._restore(slot, hit)
                 if not cached:
                     hit = None
             else:
                 hit = None
-            if self.cache is not None and sequence.media is None:
+            if self.cache is not None:
                 self.cache.record(hit, cached)
             if not self._llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, cached, -1):
                 self._llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, 0, -1)
@@ -345,9 +349,14 @@ class SlotEngine:
 
     def _snapshot(self, slot: Slot, *, keep: bool = False) -> None:
         """Hand the finished slot's state to the prompt cache (written behind to disk);
-        ``keep``: the request's caching hint."""
+        ``keep``: the request's caching hint. A slot that holds images is first cut back to
+        the text before them, all a later prompt can reuse of it (``_admit``)."""
+        images = text_prefix(slot.tokens)
+        if images < len(slot.tokens):
+            self._llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, images, -1)
+            del slot.tokens[images:]
         cache, tokens = self.cache, slot.tokens
-        if cache is None or IMAGE_POSITION in tokens or not cache.wants(tokens):
+        if cache is None or not cache.wants(tokens):
             return
         llama_cpp, context = self._llama_cpp, self._context.ctx
         size = llama_cpp.llama_state_seq_get_size_ext(context, slot.seq_id, 0)
@@ -366,8 +375,13 @@ class SlotEngine:
                 self._finish(slot.sequence, "cancelled")
         self._admit()
         for slot in self.slots:
-            if slot.sequence is not None and slot.sequence.media is not None:
-                self._prefill_media(slot.sequence)
+            sequence = slot.sequence
+            if (
+                sequence is not None
+                and sequence.media is not None
+                and sequence.prefilled == sequence.text_tokens
+            ):
+                self._prefill_media(sequence)
         active = [slot.sequence for slot in self.slots if slot.sequence is not None]
         if not active:
             return bool(self._waiting)
@@ -387,15 +401,19 @@ class SlotEngine:
                 sampling.append(sequence)
         room = self._capacity - batch.n_tokens
         prefilled: list[Sequence] = []
+        chunked: list[Sequence] = []
         for sequence in active:
-            left = len(sequence.prompt) - sequence.prefilled
+            # A prompt with images: its text before the first image here, the rest by libmtmd.
+            end = len(sequence.prompt) if sequence.media is None else sequence.text_tokens
+            left = end - sequence.prefilled
             if left == 0 or room == 0:
                 continue
-            chunk = sequence.prompt[sequence.prefilled : sequence.prefilled + room]
+            chunk = sequence.prompt[sequence.prefilled : sequence.prefilled + min(room, left)]
             for offset, token in enumerate(chunk):
-                self._add(sequence, token, logits=offset == left - 1)
+                self._add(sequence, token, logits=offset == left - 1 and sequence.media is None)
             sequence.prefilled += len(chunk)
             room -= len(chunk)
+            chunked.append(sequence)
             if sequence.prefilled == len(sequence.prompt):
                 sampling.append(sequence)
                 prefilled.append(sequence)
@@ -405,6 +423,8 @@ class SlotEngine:
             for sequence in active:
                 self._finish(sequence, error=error)
             return bool(self._waiting)
+        for sequence in chunked:
+            sequence.request.prefilled_chunk()
         if self.cache is not None:
             now = time.perf_counter()
             for sequence in prefilled:
@@ -418,14 +438,22 @@ class SlotEngine:
         return True
 
     def _prefill_media(self, sequence: Sequence) -> None:
-        """Prefill a prompt with images through libmtmd into the sequence's slot, in its own
-        decodes, and sample its first token from the logits that leaves (before this step's
-        batch overwrites them); from then on it decodes in the batch like any other."""
+        """Prefill a prompt's images and the text after them through libmtmd into the
+        sequence's slot, in its own decodes (the text before the first image is in already),
+        and sample its first token from the logits that leaves (before this step's batch
+        overwrites them); from then on it decodes in the batch like any other."""
         slot, chunks = sequence.slot, sequence.media
         assert slot is not None and self.media is not None
         sequence.media = None
         try:
-            self.media.prefill(self._context.ctx, chunks, slot.seq_id, self._capacity)
+            self.media.prefill(
+                self._context.ctx,
+                chunks,
+                slot.seq_id,
+                self._capacity,
+                sequence.prefilled,
+                sequence.request.prefilled_chunk,
+            )
         except Exception as exc:
             self._finish(sequence, error=exc)
             return

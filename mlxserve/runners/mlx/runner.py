@@ -162,6 +162,8 @@ class _Active:
     solo: _Solo | None = field(default=None)
     keep_prefix: bool = False
     """The request's caching hint (``GenerateRequest.keep_prefix``), for its entry."""
+    prefilled_chunk: Callable[[], None] = field(default=lambda: None)
+    """``GenerateRequest.prefilled_chunk``: called after each step of its prefill."""
 
 
 def trial_gguf(model: LocalModel) -> None:
@@ -509,7 +511,9 @@ class MlxRunner(MlxRunnerBase):
                 prompt, max_tokens, self._sampler(request_sampler(request)), processors, hit
             )
             state = self._decode_state(request, prompt, max_tokens, cached)
-            self._active[uid] = _Active(state, emit, request.logprobs, None, request.keep_prefix)
+            self._active[uid] = _Active(
+                state, emit, request.logprobs, None, request.keep_prefix, request.prefilled_chunk
+            )
         except BaseException as exc:
             emit(exc)
 
@@ -630,7 +634,7 @@ class MlxRunner(MlxRunnerBase):
         steps = self._solo_steps(request, remaining, max_tokens, cache, processors, speculative)
         solo = _Solo(steps, cache, list(prompt), speculative)
         self._active[self._solo_uid] = _Active(
-            state, emit, request.logprobs, solo, request.keep_prefix
+            state, emit, request.logprobs, solo, request.keep_prefix, request.prefilled_chunk
         )
         self._solo_uid -= 1
 
@@ -666,7 +670,10 @@ class MlxRunner(MlxRunnerBase):
             return speculative_generate_step(
                 prompt, self._model, self._draft, num_draft_tokens=self._num_draft, **common
             )
-        return generate_step(prompt, self._model, **common)
+        progress = request.prefilled_chunk
+        return generate_step(
+            prompt, self._model, prompt_progress_callback=lambda *_: progress(), **common
+        )
 
     def _advance_solo(self, uid: int, active: _Active) -> None:
         """One yield of a solo request's generator (several tokens' worth of work when a
@@ -705,13 +712,16 @@ class MlxRunner(MlxRunnerBase):
         if not any(active.solo is None for active in self._active.values()):
             return bool(self._active)
         try:
-            _, responses = self._next()
+            prefills, responses = self._next()
         except Exception as exc:  # the whole batch failed: every request hears why
             error = exc if isinstance(exc, MlxserveError) else InferenceError(f"MLX failed: {exc}")
             for active in self._active.values():
                 active.emit(error)
             self._active.clear()
             return False
+        for prefill in prefills:
+            if prefill.uid in self._active:
+                self._active[prefill.uid].prefilled_chunk()
         for response in responses:
             active = self._active.get(response.uid)
             if active is None:

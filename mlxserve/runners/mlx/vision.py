@@ -8,6 +8,13 @@ into the model's image-patch tokens (so ``prompt_eval_count`` counts them). The 
 called here rather than through ``mlx_vlm.prepare_inputs``, which passes text-only arguments
 (``padding``) that transformers 5's image processors refuse. Generation runs on the one MLX
 engine thread, one token per engine step, like the text runner's batches (``engine.py``).
+
+The KV of the last prompt's text before its first image is kept (``_kept``), and a prompt that
+starts with the same tokens (the next turn of the conversation: the chat core places each image
+where it sits) prefills only the rest: mlx-vlm's ``generate_step`` takes a filled
+``prompt_cache`` and embeds the suffix with its images (``get_input_embeddings``), as its own
+prefix cache does. Not for language models whose positions come from the whole prompt (M-RoPE:
+Qwen2-VL and kin), whose suffix would get the wrong positions.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from mlxserve.runners.engine import END, Emit
 from mlxserve.runners.loading import context_length
 from mlxserve.runners.mlx.common import MlxRunnerBase, import_mlx
 from mlxserve.runners.mlx.runner import request_processors, request_sampler
+from mlxserve.runners.promptcache import common_prefix
 from mlxserve.runners.textstream import MlxDetokenizer, TextStream
 from modelstore.model import LocalModel
 
@@ -45,7 +53,10 @@ class MlxVisionRunner(MlxRunnerBase):
         self._processor: Any = None
         self._wrapper: Any = None
         self._image_token = DEFAULT_IMAGE_TOKEN
+        self._image_token_id: int | None = None
         self._context = 0
+        self._kept: tuple[list[int], list[Any]] | None = None
+        """The last prompt's tokens before its first image, and mlx-vlm's KV cache of them."""
 
     def _require(self) -> tuple[Any, Any]:
         return self._loaded(self._model), self._processor
@@ -64,12 +75,13 @@ class MlxVisionRunner(MlxRunnerBase):
 
         await self._build(model, build)
         self._image_token = getattr(self._processor, "image_token", None) or DEFAULT_IMAGE_TOKEN
+        self._image_token_id = self._processor.tokenizer.convert_tokens_to_ids(self._image_token)
         self._context = context_length(model, options)
         details = {"vision_model": model.vision.get("vision_model")}
         return {**self._measured(), "context_length": self._context, "details": details}
 
     def _drop(self) -> None:
-        self._model = self._processor = self._wrapper = None
+        self._model = self._processor = self._wrapper = self._kept = None
 
     @property
     def chat_template(self) -> str | None:
@@ -82,6 +94,10 @@ class MlxVisionRunner(MlxRunnerBase):
     def special_tokens(self) -> dict[str, str]:
         tokenizer = self._require()[1].tokenizer
         return {"bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or ""}
+
+    @property
+    def image_marker(self) -> str | None:
+        return self._image_token
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         tokenizer = self._require()[1].tokenizer
@@ -153,18 +169,22 @@ class MlxVisionRunner(MlxRunnerBase):
         from mlx_vlm.generate.ar import generate_step
 
         input_ids, pixels, mask = self._inputs(request)
-        prompt_tokens = int(input_ids.shape[1])
+        ids = [int(token) for token in input_ids[0].tolist()]
+        prompt_tokens = len(ids)
         budget = generation_budget(
             request, prompt_tokens, self._context, "the prompt (images included)"
         )
+        text = ids.index(self._image_token_id) if self._image_token_id in ids else len(ids)
+        cache, cached = self._reuse(ids, text)
         tokens = generate_step(
-            input_ids,
+            input_ids[:, cached:],
             self._model,
             pixels,
-            mask,
+            mask[:, cached:],
             max_tokens=budget,
             sampler=request_sampler(request),
-            logits_processors=request_processors(request),
+            logits_processors=_primed(request_processors(request), ids[:cached]),
+            prompt_cache=cache,
         )
         wrapper = self._wrapper
         state = DecodeState(
@@ -173,9 +193,58 @@ class MlxVisionRunner(MlxRunnerBase):
             max_tokens=budget,
             cancel=request.cancel,
             prompt_tokens=prompt_tokens,
+            cached_prompt_tokens=cached,
         )
         sampled = (SampledToken(int(token)) for token, _ in tokens)
         try:
-            yield from decode_loop(sampled, state)
+            for chunk in decode_loop(sampled, state):
+                if chunk.done:  # the engine asks for nothing after the last chunk
+                    self._keep(cache, ids[:text])
+                yield chunk
         finally:
             tokens.close()
+
+    def _reuse(self, ids: list[int], text: int) -> tuple[list[Any], int]:
+        """A KV cache for the prompt ``ids`` (whose first ``text`` tokens come before any
+        image) and how many of its tokens it holds already: the kept one, trimmed to what it
+        shares with them, or a new one."""
+        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+        from mlx_vlm.models.cache import make_prompt_cache
+
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            held, cache = kept
+            shared = min(common_prefix(held, ids), text, len(ids) - 1)
+            if shared > 0 and can_trim_prompt_cache(cache):
+                trim_prompt_cache(cache, len(held) - shared)
+                return cache, shared
+        return make_prompt_cache(self._model.language_model), 0
+
+    def _keep(self, cache: list[Any], prefix: list[int]) -> None:
+        """Keep the KV of ``prefix`` (a finished prompt's text before its first image) for the
+        next prompt, unless the model's positions forbid reusing it."""
+        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+        language = self._model.language_model
+        if not prefix or hasattr(language, "_rope_deltas") or not can_trim_prompt_cache(cache):
+            return
+        held = cache[0].offset
+        if held < len(prefix):
+            return
+        trim_prompt_cache(cache, held - len(prefix))
+        self._kept = (prefix, cache)
+
+
+def _primed(processors: list[Any], prefix: list[int]) -> list[Any]:
+    """``processors`` (repetition penalties) seeing the reused prefix before the tokens
+    mlx-vlm hands them (the suffix it prefilled, then the output), as in a cold run."""
+    if not prefix:
+        return processors
+    import mlx.core as mx
+
+    head = mx.array(prefix)
+
+    def primed(processor: Any) -> Any:
+        return lambda tokens, logits: processor(mx.concatenate([head, tokens]), logits)
+
+    return [primed(processor) for processor in processors]
