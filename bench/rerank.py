@@ -97,23 +97,35 @@ async def through_daemon(store: ModelStore, documents: list[str], rounds: int) -
 
 
 async def at_the_runner(store: ModelStore, documents: list[str], rounds: int) -> dict:
-    """The same two ways, each call straight to the loaded runner in this process."""
+    """The same two ways, each call straight to the loaded runner in this process; and on
+    llama.cpp the batched call again with a cross-encoder's pairs packed up to the context per
+    decode instead of the runner's choice (``CPU_RANK_PACK_TOKENS`` on a CPU)."""
     samples: dict[str, list[float]] = {}
     tokens: dict[str, float] = {}
     for runner, model in MODELS.items():
         loaded = await LoadedModel.load(store, model)
+        embedder = getattr(loaded.runner, "_embedder", None)  # llama.cpp's context, or None
+        packs = {"batched": None}
+        if embedder is not None and embedder.encoder_pack_tokens < embedder.limit:
+            packs = {
+                "batched": embedder.encoder_pack_tokens,
+                f"batched, {embedder.limit} tokens a decode": embedder.limit,
+            }
+
+        async def call(texts: list[str], loaded: LoadedModel = loaded) -> None:
+            await loaded.runner.rerank(RerankRequest(QUERY, texts))
+
         try:
             result = await loaded.runner.rerank(RerankRequest(QUERY, documents))
             tokens[runner] = round(result.prompt_tokens / len(documents), 1)
             for _ in range(rounds):
-                for batched in (True, False):
-                    key = f"{runner} {'batched' if batched else 'one per call'}"
-
-                    async def call(texts: list[str], loaded: LoadedModel = loaded) -> None:
-                        await loaded.runner.rerank(RerankRequest(QUERY, texts))
-
-                    rate = await items_per_second(documents, call, batched)
-                    samples.setdefault(key, []).append(rate)
+                for label, pack in packs.items():
+                    if pack is not None:
+                        embedder.encoder_pack_tokens = pack
+                    rate = await items_per_second(documents, call, True)
+                    samples.setdefault(f"{runner} {label}", []).append(rate)
+                rate = await items_per_second(documents, call, False)
+                samples.setdefault(f"{runner} one per call", []).append(rate)
         finally:
             await loaded.unload()
     rates = {key: round(median(values), 1) for key, values in samples.items()}
