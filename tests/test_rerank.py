@@ -19,7 +19,7 @@ import pytest
 from mlxserve.chat.model import LoadedModel
 from mlxserve.errors import InvalidRequestError, UnsupportedFeatureError
 from mlxserve.runners.base import EmbedRequest, GenerateRequest, RerankRequest
-from mlxserve.runners.rerank import budget_batches
+from mlxserve.runners.rerank import MAX_PADDING_SHARE, budget_batches
 from modelstore.importer import import_path
 from modelstore.spec import package_file
 from modelstore.store import ModelStore
@@ -294,6 +294,17 @@ def test_budget_batches_keep_every_pass_within_the_budget():
     for batch in batches:
         cost = max(lengths[i] for i in batch) * len(batch)
         assert cost <= 400 or len(batch) == 1
+
+
+def test_budget_batches_keep_padding_within_its_share():
+    lengths = [20] * 10 + [400] * 5 + [19, 21]
+    batches = budget_batches(lengths)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    for batch in batches:
+        padded_tokens = max(lengths[i] for i in batch) * len(batch)
+        padding = padded_tokens - sum(lengths[i] for i in batch)
+        assert padding <= MAX_PADDING_SHARE * padded_tokens
+    assert len(batches) == 2
 
 
 # -- causal (Qwen3-Reranker-style) rerankers -------------------------------------------------

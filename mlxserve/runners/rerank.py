@@ -15,6 +15,11 @@ from mlxserve.errors import InvalidRequestError, UnsupportedFeatureError
 RERANK_TOKEN_BUDGET = 8192
 """Tokens per forward pass (padding included): many short pairs share a pass, while one
 request of 10,000 documents still runs in bounded memory."""
+MAX_PADDING_SHARE = 0.1
+"""At most this share of a padded pass's tokens may be padding: a longer pair starts a new pass
+instead. Padding is computed like real tokens, and the token budget alone let 10 pairs of 20
+tokens share a pass with 5 of 400, padding 4,400 tokens for 2,200 real ones. Pairs of similar
+length (the bench's 17-20 tokens: 8.8 % padding in one pass) still share one."""
 CUT_ATTEMPTS = 3
 """Re-tokenizing a cut document may move its boundary by a token; cut again at most so."""
 
@@ -108,8 +113,9 @@ def budget_batches(
 ) -> list[list[int]]:
     """Pair indices grouped into passes of at most ``budget`` tokens, similar lengths together;
     ``padded`` counts every row at the batch's longest (a padded MLX batch) rather than its
-    own length (llama.cpp packs sequences unpadded). A pair longer than the budget runs
-    alone. Callers put each score back at its pair's index."""
+    own length (llama.cpp packs sequences unpadded), and keeps a pass's padding within
+    ``MAX_PADDING_SHARE``. A pair longer than the budget runs alone. Callers put each score
+    back at its pair's index."""
     order = sorted(range(len(lengths)), key=lambda index: lengths[index])
     batches: list[list[int]] = []
     current: list[int] = []
@@ -117,7 +123,8 @@ def budget_batches(
     for index in order:
         length = lengths[index]
         cost = length * (len(current) + 1) if padded else used + length
-        if current and cost > budget:
+        padding = cost - used - length
+        if current and (cost > budget or padding > MAX_PADDING_SHARE * cost):
             batches.append(current)
             current, used = [], 0
         current.append(index)

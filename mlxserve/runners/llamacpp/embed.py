@@ -61,6 +61,18 @@ CHAT_MODEL_POOLING = "mean"
 """A chat model declares no pooling; mean over its final states, as the MLX runner does."""
 RERANK_TEMPLATE = b"rerank"
 """The named chat template an LLM reranker's GGUF carries (``tokenizer.chat_template.rerank``)."""
+CPU_RANK_PACK_TOKENS = 64
+"""Tokens of cross-encoder pairs packed into one reranking decode on the CPU. ggml's attention
+(without flash attention) multiplies every query of a decode with every key of it, other pairs'
+included, and masks only after the product, so a pass's attention grows with the square of its
+packed tokens, while a CPU's matrix products are already efficient at one pair's rows. Measured
+on the bench's MiniLM-L6 cross-encoder (18-token pairs; docs/PERFORMANCE.md, "Reranking ...
+issue 24"): 64 tokens was the fastest per document, 512 (the context) cost twice as much, one
+pair per decode about what 64 cost. Flash attention skips the masked keys, but it casts keys and
+values to 16-bit floats and moved a batched score 3e-3 from the same pair's alone. With layers
+on a GPU the products are cheap and parallel, so there a decode packs up to the context. An LLM
+reranker's prompts (a rerank template) pack up to the context too: on the one such model
+measured (the tests' tiny Qwen3-Reranker GGUF) fewer, larger decodes were faster."""
 
 
 class LlamaCppEmbedder:
@@ -81,6 +93,7 @@ class LlamaCppEmbedder:
         self.limit = limit
         self.normalize = normalize
         self.ranks = pooling == RANK_POOLING
+        self.encoder_pack_tokens = min(limit, CPU_RANK_PACK_TOKENS) if n_gpu_layers == 0 else limit
         try:
             # n_batch = the context: llama-cpp-python packs inputs up to n_batch tokens per
             # decode. An encoder must also see a whole input in one ubatch.
@@ -172,18 +185,21 @@ class LlamaCppEmbedder:
         ]
 
     def rank(self, request: RerankRequest) -> RerankResult:
-        """One score per document: pairs packed unpadded into decodes of at most the context's
-        tokens and sequences, the head's output read per sequence."""
+        """One score per document: pairs packed unpadded into decodes of at most
+        ``encoder_pack_tokens`` (a cross-encoder's) or the context's tokens (a longer pair
+        alone) and the context's sequences, the head's output read per sequence."""
         llama_cpp = import_llama_cpp()
         template = self.rerank_template()
         if template is None:
             pairs = self._encoder_pairs(request)
+            pack = self.encoder_pack_tokens
         else:
             pairs = self._template_pairs(template, request)
+            pack = self.limit
         scores: list[float] = [0.0] * len(pairs)
         llama = self.llama
         n_seq_max = llama.context_params.n_seq_max
-        for batch in budget_batches([len(p) for p in pairs], self.limit, padded=False):
+        for batch in budget_batches([len(p) for p in pairs], pack, padded=False):
             for chunk in range(0, len(batch), n_seq_max):
                 group = batch[chunk : chunk + n_seq_max]
                 llama._batch.reset()
