@@ -369,9 +369,9 @@ async def isolation_cost(
 
 
 async def channel_cost(chunks: int = 20000, per_write: int = 8) -> dict[str, Any]:
-    """The boundary alone: ``GenerateChunk``s framed, written ``per_write`` at a time (a batch
-    step of that many sequences) through a socket pair and read back, as ``worker.py`` and
-    ``isolated.py`` do; microseconds per chunk, free of the model's speed."""
+    """The boundary alone: ``GenerateChunk``s framed ``per_write`` to a frame (a batch step of
+    that many sequences, one frame as ``worker.py`` sends it) through a socket pair and read
+    back as ``isolated.py`` does; microseconds per chunk, free of the model's speed."""
     import socket
 
     from mlxserve.runners.base import GenerateChunk
@@ -384,12 +384,12 @@ async def channel_cost(chunks: int = 20000, per_write: int = 8) -> dict[str, Any
 
     async def write() -> None:
         for _ in range(chunks // per_write):
-            writer.write(b"".join(frame(("item", 1, chunk)) for _ in range(per_write)))
+            writer.write(frame([("item", index, chunk) for index in range(per_write)]))
             await writer.drain()
 
     started = time.perf_counter()
     sender = asyncio.create_task(write())
-    for _ in range(chunks // per_write * per_write):
+    for _ in range(chunks // per_write):
         await read_frame(reader)
     await sender
     seconds = time.perf_counter() - started
