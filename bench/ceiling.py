@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import re
 import statistics
 import time
 from pathlib import Path
@@ -32,7 +30,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.common import MODEL, bench_store, emit
+from bench.common import MODEL, bench_store, counting_stream, emit
 from bench.llamacpp_batch import decode_steps
 from bench.load import MLX_MODEL, QUESTION, client_question, mlx_copy
 from mlxserve import platform
@@ -61,47 +59,6 @@ PROFILE_STAGES = {
 a coarse map (``step`` holds the ``llama_decode`` call and the batch it fills; ctypes calls are
 not functions to a profiler, so their time lands in their caller). The rest of the wall time,
 ``other``, is the engine thread's loop, the chat core, asyncio and the waits between them."""
-
-
-CONTENT = re.compile(rb'"content": ?"[^"]')
-"""A non-empty ``content`` string of an OpenAI chunk."""
-USAGE = re.compile(rb'"usage": ?\{')
-USAGE_TAIL_BYTES = 4096
-"""Enough of a stream's end to hold its usage frame."""
-
-
-async def counting_stream(
-    session: aiohttp.ClientSession, url: str, model: str, tokens: int, question: str
-) -> dict[str, float]:
-    """One streaming chat read as raw bytes: the load generator must not be what limits the
-    number on two shared cores, so it parses no frame but the last (the usage, which says how
-    many tokens came); the first token's time is when the first non-empty ``content`` arrives."""
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": question}],
-        "max_tokens": tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    started = time.perf_counter()
-    first = None
-    seen = b""
-    async with session.post(f"{url}/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        async for data in response.content.iter_any():
-            seen = seen + data if first is None else (seen + data)[-USAGE_TAIL_BYTES:]
-            if first is None and CONTENT.search(seen):
-                first = time.perf_counter()
-    ended = time.perf_counter()
-    usage = [*USAGE.finditer(seen)][-1].end() - 1
-    count = json.JSONDecoder().raw_decode(seen[usage:].decode())[0]["completion_tokens"]
-    return {
-        "tokens": count,
-        "ttft_s": (first or ended) - started,
-        "first_at": first or ended,
-        "ended_at": ended,
-    }
 
 
 def process_cpu_s(pid: int) -> dict[str, float]:
