@@ -4,8 +4,8 @@ One is shared by every MLX model in the process (``shared_engine``); each llama.
 its own (``llamacpp/runner.py``, ``llamacpp/embed.py``), closed when the model is unloaded.
 ``stream`` is the one bridge from a job's output back to the event loop: the job emits chunks,
 the caller iterates them; closing the iterator (a client that went away) sets the request's
-cancel token, which the engine's steps poll every token. What the thread emits during the jobs
-it ran, then during each batch's step, is handed to each event loop in one call when they end:
+cancel token, which the engine's steps poll every token. What the thread emits during a job, or
+during one batch's step, is handed to each event loop in one call when that job or step ends:
 a step over eight sequences wakes the loop once, not eight times.
 
 MLX arrays, streams and caches must not be touched from several threads at once, yet the
@@ -125,7 +125,6 @@ class EngineThread:
                 job = ...
             while job is not ...:
                 if job is _CLOSE:
-                    self._hand_over()
                     return
                 function, future = job
                 if future.set_running_or_notify_cancel():
@@ -133,11 +132,11 @@ class EngineThread:
                         future.set_result(function())
                     except BaseException as exc:  # handed to the caller
                         future.set_exception(exc)
+                self._hand_over()
                 try:
                     job = self._inbox.get_nowait()
                 except queue.Empty:
                     job = ...
-            self._hand_over()
             busy = False
             for step in list(self._steppers):
                 busy = step() or busy
@@ -145,8 +144,10 @@ class EngineThread:
             self._busy = busy
 
     def _hand_over(self) -> None:
-        """One call per event loop for everything this turn emitted; a loop already closed
+        """One call per event loop for what the last job or step emitted; a loop already closed
         (its requests gone with it) is skipped."""
+        if not self._held:
+            return
         held, self._held = self._held, {}
         for loop, items in held.items():
             with contextlib.suppress(RuntimeError):
