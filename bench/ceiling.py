@@ -25,13 +25,14 @@ import asyncio
 import os
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from bench.common import MODEL, bench_store, emit
+from bench.common import MODEL, bench_store, counting_stream, emit
 from bench.llamacpp_batch import decode_steps
-from bench.load import MLX_MODEL, QUESTION, client_question, mlx_copy, stream_chat
+from bench.load import MLX_MODEL, QUESTION, client_question, mlx_copy
 from mlxserve import platform
 from mlxserve.chat.model import LoadedModel
 from mlxserve.runners.llamacpp.library import import_llama_cpp
@@ -60,19 +61,61 @@ not functions to a profiler, so their time lands in their caller). The rest of t
 ``other``, is the engine thread's loop, the chat core, asyncio and the waits between them."""
 
 
+def process_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds (user and system) used so far by a daemon (``daemon``) and its children, its
+    runner workers (``worker``), read from ``/proc``; empty where there is none. CPU time per
+    token barely moves with load from elsewhere, unlike wall time."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return {}
+    ticks = os.sysconf("SC_CLK_TCK")
+    used = {"daemon": 0.0, "worker": 0.0}
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        seconds = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        if int(stat.parent.name) == pid:
+            used["daemon"] += seconds
+        elif int(fields[1]) == pid:
+            used["worker"] += seconds
+    return used
+
+
 async def daemon_decode_rate(url: str, model: str, clients: int, tokens: int) -> float:
     """Aggregate decode tokens/s of ``clients`` concurrent streams, each with its own prompt."""
+    return (await daemon_decode(url, model, clients, tokens))["rate"]
+
+
+async def daemon_decode(
+    url: str, model: str, clients: int, tokens: int, pid: int | None = None
+) -> dict[str, Any]:
+    """``daemon_decode_rate``'s figure and the median time to first token; with the daemon's
+    ``pid``, also the CPU milliseconds per generated token of the daemon, its worker and this
+    process (the load generator), each side's own cost whatever the machine's load."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
-        await stream_chat(session, url, model, 2)
+        await counting_stream(session, url, model, 2, QUESTION)
+        before = process_cpu_s(pid) if pid is not None else {}
+        own = time.process_time()
         runs = await asyncio.gather(
             *(
-                stream_chat(session, url, model, tokens, client_question(index))
+                counting_stream(session, url, model, tokens, client_question(index))
                 for index in range(clients)
             )
         )
+        own = time.process_time() - own
+        after = process_cpu_s(pid) if pid is not None else {}
     decoded = sum(max(run["tokens"] - 1, 0) for run in runs)
     span = max(run["ended_at"] for run in runs) - min(run["first_at"] for run in runs)
-    return decoded / span if span > 0 else 0.0
+    generated = max(sum(run["tokens"] for run in runs), 1)
+    cpu = {side: (after[side] - before[side]) * 1000 / generated for side in after}
+    cpu["load_generator"] = own * 1000 / generated
+    return {
+        "rate": decoded / span if span > 0 else 0.0,
+        "ttft_s": statistics.median(run["ttft_s"] for run in runs),
+        "cpu_ms_per_token": cpu,
+    }
 
 
 def bare_llama_rates(
@@ -96,30 +139,87 @@ async def llamacpp_ceiling(
     path = str(open_model(store, MODEL).weights[0])
     threads = platform.default_threads()
     bare: dict[int, list[float]] = {k: [] for k in counts}
-    ours: dict[int, list[float]] = {k: [] for k in counts}
+    ours: dict[int, list[dict[str, Any]]] = {k: [] for k in counts}
     for _ in range(rounds):
         for k, rate in bare_llama_rates(llama_cpp, path, counts, tokens, threads).items():
             bare[k].append(rate)
         flags = ["--num-parallel", str(max(counts)), "--max-queue", "64"]
         daemon = Daemon(store.root, flags).start()
+        assert daemon.process is not None
         try:
             for k in counts:
-                ours[k].append(await daemon_decode_rate(daemon.url, MODEL, k, tokens))
+                ours[k].append(
+                    await daemon_decode(daemon.url, MODEL, k, tokens, daemon.process.pid)
+                )
         finally:
             daemon.stop()
-    return {
-        "threads": threads,
-        "flash_attention": platform.llama_cpp_flash_attention(),
-        "clients": [
+    clients = []
+    for k in counts:
+        rate = statistics.median(run["rate"] for run in ours[k])
+        clients.append(
             {
                 "k": k,
                 "bare_tokens_per_s": round(statistics.median(bare[k]), 1),
-                "daemon_tokens_per_s": round(statistics.median(ours[k]), 1),
-                "fraction": round(statistics.median(ours[k]) / statistics.median(bare[k]), 3),
+                "daemon_tokens_per_s": round(rate, 1),
+                "fraction": round(rate / statistics.median(bare[k]), 3),
+                "daemon_ttft_s": round(statistics.median(run["ttft_s"] for run in ours[k]), 3),
+                "cpu_ms_per_token": cpu_medians(ours[k]),
             }
-            for k in counts
-        ],
+        )
+    return {
+        "threads": threads,
+        "flash_attention": platform.llama_cpp_flash_attention(),
+        "clients": clients,
     }
+
+
+def cpu_medians(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Each process's CPU milliseconds per token, the median over rounds."""
+    sides = runs[0]["cpu_ms_per_token"]
+    return {
+        side: round(statistics.median(run["cpu_ms_per_token"][side] for run in runs), 3)
+        for side in sides
+    }
+
+
+async def daemon_threads(
+    store: Any, tokens: int, counts: list[int], rounds: int, thread_counts: list[int]
+) -> dict[str, Any]:
+    """The daemon's decode rate with llama.cpp on each of ``thread_counts`` threads
+    (``num_thread``, a model made with ``/api/create`` per count), interleaved round by round
+    in one daemon: whether leaving a core to the daemon's own threads pays at k clients."""
+    from bench.load import with_threads
+
+    models = {n: await with_threads(store, n) for n in thread_counts}
+    runs: dict[tuple[int, int], list[dict[str, Any]]] = {
+        (n, k): [] for n in thread_counts for k in counts
+    }
+    flags = ["--num-parallel", str(max(counts)), "--max-queue", "64"]
+    daemon = Daemon(store.root, flags).start()
+    assert daemon.process is not None
+    try:
+        for _ in range(rounds):
+            for n, model in models.items():
+                for k in counts:
+                    measured = await daemon_decode(daemon.url, model, k, tokens, daemon.process.pid)
+                    runs[n, k].append(measured)
+    finally:
+        daemon.stop()
+    result: dict[str, Any] = {}
+    for k in counts:
+        rates = {n: statistics.median(r["rate"] for r in runs[n, k]) for n in thread_counts}
+        result[f"{k}_clients"] = {
+            "tokens_per_s": {str(n): round(rate, 1) for n, rate in rates.items()},
+            "ttft_s": {
+                str(n): round(statistics.median(r["ttft_s"] for r in runs[n, k]), 3)
+                for n in thread_counts
+            },
+            "cpu_ms_per_token": {str(n): cpu_medians(runs[n, k]) for n in thread_counts},
+            f"over_{thread_counts[0]}_threads": {
+                str(n): round(rate / rates[thread_counts[0]], 3) for n, rate in rates.items()
+            },
+        }
+    return result
 
 
 def bare_mlx_rate(folder: str, tokens: int) -> float:
@@ -209,6 +309,10 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     if args.runner in ("all", "llamacpp"):
         result["llamacpp"] = await llamacpp_ceiling(store, args.tokens, args.clients, args.rounds)
         result["llamacpp_profile"] = await per_token_profile(store, args.tokens)
+    if args.threads_compare:
+        result["llamacpp_threads"] = await daemon_threads(
+            store, args.tokens, args.clients, args.rounds, args.threads_compare
+        )
     if args.runner in ("all", "mlx"):
         result["mlx"] = await mlx_ceiling(store, args.tokens, args.rounds)
     result["load_average_after"] = os.getloadavg()
@@ -220,7 +324,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--runner", choices=["all", "llamacpp", "mlx"], default="all")
+    parser.add_argument("--runner", choices=["all", "llamacpp", "mlx", "none"], default="all")
+    parser.add_argument(
+        "--threads-compare",
+        type=int,
+        nargs="+",
+        help="also the daemon alone with llama.cpp on each of these thread counts",
+    )
     emit(asyncio.run(measure(parser.parse_args())))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -11,6 +12,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+
+import aiohttp
 
 from modelstore.default_model import DEFAULT_MODEL, ensure_default_model
 from modelstore.store import HOME_ENV, ModelStore
@@ -64,3 +67,44 @@ def emit(result: dict[str, Any]) -> None:
 
 
 MODEL = DEFAULT_MODEL
+
+
+CONTENT = re.compile(rb'"content": ?"[^"]')
+"""A non-empty ``content`` string of an OpenAI chunk."""
+USAGE = re.compile(rb'"usage": ?\{')
+USAGE_TAIL_BYTES = 4096
+"""Enough of a stream's end to hold its usage frame."""
+
+
+async def counting_stream(
+    session: aiohttp.ClientSession, url: str, model: str, tokens: int, question: str
+) -> dict[str, float]:
+    """One streaming chat read as raw bytes: the load generator must not be what limits the
+    number on two shared cores, so it parses no frame but the last (the usage, which says how
+    many tokens came); the first token's time is when the first non-empty ``content`` arrives."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    started = time.perf_counter()
+    first = None
+    seen = b""
+    async with session.post(f"{url}/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for data in response.content.iter_any():
+            seen = seen + data if first is None else (seen + data)[-USAGE_TAIL_BYTES:]
+            if first is None and CONTENT.search(seen):
+                first = time.perf_counter()
+    ended = time.perf_counter()
+    usage = [*USAGE.finditer(seen)][-1].end() - 1
+    count = json.JSONDecoder().raw_decode(seen[usage:].decode())[0]["completion_tokens"]
+    return {
+        "tokens": count,
+        "ttft_s": (first or ended) - started,
+        "first_at": first or ended,
+        "ended_at": ended,
+    }

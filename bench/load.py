@@ -38,7 +38,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.common import MODEL, bench_store, emit, median
+from bench.common import MODEL, bench_store, counting_stream, emit, median
 from mlxserve import platform
 from mlxserve.chat.model import LoadedModel
 from mlxserve.runners.mlx.gguf_convert import convert_gguf
@@ -141,7 +141,7 @@ async def concurrent(
         started = time.perf_counter()
         results = await asyncio.gather(
             *(
-                stream_chat(
+                counting_stream(
                     session, url, model, tokens, client_question(index) if distinct else QUESTION
                 )
                 for index in range(clients)
@@ -365,13 +365,33 @@ async def isolation_cost(
             entry[f"{label}_over_in_daemon"] = round(median(ratios), 3)
             entry[f"{label}_ttft_minus_in_daemon_ms"] = round(median(deltas), 1)
         result[f"{n}_clients"] = entry
+    result["boundary"] = boundary_cost(result, client_counts)
     return result
 
 
+BOUNDARY_GOAL = {"tokens_per_s_cost_pct": 2.0, "ttft_cost_ms": 5.0}
+"""What the worker process may cost against the runner in the daemon's own (issue 21)."""
+
+
+def boundary_cost(result: dict[str, Any], client_counts: list[int]) -> dict[str, Any]:
+    """Issue 21's figures, per client count: the tokens/s the worker process loses (per cent of
+    the in-daemon figure; negative: it gained) and the time to first token it adds."""
+    costs: dict[str, Any] = {}
+    for n in client_counts:
+        entry = result[f"{n}_clients"]
+        cost = {
+            "tokens_per_s_cost_pct": round((1 - entry["worker_process_over_in_daemon"]) * 100, 1),
+            "ttft_cost_ms": entry["worker_process_ttft_minus_in_daemon_ms"],
+        }
+        cost["within_goal"] = all(cost[key] <= limit for key, limit in BOUNDARY_GOAL.items())
+        costs[f"{n}_clients"] = cost
+    return costs
+
+
 async def channel_cost(chunks: int = 20000, per_write: int = 8) -> dict[str, Any]:
-    """The boundary alone: ``GenerateChunk``s framed, written ``per_write`` at a time (a batch
-    step of that many sequences) through a socket pair and read back, as ``worker.py`` and
-    ``isolated.py`` do; microseconds per chunk, free of the model's speed."""
+    """The boundary alone: ``GenerateChunk``s framed ``per_write`` to a frame (a batch step of
+    that many sequences, one frame as ``worker.py`` sends it) through a socket pair and read
+    back as ``isolated.py`` does; microseconds per chunk, free of the model's speed."""
     import socket
 
     from mlxserve.runners.base import GenerateChunk
@@ -384,12 +404,12 @@ async def channel_cost(chunks: int = 20000, per_write: int = 8) -> dict[str, Any
 
     async def write() -> None:
         for _ in range(chunks // per_write):
-            writer.write(b"".join(frame(("item", 1, chunk)) for _ in range(per_write)))
+            writer.write(frame([("item", index, chunk) for index in range(per_write)]))
             await writer.drain()
 
     started = time.perf_counter()
     sender = asyncio.create_task(write())
-    for _ in range(chunks // per_write * per_write):
+    for _ in range(chunks // per_write):
         await read_frame(reader)
     await sender
     seconds = time.perf_counter() - started

@@ -42,7 +42,16 @@ def default_gpu_layers() -> int:
 
 
 def default_threads() -> int:
-    """Physical-ish cores: llama.cpp slows down when hyper-threads fight over one core."""
+    """Physical-ish cores: llama.cpp slows down when hyper-threads fight over one core.
+
+    None is left to the daemon's own threads: through the daemon they spend well under a core
+    (about 0.6 ms of CPU per token at eight clients against ~10 ms of llama.cpp's; the HTTP
+    side, the worker's loop and the channel), and on a quiet 2-core CPU two llama.cpp threads
+    gave ~1.5x one thread's tokens/s at one and four clients. One thread wins only when other
+    processes keep both cores busy (3x at one client, 1.4x at eight, at load average 12): that
+    is the machine's load, not ours, and it changes after a model is loaded, so it is left to
+    the user (``num_thread``). Measured with ``bench.ceiling --threads-compare`` and
+    ``bench.load --threads`` (docs/PERFORMANCE.md, issue 26)."""
     count = os.cpu_count() or 1
     return max(1, count if count <= 4 else count // 2)
 

@@ -467,3 +467,42 @@ def test_a_lying_gguf_in_another_apps_store_is_refused_at_import(lying_ggufs, tm
     assert "liar:1" not in mlxctl("list", home=home).stdout
     mlxctl(*command, "--no-trial", home=home, env=env)
     assert "liar:1" in mlxctl("list", home=home).stdout
+
+
+async def test_a_batch_steps_chunks_cross_to_the_daemon_in_one_frame(tiny_store, monkeypatch):
+    """The worker sends what one batch step made for every request as one frame (one pickle,
+    write and read per step, not per token), and the answers are the ones each request gets
+    alone."""
+    from mlxserve.chat.model import LoadedModel
+    from mlxserve.runners import isolated
+    from mlxserve.runners.base import RunnerOptions
+    from tests.chat_helpers import chat_request
+
+    items_per_frame: list[int] = []
+    read = isolated.read_frame
+
+    async def counted(reader: asyncio.StreamReader) -> Any:
+        messages = await read(reader)
+        items_per_frame.append(sum(kind == "item" for kind, _, _ in messages))
+        return messages
+
+    monkeypatch.setattr(isolated, "read_frame", counted)
+    loaded = await LoadedModel.load(
+        tiny_store, "tiny:gguf", options=RunnerOptions(max_parallel=4), make=isolated.WorkerRunner
+    )
+
+    async def answer(index: int) -> list[int]:
+        messages = [{"role": "user", "content": f"Count to {index + 5}."}]
+        request = chat_request(loaded, messages, {"temperature": 0, "max_tokens": 24})
+        return [token async for chunk in loaded.generate(request) for token in chunk.token_ids]
+
+    try:
+        alone = [await answer(index) for index in range(4)]
+        items_per_frame.clear()
+        together = await asyncio.gather(*(answer(index) for index in range(4)))
+    finally:
+        await loaded.unload()
+    assert together == alone
+    with_items = [count for count in items_per_frame if count]
+    assert sum(with_items) >= sum(len(tokens) for tokens in alone)
+    assert len(with_items) <= sum(with_items) / 2

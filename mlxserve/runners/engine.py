@@ -4,7 +4,9 @@ One is shared by every MLX model in the process (``shared_engine``); each llama.
 its own (``llamacpp/runner.py``, ``llamacpp/embed.py``), closed when the model is unloaded.
 ``stream`` is the one bridge from a job's output back to the event loop: the job emits chunks,
 the caller iterates them; closing the iterator (a client that went away) sets the request's
-cancel token, which the engine's steps poll every token.
+cancel token, which the engine's steps poll every token. What the thread emits during a job, or
+during one batch's step, is handed to each event loop in one call when that job or step ends:
+a step over eight sequences wakes the loop once, not eight times.
 
 MLX arrays, streams and caches must not be touched from several threads at once, yet the
 daemon needs to start new requests while others are mid-generation. So every MLX call (load,
@@ -20,6 +22,7 @@ active exception" at exit).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -35,6 +38,8 @@ END = object()
 Emit = Callable[[object], None]
 """Hands a chunk, an exception (raised in the consumer) or ``END`` to a stream's consumer; safe
 to call from any thread."""
+Delivery = tuple[Callable[[Any], None], object]
+"""A stream's queue's ``put_nowait`` and the item for it."""
 _CLOSE: Any = object()
 """Put on the inbox by ``close``: the thread ends after the jobs before it."""
 
@@ -46,6 +51,8 @@ class EngineThread:
         self._busy = False
         self._closed = False
         self._lock = threading.Lock()
+        self._held: dict[asyncio.AbstractEventLoop, list[Delivery]] = {}
+        """What the jobs or the step running now emitted, per event loop (``_hand_over``)."""
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -73,7 +80,10 @@ class EngineThread:
         chunks: asyncio.Queue[object] = asyncio.Queue()
 
         def emit(item: object) -> None:
-            loop.call_soon_threadsafe(chunks.put_nowait, item)
+            if threading.current_thread() is self._thread:
+                self._held.setdefault(loop, []).append((chunks.put_nowait, item))
+            else:
+                loop.call_soon_threadsafe(chunks.put_nowait, item)
 
         def report(started: Future[object]) -> None:
             if started.exception() is not None:
@@ -122,11 +132,31 @@ class EngineThread:
                         future.set_result(function())
                     except BaseException as exc:  # handed to the caller
                         future.set_exception(exc)
+                self._hand_over()
                 try:
                     job = self._inbox.get_nowait()
                 except queue.Empty:
                     job = ...
-            self._busy = any([step() for step in list(self._steppers)])
+            busy = False
+            for step in list(self._steppers):
+                busy = step() or busy
+                self._hand_over()
+            self._busy = busy
+
+    def _hand_over(self) -> None:
+        """One call per event loop for what the last job or step emitted; a loop already closed
+        (its requests gone with it) is skipped."""
+        if not self._held:
+            return
+        held, self._held = self._held, {}
+        for loop, items in held.items():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_deliver, items)
+
+
+def _deliver(items: list[Delivery]) -> None:
+    for put, item in items:
+        put(item)
 
 
 _shared: EngineThread | None = None

@@ -251,21 +251,25 @@ class WorkerRunner:
     async def _read(self, reader: asyncio.StreamReader) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, OSError):
             while True:
-                kind, ident, value = await read_frame(reader)
+                messages = await read_frame(reader)
                 self._progress = time.monotonic()
-                if kind == "progress":  # a prefill went on: the worker is alive
-                    continue
-                if kind == "item":
-                    if ident in self._pending:
-                        self._pending[ident].items.put_nowait(value)
-                    continue
-                pending = self._pending.pop(ident, None)
-                if pending is None:
-                    continue
-                if value is None and pending.kind in SERVING_KINDS:
-                    self.served += 1
-                pending.items.put_nowait(_End(unpack_error(value) if value else None))
+                for kind, ident, value in messages:
+                    self._receive(kind, ident, value)
         await self._exited()
+
+    def _receive(self, kind: str, ident: int, value: Any) -> None:
+        if kind == "progress":  # a prefill went on: the worker is alive
+            return
+        if kind == "item":
+            if ident in self._pending:
+                self._pending[ident].items.put_nowait(value)
+            return
+        pending = self._pending.pop(ident, None)
+        if pending is None:
+            return
+        if value is None and pending.kind in SERVING_KINDS:
+            self.served += 1
+        pending.items.put_nowait(_End(unpack_error(value) if value else None))
 
     async def _exited(self) -> None:
         """The worker closed its socket: an unload's end, or a crash to report."""

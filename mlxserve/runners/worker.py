@@ -2,18 +2,21 @@
 
 The daemon starts it (``isolated.py``) as ``python -m mlxserve.runners.worker CONTROL SYNC``
 with two sockets: on CONTROL, framed pickled messages carry loads, generations (a chunk per
-token, written in one batch per turn of the event loop, so a batch step of many sequences is one
-write), embeddings, cancellations and the unload; on SYNC, the calls the daemon makes without
+token), embeddings, cancellations and the unload; what the worker posts in one turn of its event
+loop goes back as one frame (a list of messages), and the engine thread hands a batch step's
+chunks to the loop in one turn (``engine.py``), so a step of eight sequences is one pickle, one
+write and one read, not eight; on SYNC, the calls the daemon makes without
 awaiting (tokenize, detokenize, describe) are answered by a thread of their own. The worker
 builds the runner the daemon would have built in-process (``select.make_runner``), so a
 runner's code does not know it is isolated. A library that aborts (a llama.cpp assertion, a
 Metal error) takes down this process only; the daemon sees the socket close.
 
 Messages, daemon to worker: ``(kind, id, *args)`` with kind ``load``, ``generate``, ``embed``,
-``rerank``, ``score``, ``unload`` or ``cancel``. Worker to daemon: ``("item", id, value)`` (a
-chunk, or a call's result), ``("progress", id, None)`` (a generation's prefill advanced: the
-worker is alive though no token comes yet; at most one per ``PROGRESS_EVERY_S``) and
-``("end", id, error)`` (``error`` is ``None`` or ``pack_error``'s tuple).
+``rerank``, ``score``, ``unload`` or ``cancel``. Worker to daemon: frames each holding a list of
+``("item", id, value)`` (a chunk, or a call's result), ``("progress", id, None)`` (a generation's
+prefill advanced: the worker is alive though no token comes yet; at most one per
+``PROGRESS_EVERY_S``) and ``("end", id, error)`` (``error`` is ``None`` or ``pack_error``'s
+tuple).
 """
 
 from __future__ import annotations
@@ -90,19 +93,19 @@ class Worker:
         self.sync = sync
         self.runner: ModelRunner | None = None
         self.cancels: dict[int, CancelToken] = {}
-        self._outbox: list[bytes] = []
+        self._outbox: list[tuple[str, int, Any]] = []
         self._writer: asyncio.StreamWriter | None = None
 
-    def post(self, message: Any) -> None:
-        """Queue a message; everything posted in one turn of the loop goes in one write."""
+    def post(self, message: tuple[str, int, Any]) -> None:
+        """Queue a message; everything posted in one turn of the loop goes in one frame."""
         if not self._outbox:
             asyncio.get_running_loop().call_soon(self._flush)
-        self._outbox.append(frame(message))
+        self._outbox.append(message)
 
     def _flush(self) -> None:
         assert self._writer is not None
-        self._writer.write(b"".join(self._outbox))
-        self._outbox.clear()
+        messages, self._outbox = self._outbox, []
+        self._writer.write(frame(messages))
 
     async def serve(self) -> None:
         reader, self._writer = await asyncio.open_connection(sock=self.control)

@@ -5,6 +5,11 @@ transport: the response opens on the first event (so errors before it keep their
 SSE keep-alives go out during a long prefill (after the envelope's opening messages, never
 before them), and a failure after the response started is sent
 as the API's own error message, last, carrying the request's id (``errors.with_request_id``).
+
+Each event's messages go out in one write. A client slower than the model (its socket still
+holds bytes not yet taken) gets the messages of the events meanwhile in one write with the next
+event's, instead of one write per token: the first event is never held, and a client that keeps
+up (an empty socket buffer) gets every event at once.
 """
 
 from __future__ import annotations
@@ -77,23 +82,36 @@ class _Writer:
         """The envelope's first messages: sent before any keep-alive (Anthropic's clients
         expect ``message_start`` before any ``ping``), or with the first event."""
         self.response: web.StreamResponse | None = None
+        self.held: list[bytes] = []
+        """Messages not yet written: the client had not taken the ones before (``send``)."""
 
     async def ensure(self) -> web.StreamResponse:
         if self.response is None:
             self.response = await open_stream(self.request, self.content_type)
             opening, self.opening = self.opening, []
-            for frame in opening:
-                await self.response.write(frame_bytes(frame, self.content_type))
+            self.held += [frame_bytes(frame, self.content_type) for frame in opening]
         return self.response
 
     async def heartbeat(self) -> None:
         if self.keepalive is not None:
-            await (await self.ensure()).write(self.keepalive)
+            response = await self.ensure()
+            held, self.held = self.held, []
+            await response.write(b"".join([*held, self.keepalive]))
 
-    async def send(self, frames: list[Frame]) -> None:
+    async def send(self, frames: list[Frame], *, hold: bool = False) -> None:
+        """Write ``frames`` (and any held before) in one write; with ``hold``, keep them for
+        the next send while the client has not taken what it was sent."""
         response = await self.ensure()
-        for frame in frames:
-            await response.write(frame_bytes(frame, self.content_type))
+        self.held += [frame_bytes(frame, self.content_type) for frame in frames]
+        if hold and self.backed_up():
+            return
+        held, self.held = self.held, []
+        if held:
+            await response.write(b"".join(held))
+
+    def backed_up(self) -> bool:
+        transport = self.request.transport
+        return transport is not None and transport.get_write_buffer_size() > 0
 
 
 async def stream_events(
@@ -115,7 +133,7 @@ async def stream_events(
 
     await writer.send(encode(await run.first(heartbeat, keepalive_s)))
     async for event in run.rest():
-        await writer.send(encode(event))
+        await writer.send(encode(event), hold=True)
     await writer.send(encoder.closing())
     response = await writer.ensure()
     await response.write_eof()
