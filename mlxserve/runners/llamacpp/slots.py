@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 
 from mlxserve.errors import InferenceError, InvalidFormatError
-from mlxserve.platform import llama_cpp_flash_attention
 from mlxserve.runners.base import GenerateRequest, TokenLogprob
 from mlxserve.runners.decode import DecodeState, SampledToken
 from mlxserve.runners.engine import END
@@ -153,6 +152,7 @@ class SlotEngine:
         n_threads: int,
         eog: set[int],
         kv_cache: KvCacheType,
+        flash_attention: bool = True,
         lookup_tokens: int = 0,
         lora: Any = None,
         projector: Path | None = None,
@@ -173,7 +173,7 @@ class SlotEngine:
         params.type_k = params.type_v = kv_cache.ggml_type
         params.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-            if llama_cpp_flash_attention()
+            if flash_attention
             else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
         self._context = _internals.LlamaContext(model=model, params=params, verbose=False)
