@@ -139,7 +139,8 @@ class SlotEngine:
     """The context, its slots and the decode loop; ``step`` is registered on the engine thread.
 
     ``model`` is llama-cpp-python's ``_internals.LlamaModel``: the context is created here (not
-    through ``Llama``) because ``Llama`` fixes one sequence per context.
+    through ``Llama``) because ``Llama`` fixes one sequence per context. ``flash_attention``:
+    the runner's choice for the model (``platform.llama_cpp_flash_attention``).
     """
 
     def __init__(
@@ -165,6 +166,13 @@ class SlotEngine:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = slots * slot_context
         params.n_seq_max = slots
+        # A stream of ``slot_context`` cells per slot, all allocated now: llama.cpp sizes its KV
+        # cache once, when the context is made, and cannot grow it. A unified cache (cells
+        # shared by the slots) was measured and refused: where a sequence's cells sit among
+        # the others' changes its sums, so batched != solo (tests/test_llamacpp_slots.py fails
+        # with flash attention on or off), and without flash attention its attention scores
+        # span every cell (a 656 MiB compute buffer at 8 x 4096 against 101 MiB).
+        # docs/PERFORMANCE.md, issue 26.
         params.kv_unified = False
         self._capacity = PREFILL_TOKENS + slots
         params.n_batch = params.n_ubatch = self._capacity
