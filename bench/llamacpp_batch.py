@@ -37,6 +37,11 @@ def decode_steps(llama_cpp: Any, model: Any, sequences: int, steps: int, threads
     params.n_batch = params.n_ubatch = max(sequences * PROMPT_TOKENS, sequences)
     params.n_threads = params.n_threads_batch = threads
     params.no_perf = True
+    params.flash_attn_type = (  # the attention the slot engine uses for a plain f16 model
+        llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        if platform.llama_cpp_flash_attention()
+        else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
     context = _internals.LlamaContext(model=model, params=params, verbose=False)
     batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
     try:

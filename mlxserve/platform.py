@@ -56,19 +56,30 @@ def default_threads() -> int:
     return max(1, count if count <= 4 else count // 2)
 
 
-def llama_cpp_flash_attention() -> bool:
-    """Whether the llama.cpp slot engine asks for flash attention: yes, on every platform.
+def llama_cpp_flash_attention(*, drafts: bool = False, quantized_v: bool = False) -> bool:
+    """Whether the llama.cpp slot engine asks for flash attention, for a model that verifies
+    prompt-lookup ``drafts`` or not and a KV cache whose V is quantized or not.
 
-    A quantized V cache needs it (llama.cpp keeps one only with flash attention), and so do the
-    exact outputs this project promises: without it, ggml's CPU attention over several tokens of
-    one sequence (a prompt-lookup verify step) rounds differently from one token at a time, so
-    greedy prompt lookup drifts from plain decoding (``tests/test_speculative.py`` fails with
-    it off); with it each query row is computed alike whatever the batch. The price, measured
-    with llama-cpp-python 0.3.36 on this project's 2-core Linux machines: a 45-token chunk after
-    1,500 cached tokens costs 4.25x, and a decode step at 1,500 tokens of context 2.3x, what they
-    cost without it (docs/PERFORMANCE.md, issue 26). On Metal it is llama.cpp's own default.
+    On: on Metal (llama.cpp's own choice there, with kernels of its own: not measured by this
+    project); for a quantized V cache (llama.cpp keeps one only with flash attention); and where
+    drafts are verified: without it, ggml's CPU attention over several tokens of one sequence in
+    one ``llama_decode`` (a verify step) rounds differently from one token at a time, so greedy
+    prompt lookup drifts from plain decoding (``tests/test_speculative.py`` failed at the 15th
+    token of the default model with it off). Off otherwise, on the CPU: with llama-cpp-python
+    0.3.36 on this project's 2-core Linux machines a 45-token chunk after 1,500 cached tokens
+    costs 4.25x, and a decode step at 1,500 tokens of context 2.3x, more with it on
+    (docs/PERFORMANCE.md, issue 26), and every other exact-output promise holds with it off
+    (batched = solo, a prefill resumed from a cached prefix = a cold one: each sequence's
+    decode step is one query row, and a prompt's chunks are the same whatever shares the
+    batch). ``MLXSERVE_LLAMACPP_FLASH_ATTENTION`` (``1``/``0``) overrides the choice, for
+    measuring it; a quantized V cache keeps it on regardless.
     """
-    return True
+    if quantized_v:
+        return True
+    override = os.environ.get("MLXSERVE_LLAMACPP_FLASH_ATTENTION")
+    if override is not None:
+        return override not in {"0", "false", "no", "off"}
+    return is_apple_silicon() or drafts
 
 
 LLAMA_CPP_UNSAFE_FEATURES = ("AMX_INT8 = 1",)

@@ -63,11 +63,13 @@ async def loaded(store: ModelStore, **overrides) -> LlamaCppRunner:
     return runner
 
 
-async def answer(runner: LlamaCppRunner, prompt: list[int]) -> tuple[list[int], int]:
+async def answer(
+    runner: LlamaCppRunner, prompt: list[int], max_tokens: int = ANSWER_TOKENS
+) -> tuple[list[int], int]:
     """The greedy tokens and how many prompt tokens came from a cache."""
     tokens: list[int] = []
     last = GenerateChunk()
-    request = GenerateRequest(prompt_tokens=prompt, temperature=0.0, max_tokens=ANSWER_TOKENS)
+    request = GenerateRequest(prompt_tokens=prompt, temperature=0.0, max_tokens=max_tokens)
     async for chunk in runner.generate(request):
         tokens += chunk.token_ids
         last = chunk
@@ -120,6 +122,47 @@ async def test_a_reloaded_model_reuses_the_prompt_from_disk_with_the_same_answer
     assert tokens == cold
     assert cached == len(prompt) - 1
     assert stats["disk"]["hits"] == 1 and stats["disk"]["tokens"] == cached
+
+
+FOLLOW_UP_TOKENS = 45
+"""An agent's next turn: a tool result and the template's framing after the cached history."""
+
+
+async def test_a_follow_up_prefilled_after_a_cached_prefix_answers_as_a_cold_prompt(
+    store, tmp_path
+):
+    """The follow-up's 45 tokens prefilled alone, after a prefix restored from disk or kept
+    in the slot, give the tokens the whole prompt prefilled cold gives (which crosses a
+    chunk boundary): whatever attention kernel the model was loaded with (flash attention is
+    off on the CPU for models that verify no drafts), a row's result does not depend on how
+    the prompt was cut into ``llama_decode`` calls."""
+    history = words(9 * BLOCK_TOKENS, seed=11)
+    follow_up = history + words(FOLLOW_UP_TOKENS, seed=12)
+    runner = await loaded(store, prompt_cache_dir=str(tmp_path / "cold"))
+    try:
+        cold, cached = await answer(runner, follow_up, max_tokens=24)
+    finally:
+        await runner.unload()
+    assert cached == 0
+    runner = await loaded(store, prompt_cache_dir=str(tmp_path / "live"))
+    try:
+        await answer(runner, history)
+        live, live_cached = await answer(runner, follow_up, max_tokens=24)
+    finally:
+        await runner.unload()
+    runner = await loaded(store, prompt_cache_dir=str(tmp_path / "disk"))
+    try:
+        await answer(runner, history)
+    finally:
+        await runner.unload()
+    runner = await loaded(store, prompt_cache_dir=str(tmp_path / "disk"))
+    try:
+        restored, restored_cached = await answer(runner, follow_up, max_tokens=24)
+    finally:
+        await runner.unload()
+    assert (live_cached, restored_cached) == (len(history), len(history))
+    assert live == cold
+    assert restored == cold
 
 
 async def test_the_cache_measures_disk_reads_restores_and_prefill(store, prompt, cold):

@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from mlxserve import platform
 from mlxserve.runners.base import GenerateChunk, GenerateRequest, RunnerOptions
 from modelstore.errors import SpecValidationError
 from modelstore.importer import import_path
@@ -126,10 +127,18 @@ async def llamacpp_answers(store: ModelStore, lookup: int | None) -> list[Genera
         await runner.unload()
 
 
-async def test_prompt_lookup_on_llamacpp_is_lossless_and_counted(default_gguf, tmp_path):
+async def test_prompt_lookup_on_llamacpp_is_lossless_and_counted(
+    default_gguf, tmp_path, monkeypatch
+):
+    """Drafts change nothing but the speed: the answer is plain decoding's with the attention
+    kernel a model with prompt lookup is loaded with (flash attention: without it a verify
+    step's rows round differently from one token at a time, see ``platform.py``)."""
     store = ModelStore(tmp_path / "store")
     import_path(store, default_gguf, "smol:lookup")
+    assert platform.llama_cpp_flash_attention(drafts=True)
+    monkeypatch.setenv("MLXSERVE_LLAMACPP_FLASH_ATTENTION", "1")
     plain = await llamacpp_answers(store, None)
+    monkeypatch.delenv("MLXSERVE_LLAMACPP_FLASH_ATTENTION")
     looked_up = await llamacpp_answers(store, 4)
     assert tokens(looked_up) == tokens(plain)
     assert plain[-1].stats.draft_tokens == 0

@@ -143,6 +143,9 @@ class LlamaCppRunner(RunnerBase):
         llama_cpp = import_llama_cpp()
         slot_context = context_length(model, options)
         kv_cache = kv_cache_type(options.kv_cache_type)
+        flash_attention = platform.llama_cpp_flash_attention(
+            drafts=bool(options.num_draft_tokens), quantized_v=kv_cache.quantized
+        )
         engine = EngineThread("llamacpp-engine")
         cache = open_prompt_cache(
             model,
@@ -151,7 +154,7 @@ class LlamaCppRunner(RunnerBase):
                 "runner": self.name,
                 "library": llama_cpp.__version__,
                 "kv_cache_type": kv_cache.name,
-                "flash_attention": platform.llama_cpp_flash_attention(),
+                "flash_attention": flash_attention,
                 "n_gpu_layers": options.n_gpu_layers,
             },
         )
@@ -199,6 +202,7 @@ class LlamaCppRunner(RunnerBase):
                     n_threads=options.n_threads or platform.default_threads(),
                     eog=eog,
                     kv_cache=kv_cache,
+                    flash_attention=flash_attention,
                     lookup_tokens=options.num_draft_tokens or 0,
                     lora=lora,
                     projector=model.projector,
@@ -230,7 +234,11 @@ class LlamaCppRunner(RunnerBase):
             "context_length": slots.slot_context,
             "memory_bytes": loaded.size() + kv_bytes,
             "max_parallel": len(slots.slots),
-            "details": {"kv_cache_bytes": kv_bytes, "kv_cache_type": kv_cache.name},
+            "details": {
+                "kv_cache_bytes": kv_bytes,
+                "kv_cache_type": kv_cache.name,
+                "flash_attention": flash_attention,
+            },
         }
 
     async def _release(self) -> None:

@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 
 from mlxserve.errors import InferenceError, InvalidFormatError
-from mlxserve.platform import llama_cpp_flash_attention
 from mlxserve.runners.base import GenerateRequest, TokenLogprob
 from mlxserve.runners.decode import DecodeState, SampledToken
 from mlxserve.runners.engine import END
@@ -144,7 +143,8 @@ class SlotEngine:
     """The context, its slots and the decode loop; ``step`` is registered on the engine thread.
 
     ``model`` is llama-cpp-python's ``_internals.LlamaModel``: the context is created here (not
-    through ``Llama``) because ``Llama`` fixes one sequence per context.
+    through ``Llama``) because ``Llama`` fixes one sequence per context. ``flash_attention``:
+    the runner's choice for the model (``platform.llama_cpp_flash_attention``).
     """
 
     def __init__(
@@ -157,6 +157,7 @@ class SlotEngine:
         n_threads: int,
         eog: set[int],
         kv_cache: KvCacheType,
+        flash_attention: bool = True,
         lookup_tokens: int = 0,
         lora: Any = None,
         projector: Path | None = None,
@@ -169,6 +170,13 @@ class SlotEngine:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = slots * slot_context
         params.n_seq_max = slots
+        # A stream of ``slot_context`` cells per slot, all allocated now: llama.cpp sizes its KV
+        # cache once, when the context is made, and cannot grow it. A unified cache (cells
+        # shared by the slots) was measured and refused: where a sequence's cells sit among
+        # the others' changes its sums, so batched != solo (tests/test_llamacpp_slots.py fails
+        # with flash attention on or off), and without flash attention its attention scores
+        # span every cell (a 656 MiB compute buffer at 8 x 4096 against 101 MiB).
+        # docs/PERFORMANCE.md, issue 26.
         params.kv_unified = False
         self._capacity = PREFILL_TOKENS + slots
         params.n_batch = params.n_ubatch = self._capacity
@@ -177,7 +185,7 @@ class SlotEngine:
         params.type_k = params.type_v = kv_cache.ggml_type
         params.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-            if llama_cpp_flash_attention()
+            if flash_attention
             else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
         self._context = _internals.LlamaContext(model=model, params=params, verbose=False)
