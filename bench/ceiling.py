@@ -15,7 +15,17 @@ machine's speed lands on both sides alike:
   microseconds per token of each stage: the library's decode, sampling, detokenizing and the
   text state machine, and the rest.
 
+- ``--peers``: the same streaming load (1, 4, 8 clients, a prompt of its own per client,
+  greedy, the same max tokens, ``/v1/chat/completions``) against the peers on the same weights,
+  interleaved with the daemon round by round: llama-cpp-python's server (``llama_cpp.server``,
+  the same GGUF, threads and context as the daemon's slot; it serves one request at a time, so
+  its clients queue) and ``mlx_lm.server`` (the same MLX folder, its decode and prompt
+  concurrency set to the daemon's slots; it batches with ``BatchGenerator``). Per peer and
+  client count: aggregate tokens/s (every client's tokens over the wall time of the burst),
+  median time to first token, and the daemon / peer ratios.
+
     python -m bench.ceiling [--tokens 64] [--clients 1 4 8] [--rounds 2] [--runner all|llamacpp|mlx]
+        [--peers]
 """
 
 from __future__ import annotations
@@ -23,15 +33,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from bench.agent import LlamaCppServer, MlxLmServer, Server
 from bench.common import MODEL, bench_store, emit
 from bench.llamacpp_batch import decode_steps
-from bench.load import MLX_MODEL, QUESTION, client_question, mlx_copy, stream_chat
+from bench.load import MLX_MODEL, QUESTION, client_question, concurrent, mlx_copy, stream_chat
 from mlxserve import platform
 from mlxserve.chat.model import LoadedModel
 from mlxserve.runners.llamacpp.library import import_llama_cpp
@@ -155,6 +170,99 @@ async def mlx_ceiling(store: Any, tokens: int, rounds: int) -> dict[str, Any]:
     }
 
 
+SIDES = ("daemon", "peer")
+PEER_NAMES = {"llamacpp": "llama_cpp.server", "mlx": "mlx_lm.server"}
+PEER_CONCURRENCY = {
+    "llamacpp": "one request at a time (interrupt_requests off: the others wait)",
+    "mlx": "continuous batching (BatchGenerator), decode and prompt concurrency = the slots",
+}
+
+
+async def daemon_context(url: str) -> int:
+    """The context of the daemon's one loaded model (its slot's, on llama.cpp)."""
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/api/ps") as response:
+        models = (await response.json())["models"]
+    return int(models[0]["context_length"])
+
+
+async def burst(url: str, model: str, counts: list[int], tokens: int) -> dict[int, dict]:
+    """The load at every client count on one server: aggregate tokens/s and median TTFT."""
+    return {k: await concurrent(url, model, k, tokens, distinct=True) for k in counts}
+
+
+async def peers_comparison(
+    store: Any, runner: str, tokens: int, counts: list[int], rounds: int
+) -> dict[str, Any]:
+    """The daemon and the runner's peer in turn (which goes first alternates by round), each
+    started fresh per round and measured at every client count."""
+    scratch = Path(tempfile.mkdtemp(prefix="bench-ceiling-"))
+    parallel = max(counts)
+    flags = ["--num-parallel", str(parallel), "--max-queue", "64"]
+    if runner == "mlx":
+        folder = mlx_copy(store)
+        model = MLX_MODEL
+        peer: Server = MlxLmServer(folder, folder, parallel)
+        context = None
+    else:
+        model = MODEL
+        daemon = Daemon(store.root, flags).start()
+        try:
+            await stream_chat_once(daemon.url, model)
+            context = await daemon_context(daemon.url)
+        finally:
+            daemon.stop()
+        peer = LlamaCppServer(open_model(store, MODEL).weights[0], scratch, sys.executable, context)
+    runs: dict[str, dict[int, list[dict]]] = {side: {k: [] for k in counts} for side in SIDES}
+    try:
+        for number in range(rounds):
+            for side in SIDES if number % 2 == 0 else SIDES[::-1]:
+                if side == "daemon":
+                    daemon = Daemon(store.root, flags).start()
+                    try:
+                        measured = await burst(daemon.url, model, counts, tokens)
+                    finally:
+                        daemon.stop()
+                else:
+                    peer.start()
+                    try:
+                        measured = await burst(peer.url, peer.agent, counts, tokens)
+                    finally:
+                        peer.stop()
+                for k, result in measured.items():
+                    runs[side][k].append(result)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {
+        "peer": PEER_NAMES[runner],
+        "concurrency": PEER_CONCURRENCY[runner],
+        "context": context,
+        "clients": [peer_row(k, runs["daemon"][k], runs["peer"][k]) for k in counts],
+    }
+
+
+async def stream_chat_once(url: str, model: str) -> None:
+    """One short request: the daemon loads the model (and reports its context after)."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
+        await stream_chat(session, url, model, 2)
+
+
+def peer_row(k: int, ours: list[dict], theirs: list[dict]) -> dict[str, Any]:
+    """Medians over the rounds of one client count, and the daemon / peer ratios."""
+    rate = statistics.median(r["aggregate_tokens_per_s"] for r in ours)
+    peer_rate = statistics.median(r["aggregate_tokens_per_s"] for r in theirs)
+    ttft = statistics.median(r["median_ttft_s"] for r in ours)
+    peer_ttft = statistics.median(r["median_ttft_s"] for r in theirs)
+    return {
+        "k": k,
+        "daemon_tokens_per_s": round(rate, 2),
+        "peer_tokens_per_s": round(peer_rate, 2),
+        "daemon_over_peer_tokens_per_s": round(rate / peer_rate, 3) if peer_rate else None,
+        "daemon_ttft_s": round(ttft, 3),
+        "peer_ttft_s": round(peer_ttft, 3),
+        "daemon_over_peer_ttft": round(ttft / peer_ttft, 3) if peer_ttft else None,
+    }
+
+
 def stage_of(module: str, name: str) -> str | None:
     for stage, places in PROFILE_STAGES.items():
         if any(module.endswith(file) and part in name for file, part in places):
@@ -211,6 +319,12 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         result["llamacpp_profile"] = await per_token_profile(store, args.tokens)
     if args.runner in ("all", "mlx"):
         result["mlx"] = await mlx_ceiling(store, args.tokens, args.rounds)
+    if args.peers:
+        runners = ["llamacpp", "mlx"] if args.runner == "all" else [args.runner]
+        result["peers"] = {
+            runner: await peers_comparison(store, runner, args.tokens, args.clients, args.rounds)
+            for runner in runners
+        }
     result["load_average_after"] = os.getloadavg()
     return result
 
@@ -221,6 +335,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--runner", choices=["all", "llamacpp", "mlx"], default="all")
+    parser.add_argument("--peers", action="store_true", help="also against the peer servers")
     emit(asyncio.run(measure(parser.parse_args())))
 
 
