@@ -34,8 +34,8 @@ tokens and decode rate, and the ratios the issue sets as goals.
         [--decode-turns 6] [--decode-tokens 64]
 
 ``--peer-python``: an interpreter that has llama-cpp-python's server extras (uvicorn,
-fastapi, sse-starlette, starlette-context, pydantic-settings), which the project does not
-install; e.g. a venv whose ``.pth`` adds this one's site-packages.
+fastapi, sse-starlette, starlette-context, pydantic-settings); this one by default, which has
+them where the project's ``bench`` extra is installed (``make install`` does).
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import MODEL, bench_store, emit, median
+from mlxserve import platform
 from modelstore.importer import import_path
 from modelstore.runtime import open_model
 from tests.daemon import free_port
@@ -292,32 +293,54 @@ class OpenAIPeer(Server):
 
 class LlamaCppServer(OpenAIPeer):
     """llama-cpp-python's server with two aliases of the GGUF: asking for the other one frees
-    the agent's model and loads it again (its one-model-at-a-time proxy)."""
+    the agent's model and loads it again (its one-model-at-a-time proxy). It serves one
+    request at a time; ``interrupt_requests`` off makes later requests wait their turn instead
+    of ending the running stream early (docs/FACTS). Threads as the daemon's llama.cpp runner
+    (its own default is half the cores)."""
 
-    def __init__(self, gguf: Path, folder: Path, python: str) -> None:
+    def __init__(self, gguf: Path, folder: Path, python: str, n_ctx: int = PEER_CONTEXT) -> None:
         self.agent, self.other = "agent", "other"
-        self.gguf, self.folder, self.python = gguf, folder, python
+        self.gguf, self.folder, self.python, self.n_ctx = gguf, folder, python, n_ctx
 
     def command(self, port: int) -> tuple[list[str], dict[str, str], str]:
+        threads = platform.default_threads()
         models = [
-            {"model": str(self.gguf), "model_alias": alias, "n_ctx": PEER_CONTEXT}
+            {
+                "model": str(self.gguf),
+                "model_alias": alias,
+                "n_ctx": self.n_ctx,
+                "n_threads": threads,
+                "n_threads_batch": threads,
+                "verbose": False,
+            }
             for alias in (self.agent, self.other)
         ]
+        settings = {
+            "host": "127.0.0.1",
+            "port": port,
+            "interrupt_requests": False,
+            "models": models,
+        }
         config = self.folder / "llama-cpp-server.json"
-        config.write_text(json.dumps({"host": "127.0.0.1", "port": port, "models": models}))
+        config.write_text(json.dumps(settings))
         command = [self.python, "-c", LLAMA_CPP_SERVER, "--config_file", str(config)]
         return command, {}, "/v1/models"
 
 
 class MlxLmServer(OpenAIPeer):
     """mlx_lm.server loads the model a request names (by path), one at a time: the other
-    model is the same folder under a second path."""
+    model is the same folder under a second path. It batches concurrent requests with
+    mlx-lm's ``BatchGenerator`` (``parallel``: its decode and prompt concurrency)."""
 
-    def __init__(self, folder: Path, other: Path) -> None:
+    def __init__(self, folder: Path, other: Path, parallel: int | None = None) -> None:
         self.agent, self.other = str(folder), str(other)
+        self.parallel = parallel
 
     def command(self, port: int) -> tuple[list[str], dict[str, str], str]:
         command = [sys.executable, "-m", "mlx_lm.server", "--model", self.agent]
+        if self.parallel is not None:
+            width = str(self.parallel)
+            command += ["--decode-concurrency", width, "--prompt-concurrency", width]
         return [*command, "--port", str(port)], {"HF_HUB_OFFLINE": "1"}, "/v1/models"
 
 

@@ -10,12 +10,26 @@ machine's speed lands on both sides alike:
   each client's first, over the time from the first first-token to the last end (prefill is not
   in the bare figure either).
 - MLX: bare ``stream_generate`` on the default model converted to MLX against the daemon's one
-  client on the same folder.
+  client on the same folder, and bare ``BatchGenerator`` over k sequences against the daemon at
+  k clients; the CPU time per token at one client (bare process, daemon and worker).
+- A per-token profile of the MLX runner in-process (``mlx_per_token_profile``, its own stages:
+  mlx-lm's step, the batch's bookkeeping, sampling, detokenizing, stop strings, the runner and
+  ``DecodeState``, the engine thread's hand-over, tool/think parsing) with its CPU per token
+  against bare ``stream_generate``.
 - A per-token profile of the llama.cpp runner in-process (cProfile over one generation), the
   microseconds per token of each stage: the library's decode, sampling, detokenizing and the
   text state machine, and the rest.
+- The peers (``--phases ... peers``): the same streaming load (1, 4, 8 clients, a prompt of
+  its own per client, greedy, the same max tokens, ``/v1/chat/completions``) against the
+  peers on the same weights, interleaved with the daemon round by round: llama-cpp-python's
+  server (``llama_cpp.server``, the same GGUF, threads and context as the daemon's slot; it
+  serves one request at a time, so its clients queue) and ``mlx_lm.server`` (the same MLX
+  folder, its decode and prompt concurrency set to the daemon's slots; it batches with
+  ``BatchGenerator``). Per peer and client count: aggregate tokens/s (every client's tokens
+  over the wall time of the burst), median time to first token, and the daemon / peer ratios.
 
     python -m bench.ceiling [--tokens 64] [--clients 1 4 8] [--rounds 2] [--runner all|llamacpp|mlx]
+        [--phases ceiling profile peers]
 """
 
 from __future__ import annotations
@@ -23,16 +37,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from bench.agent import LlamaCppServer, MlxLmServer, Server
 from bench.common import MODEL, bench_store, counting_stream, emit
 from bench.llamacpp_batch import decode_steps
-from bench.load import MLX_MODEL, QUESTION, client_question, mlx_copy
+from bench.load import (
+    MLX_MODEL,
+    QUESTION,
+    client_question,
+    concurrent,
+    mlx_copy,
+    process_tree_cpu_s,
+    stream_chat,
+)
 from mlxserve import platform
 from mlxserve.chat.model import LoadedModel
 from mlxserve.runners.llamacpp.library import import_llama_cpp
@@ -222,36 +248,215 @@ async def daemon_threads(
     return result
 
 
-def bare_mlx_rate(folder: str, tokens: int) -> float:
+def bare_mlx_rates(folder: str, tokens: int, counts: list[int]) -> dict[str, Any]:
+    """Bare mlx-lm on the daemon's prompts (``client_question``): ``stream_generate`` on one
+    (its decode rate and the process's CPU seconds per token, prefill included) and
+    ``BatchGenerator`` at every count (its aggregate decode rate)."""
     from mlx_lm import load, stream_generate
 
     model, tokenizer = load(folder)
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": QUESTION}], add_generation_prompt=True
-    )
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": client_question(index)}], add_generation_prompt=True
+        )
+        for index in range(max(counts))
+    ]
     first = None
     count = 0
-    for _ in stream_generate(model, tokenizer, prompt, max_tokens=tokens):
+    cpu = time.process_time()
+    for _ in stream_generate(model, tokenizer, prompts[0], max_tokens=tokens):
         count += 1
         first = first or time.perf_counter()
-    return (count - 1) / (time.perf_counter() - first)
+    return {
+        "stream_generate": (count - 1) / (time.perf_counter() - (first or 0.0)),
+        "cpu_s_per_token": (time.process_time() - cpu) / max(count, 1),
+        "batch_generator": {
+            k: bare_batch_rate(model, prompts[:k], tokenizer.eos_token_ids, tokens) for k in counts
+        },
+    }
 
 
-async def mlx_ceiling(store: Any, tokens: int, rounds: int) -> dict[str, Any]:
+def bare_batch_rate(model: Any, prompts: list[list[int]], eos: Any, tokens: int) -> float:
+    """``BatchGenerator`` over ``prompts`` together, greedy, stopping at EOS as the daemon
+    does: tokens after each sequence's first over the time from the first first token to the
+    last end (the daemon's decode rate, ``daemon_decode_rate``)."""
+    from mlx_lm.generate import BatchGenerator
+
+    generator = BatchGenerator(
+        model,
+        stop_tokens=[[token] for token in eos],
+        completion_batch_size=len(prompts),
+        prefill_batch_size=len(prompts),
+    )
+    try:
+        generator.insert(prompts, max_tokens=[tokens] * len(prompts))
+        counts: dict[int, int] = {}
+        first = None
+        left = len(prompts)
+        while left:
+            for response in generator.next()[1]:
+                first = first or time.perf_counter()
+                counts[response.uid] = counts.get(response.uid, 0) + 1
+                left -= response.finish_reason is not None
+        span = time.perf_counter() - (first or 0.0)
+    finally:
+        generator.close()
+    return sum(max(n - 1, 0) for n in counts.values()) / span
+
+
+async def daemon_one_client(url: str, pid: int, tokens: int) -> tuple[float, float]:
+    """One client's decode rate (as ``daemon_decode_rate``) and the CPU seconds per token the
+    daemon and its worker spent on its request, prefill included (as the bare figure)."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
+        await stream_chat(session, url, MLX_MODEL, 2)
+        before = process_tree_cpu_s(pid) or 0.0
+        run = await stream_chat(session, url, MLX_MODEL, tokens, client_question(0))
+        after = process_tree_cpu_s(pid) or 0.0
+    span = run["ended_at"] - run["first_at"]
+    rate = (run["tokens"] - 1) / span if span > 0 else 0.0
+    return rate, (after - before) / max(run["tokens"], 1)
+
+
+async def mlx_ceiling(store: Any, tokens: int, counts: list[int], rounds: int) -> dict[str, Any]:
+    """The MLX runner through the daemon against bare mlx-lm, interleaved by round: one client
+    against ``stream_generate`` (the issue's goal: >= 0.9), k clients against
+    ``BatchGenerator`` over k sequences; and the CPU per token at one client."""
     folder = str(mlx_copy(store))
-    bare: list[float] = []
-    ours: list[float] = []
+    bare: dict[str, list[float]] = {"stream_generate": [], "cpu": []}
+    batch: dict[int, list[float]] = {k: [] for k in counts}
+    ours: dict[int, list[float]] = {k: [] for k in counts}
+    ours_cpu: list[float] = []
     for _ in range(rounds):
-        bare.append(bare_mlx_rate(folder, tokens))
-        daemon = Daemon(store.root, []).start()
+        rates = bare_mlx_rates(folder, tokens, counts)
+        bare["stream_generate"].append(rates["stream_generate"])
+        bare["cpu"].append(rates["cpu_s_per_token"])
+        for k, rate in rates["batch_generator"].items():
+            batch[k].append(rate)
+        daemon = Daemon(store.root, ["--num-parallel", str(max(counts))]).start()
+        assert daemon.process is not None
         try:
-            ours.append(await daemon_decode_rate(daemon.url, MLX_MODEL, 1, tokens))
+            rate, cpu = await daemon_one_client(daemon.url, daemon.process.pid, tokens)
+            ours_cpu.append(cpu)
+            for k in counts:
+                ours[k].append(
+                    rate if k == 1 else await daemon_decode_rate(daemon.url, MLX_MODEL, k, tokens)
+                )
         finally:
             daemon.stop()
+    single = statistics.median(bare["stream_generate"])
     return {
-        "bare_tokens_per_s": round(statistics.median(bare), 2),
-        "daemon_tokens_per_s": round(statistics.median(ours), 2),
-        "fraction": round(statistics.median(ours) / statistics.median(bare), 3),
+        "bare_stream_generate_tokens_per_s": round(single, 2),
+        "fraction_of_stream_generate_at_one_client": round(statistics.median(ours[1]) / single, 3)
+        if 1 in ours
+        else None,
+        "clients": [
+            {
+                "k": k,
+                "bare_batch_generator_tokens_per_s": round(statistics.median(batch[k]), 2),
+                "daemon_tokens_per_s": round(statistics.median(ours[k]), 2),
+                "fraction_of_batch_generator": round(
+                    statistics.median(ours[k]) / statistics.median(batch[k]), 3
+                ),
+            }
+            for k in counts
+        ],
+        "cpu_ms_per_token_one_client": {
+            "bare_stream_generate": round(statistics.median(bare["cpu"]) * 1e3, 2),
+            "daemon_and_worker": round(statistics.median(ours_cpu) * 1e3, 2),
+        },
+    }
+
+
+SIDES = ("daemon", "peer")
+PEER_NAMES = {"llamacpp": "llama_cpp.server", "mlx": "mlx_lm.server"}
+PEER_CONCURRENCY = {
+    "llamacpp": "one request at a time (interrupt_requests off: the others wait)",
+    "mlx": "continuous batching (BatchGenerator), decode and prompt concurrency = the slots",
+}
+
+
+async def daemon_context(url: str) -> int:
+    """The context of the daemon's one loaded model (its slot's, on llama.cpp)."""
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/api/ps") as response:
+        models = (await response.json())["models"]
+    return int(models[0]["context_length"])
+
+
+async def burst(url: str, model: str, counts: list[int], tokens: int) -> dict[int, dict]:
+    """The load at every client count on one server: aggregate tokens/s and median TTFT."""
+    return {k: await concurrent(url, model, k, tokens, distinct=True) for k in counts}
+
+
+async def peers_comparison(
+    store: Any, runner: str, tokens: int, counts: list[int], rounds: int
+) -> dict[str, Any]:
+    """The daemon and the runner's peer in turn (which goes first alternates by round), each
+    started fresh per round and measured at every client count."""
+    scratch = Path(tempfile.mkdtemp(prefix="bench-ceiling-"))
+    parallel = max(counts)
+    flags = ["--num-parallel", str(parallel), "--max-queue", "64"]
+    if runner == "mlx":
+        folder = mlx_copy(store)
+        model = MLX_MODEL
+        peer: Server = MlxLmServer(folder, folder, parallel)
+        context = None
+    else:
+        model = MODEL
+        daemon = Daemon(store.root, flags).start()
+        try:
+            await stream_chat_once(daemon.url, model)
+            context = await daemon_context(daemon.url)
+        finally:
+            daemon.stop()
+        peer = LlamaCppServer(open_model(store, MODEL).weights[0], scratch, sys.executable, context)
+    runs: dict[str, dict[int, list[dict]]] = {side: {k: [] for k in counts} for side in SIDES}
+    try:
+        for number in range(rounds):
+            for side in SIDES if number % 2 == 0 else SIDES[::-1]:
+                if side == "daemon":
+                    daemon = Daemon(store.root, flags).start()
+                    try:
+                        measured = await burst(daemon.url, model, counts, tokens)
+                    finally:
+                        daemon.stop()
+                else:
+                    peer.start()
+                    try:
+                        measured = await burst(peer.url, peer.agent, counts, tokens)
+                    finally:
+                        peer.stop()
+                for k, result in measured.items():
+                    runs[side][k].append(result)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {
+        "peer": PEER_NAMES[runner],
+        "concurrency": PEER_CONCURRENCY[runner],
+        "context": context,
+        "clients": [peer_row(k, runs["daemon"][k], runs["peer"][k]) for k in counts],
+    }
+
+
+async def stream_chat_once(url: str, model: str) -> None:
+    """One short request: the daemon loads the model (and reports its context after)."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
+        await stream_chat(session, url, model, 2)
+
+
+def peer_row(k: int, ours: list[dict], theirs: list[dict]) -> dict[str, Any]:
+    """Medians over the rounds of one client count, and the daemon / peer ratios."""
+    rate = statistics.median(r["aggregate_tokens_per_s"] for r in ours)
+    peer_rate = statistics.median(r["aggregate_tokens_per_s"] for r in theirs)
+    ttft = statistics.median(r["median_ttft_s"] for r in ours)
+    peer_ttft = statistics.median(r["median_ttft_s"] for r in theirs)
+    return {
+        "k": k,
+        "daemon_tokens_per_s": round(rate, 2),
+        "peer_tokens_per_s": round(peer_rate, 2),
+        "daemon_over_peer_tokens_per_s": round(rate / peer_rate, 3) if peer_rate else None,
+        "daemon_ttft_s": round(ttft, 3),
+        "peer_ttft_s": round(peer_ttft, 3),
+        "daemon_over_peer_ttft": round(ttft / peer_ttft, 3) if peer_ttft else None,
     }
 
 
@@ -299,6 +504,78 @@ async def per_token_profile(store: Any, tokens: int) -> dict[str, Any]:
     }
 
 
+MLX_PROFILE_STAGES = {
+    "mlx_lm_step": (("mlx_lm/generate.py", "_step"), ("mlx_lm/models/", "")),
+    "batch_bookkeeping": (("mlx_lm/generate.py", ""),),
+    "sampling_and_processors": (("mlx_lm/sample_utils.py", ""), ("runners/mlx/constraint.py", "")),
+    "detokenize": (("mlx_lm/tokenizer_utils.py", ""), ("textstream.py", "MlxDetokenizer")),
+    "stop_strings": (("textstream.py", "StopStringFilter"), ("textstream.py", "TextStream")),
+    "runner_and_decode_state": (("runners/mlx/runner.py", ""), ("runners/decode.py", "")),
+    "engine_bridge": (("runners/engine.py", ""),),
+    "tool_and_think_parsing": (("chat/output.py", ""),),
+}
+"""The MLX runner's stages, as ``PROFILE_STAGES`` (first match wins): ``mlx_lm_step`` is
+``GenerationBatch._step`` (it waits on the step's evaluation, so MLX's compute lands there) and
+the model's graph building; ``batch_bookkeeping`` the rest of ``BatchGenerator``;
+``engine_bridge`` the engine thread's loop and the hand-over of chunks to the event loop."""
+
+
+def mlx_stage_of(module: str, name: str) -> str | None:
+    for stage, places in MLX_PROFILE_STAGES.items():
+        if any(place in module and part in name for place, part in places):
+            return stage
+    return None
+
+
+async def mlx_per_token_profile(store: Any, tokens: int) -> dict[str, Any]:
+    """Microseconds per generated token of each stage of the MLX runner in-process (yappi, wall
+    clock, every thread), and without the profiler the process's CPU time per token of the
+    runner against bare ``stream_generate`` on the same weights (CPU time moves less than wall
+    time with load from elsewhere on a shared machine)."""
+    import yappi
+
+    folder = str(mlx_copy(store))
+    loaded = await LoadedModel.load(store, MLX_MODEL, "mlx")
+    messages = [{"role": "user", "content": QUESTION}]
+    options = {"temperature": 0.0, "max_tokens": tokens}
+    try:
+        async for _ in loaded.generate(chat_request(loaded, messages, {"max_tokens": 2})):
+            pass
+        cpu = time.process_time()
+        async for chunk in loaded.generate(chat_request(loaded, messages, options)):
+            final = chunk
+        runner_cpu = (time.process_time() - cpu) / max(final.stats.eval_count, 1)
+        yappi.set_clock_type("wall")
+        started = time.perf_counter()
+        yappi.start()
+        async for chunk in loaded.generate(chat_request(loaded, messages, options)):
+            final = chunk
+        yappi.stop()
+        wall = time.perf_counter() - started
+    finally:
+        await loaded.unload()
+    count = max(final.stats.eval_count, 1)
+    stages = dict.fromkeys(MLX_PROFILE_STAGES, 0.0)
+    for entry in yappi.get_func_stats():
+        stage = mlx_stage_of(entry.module, entry.name)
+        if stage is not None:
+            stages[stage] += entry.tsub
+    yappi.clear_stats()
+    per_token = {s: round(v / count * 1e6, 1) for s, v in stages.items()}
+    per_token["other"] = round(wall / count * 1e6 - sum(per_token.values()), 1)
+    return {
+        "tokens": count,
+        "wall_us_per_token": round(wall / count * 1e6, 1),
+        "stage_us_per_token": per_token,
+        "cpu_us_per_token": {
+            "runner": round(runner_cpu * 1e6, 1),
+            "bare_stream_generate": round(
+                bare_mlx_rates(folder, tokens, [1])["cpu_s_per_token"] * 1e6, 1
+            ),
+        },
+    }
+
+
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     store = bench_store()
     result: dict[str, Any] = {
@@ -306,15 +583,25 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         "tokens": args.tokens,
         "load_average": os.getloadavg(),
     }
-    if args.runner in ("all", "llamacpp"):
+    runners = ["llamacpp", "mlx"] if args.runner == "all" else [args.runner]
+    if "llamacpp" in runners and "ceiling" in args.phases:
         result["llamacpp"] = await llamacpp_ceiling(store, args.tokens, args.clients, args.rounds)
+    if "llamacpp" in runners and "profile" in args.phases:
         result["llamacpp_profile"] = await per_token_profile(store, args.tokens)
     if args.threads_compare:
         result["llamacpp_threads"] = await daemon_threads(
             store, args.tokens, args.clients, args.rounds, args.threads_compare
         )
-    if args.runner in ("all", "mlx"):
-        result["mlx"] = await mlx_ceiling(store, args.tokens, args.rounds)
+    if "mlx" in runners and "ceiling" in args.phases:
+        result["mlx"] = await mlx_ceiling(store, args.tokens, args.clients, args.rounds)
+    if "mlx" in runners and "profile" in args.phases:
+        result["mlx_profile"] = await mlx_per_token_profile(store, args.tokens)
+    if "peers" in args.phases:
+        result["peers"] = {
+            runner: await peers_comparison(store, runner, args.tokens, args.clients, args.rounds)
+            for runner in runners
+            if runner != "none"
+        }
     result["load_average_after"] = os.getloadavg()
     return result
 
@@ -330,6 +617,13 @@ def main() -> None:
         type=int,
         nargs="+",
         help="also the daemon alone with llama.cpp on each of these thread counts",
+    )
+    parser.add_argument(
+        "--phases",
+        nargs="+",
+        choices=["ceiling", "profile", "peers"],
+        default=["ceiling", "profile"],
+        help="peers: the same load against llama_cpp.server and mlx_lm.server",
     )
     emit(asyncio.run(measure(parser.parse_args())))
 
