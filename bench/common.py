@@ -81,7 +81,8 @@ async def counting_stream(
 ) -> dict[str, float]:
     """One streaming chat read as raw bytes: the load generator must not be what limits the
     number on two shared cores, so it parses no frame but the last (the usage, which says how
-    many tokens came); the first token's time is when the first non-empty ``content`` arrives."""
+    many tokens came; without one, the content chunks counted); the first token's time is when
+    the first non-empty ``content`` arrives."""
     body = {
         "model": model,
         "messages": [{"role": "user", "content": question}],
@@ -93,15 +94,21 @@ async def counting_stream(
     started = time.perf_counter()
     first = None
     seen = b""
+    chunks = 0
     async with session.post(f"{url}/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for data in response.content.iter_any():
+            chunks += len(CONTENT.findall(data))
             seen = seen + data if first is None else (seen + data)[-USAGE_TAIL_BYTES:]
             if first is None and CONTENT.search(seen):
                 first = time.perf_counter()
     ended = time.perf_counter()
-    usage = [*USAGE.finditer(seen)][-1].end() - 1
-    count = json.JSONDecoder().raw_decode(seen[usage:].decode())[0]["completion_tokens"]
+    usages = [*USAGE.finditer(seen)]
+    if usages:
+        usage = usages[-1].end() - 1
+        count = json.JSONDecoder().raw_decode(seen[usage:].decode())[0]["completion_tokens"]
+    else:  # a server that streams no usage (llama-cpp-python's): a content chunk a token
+        count = chunks
     return {
         "tokens": count,
         "ttft_s": (first or ended) - started,
