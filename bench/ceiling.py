@@ -460,40 +460,36 @@ def peer_row(k: int, ours: list[dict], theirs: list[dict]) -> dict[str, Any]:
     }
 
 
-def stage_of(module: str, name: str) -> str | None:
-    for stage, places in PROFILE_STAGES.items():
-        if any(module.endswith(file) and part in name for file, part in places):
-            return stage
-    return None
-
-
-async def per_token_profile(store: Any, tokens: int) -> dict[str, Any]:
-    """Microseconds per generated token of each stage, the llama.cpp runner in-process, every
-    thread profiled (the slot engine decodes on a thread of its own) by wall clock."""
+async def profiled(
+    loaded: LoadedModel, messages: list[dict[str, Any]], options: dict[str, Any]
+) -> tuple[Any, float]:
+    """One generation under yappi (wall clock, every thread): its last chunk and its seconds."""
     import yappi
 
-    loaded = await LoadedModel.load(store, MODEL, "llamacpp")
-    try:
-        messages = [{"role": "user", "content": QUESTION}]
-        options = {"temperature": 0.0, "max_tokens": tokens}
-        async for _ in loaded.generate(chat_request(loaded, messages, {"max_tokens": 2})):
-            pass
-        yappi.set_clock_type("wall")
-        final = None
-        started = time.perf_counter()
-        yappi.start()
-        async for chunk in loaded.generate(chat_request(loaded, messages, options)):
-            final = chunk
-        yappi.stop()
-        wall = time.perf_counter() - started
-    finally:
-        await loaded.unload()
-    count = max(final.stats.eval_count, 1) if final is not None else 1
-    stages = dict.fromkeys(PROFILE_STAGES, 0.0)
+    yappi.set_clock_type("wall")
+    final = None
+    started = time.perf_counter()
+    yappi.start()
+    async for chunk in loaded.generate(chat_request(loaded, messages, options)):
+        final = chunk
+    yappi.stop()
+    assert final is not None
+    return final, time.perf_counter() - started
+
+
+def stage_profile(
+    table: dict[str, tuple[tuple[str, str], ...]], wall: float, count: int
+) -> dict[str, Any]:
+    """yappi's collected stats as microseconds per token of each stage of ``table`` (a function
+    goes to the first stage one of whose (module, name) parts it matches), the rest "other"."""
+    import yappi
+
+    stages = dict.fromkeys(table, 0.0)
     for entry in yappi.get_func_stats():
-        stage = stage_of(entry.module, entry.name)
-        if stage is not None:
-            stages[stage] += entry.tsub
+        for stage, places in table.items():
+            if any(place in entry.module and part in entry.name for place, part in places):
+                stages[stage] += entry.tsub
+                break
     yappi.clear_stats()
     per_token = {s: round(v / count * 1e6, 1) for s, v in stages.items()}
     per_token["other"] = round(wall / count * 1e6 - sum(per_token.values()), 1)
@@ -502,6 +498,22 @@ async def per_token_profile(store: Any, tokens: int) -> dict[str, Any]:
         "wall_us_per_token": round(wall / count * 1e6, 1),
         "stage_us_per_token": per_token,
     }
+
+
+async def per_token_profile(store: Any, tokens: int) -> dict[str, Any]:
+    """Microseconds per generated token of each stage, the llama.cpp runner in-process, every
+    thread profiled (the slot engine decodes on a thread of its own) by wall clock."""
+
+    loaded = await LoadedModel.load(store, MODEL, "llamacpp")
+    try:
+        messages = [{"role": "user", "content": QUESTION}]
+        options = {"temperature": 0.0, "max_tokens": tokens}
+        async for _ in loaded.generate(chat_request(loaded, messages, {"max_tokens": 2})):
+            pass
+        final, wall = await profiled(loaded, messages, options)
+    finally:
+        await loaded.unload()
+    return stage_profile(PROFILE_STAGES, wall, max(final.stats.eval_count, 1))
 
 
 MLX_PROFILE_STAGES = {
@@ -520,19 +532,11 @@ the model's graph building; ``batch_bookkeeping`` the rest of ``BatchGenerator``
 ``engine_bridge`` the engine thread's loop and the hand-over of chunks to the event loop."""
 
 
-def mlx_stage_of(module: str, name: str) -> str | None:
-    for stage, places in MLX_PROFILE_STAGES.items():
-        if any(place in module and part in name for place, part in places):
-            return stage
-    return None
-
-
 async def mlx_per_token_profile(store: Any, tokens: int) -> dict[str, Any]:
     """Microseconds per generated token of each stage of the MLX runner in-process (yappi, wall
     clock, every thread), and without the profiler the process's CPU time per token of the
     runner against bare ``stream_generate`` on the same weights (CPU time moves less than wall
     time with load from elsewhere on a shared machine)."""
-    import yappi
 
     folder = str(mlx_copy(store))
     loaded = await LoadedModel.load(store, MLX_MODEL, "mlx")
@@ -545,28 +549,11 @@ async def mlx_per_token_profile(store: Any, tokens: int) -> dict[str, Any]:
         async for chunk in loaded.generate(chat_request(loaded, messages, options)):
             final = chunk
         runner_cpu = (time.process_time() - cpu) / max(final.stats.eval_count, 1)
-        yappi.set_clock_type("wall")
-        started = time.perf_counter()
-        yappi.start()
-        async for chunk in loaded.generate(chat_request(loaded, messages, options)):
-            final = chunk
-        yappi.stop()
-        wall = time.perf_counter() - started
+        final, wall = await profiled(loaded, messages, options)
     finally:
         await loaded.unload()
-    count = max(final.stats.eval_count, 1)
-    stages = dict.fromkeys(MLX_PROFILE_STAGES, 0.0)
-    for entry in yappi.get_func_stats():
-        stage = mlx_stage_of(entry.module, entry.name)
-        if stage is not None:
-            stages[stage] += entry.tsub
-    yappi.clear_stats()
-    per_token = {s: round(v / count * 1e6, 1) for s, v in stages.items()}
-    per_token["other"] = round(wall / count * 1e6 - sum(per_token.values()), 1)
     return {
-        "tokens": count,
-        "wall_us_per_token": round(wall / count * 1e6, 1),
-        "stage_us_per_token": per_token,
+        **stage_profile(MLX_PROFILE_STAGES, wall, max(final.stats.eval_count, 1)),
         "cpu_us_per_token": {
             "runner": round(runner_cpu * 1e6, 1),
             "bare_stream_generate": round(

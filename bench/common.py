@@ -76,14 +76,9 @@ USAGE_TAIL_BYTES = 4096
 """Enough of a stream's end to hold its usage frame."""
 
 
-async def counting_stream(
-    session: aiohttp.ClientSession, url: str, model: str, tokens: int, question: str
-) -> dict[str, float]:
-    """One streaming chat read as raw bytes: the load generator must not be what limits the
-    number on two shared cores, so it parses no frame but the last (the usage, which says how
-    many tokens came; without one, the content chunks counted); the first token's time is when
-    the first non-empty ``content`` arrives."""
-    body = {
+def chat_body(model: str, question: str, tokens: int) -> dict[str, Any]:
+    """The benches' streaming OpenAI chat: one question, greedy, usage in the last frame."""
+    return {
         "model": model,
         "messages": [{"role": "user", "content": question}],
         "max_tokens": tokens,
@@ -91,6 +86,16 @@ async def counting_stream(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+
+
+async def counting_stream(
+    session: aiohttp.ClientSession, url: str, model: str, tokens: int, question: str
+) -> dict[str, float]:
+    """One streaming chat read as raw bytes: the load generator must not be what limits the
+    number on two shared cores, so it parses no frame but the last (the usage, which says how
+    many tokens came; without one, the content chunks counted); the first token's time is when
+    the first non-empty ``content`` arrives."""
+    body = chat_body(model, question, tokens)
     started = time.perf_counter()
     first = None
     seen = b""

@@ -38,7 +38,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.common import MODEL, bench_store, counting_stream, emit, median
+from bench.common import MODEL, bench_store, chat_body, counting_stream, emit, median
 from mlxserve import platform
 from mlxserve.chat.model import LoadedModel
 from mlxserve.runners.mlx.gguf_convert import convert_gguf
@@ -67,14 +67,7 @@ def mlx_copy(store: Any) -> Path:
 async def stream_chat(
     session: aiohttp.ClientSession, url: str, model: str, tokens: int, question: str = QUESTION
 ) -> dict[str, float]:
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": question}],
-        "max_tokens": tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    body = chat_body(model, question, tokens)
     started = time.perf_counter()
     first = None
     count = 0
