@@ -22,9 +22,10 @@ Phases, one after another in one run:
   the second model being a second alias (llama-cpp-python's multi-model config) or a second
   path (mlx_lm.server loads the model a request names), so a swap reloads as ours does.
 - ``decode``: what the write-behind costs on decode. Two daemons, disk tier on and off, one
-  conversation each without swaps, requests alternating between them (so the machine's load
-  hits both alike); with the disk tier, each turn's entry is written while the next turn
-  prefills and decodes. The rate is the daemon's own ``eval_count / eval_duration``.
+  conversation each without swaps, its turns back to back (with the disk tier each turn's
+  entry is written while the same daemon's next turn prefills and decodes), the daemons taking
+  turns by conversation, AB then BA. The rate is the daemon's own ``eval_count /
+  eval_duration``.
 
 Prints JSON: per phase, session and turn the load time, time to first token, prompt and cached
 tokens and decode rate, and the ratios the issue sets as goals.
@@ -391,31 +392,35 @@ def goals(sessions: list[list[dict]]) -> dict[str, float]:
 
 
 def decode_cost(home: Path, args: argparse.Namespace, agent: str) -> dict[str, Any]:
-    """Decode rates with and without the disk tier, requests alternating between two daemons
-    (one conversation each, no swaps: each turn's entry is written behind while the next
-    turn runs)."""
+    """Decode rates with and without the disk tier: two daemons, one conversation each without
+    swaps, each conversation's turns back to back on its daemon (so each turn's entry is written
+    behind while that daemon's next turn prefills and decodes, as in an agent's session), the
+    daemons taking turns by conversation in the order AB then BA (so a drift of the machine's
+    load hits both alike). A turn's rate is paired with the same turn's on the other daemon in
+    the same round (the same context length); the goal reads the median of those ratios."""
     shutil.rmtree(home / "cache" / "prompts", ignore_errors=True)
     servers = {
         "with_disk_tier": Mlxserve(home, {}, agent),
         "without_disk_tier": Mlxserve(home, {"MLXSERVE_PROMPT_CACHE_DISK_BYTES": "0"}, agent),
     }
-    system = system_prompt(args.system_tokens)
-    conversations = {name: [{"role": "system", "content": system}] for name in servers}
     rates: dict[str, list[float]] = {name: [] for name in servers}
     written: dict[str, int] = {}
     try:
         for server in servers.values():
             server.start()
             server.load(agent)
-        for turn in range(args.decode_turns):
-            for name, server in servers.items():
-                messages = conversations[name]
-                messages.append({"role": "user", "content": text(args.turn_tokens, turn)})
-                result = server.turn(agent, messages, args.decode_tokens)
-                messages.append({"role": "assistant", "content": result["answer"] or "ok"})
-                if turn:  # the first turn is a cold prefill on both
-                    rates[name].append(result["decode_tokens_per_s"])
-                print(f"  decode {name} {turn}: {result['decode_tokens_per_s']}", file=sys.stderr)
+        for round_, order in enumerate((list(servers), list(reversed(servers)))):
+            system = f"Session {round_}. " + system_prompt(args.system_tokens)
+            for name in order:
+                messages = [{"role": "system", "content": system}]
+                for turn in range(args.decode_turns):
+                    messages.append({"role": "user", "content": text(args.turn_tokens, turn)})
+                    result = servers[name].turn(agent, messages, args.decode_tokens)
+                    messages.append({"role": "assistant", "content": result["answer"] or "ok"})
+                    if turn:  # the first turn is a cold prefill on both
+                        rates[name].append(result["decode_tokens_per_s"])
+                    rate = result["decode_tokens_per_s"]
+                    print(f"  decode {name} {round_}.{turn}: {rate}", file=sys.stderr)
         for name, server in servers.items():
             with urllib.request.urlopen(f"{server.url}/api/ps", timeout=60) as response:
                 models = json.loads(response.read()).get("models", [])
@@ -424,12 +429,17 @@ def decode_cost(home: Path, args: argparse.Namespace, agent: str) -> dict[str, A
     finally:
         for server in servers.values():
             server.stop()
-    on, off = median(rates["with_disk_tier"]), median(rates["without_disk_tier"])
+    pairs = [
+        on / off
+        for on, off in zip(rates["with_disk_tier"], rates["without_disk_tier"], strict=True)
+        if off
+    ]
     return {
         "tokens_per_answer": args.decode_tokens,
         "rates": rates,
         "disk_entries_written": written,
-        "decode_rate_with_vs_without_disk_tier": round(on / off, 3) if off else None,
+        "decode_rate_with_vs_without_disk_tier": round(median(pairs), 3) if pairs else None,
+        "per_turn_ratios": [round(p, 3) for p in pairs],
     }
 
 
