@@ -222,3 +222,30 @@ def test_required_offers_every_tool():
 def test_a_tool_choice_naming_an_unknown_tool_is_refused():
     with pytest.raises(InvalidRequestError):
         forced_tools([WEATHER], "launch_rockets")
+
+
+def test_a_tool_call_in_history_is_shown_as_text_for_a_template_without_tools():
+    """A model whose template has no tools sees earlier calls as their JSON in the message's
+    text, the message otherwise kept (its thinking, its images and where they sit)."""
+    from mlxserve.chat.tooling import with_tool_preamble
+    from mlxserve.chat.types import Message, Tool, ToolCall
+
+    tool = Tool("get_weather", "The weather", {"type": "object", "properties": {}})
+    call = ToolCall("get_weather", {"city": "Paris"})
+    history = [
+        Message("user", "Weather?"),
+        Message("assistant", "Let me look. ", thinking="hm", tool_calls=[call], images=[b"x"]),
+    ]
+    history[1].image_at.append(3)
+    shown = with_tool_preamble(history, [tool])
+    assert shown[0].role == "system" and "get_weather" in shown[0].content
+    assert shown[1] is history[0]
+    said = shown[2]
+    assert said.content == 'Let me look. {"name": "get_weather", "arguments": {"city": "Paris"}}'
+    assert (said.role, said.thinking, said.images, said.image_at) == (
+        "assistant",
+        "hm",
+        [b"x"],
+        [3],
+    )
+    assert said.tool_calls == []

@@ -11,6 +11,7 @@ that asks for that same JSON (llama.cpp's "generic" tool format is the precedent
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -118,10 +119,4 @@ def _calls_as_text(message: Message) -> Message:
         return message
     calls = [{"name": call.name, "arguments": call.arguments} for call in message.tool_calls]
     text = json.dumps(calls[0] if len(calls) == 1 else calls)
-    return Message(
-        message.role,
-        f"{message.content}{text}",
-        thinking=message.thinking,
-        images=message.images,
-        image_at=message.image_at,
-    )
+    return dataclasses.replace(message, content=f"{message.content}{text}", tool_calls=[])
