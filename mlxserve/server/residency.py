@@ -34,6 +34,7 @@ from mlxserve.server.config import Settings
 from mlxserve.server.metrics import Metrics
 from mlxserve.server.scheduler import ModelQueue
 from modelstore.blobs import DigestCache
+from modelstore.model import LocalModel
 from modelstore.reference import parse_reference
 from modelstore.runtime import open_model
 from modelstore.store import ModelStore
@@ -181,7 +182,9 @@ class ModelManager:
             # A num_ctx beyond the trained context or the memory is the context the runner
             # will clamp it to: asked again, it must not reload the model it already has. (A
             # pinned model, sharded over machines, is never reloaded: nothing to plan.)
-            options, _ = await self._checked_options(name, load)
+            resident = self.residents.get(name)
+            known = resident.loaded.model if resident is not None else None
+            options, _ = await self._checked_options(name, load, known)
             load = dataclasses.replace(load, context_length=options.context_length)
         lock = self._load_locks.setdefault(name, asyncio.Lock())
         async with lock:
@@ -208,13 +211,16 @@ class ModelManager:
             resident.touch(keep_alive)
             return resident
 
-    async def _checked_options(self, name: str, load: LoadAsk) -> tuple[RunnerOptions, int]:
+    async def _checked_options(
+        self, name: str, load: LoadAsk, known: LocalModel | None = None
+    ) -> tuple[RunnerOptions, int]:
         """The load options, once the context's bounds and the memory for weights and KV cache
         are checked: before anything is evicted or unloaded for a model that cannot load. A
         requested context comes back as the runner will load it (clamped to the trained
         context and the memory budget by the same ``loading.context_length`` the runner calls
         with these options). With them, what loading the model adds to memory: its weights and
-        the KV cache of that context."""
+        the KV cache of that context. ``known``: the model as loaded, planned against without
+        reading the store again (a request's ``num_ctx`` for a model already loaded)."""
         options = RunnerOptions(
             context_length=load.context_length,
             kv_cache_type=load.kv_cache_type,
@@ -223,7 +229,7 @@ class ModelManager:
             memory_budget_bytes=self.settings.memory_budget_bytes,
             **self._disk_tier(),
         )
-        local = await asyncio.to_thread(open_model, self.store, name)
+        local = known or await asyncio.to_thread(open_model, self.store, name)
         filled = load_options(local, options)
         context = check_context(local, filled)
         if options.context_length is not None:
