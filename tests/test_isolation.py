@@ -506,3 +506,38 @@ async def test_a_batch_steps_chunks_cross_to_the_daemon_in_one_frame(tiny_store,
     with_items = [count for count in items_per_frame if count]
     assert sum(with_items) >= sum(len(tokens) for tokens in alone)
     assert len(with_items) <= sum(with_items) / 2
+
+
+LOAD_AND_LOOK = """
+import asyncio, sys
+from pathlib import Path
+from mlxserve.chat.model import LoadedModel
+from mlxserve.runners.isolated import WorkerRunner
+from modelstore.store import ModelStore
+
+async def main():
+    before = "mlx_lm.tool_parsers" in sys.modules
+    loaded = await LoadedModel.load(ModelStore(Path(sys.argv[1])), "tiny:gguf", make=WorkerRunner)
+    after = "mlx_lm.tool_parsers" in sys.modules
+    await loaded.unload()
+    print(before, after)
+
+asyncio.run(main())
+"""
+
+
+def test_a_chat_models_load_imports_what_its_first_request_needs(tiny_store):
+    """The chat core detects a model's family with mlx-lm's code, whose first import in a
+    process takes seconds: a daemon pays it while the model loads (beside the worker's own
+    load), not in its first request's time to first token (the agent's first turn after a
+    restart, ``bench/agent.py``)."""
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_LOOK, str(tiny_store.root)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert result.stdout.split() == ["False", "True"]

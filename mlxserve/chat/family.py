@@ -92,6 +92,15 @@ class ModelFamily:
         return "tools" in self.template_variables
 
 
+def import_detection() -> None:
+    """Import what ``detect_family`` runs: mlx-lm's tokenizer utilities and tool parsers. The
+    first import of any ``mlx_lm`` module imports mlx-lm's package, mlx and transformers with
+    it (about 3 s of CPU on this machine's CPU); ``LoadedModel.load`` runs this beside the
+    runner's load, so a daemon's first chat after a start does not wait for it."""
+    importlib.import_module("mlx_lm.tokenizer_utils")
+    importlib.import_module("mlx_lm.tool_parsers")
+
+
 def detect_family(runner: ModelRunner, template: str | None) -> ModelFamily:
     """The family of the model loaded in ``runner`` whose chat template is ``template``."""
     view = _TokenizerView(runner, template)

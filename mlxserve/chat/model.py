@@ -8,12 +8,13 @@ the same prompt string whichever library runs them.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mlxserve.chat.family import ModelFamily, detect_family
+from mlxserve.chat.family import ModelFamily, detect_family, import_detection
 from mlxserve.errors import InvalidRequestError
 from mlxserve.prompts import CHATML_TEMPLATE
 from mlxserve.runners.base import (
@@ -87,7 +88,16 @@ class LoadedModel:
         worker process for the daemon (``runners/isolated.py``)."""
         model = open_model(store, name)
         runner = make(choose_runner(model, runner_name))
-        info = await runner.load(model, options or RunnerOptions())
+        # A chat model's family is detected at its first request, by mlx-lm's code: its
+        # import overlaps the load (a worker process, or the library's own threads).
+        imported = (
+            None if model.embedding else asyncio.create_task(asyncio.to_thread(import_detection))
+        )
+        try:
+            info = await runner.load(model, options or RunnerOptions())
+        finally:
+            if imported is not None:
+                await imported
         return cls(model, runner, info)
 
     @property
