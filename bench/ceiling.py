@@ -6,9 +6,11 @@ machine's speed lands on both sides alike:
 
 - llama.cpp: bare decode steps at k = 1, 4, 8 sequences (``bench.llamacpp_batch``: no sampling,
   no Python per token beyond filling the batch) against the daemon at 1, 4, 8 streaming clients
-  on the same GGUF, threads and slot context. The daemon's figure is its decode rate: tokens after
-  each client's first, over the time from the first first-token to the last end (prefill is not
-  in the bare figure either).
+  on the same GGUF, threads and slot context. The daemon's figure is its decode rate while
+  every client decodes (``decode_window_rate``: from the last first token to the first end;
+  prefill is not in the bare figure either); ``burst_fraction`` is the older reading, every
+  token after each client's first over the burst's whole span, which also holds the prefill
+  of the clients that join while others decode.
 - MLX: bare ``stream_generate`` on the default model converted to MLX against the daemon's one
   client on the same folder, and bare ``BatchGenerator`` over k sequences against the daemon at
   k clients; the CPU time per token at one client (bare process, daemon and worker).
@@ -138,10 +140,26 @@ async def daemon_decode(
     cpu = {side: (after[side] - before[side]) * 1000 / generated for side in after}
     cpu["load_generator"] = own * 1000 / generated
     return {
-        "rate": decoded / span if span > 0 else 0.0,
+        "rate": decode_window_rate(runs),
+        "span_rate": decoded / span if span > 0 else 0.0,
         "ttft_s": statistics.median(run["ttft_s"] for run in runs),
         "cpu_ms_per_token": cpu,
     }
+
+
+def decode_window_rate(runs: list[dict[str, Any]]) -> float:
+    """Aggregate tokens/s while every client decodes: the tokens that arrive between the last
+    client's first token and the first client's end, over that window. This is what the bare
+    figure measures (decode steps over k sequences, their prompts already in); a burst's span
+    from the first first token to the last end also holds the prefill of clients that join
+    while others decode (one step over their prompts, during which no one decodes), which the
+    bare loop never does (``span_rate``)."""
+    start = max(run["first_at"] for run in runs)
+    end = min(run["ended_at"] for run in runs)
+    if end <= start:
+        return 0.0
+    tokens = sum(n for run in runs for at, n in run["arrivals"] if start < at <= end)
+    return tokens / (end - start)
 
 
 def bare_llama_rates(
@@ -182,12 +200,15 @@ async def llamacpp_ceiling(
     clients = []
     for k in counts:
         rate = statistics.median(run["rate"] for run in ours[k])
+        span_rate = statistics.median(run["span_rate"] for run in ours[k])
         clients.append(
             {
                 "k": k,
                 "bare_tokens_per_s": round(statistics.median(bare[k]), 1),
                 "daemon_tokens_per_s": round(rate, 1),
                 "fraction": round(rate / statistics.median(bare[k]), 3),
+                "daemon_burst_tokens_per_s": round(span_rate, 1),
+                "burst_fraction": round(span_rate / statistics.median(bare[k]), 3),
                 "daemon_ttft_s": round(statistics.median(run["ttft_s"] for run in ours[k]), 3),
                 "cpu_ms_per_token": cpu_medians(ours[k]),
             }
@@ -279,7 +300,8 @@ def bare_mlx_rates(folder: str, tokens: int, counts: list[int]) -> dict[str, Any
 def bare_batch_rate(model: Any, prompts: list[list[int]], eos: Any, tokens: int) -> float:
     """``BatchGenerator`` over ``prompts`` together, greedy, stopping at EOS as the daemon
     does: tokens after each sequence's first over the time from the first first token to the
-    last end (the daemon's decode rate, ``daemon_decode_rate``)."""
+    last end. ``BatchGenerator`` prefills every prompt before the first token, so that span is
+    the window in which all decode, which is what ``daemon_decode_rate`` reads of the daemon."""
     from mlx_lm.generate import BatchGenerator
 
     generator = BatchGenerator(
@@ -349,6 +371,10 @@ async def mlx_ceiling(store: Any, tokens: int, counts: list[int], rounds: int) -
         "fraction_of_stream_generate_at_one_client": round(statistics.median(ours[1]) / single, 3)
         if 1 in ours
         else None,
+        "fraction_per_round": [
+            round(ours_rate / bare_rate, 3)
+            for ours_rate, bare_rate in zip(ours.get(1, []), bare["stream_generate"], strict=False)
+        ],
         "clients": [
             {
                 "k": k,

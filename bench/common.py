@@ -90,20 +90,25 @@ def chat_body(model: str, question: str, tokens: int) -> dict[str, Any]:
 
 async def counting_stream(
     session: aiohttp.ClientSession, url: str, model: str, tokens: int, question: str
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """One streaming chat read as raw bytes: the load generator must not be what limits the
     number on two shared cores, so it parses no frame but the last (the usage, which says how
     many tokens came; without one, the content chunks counted); the first token's time is when
-    the first non-empty ``content`` arrives."""
+    the first non-empty ``content`` arrives. ``arrivals``: each read's time and the content
+    chunks in it (a chunk a token unless the server coalesced a backed-up client's)."""
     body = chat_body(model, question, tokens)
     started = time.perf_counter()
     first = None
     seen = b""
     chunks = 0
+    arrivals: list[tuple[float, int]] = []
     async with session.post(f"{url}/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for data in response.content.iter_any():
-            chunks += len(CONTENT.findall(data))
+            found = len(CONTENT.findall(data))
+            if found:
+                chunks += found
+                arrivals.append((time.perf_counter(), found))
             seen = seen + data if first is None else (seen + data)[-USAGE_TAIL_BYTES:]
             if first is None and CONTENT.search(seen):
                 first = time.perf_counter()
@@ -119,4 +124,5 @@ async def counting_stream(
         "ttft_s": (first or ended) - started,
         "first_at": first or ended,
         "ended_at": ended,
+        "arrivals": arrivals,
     }
