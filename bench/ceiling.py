@@ -163,7 +163,7 @@ def decode_window_rate(runs: list[dict[str, Any]]) -> float:
 
 
 def bare_llama_rates(
-    llama_cpp: Any, path: str, counts: list[int], steps: int, threads: int
+    llama_cpp: Any, path: str, counts: list[int], steps: int, threads: int, slot_context: int
 ) -> dict[int, float]:
     from llama_cpp import _internals
 
@@ -171,9 +171,22 @@ def bare_llama_rates(
         path_model=path, params=_internals.LlamaModel.default_params(), verbose=False
     )
     try:
-        return {k: k / decode_steps(llama_cpp, model, k, steps, threads) for k in counts}
+        return {
+            k: k / decode_steps(llama_cpp, model, k, steps, threads, slot_context) for k in counts
+        }
     finally:
         model.close()
+
+
+async def daemon_slot_context(store: Any, flags: list[str]) -> int:
+    """The context of each of the daemon's slots for the default model (a daemon started with
+    ``flags`` loads it and says): the bare loop allocates as much per sequence."""
+    daemon = Daemon(store.root, flags).start()
+    try:
+        await stream_chat_once(daemon.url, MODEL)
+        return await daemon_context(daemon.url)
+    finally:
+        daemon.stop()
 
 
 async def llamacpp_ceiling(
@@ -184,10 +197,11 @@ async def llamacpp_ceiling(
     threads = platform.default_threads()
     bare: dict[int, list[float]] = {k: [] for k in counts}
     ours: dict[int, list[dict[str, Any]]] = {k: [] for k in counts}
+    flags = ["--num-parallel", str(max(counts)), "--max-queue", "64"]
+    context = await daemon_slot_context(store, flags)
     for _ in range(rounds):
-        for k, rate in bare_llama_rates(llama_cpp, path, counts, tokens, threads).items():
+        for k, rate in bare_llama_rates(llama_cpp, path, counts, tokens, threads, context).items():
             bare[k].append(rate)
-        flags = ["--num-parallel", str(max(counts)), "--max-queue", "64"]
         daemon = Daemon(store.root, flags).start()
         assert daemon.process is not None
         try:
@@ -215,6 +229,7 @@ async def llamacpp_ceiling(
         )
     return {
         "threads": threads,
+        "slot_context": context,
         "flash_attention": platform.llama_cpp_flash_attention(),
         "clients": clients,
     }
@@ -428,12 +443,7 @@ async def peers_comparison(
         context = None
     else:
         model = MODEL
-        daemon = Daemon(store.root, flags).start()
-        try:
-            await stream_chat_once(daemon.url, model)
-            context = await daemon_context(daemon.url)
-        finally:
-            daemon.stop()
+        context = await daemon_slot_context(store, flags)
         peer = LlamaCppServer(open_model(store, MODEL).weights[0], scratch, sys.executable, context)
     runs: dict[str, dict[int, list[dict]]] = {side: {k: [] for k in counts} for side in SIDES}
     try:

