@@ -555,11 +555,9 @@ class PromptCache:
         started = time.perf_counter()
         try:
             data = path.read_bytes()
-            if len(data) < DIGEST_BYTES or (
-                hashlib.sha256(data[:-DIGEST_BYTES]).digest() != data[-DIGEST_BYTES:]
-            ):
+            body = memoryview(data)[:-DIGEST_BYTES]  # a view: hashing a slice would copy it
+            if len(data) < DIGEST_BYTES or hashlib.sha256(body).digest() != data[-DIGEST_BYTES:]:
                 raise EntryError("its digest does not match (truncated or corrupt)")
-            body = memoryview(data)[:-DIGEST_BYTES]
             header = read_header(io.BytesIO(body), len(body))
             if header.get("key") != self.key:
                 raise EntryError("written for another model or KV setting")
