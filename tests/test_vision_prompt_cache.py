@@ -244,3 +244,35 @@ async def test_mlx_vision_reuses_the_text_before_the_first_image(vision_store): 
     assert stats.cached_prompt_tokens < stats.prompt_eval_count
     assert (text, stats.prompt_eval_count) == (cold_text, cold_stats.prompt_eval_count)
     assert cold_stats.cached_prompt_tokens == 0
+
+
+async def test_after_a_restart_the_text_before_the_first_image_comes_from_the_disk_tier(
+    daemons,
+    gguf_vision_store,  # noqa: F811
+    gguf_vision,  # noqa: F811
+):
+    """The disk tier holds an image prompt's text before its first image (the slot is cut back
+    to it before its state is stored): a daemon started after the first turn's daemon stopped
+    reuses it, with the answer of a cold run."""
+    from tests.daemon import Daemon
+
+    _, cold = daemons
+    api = APIS[0]
+    first = [
+        text_message("system", system_text("restart")),
+        api[1](QUESTION, b64(png((30, 160, 60)))),
+    ]
+    before = Daemon(gguf_vision_store.root).start()
+    try:
+        answer, _, _ = post(before, api, first)
+    finally:
+        before.stop()
+    second = [*first, text_message("assistant", answer), text_message("user", FOLLOW_UP)]
+    after = Daemon(gguf_vision_store.root).start()
+    try:
+        text, cached, prompt_tokens = post(after, api, second)
+    finally:
+        after.stop()
+    assert cached >= tokens_before_first_image(gguf_vision, api, second) - 1 > 0
+    assert cached < prompt_tokens
+    assert (text, prompt_tokens) == post(cold, api, second)[::2]
