@@ -9,6 +9,7 @@ the same prompt string whichever library runs them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -97,7 +98,9 @@ class LoadedModel:
             info = await runner.load(model, options or RunnerOptions())
         finally:
             if imported is not None:
-                await imported
+                # A failed import fails no load: the first request meets it again, and says why.
+                with contextlib.suppress(Exception):
+                    await imported
         return cls(model, runner, info)
 
     @property
