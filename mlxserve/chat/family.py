@@ -95,8 +95,8 @@ class ModelFamily:
 def import_detection() -> None:
     """Import what ``detect_family`` runs: mlx-lm's tokenizer utilities and tool parsers. The
     first import of any ``mlx_lm`` module imports mlx-lm's package, mlx and transformers with
-    it (about 3 s of CPU on this machine's CPU); ``LoadedModel.load`` runs this beside the
-    runner's load, so a daemon's first chat after a start does not wait for it."""
+    it (about 3 s of CPU on this project's 2-core machines); ``LoadedModel.load`` runs this
+    beside the runner's load, so a daemon's first chat after a start does not wait for it."""
     importlib.import_module("mlx_lm.tokenizer_utils")
     importlib.import_module("mlx_lm.tool_parsers")
 
