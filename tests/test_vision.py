@@ -202,3 +202,20 @@ def test_a_remote_image_url_is_refused(vision_daemon, api):
 def test_a_text_model_refuses_images_instead_of_ignoring_them(vision_daemon, api):
     status, body = chat(vision_daemon, api, b64(png((255, 0, 0))), model="tiny:mlx")
     assert status == 400 and "not a vision model" in json.dumps(body)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("logit_bias", {10**9: 5.0}), ("logit_bias", {-1: 5.0}), ("prompt_tokens", [10**9])],
+    ids=["bias past the vocabulary", "negative bias id", "context past the vocabulary"],
+)
+async def test_token_ids_outside_the_vocabulary_are_refused(vision, field, value):
+    """As on the text runners (``decode.check_token_ids``): a 400 naming the field, not a
+    crash in the processor or a scatter past the logits."""
+    request = chat_request(vision, QUESTION, {"temperature": 0.0, "max_tokens": 2})
+    if field == "prompt_tokens":
+        request.prompt, request.prompt_tokens = None, value
+    else:
+        request.logit_bias = value
+    with pytest.raises(InvalidRequestError, match="token ids must be between 0 and 400"):
+        [chunk async for chunk in vision.generate(request)]

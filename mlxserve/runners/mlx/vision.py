@@ -30,7 +30,13 @@ from mlxserve.runners.base import (
     GenerateRequest,
     RunnerOptions,
 )
-from mlxserve.runners.decode import DecodeState, SampledToken, decode_loop, generation_budget
+from mlxserve.runners.decode import (
+    DecodeState,
+    SampledToken,
+    check_token_ids,
+    decode_loop,
+    generation_budget,
+)
 from mlxserve.runners.engine import END, Emit
 from mlxserve.runners.loading import context_length
 from mlxserve.runners.mlx.common import MlxRunnerBase, import_mlx
@@ -79,6 +85,14 @@ class MlxVisionRunner(MlxRunnerBase):
         self._context = context_length(model, options)
         details = {"vision_model": model.vision.get("vision_model")}
         return {**self._measured(), "context_length": self._context, "details": details}
+
+    def _vocabulary(self) -> int:
+        """The language model's vocabulary (its logits' width), which the tokenizer's length
+        stands in for where the config does not say."""
+        model, processor = self._require()
+        text_config = getattr(getattr(model, "config", None), "text_config", None)
+        size = getattr(text_config, "vocab_size", None)
+        return size if isinstance(size, int) else len(processor.tokenizer)
 
     def _drop(self) -> None:
         self._model = self._processor = self._wrapper = self._kept = None
@@ -140,6 +154,7 @@ class MlxVisionRunner(MlxRunnerBase):
             raise UnsupportedFeatureError(
                 f"the {self.name} runner does not support JSON output or logprobs"
             )
+        check_token_ids(request, self._vocabulary())
 
         def start(emit: Emit) -> None:
             steps = self._decode(request)
