@@ -219,3 +219,21 @@ async def test_token_ids_outside_the_vocabulary_are_refused(vision, field, value
         request.logit_bias = value
     with pytest.raises(InvalidRequestError, match="token ids must be between 0 and 400"):
         [chunk async for chunk in vision.generate(request)]
+
+
+def test_a_text_that_names_the_image_token_is_refused_beside_images(vision_daemon):
+    """``<image>`` is one of the tokenizer's own tokens: in a message's text beside an image,
+    the processor could not tell which place is the image's (a shape error, a 500, before)."""
+    message = {"role": "user", "content": "What does <image> mean here?"}
+    with_image = {**message, "images": [b64(png((255, 0, 0)))]}
+    status, body = chat(vision_daemon, lambda _: native_body_of(with_image), "")
+    assert status == 400, body
+    assert body["code"] == "invalid_request"
+    assert "image token '<image>' 2 times for 1 image" in body["error"]
+    status, body = chat(vision_daemon, lambda _: native_body_of(message), "")
+    assert status == 200, body  # without images, the text is the text
+
+
+def native_body_of(message: dict) -> tuple[str, dict]:
+    options = {"temperature": 0, "num_predict": 2}
+    return "/api/chat", {"messages": [message], "stream": False, "options": options}

@@ -19,6 +19,7 @@ from modelstore.importer import import_path
 from modelstore.runtime import open_model
 from modelstore.spec import build_draft, load_spec
 from modelstore.store import ModelStore
+from tests.chat_helpers import chat_request
 from tests.fixtures.gguf_mmproj import IMAGE_TOKENS, make_tiny_mmproj
 from tests.test_vision import APIS, answer, b64, chat, png, reply_text
 
@@ -118,6 +119,21 @@ async def test_image_tokens_count_in_the_prompt(gguf_vision):
     with_image = (await answer(gguf_vision, [png((0, 255, 0))]))[1]
     without = (await answer(gguf_vision, []))[1]
     assert with_image - without == IMAGE_TOKENS
+
+
+async def test_a_text_that_holds_libmtmds_default_marker_keeps_it_as_text(gguf_vision):
+    """The projector's marker is the load's own: a message quoting ``<__media__>`` (libmtmd's
+    default) beside an image is text, and the image counts once (it failed to pair before)."""
+    text = [{"role": "user", "content": "What is <__media__> in llama.cpp?"}]
+
+    async def prompt_count(images: list[bytes]) -> int:
+        request = chat_request(gguf_vision, text, {"temperature": 0.0, "max_tokens": 2})
+        request.images = images
+        chunks = [chunk async for chunk in gguf_vision.generate(request)]
+        return chunks[-1].stats.prompt_eval_count
+
+    assert gguf_vision.runner.image_marker != "<__media__>"
+    assert await prompt_count([png((5, 6, 7))]) - await prompt_count([]) == IMAGE_TOKENS
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ untrusted bytes. Everything here runs on the engine thread.
 from __future__ import annotations
 
 import ctypes
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,11 @@ class MediaProjector:
         params.n_threads = n_threads
         params.print_timings = False
         params.warmup = False
+        # A marker of this load's own, not libmtmd's default ``<__media__>``: a message whose
+        # text holds the default (a user quoting llama.cpp) keeps it as text instead of
+        # unpairing the images; no one can type a marker they cannot know.
+        marker = f"<__media_{secrets.token_hex(8)}__>".encode()
+        params.media_marker = marker
         context = mtmd_cpp.mtmd_init_from_file(str(path).encode(), model, params)
         if not context:
             # libmtmd logs why (an unknown projector type, an output width other than the text
@@ -63,7 +69,7 @@ class MediaProjector:
                 "this projector uses M-RoPE image positions, which the llama.cpp runner "
                 "does not decode yet"
             )
-        self.marker = mtmd_cpp.mtmd_default_marker().decode()
+        self.marker = marker.decode()
 
     def close(self) -> None:
         if self._context:

@@ -23,7 +23,12 @@ import contextlib
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from mlxserve.errors import InferenceError, UnsupportedFeatureError, UnsupportedFormatError
+from mlxserve.errors import (
+    InferenceError,
+    InvalidRequestError,
+    UnsupportedFeatureError,
+    UnsupportedFormatError,
+)
 from mlxserve.images import open_image
 from mlxserve.runners.base import (
     GenerateChunk,
@@ -127,6 +132,15 @@ class MlxVisionRunner(MlxRunnerBase):
         if prompt is None:
             prompt = self.detokenize(request.prompt_tokens or [])
         missing = len(request.images) - prompt.count(self._image_token)
+        if missing < 0 and request.images:
+            # The image token is one of the tokenizer's own, which a message's text can name:
+            # the processor would then pair images with the wrong places (or fail).
+            raise InvalidRequestError(
+                f"the prompt holds the model's image token {self._image_token!r} "
+                f"{prompt.count(self._image_token)} times for {len(request.images)} image(s): "
+                "the text names it itself; remove it from the text",
+                param="messages",
+            )
         return self._image_token * max(missing, 0) + prompt
 
     def _inputs(self, request: GenerateRequest) -> tuple[Any, Any, Any]:
