@@ -219,3 +219,13 @@ def test_the_real_clients_send_images_to_a_gguf_vision_model(gguf_vision_daemon)
     red, blue = b64(png((255, 0, 0))), b64(png((0, 0, 255)))
     for ask in (by_ollama, by_openai, by_anthropic):
         assert ask(red) != ask(blue), ask.__name__
+
+
+async def test_context_ids_outside_the_vocabulary_are_refused_beside_images(gguf_vision):
+    """``/api/generate``'s ``context`` with images: the ids are checked before they are read
+    back as text for libmtmd (llama.cpp reads past its vocabulary for one out of range)."""
+    request = chat_request(gguf_vision, [], {"temperature": 0.0, "max_tokens": 2})
+    request.prompt, request.prompt_tokens = None, [10**9]
+    request.images = [png((1, 2, 3))]
+    with pytest.raises(InvalidRequestError, match="context token ids must be between 0 and"):
+        [chunk async for chunk in gguf_vision.generate(request)]

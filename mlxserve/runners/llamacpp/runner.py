@@ -348,6 +348,9 @@ class LlamaCppRunner(RunnerBase):
         model = self._require()
         slots, engine = self._slots, self._engine
         assert slots is not None and engine is not None
+        # Before a ``context`` is read back as text for libmtmd: llama.cpp aborts the process
+        # on a token id past its vocabulary.
+        check_token_ids(request, model.n_vocab())
         media = None
         if request.images:
             prompt, media, max_tokens = await self._media_prompt(request)
@@ -355,7 +358,6 @@ class LlamaCppRunner(RunnerBase):
             prompt, max_tokens = prompt_and_budget(
                 request, self.tokenize, [model.token_bos()], slots.slot_context
             )
-        check_token_ids(request, model.n_vocab())
         mask = None
         if request.response_format:
             mask = await asyncio.to_thread(self._mask, request.response_format)
