@@ -11,6 +11,13 @@ from modelstore.errors import MlxserveError
 from modelstore.errors import TemplateError as TemplateError  # lives with the template sandbox
 
 
+class RequestLimitError(InvalidRequestError):
+    """A request past one of its size limits (``server/limits.py``; a request's images,
+    ``images.py``); ``details['limit']`` holds the bound."""
+
+    code = "request_limit"
+
+
 class ModelNotLoadedError(MlxserveError):
     """A request that reached a model as it was unloaded (keep_alive, eviction, shutdown)."""
 

@@ -13,13 +13,20 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from mlxserve.errors import InvalidRequestError
+from mlxserve.errors import InvalidRequestError, RequestLimitError
 
 MAX_IMAGE_BYTES = 20 << 20
 """Encoded size of one image (OpenAI's own limit is 20 MB)."""
 MAX_IMAGE_PIXELS = 36_000_000
 """Width x height of one image: 6000 x 6000. Vision processors resize to well under 2 MP, so
 this only refuses images whose decoding alone would cost hundreds of MB."""
+MAX_REQUEST_IMAGES = 100
+"""Images of one request, all its messages together (Anthropic's own bound)."""
+MAX_REQUEST_PIXELS = 4 * MAX_IMAGE_PIXELS
+"""Pixels of all of a request's images together. A runner decodes a request's images before the
+model's processor scales them, so this bounds that memory (432 MB of RGB): a lossless WebP of
+6000 x 6000 pixels of one colour is 1.4 KB, so the body limit alone would let one request
+decode thousands of them."""
 IMAGE_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP"})
 PARAM = "images"
 
@@ -29,8 +36,45 @@ def _refuse(message: str, index: int | None) -> InvalidRequestError:
     return InvalidRequestError(where + message, param=PARAM, index=index)
 
 
+def check_request_images(images: list[bytes]) -> None:
+    """A request's images, within their count and their pixels together (read from each one's
+    header: nothing is decoded), each a readable image within its own limits."""
+    if len(images) > MAX_REQUEST_IMAGES:
+        raise RequestLimitError(
+            f"'{PARAM}' is over the limit of {MAX_REQUEST_IMAGES} images in one request "
+            "(docs/API.md, Request limits)",
+            param=PARAM,
+            limit=MAX_REQUEST_IMAGES,
+        )
+    pixels = 0
+    for index, data in enumerate(images):
+        width, height = _opened(data, index).size
+        pixels += width * height
+        if pixels > MAX_REQUEST_PIXELS:
+            raise RequestLimitError(
+                f"'{PARAM}' is over the limit of {MAX_REQUEST_PIXELS:,} pixels in one "
+                f"request's images, at image {index} (docs/API.md, Request limits)",
+                param=PARAM,
+                limit=MAX_REQUEST_PIXELS,
+                index=index,
+            )
+
+
 def open_image(data: bytes, index: int | None = None) -> Any:
     """A decoded RGB ``PIL.Image`` (first frame), after the size and pixel checks."""
+    from PIL import Image
+
+    image = _opened(data, index)
+    try:
+        image.load()
+        return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise _refuse(f"the image data is damaged ({exc})", index) from None
+
+
+def _opened(data: bytes, index: int | None) -> Any:
+    """``data`` opened by Pillow (its header read, no pixels), after the size, format and
+    pixel-count checks."""
     from PIL import Image
 
     if len(data) > MAX_IMAGE_BYTES:
@@ -46,8 +90,4 @@ def open_image(data: bytes, index: int | None = None) -> Any:
         raise _refuse(
             f"{width}x{height} pixels; at most {MAX_IMAGE_PIXELS:,} pixels are accepted", index
         )
-    try:
-        image.load()
-        return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise _refuse(f"the image data is damaged ({exc})", index) from None
+    return image

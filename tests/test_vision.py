@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -237,3 +238,33 @@ def test_a_text_that_names_the_image_token_is_refused_beside_images(vision_daemo
 def native_body_of(message: dict) -> tuple[str, dict]:
     options = {"temperature": 0, "num_predict": 2}
     return "/api/chat", {"messages": [message], "stream": False, "options": options}
+
+
+def webp_of_one_colour(side: int) -> bytes:
+    """A lossless WebP of ``side`` x ``side`` pixels of one colour: 1.4 KB at 6000 x 6000."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (10, 20, 30)).save(buffer, "WEBP", lossless=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "images, limit",
+    [
+        (lambda: [png((1, 2, 3), (8, 8))] * 101, "100 images"),
+        (lambda: [webp_of_one_colour(6000)] * 24, "144,000,000 pixels"),
+    ],
+    ids=["101 images", "24 images of 36 MP in 34 KB"],
+)
+def test_a_request_s_images_are_bounded_together(vision_daemon, images, limit):
+    """Each image is within its own limits, but a runner decodes a request's images before its
+    processor scales them: 24 x 108 MB of RGB (from a 46 KB body) is refused from the headers
+    alone, before anything is decoded, and the daemon answers meanwhile."""
+    message = {"role": "user", "content": "What is this?", "images": [b64(i) for i in images()]}
+    plain = {"role": "user", "content": "Hi"}
+    assert chat(vision_daemon, lambda _: native_body_of(plain), "")[0] == 200  # loaded
+    started = time.monotonic()
+    status, body = chat(vision_daemon, lambda _: native_body_of(message), "")
+    assert time.monotonic() - started < 1.0
+    assert status == 400, body
+    assert body["code"] == "request_limit"
+    assert limit in body["error"]

@@ -27,6 +27,7 @@ from mlxserve.chat.output import OutputParser
 from mlxserve.chat.tooling import call_format, forced_tools, with_tool_preamble
 from mlxserve.chat.types import ChatRequest, Message, ToolCall
 from mlxserve.errors import InvalidRequestError, TemplateError, UnsupportedFeatureError
+from mlxserve.images import check_request_images
 from mlxserve.prompts import build_messages, render_chat
 from mlxserve.runners.base import CancelToken, GenerateChunk, GenerateRequest, TokenLogprob
 from modelstore.errors import MlxserveError
@@ -133,10 +134,12 @@ def prepare(loaded: LoadedModel, chat: ChatRequest) -> Prepared:
             )
         log.info("%s has no thinking: the request's thinking is ignored", loaded.model.name)
         chat.think = None
-    if loaded.model.vision is None and any(message.images for message in chat.messages):
+    images = [image for message in chat.messages for image in message.images]
+    if images and loaded.model.vision is None:
         raise InvalidRequestError(
             f"{loaded.model.name} is not a vision model: it cannot read images", param="images"
         )
+    check_request_images(images)
     forced = forced_tools(chat.tools, chat.tool_choice) if chat.tools else []
     if chat.tool_choice not in ("auto", "none") and not chat.tools:
         raise InvalidRequestError("tool_choice needs tools", param="tool_choice")
@@ -157,7 +160,7 @@ def prepare(loaded: LoadedModel, chat: ChatRequest) -> Prepared:
     else:
         overrides["response_format"] = chat.format
     request = build_request(loaded.model, overrides, prompt=prompt, prompt_tokens=tokens)
-    request.images = [image for message in chat.messages for image in message.images]
+    request.images = images
     request.keep_prefix = chat.keep_prefix
     tools = [] if chat.tool_choice == "none" or chat.raw or chat.suffix else chat.tools
     parser = OutputParser(

@@ -13,7 +13,7 @@ import json
 import math
 from typing import Any
 
-from mlxserve.errors import InvalidRequestError
+from mlxserve.errors import InvalidRequestError, RequestLimitError
 from modelstore import parameters
 
 MAX_JSON_DEPTH = 64
@@ -56,12 +56,6 @@ LIMITS: dict[str, tuple[int, str]] = {
     "context_length": (MAX_CONTEXT_LENGTH, "tokens of context"),
 }
 """Each limit by name, with what it counts: the error messages and docs/API.md use these."""
-
-
-class RequestLimitError(InvalidRequestError):
-    """A request past one of the limits above (``details['limit']`` holds the bound)."""
-
-    code = "request_limit"
 
 
 def refuse(name: str, param: str | None = None) -> RequestLimitError:
