@@ -67,9 +67,33 @@ def open_image(data: bytes, index: int | None = None) -> Any:
     image = _opened(data, index)
     try:
         image.load()
-        return image.convert("RGB")
+        return _rgb(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise _refuse(f"the image data is damaged ({exc})", index) from None
+
+
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+"""Pillow's modes for a 16-bit grey PNG (``I`` in older Pillow): its ``convert("RGB")`` clips
+such samples at 255 instead of scaling them, which turns most of the image white."""
+
+
+def _rgb(image: Any) -> Any:
+    """``image`` in RGB as a model's processor expects it: 16-bit samples scaled to 8 bits (as
+    llama.cpp's image loader does), and what is transparent laid over white (as transformers'
+    ``convert_to_rgb`` and Ollama do; dropping the alpha channel would show a logo's
+    transparent background as black, its black lettering with it)."""
+    from PIL import Image
+
+    if image.mode in SIXTEEN_BIT_MODES:
+        import numpy as np
+
+        samples = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
+        image = Image.fromarray(samples.astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        layer = image.convert("RGBA")
+        white = Image.new("RGBA", layer.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, layer).convert("RGB")
+    return image.convert("RGB")
 
 
 def _opened(data: bytes, index: int | None) -> Any:

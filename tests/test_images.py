@@ -58,3 +58,37 @@ def test_a_decompression_bomb_is_refused_from_its_header():
 def test_oversized_images_are_refused_before_decoding():
     with pytest.raises(InvalidRequestError, match="MiB"):
         open_image(b"\x00" * (MAX_IMAGE_BYTES + 1))
+
+
+def encoded(image: Image.Image, kind: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, kind)
+    return buffer.getvalue()
+
+
+def test_transparency_is_laid_over_white():
+    """A logo: black lettering on a transparent background, whose transparent pixels are black
+    too; dropping the alpha channel would leave the model a black square."""
+    logo = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    logo.putpixel((3, 3), (0, 0, 0, 255))
+    opened = open_image(encoded(logo))
+    assert opened.getpixel((10, 10)) == (255, 255, 255)
+    assert opened.getpixel((3, 3)) == (0, 0, 0)
+    half = open_image(encoded(Image.new("LA", (8, 8), (0, 128))))
+    assert half.getpixel((1, 1)) == (127, 127, 127)
+    palette = Image.new("P", (8, 8), 0)
+    palette.info["transparency"] = 0
+    assert open_image(encoded(palette, "GIF")).getpixel((1, 1)) == (255, 255, 255)
+
+
+def test_a_sixteen_bit_png_is_scaled_to_eight_bits_not_clipped():
+    import numpy as np
+
+    samples = np.array([[0, 5200, 32768, 65535]], dtype=np.uint16)
+    opened = open_image(encoded(Image.fromarray(samples)))
+    assert [opened.getpixel((x, 0)) for x in range(4)] == [
+        (0, 0, 0),
+        (20, 20, 20),
+        (128, 128, 128),
+        (255, 255, 255),
+    ]
