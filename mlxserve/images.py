@@ -62,12 +62,14 @@ def check_request_images(images: list[bytes]) -> None:
 
 def open_image(data: bytes, index: int | None = None) -> Any:
     """A decoded RGB ``PIL.Image`` (first frame), after the size and pixel checks."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     image = _opened(data, index)
     try:
         image.load()
-        return _rgb(image)
+        # Upright as the sender sees it: a phone's photo is stored sideways with an EXIF
+        # orientation (transformers' ``load_image`` and mlx-vlm turn it too).
+        return _rgb(ImageOps.exif_transpose(image))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise _refuse(f"the image data is damaged ({exc})", index) from None
 

@@ -92,3 +92,17 @@ def test_a_sixteen_bit_png_is_scaled_to_eight_bits_not_clipped():
         (128, 128, 128),
         (255, 255, 255),
     ]
+
+
+def test_a_photo_is_turned_upright_by_its_exif_orientation():
+    """A phone stores a portrait photo as landscape pixels with EXIF orientation 6."""
+    stored = Image.new("RGB", (40, 20), (0, 0, 0))
+    stored.paste((255, 0, 0), (0, 0, 20, 20))  # the left half of the stored pixels is red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    buffer = io.BytesIO()
+    stored.save(buffer, "JPEG", exif=exif.tobytes(), quality=95)
+    upright = open_image(buffer.getvalue())
+    assert upright.size == (20, 40)
+    red, green, blue = upright.getpixel((10, 5))  # the top half of the upright photo
+    assert red > 200 and green < 60 and blue < 60
