@@ -7,6 +7,7 @@ libraries are imported only here, when a model actually runs.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import signal
 import sys
@@ -18,6 +19,7 @@ from typing import Any
 import click
 
 from mlxctl.client import DaemonError
+from mlxctl.image_paths import take_images
 from mlxctl.output import byte_progress
 from modelstore.default_model import DEFAULT_MODEL
 from modelstore.errors import ModelNotFoundError
@@ -118,6 +120,8 @@ class DaemonSession:
         self.load_ns: int | None = None
         self.as_json, self.verbose = as_json, verbose
         self.last_reason: str | None = None
+        self.vision = False
+        """Whether the model reads images (a prompt's image paths are then sent as images)."""
 
     def load(self) -> None:
         """Load the model (as ``ollama run`` does first); the time that took is the first
@@ -126,6 +130,8 @@ class DaemonSession:
         started = time.perf_counter_ns()
         self.client.post("/api/generate", {"model": self.name, "options": self._options({})})
         self.load_ns = time.perf_counter_ns() - started
+        shown = self.client.post("/api/show", {"model": self.name})
+        self.vision = "vision" in shown.get("capabilities", [])
 
     def model_names(self) -> list[str]:
         """What the daemon's store holds (its store may not be this machine's)."""
@@ -203,7 +209,7 @@ class DaemonSession:
         body = {"model": self.name, "content": prompt, "add_special": add_special}
         print_prompt(prompt, len(self.client.post("/tokenize", body)["tokens"]))
 
-    def one_shot(self, prompt: str, state: ChatState, raw: bool) -> None:
+    def one_shot(self, prompt: str, state: ChatState, raw: bool, images: list[bytes]) -> None:
         if self.verbose and raw:
             self._show_counted(prompt, add_special=True)  # raw text: the tokenizer's BOS too
         elif self.verbose:
@@ -217,6 +223,8 @@ class DaemonSession:
             "think": state.think,
             "options": self._options(state.overrides),
         }
+        if images:
+            body["images"] = [base64.b64encode(image).decode() for image in images]
         self._print(self.client.stream("/api/generate", body), "response")
 
     def chat(self, messages: list[dict[str, Any]], state: ChatState) -> str:
@@ -278,6 +286,7 @@ class Session:
         """The answer streaming now, for Ctrl-C."""
         self.last_reason: str | None = None
         self.load_ns = 0
+        self.vision = False
 
     def load(self) -> None:
         from mlxserve.chat.model import LoadedModel
@@ -297,6 +306,7 @@ class Session:
         )
         self.held = HeldModel(self.loaded)
         self.load_ns = self.loaded.info.load_duration_ns
+        self.vision = self.loaded.model.vision is not None
 
     def model_names(self) -> list[str]:
         from modelstore.store import ModelStore
@@ -403,7 +413,11 @@ def chat_turn(session: Session | DaemonSession, state: ChatState, text: str) -> 
     messages = list(state.history)
     if state.system:
         messages.insert(0, {"role": "system", "content": state.system})
-    messages.append({"role": "user", "content": text})
+    text, images = take_images(text) if session.vision else (text, [])
+    user: dict[str, Any] = {"role": "user", "content": text}
+    if images:  # as Ollama's message: base64, kept in the history for the later turns
+        user["images"] = [base64.b64encode(image).decode() for image in images]
+    messages.append(user)
     if isinstance(session, DaemonSession):
         reply = session.chat(messages, state)
     else:
@@ -411,14 +425,21 @@ def chat_turn(session: Session | DaemonSession, state: ChatState, text: str) -> 
 
         chat = ChatRequest(
             session.name,
-            messages=[Message(m["role"], m["content"]) for m in messages],
+            messages=[
+                Message(
+                    m["role"],
+                    m["content"],
+                    images=[base64.b64decode(i) for i in m.get("images", [])],
+                )
+                for m in messages
+            ],
             sampling=dict(state.overrides),
             think=state.think,
         )
         reply = session.answer(chat)
     if session.last_reason == "cancelled":
         return  # as Ollama: an answer cut with Ctrl-C is not part of the conversation
-    state.history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+    state.history += [user, {"role": "assistant", "content": reply}]
 
 
 def save_model(
@@ -512,6 +533,7 @@ def run_command(
       mlxctl run smollm2:135m "Hi" --temperature 0 --verbose
       cat notes.txt | mlxctl run mymodel "Summarize"   the piped text, then the prompt
       mlxctl run registry.example.com/team/llama:8b   pulled first if the store lacks it
+      mlxctl run llava "What is in ./photo.jpg?"   a vision model is sent the image
     """
     name, prompt = split_model_and_prompt(model, prompt)
     if name != DEFAULT_MODEL:
@@ -542,21 +564,24 @@ def run_command(
                 return opened
 
             interactive(session, state, open_session)
-        elif isinstance(session, DaemonSession):
-            session.one_shot(prompt, state, raw)
+            return
+        prompt, images = take_images(prompt) if session.vision else (prompt, [])
+        if isinstance(session, DaemonSession):
+            session.one_shot(prompt, state, raw, images)
         else:
-            from mlxserve.chat.types import ChatRequest
+            from mlxserve.chat.types import ChatRequest, Message
 
-            session.answer(
-                ChatRequest(
-                    name,
-                    prompt=prompt,
-                    system=state.system,
-                    raw=raw,
-                    sampling=dict(state.overrides),
-                    think=state.think,
-                )
+            chat = ChatRequest(
+                name,
+                prompt=prompt,
+                system=state.system,
+                raw=raw,
+                sampling=dict(state.overrides),
+                think=state.think,
             )
+            if images:  # as ``/api/generate``'s images: before the prompt's text
+                chat.messages = [Message("user", prompt, images=images)]
+            session.answer(chat)
     finally:
         session.close()
 
