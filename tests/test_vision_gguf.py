@@ -166,6 +166,18 @@ def test_each_api_answers_about_the_image(gguf_vision_daemon, api, model):
 
 
 @pytest.mark.parametrize("api", APIS, ids=lambda api: api.__name__)
+def test_base64_wrapped_in_lines_is_the_same_image(gguf_vision_daemon, api):
+    """``"$(base64 photo.png)"`` with GNU coreutils wraps at 76 columns, and Ollama takes it."""
+    plain = b64(png((255, 0, 0)))
+    wrapped = "\n".join(plain[i : i + 76] for i in range(0, len(plain), 76))
+    assert "\n" in wrapped
+    status, answer = chat(gguf_vision_daemon, api, wrapped, model="tiny:gguf-vision")
+    assert status == 200, answer
+    _, expected = chat(gguf_vision_daemon, api, plain, model="tiny:gguf-vision")
+    assert reply_text(answer) == reply_text(expected)
+
+
+@pytest.mark.parametrize("api", APIS, ids=lambda api: api.__name__)
 def test_the_gguf_without_a_projector_refuses_images(gguf_vision_daemon, api):
     status, body = chat(gguf_vision_daemon, api, b64(png((255, 0, 0))), model="tiny:gguf")
     assert status == 400 and "not a vision model" in json.dumps(body)

@@ -219,7 +219,11 @@ def reasoning_effort(value: Any, param: str) -> bool | str | None:
 
 
 def image_bytes(data: Any, param: str) -> bytes:
-    """A base64 image (bare, or a ``data:`` URL); the daemon never downloads one."""
+    """A base64 image (bare, or a ``data:`` URL); the daemon never downloads one.
+
+    Line breaks are ignored, as Ollama's decoder (Go's) ignores them: GNU ``base64`` and
+    Python's ``encodebytes`` wrap at 76 columns, so ``"$(base64 photo.png)"`` in a shell holds
+    them. Any other character outside the alphabet (URL-safe base64 included) is refused."""
     if not isinstance(data, str):
         raise InvalidRequestError("an image must be a base64 string", param=param)
     if data.startswith(("http://", "https://")):
@@ -231,6 +235,8 @@ def image_bytes(data: Any, param: str) -> bytes:
         header, _, data = data.partition(",")
         if ";base64" not in header:
             raise InvalidRequestError("a data: URL image must be base64", param=param)
+    if "\n" in data or "\r" in data:
+        data = data.replace("\r", "").replace("\n", "")
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
