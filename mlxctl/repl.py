@@ -45,6 +45,7 @@ Available Commands:
   /?, /help                  this help
 
 Use {BLOCK} to begin and end a multi-line message; a paste is one message.
+Name an image file (./photo.jpg, ~/Desktop/shot.png) in a message to send it to a vision model.
 Ctrl-C stops the current answer; Ctrl-D leaves."""
 
 
