@@ -15,14 +15,15 @@ from pathlib import Path
 
 import click
 
+from mlxserve.images import MAX_IMAGE_BYTES
+
 SUFFIXES = r"(?:png|jpe?g|webp|gif|bmp)"
 PATH = re.compile(
-    rf"""(?P<quote>['"])(?P<quoted>[^'"\n]+?\.{SUFFIXES})(?P=quote)"""
-    rf"""|(?P<bare>(?:~|\.{{1,2}})?/(?:\\ |[^\s'"])+?\.{SUFFIXES})(?=$|\s|[,;:!?)])""",
+    rf"""(?:(?P<quote>['"])(?P<quoted>[^'"\n]+?\.{SUFFIXES})(?P=quote)"""
+    rf"""|(?P<bare>(?:~|\.{{1,2}})?/(?:\\ |[^\s'"])+?\.{SUFFIXES})(?=$|\s|[,;:!?)]))[ \t]*""",
     re.IGNORECASE,
 )
-MAX_FILE_BYTES = 20 << 20
-"""The daemon's own limit for one image (``mlxserve/images.py``): a larger file stays text."""
+"""A path, and the blanks after it (taken out with it)."""
 
 
 def take_images(text: str) -> tuple[str, list[bytes]]:
@@ -34,7 +35,8 @@ def take_images(text: str) -> tuple[str, list[bytes]]:
         written = match["quoted"] or match["bare"].replace("\\ ", " ")
         path = Path(written).expanduser()
         try:
-            if not path.is_file() or path.stat().st_size > MAX_FILE_BYTES:
+            # A file over the daemon's limit for one image stays text.
+            if not path.is_file() or path.stat().st_size > MAX_IMAGE_BYTES:
                 return match[0]
             images.append(path.read_bytes())
         except OSError:
@@ -43,6 +45,4 @@ def take_images(text: str) -> tuple[str, list[bytes]]:
         return ""
 
     kept = PATH.sub(take, text)
-    if not images:
-        return text, images
-    return re.sub(r"[ \t]{2,}", " ", kept).strip(), images
+    return (kept.strip() if images else text), images
