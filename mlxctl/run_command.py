@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import signal
 import sys
@@ -19,7 +20,7 @@ from typing import Any
 import click
 
 from mlxctl.client import DaemonError
-from mlxctl.image_paths import take_images
+from mlxctl.image_paths import PATH, take_images
 from mlxctl.output import byte_progress
 from modelstore.default_model import DEFAULT_MODEL
 from modelstore.errors import ModelNotFoundError
@@ -120,8 +121,6 @@ class DaemonSession:
         self.load_ns: int | None = None
         self.as_json, self.verbose = as_json, verbose
         self.last_reason: str | None = None
-        self.vision = False
-        """Whether the model reads images (a prompt's image paths are then sent as images)."""
 
     def load(self) -> None:
         """Load the model (as ``ollama run`` does first); the time that took is the first
@@ -130,8 +129,13 @@ class DaemonSession:
         started = time.perf_counter_ns()
         self.client.post("/api/generate", {"model": self.name, "options": self._options({})})
         self.load_ns = time.perf_counter_ns() - started
+
+    @functools.cached_property
+    def vision(self) -> bool:
+        """Whether the model reads images: asked of the daemon the first time a prompt names
+        an image file (``images_named``), not at every load."""
         shown = self.client.post("/api/show", {"model": self.name})
-        self.vision = "vision" in shown.get("capabilities", [])
+        return "vision" in shown.get("capabilities", [])
 
     def model_names(self) -> list[str]:
         """What the daemon's store holds (its store may not be this machine's)."""
@@ -286,7 +290,6 @@ class Session:
         """The answer streaming now, for Ctrl-C."""
         self.last_reason: str | None = None
         self.load_ns = 0
-        self.vision = False
 
     def load(self) -> None:
         from mlxserve.chat.model import LoadedModel
@@ -306,7 +309,10 @@ class Session:
         )
         self.held = HeldModel(self.loaded)
         self.load_ns = self.loaded.info.load_duration_ns
-        self.vision = self.loaded.model.vision is not None
+
+    @property
+    def vision(self) -> bool:
+        return self.loaded is not None and self.loaded.model.vision is not None
 
     def model_names(self) -> list[str]:
         from modelstore.store import ModelStore
@@ -409,11 +415,19 @@ class Session:
         self.loop.close()
 
 
+def images_named(session: Session | DaemonSession, text: str) -> tuple[str, list[bytes]]:
+    """For a vision model, ``text`` without the image files it names and their bytes
+    (``image_paths.py``); for any other model, or a text that names none, ``text`` as typed."""
+    if PATH.search(text) is None or not session.vision:
+        return text, []
+    return take_images(text)
+
+
 def chat_turn(session: Session | DaemonSession, state: ChatState, text: str) -> None:
     messages = list(state.history)
     if state.system:
         messages.insert(0, {"role": "system", "content": state.system})
-    text, images = take_images(text) if session.vision else (text, [])
+    text, images = images_named(session, text)
     user: dict[str, Any] = {"role": "user", "content": text}
     if images:  # as Ollama's message: base64, kept in the history for the later turns
         user["images"] = [base64.b64encode(image).decode() for image in images]
@@ -565,7 +579,7 @@ def run_command(
 
             interactive(session, state, open_session)
             return
-        prompt, images = take_images(prompt) if session.vision else (prompt, [])
+        prompt, images = images_named(session, prompt)
         if isinstance(session, DaemonSession):
             session.one_shot(prompt, state, raw, images)
         else:
