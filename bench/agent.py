@@ -333,16 +333,24 @@ class MlxLmServer(OpenAIPeer):
     model is the same folder under a second path. It batches concurrent requests with
     mlx-lm's ``BatchGenerator`` (``parallel``: its decode and prompt concurrency)."""
 
-    def __init__(self, folder: Path, other: Path, parallel: int | None = None) -> None:
+    def __init__(
+        self, folder: Path, other: Path, parallel: int | None = None, blas: str | None = None
+    ) -> None:
         self.agent, self.other = str(folder), str(other)
         self.parallel = parallel
+        self.blas = blas
+        """A BLAS to preload (``LD_PRELOAD``), as the daemon loads one (``platform.use_cpu_blas``);
+        ``None``: mlx-lm as a user runs it, on the BLAS MLX's wheel links."""
 
     def command(self, port: int) -> tuple[list[str], dict[str, str], str]:
         command = [sys.executable, "-m", "mlx_lm.server", "--model", self.agent]
         if self.parallel is not None:
             width = str(self.parallel)
             command += ["--decode-concurrency", width, "--prompt-concurrency", width]
-        return [*command, "--port", str(port)], {"HF_HUB_OFFLINE": "1"}, "/v1/models"
+        environment = {"HF_HUB_OFFLINE": "1"}
+        if self.blas:
+            environment |= {"LD_PRELOAD": self.blas, "MKL_THREADING_LAYER": "GNU"}
+        return [*command, "--port", str(port)], environment, "/v1/models"
 
 
 def session(server: Server, args: argparse.Namespace, system: str, salt: int) -> list[dict]:

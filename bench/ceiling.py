@@ -408,7 +408,6 @@ async def mlx_ceiling(store: Any, tokens: int, counts: list[int], rounds: int) -
     }
 
 
-SIDES = ("daemon", "peer")
 PEER_NAMES = {"llamacpp": "llama_cpp.server", "mlx": "mlx_lm.server"}
 PEER_CONCURRENCY = {
     "llamacpp": "one request at a time (interrupt_requests off: the others wait)",
@@ -436,19 +435,27 @@ async def peers_comparison(
     scratch = Path(tempfile.mkdtemp(prefix="bench-ceiling-"))
     parallel = max(counts)
     flags = ["--num-parallel", str(parallel), "--max-queue", "64"]
+    peers: dict[str, Server]
     if runner == "mlx":
         folder = mlx_copy(store)
         model = MLX_MODEL
-        peer: Server = MlxLmServer(folder, folder, parallel)
+        peers = {"peer": MlxLmServer(folder, folder, parallel)}
+        if platform.use_cpu_blas():  # the daemon's BLAS, given to the peer too
+            peers["peer_same_blas"] = MlxLmServer(folder, folder, parallel, platform.use_cpu_blas())
         context = None
     else:
         model = MODEL
         context = await daemon_slot_context(store, flags)
-        peer = LlamaCppServer(open_model(store, MODEL).weights[0], scratch, sys.executable, context)
-    runs: dict[str, dict[int, list[dict]]] = {side: {k: [] for k in counts} for side in SIDES}
+        peers = {
+            "peer": LlamaCppServer(
+                open_model(store, MODEL).weights[0], scratch, sys.executable, context
+            )
+        }
+    sides = ("daemon", *peers)
+    runs: dict[str, dict[int, list[dict]]] = {side: {k: [] for k in counts} for side in sides}
     try:
         for number in range(rounds):
-            for side in SIDES if number % 2 == 0 else SIDES[::-1]:
+            for side in sides if number % 2 == 0 else sides[::-1]:
                 if side == "daemon":
                     daemon = Daemon(store.root, flags).start()
                     try:
@@ -456,6 +463,7 @@ async def peers_comparison(
                     finally:
                         daemon.stop()
                 else:
+                    peer = peers[side]
                     peer.start()
                     try:
                         measured = await burst(peer.url, peer.agent, counts, tokens)
@@ -469,7 +477,15 @@ async def peers_comparison(
         "peer": PEER_NAMES[runner],
         "concurrency": PEER_CONCURRENCY[runner],
         "context": context,
+        "cpu_blas": platform.cpu_blas() if runner == "mlx" else None,
         "clients": [peer_row(k, runs["daemon"][k], runs["peer"][k]) for k in counts],
+        **{
+            f"clients_against_{side}": [
+                peer_row(k, runs["daemon"][k], runs[side][k]) for k in counts
+            ]
+            for side in peers
+            if side != "peer"
+        },
     }
 
 

@@ -1,3 +1,7 @@
 """mlxserve: the daemon and the inference core (runners, prompts, scheduling)."""
 
 __version__ = "0.1.0"
+
+from mlxserve import platform as _platform
+
+_platform.use_cpu_blas()

@@ -78,6 +78,8 @@ async def ps(request: web.Request) -> web.Response:
             active=resident.queue.active,
             queued=resident.queue.waiting,
         )
+        if "cpu_blas" in info.details:
+            entry["cpu_blas"] = info.details["cpu_blas"]
         if "distributed" in info.details:
             entry["distributed"] = info.details["distributed"]
         if cache is not None:

@@ -3,15 +3,35 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+from mlxserve import platform
 from mlxserve.errors import UnsupportedArchitectureError
 from mlxserve.runners.engine import EngineThread, shared_engine
 from mlxserve.runners.skeleton import RunnerBase, import_library
 from modelstore.model import LocalModel
+
+logger = logging.getLogger(__name__)
+
+
+def backend_details() -> dict[str, Any]:
+    """Where MLX computes in this process, for a load's details: on Metal or not, and the BLAS
+    its CPU backend calls (``platform.use_cpu_blas``)."""
+    import mlx.core as mx
+
+    blas = platform.cpu_blas()
+    if blas == "reference" and mx.default_device().type == mx.DeviceType.cpu:
+        logger.warning(
+            "MLX computes on the CPU with the reference BLAS here, about a tenth of the speed"
+            " of an optimized one: install mlxserve's cpu-blas extra (oneMKL) or a system"
+            " OpenBLAS, or name one with %s",
+            platform.CPU_BLAS_ENV,
+        )
+    return {"metal": platform.is_apple_silicon(), "cpu_blas": blas}
 
 
 def import_mlx(runner: str, *modules: str) -> list[ModuleType]:

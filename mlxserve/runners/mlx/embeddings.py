@@ -29,7 +29,7 @@ from mlxserve.runners.base import (
     RunnerOptions,
 )
 from mlxserve.runners.loading import context_length
-from mlxserve.runners.mlx.common import MlxRunnerBase, import_mlx
+from mlxserve.runners.mlx.common import MlxRunnerBase, backend_details, import_mlx
 from mlxserve.runners.pooling import length_batches, over_limit, padded, pool
 from mlxserve.runners.rerank import budget_batches, too_long
 from mlxserve.runners.skeleton import EncoderRunnerBase
@@ -208,7 +208,11 @@ class MlxEmbeddingRunner(MlxRunnerBase, EncoderRunnerBase):
         self._record, self._model_name = record, model.name
         limit = context_length(model, options)
         self._limit = min(limit, record.get("max_tokens") or limit)
-        details = {"pooling": record.get("pooling"), "normalize": record.get("normalize")}
+        details = {
+            "pooling": record.get("pooling"),
+            "normalize": record.get("normalize"),
+            **backend_details(),
+        }
         return {**self._measured(), "context_length": self._limit, "details": details}
 
     def _drop(self) -> None:

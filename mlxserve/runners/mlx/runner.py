@@ -56,7 +56,7 @@ from mlxserve.runners.loading import (
     memory_budget,
     parallel_slots,
 )
-from mlxserve.runners.mlx.common import MlxRunnerBase, import_mlx
+from mlxserve.runners.mlx.common import MlxRunnerBase, backend_details, import_mlx
 from mlxserve.runners.pooling import length_batches, over_limit, padded, pool
 from mlxserve.runners.promptcache import Hit, PromptCache, common_prefix, open_prompt_cache
 from mlxserve.runners.rerank import budget_batches
@@ -277,7 +277,7 @@ class MlxRunner(MlxRunnerBase):
             "max_parallel": self._parallel,
             "details": {
                 "dequantized": dequantize,
-                "metal": platform.is_apple_silicon(),
+                **backend_details(),
                 "kv_cache_type": self._kv_cache.name,
                 "kv_cache_bytes": kv_bytes,
                 "draft": model.draft.name if model.draft else None,

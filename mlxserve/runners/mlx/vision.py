@@ -44,7 +44,7 @@ from mlxserve.runners.decode import (
 )
 from mlxserve.runners.engine import END, Emit
 from mlxserve.runners.loading import context_length
-from mlxserve.runners.mlx.common import MlxRunnerBase, import_mlx
+from mlxserve.runners.mlx.common import MlxRunnerBase, backend_details, import_mlx
 from mlxserve.runners.mlx.runner import request_processors, request_sampler
 from mlxserve.runners.promptcache import common_prefix
 from mlxserve.runners.textstream import MlxDetokenizer, TextStream
@@ -88,7 +88,7 @@ class MlxVisionRunner(MlxRunnerBase):
         self._image_token = getattr(self._processor, "image_token", None) or DEFAULT_IMAGE_TOKEN
         self._image_token_id = self._processor.tokenizer.convert_tokens_to_ids(self._image_token)
         self._context = context_length(model, options)
-        details = {"vision_model": model.vision.get("vision_model")}
+        details = {"vision_model": model.vision.get("vision_model"), **backend_details()}
         return {**self._measured(), "context_length": self._context, "details": details}
 
     def _vocabulary(self) -> int:
