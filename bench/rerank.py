@@ -176,7 +176,7 @@ def main() -> None:
     args = parser.parse_args()
     # The runner measured in this process gets the environment the daemon's workers get (the
     # OpenMP wait setting llama.cpp's threads read when it loads), so the two compare.
-    os.environ.update(platform.worker_environment(dict(os.environ)))
+    os.environ.update(platform.worker_environment(dict(os.environ), "llamacpp-embeddings"))
     emit(asyncio.run(run(args.model, args.documents, args.rounds)))
 
 

@@ -160,12 +160,19 @@ machines; F32/F16 weights never use it."""
 
 
 WORKER_OPENMP_SPINCOUNT = "20000"
-"""libgomp's spin before its threads sleep, in a runner's worker process on a CPU: llama.cpp's
-OpenMP threads spin at every barrier (libgomp's default spin is far longer), and with the daemon
-in another process wanting a core for each token they stall each other. Measured with
-``bench.llamacpp_batch`` on this project's 2-core Linux machines: no cost alone (102-113 vs
-108-113 tokens/s at one sequence), and steps that no longer wait out a competitor's time slice
-under contention (docs/PERFORMANCE.md). On Metal llama.cpp's threads barely run."""
+"""libgomp's spin before its threads sleep, in a llama.cpp runner's worker process on a CPU:
+llama.cpp's OpenMP threads spin at every barrier (libgomp's default spin is far longer), and
+with the daemon in another process wanting a core for each token they stall each other.
+Measured with ``bench.llamacpp_batch`` on this project's 2-core Linux machines: no cost alone
+(102-113 vs 108-113 tokens/s at one sequence), and steps that no longer wait out a competitor's
+time slice under contention (docs/PERFORMANCE.md). Not for an MLX worker: oneMKL
+(``use_cpu_blas``) runs on the same libgomp, and MLX calls it a few hundred times per token
+(each layer's matmuls), so with the short spin its threads fall asleep between calls and are
+woken for each: one client lost 11 % of its tokens/s to it (``bench.load --isolation --runner
+mlx``, 0.887 of in-daemon with it, 0.983 with libgomp's default). On Metal llama.cpp's threads
+barely run."""
+
+SHORT_OPENMP_SPIN_RUNNERS = ("llamacpp", "llamacpp-embeddings")
 
 
 GGML_NO_BACKTRACE = "GGML_NO_BACKTRACE"
@@ -175,14 +182,14 @@ seconds per crash on this project's Linux machines and fills the log with gdb's 
 worker's or a trial's crash is reported with the assertion's line; the backtrace helps no user."""
 
 
-def worker_environment(environment: dict[str, str]) -> dict[str, str]:
-    """The environment of a runner's worker process: the daemon's, plus the OpenMP wait setting
-    above on a CPU (a setting the user made wins; libgomp reads it when it loads, which is why
-    it can be set for a worker but not for the daemon's own process), and ggml's abort without
-    a debugger (``GGML_NO_BACKTRACE``)."""
+def worker_environment(environment: dict[str, str], runner: str) -> dict[str, str]:
+    """The environment of a ``runner``'s worker process (or its trial): the daemon's, plus the
+    OpenMP wait setting above for a llama.cpp runner on a CPU (a setting the user made wins;
+    libgomp reads it when it loads, which is why it can be set for a worker but not for the
+    daemon's own process), and ggml's abort without a debugger (``GGML_NO_BACKTRACE``)."""
     worker = dict(environment)
     worker.setdefault(GGML_NO_BACKTRACE, "1")
-    if not is_apple_silicon():
+    if not is_apple_silicon() and runner in SHORT_OPENMP_SPIN_RUNNERS:
         worker.setdefault("GOMP_SPINCOUNT", WORKER_OPENMP_SPINCOUNT)
     return worker
 

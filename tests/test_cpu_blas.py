@@ -90,3 +90,14 @@ async def test_a_model_served_by_a_worker_reports_the_blas_it_computes_with(daem
         async with session.get(f"{daemon.url}/api/ps") as response:
             running = {m["name"]: m for m in (await response.json())["models"]}
     assert running["tiny:mlx"]["cpu_blas"].startswith(expected), running["tiny:mlx"]
+
+
+def test_only_llama_cpp_workers_get_the_short_openmp_spin():
+    """oneMKL shares libgomp with llama.cpp; an MLX worker keeps libgomp's default spin (its
+    threads would otherwise sleep and be woken between a token's few hundred matmuls)."""
+    assert "GOMP_SPINCOUNT" not in platform.worker_environment({}, "mlx")
+    assert "GOMP_SPINCOUNT" not in platform.worker_environment({}, "mlx-embeddings")
+    assert platform.worker_environment({}, "llamacpp")["GOMP_SPINCOUNT"] == (
+        platform.WORKER_OPENMP_SPINCOUNT
+    )
+    assert platform.worker_environment({"GOMP_SPINCOUNT": "1"}, "llamacpp")["GOMP_SPINCOUNT"] == "1"

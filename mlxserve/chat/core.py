@@ -250,7 +250,12 @@ class ChatRun:
         self._generated = []
         left = None if old.max_tokens is None else max(1, old.max_tokens - self._earlier)
         request = dataclasses.replace(
-            old, prompt=None, prompt_tokens=prompt, max_tokens=left, cancel=CancelToken()
+            old,
+            prompt=None,
+            prompt_tokens=prompt,
+            max_tokens=left,
+            cancel=CancelToken(),
+            arriving=0,
         )
         self.prepared.request = request
         self._chunks = self.loaded.generate(request)
@@ -345,7 +350,12 @@ async def run_chat(
     """Prepare ``chat`` for ``loaded`` (off the event loop) and start it; the run is closed
     (cancelled if unfinished) when the ``with`` body leaves. ``load_ns``: how long the request
     waited for its model (the caller holds the model: ``server/scheduler.py``'s ``serve_chat``)."""
-    prepared = await asyncio.to_thread(prepare, loaded, chat)
+    loaded.preparing += 1
+    try:
+        prepared = await asyncio.to_thread(prepare, loaded, chat)
+    finally:
+        loaded.preparing -= 1
+    prepared.request.arriving = loaded.preparing
     run = ChatRun(chat, loaded, prepared, load_ns=load_ns)
     try:
         yield run

@@ -75,6 +75,9 @@ class LoadedModel:
     model: LocalModel
     runner: ModelRunner
     info: LoadedModelInfo
+    preparing: int = 0
+    """Requests for this model being rendered and tokenized now (``chat/core.py``'s
+    ``run_chat``): what each request tells the runner is on its way after it."""
 
     @classmethod
     async def load(

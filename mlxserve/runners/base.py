@@ -58,6 +58,10 @@ class GenerateRequest(Sampling):
     keep_prefix: bool = False
     """The client asked for its prompt to stay cached (``ChatRequest.keep_prefix``): the
     prompt cache keeps its entry ahead of unmarked ones (``promptcache.py``)."""
+    arriving: int = 0
+    """How many other requests for the same model were being prepared (rendered, tokenized)
+    when this one was handed to the runner: a batching runner waits briefly for them, so that
+    a burst is prefilled in one step (``engine.EngineThread.arrived``). Set by the chat core."""
     progress: Callable[[], None] | None = None
     """Called by the runner's prefill after each chunk of the prompt, on its engine thread:
     in a worker, it tells the daemon the worker is alive while no token comes yet

@@ -372,6 +372,7 @@ class LlamaCppRunner(RunnerBase):
 
         def join(emit: Emit) -> None:
             slots.join(request, prompt, max_tokens, emit, mask, media=media, hit=hit)
+            engine.arrived(request.arriving)
 
         async with contextlib.aclosing(engine.stream(join, request.cancel)) as chunks:
             async for chunk in chunks:

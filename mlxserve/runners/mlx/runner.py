@@ -463,6 +463,7 @@ class MlxRunner(MlxRunnerBase):
 
         def join(emit: Emit) -> None:
             self._join(request, prompt, max_tokens, emit, constraint, hit)
+            self._engine.arrived(request.arriving)
 
         async with contextlib.aclosing(self._engine.stream(join, request.cancel)) as chunks:
             async for chunk in chunks:
