@@ -2,8 +2,9 @@
 
 On a Mac MLX runs on Metal, quantized weights are the fast path and llama.cpp offloads to
 Metal; elsewhere MLX runs on the CPU, where quantized matmuls are slow (measured on this
-project's Linux machines: 4-bit SmolLM2 decodes ~0.2 tokens/s, fp32 ~9), so the MLX runner
-holds weights unquantized there.
+project's Linux machines: 4-bit SmolLM2 decodes ~0.2 tokens/s, fp32 ~9 on the reference BLAS
+MLX's Linux wheel links and ~20 on oneMKL), so the MLX runner holds weights unquantized there,
+and its matmuls get an optimized BLAS (``use_cpu_blas``).
 """
 
 from __future__ import annotations
