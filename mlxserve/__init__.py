@@ -4,4 +4,4 @@ __version__ = "0.1.0"
 
 from mlxserve import platform as _platform
 
-_platform.use_cpu_blas()
+_platform.BlasBeforeMlx.install()  # MLX's CPU backend on an optimized BLAS, when MLX loads

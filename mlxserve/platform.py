@@ -44,7 +44,8 @@ interface to give MLX's CPU backend instead of the one its Linux wheel carries."
 
 CPU_BLAS_LIBRARIES = ("libmkl_rt.so.3", "libmkl_rt.so.2", "libopenblas.so.0")
 """What ``auto`` looks for, in order: Intel's oneMKL from this Python environment (the ``mkl``
-wheel, a dependency on Linux x86-64), then a system OpenBLAS (``apt install libopenblas0``)."""
+wheel: mlxserve's ``cpu-blas`` extra, Linux x86-64), then a system OpenBLAS (``apt install
+libopenblas0``)."""
 
 _cpu_blas: str | None = None
 
@@ -52,7 +53,8 @@ _cpu_blas: str | None = None
 def use_cpu_blas() -> str | None:
     """Give MLX's CPU backend an optimized BLAS in this process, before MLX loads; the library
     loaded, or ``None`` when none was (on a Mac, with ``MLXSERVE_CPU_BLAS=off``, when none is
-    found, or when ``mlx.core`` is already loaded). Called when ``mlxserve`` is imported.
+    found, or when ``mlx.core`` is already loaded). Called by ``BlasBeforeMlx`` as ``mlx.core``
+    is first imported.
 
     MLX's Linux CPU wheel (``mlx-cpu``) links the reference BLAS (netlib's, unoptimized), and
     every matmul of the MLX runner on a Linux CPU goes through its ``cblas_sgemm``: measured on
@@ -60,10 +62,10 @@ def use_cpu_blas() -> str | None:
     with oneMKL, and a SmolLM2-135M burst of eight clients decoded 4.4 tokens/s against 53
     (docs/PERFORMANCE.md, issue 26). A library loaded with ``RTLD_GLOBAL`` before ``libmlx.so``
     is searched first for the symbols ``libmlx.so`` needs, so MLX calls it with no change to
-    MLX; it must happen before ``mlx.core``'s first import, which is why this runs at the
-    package's import. oneMKL is told to use GNU OpenMP, the runtime llama.cpp's threads use,
-    so a process holding both runs one OpenMP runtime (a setting the user made wins). On a Mac
-    MLX runs on Metal and its CPU side uses Accelerate: nothing to do."""
+    MLX; it must happen before ``mlx.core``'s first import. oneMKL is told to use GNU OpenMP,
+    the runtime llama.cpp's threads use, so a process holding both runs one OpenMP runtime (a
+    setting the user made wins). On a Mac MLX runs on Metal and its CPU side uses Accelerate:
+    nothing to do."""
     global _cpu_blas
     if _cpu_blas is not None or sys.platform != "linux" or "mlx.core" in sys.modules:
         return _cpu_blas
@@ -84,6 +86,29 @@ def use_cpu_blas() -> str | None:
         _cpu_blas = path
         return path
     return None
+
+
+class BlasBeforeMlx:
+    """An import hook (``sys.meta_path``) that calls ``use_cpu_blas`` when ``mlx.core`` is
+    about to be imported for the first time, then removes itself; it finds nothing itself.
+
+    Installed when ``mlxserve`` is imported, so that whichever of its modules first imports MLX
+    (a runner in a worker, ``mlxctl run --local``, the chat core's family detection, a bench)
+    does so on the optimized BLAS, while a process that never computes with MLX (``mlxctl list``,
+    a llama.cpp worker) loads no BLAS at all. Written by hand because the BLAS must be loaded
+    in the gap between "MLX is wanted" and "``libmlx.so`` is loaded", which only an import hook
+    sees."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name == "mlx.core":
+            with contextlib.suppress(ValueError):
+                sys.meta_path.remove(self)
+            use_cpu_blas()
+
+    @classmethod
+    def install(cls) -> None:
+        if sys.platform == "linux" and not any(isinstance(f, cls) for f in sys.meta_path):
+            sys.meta_path.insert(0, cls())
 
 
 def cpu_blas() -> str:

@@ -1,5 +1,6 @@
-"""MLX's CPU backend on an optimized BLAS (``platform.use_cpu_blas``): the library loaded when
-``mlxserve`` is imported, before MLX; MLX's matmuls through it equal numpy's; the off switch, a
+"""MLX's CPU backend on an optimized BLAS (``platform.use_cpu_blas``): the library loaded as
+``mlx.core`` is first imported in a process that imported ``mlxserve``, and never in one that
+does not use MLX; MLX's matmuls through it equal numpy's; the off switch, a
 library that does not load and an MLX loaded first all leave MLX on its own BLAS and say so; a
 model served by the daemon's worker reports the one it computes with in ``/api/ps``."""
 
@@ -63,6 +64,20 @@ def test_auto_gives_mlx_an_optimized_blas_whose_matmuls_equal_numpys():
     measured = probe()
     assert measured["blas"].startswith(expected), measured
     assert measured["error"] < 1e-3, measured
+
+
+def test_a_process_that_never_imports_mlx_loads_no_blas():
+    """``mlxctl list`` and a llama.cpp worker import ``mlxserve`` but never MLX."""
+    optimized_blas()
+    script = (
+        "import mlxserve.platform, mlxctl.cli, sys; "
+        "maps = open('/proc/self/maps').read(); "
+        "print('mlx.core' in sys.modules, 'libmkl' in maps, 'libopenblas' in maps)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split() == ["False", "False", "False"], done.stdout
 
 
 @pytest.mark.parametrize(
