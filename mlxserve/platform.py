@@ -80,8 +80,10 @@ def use_cpu_blas() -> str | None:
                 ctypes.CDLL("libgomp.so.1")
                 os.environ.setdefault("MKL_THREADING_LAYER", "GNU")
         try:
-            ctypes.CDLL(path, mode=os.RTLD_GLOBAL | os.RTLD_NOW)
+            library = ctypes.CDLL(path, mode=os.RTLD_GLOBAL | os.RTLD_NOW)
         except OSError:
+            continue
+        if not hasattr(library, "cblas_sgemm"):  # loaded, but MLX would not call it
             continue
         _cpu_blas = path
         return path

@@ -85,9 +85,10 @@ def test_a_process_that_never_imports_mlx_loads_no_blas():
     [
         ({platform.CPU_BLAS_ENV: "off"}, ""),
         ({platform.CPU_BLAS_ENV: "/nonexistent/libblas.so"}, ""),
+        ({platform.CPU_BLAS_ENV: "libz.so.1"}, ""),  # loads, but is no BLAS
         ({}, "import mlx.core"),  # too late: MLX already resolved its BLAS
     ],
-    ids=["off", "a-library-that-does-not-load", "mlx-loaded-first"],
+    ids=["off", "a-library-that-does-not-load", "a-library-that-is-no-blas", "mlx-loaded-first"],
 )
 def test_otherwise_mlx_keeps_its_own_blas_and_says_so(environment, first):
     optimized_blas()
