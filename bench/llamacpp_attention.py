@@ -137,8 +137,6 @@ def main() -> None:
     parser.add_argument("--slot-context", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=platform.default_threads())
     args = parser.parse_args()
-    if not platform.is_apple_silicon():  # as in a runner's worker process (platform.py)
-        os.environ.setdefault("GOMP_SPINCOUNT", platform.WORKER_OPENMP_SPINCOUNT)
     llama_cpp = platform.make_llama_cpp_safe(import_llama_cpp())
     from llama_cpp import _internals, _logger
 

@@ -32,7 +32,6 @@ from pathlib import Path
 
 from bench.common import batching_speedups, emit, items_per_second, median
 from bench.embed import sentences
-from mlxserve import platform
 from mlxserve.chat.model import LoadedModel
 from mlxserve.runners.base import RerankRequest
 from modelstore.importer import import_path
@@ -174,9 +173,6 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    # The runner measured in this process gets the environment the daemon's workers get (the
-    # OpenMP wait setting llama.cpp's threads read when it loads), so the two compare.
-    os.environ.update(platform.worker_environment(dict(os.environ), "llamacpp-embeddings"))
     emit(asyncio.run(run(args.model, args.documents, args.rounds)))
 
 

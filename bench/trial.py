@@ -48,7 +48,7 @@ def function_seconds(model: LocalModel, decode: bool) -> float:
         input=pickle.dumps(model),
         capture_output=True,
         check=True,
-        env=platform.worker_environment(dict(os.environ), "llamacpp"),
+        env=platform.worker_environment(dict(os.environ)),
     )
     return float(done.stdout.split()[-1])
 

@@ -187,22 +187,6 @@ default model's Q4_1 included), measured with llama-cpp-python 0.3.36 on this pr
 machines; F32/F16 weights never use it."""
 
 
-WORKER_OPENMP_SPINCOUNT = "20000"
-"""libgomp's spin before its threads sleep, in a llama.cpp runner's worker process on a CPU:
-llama.cpp's OpenMP threads spin at every barrier (libgomp's default spin is far longer), and
-with the daemon in another process wanting a core for each token they stall each other.
-Measured with ``bench.llamacpp_batch`` on this project's 2-core Linux machines: no cost alone
-(102-113 vs 108-113 tokens/s at one sequence), and steps that no longer wait out a competitor's
-time slice under contention (docs/PERFORMANCE.md). Not for an MLX worker: oneMKL
-(``use_cpu_blas``) runs on the same libgomp, and MLX calls it a few hundred times per token
-(each layer's matmuls), so with the short spin its threads fall asleep between calls and are
-woken for each: one client lost 11 % of its tokens/s to it (``bench.load --isolation --runner
-mlx``, 0.887 of in-daemon with it, 0.983 with libgomp's default). On Metal llama.cpp's threads
-barely run."""
-
-SHORT_OPENMP_SPIN_RUNNERS = ("llamacpp", "llamacpp-embeddings")
-
-
 GGML_NO_BACKTRACE = "GGML_NO_BACKTRACE"
 """When set, ggml's abort (a failed ``GGML_ASSERT``) prints its message and aborts at once;
 unset, it first runs gdb on the process for a backtrace where gdb is installed, which took
@@ -210,15 +194,21 @@ seconds per crash on this project's Linux machines and fills the log with gdb's 
 worker's or a trial's crash is reported with the assertion's line; the backtrace helps no user."""
 
 
-def worker_environment(environment: dict[str, str], runner: str) -> dict[str, str]:
-    """The environment of a ``runner``'s worker process (or its trial): the daemon's, plus the
-    OpenMP wait setting above for a llama.cpp runner on a CPU (a setting the user made wins;
-    libgomp reads it when it loads, which is why it can be set for a worker but not for the
-    daemon's own process), and ggml's abort without a debugger (``GGML_NO_BACKTRACE``)."""
+def worker_environment(environment: dict[str, str]) -> dict[str, str]:
+    """The environment of a runner's worker process (or its trial): the daemon's, plus ggml's
+    abort without a debugger (``GGML_NO_BACKTRACE``).
+
+    OpenMP is left as the libraries run it by themselves: libgomp's default spin before its
+    threads sleep (``GOMP_SPINCOUNT``, 300,000 pauses, ~3 ms on this project's Linux machines)
+    outlasts the gap between two ``llama_decode`` calls (0.3-0.8 ms of Python), so llama.cpp's
+    second thread is awake when the next token's graph starts, and oneMKL's threads stay awake
+    between a token's few hundred matmuls. A shorter spin (20,000, set here before) cost one
+    llama.cpp client 2.5-5 % of its tokens/s on a quiet machine (each decode 0.4-0.7 ms longer:
+    a futex wake and sleeps at barriers) and an MLX client 11 %; it gained 1.25x on a machine
+    whose cores are busy with other processes (docs/PERFORMANCE.md). A user's own setting
+    reaches the worker unchanged."""
     worker = dict(environment)
     worker.setdefault(GGML_NO_BACKTRACE, "1")
-    if not is_apple_silicon() and runner in SHORT_OPENMP_SPIN_RUNNERS:
-        worker.setdefault("GOMP_SPINCOUNT", WORKER_OPENMP_SPINCOUNT)
     return worker
 
 

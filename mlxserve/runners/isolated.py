@@ -130,7 +130,7 @@ class WorkerRunner:
             [sys.executable, "-m", "mlxserve.runners.worker", *map(str, fds)],
             pass_fds=fds,
             stdin=subprocess.DEVNULL,
-            env=platform.worker_environment({**os.environ, LOG_LEVEL_ENV: str(level)}, self.name),
+            env=platform.worker_environment({**os.environ, LOG_LEVEL_ENV: str(level)}),
         )
         control_child.close()
         sync_child.close()

@@ -74,7 +74,7 @@ def trial_load(model: LocalModel, timeout_s: float = TRIAL_TIMEOUT_S) -> Trial |
             input=pickle.dumps(model),
             capture_output=True,
             timeout=timeout_s,
-            env=platform.worker_environment(dict(os.environ), runner),
+            env=platform.worker_environment(dict(os.environ)),
         )
     except subprocess.TimeoutExpired:  # run() has killed it
         # Slow is not broken (a large model read from a slow disk): stored untried, its
