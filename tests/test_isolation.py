@@ -479,14 +479,13 @@ async def test_a_batch_steps_chunks_cross_to_the_daemon_in_one_frame(tiny_store,
     from tests.chat_helpers import chat_request
 
     items_per_frame: list[int] = []
-    read = isolated.read_frame
+    received = isolated.WorkerRunner._frames
 
-    async def counted(reader: asyncio.StreamReader) -> Any:
-        messages = await read(reader)
+    def counted(self: isolated.WorkerRunner, messages: list[Any]) -> None:
         items_per_frame.append(sum(kind == "item" for kind, _, _ in messages))
-        return messages
+        received(self, messages)
 
-    monkeypatch.setattr(isolated, "read_frame", counted)
+    monkeypatch.setattr(isolated.WorkerRunner, "_frames", counted)
     loaded = await LoadedModel.load(
         tiny_store, "tiny:gguf", options=RunnerOptions(max_parallel=4), make=isolated.WorkerRunner
     )

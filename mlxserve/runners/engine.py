@@ -6,7 +6,8 @@ its own (``llamacpp/runner.py``, ``llamacpp/embed.py``), closed when the model i
 the caller iterates them; closing the iterator (a client that went away) sets the request's
 cancel token, which the engine's steps poll every token. What the thread emits during a job, or
 during one batch's step, is handed to each event loop in one call when that job or step ends:
-a step over eight sequences wakes the loop once, not eight times.
+a step over eight sequences wakes the loop once, not eight times; a stream whose consumer set a
+``Direct`` (a worker process's generations) has its chunks written by the thread instead.
 
 MLX arrays, streams and caches must not be touched from several threads at once, yet the
 daemon needs to start new requests while others are mid-generation. So every MLX call (load,
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import dataclasses
 import queue
 import threading
 import time
@@ -43,6 +46,25 @@ Delivery = tuple[Callable[[Any], None], object]
 """A stream's queue's ``put_nowait`` and the item for it."""
 _CLOSE: Any = object()
 """Put on the inbox by ``close``: the thread ends after the jobs before it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Direct:
+    """Where a stream's chunks go from the engine thread itself, bypassing the event loop:
+    ``tag`` makes each chunk a message and ``write`` sends a step's messages at once (thread
+    safe). A runner's worker process sets one per generation (``worker.py``), so a token
+    crosses to the daemon without waking the worker's loop: that wakeup, and the loop taking
+    the interpreter lock from the engine thread between two decodes, cost ~0.2 ms of CPU per
+    token (docs/PERFORMANCE.md, issue 21)."""
+
+    write: Callable[[list[Any]], None]
+    tag: Callable[[object], Any]
+
+
+DIRECT: contextvars.ContextVar[Direct | None] = contextvars.ContextVar("direct", default=None)
+"""Set in the task that iterates ``EngineThread.stream``: its chunks go to the ``Direct``, and
+the iterator yields none, only ends (or raises). A runner's ``generate`` passes the stream's
+chunks on unchanged, so the caller receives the same chunks either way."""
 GATHER_S = 0.025
 """How long the next step may wait, at most, for requests a joining one said were on their
 way (``arrived``). A burst of clients reaches the engine spread over a few milliseconds (8-17 ms
@@ -68,6 +90,8 @@ class EngineThread:
         self._gather_until = 0.0
         self._held: dict[asyncio.AbstractEventLoop, list[Delivery]] = {}
         """What the jobs or the step running now emitted, per event loop (``_hand_over``)."""
+        self._direct: dict[Callable[[list[Any]], None], list[Any]] = {}
+        """The chunks of streams with a ``Direct``, per writer, for the same hand-over."""
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -93,9 +117,15 @@ class EngineThread:
         runner's stream closes this one at once rather than when it is collected."""
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[object] = asyncio.Queue()
+        direct = DIRECT.get()
 
         def emit(item: object) -> None:
-            if threading.current_thread() is self._thread:
+            if direct is not None and item is not END and not isinstance(item, BaseException):
+                if threading.current_thread() is self._thread:
+                    self._direct.setdefault(direct.write, []).append(direct.tag(item))
+                else:
+                    direct.write([direct.tag(item)])
+            elif threading.current_thread() is self._thread:
                 self._held.setdefault(loop, []).append((chunks.put_nowait, item))
             else:
                 loop.call_soon_threadsafe(chunks.put_nowait, item)
@@ -188,7 +218,12 @@ class EngineThread:
 
     def _hand_over(self) -> None:
         """One call per event loop for what the last job or step emitted; a loop already closed
-        (its requests gone with it) is skipped."""
+        (its requests gone with it) is skipped. Direct chunks are written first, so a stream's
+        end reaches its consumer after its last chunk has left."""
+        if self._direct:
+            direct, self._direct = self._direct, {}
+            for write, messages in direct.items():
+                write(messages)
         if not self._held:
             return
         held, self._held = self._held, {}

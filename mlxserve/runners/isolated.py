@@ -15,11 +15,11 @@ takes longer than ``load_timeout_s``, or when its resident memory passes
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import itertools
 import logging
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -40,7 +40,7 @@ from mlxserve.runners.base import (
     LoadedModelInfo,
     RunnerOptions,
 )
-from mlxserve.runners.worker import LOG_LEVEL_ENV, frame, read_frame, unpack_error
+from mlxserve.runners.worker import HEADER, LOG_LEVEL_ENV, frame, unpack_error
 from modelstore.model import LocalModel
 
 DEFAULT_STALL_TIMEOUT_S = 300.0
@@ -67,6 +67,34 @@ class _Pending:
     items: asyncio.Queue[Any] = dataclasses.field(default_factory=asyncio.Queue)
 
 
+class _Frames(asyncio.Protocol):
+    """The daemon's end of a worker's socket: each frame is parsed as its bytes arrive and
+    handed to ``receive`` in the same callback, with no reader task to wake per token (a
+    ``StreamReader`` and its task were a third of the daemon's per-token work for a worker's
+    stream: docs/PERFORMANCE.md, issue 21)."""
+
+    def __init__(self, receive: Callable[[list[Any]], None], lost: Callable[[], None]) -> None:
+        self._buffer = bytearray()
+        self._receive = receive
+        self._lost = lost
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        while len(buffer) - start >= HEADER.size:
+            (size,) = HEADER.unpack_from(buffer, start)
+            end = start + HEADER.size + size
+            if len(buffer) < end:
+                break
+            self._receive(pickle.loads(buffer[start + HEADER.size : end]))
+            start = end
+        del buffer[:start]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost()
+
+
 class WorkerRunner:
     """The ``name`` runner, run in a worker process the proxy starts at ``load``."""
 
@@ -89,7 +117,7 @@ class WorkerRunner:
         self.failure: ModelCrashedError | None = None
         self._model = "the model"
         self._process: subprocess.Popen[bytes] | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._transport: asyncio.Transport | None = None
         self._sync: Connection | None = None
         self._sync_lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
@@ -135,12 +163,11 @@ class WorkerRunner:
         control_child.close()
         sync_child.close()
         log.info("started worker %d for %s (%s runner)", self._process.pid, model.name, self.name)
-        reader, self._writer = await asyncio.open_connection(sock=control)
+        self._transport, _ = await asyncio.get_running_loop().create_connection(
+            lambda: _Frames(self._frames, self._closed), sock=control
+        )
         self._sync = Connection(sync.detach())
-        self._tasks = [
-            asyncio.create_task(self._read(reader)),
-            asyncio.create_task(self._watch()),
-        ]
+        self._tasks = [asyncio.create_task(self._watch())]
         try:
             self._statics = await self._call("load", self.name, model, options)
         except BaseException:
@@ -162,8 +189,8 @@ class WorkerRunner:
         await self._reap()
         for task in self._tasks:
             task.cancel()
-        if self._writer is not None:
-            self._writer.close()
+        if self._transport is not None:
+            self._transport.close()
         if self._sync is not None:
             self._sync.close()
 
@@ -245,17 +272,18 @@ class WorkerRunner:
                 self._send(("cancel", ident))
 
     def _send(self, message: Any) -> None:
-        if self._writer is not None and self.failure is None and not self._writer.is_closing():
-            self._writer.write(frame(message))
+        transport = self._transport
+        if transport is not None and self.failure is None and not transport.is_closing():
+            transport.write(frame(message))
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, OSError):
-            while True:
-                messages = await read_frame(reader)
-                self._progress = time.monotonic()
-                for kind, ident, value in messages:
-                    self._receive(kind, ident, value)
-        await self._exited()
+    def _frames(self, messages: list[tuple[str, int, Any]]) -> None:
+        self._progress = time.monotonic()
+        for kind, ident, value in messages:
+            self._receive(kind, ident, value)
+
+    def _closed(self) -> None:
+        """The worker's socket closed: see ``_exited``."""
+        self._tasks.append(asyncio.create_task(self._exited()))
 
     def _receive(self, kind: str, ident: int, value: Any) -> None:
         if kind == "progress":  # a prefill went on: the worker is alive

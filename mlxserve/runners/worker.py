@@ -2,10 +2,11 @@
 
 The daemon starts it (``isolated.py``) as ``python -m mlxserve.runners.worker CONTROL SYNC``
 with two sockets: on CONTROL, framed pickled messages carry loads, generations (a chunk per
-token), embeddings, cancellations and the unload; what the worker posts in one turn of its event
-loop goes back as one frame (a list of messages), and the engine thread hands a batch step's
-chunks to the loop in one turn (``engine.py``), so a step of eight sequences is one pickle, one
-write and one read, not eight; on SYNC, the calls the daemon makes without
+token), embeddings, cancellations and the unload; what the worker's loop posts in one turn goes
+back as one frame (a list of messages), and a generation's chunks are written by the engine
+thread itself, a batch step's as one frame (``engine.Direct``, ``FrameWriter``), so a step of
+eight sequences is one pickle, one write and one read, not eight, and wakes no event loop here;
+on SYNC, the calls the daemon makes without
 awaiting (tokenize, detokenize, describe) are answered by a thread of their own. The worker
 builds the runner the daemon would have built in-process (``select.make_runner``), so a
 runner's code does not know it is isolated. A library that aborts (a llama.cpp assertion, a
@@ -27,6 +28,7 @@ import importlib
 import logging
 import os
 import pickle
+import select
 import signal
 import socket
 import struct
@@ -39,6 +41,7 @@ from typing import Any
 
 from mlxserve import platform
 from mlxserve.runners.base import CancelToken, GenerateRequest, ModelRunner
+from mlxserve.runners.engine import DIRECT, Direct
 from modelstore.errors import MlxserveError
 
 HEADER = struct.Struct("!Q")
@@ -71,6 +74,29 @@ def pack_error(error: BaseException) -> PackedError:
     return "", type(error).__name__, str(error), {}
 
 
+class FrameWriter:
+    """Frames to the daemon from any thread: the loop's, and the engine thread's chunks
+    (``engine.Direct``). Each frame is sent whole under a lock; the socket is non-blocking (the
+    loop reads it), so a full buffer is waited out here. A daemon that is gone is ignored: the
+    loop's reader sees it and the worker ends."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._lock = threading.Lock()
+
+    def write(self, messages: list[Any]) -> None:
+        data = memoryview(frame(messages))
+        with self._lock:
+            try:
+                while data:
+                    try:
+                        data = data[self._sock.send(data) :]
+                    except BlockingIOError:
+                        select.select([], [self._sock], [])
+            except OSError:
+                return
+
+
 class WorkerFailure(RuntimeError):
     """An unexpected exception in the worker (a bug): the daemon's 500 with a request id."""
 
@@ -94,7 +120,7 @@ class Worker:
         self.runner: ModelRunner | None = None
         self.cancels: dict[int, CancelToken] = {}
         self._outbox: list[tuple[str, int, Any]] = []
-        self._writer: asyncio.StreamWriter | None = None
+        self._frames = FrameWriter(control)
 
     def post(self, message: tuple[str, int, Any]) -> None:
         """Queue a message; everything posted in one turn of the loop goes in one frame."""
@@ -103,12 +129,11 @@ class Worker:
         self._outbox.append(message)
 
     def _flush(self) -> None:
-        assert self._writer is not None
         messages, self._outbox = self._outbox, []
-        self._writer.write(frame(messages))
+        self._frames.write(messages)
 
     async def serve(self) -> None:
-        reader, self._writer = await asyncio.open_connection(sock=self.control)
+        reader, _ = await asyncio.open_connection(sock=self.control)  # writes: ``_frames``
         threading.Thread(target=self._serve_sync, name="worker-sync", daemon=True).start()
         tasks: set[asyncio.Task[None]] = set()
         while True:
@@ -129,7 +154,6 @@ class Worker:
             task.add_done_callback(tasks.discard)
             if kind == "unload":
                 await task
-                await self._writer.drain()
                 return
 
     def _handler(self, kind: str, *args: Any) -> Coroutine[Any, Any, None]:
@@ -173,6 +197,8 @@ class Worker:
         assert self.runner is not None
         request.cancel = self.cancels[ident]
         request.progress = self._progress(ident)
+        # In this request's task: its chunks leave from the engine thread (engine.Direct).
+        DIRECT.set(Direct(self._frames.write, lambda chunk: ("item", ident, chunk)))
         return self.runner.generate(request)
 
     def _progress(self, ident: int) -> Any:
