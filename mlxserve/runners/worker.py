@@ -130,7 +130,8 @@ class Worker:
 
     def _flush(self) -> None:
         messages, self._outbox = self._outbox, []
-        self._frames.write(messages)
+        if messages:
+            self._frames.write(messages)
 
     async def serve(self) -> None:
         reader, _ = await asyncio.open_connection(sock=self.control)  # writes: ``_frames``
@@ -154,6 +155,7 @@ class Worker:
             task.add_done_callback(tasks.discard)
             if kind == "unload":
                 await task
+                self._flush()  # the unload's end, before the loop and its socket close
                 return
 
     def _handler(self, kind: str, *args: Any) -> Coroutine[Any, Any, None]:
