@@ -383,31 +383,41 @@ def boundary_cost(result: dict[str, Any], client_counts: list[int]) -> dict[str,
 
 async def channel_cost(chunks: int = 20000, per_write: int = 8) -> dict[str, Any]:
     """The boundary alone: ``GenerateChunk``s framed ``per_write`` to a frame (a batch step of
-    that many sequences, one frame as ``worker.py`` sends it) through a socket pair and read
-    back as ``isolated.py`` does; microseconds per chunk, free of the model's speed."""
+    that many sequences) and written from a thread, as a worker's engine thread does
+    (``worker.FrameWriter``), through a socket pair and parsed as the daemon does
+    (``worker.FrameProtocol``); microseconds per chunk, free of the model's speed."""
     import socket
 
     from mlxserve.runners.base import GenerateChunk
-    from mlxserve.runners.worker import frame, read_frame
+    from mlxserve.runners.worker import FrameProtocol, FrameWriter
 
+    loop = asyncio.get_running_loop()
     left, right = socket.socketpair()
-    reader, reader_side = await asyncio.open_connection(sock=left)
-    _, writer = await asyncio.open_connection(sock=right)  # both kept: a dropped one closes
+    frames = chunks // per_write
+    received = 0
+    all_read: asyncio.Future[None] = loop.create_future()
+
+    def receive(_: Any) -> None:
+        nonlocal received
+        received += 1
+        if received == frames:
+            all_read.set_result(None)
+
+    transport, _ = await loop.create_connection(
+        lambda: FrameProtocol(receive, lambda: None), sock=left
+    )
+    writer = FrameWriter(right)
     chunk = GenerateChunk(text=" sea", token_ids=[7001])
 
-    async def write() -> None:
-        for _ in range(chunks // per_write):
-            writer.write(frame([("item", index, chunk) for index in range(per_write)]))
-            await writer.drain()
+    def write() -> None:
+        for _ in range(frames):
+            writer.write([("item", index, chunk) for index in range(per_write)])
 
     started = time.perf_counter()
-    sender = asyncio.create_task(write())
-    for _ in range(chunks // per_write):
-        await read_frame(reader)
-    await sender
+    await asyncio.gather(asyncio.to_thread(write), all_read)
     seconds = time.perf_counter() - started
-    writer.close()
-    reader_side.close()
+    transport.close()
+    right.close()
     return {
         "chunks": chunks,
         "per_write": per_write,

@@ -91,7 +91,8 @@ class EngineThread:
         self._held: dict[asyncio.AbstractEventLoop, list[Delivery]] = {}
         """What the jobs or the step running now emitted, per event loop (``_hand_over``)."""
         self._direct: dict[Callable[[list[Any]], None], list[Any]] = {}
-        """The chunks of streams with a ``Direct``, per writer, for the same hand-over."""
+        """The chunks of streams with a ``Direct``, per writer, for the same hand-over (the
+        worker's streams share one writer: its bound ``write``s are equal keys)."""
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 

@@ -19,7 +19,6 @@ import dataclasses
 import itertools
 import logging
 import os
-import pickle
 import signal
 import socket
 import subprocess
@@ -40,7 +39,7 @@ from mlxserve.runners.base import (
     LoadedModelInfo,
     RunnerOptions,
 )
-from mlxserve.runners.worker import HEADER, LOG_LEVEL_ENV, frame, unpack_error
+from mlxserve.runners.worker import LOG_LEVEL_ENV, FrameProtocol, frame, unpack_error
 from modelstore.model import LocalModel
 
 DEFAULT_STALL_TIMEOUT_S = 300.0
@@ -65,34 +64,6 @@ class _End:
 class _Pending:
     kind: str
     items: asyncio.Queue[Any] = dataclasses.field(default_factory=asyncio.Queue)
-
-
-class _Frames(asyncio.Protocol):
-    """The daemon's end of a worker's socket: each frame is parsed as its bytes arrive and
-    handed to ``receive`` in the same callback, with no reader task to wake per token (a
-    ``StreamReader`` and its task were a third of the daemon's per-token work for a worker's
-    stream: docs/PERFORMANCE.md, issue 21)."""
-
-    def __init__(self, receive: Callable[[list[Any]], None], lost: Callable[[], None]) -> None:
-        self._buffer = bytearray()
-        self._receive = receive
-        self._lost = lost
-
-    def data_received(self, data: bytes) -> None:
-        buffer = self._buffer
-        buffer += data
-        start = 0
-        while len(buffer) - start >= HEADER.size:
-            (size,) = HEADER.unpack_from(buffer, start)
-            end = start + HEADER.size + size
-            if len(buffer) < end:
-                break
-            self._receive(pickle.loads(buffer[start + HEADER.size : end]))
-            start = end
-        del buffer[:start]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._lost()
 
 
 class WorkerRunner:
@@ -164,7 +135,7 @@ class WorkerRunner:
         sync_child.close()
         log.info("started worker %d for %s (%s runner)", self._process.pid, model.name, self.name)
         self._transport, _ = await asyncio.get_running_loop().create_connection(
-            lambda: _Frames(self._frames, self._closed), sock=control
+            lambda: FrameProtocol(self._frames, self._closed), sock=control
         )
         self._sync = Connection(sync.detach())
         self._tasks = [asyncio.create_task(self._watch())]

@@ -35,7 +35,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -60,9 +60,32 @@ def frame(message: Any) -> bytes:
     return HEADER.pack(len(data)) + data
 
 
-async def read_frame(reader: asyncio.StreamReader) -> Any:
-    (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
-    return pickle.loads(await reader.readexactly(size))
+class FrameProtocol(asyncio.Protocol):
+    """Either end of the control socket, reading: each frame is parsed as its bytes arrive and
+    its message handed to ``receive`` in the same callback, with no reader task to wake per
+    frame (in the daemon, a ``StreamReader`` and its task were a third of its per-token work for
+    a worker's stream: docs/PERFORMANCE.md, issue 21); ``lost`` when the socket closes."""
+
+    def __init__(self, receive: Callable[[Any], None], lost: Callable[[], None]) -> None:
+        self._buffer = bytearray()
+        self._receive = receive
+        self._lost = lost
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        while len(buffer) - start >= HEADER.size:
+            (size,) = HEADER.unpack_from(buffer, start)
+            end = start + HEADER.size + size
+            if len(buffer) < end:
+                break
+            self._receive(pickle.loads(buffer[start + HEADER.size : end]))
+            start = end
+        del buffer[:start]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost()
 
 
 def pack_error(error: BaseException) -> PackedError:
@@ -121,6 +144,9 @@ class Worker:
         self.cancels: dict[int, CancelToken] = {}
         self._outbox: list[tuple[str, int, Any]] = []
         self._frames = FrameWriter(control)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._done: asyncio.Future[None] | None = None
+        """Set when the daemon is gone or the model is unloaded: the worker's end."""
 
     def post(self, message: tuple[str, int, Any]) -> None:
         """Queue a message; everything posted in one turn of the loop goes in one frame."""
@@ -134,29 +160,37 @@ class Worker:
             self._frames.write(messages)
 
     async def serve(self) -> None:
-        reader, _ = await asyncio.open_connection(sock=self.control)  # writes: ``_frames``
+        loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        # Reads through the protocol; writes, from any thread, through ``_frames``.
+        await loop.create_connection(
+            lambda: FrameProtocol(self._receive, self._end), sock=self.control
+        )
         threading.Thread(target=self._serve_sync, name="worker-sync", daemon=True).start()
-        tasks: set[asyncio.Task[None]] = set()
-        while True:
-            try:
-                kind, ident, *args = await read_frame(reader)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return  # the daemon is gone: so is the reason to live
-            if kind == "cancel":
-                token = self.cancels.get(ident)
-                if token is not None:
-                    token.cancel()
-                continue
-            if kind == "generate":
-                self.cancels[ident] = CancelToken()  # before a cancel for it can arrive
-                args.append(ident)
-            task = asyncio.create_task(self._run(ident, self._handler(kind, *args)))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-            if kind == "unload":
-                await task
-                self._flush()  # the unload's end, before the loop and its socket close
-                return
+        await self._done
+
+    def _receive(self, message: tuple[Any, ...]) -> None:
+        kind, ident, *args = message
+        if kind == "cancel":
+            token = self.cancels.get(ident)
+            if token is not None:
+                token.cancel()
+            return
+        if kind == "generate":
+            self.cancels[ident] = CancelToken()  # before a cancel for it can arrive
+            args.append(ident)
+        task = asyncio.create_task(self._run(ident, self._handler(kind, *args)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        if kind == "unload":
+            task.add_done_callback(lambda _: self._end())
+
+    def _end(self) -> None:
+        """The daemon is gone (so is the reason to live), or the model was unloaded: the
+        last answer goes out before the loop and its socket close."""
+        self._flush()
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
 
     def _handler(self, kind: str, *args: Any) -> Coroutine[Any, Any, None]:
         handlers = {
